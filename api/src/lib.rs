@@ -1,0 +1,1 @@
+//! The HTTP API (axum), described by OpenAPI.

@@ -1,0 +1,1 @@
+//! Channel adapters: Telegram and email in, replies out.

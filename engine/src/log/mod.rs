@@ -1,0 +1,321 @@
+//! The event-log port: append events to streams, read one stream, read the global log in a
+//! gap-safe order, and follow it live.
+//!
+//! Two adapters implement [`EventLog`]: [`postgres::PgEventLog`] and [`sqlite::SqliteEventLog`].
+//! Both pass the same conformance suite (`engine/tests/event_log_conformance.rs`).
+
+mod group_commit;
+pub mod postgres;
+pub mod sqlite;
+mod subscribe;
+
+use std::fmt;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::metadata::EventMetadata;
+
+pub use subscribe::{subscribe, Subscription, SubscriptionOptions};
+
+/// A place in the global log: the `global_position` of an event. `Position::START` (0) is before
+/// the first event. Reading "after" a position means after that event *in log order*, which is
+/// commit-consistent but on PostgreSQL not always increasing in position (see
+/// [`EventLog::read_all`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Position(pub i64);
+
+impl Position {
+    /// Before the first event.
+    pub const START: Position = Position(0);
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for Position {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<i64>() {
+            Ok(n) if n >= 0 => Ok(Position(n)),
+            _ => Err(format!(
+                "invalid position {s:?}: expected a whole number >= 0"
+            )),
+        }
+    }
+}
+
+/// One stream: the events of one aggregate instance.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StreamId {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+}
+
+impl StreamId {
+    pub fn new(aggregate_type: impl Into<String>, aggregate_id: impl Into<String>) -> Self {
+        Self {
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+        }
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.aggregate_type, self.aggregate_id)
+    }
+}
+
+/// An event to append.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Value,
+    pub metadata: EventMetadata,
+}
+
+/// The events one command appends to one stream, atomically.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppendRequest {
+    pub command_id: Uuid,
+    pub stream: StreamId,
+    /// The stream's last sequence the command saw (0 for a new stream). The events get sequences
+    /// `expected_sequence + 1 ..`; if another writer got there first, the append fails with
+    /// [`LogError::Conflict`] (optimistic concurrency).
+    pub expected_sequence: i64,
+    pub events: Vec<NewEvent>,
+}
+
+impl AppendRequest {
+    pub(crate) fn first_sequence(&self) -> i64 {
+        self.expected_sequence + 1
+    }
+
+    pub(crate) fn last_sequence(&self) -> i64 {
+        self.expected_sequence + self.events.len() as i64
+    }
+}
+
+/// What a command did to the log: the stream and the events it appended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandOutcome {
+    pub command_id: Uuid,
+    pub stream: StreamId,
+    pub first_sequence: i64,
+    pub last_sequence: i64,
+    /// The global positions of the appended events, in sequence order.
+    pub positions: Vec<Position>,
+}
+
+/// The result of an append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// The events were appended.
+    Appended(CommandOutcome),
+    /// This command id was accepted before; nothing was appended and this is the first outcome.
+    Duplicate(CommandOutcome),
+}
+
+impl AppendOutcome {
+    pub fn outcome(&self) -> &CommandOutcome {
+        match self {
+            AppendOutcome::Appended(o) | AppendOutcome::Duplicate(o) => o,
+        }
+    }
+
+    pub fn into_outcome(self) -> CommandOutcome {
+        match self {
+            AppendOutcome::Appended(o) | AppendOutcome::Duplicate(o) => o,
+        }
+    }
+
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, AppendOutcome::Duplicate(_))
+    }
+}
+
+/// An event as stored in the log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    pub position: Position,
+    pub stream: StreamId,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub recorded_at: DateTime<Utc>,
+    pub metadata: EventMetadata,
+    pub payload: Value,
+}
+
+/// A read of the global log.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogBatch {
+    pub events: Vec<RecordedEvent>,
+    /// Committed events exist beyond an open transaction that this read stopped at.
+    pub held_back: bool,
+}
+
+/// Errors of the event log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Another writer appended to the stream first (optimistic concurrency).
+    #[error("conflict on stream {stream}: sequence {sequence} was already written")]
+    Conflict { stream: StreamId, sequence: i64 },
+    /// `read_all` was asked to read after a position that holds no event.
+    #[error("unknown position {0}: no event is stored there")]
+    UnknownPosition(Position),
+    #[error("invalid append: {0}")]
+    InvalidAppend(String),
+    #[error("stored event at position {position} is unreadable: {reason}")]
+    Corrupt { position: Position, reason: String },
+    #[error("the event log is shut down")]
+    Closed,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// A database error shared by every command of a failed group commit.
+    #[error("database error: {0}")]
+    Storage(String),
+}
+
+/// Which adapter a log runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Postgres => "postgres",
+            Backend::Sqlite => "sqlite",
+        })
+    }
+}
+
+/// The event-log port.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// The adapter behind this log.
+    fn backend(&self) -> Backend;
+
+    /// Whether transactions commit while another [`LogTransaction`] is open (PostgreSQL), or
+    /// wait for it (SQLite has one writer).
+    fn concurrent_writers(&self) -> bool {
+        self.backend() == Backend::Postgres
+    }
+
+    /// Appends one command's events atomically and durably (the call returns after the commit).
+    ///
+    /// Concurrent appends are committed in groups (one transaction for many commands), so the
+    /// throughput is not bounded by one disk flush per command. A command id that was accepted
+    /// before appends nothing and returns [`AppendOutcome::Duplicate`] with the first outcome.
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, LogError>;
+
+    /// Starts a transaction in which the caller appends, and later commits, atomically.
+    async fn begin(&self) -> Result<Box<dyn LogTransaction>, LogError>;
+
+    /// The events of one stream with a sequence above `after_sequence`, in sequence order.
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        after_sequence: i64,
+    ) -> Result<Vec<RecordedEvent>, LogError>;
+
+    /// The outcome of an accepted command, if that command id was accepted.
+    async fn command_outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>, LogError>;
+
+    /// Up to `limit` events of all streams that come after `after` in log order.
+    ///
+    /// The order is consistent with commit order, and the read never returns an event that comes
+    /// after one whose transaction is still open: a reader that advances to the last event it got
+    /// never skips an event that commits later. Fails with [`LogError::UnknownPosition`] when
+    /// `after` is not [`Position::START`] and no event is stored there.
+    async fn read_all(&self, after: Position, limit: usize)
+        -> Result<Vec<RecordedEvent>, LogError> {
+        Ok(self.read_log(after, limit).await?.events)
+    }
+
+    /// [`EventLog::read_all`], also telling whether committed events exist that the read held back
+    /// because an older transaction is still open. A follower polls soon after such a read instead
+    /// of waiting for a notification: the transaction holding it back may be in another database
+    /// of the same server, which never notifies this one.
+    async fn read_log(&self, after: Position, limit: usize) -> Result<LogBatch, LogError>;
+
+    /// Changes whenever events may have been appended (in this process, or, where the adapter can
+    /// tell, in another). Subscribers wait on it, with a polling fallback.
+    fn appends(&self) -> watch::Receiver<u64>;
+
+    /// Stops background tasks and closes connections.
+    async fn close(&self);
+}
+
+/// A transaction on the log (see [`EventLog::begin`]). Dropping it without commit rolls back.
+#[async_trait]
+pub trait LogTransaction: Send {
+    /// Appends within the transaction. A conflict or duplicate leaves the transaction usable.
+    async fn append(&mut self, request: AppendRequest) -> Result<AppendOutcome, LogError>;
+
+    /// Commits everything appended in it.
+    async fn commit(self: Box<Self>) -> Result<(), LogError>;
+}
+
+/// Checks the shape of a request before it reaches a database.
+pub(crate) fn validate(request: &AppendRequest) -> Result<(), LogError> {
+    if request.events.is_empty() {
+        return Err(LogError::InvalidAppend(
+            "an append needs at least one event".into(),
+        ));
+    }
+    if request.expected_sequence < 0 {
+        return Err(LogError::InvalidAppend(format!(
+            "expected sequence {} is negative",
+            request.expected_sequence
+        )));
+    }
+    if request.stream.aggregate_type.is_empty() || request.stream.aggregate_id.is_empty() {
+        return Err(LogError::InvalidAppend(
+            "aggregate type and id must not be empty".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Per request of a group, what the database did with it.
+#[derive(Debug)]
+pub(crate) enum Written {
+    Appended(CommandOutcome),
+    /// The command id was accepted before (or earlier in the same group).
+    Duplicate,
+    Conflict(i64),
+}
+
+impl Written {
+    fn conflict_error(&self, request: &AppendRequest) -> Option<LogError> {
+        match self {
+            Written::Conflict(sequence) => Some(LogError::Conflict {
+                stream: request.stream.clone(),
+                sequence: *sequence,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The JSON text of a payload or metadata, as stored.
+pub(crate) fn json_text<T: Serialize>(value: &T) -> Result<String, LogError> {
+    serde_json::to_string(value).map_err(|e| LogError::InvalidAppend(e.to_string()))
+}

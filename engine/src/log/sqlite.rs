@@ -1,0 +1,393 @@
+//! The event log of the embedded mode, on SQLite (WAL).
+//!
+//! SQLite has one writer at a time, so every write goes through one connection: the group committer
+//! gathers concurrent appends into one `BEGIN IMMEDIATE … COMMIT` (one fsync for many commands), and
+//! a [`LogTransaction`] holds that connection while it is open. Because commits are serial, the
+//! `global_position` order is the commit order and the global log is read by position alone.
+//! Reads use a separate pool of read-only connections, which WAL lets run beside the writer.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::group_commit::{GroupCommitter, GroupWriter};
+use super::{
+    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog,
+    LogBatch, LogError, LogTransaction, Position, RecordedEvent, StreamId, Written,
+};
+
+const EVENT_COLUMNS: &str = "global_position, aggregate_type, aggregate_id, sequence, event_type, \
+                             event_version, recorded_at, metadata, payload";
+
+/// Tuning of the SQLite adapter.
+#[derive(Clone, Debug)]
+pub struct SqliteLogOptions {
+    /// Most commands in one group (one transaction, one fsync).
+    pub max_group: usize,
+    /// Read-only connections.
+    pub readers: u32,
+}
+
+impl Default for SqliteLogOptions {
+    fn default() -> Self {
+        Self {
+            max_group: 1024,
+            readers: 4,
+        }
+    }
+}
+
+/// The event log on an SQLite file. The schema must be migrated (see [`crate::store`]).
+pub struct SqliteEventLog {
+    writer: Arc<SqliteWriter>,
+    readers: SqlitePool,
+    committer: GroupCommitter,
+    appends: watch::Sender<u64>,
+}
+
+struct SqliteWriter {
+    pool: SqlitePool,
+}
+
+/// Options shared by the writer and the readers: WAL, and a commit is durable when it returns
+/// (`synchronous = FULL` syncs the WAL on every commit).
+fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(30))
+        .foreign_keys(true)
+}
+
+/// The single writer connection of an SQLite store (created if missing).
+pub async fn writer_pool(path: &Path) -> Result<SqlitePool, sqlx::Error> {
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(60))
+        .connect_with(connect_options(path).create_if_missing(true))
+        .await
+}
+
+impl SqliteEventLog {
+    /// Opens the log on `writer` (see [`writer_pool`]), with read-only connections to `path`.
+    pub async fn new(
+        path: &Path,
+        writer: SqlitePool,
+        options: SqliteLogOptions,
+    ) -> Result<Self, LogError> {
+        let readers = SqlitePoolOptions::new()
+            .max_connections(options.readers.max(1))
+            .connect_with(connect_options(path).read_only(true))
+            .await?;
+        let (appends, _) = watch::channel(0);
+        let writer = Arc::new(SqliteWriter { pool: writer });
+        let committer = GroupCommitter::start(writer.clone(), 1, options.max_group, appends.clone());
+        Ok(Self {
+            writer,
+            readers,
+            committer,
+            appends,
+        })
+    }
+
+    /// The writer pool (one connection), for other tables of the embedded store.
+    pub fn writer(&self) -> &SqlitePool {
+        &self.writer.pool
+    }
+}
+
+fn event_from_row(row: &SqliteRow) -> Result<RecordedEvent, LogError> {
+    let position = Position(row.try_get("global_position")?);
+    let corrupt = |reason: String| LogError::Corrupt { position, reason };
+    let metadata: String = row.try_get("metadata")?;
+    let payload: String = row.try_get("payload")?;
+    let recorded_at: String = row.try_get("recorded_at")?;
+    Ok(RecordedEvent {
+        position,
+        stream: StreamId {
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+        },
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        recorded_at: DateTime::<Utc>::from_str(&recorded_at)
+            .map_err(|e| corrupt(format!("recorded_at: {e}")))?,
+        metadata: serde_json::from_str(&metadata).map_err(|e| corrupt(format!("metadata: {e}")))?,
+        payload: serde_json::from_str(&payload).map_err(|e| corrupt(format!("payload: {e}")))?,
+    })
+}
+
+/// Writes one request; on conflict its writes are rolled back (savepoint) and the rest of the
+/// transaction stands.
+async fn insert_request(
+    conn: &mut SqliteConnection,
+    request: &AppendRequest,
+) -> Result<Written, LogError> {
+    sqlx::query("SAVEPOINT stele_append")
+        .execute(&mut *conn)
+        .await?;
+    let accepted = sqlx::query(
+        "INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence, \
+         last_sequence) VALUES (?, ?, ?, ?, ?) ON CONFLICT (command_id) DO NOTHING",
+    )
+    .bind(request.command_id.to_string())
+    .bind(&request.stream.aggregate_type)
+    .bind(&request.stream.aggregate_id)
+    .bind(request.first_sequence())
+    .bind(request.last_sequence())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected()
+        == 1;
+    let written = if accepted {
+        let mut positions = Vec::with_capacity(request.events.len());
+        let mut conflict = None;
+        for (offset, event) in request.events.iter().enumerate() {
+            let sequence = request.first_sequence() + offset as i64;
+            let position: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                 event_version, payload, metadata, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING \
+                 RETURNING global_position",
+            )
+            .bind(&request.stream.aggregate_type)
+            .bind(&request.stream.aggregate_id)
+            .bind(sequence)
+            .bind(&event.event_type)
+            .bind(&event.event_version)
+            .bind(json_text(&event.payload)?)
+            .bind(json_text(&event.metadata)?)
+            .bind(event.metadata.event_id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+            match position {
+                Some(position) => positions.push(Position(position)),
+                None => {
+                    conflict = Some(sequence);
+                    break;
+                }
+            }
+        }
+        match conflict {
+            Some(sequence) => Written::Conflict(sequence),
+            None => Written::Appended(CommandOutcome {
+                command_id: request.command_id,
+                stream: request.stream.clone(),
+                first_sequence: request.first_sequence(),
+                last_sequence: request.last_sequence(),
+                positions,
+            }),
+        }
+    } else {
+        Written::Duplicate
+    };
+    if matches!(written, Written::Conflict(_)) {
+        sqlx::query("ROLLBACK TO SAVEPOINT stele_append")
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query("RELEASE SAVEPOINT stele_append")
+        .execute(&mut *conn)
+        .await?;
+    Ok(written)
+}
+
+async fn command_outcome(
+    conn: &mut SqliteConnection,
+    command_id: Uuid,
+) -> Result<Option<CommandOutcome>, LogError> {
+    let Some(row) = sqlx::query(
+        "SELECT aggregate_type, aggregate_id, first_sequence, last_sequence \
+         FROM commands WHERE command_id = ?",
+    )
+    .bind(command_id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let stream = StreamId {
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+    };
+    let (first_sequence, last_sequence): (i64, i64) =
+        (row.try_get("first_sequence")?, row.try_get("last_sequence")?);
+    let positions: Vec<i64> = sqlx::query_scalar(
+        "SELECT global_position FROM events WHERE aggregate_type = ? AND aggregate_id = ? \
+         AND sequence BETWEEN ? AND ? ORDER BY sequence",
+    )
+    .bind(&stream.aggregate_type)
+    .bind(&stream.aggregate_id)
+    .bind(first_sequence)
+    .bind(last_sequence)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Some(CommandOutcome {
+        command_id,
+        stream,
+        first_sequence,
+        last_sequence,
+        positions: positions.into_iter().map(Position).collect(),
+    }))
+}
+
+impl SqliteWriter {
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>, LogError> {
+        // IMMEDIATE takes the write lock now rather than at the first write, so a transaction
+        // never fails half-way because another process started writing.
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+#[async_trait]
+impl GroupWriter for SqliteWriter {
+    async fn write_group(&self, requests: &[AppendRequest]) -> Result<Vec<Written>, LogError> {
+        let mut tx = self.begin().await?;
+        let mut written = Vec::with_capacity(requests.len());
+        for request in requests {
+            written.push(insert_request(&mut tx, request).await?);
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    async fn outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>, LogError> {
+        let mut conn: PoolConnection<Sqlite> = self.pool.acquire().await?;
+        command_outcome(&mut conn, command_id).await
+    }
+}
+
+#[async_trait]
+impl EventLog for SqliteEventLog {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, LogError> {
+        validate(&request)?;
+        self.committer.append(request).await
+    }
+
+    async fn begin(&self) -> Result<Box<dyn LogTransaction>, LogError> {
+        Ok(Box::new(SqliteLogTransaction {
+            tx: self.writer.begin().await?,
+            appended: false,
+            appends: self.appends.clone(),
+        }))
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        after_sequence: i64,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE aggregate_type = ? AND aggregate_id = ? AND sequence > ? ORDER BY sequence"
+        );
+        sqlx::query(&sql)
+            .bind(&stream.aggregate_type)
+            .bind(&stream.aggregate_id)
+            .bind(after_sequence)
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(event_from_row)
+            .collect()
+    }
+
+    async fn command_outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>, LogError> {
+        let mut conn = self.readers.acquire().await?;
+        command_outcome(&mut conn, command_id).await
+    }
+
+    async fn read_log(&self, after: Position, limit: usize) -> Result<LogBatch, LogError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? \
+             ORDER BY global_position LIMIT ?"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after.0)
+            .bind(limit as i64)
+            .fetch_all(&self.readers)
+            .await?;
+        if rows.is_empty() && after != Position::START {
+            let known: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM events WHERE global_position = ?")
+                    .bind(after.0)
+                    .fetch_optional(&self.readers)
+                    .await?;
+            if known.is_none() {
+                return Err(LogError::UnknownPosition(after));
+            }
+        }
+        Ok(LogBatch {
+            events: rows.iter().map(event_from_row).collect::<Result<_, _>>()?,
+            // One writer, commits in position order: nothing is ever held back.
+            held_back: false,
+        })
+    }
+
+    fn appends(&self) -> watch::Receiver<u64> {
+        self.appends.subscribe()
+    }
+
+    async fn close(&self) {
+        self.committer.close().await;
+        self.readers.close().await;
+        self.writer.pool.close().await;
+    }
+}
+
+struct SqliteLogTransaction {
+    tx: Transaction<'static, Sqlite>,
+    appended: bool,
+    appends: watch::Sender<u64>,
+}
+
+#[async_trait]
+impl LogTransaction for SqliteLogTransaction {
+    async fn append(&mut self, request: AppendRequest) -> Result<AppendOutcome, LogError> {
+        validate(&request)?;
+        match insert_request(&mut self.tx, &request).await? {
+            Written::Appended(outcome) => {
+                self.appended = true;
+                Ok(AppendOutcome::Appended(outcome))
+            }
+            Written::Conflict(sequence) => Err(LogError::Conflict {
+                stream: request.stream,
+                sequence,
+            }),
+            Written::Duplicate => match command_outcome(&mut self.tx, request.command_id).await? {
+                Some(first) => Ok(AppendOutcome::Duplicate(first)),
+                None => Err(LogError::Conflict {
+                    sequence: request.first_sequence(),
+                    stream: request.stream,
+                }),
+            },
+        }
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), LogError> {
+        self.tx.commit().await?;
+        if self.appended {
+            self.appends.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! Opening a store: PostgreSQL by URL, or the embedded SQLite file in a data directory; applying
+//! the migrations in `migrations/`.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::SqlitePool;
+
+use crate::log::postgres::{PgEventLog, PgLogOptions};
+use crate::log::sqlite::{self, SqliteEventLog, SqliteLogOptions};
+use crate::log::EventLog;
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// The file name of the embedded store inside its data directory.
+pub const SQLITE_FILE: &str = "stele.db";
+
+/// Where a store lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A PostgreSQL database URL (`postgres://…`).
+    Postgres(String),
+    /// The embedded store in a data directory.
+    Embedded(PathBuf),
+}
+
+impl StoreLocation {
+    /// A database URL if one is given, else the embedded store in `data_dir`.
+    pub fn from_args(database_url: Option<&str>, data_dir: &Path) -> Result<Self, StoreError> {
+        match database_url {
+            None => Ok(Self::Embedded(data_dir.to_path_buf())),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                PgConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl {
+                    url: redact(url),
+                    reason: e.to_string(),
+                })?;
+                Ok(Self::Postgres(url.to_owned()))
+            }
+            Some(url) => Err(StoreError::InvalidUrl {
+                url: redact(url),
+                reason: "expected postgres://… (or no URL for the embedded store)".into(),
+            }),
+        }
+    }
+
+    /// Human-readable, without a password.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Postgres(url) => redact(url),
+            Self::Embedded(dir) => format!("embedded store in {}", dir.display()),
+        }
+    }
+}
+
+/// A URL with its password masked, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Errors opening or migrating a store. Each displays as one readable line.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid database URL {url}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("cannot reach PostgreSQL at {target}: {reason}")]
+    Unreachable { target: String, reason: String },
+    #[error("no embedded store in {0} (run `stele up` or `stele migrate` first)")]
+    NoEmbeddedStore(PathBuf),
+    #[error("cannot open the embedded store in {path}: {reason}")]
+    Embedded { path: PathBuf, reason: String },
+    #[error("the database at {0} is not migrated to this version of Stele (run `stele migrate`)")]
+    NotMigrated(String),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Whether opening applies pending migrations or requires them applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Migrate {
+    Apply,
+    Require,
+}
+
+/// An open store: the event log and the pool behind it.
+pub struct Store {
+    pub location: StoreLocation,
+    pub log: Arc<dyn EventLog>,
+    pub pool: StorePool,
+}
+
+/// The connection pool of a store, for the tables outside the event log.
+#[derive(Clone, Debug)]
+pub enum StorePool {
+    Postgres(PgPool),
+    /// The single writer connection of the embedded store.
+    Sqlite(SqlitePool),
+}
+
+impl Store {
+    /// Opens the store, applying or requiring the migrations.
+    pub async fn open(location: StoreLocation, migrate: Migrate) -> Result<Self, StoreError> {
+        Self::open_with(location, migrate, PgLogOptions::default(), SqliteLogOptions::default())
+            .await
+    }
+
+    /// [`Store::open`] with adapter options.
+    pub async fn open_with(
+        location: StoreLocation,
+        migrate: Migrate,
+        pg: PgLogOptions,
+        sqlite_options: SqliteLogOptions,
+    ) -> Result<Self, StoreError> {
+        match &location {
+            StoreLocation::Postgres(url) => {
+                let pool = connect_postgres(url, 64).await?;
+                run_migrations(&POSTGRES_MIGRATIONS, &pool, migrate, &location).await?;
+                let log = Arc::new(PgEventLog::new(pool.clone(), pg));
+                Ok(Self {
+                    location,
+                    log,
+                    pool: StorePool::Postgres(pool),
+                })
+            }
+            StoreLocation::Embedded(dir) => {
+                let file = dir.join(SQLITE_FILE);
+                if !file.exists() {
+                    if migrate == Migrate::Require {
+                        return Err(StoreError::NoEmbeddedStore(dir.clone()));
+                    }
+                    std::fs::create_dir_all(dir).map_err(|e| StoreError::Embedded {
+                        path: dir.clone(),
+                        reason: e.to_string(),
+                    })?;
+                }
+                let embedded = |e: sqlx::Error| StoreError::Embedded {
+                    path: file.clone(),
+                    reason: e.to_string(),
+                };
+                let writer = sqlite::writer_pool(&file).await.map_err(embedded)?;
+                run_migrations(&SQLITE_MIGRATIONS, &writer, migrate, &location).await?;
+                let log = Arc::new(SqliteEventLog::new(&file, writer.clone(), sqlite_options).await?);
+                Ok(Self {
+                    location,
+                    log,
+                    pool: StorePool::Sqlite(writer),
+                })
+            }
+        }
+    }
+
+    /// Closes the log and its connections.
+    pub async fn close(&self) {
+        self.log.close().await;
+    }
+}
+
+/// Connects a pool to PostgreSQL, turning connection failures into one readable line.
+pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+    let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl {
+        url: redact(url),
+        reason: e.to_string(),
+    })?;
+    let target = format!("{}:{}", options.get_host(), options.get_port());
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .map_err(|e| StoreError::Unreachable {
+            target,
+            reason: e.to_string(),
+        })
+}
+
+async fn run_migrations<'a, A>(
+    migrator: &Migrator,
+    pool: A,
+    migrate: Migrate,
+    location: &StoreLocation,
+) -> Result<(), StoreError>
+where
+    A: sqlx::Acquire<'a>,
+    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
+{
+    match migrate {
+        Migrate::Apply => Ok(migrator.run(pool).await?),
+        Migrate::Require => {
+            let mut conn = pool.acquire().await?;
+            let applied = sqlx::migrate::Migrate::list_applied_migrations(&mut *conn)
+                .await
+                .unwrap_or_default();
+            let missing = migrator
+                .iter()
+                .any(|m| !applied.iter().any(|a| a.version == m.version));
+            if missing {
+                return Err(StoreError::NotMigrated(location.describe()));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Applies the migrations of `location`'s kind, creating the embedded store if missing. Returns
+/// the versions newly applied.
+pub async fn migrate(location: StoreLocation) -> Result<Vec<i64>, StoreError> {
+    let before = applied_versions(&location).await.unwrap_or_default();
+    let store = Store::open(location.clone(), Migrate::Apply).await?;
+    store.close().await;
+    let after = applied_versions(&location).await?;
+    Ok(after.into_iter().filter(|v| !before.contains(v)).collect())
+}
+
+async fn applied_versions(location: &StoreLocation) -> Result<Vec<i64>, StoreError> {
+    use sqlx::migrate::Migrate as _;
+    let versions = match location {
+        StoreLocation::Postgres(url) => {
+            let pool = connect_postgres(url, 1).await?;
+            let mut conn = pool.acquire().await?;
+            let applied = conn.list_applied_migrations().await;
+            pool.close().await;
+            applied?
+        }
+        StoreLocation::Embedded(dir) => {
+            let file = dir.join(SQLITE_FILE);
+            if !file.exists() {
+                return Ok(vec![]);
+            }
+            let pool = sqlite::writer_pool(&file).await?;
+            let mut conn = pool.acquire().await?;
+            let applied = conn.list_applied_migrations().await;
+            pool.close().await;
+            applied?
+        }
+    };
+    Ok(versions.into_iter().map(|m| m.version).collect())
+}

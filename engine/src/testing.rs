@@ -1,0 +1,127 @@
+//! Test support: every test gets a store of its own.
+//!
+//! PostgreSQL tests create a fresh database on the server named by `DATABASE_URL` (the test command
+//! in the README provisions one) and drop it afterwards; SQLite tests use a temporary directory.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+
+use crate::store::{Migrate, Store, StoreLocation};
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub location: StoreLocation,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Postgres { admin_url: String, name: String },
+    Dir(#[allow(dead_code)] tempfile_dir::TempDir),
+}
+
+mod tempfile_dir {
+    /// A temporary directory removed on drop.
+    pub struct TempDir(pub std::path::PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The server the PostgreSQL tests run on.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL").expect(
+        "DATABASE_URL is not set: run the test suite with scripts/test (see README), \
+         which provisions PostgreSQL",
+    )
+}
+
+impl TestDb {
+    /// A fresh, empty PostgreSQL database (not migrated).
+    pub async fn postgres() -> TestDb {
+        let admin_url = admin_url();
+        let name = format!("stele_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnectOptions::from_str(&admin_url)
+            .expect("DATABASE_URL")
+            .connect()
+            .await
+            .expect("connect to DATABASE_URL");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let _ = admin.close().await;
+        let url = PgConnectOptions::from_str(&admin_url)
+            .expect("DATABASE_URL")
+            .database(&name)
+            .to_url_lossy()
+            .to_string();
+        TestDb {
+            location: StoreLocation::Postgres(url),
+            cleanup: Cleanup::Postgres { admin_url, name },
+        }
+    }
+
+    /// A fresh embedded store directory (nothing created in it yet).
+    pub fn sqlite() -> TestDb {
+        let dir: PathBuf = std::env::temp_dir().join(format!(
+            "stele-test-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("create test directory");
+        TestDb {
+            location: StoreLocation::Embedded(dir.clone()),
+            cleanup: Cleanup::Dir(tempfile_dir::TempDir(dir)),
+        }
+    }
+
+    /// Opens the store, migrated.
+    pub async fn open(&self) -> Store {
+        Store::open(self.location.clone(), Migrate::Apply)
+            .await
+            .expect("open test store")
+    }
+
+    /// The PostgreSQL URL, for tests that need one.
+    pub fn url(&self) -> Option<&str> {
+        match &self.location {
+            StoreLocation::Postgres(url) => Some(url),
+            StoreLocation::Embedded(_) => None,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Cleanup::Postgres { admin_url, name } = &self.cleanup {
+            let (admin_url, name) = (admin_url.clone(), name.clone());
+            // Drop runs outside async: drop the database from a thread with its own runtime.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(runtime) = runtime {
+                    runtime.block_on(async {
+                        if let Ok(mut admin) = PgConnectOptions::from_str(&admin_url)
+                            .expect("DATABASE_URL")
+                            .connect()
+                            .await
+                        {
+                            let _ = sqlx::query(&format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            ))
+                            .execute(&mut admin)
+                            .await;
+                        }
+                    });
+                }
+            })
+            .join();
+        }
+    }
+}

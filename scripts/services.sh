@@ -1,0 +1,456 @@
+# shellcheck shell=bash
+#
+# scripts/services.sh — provision the external services the Stele test suite needs.
+#
+#   source scripts/services.sh        # exports DATABASE_URL, REDIS_URL, STELE_PG_BIN
+#   bash scripts/services.sh          # same, but prints `export ...` lines on stdout
+#   bash scripts/services.sh stop     # stops the PostgreSQL / redis *this script* started
+#
+# After it returns (status 0) these are exported:
+#   DATABASE_URL  superuser URL of a PostgreSQL 16 server on which pgvector is available
+#   REDIS_URL     URL of a redis server answering PING
+#   STELE_PG_BIN  bin directory of the PostgreSQL 16 bundle (psql, pgbench, pg_isready, ...)
+#
+# Settings (environment variables, all optional):
+#   STELE_CACHE       where the PG bundle, the cluster and the private redis live.
+#                     Default /var/cache/stele when run as root, else ~/.cache/stele.
+#                     NOT under /root (mode 700): the PostgreSQL server runs as an
+#                     unprivileged user that must be able to reach the binaries and data.
+#   STELE_PG_PORT     port of the provisioned PostgreSQL (default 55432, 127.0.0.1 only)
+#   STELE_REDIS_PORT  port of the private redis (default 56379, 127.0.0.1 only)
+#   STELE_REDIS_PRIVATE=1  do not use a redis on 127.0.0.1:6379, always use the private one
+#
+# Why this shape:
+#   * Debian 12 ships PostgreSQL 15 and has no pgvector package, and the machine's own
+#     server has no pgvector either. The PyPI wheel `pgserver` bundles a complete,
+#     relocatable PostgreSQL 16.2 with pgvector 0.6.2 (pgserver/pginstall/...). PyPI is
+#     reachable from CI and pip is already there, so we fetch that wheel and use only the
+#     binaries in it (none of its Python code).
+#   * The cluster is kept between runs (data dir in the cache) so a warm run only has to
+#     check that things answer (well under a second).
+#   * It is meant to be *sourced* by test scripts that may use `set -euo pipefail`: all the
+#     work happens in functions, the caller's shell options are saved and restored, and
+#     failures `return 1` after one clear line on stderr instead of calling `exit`.
+#   * Progress goes to stderr only, so stdout stays clean for the `export` lines.
+
+_STELE_PGSERVER_VERSION=0.1.4
+
+_stele_log() { printf 'services: %s\n' "$*" >&2; }
+_stele_err() { printf 'services: ERROR: %s\n' "$*" >&2; }
+
+_stele_init_vars() {
+    if [[ -n "${STELE_CACHE:-}" ]]; then
+        _STELE_CACHE=$STELE_CACHE
+    elif [[ $EUID -eq 0 ]]; then
+        _STELE_CACHE=/var/cache/stele
+    else
+        _STELE_CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/stele
+    fi
+    _STELE_PG_PORT=${STELE_PG_PORT:-55432}
+    _STELE_REDIS_PORT=${STELE_REDIS_PORT:-56379}
+    _STELE_PG_ROOT=$_STELE_CACHE/pg16                        # extracted wheel
+    _STELE_PG_BINDIR=$_STELE_PG_ROOT/pgserver/pginstall/bin
+    _STELE_PG_DATA=$_STELE_CACHE/pg16-data                   # cluster (also socket dir + log)
+    _STELE_REDIS_DIR=$_STELE_CACHE/redis
+}
+
+# Is something listening on 127.0.0.1:$1? (bash's /dev/tcp, no ss/netstat needed)
+_stele_port_in_use() {
+    timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+}
+
+# ---------------------------------------------------------------------------------------
+# PostgreSQL 16 + pgvector
+# ---------------------------------------------------------------------------------------
+
+# PostgreSQL refuses to run as root, so the server runs as `postgres` (exists on our CI
+# images) or a dedicated `stele-pg` system user. As non-root we simply run as ourselves.
+_stele_pg_user() {
+    if [[ $EUID -ne 0 ]]; then
+        _STELE_PG_USER=$(id -un)
+        return 0
+    fi
+    if id -u postgres >/dev/null 2>&1; then
+        _STELE_PG_USER=postgres
+    else
+        if ! id -u stele-pg >/dev/null 2>&1; then
+            useradd --system --no-create-home --home-dir /nonexistent \
+                --shell /usr/sbin/nologin stele-pg >/dev/null 2>&1 || true
+        fi
+        if ! id -u stele-pg >/dev/null 2>&1; then
+            _stele_err "could not create system user stele-pg (needed: PostgreSQL refuses to run as root)"
+            return 1
+        fi
+        _STELE_PG_USER=stele-pg
+    fi
+}
+
+# Close the lock fd (see _stele_services_up) in a subshell that starts a daemon. Otherwise
+# the postmaster / redis-server inherit it and hold the lock forever, so the next run
+# would block on it.
+_stele_close_lock() {
+    if [[ -n ${_STELE_LOCKFD:-} ]]; then exec {_STELE_LOCKFD}>&-; fi
+}
+
+# Run a command as the PostgreSQL user. `cd /` first: the caller's cwd (e.g. under /root)
+# is usually not accessible to that user and pg_ctl/initdb would complain about it.
+_stele_as_pg() {
+    if [[ $EUID -ne 0 ]]; then
+        (_stele_close_lock && cd / && env LC_ALL=C "$@")
+    elif command -v runuser >/dev/null 2>&1; then
+        (_stele_close_lock && cd / && runuser -u "$_STELE_PG_USER" -- env LC_ALL=C "$@")
+    else
+        local q
+        printf -v q '%q ' "$@"
+        (_stele_close_lock && cd / && su -s /bin/sh "$_STELE_PG_USER" -c "LC_ALL=C $q")
+    fi
+}
+
+# Download + extract the pgserver wheel once into $_STELE_PG_ROOT.
+_stele_pg_bundle() {
+    local marker=$_STELE_PG_ROOT/.stele-pgserver-$_STELE_PGSERVER_VERSION
+    if [[ -f $marker && -x $_STELE_PG_BINDIR/postgres ]]; then
+        return 0
+    fi
+    _stele_log "fetching PostgreSQL 16 + pgvector bundle (PyPI pgserver==$_STELE_PGSERVER_VERSION) into $_STELE_PG_ROOT"
+    local py
+    py=$(command -v python3 || command -v python) || { _stele_err "python3 not found (needed for pip download of pgserver)"; return 1; }
+    local tmp=$_STELE_CACHE/.tmp-pg16.$$
+    rm -rf "$tmp" && mkdir -p "$tmp/dl" "$tmp/x" || { _stele_err "cannot create $tmp"; return 1; }
+    # Pin interpreter/platform so the same wheel is fetched whatever python3 is installed
+    # (pgserver 0.1.4 has no wheel for cp313, for example). Only the bundled PostgreSQL
+    # binaries are used, so the Python ABI tag does not matter.
+    if ! "$py" -m pip download --quiet --disable-pip-version-check --no-deps \
+            --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 \
+            --platform "manylinux2014_$(uname -m)" \
+            "pgserver==$_STELE_PGSERVER_VERSION" -d "$tmp/dl" >&2; then
+        rm -rf "$tmp"
+        _stele_err "pip download pgserver==$_STELE_PGSERVER_VERSION failed (is PyPI reachable?)"
+        return 1
+    fi
+    local whl
+    whl=$(ls "$tmp"/dl/pgserver-*.whl 2>/dev/null | head -n1)
+    [[ -n $whl ]] || { rm -rf "$tmp"; _stele_err "pip did not produce a pgserver wheel"; return 1; }
+    # The whole wheel is needed, not just pgserver/pginstall: auditwheel moved libpq into
+    # pgserver.libs/ and the binaries find it via RPATH $ORIGIN/../../../pgserver.libs.
+    if command -v unzip >/dev/null 2>&1; then
+        unzip -q -o "$whl" -d "$tmp/x" || { rm -rf "$tmp"; _stele_err "unzip of $whl failed"; return 1; }
+    else
+        "$py" -m zipfile -e "$whl" "$tmp/x" || { rm -rf "$tmp"; _stele_err "extracting $whl failed"; return 1; }
+    fi
+    # python's zipfile drops the exec bits; root's umask may be 077 — make the tree
+    # readable/traversable by the (unprivileged) server user.
+    chmod +x "$tmp"/x/pgserver/pginstall/bin/* &&
+        chmod -R a+rX "$tmp/x" || { rm -rf "$tmp"; _stele_err "chmod of extracted bundle failed"; return 1; }
+    if [[ ! -x $tmp/x/pgserver/pginstall/bin/postgres || ! -f $tmp/x/pgserver/pginstall/lib/postgresql/vector.so ]]; then
+        rm -rf "$tmp"
+        _stele_err "pgserver wheel does not contain pginstall/bin/postgres and lib/postgresql/vector.so"
+        return 1
+    fi
+    rm -rf "$_STELE_PG_ROOT" &&
+        mv "$tmp/x" "$_STELE_PG_ROOT" &&
+        touch "$marker" || { rm -rf "$tmp"; _stele_err "cannot install bundle into $_STELE_PG_ROOT"; return 1; }
+    rm -rf "$tmp"
+    if ! "$_STELE_PG_BINDIR/postgres" --version >/dev/null 2>&1; then
+        _stele_err "bundled postgres does not run here: $("$_STELE_PG_BINDIR/postgres" --version 2>&1 | head -n1)"
+        return 1
+    fi
+}
+
+# Number of rows in pg_available_extensions named 'vector' for URL $1 ("" on failure).
+_stele_pg_vector_count() {
+    local psql=$_STELE_PG_BINDIR/psql
+    [[ -x $psql ]] || psql=$(command -v psql) || return 1
+    PGCONNECT_TIMEOUT=3 "$psql" "$1" -X -q -A -t -v ON_ERROR_STOP=1 \
+        -c "select count(*) from pg_available_extensions where name = 'vector'" 2>/dev/null
+}
+
+# pid of the postmaster of our cluster if it is really running, else fails. The pid in
+# postmaster.pid is checked against /proc: after a container restart the pid may have been
+# reused by an unrelated process, which fools `pg_ctl status` and blocks `pg_ctl start`.
+_stele_pg_running_pid() {
+    local pidfile=$_STELE_PG_DATA/postmaster.pid pid comm
+    [[ -f $pidfile ]] || return 1
+    pid=$(head -n1 "$pidfile" 2>/dev/null)
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+    [[ $comm == postgres ]] || return 1
+    printf '%s\n' "$pid"
+}
+
+_stele_pg_write_conf() {
+    # Regenerated on every start, included from postgresql.conf (later settings win).
+    # Test/benchmark server on a 2-core / 24 GiB box. fsync and synchronous_commit stay
+    # ON on purpose: benchmarks measure durable commits.
+    local conf=$_STELE_PG_DATA/stele.conf
+    cat >"$conf" <<EOF || return 1
+# Written by scripts/services.sh on every start — edit the script, not this file.
+listen_addresses = '127.0.0.1'
+port = $_STELE_PG_PORT
+unix_socket_directories = '$_STELE_PG_DATA'
+max_connections = 300
+shared_buffers = 512MB
+maintenance_work_mem = 256MB
+effective_cache_size = 8GB
+fsync = on
+synchronous_commit = on
+full_page_writes = on
+wal_level = replica
+max_wal_size = 2GB
+checkpoint_timeout = 15min
+EOF
+    chown "$_STELE_PG_USER" "$conf" 2>/dev/null
+    grep -q "^include_if_exists 'stele.conf'" "$_STELE_PG_DATA/postgresql.conf" ||
+        printf "\ninclude_if_exists 'stele.conf'\n" >>"$_STELE_PG_DATA/postgresql.conf"
+}
+
+_stele_pg_up() {
+    _stele_pg_bundle || return 1
+    _stele_pg_user || return 1
+
+    # The server user must be able to reach the bundle (fails e.g. for STELE_CACHE=/root/...).
+    if ! _stele_as_pg test -x "$_STELE_PG_BINDIR/postgres"; then
+        _stele_err "user $_STELE_PG_USER cannot reach $_STELE_PG_BINDIR (a parent dir is not world-traversable?); set STELE_CACHE to e.g. /var/cache/stele"
+        return 1
+    fi
+
+    local port=$_STELE_PG_PORT state=started pid
+    if pid=$(_stele_pg_running_pid); then
+        # Already running: use the port it actually listens on (line 4 of postmaster.pid).
+        port=$(sed -n 4p "$_STELE_PG_DATA/postmaster.pid")
+        state=reused
+        if [[ $port != "$_STELE_PG_PORT" ]]; then
+            _stele_log "note: cluster already running on port $port (STELE_PG_PORT=$_STELE_PG_PORT ignored; run 'bash scripts/services.sh stop' to change)"
+        fi
+    else
+        # Stale lock file (see _stele_pg_running_pid) would make pg_ctl start fail.
+        rm -f "$_STELE_PG_DATA/postmaster.pid"
+        if _stele_port_in_use "$_STELE_PG_PORT"; then
+            _stele_err "port 127.0.0.1:$_STELE_PG_PORT is already in use by another process; set STELE_PG_PORT to a free port"
+            return 1
+        fi
+        mkdir -p "$_STELE_CACHE" && chmod 755 "$_STELE_CACHE" 2>/dev/null
+        if [[ -f $_STELE_PG_DATA/PG_VERSION && $(cat "$_STELE_PG_DATA/PG_VERSION") != 16 ]]; then
+            _stele_err "$_STELE_PG_DATA holds a PostgreSQL $(cat "$_STELE_PG_DATA/PG_VERSION") cluster, not 16; remove it"
+            return 1
+        fi
+        if [[ ! -f $_STELE_PG_DATA/PG_VERSION ]]; then
+            # No cluster (or a half-initialised one from an interrupted run): (re)create.
+            _stele_log "initdb $_STELE_PG_DATA (as $_STELE_PG_USER)"
+            rm -rf "$_STELE_PG_DATA"
+            mkdir -m 700 "$_STELE_PG_DATA" && chown "$_STELE_PG_USER:" "$_STELE_PG_DATA" ||
+                { _stele_err "cannot create $_STELE_PG_DATA"; return 1; }
+            if ! _stele_as_pg "$_STELE_PG_BINDIR/initdb" -D "$_STELE_PG_DATA" -U postgres \
+                    --auth=trust -E UTF8 --locale=C >"$_STELE_CACHE/initdb.log" 2>&1; then
+                _stele_err "initdb failed, see $_STELE_CACHE/initdb.log: $(tail -n1 "$_STELE_CACHE/initdb.log")"
+                return 1
+            fi
+        else
+            # e.g. the server user changed between runs: keep the cluster usable.
+            [[ $EUID -ne 0 ]] || chown -R "$_STELE_PG_USER:" "$_STELE_PG_DATA"
+        fi
+        _stele_pg_write_conf || { _stele_err "cannot write $_STELE_PG_DATA/stele.conf"; return 1; }
+        # -w -t 30: wait (bounded) until the server accepts connections.
+        if ! _stele_as_pg "$_STELE_PG_BINDIR/pg_ctl" start -D "$_STELE_PG_DATA" -w -t 30 \
+                -l "$_STELE_PG_DATA/server.log" >/dev/null 2>&1; then
+            _stele_err "PostgreSQL did not start, see $_STELE_PG_DATA/server.log: $(tail -n1 "$_STELE_PG_DATA/server.log" 2>/dev/null)"
+            return 1
+        fi
+    fi
+
+    # Bounded wait (~30 s) for connections: a reused server may still be starting/recovering.
+    local i
+    for ((i = 0; i < 60; i++)); do
+        "$_STELE_PG_BINDIR/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -t 1 && break
+        sleep 0.5
+    done
+    if ((i == 60)); then
+        _stele_err "PostgreSQL in $_STELE_PG_DATA does not accept connections on 127.0.0.1:$port (see $_STELE_PG_DATA/server.log)"
+        return 1
+    fi
+
+    local url=postgres://postgres@127.0.0.1:$port/postgres
+    if [[ $(_stele_pg_vector_count "$url") != 1 ]]; then
+        _stele_err "PostgreSQL at $url has no 'vector' in pg_available_extensions"
+        return 1
+    fi
+    DATABASE_URL=$url
+    _stele_log "postgres 16 + pgvector at $url ($state)"
+}
+
+# ---------------------------------------------------------------------------------------
+# redis
+# ---------------------------------------------------------------------------------------
+
+_stele_redis_ping() { # $1 = URL
+    [[ $(timeout 3 redis-cli -u "$1" ping 2>/dev/null) == PONG ]]
+}
+
+_stele_redis_install() {
+    command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && return 0
+    if [[ $EUID -ne 0 ]]; then
+        _stele_err "redis-server/redis-cli missing and not root; install the Debian package redis-server"
+        return 1
+    fi
+    _stele_log "installing redis-server with apt-get"
+    if ! { apt-get update -qq >&2 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >&2; }; then
+        _stele_err "apt-get install redis-server failed"
+        return 1
+    fi
+}
+
+# pid of our private redis if it is running, else fails.
+_stele_redis_private_pid() {
+    local pid
+    pid=$(cat "$_STELE_REDIS_DIR/redis.pid" 2>/dev/null) || return 1
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == redis-server ]] || return 1
+    printf '%s\n' "$pid"
+}
+
+_stele_redis_up() {
+    # 1. caller-provided REDIS_URL
+    if [[ -n ${REDIS_URL:-} ]] && command -v redis-cli >/dev/null 2>&1 && _stele_redis_ping "$REDIS_URL"; then
+        _stele_log "redis at $REDIS_URL (from REDIS_URL)"
+        return 0
+    fi
+    # redis-cli is needed for any check (the package pulls in redis-tools).
+    _stele_redis_install || return 1
+    if [[ -n ${REDIS_URL:-} ]] && _stele_redis_ping "$REDIS_URL"; then
+        _stele_log "redis at $REDIS_URL (from REDIS_URL)"
+        return 0
+    fi
+    [[ -z ${REDIS_URL:-} ]] || _stele_log "REDIS_URL=$REDIS_URL does not answer PING, ignoring it"
+    # 2. the machine's own redis
+    if [[ ${STELE_REDIS_PRIVATE:-0} != 1 ]] && _stele_redis_ping redis://127.0.0.1:6379; then
+        REDIS_URL=redis://127.0.0.1:6379
+        _stele_log "redis at $REDIS_URL (machine's own)"
+        return 0
+    fi
+    # 3. our private, non-persistent redis
+    local url=redis://127.0.0.1:$_STELE_REDIS_PORT state=reused
+    if ! { _stele_redis_private_pid >/dev/null && _stele_redis_ping "$url"; }; then
+        if _stele_port_in_use "$_STELE_REDIS_PORT"; then
+            _stele_err "port 127.0.0.1:$_STELE_REDIS_PORT is already in use by another process; set STELE_REDIS_PORT to a free port"
+            return 1
+        fi
+        mkdir -p "$_STELE_REDIS_DIR" || { _stele_err "cannot create $_STELE_REDIS_DIR"; return 1; }
+        if ! (_stele_close_lock && cd "$_STELE_REDIS_DIR" && redis-server --port "$_STELE_REDIS_PORT" --bind 127.0.0.1 \
+                --daemonize yes --save "" --appendonly no --dir "$_STELE_REDIS_DIR" \
+                --pidfile "$_STELE_REDIS_DIR/redis.pid" --logfile "$_STELE_REDIS_DIR/redis.log" >&2); then
+            _stele_err "redis-server failed to start, see $_STELE_REDIS_DIR/redis.log"
+            return 1
+        fi
+        local i
+        for ((i = 0; i < 50; i++)); do
+            _stele_redis_ping "$url" && break
+            sleep 0.2
+        done
+        if ((i == 50)); then
+            _stele_err "private redis on $url does not answer PING (see $_STELE_REDIS_DIR/redis.log)"
+            return 1
+        fi
+        state=started
+    fi
+    REDIS_URL=$url
+    _stele_log "redis at $url (private, $state)"
+}
+
+# ---------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------
+
+_stele_services_up() {
+    _stele_init_vars
+    mkdir -p "$_STELE_CACHE" || { _stele_err "cannot create STELE_CACHE=$_STELE_CACHE"; return 1; }
+    # Serialise concurrent runs (e.g. two test jobs starting at once) on one lock file.
+    local rc=0
+    _STELE_LOCKFD=
+    if command -v flock >/dev/null 2>&1 && exec {_STELE_LOCKFD}>"$_STELE_CACHE/.lock"; then
+        flock -w 120 "$_STELE_LOCKFD" || _stele_log "warning: could not lock $_STELE_CACHE/.lock within 120 s, continuing"
+    fi
+
+    # PostgreSQL: keep a caller-provided DATABASE_URL if pgvector is available there.
+    if [[ -n ${STELE_PG_BIN:-} && -x ${STELE_PG_BIN}/pgbench ]]; then
+        _STELE_PG_BINDIR=$STELE_PG_BIN
+    else
+        _stele_pg_bundle || rc=1 # STELE_PG_BIN (pgbench/psql 16) is wanted in every case
+    fi
+    if ((rc == 0)); then
+        if [[ -n ${DATABASE_URL:-} && $(_stele_pg_vector_count "$DATABASE_URL") == 1 ]]; then
+            _stele_log "postgres with pgvector at $DATABASE_URL (from DATABASE_URL)"
+        else
+            [[ -z ${DATABASE_URL:-} ]] || _stele_log "DATABASE_URL=$DATABASE_URL unreachable or without pgvector, provisioning our own"
+            _stele_init_vars # back to the bundle paths
+            _stele_pg_up || rc=1
+        fi
+    fi
+    ((rc == 0)) && { _stele_redis_up || rc=1; }
+
+    _stele_close_lock
+    unset _STELE_LOCKFD
+    if ((rc == 0)); then
+        STELE_PG_BIN=$_STELE_PG_BINDIR
+        export DATABASE_URL REDIS_URL STELE_PG_BIN
+    fi
+    return "$rc"
+}
+
+_stele_services_stop() {
+    _stele_init_vars
+    local pid
+    if pid=$(_stele_pg_running_pid); then
+        _stele_pg_user || return 1
+        if _stele_as_pg "$_STELE_PG_BINDIR/pg_ctl" stop -D "$_STELE_PG_DATA" -m fast -w -t 60 >/dev/null 2>&1; then
+            _stele_log "stopped postgres 16 ($_STELE_PG_DATA)"
+        else
+            _stele_err "pg_ctl stop failed for $_STELE_PG_DATA"
+            return 1
+        fi
+    else
+        _stele_log "postgres 16 ($_STELE_PG_DATA) not running"
+    fi
+    if pid=$(_stele_redis_private_pid); then
+        kill "$pid" 2>/dev/null # SIGTERM: clean shutdown (nothing to save: --save "")
+        local i
+        for ((i = 0; i < 50; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        rm -f "$_STELE_REDIS_DIR/redis.pid"
+        _stele_log "stopped private redis (port $_STELE_REDIS_PORT)"
+    else
+        _stele_log "private redis not running"
+    fi
+}
+
+# Runs the requested command with the caller's shell options saved and restored, so that
+# sourcing from a `set -euo pipefail` script neither aborts half-way nor changes options.
+_stele_services_main() {
+    local _stele_saved_opts rc=0
+    _stele_saved_opts=$(set +o)
+    set +e +u
+    case ${1:-up} in
+        up | start) _stele_services_up || rc=$? ;;
+        stop) _stele_services_stop || rc=$? ;;
+        *) _stele_err "usage: services.sh [up|stop]"; rc=2 ;;
+    esac
+    eval "$_stele_saved_opts"
+    return "$rc"
+}
+
+if [[ ${BASH_SOURCE[0]} != "$0" ]]; then
+    # Sourced: always "up", exporting into the caller's shell. Positional parameters are
+    # ignored on purpose: `source file` without arguments sees the *caller's* "$@".
+    _stele_services_main up
+    return $?
+fi
+
+# executed directly
+_stele_services_main "$@" || exit $?
+if [[ ${1:-up} == up || ${1:-} == start ]]; then
+    printf 'export DATABASE_URL=%q\n' "$DATABASE_URL"
+    printf 'export REDIS_URL=%q\n' "$REDIS_URL"
+    printf 'export STELE_PG_BIN=%q\n' "$STELE_PG_BIN"
+fi

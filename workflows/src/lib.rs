@@ -1,0 +1,1 @@
+//! Workflow definitions, agents and models, and the decisions that drive workflow runs.
