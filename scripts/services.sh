@@ -381,7 +381,9 @@ _stele_services_up() {
         if [[ -n ${DATABASE_URL:-} && $(_stele_pg_vector_count "$DATABASE_URL") == 1 ]]; then
             _stele_log "postgres with pgvector at $DATABASE_URL (from DATABASE_URL)"
         else
-            [[ -z ${DATABASE_URL:-} ]] || _stele_log "DATABASE_URL=$DATABASE_URL unreachable or without pgvector, provisioning our own"
+            # (quiet when DATABASE_URL is our own, merely stopped, server)
+            [[ -z ${DATABASE_URL:-} || $DATABASE_URL == postgres://postgres@127.0.0.1:$_STELE_PG_PORT/postgres ]] ||
+                _stele_log "DATABASE_URL=$DATABASE_URL unreachable or without pgvector, provisioning our own"
             _stele_init_vars # back to the bundle paths
             _stele_pg_up || rc=1
         fi
@@ -430,6 +432,9 @@ _stele_services_stop() {
 _stele_services_main() {
     local _stele_saved_opts rc=0
     _stele_saved_opts=$(set +o)
+    # $(...) runs with errexit reset (no inherit_errexit), so `set +o` above always says
+    # "+o errexit": take errexit from $- instead.
+    if [[ $- == *e* ]]; then _stele_saved_opts+=$'\nset -e'; fi
     set +e +u
     case ${1:-up} in
         up | start) _stele_services_up || rc=$? ;;

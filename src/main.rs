@@ -1,1 +1,166 @@
-fn main() {}
+//! `stele`: the command-line interface. Runs the embedded engine (`stele up`), migrates stores,
+//! reads the event log and runs the benchmarks.
+
+mod bench;
+mod events;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use stele_engine::store::{self, Migrate, Store, StoreLocation};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "stele", version, about = "Durable, replayable workflow engine", long_about = None)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "STELE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Which store to use: PostgreSQL when a URL is given, else the embedded store.
+#[derive(Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// PostgreSQL URL (postgres://user:pass@host:port/db); without it, the embedded store is used.
+    #[arg(long, env = "STELE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Directory of the embedded store.
+    #[arg(long, env = "STELE_DATA_DIR", default_value = ".stele")]
+    data_dir: PathBuf,
+}
+
+impl StoreArgs {
+    pub fn location(&self) -> anyhow::Result<StoreLocation> {
+        Ok(StoreLocation::from_args(self.database_url.as_deref(), &self.data_dir)?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the database migrations (PostgreSQL with --database-url, else the embedded store).
+    Migrate(StoreArgs),
+    /// Run Stele embedded: open (creating if needed) the store in the data directory and run until
+    /// interrupted.
+    Up {
+        /// Directory of the embedded store.
+        #[arg(long, env = "STELE_DATA_DIR", default_value = ".stele")]
+        data_dir: PathBuf,
+    },
+    /// Read the event log.
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// Measure throughput and latency; prints JSON.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Print the global log as NDJSON, one event per line.
+    Tail(events::TailArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("STELE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One readable line; `--help` has the rest.
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{} (see `stele --help`)", line.trim_end());
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let message = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate(args) => {
+            let location = args.location()?;
+            let applied = store::migrate(location.clone()).await?;
+            tracing::info!(
+                store = %location.describe(),
+                applied = applied.len(),
+                "migrations applied"
+            );
+            Ok(())
+        }
+        Command::Up { data_dir } => up(data_dir).await,
+        Command::Events(EventsCommand::Tail(args)) => events::tail(args).await,
+        Command::Bench(command) => bench::run(command).await,
+    }
+}
+
+async fn up(data_dir: PathBuf) -> anyhow::Result<()> {
+    let location = StoreLocation::Embedded(data_dir);
+    let store = Store::open(location.clone(), Migrate::Apply).await?;
+    tracing::info!(store = %location.describe(), "stele is up; press Ctrl-C to stop");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    store.close().await;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

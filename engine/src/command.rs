@@ -78,7 +78,7 @@ impl<A: Aggregate> CommandBus<A> {
             log,
             services,
             upcasters: Vec::new(),
-            max_attempts: 10,
+            max_attempts: 25,
         }
     }
 
@@ -143,7 +143,13 @@ impl<A: Aggregate> CommandBus<A> {
         A::Command: Clone,
     {
         let stream = Self::stream(aggregate_id);
-        for _ in 0..self.max_attempts {
+        for attempt in 0..self.max_attempts {
+            if attempt > 0 {
+                // Spread the retries of writers that keep colliding on one stream.
+                let cap_ms = 1u64 << attempt.min(6);
+                let wait = rand::random_range(0..=cap_ms * 1000);
+                tokio::time::sleep(std::time::Duration::from_micros(wait)).await;
+            }
             let (mut aggregate, version) = self.load(aggregate_id).await?;
             let sink = EventSink::default();
             if let Err(rejection) = aggregate

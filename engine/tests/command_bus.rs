@@ -1,0 +1,278 @@
+//! The command runner on both backends: optimistic concurrency with retries, idempotent command
+//! ids, upcasting of old event versions, and cqrs-es's own framework on our repository.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::persist::{PersistedEventStore, SemanticVersionEventUpcaster};
+use cqrs_es::{Aggregate, CqrsFramework, DomainEvent};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use stele_engine::command::Executed;
+use stele_engine::repository::LogRepository;
+use stele_engine::{
+    AppendRequest, CommandBus, CommandError, CommandMeta, NewEvent, Store, StreamId,
+};
+use uuid::Uuid;
+
+/// A small aggregate whose first event has two versions: v1 had no priority.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Note {
+    title: Option<String>,
+    priority: Option<String>,
+    lines: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+enum NoteCommand {
+    Create { title: String },
+    AddLine { line: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum NoteEvent {
+    Created { title: String, priority: String },
+    LineAdded { line: String },
+}
+
+impl DomainEvent for NoteEvent {
+    fn event_type(&self) -> String {
+        match self {
+            NoteEvent::Created { .. } => "Created".into(),
+            NoteEvent::LineAdded { .. } => "LineAdded".into(),
+        }
+    }
+
+    fn event_version(&self) -> String {
+        match self {
+            NoteEvent::Created { .. } => "2.0".into(),
+            NoteEvent::LineAdded { .. } => "1.0".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+enum NoteError {
+    #[error("the note exists already")]
+    Exists,
+    #[error("no such note")]
+    Missing,
+}
+
+impl Aggregate for Note {
+    const TYPE: &'static str = "note";
+    type Command = NoteCommand;
+    type Event = NoteEvent;
+    type Error = NoteError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: NoteCommand,
+        _: &(),
+        sink: &EventSink<Self>,
+    ) -> Result<(), NoteError> {
+        match command {
+            NoteCommand::Create { title } => {
+                if self.title.is_some() {
+                    return Err(NoteError::Exists);
+                }
+                sink.write(
+                    NoteEvent::Created {
+                        title,
+                        priority: "high".into(),
+                    },
+                    self,
+                )
+                .await;
+            }
+            NoteCommand::AddLine { line } => {
+                if self.title.is_none() {
+                    return Err(NoteError::Missing);
+                }
+                sink.write(NoteEvent::LineAdded { line }, self).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: NoteEvent) {
+        match event {
+            NoteEvent::Created { title, priority } => {
+                self.title = Some(title);
+                self.priority = Some(priority);
+            }
+            NoteEvent::LineAdded { line } => self.lines.push(line),
+        }
+    }
+}
+
+/// v1 `Created` had only a title; v2 adds a priority, "normal" for old notes.
+fn created_v1_to_v2() -> SemanticVersionEventUpcaster {
+    SemanticVersionEventUpcaster::new(
+        "Created",
+        "2.0",
+        Box::new(|mut payload: Value| {
+            if let Some(created) = payload.get_mut("Created").and_then(Value::as_object_mut) {
+                created.insert("priority".into(), json!("normal"));
+            }
+            payload
+        }),
+    )
+}
+
+fn bus(store: &Store) -> CommandBus<Note> {
+    CommandBus::new(store.log.clone(), ()).with_upcasters(vec![Box::new(created_v1_to_v2())])
+}
+
+fn new_meta() -> CommandMeta {
+    CommandMeta::new("user:1", "test")
+}
+
+async fn commands_append_events_with_their_metadata(store: &Store) {
+    let bus = bus(store);
+    let meta = new_meta().with_trace_id("t-9");
+    let executed = bus
+        .execute("n1", NoteCommand::Create { title: "hello".into() }, meta.clone())
+        .await
+        .unwrap();
+    let Executed::Appended(outcome) = executed else {
+        panic!("expected appended, got {executed:?}")
+    };
+    assert_eq!(outcome.command_id, meta.command_id);
+    let events = store.log.read_stream(&StreamId::new("note", "n1"), 0).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].metadata.command, meta);
+    assert_eq!(events[0].event_type, "Created");
+
+    let refused = bus
+        .execute("n1", NoteCommand::Create { title: "again".into() }, CommandMeta::new("u", "t"))
+        .await;
+    assert!(matches!(refused, Err(CommandError::Rejected(NoteError::Exists))));
+    let missing = bus
+        .execute("nope", NoteCommand::AddLine { line: "x".into() }, new_meta())
+        .await;
+    assert!(matches!(missing, Err(CommandError::Rejected(NoteError::Missing))));
+}
+
+async fn racing_commands_are_retried_until_all_apply(store: &Store) {
+    let bus = Arc::new(bus(store));
+    bus.execute("race", NoteCommand::Create { title: "r".into() }, new_meta())
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                bus.execute("race", NoteCommand::AddLine { line: format!("l{i}") }, new_meta())
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert!(matches!(task.await.unwrap(), Ok(Executed::Appended(_))));
+    }
+    let (note, version) = bus.load("race").await.unwrap();
+    assert_eq!(version, 17);
+    assert_eq!(note.lines.len(), 16);
+}
+
+async fn a_repeated_command_returns_its_first_outcome(store: &Store) {
+    let bus = bus(store);
+    let create = new_meta();
+    let first = bus
+        .execute("idem", NoteCommand::Create { title: "once".into() }, create.clone())
+        .await
+        .unwrap();
+    // The aggregate would now refuse it: the first outcome is returned instead of the refusal.
+    let again = bus
+        .execute("idem", NoteCommand::Create { title: "once".into() }, create.clone())
+        .await
+        .unwrap();
+    assert_eq!(again, Executed::Duplicate(first.outcome().unwrap().clone()));
+
+    // A command the aggregate would accept again appends nothing the second time.
+    let add = new_meta();
+    let first = bus
+        .execute("idem", NoteCommand::AddLine { line: "a".into() }, add.clone())
+        .await
+        .unwrap();
+    let again = bus
+        .execute("idem", NoteCommand::AddLine { line: "a".into() }, add)
+        .await
+        .unwrap();
+    assert_eq!(again, Executed::Duplicate(first.outcome().unwrap().clone()));
+    assert_eq!(bus.load("idem").await.unwrap().0.lines, vec!["a"]);
+}
+
+async fn an_old_event_version_is_upcast_on_read(store: &Store) {
+    // A v1 event as an older release stored it.
+    let meta = new_meta();
+    store
+        .log
+        .append(AppendRequest {
+            command_id: meta.command_id,
+            stream: StreamId::new("note", "old"),
+            expected_sequence: 0,
+            events: vec![NewEvent {
+                event_type: "Created".into(),
+                event_version: "1.0".into(),
+                payload: json!({ "Created": { "title": "from v1" } }),
+                metadata: meta.for_event(Uuid::now_v7()),
+            }],
+        })
+        .await
+        .unwrap();
+    let (note, _) = bus(store).load("old").await.unwrap();
+    assert_eq!(note.title.as_deref(), Some("from v1"));
+    assert_eq!(note.priority.as_deref(), Some("normal"));
+
+    // Without the upcaster, the v1 payload is unreadable as a v2 event.
+    let plain = CommandBus::<Note>::new(store.log.clone(), ());
+    assert!(matches!(
+        plain.load("old").await,
+        Err(CommandError::Deserialize { sequence: 1, .. })
+    ));
+}
+
+async fn cqrs_es_framework_runs_on_the_log(store: &Store) {
+    let event_store = PersistedEventStore::<LogRepository, Note>::new_event_store(
+        LogRepository::new(store.log.clone()),
+    )
+    .with_upcasters(vec![Box::new(created_v1_to_v2())]);
+    let cqrs = CqrsFramework::new(event_store, vec![], ());
+    let command_id = Uuid::now_v7().to_string();
+    let metadata = HashMap::from([
+        ("command_id".to_owned(), command_id.clone()),
+        ("actor".to_owned(), "user:5".to_owned()),
+        ("channel".to_owned(), "api".to_owned()),
+    ]);
+    cqrs.execute_with_metadata("fw", NoteCommand::Create { title: "fw".into() }, metadata.clone())
+        .await
+        .unwrap();
+    let add = HashMap::from([("command_id".to_owned(), Uuid::now_v7().to_string())]);
+    cqrs.execute_with_metadata("fw", NoteCommand::AddLine { line: "x".into() }, add.clone())
+        .await
+        .unwrap();
+    // The same command id again: accepted, nothing appended.
+    cqrs.execute_with_metadata("fw", NoteCommand::AddLine { line: "x".into() }, add)
+        .await
+        .unwrap();
+    let events = store.log.read_stream(&StreamId::new("note", "fw"), 0).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].metadata.command.actor, "user:5");
+    assert_eq!(events[0].metadata.command.command_id.to_string(), command_id);
+    let (note, _) = bus(store).load("fw").await.unwrap();
+    assert_eq!(note.lines, vec!["x"]);
+}
+
+for_each_backend!(
+    commands_append_events_with_their_metadata,
+    racing_commands_are_retried_until_all_apply,
+    a_repeated_command_returns_its_first_outcome,
+    an_old_event_version_is_upcast_on_read,
+    cqrs_es_framework_runs_on_the_log,
+);

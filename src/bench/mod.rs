@@ -1,0 +1,165 @@
+//! `stele bench …`: throughput and latency scenarios. Each prints one JSON document on stdout;
+//! figures are recorded in `bench/RESULTS.md`.
+//!
+//! Every scenario runs in scratch stores it creates and removes: a fresh database on the
+//! PostgreSQL server named by `--database-url` (the role needs CREATEDB) and a fresh embedded store
+//! in a temporary directory.
+
+mod append;
+mod probe;
+mod replay;
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use stele_engine::store::StoreLocation;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Durable one-event commands at 1, 8 and 32 concurrent writers, against pgbench's one-row
+    /// insert transactions on the same server.
+    Append(append::AppendArgs),
+    /// Read rate of the global log.
+    Replay(replay::ReplayArgs),
+}
+
+/// Where a scenario runs.
+#[derive(Args, Clone, Debug)]
+pub struct Targets {
+    /// PostgreSQL server to benchmark on (a scratch database is created there).
+    #[arg(long, env = "STELE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Skip the embedded (SQLite) store.
+    #[arg(long)]
+    no_sqlite: bool,
+    /// Directory for the scratch embedded store (a temporary directory by default).
+    #[arg(long)]
+    scratch_dir: Option<PathBuf>,
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    let report = match command {
+        BenchCommand::Append(args) => serde_json::to_value(append::run(args).await?)?,
+        BenchCommand::Replay(args) => serde_json::to_value(replay::run(args).await?)?,
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// The machine a figure was measured on.
+#[derive(Serialize)]
+pub struct Machine {
+    cores: usize,
+    os: &'static str,
+    arch: &'static str,
+}
+
+impl Machine {
+    pub fn this() -> Self {
+        Self {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            os: std::env::consts::OS,
+            arch: std::env::consts::ARCH,
+        }
+    }
+}
+
+/// A store that exists for one scenario.
+pub struct Scratch {
+    pub location: StoreLocation,
+    drop_db: Option<(String, String)>,
+}
+
+impl Scratch {
+    pub async fn postgres(url: &str) -> anyhow::Result<Self> {
+        let options = PgConnectOptions::from_str(url).context("invalid --database-url")?;
+        let name = format!("stele_bench_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = options
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach PostgreSQL at {}", options.get_host()))?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .context("creating the scratch database (the role needs CREATEDB)")?;
+        let _ = admin.close().await;
+        let location =
+            StoreLocation::Postgres(options.database(&name).to_url_lossy().to_string());
+        Ok(Self {
+            location,
+            drop_db: Some((url.to_owned(), name)),
+        })
+    }
+
+    pub fn sqlite(base: Option<&PathBuf>) -> anyhow::Result<Self> {
+        let base = base.cloned().unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("stele-bench-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            location: StoreLocation::Embedded(dir),
+            drop_db: None,
+        })
+    }
+
+    /// The scratch database's URL (PostgreSQL only).
+    pub fn url(&self) -> Option<&str> {
+        match &self.location {
+            StoreLocation::Postgres(url) => Some(url),
+            StoreLocation::Embedded(_) => None,
+        }
+    }
+
+    pub async fn remove(self) {
+        match (&self.location, self.drop_db) {
+            (_, Some((admin, name))) => {
+                if let Ok(mut admin) = PgConnectOptions::from_str(&admin)
+                    .expect("checked at creation")
+                    .connect()
+                    .await
+                {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            }
+            (StoreLocation::Embedded(dir), None) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Serialize, Default)]
+pub struct Latency {
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl Latency {
+    pub fn of(mut samples: Vec<Duration>) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            (samples[index].as_secs_f64() * 1e6).round() / 1e3
+        };
+        Self {
+            p50_ms: at(0.50),
+            p95_ms: at(0.95),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+}
