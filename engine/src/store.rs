@@ -57,6 +57,16 @@ impl StoreLocation {
     }
 }
 
+/// `url` with its database replaced by `database` (other parts and parameters kept as given).
+pub fn with_database(url: &str, database: &str) -> Result<String, StoreError> {
+    let mut parsed = url::Url::parse(url).map_err(|e| StoreError::InvalidUrl {
+        url: redact(url),
+        reason: e.to_string(),
+    })?;
+    parsed.set_path(&format!("/{database}"));
+    Ok(parsed.to_string())
+}
+
 /// A URL with its password masked, for messages.
 fn redact(url: &str) -> String {
     match url::Url::parse(url) {
@@ -127,7 +137,7 @@ impl Store {
     ) -> Result<Self, StoreError> {
         match &location {
             StoreLocation::Postgres(url) => {
-                let pool = connect_postgres(url, 64).await?;
+                let pool = connect_postgres(url, 24).await?;
                 run_migrations(&POSTGRES_MIGRATIONS, &pool, migrate, &location).await?;
                 let log = Arc::new(PgEventLog::new(pool.clone(), pg));
                 Ok(Self {
@@ -179,6 +189,9 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool,
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
+        // A ping per checkout would double the round trips of every query; broken connections
+        // surface as query errors and are replaced by the pool.
+        .test_before_acquire(false)
         .connect_with(options)
         .await
         .map_err(|e| StoreError::Unreachable {

@@ -56,11 +56,7 @@ impl TestDb {
             .await
             .expect("create test database");
         let _ = admin.close().await;
-        let url = PgConnectOptions::from_str(&admin_url)
-            .expect("DATABASE_URL")
-            .database(&name)
-            .to_url_lossy()
-            .to_string();
+        let url = crate::store::with_database(&admin_url, &name).expect("DATABASE_URL");
         TestDb {
             location: StoreLocation::Postgres(url),
             cleanup: Cleanup::Postgres { admin_url, name },

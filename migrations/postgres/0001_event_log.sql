@@ -7,7 +7,9 @@
 --                    read past the oldest transaction still open, so no reader skips an event that
 --                    commits later (see engine/src/log/postgres.rs)
 --   recorded_at      when the writing transaction started
---   event_id         UUIDv7 of the event (also in metadata)
+--   metadata         json, not jsonb: it is written with every event and read whole, never queried
+--                    inside, and json input is cheaper than jsonb's
+--   event_id         UUIDv7 of the event (also in metadata); unique by construction, not indexed
 CREATE TABLE events
 (
     aggregate_type  text        NOT NULL,
@@ -16,11 +18,11 @@ CREATE TABLE events
     event_type      text        NOT NULL,
     event_version   text        NOT NULL,
     payload         jsonb       NOT NULL,
-    metadata        jsonb       NOT NULL,
+    metadata        json        NOT NULL,
     global_position bigserial   NOT NULL UNIQUE,
     tx_id           xid8        NOT NULL DEFAULT pg_current_xact_id(),
     recorded_at     timestamptz NOT NULL DEFAULT now(),
-    event_id        uuid        NOT NULL UNIQUE,
+    event_id        uuid        NOT NULL,
     PRIMARY KEY (aggregate_type, aggregate_id, sequence)
 );
 
@@ -57,18 +59,3 @@ CREATE TRIGGER events_no_update_delete
 CREATE TRIGGER events_no_truncate
     BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION stele_events_append_only();
-
--- Wake subscribers (LISTEN stele_events) when a transaction that appended commits; notifications are
--- delivered at commit, and a transaction notifies once however many statements it ran.
-CREATE FUNCTION stele_events_notify() RETURNS trigger
-    LANGUAGE plpgsql AS
-$$
-BEGIN
-    PERFORM pg_notify('stele_events', '');
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER events_notify
-    AFTER INSERT ON events
-    FOR EACH STATEMENT EXECUTE FUNCTION stele_events_notify();

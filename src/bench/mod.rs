@@ -89,8 +89,7 @@ impl Scratch {
             .await
             .context("creating the scratch database (the role needs CREATEDB)")?;
         let _ = admin.close().await;
-        let location =
-            StoreLocation::Postgres(options.database(&name).to_url_lossy().to_string());
+        let location = StoreLocation::Postgres(stele_engine::store::with_database(url, &name)?);
         Ok(Self {
             location,
             drop_db: Some((url.to_owned(), name)),

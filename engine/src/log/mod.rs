@@ -4,7 +4,7 @@
 //! Two adapters implement [`EventLog`]: [`postgres::PgEventLog`] and [`sqlite::SqliteEventLog`].
 //! Both pass the same conformance suite (`engine/tests/event_log_conformance.rs`).
 
-mod group_commit;
+mod batch;
 pub mod postgres;
 pub mod sqlite;
 mod subscribe;

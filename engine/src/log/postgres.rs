@@ -21,12 +21,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::types::Json;
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::{Acquire, PgConnection, Postgres, Row, Transaction};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use super::group_commit::{GroupCommitter, GroupWriter};
+use super::batch::{BatchHandler, Batcher, GroupCommit, GroupWriter};
 use super::{
     json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogBatch, LogError,
     LogTransaction, Position, RecordedEvent, StreamId, Written,
@@ -35,9 +35,6 @@ use crate::metadata::EventMetadata;
 
 /// The LISTEN/NOTIFY channel the events table's trigger notifies.
 const CHANNEL: &str = "stele_events";
-
-const EVENT_COLUMNS: &str = "global_position, aggregate_type, aggregate_id, sequence, event_type, \
-                             event_version, recorded_at, metadata, payload";
 
 /// One page of the global log after the event at `$1` (0: from the start), up to `$2` events, in
 /// one statement so that the page, the "held back" flag and the position check share a snapshot.
@@ -58,20 +55,66 @@ const READ_LOG: &str = "\
     FROM horizon LEFT JOIN page ON true \
     ORDER BY page.tx_id, page.global_position";
 
-const INSERT_COMMANDS: &str = "\
-    INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence, last_sequence) \
-    SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[]) \
-    ON CONFLICT (command_id) DO NOTHING \
-    RETURNING command_id";
+/// Writes a group of commands in one statement: their command rows (a command id already
+/// accepted is skipped: a duplicate) and the events of the commands accepted here. The result rows
+/// are the accepted command ids (`kind` 'c') and the written events (`kind` 'e').
+///
+/// This form has no `ON CONFLICT` for events: a stale command fails the whole statement with a
+/// unique violation, and the group is then written again with [`WRITE_GROUP_TOLERANT`].
+const WRITE_GROUP: &str = concat!(
+    "WITH accepted AS (",
+    "  INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence, last_sequence)",
+    "  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[])",
+    "  ON CONFLICT (command_id) DO NOTHING",
+    "  RETURNING command_id),",
+    " inserted AS (",
+    "  INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,",
+    "                      payload, metadata, event_id)",
+    "  SELECT u.t, u.i, u.s, u.et, u.ev, u.p::jsonb, u.m::json, u.e",
+    "  FROM UNNEST($6::uuid[], $7::text[], $8::text[], $9::int8[], $10::text[], $11::text[],",
+    "              $12::text[], $13::text[], $14::uuid[]) AS u(c, t, i, s, et, ev, p, m, e)",
+    "  WHERE u.c IN (SELECT command_id FROM accepted)",
+    "  RETURNING aggregate_type, aggregate_id, sequence, global_position)",
+    " SELECT 'c' AS kind, command_id, NULL::text AS aggregate_type, NULL::text AS aggregate_id,",
+    "        NULL::int8 AS sequence, NULL::int8 AS global_position FROM accepted",
+    " UNION ALL",
+    " SELECT 'e', NULL, aggregate_type, aggregate_id, sequence, global_position FROM inserted"
+);
 
-const INSERT_EVENTS: &str = "\
-    INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
-                        payload, metadata, event_id) \
-    SELECT t, i, s, et, ev, p::jsonb, m::jsonb, e \
-    FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], \
-                $7::text[], $8::uuid[]) AS u(t, i, s, et, ev, p, m, e) \
-    ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING \
-    RETURNING aggregate_type, aggregate_id, sequence, global_position";
+/// [`WRITE_GROUP`] that skips events whose sequence is taken instead of failing; the caller finds
+/// the conflicting commands by their missing events and rolls back.
+const WRITE_GROUP_TOLERANT: &str = concat!(
+    "WITH accepted AS (",
+    "  INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence, last_sequence)",
+    "  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[])",
+    "  ON CONFLICT (command_id) DO NOTHING",
+    "  RETURNING command_id),",
+    " inserted AS (",
+    "  INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,",
+    "                      payload, metadata, event_id)",
+    "  SELECT u.t, u.i, u.s, u.et, u.ev, u.p::jsonb, u.m::json, u.e",
+    "  FROM UNNEST($6::uuid[], $7::text[], $8::text[], $9::int8[], $10::text[], $11::text[],",
+    "              $12::text[], $13::text[], $14::uuid[]) AS u(c, t, i, s, et, ev, p, m, e)",
+    "  WHERE u.c IN (SELECT command_id FROM accepted)",
+    "  ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING",
+    "  RETURNING aggregate_type, aggregate_id, sequence, global_position)",
+    " SELECT 'c' AS kind, command_id, NULL::text AS aggregate_type, NULL::text AS aggregate_id,",
+    "        NULL::int8 AS sequence, NULL::int8 AS global_position FROM accepted",
+    " UNION ALL",
+    " SELECT 'e', NULL, aggregate_type, aggregate_id, sequence, global_position FROM inserted"
+);
+
+/// The streams of many commands in one query: `$1`/`$2` the streams, `$3` the sequence to read
+/// after; `n` says which request a row answers.
+const READ_STREAMS: &str = concat!(
+    "SELECT q.n, e.global_position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type,",
+    "       e.event_version, e.recorded_at, e.metadata, e.payload",
+    " FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS q(t, i, after, n)",
+    " CROSS JOIN LATERAL (SELECT * FROM events",
+    "   WHERE aggregate_type = q.t AND aggregate_id = q.i AND sequence > q.after",
+    "   ORDER BY sequence) e",
+    " ORDER BY q.n, e.sequence"
+);
 
 const COMMAND_OUTCOME: &str = "\
     SELECT c.aggregate_type, c.aggregate_id, c.first_sequence, c.last_sequence, \
@@ -88,6 +131,8 @@ pub struct PgLogOptions {
     pub writers: usize,
     /// Most commands in one group.
     pub max_group: usize,
+    /// Stream loads in flight at once (concurrent loads are batched into one query each).
+    pub readers: usize,
     /// LISTEN for appends by other processes.
     pub listen: bool,
 }
@@ -95,8 +140,11 @@ pub struct PgLogOptions {
 impl Default for PgLogOptions {
     fn default() -> Self {
         Self {
-            writers: 4,
+            // Measured (bench/RESULTS.md): one writer building large groups beats several
+            // writers building small ones, since each commit has a fixed cost.
+            writers: 1,
             max_group: 512,
+            readers: 1,
             listen: true,
         }
     }
@@ -106,40 +154,130 @@ impl Default for PgLogOptions {
 pub struct PgEventLog {
     pool: PgPool,
     writer: Arc<PgWriter>,
-    committer: GroupCommitter,
+    committer: Batcher<GroupCommit<PgWriter>>,
+    loader: Batcher<PgLoader>,
+    /// Bumped by local commits and by notifications from other processes; subscribers wait on it.
     appends: watch::Sender<u64>,
-    listener: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Bumped by local commits only; the notifier forwards them to other processes.
+    committed: watch::Sender<u64>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct PgWriter {
     pool: PgPool,
 }
 
+/// Loads the streams of concurrent commands with one query per batch.
+struct PgLoader {
+    pool: PgPool,
+}
+
+#[async_trait]
+impl BatchHandler for PgLoader {
+    type Request = (StreamId, i64);
+    type Response = Result<Vec<RecordedEvent>, LogError>;
+
+    async fn handle(&self, requests: Vec<(StreamId, i64)>) -> Vec<Self::Response> {
+        let types: Vec<&str> = requests.iter().map(|(s, _)| s.aggregate_type.as_str()).collect();
+        let ids: Vec<&str> = requests.iter().map(|(s, _)| s.aggregate_id.as_str()).collect();
+        let after: Vec<i64> = requests.iter().map(|(_, a)| *a).collect();
+        let rows = sqlx::query(READ_STREAMS)
+            .bind(&types)
+            .bind(&ids)
+            .bind(&after)
+            .fetch_all(&self.pool)
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                let message = e.to_string();
+                return requests
+                    .iter()
+                    .map(|_| Err(LogError::Storage(message.clone())))
+                    .collect();
+            }
+        };
+        let mut responses: Vec<Self::Response> = requests.iter().map(|_| Ok(Vec::new())).collect();
+        for row in rows {
+            let index = match row.try_get::<i64, _>("n") {
+                Ok(n) => (n - 1) as usize,
+                Err(e) => return requests.iter().map(|_| Err(LogError::Storage(e.to_string()))).collect(),
+            };
+            let event = event_from_row(&row);
+            if let Some(Ok(events)) = responses.get_mut(index) {
+                match event {
+                    Ok(event) => events.push(event),
+                    Err(e) => responses[index] = Err(e),
+                }
+            }
+        }
+        responses
+    }
+}
+
 impl PgEventLog {
     pub fn new(pool: PgPool, options: PgLogOptions) -> Self {
         let (appends, _) = watch::channel(0);
+        let (committed, _) = watch::channel(0);
         let writer = Arc::new(PgWriter { pool: pool.clone() });
-        let committer = GroupCommitter::start(
-            writer.clone(),
+        let on_commit = {
+            let (appends, committed) = (appends.clone(), committed.clone());
+            Arc::new(move || bump_both(&appends, &committed))
+        };
+        let committer = Batcher::start(
+            Arc::new(GroupCommit {
+                writer: writer.clone(),
+                on_commit,
+            }),
             options.writers,
             options.max_group,
-            appends.clone(),
         );
-        let listener = options
-            .listen
-            .then(|| tokio::spawn(listen(pool.clone(), appends.clone())));
+        let loader = Batcher::start(
+            Arc::new(PgLoader { pool: pool.clone() }),
+            options.readers,
+            options.max_group,
+        );
+        let mut tasks = vec![tokio::spawn(notify(pool.clone(), committed.subscribe()))];
+        if options.listen {
+            tasks.push(tokio::spawn(listen(pool.clone(), appends.clone())));
+        }
         Self {
             pool,
             writer,
             committer,
+            loader,
             appends,
-            listener: std::sync::Mutex::new(listener),
+            committed,
+            tasks: std::sync::Mutex::new(tasks),
         }
     }
 
     /// The connection pool (the same database holds other Stele tables).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+}
+
+fn bump_both(appends: &watch::Sender<u64>, committed: &watch::Sender<u64>) {
+    appends.send_modify(|n| *n = n.wrapping_add(1));
+    committed.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// Tells other processes about local commits: `NOTIFY` outside the appending transactions, and
+/// once for however many commits happened while the previous one was being sent.
+///
+/// Why not a trigger in the appending transaction: PostgreSQL serialises the commits of
+/// transactions that notify (they take one lock until their commit is flushed), which would undo
+/// group commit across the concurrent writers.
+async fn notify(pool: PgPool, mut committed: watch::Receiver<u64>) {
+    while committed.changed().await.is_ok() {
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(error = %e, "event log: NOTIFY failed; other processes will poll");
+        }
     }
 }
 
@@ -206,105 +344,17 @@ fn event_from_row(row: &PgRow) -> Result<RecordedEvent, LogError> {
     })
 }
 
-/// Inserts the requests' command rows and events; see [`GroupWriter::write_group`] for the result.
-/// Conflicting requests may be partly written: the caller rolls back when any conflicts.
-async fn insert_requests(
-    conn: &mut PgConnection,
-    requests: &[&AppendRequest],
-) -> Result<Vec<Written>, LogError> {
-    let mut command_ids = Vec::with_capacity(requests.len());
-    let (mut types, mut ids, mut firsts, mut lasts) = (vec![], vec![], vec![], vec![]);
-    for request in requests {
-        command_ids.push(request.command_id);
-        types.push(request.stream.aggregate_type.as_str());
-        ids.push(request.stream.aggregate_id.as_str());
-        firsts.push(request.first_sequence());
-        lasts.push(request.last_sequence());
-    }
-    let accepted: HashSet<Uuid> = sqlx::query_scalar(INSERT_COMMANDS)
-        .bind(&command_ids)
-        .bind(&types)
-        .bind(&ids)
-        .bind(&firsts)
-        .bind(&lasts)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .collect();
-
-    let mut events = EventColumns::default();
-    // Which request owns each (stream, sequence): the first one that claims it.
-    let mut owner: HashMap<(&str, &str, i64), usize> = HashMap::new();
-    for (index, request) in requests.iter().enumerate() {
-        if !accepted.contains(&request.command_id) {
-            continue;
-        }
-        for (offset, event) in request.events.iter().enumerate() {
-            let sequence = request.first_sequence() + offset as i64;
-            owner
-                .entry((
-                    request.stream.aggregate_type.as_str(),
-                    request.stream.aggregate_id.as_str(),
-                    sequence,
-                ))
-                .or_insert(index);
-            events.push(request, sequence, event)?;
-        }
-    }
-    let mut positions: Vec<Vec<(i64, Position)>> = vec![Vec::new(); requests.len()];
-    if !events.event_ids.is_empty() {
-        let rows = sqlx::query(INSERT_EVENTS)
-            .bind(&events.types)
-            .bind(&events.ids)
-            .bind(&events.sequences)
-            .bind(&events.event_types)
-            .bind(&events.event_versions)
-            .bind(&events.payloads)
-            .bind(&events.metadata)
-            .bind(&events.event_ids)
-            .fetch_all(&mut *conn)
-            .await?;
-        for row in rows {
-            let aggregate_type: &str = row.try_get("aggregate_type")?;
-            let aggregate_id: &str = row.try_get("aggregate_id")?;
-            let sequence: i64 = row.try_get("sequence")?;
-            if let Some(&index) = owner.get(&(aggregate_type, aggregate_id, sequence)) {
-                positions[index].push((sequence, Position(row.try_get("global_position")?)));
-            }
-        }
-    }
-
-    Ok(requests
-        .iter()
-        .zip(positions)
-        .map(|(request, mut written)| {
-            if !accepted.contains(&request.command_id) {
-                return Written::Duplicate;
-            }
-            if written.len() < request.events.len() {
-                let done: HashSet<i64> = written.iter().map(|(s, _)| *s).collect();
-                let sequence = (request.first_sequence()..=request.last_sequence())
-                    .find(|s| !done.contains(s))
-                    .unwrap_or(request.first_sequence());
-                return Written::Conflict(sequence);
-            }
-            written.sort_unstable_by_key(|(sequence, _)| *sequence);
-            Written::Appended(CommandOutcome {
-                command_id: request.command_id,
-                stream: request.stream.clone(),
-                first_sequence: request.first_sequence(),
-                last_sequence: request.last_sequence(),
-                positions: written.into_iter().map(|(_, p)| p).collect(),
-            })
-        })
-        .collect())
-}
-
-/// The events of a group as column arrays, for `UNNEST`.
+/// A group's commands and events as column arrays, for `UNNEST`.
 #[derive(Default)]
-struct EventColumns<'a> {
+struct GroupColumns<'a> {
+    command_ids: Vec<Uuid>,
     types: Vec<&'a str>,
     ids: Vec<&'a str>,
+    firsts: Vec<i64>,
+    lasts: Vec<i64>,
+    event_commands: Vec<Uuid>,
+    event_types_of_stream: Vec<&'a str>,
+    event_ids_of_stream: Vec<&'a str>,
     sequences: Vec<i64>,
     event_types: Vec<&'a str>,
     event_versions: Vec<&'a str>,
@@ -313,23 +363,107 @@ struct EventColumns<'a> {
     event_ids: Vec<Uuid>,
 }
 
-impl<'a> EventColumns<'a> {
-    fn push(
-        &mut self,
-        request: &'a AppendRequest,
-        sequence: i64,
-        event: &'a super::NewEvent,
-    ) -> Result<(), LogError> {
-        self.types.push(&request.stream.aggregate_type);
-        self.ids.push(&request.stream.aggregate_id);
-        self.sequences.push(sequence);
-        self.event_types.push(&event.event_type);
-        self.event_versions.push(&event.event_version);
-        self.payloads.push(json_text(&event.payload)?);
-        self.metadata.push(json_text(&event.metadata)?);
-        self.event_ids.push(event.metadata.event_id);
-        Ok(())
+impl<'a> GroupColumns<'a> {
+    fn new(requests: &[&'a AppendRequest]) -> Result<Self, LogError> {
+        let mut columns = GroupColumns::default();
+        for request in requests {
+            columns.command_ids.push(request.command_id);
+            columns.types.push(&request.stream.aggregate_type);
+            columns.ids.push(&request.stream.aggregate_id);
+            columns.firsts.push(request.first_sequence());
+            columns.lasts.push(request.last_sequence());
+            for (offset, event) in request.events.iter().enumerate() {
+                columns.event_commands.push(request.command_id);
+                columns.event_types_of_stream.push(&request.stream.aggregate_type);
+                columns.event_ids_of_stream.push(&request.stream.aggregate_id);
+                columns.sequences.push(request.first_sequence() + offset as i64);
+                columns.event_types.push(&event.event_type);
+                columns.event_versions.push(&event.event_version);
+                columns.payloads.push(json_text(&event.payload)?);
+                columns.metadata.push(json_text(&event.metadata)?);
+                columns.event_ids.push(event.metadata.event_id);
+            }
+        }
+        Ok(columns)
     }
+}
+
+/// Runs [`WRITE_GROUP`] or [`WRITE_GROUP_TOLERANT`] for `requests`; one result per request.
+/// With the tolerant statement, conflicting requests may be partly written: the caller rolls back
+/// when any conflicts.
+async fn write_with(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    requests: &[&AppendRequest],
+) -> Result<Vec<Written>, LogError> {
+    let c = GroupColumns::new(requests)?;
+    let rows = sqlx::query(sql)
+        .bind(&c.command_ids)
+        .bind(&c.types)
+        .bind(&c.ids)
+        .bind(&c.firsts)
+        .bind(&c.lasts)
+        .bind(&c.event_commands)
+        .bind(&c.event_types_of_stream)
+        .bind(&c.event_ids_of_stream)
+        .bind(&c.sequences)
+        .bind(&c.event_types)
+        .bind(&c.event_versions)
+        .bind(&c.payloads)
+        .bind(&c.metadata)
+        .bind(&c.event_ids)
+        .fetch_all(&mut *conn)
+        .await?;
+
+    let mut accepted = HashSet::new();
+    let mut written: HashMap<(String, String, i64), Position> = HashMap::new();
+    for row in rows {
+        if row.try_get::<&str, _>("kind")? == "c" {
+            accepted.insert(row.try_get::<Uuid, _>("command_id")?);
+        } else {
+            written.insert(
+                (
+                    row.try_get("aggregate_type")?,
+                    row.try_get("aggregate_id")?,
+                    row.try_get("sequence")?,
+                ),
+                Position(row.try_get("global_position")?),
+            );
+        }
+    }
+    // A (stream, sequence) claimed by two requests of the group belongs to the first.
+    let mut claimed = HashSet::new();
+    Ok(requests
+        .iter()
+        .map(|request| {
+            if !accepted.contains(&request.command_id) {
+                return Written::Duplicate;
+            }
+            let mut positions = Vec::with_capacity(request.events.len());
+            for sequence in request.first_sequence()..=request.last_sequence() {
+                let key = (
+                    request.stream.aggregate_type.clone(),
+                    request.stream.aggregate_id.clone(),
+                    sequence,
+                );
+                match written.get(&key) {
+                    Some(&position) if claimed.insert(key) => positions.push(position),
+                    _ => return Written::Conflict(sequence),
+                }
+            }
+            Written::Appended(CommandOutcome {
+                command_id: request.command_id,
+                stream: request.stream.clone(),
+                first_sequence: request.first_sequence(),
+                last_sequence: request.last_sequence(),
+                positions,
+            })
+        })
+        .collect())
+}
+
+fn is_unique_violation(error: &LogError) -> bool {
+    matches!(error, LogError::Database(sqlx::Error::Database(e)) if e.is_unique_violation())
 }
 
 async fn command_outcome(
@@ -367,6 +501,28 @@ impl GroupWriter for PgWriter {
                 *result = Some(Written::Duplicate);
             }
         }
+        let pending: Vec<&AppendRequest> = requests
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_none())
+            .map(|(request, _)| request)
+            .collect();
+
+        // Fast path: one statement, committed on its own (one round trip, one flush).
+        let mut conn = self.pool.acquire().await?;
+        match write_with(&mut conn, WRITE_GROUP, &pending).await {
+            Ok(written) => {
+                let mut written = written.into_iter();
+                for result in results.iter_mut().filter(|r| r.is_none()) {
+                    *result = written.next();
+                }
+                return Ok(results.into_iter().map(|r| r.expect("one result each")).collect());
+            }
+            Err(e) if is_unique_violation(&e) => {}
+            Err(e) => return Err(e),
+        }
+
+        // Some command is stale. Find which, in a transaction, and write the others.
         loop {
             let pending: Vec<usize> = (0..requests.len())
                 .filter(|&i| results[i].is_none())
@@ -375,8 +531,8 @@ impl GroupWriter for PgWriter {
                 break;
             }
             let batch: Vec<&AppendRequest> = pending.iter().map(|&i| &requests[i]).collect();
-            let mut tx = self.pool.begin().await?;
-            let written = insert_requests(&mut tx, &batch).await?;
+            let mut tx = conn.begin().await?;
+            let written = write_with(&mut tx, WRITE_GROUP_TOLERANT, &batch).await?;
             if written.iter().any(|w| matches!(w, Written::Conflict(_))) {
                 // Roll back the partial writes and write the rest again without the losers.
                 tx.rollback().await?;
@@ -392,7 +548,7 @@ impl GroupWriter for PgWriter {
                 results[i] = Some(w);
             }
         }
-        Ok(results.into_iter().map(|r| r.expect("every request has a result")).collect())
+        Ok(results.into_iter().map(|r| r.expect("one result each")).collect())
     }
 
     async fn outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>, LogError> {
@@ -409,7 +565,7 @@ impl EventLog for PgEventLog {
 
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, LogError> {
         validate(&request)?;
-        self.committer.append(request).await
+        self.committer.call(request).await?
     }
 
     async fn begin(&self) -> Result<Box<dyn LogTransaction>, LogError> {
@@ -417,6 +573,7 @@ impl EventLog for PgEventLog {
             tx: self.pool.begin().await?,
             appended: false,
             appends: self.appends.clone(),
+            committed: self.committed.clone(),
         }))
     }
 
@@ -425,19 +582,7 @@ impl EventLog for PgEventLog {
         stream: &StreamId,
         after_sequence: i64,
     ) -> Result<Vec<RecordedEvent>, LogError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 ORDER BY sequence"
-        );
-        sqlx::query(&sql)
-            .bind(&stream.aggregate_type)
-            .bind(&stream.aggregate_id)
-            .bind(after_sequence)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(event_from_row)
-            .collect()
+        self.loader.call((stream.clone(), after_sequence)).await?
     }
 
     async fn command_outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>, LogError> {
@@ -471,8 +616,9 @@ impl EventLog for PgEventLog {
 
     async fn close(&self) {
         self.committer.close().await;
-        if let Some(listener) = self.listener.lock().expect("listener lock").take() {
-            listener.abort();
+        self.loader.close().await;
+        for task in std::mem::take(&mut *self.tasks.lock().expect("tasks lock")) {
+            task.abort();
         }
         self.pool.close().await;
     }
@@ -482,6 +628,7 @@ struct PgLogTransaction {
     tx: Transaction<'static, Postgres>,
     appended: bool,
     appends: watch::Sender<u64>,
+    committed: watch::Sender<u64>,
 }
 
 #[async_trait]
@@ -491,7 +638,7 @@ impl LogTransaction for PgLogTransaction {
         sqlx::query("SAVEPOINT stele_append")
             .execute(&mut *self.tx)
             .await?;
-        let written = insert_requests(&mut self.tx, &[&request])
+        let written = write_with(&mut self.tx, WRITE_GROUP_TOLERANT, &[&request])
             .await?
             .pop()
             .expect("one result per request");
@@ -520,7 +667,7 @@ impl LogTransaction for PgLogTransaction {
     async fn commit(self: Box<Self>) -> Result<(), LogError> {
         self.tx.commit().await?;
         if self.appended {
-            self.appends.send_modify(|n| *n = n.wrapping_add(1));
+            bump_both(&self.appends, &self.committed);
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::group_commit::{GroupCommitter, GroupWriter};
+use super::batch::{Batcher, GroupCommit, GroupWriter};
 use super::{
     json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog,
     LogBatch, LogError, LogTransaction, Position, RecordedEvent, StreamId, Written,
@@ -53,7 +53,7 @@ impl Default for SqliteLogOptions {
 pub struct SqliteEventLog {
     writer: Arc<SqliteWriter>,
     readers: SqlitePool,
-    committer: GroupCommitter,
+    committer: Batcher<GroupCommit<SqliteWriter>>,
     appends: watch::Sender<u64>,
 }
 
@@ -95,7 +95,15 @@ impl SqliteEventLog {
             .await?;
         let (appends, _) = watch::channel(0);
         let writer = Arc::new(SqliteWriter { pool: writer });
-        let committer = GroupCommitter::start(writer.clone(), 1, options.max_group, appends.clone());
+        let bump = appends.clone();
+        let committer = Batcher::start(
+            Arc::new(GroupCommit {
+                writer: writer.clone(),
+                on_commit: Arc::new(move || bump.send_modify(|n: &mut u64| *n = n.wrapping_add(1))),
+            }),
+            1,
+            options.max_group,
+        );
         Ok(Self {
             writer,
             readers,
@@ -280,7 +288,7 @@ impl EventLog for SqliteEventLog {
 
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, LogError> {
         validate(&request)?;
-        self.committer.append(request).await
+        self.committer.call(request).await?
     }
 
     async fn begin(&self) -> Result<Box<dyn LogTransaction>, LogError> {
