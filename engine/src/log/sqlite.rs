@@ -6,6 +6,7 @@
 //! `global_position` order is the commit order and the global log is read by position alone.
 //! Reads use a separate pool of read-only connections, which WAL lets run beside the writer.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -262,9 +264,155 @@ impl SqliteWriter {
     }
 }
 
+/// The group's command rows as one JSON array (one statement instead of one per command).
+#[derive(Serialize)]
+struct CommandRow<'a> {
+    c: String,
+    t: &'a str,
+    i: &'a str,
+    f: i64,
+    l: i64,
+}
+
+/// The group's events as one JSON array; payload and metadata are embedded as JSON values.
+#[derive(Serialize)]
+struct EventRow<'a> {
+    t: &'a str,
+    i: &'a str,
+    s: i64,
+    et: &'a str,
+    ev: &'a str,
+    p: &'a serde_json::Value,
+    m: &'a crate::metadata::EventMetadata,
+    e: String,
+}
+
+const INSERT_COMMANDS: &str = "\
+    INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence, last_sequence) \
+    SELECT value ->> 'c', value ->> 't', value ->> 'i', value ->> 'f', value ->> 'l' \
+    FROM json_each(?1) WHERE true \
+    ON CONFLICT (command_id) DO NOTHING \
+    RETURNING command_id";
+
+/// No `ON CONFLICT`: a stale command fails the statement, and the group is written again one
+/// command at a time.
+const INSERT_EVENTS: &str = "\
+    INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+                        payload, metadata, event_id) \
+    SELECT value ->> 't', value ->> 'i', value ->> 's', value ->> 'et', value ->> 'ev', \
+           value -> 'p', value -> 'm', value ->> 'e' \
+    FROM json_each(?1) ORDER BY key \
+    RETURNING aggregate_type, aggregate_id, sequence, global_position";
+
+/// Writes the whole group with two statements. `Ok(None)`: some command is stale (nothing of the
+/// group is kept; the caller rolls back).
+async fn write_fast(
+    conn: &mut SqliteConnection,
+    requests: &[AppendRequest],
+) -> Result<Option<Vec<Written>>, LogError> {
+    let mut seen = HashSet::new();
+    let commands: Vec<CommandRow> = requests
+        .iter()
+        .filter(|r| seen.insert(r.command_id))
+        .map(|r| CommandRow {
+            c: r.command_id.to_string(),
+            t: &r.stream.aggregate_type,
+            i: &r.stream.aggregate_id,
+            f: r.first_sequence(),
+            l: r.last_sequence(),
+        })
+        .collect();
+    let accepted: HashSet<String> = sqlx::query_scalar(INSERT_COMMANDS)
+        .bind(json_text(&commands)?)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+    // Requests whose command row went in here (the first of equal ids).
+    let mut taken = HashSet::new();
+    let writes: Vec<bool> = requests
+        .iter()
+        .map(|r| {
+            let id = r.command_id.to_string();
+            accepted.contains(&id) && taken.insert(id)
+        })
+        .collect();
+    let mut events = Vec::new();
+    for (request, _) in requests.iter().zip(&writes).filter(|(_, w)| **w) {
+        for (offset, event) in request.events.iter().enumerate() {
+            events.push(EventRow {
+                t: &request.stream.aggregate_type,
+                i: &request.stream.aggregate_id,
+                s: request.first_sequence() + offset as i64,
+                et: &event.event_type,
+                ev: &event.event_version,
+                p: &event.payload,
+                m: &event.metadata,
+                e: event.metadata.event_id.to_string(),
+            });
+        }
+    }
+    let mut positions: HashMap<(String, String, i64), i64> = HashMap::new();
+    if !events.is_empty() {
+        let rows = match sqlx::query(INSERT_EVENTS)
+            .bind(json_text(&events)?)
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        for row in rows {
+            positions.insert(
+                (
+                    row.try_get("aggregate_type")?,
+                    row.try_get("aggregate_id")?,
+                    row.try_get("sequence")?,
+                ),
+                row.try_get("global_position")?,
+            );
+        }
+    }
+    let mut written = Vec::with_capacity(requests.len());
+    for (request, writes) in requests.iter().zip(writes) {
+        if !writes {
+            written.push(Written::Duplicate);
+            continue;
+        }
+        let mut outcome = Vec::with_capacity(request.events.len());
+        for sequence in request.first_sequence()..=request.last_sequence() {
+            let key = (
+                request.stream.aggregate_type.clone(),
+                request.stream.aggregate_id.clone(),
+                sequence,
+            );
+            match positions.get(&key) {
+                Some(&position) => outcome.push(Position(position)),
+                None => return Ok(None),
+            }
+        }
+        written.push(Written::Appended(CommandOutcome {
+            command_id: request.command_id,
+            stream: request.stream.clone(),
+            first_sequence: request.first_sequence(),
+            last_sequence: request.last_sequence(),
+            positions: outcome,
+        }));
+    }
+    Ok(Some(written))
+}
+
 #[async_trait]
 impl GroupWriter for SqliteWriter {
     async fn write_group(&self, requests: &[AppendRequest]) -> Result<Vec<Written>, LogError> {
+        let mut tx = self.begin().await?;
+        if let Some(written) = write_fast(&mut tx, requests).await? {
+            tx.commit().await?;
+            return Ok(written);
+        }
+        // Some command is stale: write them one by one, each in a savepoint.
+        tx.rollback().await?;
         let mut tx = self.begin().await?;
         let mut written = Vec::with_capacity(requests.len());
         for request in requests {
