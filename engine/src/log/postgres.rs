@@ -40,19 +40,19 @@ const CHANNEL: &str = "stele_events";
 /// one statement so that the page, the "held back" flag and the position check share a snapshot.
 /// Always returns at least one row; an empty page is one row of NULL event columns.
 const READ_LOG: &str = "\
-    WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin), \
-         cursor AS (SELECT tx_id, global_position FROM events WHERE global_position = $1 \
-                    UNION ALL SELECT '0'::xid8, 0::int8 WHERE $1 = 0), \
-         page AS (SELECT e.tx_id, e.global_position, e.aggregate_type, e.aggregate_id, e.sequence, \
-                         e.event_type, e.event_version, e.recorded_at, e.metadata, e.payload \
-                  FROM cursor c, horizon h, events e \
-                  WHERE (e.tx_id, e.global_position) > (c.tx_id, c.global_position) \
-                    AND e.tx_id < h.xmin \
-                  ORDER BY e.tx_id, e.global_position LIMIT $2) \
+    WITH page AS ( \
+        SELECT e.tx_id, e.global_position, e.aggregate_type, e.aggregate_id, e.sequence, \
+               e.event_type, e.event_version, e.recorded_at, e.metadata, e.payload \
+        FROM events e \
+        WHERE (e.tx_id, e.global_position) > \
+              (COALESCE((SELECT c.tx_id FROM events c WHERE c.global_position = $1), '0'::xid8), $1) \
+          AND e.tx_id < (SELECT pg_snapshot_xmin(pg_current_snapshot())) \
+        ORDER BY e.tx_id, e.global_position LIMIT $2) \
     SELECT page.*, \
-           EXISTS (SELECT 1 FROM cursor) AS known, \
-           EXISTS (SELECT 1 FROM events e, horizon h WHERE e.tx_id >= h.xmin) AS held_back \
-    FROM horizon LEFT JOIN page ON true \
+           ($1 = 0 OR EXISTS (SELECT 1 FROM events WHERE global_position = $1)) AS known, \
+           COALESCE((SELECT tx_id FROM events ORDER BY tx_id DESC LIMIT 1) \
+                    >= (SELECT pg_snapshot_xmin(pg_current_snapshot())), false) AS held_back \
+    FROM (SELECT 1) AS one LEFT JOIN page ON true \
     ORDER BY page.tx_id, page.global_position";
 
 /// Writes a group of commands in one statement: their command rows (a command id already
