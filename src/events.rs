@@ -49,7 +49,9 @@ fn matches(filter: Option<&str>, event: &RecordedEvent) -> bool {
     match filter {
         None => true,
         Some(filter) => match filter.split_once('/') {
-            Some((kind, id)) => event.stream.aggregate_type == kind && event.stream.aggregate_id == id,
+            Some((kind, id)) => {
+                event.stream.aggregate_type == kind && event.stream.aggregate_id == id
+            }
             None => event.stream.aggregate_id == filter,
         },
     }
@@ -90,8 +92,11 @@ async fn run(store: &Store, args: &TailArgs) -> anyhow::Result<()> {
     let filter = args.stream.as_deref();
     let stdout = io::stdout();
     if args.follow {
-        let mut subscription =
-            subscribe(store.log.clone(), args.after, SubscriptionOptions::default());
+        let mut subscription = subscribe(
+            store.log.clone(),
+            args.after,
+            SubscriptionOptions::default(),
+        );
         // Fail fast on a bad position before waiting for events.
         store.log.read_all(args.after, 1).await?;
         loop {

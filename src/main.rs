@@ -40,7 +40,10 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     pub fn location(&self) -> anyhow::Result<StoreLocation> {
-        Ok(StoreLocation::from_args(self.database_url.as_deref(), &self.data_dir)?)
+        Ok(StoreLocation::from_args(
+            self.database_url.as_deref(),
+            &self.data_dir,
+        )?)
     }
 }
 

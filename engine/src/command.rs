@@ -100,10 +100,7 @@ impl<A: Aggregate> CommandBus<A> {
 
     /// Rebuilds an aggregate from its stream; returns it with its version (last sequence).
     pub async fn load(&self, aggregate_id: &str) -> Result<(A, i64), CommandError<A::Error>> {
-        let events = self
-            .log
-            .read_stream(&Self::stream(aggregate_id), 0)
-            .await?;
+        let events = self.log.read_stream(&Self::stream(aggregate_id), 0).await?;
         let mut aggregate = A::default();
         let mut version = 0;
         for event in events {

@@ -111,7 +111,11 @@ impl CommandMeta {
     pub fn from_map(map: &HashMap<String, String>) -> Self {
         let id = |key: &str| map.get(key).and_then(|v| Uuid::parse_str(v).ok());
         let command_id = id("command_id").unwrap_or_else(Uuid::now_v7);
-        let text = |key: &str| map.get(key).cloned().unwrap_or_else(|| "unknown".to_owned());
+        let text = |key: &str| {
+            map.get(key)
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_owned())
+        };
         Self {
             command_id,
             correlation_id: id("correlation_id").unwrap_or(command_id),

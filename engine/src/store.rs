@@ -124,8 +124,13 @@ pub enum StorePool {
 impl Store {
     /// Opens the store, applying or requiring the migrations.
     pub async fn open(location: StoreLocation, migrate: Migrate) -> Result<Self, StoreError> {
-        Self::open_with(location, migrate, PgLogOptions::default(), SqliteLogOptions::default())
-            .await
+        Self::open_with(
+            location,
+            migrate,
+            PgLogOptions::default(),
+            SqliteLogOptions::default(),
+        )
+        .await
     }
 
     /// [`Store::open`] with adapter options.
@@ -163,7 +168,8 @@ impl Store {
                 };
                 let writer = sqlite::writer_pool(&file).await.map_err(embedded)?;
                 run_migrations(&SQLITE_MIGRATIONS, &writer, migrate, &location).await?;
-                let log = Arc::new(SqliteEventLog::new(&file, writer.clone(), sqlite_options).await?);
+                let log =
+                    Arc::new(SqliteEventLog::new(&file, writer.clone(), sqlite_options).await?);
                 Ok(Self {
                     location,
                     log,
@@ -245,6 +251,7 @@ async fn applied_versions(location: &StoreLocation) -> Result<Vec<i64>, StoreErr
             let pool = connect_postgres(url, 1).await?;
             let mut conn = pool.acquire().await?;
             let applied = conn.list_applied_migrations().await;
+            drop(conn);
             pool.close().await;
             applied?
         }
@@ -256,6 +263,7 @@ async fn applied_versions(location: &StoreLocation) -> Result<Vec<i64>, StoreErr
             let pool = sqlite::writer_pool(&file).await?;
             let mut conn = pool.acquire().await?;
             let applied = conn.list_applied_migrations().await;
+            drop(conn);
             pool.close().await;
             applied?
         }

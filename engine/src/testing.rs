@@ -65,10 +65,8 @@ impl TestDb {
 
     /// A fresh embedded store directory (nothing created in it yet).
     pub fn sqlite() -> TestDb {
-        let dir: PathBuf = std::env::temp_dir().join(format!(
-            "stele-test-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
+        let dir: PathBuf =
+            std::env::temp_dir().join(format!("stele-test-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("create test directory");
         TestDb {
             location: StoreLocation::Embedded(dir.clone()),

@@ -136,39 +136,75 @@ async fn commands_append_events_with_their_metadata(store: &Store) {
     let bus = bus(store);
     let meta = new_meta().with_trace_id("t-9");
     let executed = bus
-        .execute("n1", NoteCommand::Create { title: "hello".into() }, meta.clone())
+        .execute(
+            "n1",
+            NoteCommand::Create {
+                title: "hello".into(),
+            },
+            meta.clone(),
+        )
         .await
         .unwrap();
     let Executed::Appended(outcome) = executed else {
         panic!("expected appended, got {executed:?}")
     };
     assert_eq!(outcome.command_id, meta.command_id);
-    let events = store.log.read_stream(&StreamId::new("note", "n1"), 0).await.unwrap();
+    let events = store
+        .log
+        .read_stream(&StreamId::new("note", "n1"), 0)
+        .await
+        .unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].metadata.command, meta);
     assert_eq!(events[0].event_type, "Created");
 
     let refused = bus
-        .execute("n1", NoteCommand::Create { title: "again".into() }, CommandMeta::new("u", "t"))
+        .execute(
+            "n1",
+            NoteCommand::Create {
+                title: "again".into(),
+            },
+            CommandMeta::new("u", "t"),
+        )
         .await;
-    assert!(matches!(refused, Err(CommandError::Rejected(NoteError::Exists))));
+    assert!(matches!(
+        refused,
+        Err(CommandError::Rejected(NoteError::Exists))
+    ));
     let missing = bus
-        .execute("nope", NoteCommand::AddLine { line: "x".into() }, new_meta())
+        .execute(
+            "nope",
+            NoteCommand::AddLine { line: "x".into() },
+            new_meta(),
+        )
         .await;
-    assert!(matches!(missing, Err(CommandError::Rejected(NoteError::Missing))));
+    assert!(matches!(
+        missing,
+        Err(CommandError::Rejected(NoteError::Missing))
+    ));
 }
 
 async fn racing_commands_are_retried_until_all_apply(store: &Store) {
     let bus = Arc::new(bus(store));
-    bus.execute("race", NoteCommand::Create { title: "r".into() }, new_meta())
-        .await
-        .unwrap();
+    bus.execute(
+        "race",
+        NoteCommand::Create { title: "r".into() },
+        new_meta(),
+    )
+    .await
+    .unwrap();
     let tasks: Vec<_> = (0..16)
         .map(|i| {
             let bus = bus.clone();
             tokio::spawn(async move {
-                bus.execute("race", NoteCommand::AddLine { line: format!("l{i}") }, new_meta())
-                    .await
+                bus.execute(
+                    "race",
+                    NoteCommand::AddLine {
+                        line: format!("l{i}"),
+                    },
+                    new_meta(),
+                )
+                .await
             })
         })
         .collect();
@@ -184,12 +220,24 @@ async fn a_repeated_command_returns_its_first_outcome(store: &Store) {
     let bus = bus(store);
     let create = new_meta();
     let first = bus
-        .execute("idem", NoteCommand::Create { title: "once".into() }, create.clone())
+        .execute(
+            "idem",
+            NoteCommand::Create {
+                title: "once".into(),
+            },
+            create.clone(),
+        )
         .await
         .unwrap();
     // The aggregate would now refuse it: the first outcome is returned instead of the refusal.
     let again = bus
-        .execute("idem", NoteCommand::Create { title: "once".into() }, create.clone())
+        .execute(
+            "idem",
+            NoteCommand::Create {
+                title: "once".into(),
+            },
+            create.clone(),
+        )
         .await
         .unwrap();
     assert_eq!(again, Executed::Duplicate(first.outcome().unwrap().clone()));
@@ -197,7 +245,11 @@ async fn a_repeated_command_returns_its_first_outcome(store: &Store) {
     // A command the aggregate would accept again appends nothing the second time.
     let add = new_meta();
     let first = bus
-        .execute("idem", NoteCommand::AddLine { line: "a".into() }, add.clone())
+        .execute(
+            "idem",
+            NoteCommand::AddLine { line: "a".into() },
+            add.clone(),
+        )
         .await
         .unwrap();
     let again = bus
@@ -250,9 +302,13 @@ async fn cqrs_es_framework_runs_on_the_log(store: &Store) {
         ("actor".to_owned(), "user:5".to_owned()),
         ("channel".to_owned(), "api".to_owned()),
     ]);
-    cqrs.execute_with_metadata("fw", NoteCommand::Create { title: "fw".into() }, metadata.clone())
-        .await
-        .unwrap();
+    cqrs.execute_with_metadata(
+        "fw",
+        NoteCommand::Create { title: "fw".into() },
+        metadata.clone(),
+    )
+    .await
+    .unwrap();
     let add = HashMap::from([("command_id".to_owned(), Uuid::now_v7().to_string())]);
     cqrs.execute_with_metadata("fw", NoteCommand::AddLine { line: "x".into() }, add.clone())
         .await
@@ -261,10 +317,17 @@ async fn cqrs_es_framework_runs_on_the_log(store: &Store) {
     cqrs.execute_with_metadata("fw", NoteCommand::AddLine { line: "x".into() }, add)
         .await
         .unwrap();
-    let events = store.log.read_stream(&StreamId::new("note", "fw"), 0).await.unwrap();
+    let events = store
+        .log
+        .read_stream(&StreamId::new("note", "fw"), 0)
+        .await
+        .unwrap();
     assert_eq!(events.len(), 2);
     assert_eq!(events[0].metadata.command.actor, "user:5");
-    assert_eq!(events[0].metadata.command.command_id.to_string(), command_id);
+    assert_eq!(
+        events[0].metadata.command.command_id.to_string(),
+        command_id
+    );
     let (note, _) = bus(store).load("fw").await.unwrap();
     assert_eq!(note.lines, vec!["x"]);
 }

@@ -65,7 +65,10 @@ async fn read_settled(
         if !batch.held_back || batch.events.len() == limit {
             return batch.events;
         }
-        assert!(tokio::time::Instant::now() < deadline, "reads held back for 30 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reads held back for 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -84,7 +87,10 @@ async fn appends_and_reads_a_stream(store: &Store) {
     assert_eq!(events[1].sequence, 2);
     assert_eq!(events[0].payload, json!({ "n": 0 }));
     assert_eq!(events[0].metadata, req.events[0].metadata);
-    assert_eq!(events[0].metadata.command.trace_id.as_deref(), Some("trace-1"));
+    assert_eq!(
+        events[0].metadata.command.trace_id.as_deref(),
+        Some("trace-1")
+    );
     assert_eq!(events[0].position, outcome.positions[0]);
     assert_eq!(log.read_stream(&stream, 1).await.unwrap().len(), 1);
     assert!(log
@@ -101,7 +107,10 @@ async fn reads_the_global_log_in_order_with_limits(store: &Store) {
     let log = &store.log;
     let mut expected = Vec::new();
     for i in 0..5 {
-        let outcome = appended(log.append(request(&StreamId::new("note", format!("s{i}")), 0, 2)).await);
+        let outcome = appended(
+            log.append(request(&StreamId::new("note", format!("s{i}")), 0, 2))
+                .await,
+        );
         expected.extend(outcome.positions);
     }
     let all = read_everything(log.as_ref()).await;
@@ -130,7 +139,10 @@ async fn a_stale_append_conflicts(store: &Store) {
     let stream = StreamId::new("note", "c");
     appended(log.append(request(&stream, 0, 1)).await);
     match log.append(request(&stream, 0, 1)).await {
-        Err(LogError::Conflict { stream: s, sequence }) => {
+        Err(LogError::Conflict {
+            stream: s,
+            sequence,
+        }) => {
             assert_eq!(s, stream);
             assert_eq!(sequence, 1);
         }
@@ -180,7 +192,10 @@ async fn a_repeated_command_id_returns_the_first_outcome(store: &Store) {
         other => panic!("expected duplicate, got {other:?}"),
     }
     assert_eq!(log.read_stream(&stream, 0).await.unwrap().len(), 2);
-    assert_eq!(log.command_outcome(first.command_id).await.unwrap(), Some(outcome));
+    assert_eq!(
+        log.command_outcome(first.command_id).await.unwrap(),
+        Some(outcome)
+    );
     assert_eq!(log.command_outcome(Uuid::now_v7()).await.unwrap(), None);
 
     // The same command submitted concurrently: one append, every caller gets that outcome.
@@ -197,20 +212,26 @@ async fn a_repeated_command_id_returns_the_first_outcome(store: &Store) {
         outcomes.push(call.await.unwrap().unwrap());
     }
     assert_eq!(outcomes.iter().filter(|o| !o.is_duplicate()).count(), 1);
-    assert!(outcomes.windows(2).all(|w| w[0].outcome() == w[1].outcome()));
+    assert!(outcomes
+        .windows(2)
+        .all(|w| w[0].outcome() == w[1].outcome()));
 }
 
 async fn invalid_appends_are_refused(store: &Store) {
     let log = &store.log;
     let mut empty = request(&StreamId::new("note", "x"), 0, 1);
     empty.events.clear();
-    assert!(matches!(log.append(empty).await, Err(LogError::InvalidAppend(_))));
+    assert!(matches!(
+        log.append(empty).await,
+        Err(LogError::InvalidAppend(_))
+    ));
     assert!(matches!(
         log.append(request(&StreamId::new("", "x"), 0, 1)).await,
         Err(LogError::InvalidAppend(_))
     ));
     assert!(matches!(
-        log.append(request(&StreamId::new("note", "x"), -1, 1)).await,
+        log.append(request(&StreamId::new("note", "x"), -1, 1))
+            .await,
         Err(LogError::InvalidAppend(_))
     ));
 }
@@ -232,7 +253,10 @@ async fn transactions_commit_or_roll_back(store: &Store) {
         tx.append(request(&stream, 0, 1)).await,
         Err(LogError::Conflict { .. })
     ));
-    appended(tx.append(request(&StreamId::new("note", "tx2"), 0, 2)).await);
+    appended(
+        tx.append(request(&StreamId::new("note", "tx2"), 0, 2))
+            .await,
+    );
     tx.commit().await.unwrap();
     assert_eq!(log.read_stream(&stream, 0).await.unwrap().len(), 1);
     assert_eq!(read_everything(log.as_ref()).await.len(), 3);
@@ -243,10 +267,16 @@ async fn transactions_commit_or_roll_back(store: &Store) {
 async fn the_global_log_does_not_pass_an_open_transaction(store: &Store) {
     let log = store.log.clone();
     let mut tx = log.begin().await.unwrap();
-    let held = appended(tx.append(request(&StreamId::new("note", "held"), 0, 1)).await);
+    let held = appended(
+        tx.append(request(&StreamId::new("note", "held"), 0, 1))
+            .await,
+    );
     let later = {
         let log = log.clone();
-        tokio::spawn(async move { log.append(request(&StreamId::new("note", "later"), 0, 1)).await })
+        tokio::spawn(async move {
+            log.append(request(&StreamId::new("note", "later"), 0, 1))
+                .await
+        })
     };
     let later = if log.concurrent_writers() {
         // It commits while the transaction is open, but readers must not see it yet.
@@ -260,12 +290,21 @@ async fn the_global_log_does_not_pass_an_open_transaction(store: &Store) {
         tx.commit().await.unwrap();
         appended(later.await.unwrap())
     };
-    let all: Vec<Position> = read_everything(log.as_ref()).await.iter().map(|e| e.position).collect();
+    let all: Vec<Position> = read_everything(log.as_ref())
+        .await
+        .iter()
+        .map(|e| e.position)
+        .collect();
     assert_eq!(all, vec![held.positions[0], later.positions[0]]);
 }
 
 async fn events_are_append_only(store: &Store) {
-    appended(store.log.append(request(&StreamId::new("note", "ro"), 0, 1)).await);
+    appended(
+        store
+            .log
+            .append(request(&StreamId::new("note", "ro"), 0, 1))
+            .await,
+    );
     let statements = [
         "UPDATE events SET event_type = 'Tampered'",
         "DELETE FROM events",
@@ -278,7 +317,10 @@ async fn events_are_append_only(store: &Store) {
         assert!(error.to_string().contains("append-only"), "{sql}: {error}");
     }
     if let StorePool::Postgres(pool) = &store.pool {
-        let error = sqlx::query("TRUNCATE events").execute(pool).await.unwrap_err();
+        let error = sqlx::query("TRUNCATE events")
+            .execute(pool)
+            .await
+            .unwrap_err();
         assert!(error.to_string().contains("append-only"), "{error}");
     }
     assert_eq!(read_everything(store.log.as_ref()).await.len(), 1);
@@ -287,7 +329,10 @@ async fn events_are_append_only(store: &Store) {
 async fn a_subscription_catches_up_then_follows(store: &Store) {
     let log = store.log.clone();
     for i in 0..3 {
-        appended(log.append(request(&StreamId::new("note", format!("old{i}")), 0, 1)).await);
+        appended(
+            log.append(request(&StreamId::new("note", format!("old{i}")), 0, 1))
+                .await,
+        );
     }
     let options = SubscriptionOptions {
         batch_size: 2,
@@ -306,7 +351,10 @@ async fn a_subscription_catches_up_then_follows(store: &Store) {
         seen
     });
     for i in 0..4 {
-        appended(log.append(request(&StreamId::new("note", format!("new{i}")), 0, 1)).await);
+        appended(
+            log.append(request(&StreamId::new("note", format!("new{i}")), 0, 1))
+                .await,
+        );
     }
     let seen = tokio::time::timeout(Duration::from_secs(10), reader)
         .await
@@ -338,7 +386,10 @@ async fn concurrent_appends_are_all_recorded(store: &Store) {
     }
     let all = read_everything(log.as_ref()).await;
     assert_eq!(all.len(), 320);
-    assert_eq!(all.iter().map(|e| e.position).collect::<HashSet<_>>(), positions);
+    assert_eq!(
+        all.iter().map(|e| e.position).collect::<HashSet<_>>(),
+        positions
+    );
 }
 
 for_each_backend!(
@@ -423,16 +474,22 @@ async fn check_scenario(log: Arc<dyn EventLog>, scenario: Scenario) {
     let progress = Arc::new(tokio::sync::Notify::new());
     let writers: Vec<_> = (0..scenario.writers)
         .map(|w| {
-            let (log, case, committed, progress) =
-                (log.clone(), case.clone(), committed.clone(), progress.clone());
+            let (log, case, committed, progress) = (
+                log.clone(),
+                case.clone(),
+                committed.clone(),
+                progress.clone(),
+            );
             let scenario = scenario.clone();
             tokio::spawn(async move {
                 let stream = StreamId::new(case, format!("w{w}"));
                 let mut positions = Vec::new();
                 for i in 0..scenario.appends_per_writer {
                     let expected = (i * scenario.events_per_append) as i64;
-                    let outcome =
-                        appended(log.append(request(&stream, expected, scenario.events_per_append)).await);
+                    let outcome = appended(
+                        log.append(request(&stream, expected, scenario.events_per_append))
+                            .await,
+                    );
                     positions.extend(outcome.positions);
                     committed.fetch_add(1, Ordering::SeqCst);
                     progress.notify_one();
@@ -467,7 +524,9 @@ async fn check_scenario(log: Arc<dyn EventLog>, scenario: Scenario) {
     assert_eq!(unique, committed_positions, "every committed event");
     let mut last_sequence: HashMap<String, i64> = HashMap::new();
     for event in &seen {
-        let last = last_sequence.entry(event.stream.aggregate_id.clone()).or_default();
+        let last = last_sequence
+            .entry(event.stream.aggregate_id.clone())
+            .or_default();
         assert_eq!(event.sequence, *last + 1, "stream order");
         *last = event.sequence;
     }

@@ -59,7 +59,13 @@ pub async fn run(args: AppendArgs) -> anyhow::Result<Report> {
     if let Some(url) = &args.targets.database_url {
         for &writers in &args.writers {
             let scratch = Scratch::postgres(url).await?;
-            let ceiling = pgbench(args.pgbench.clone(), scratch.url().expect("postgres"), writers, duration).await;
+            let ceiling = pgbench(
+                args.pgbench.clone(),
+                scratch.url().expect("postgres"),
+                writers,
+                duration,
+            )
+            .await;
             let figure = measure(&scratch, "postgres", writers, duration).await;
             scratch.remove().await;
             let mut figure = figure?;
@@ -101,8 +107,12 @@ async fn measure(
     let bus = Arc::new(CommandBus::<Probe>::new(store.log.clone(), ()));
     // Warm up connections and statement caches.
     for _ in 0..writers.max(8) {
-        bus.execute(&uuid::Uuid::now_v7().to_string(), Record { value: 0 }, CommandMeta::new("bench", "bench"))
-            .await?;
+        bus.execute(
+            &uuid::Uuid::now_v7().to_string(),
+            Record { value: 0 },
+            CommandMeta::new("bench", "bench"),
+        )
+        .await?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -162,11 +172,18 @@ async fn pgbench(
         .execute(&pool)
         .await?;
     pool.close().await;
-    let script = std::env::temp_dir().join(format!("stele-pgbench-{}.sql", uuid::Uuid::new_v4().simple()));
+    let script = std::env::temp_dir().join(format!(
+        "stele-pgbench-{}.sql",
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::write(&script, "INSERT INTO pgbench_one_row (v) VALUES (1);\n")?;
     let output = tokio::process::Command::new(&binary)
         .args(["-n", "-M", "prepared", "-c", &clients.to_string(), "-j"])
-        .arg(clients.min(std::thread::available_parallelism().map_or(2, |n| n.get())).to_string())
+        .arg(
+            clients
+                .min(std::thread::available_parallelism().map_or(2, |n| n.get()))
+                .to_string(),
+        )
         .args(["-T", &duration.as_secs().to_string(), "-f"])
         .arg(&script)
         .arg(url)
@@ -178,7 +195,10 @@ async fn pgbench(
     if !output.status.success() {
         anyhow::bail!(
             "pgbench failed: {}",
-            String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&output.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         );
     }
     // "tps = 12345.678901 (without initial connection time)"

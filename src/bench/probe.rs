@@ -40,8 +40,19 @@ impl Aggregate for Probe {
     type Error = Never;
     type Services = ();
 
-    async fn handle(&mut self, command: Record, _: &(), sink: &EventSink<Self>) -> Result<(), Never> {
-        sink.write(Recorded { value: command.value }, self).await;
+    async fn handle(
+        &mut self,
+        command: Record,
+        _: &(),
+        sink: &EventSink<Self>,
+    ) -> Result<(), Never> {
+        sink.write(
+            Recorded {
+                value: command.value,
+            },
+            self,
+        )
+        .await;
         Ok(())
     }
 

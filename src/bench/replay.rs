@@ -62,7 +62,11 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<Report> {
     })
 }
 
-async fn measure(scratch: &Scratch, backend: &'static str, args: &ReplayArgs) -> anyhow::Result<Figure> {
+async fn measure(
+    scratch: &Scratch,
+    backend: &'static str,
+    args: &ReplayArgs,
+) -> anyhow::Result<Figure> {
     let store = Store::open(scratch.location.clone(), Migrate::Apply).await?;
     fill(&store, args.events).await?;
     let started = Instant::now();
@@ -81,7 +85,11 @@ async fn measure(scratch: &Scratch, backend: &'static str, args: &ReplayArgs) ->
     }
     let seconds = started.elapsed().as_secs_f64();
     store.close().await;
-    anyhow::ensure!(read == args.events, "read {read} events, expected {}", args.events);
+    anyhow::ensure!(
+        read == args.events,
+        "read {read} events, expected {}",
+        args.events
+    );
     Ok(Figure {
         backend,
         events: read,

@@ -27,7 +27,9 @@ pub use subscribe::{subscribe, Subscription, SubscriptionOptions};
 /// the first event. Reading "after" a position means after that event *in log order*, which is
 /// commit-consistent but on PostgreSQL not always increasing in position (see
 /// [`EventLog::read_all`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Position(pub i64);
 
@@ -244,8 +246,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// after one whose transaction is still open: a reader that advances to the last event it got
     /// never skips an event that commits later. Fails with [`LogError::UnknownPosition`] when
     /// `after` is not [`Position::START`] and no event is stored there.
-    async fn read_all(&self, after: Position, limit: usize)
-        -> Result<Vec<RecordedEvent>, LogError> {
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
         Ok(self.read_log(after, limit).await?.events)
     }
 

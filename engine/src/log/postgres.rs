@@ -28,8 +28,8 @@ use uuid::Uuid;
 
 use super::batch::{BatchHandler, Batcher, GroupCommit, GroupWriter};
 use super::{
-    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogBatch, LogError,
-    LogTransaction, Position, RecordedEvent, StreamId, Written,
+    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogBatch,
+    LogError, LogTransaction, Position, RecordedEvent, StreamId, Written,
 };
 use crate::metadata::EventMetadata;
 
@@ -178,8 +178,14 @@ impl BatchHandler for PgLoader {
     type Response = Result<Vec<RecordedEvent>, LogError>;
 
     async fn handle(&self, requests: Vec<(StreamId, i64)>) -> Vec<Self::Response> {
-        let types: Vec<&str> = requests.iter().map(|(s, _)| s.aggregate_type.as_str()).collect();
-        let ids: Vec<&str> = requests.iter().map(|(s, _)| s.aggregate_id.as_str()).collect();
+        let types: Vec<&str> = requests
+            .iter()
+            .map(|(s, _)| s.aggregate_type.as_str())
+            .collect();
+        let ids: Vec<&str> = requests
+            .iter()
+            .map(|(s, _)| s.aggregate_id.as_str())
+            .collect();
         let after: Vec<i64> = requests.iter().map(|(_, a)| *a).collect();
         let rows = sqlx::query(READ_STREAMS)
             .bind(&types)
@@ -201,7 +207,12 @@ impl BatchHandler for PgLoader {
         for row in rows {
             let index = match row.try_get::<i64, _>("n") {
                 Ok(n) => (n - 1) as usize,
-                Err(e) => return requests.iter().map(|_| Err(LogError::Storage(e.to_string()))).collect(),
+                Err(e) => {
+                    return requests
+                        .iter()
+                        .map(|_| Err(LogError::Storage(e.to_string())))
+                        .collect()
+                }
             };
             let event = event_from_row(&row);
             if let Some(Ok(events)) = responses.get_mut(index) {
@@ -374,9 +385,15 @@ impl<'a> GroupColumns<'a> {
             columns.lasts.push(request.last_sequence());
             for (offset, event) in request.events.iter().enumerate() {
                 columns.event_commands.push(request.command_id);
-                columns.event_types_of_stream.push(&request.stream.aggregate_type);
-                columns.event_ids_of_stream.push(&request.stream.aggregate_id);
-                columns.sequences.push(request.first_sequence() + offset as i64);
+                columns
+                    .event_types_of_stream
+                    .push(&request.stream.aggregate_type);
+                columns
+                    .event_ids_of_stream
+                    .push(&request.stream.aggregate_id);
+                columns
+                    .sequences
+                    .push(request.first_sequence() + offset as i64);
                 columns.event_types.push(&event.event_type);
                 columns.event_versions.push(&event.event_version);
                 columns.payloads.push(json_text(&event.payload)?);
@@ -516,7 +533,10 @@ impl GroupWriter for PgWriter {
                 for result in results.iter_mut().filter(|r| r.is_none()) {
                     *result = written.next();
                 }
-                return Ok(results.into_iter().map(|r| r.expect("one result each")).collect());
+                return Ok(results
+                    .into_iter()
+                    .map(|r| r.expect("one result each"))
+                    .collect());
             }
             Err(e) if is_unique_violation(&e) => {}
             Err(e) => return Err(e),
@@ -548,7 +568,10 @@ impl GroupWriter for PgWriter {
                 results[i] = Some(w);
             }
         }
-        Ok(results.into_iter().map(|r| r.expect("one result each")).collect())
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("one result each"))
+            .collect())
     }
 
     async fn outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>, LogError> {
@@ -604,7 +627,12 @@ impl EventLog for PgEventLog {
         let held_back = first.try_get("held_back")?;
         let events = rows
             .iter()
-            .filter(|row| matches!(row.try_get::<Option<i64>, _>("global_position"), Ok(Some(_))))
+            .filter(|row| {
+                matches!(
+                    row.try_get::<Option<i64>, _>("global_position"),
+                    Ok(Some(_))
+                )
+            })
             .map(event_from_row)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(LogBatch { events, held_back })

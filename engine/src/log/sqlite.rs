@@ -26,8 +26,8 @@ use uuid::Uuid;
 
 use super::batch::{Batcher, GroupCommit, GroupWriter};
 use super::{
-    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog,
-    LogBatch, LogError, LogTransaction, Position, RecordedEvent, StreamId, Written,
+    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogBatch,
+    LogError, LogTransaction, Position, RecordedEvent, StreamId, Written,
 };
 
 const EVENT_COLUMNS: &str = "global_position, aggregate_type, aggregate_id, sequence, event_type, \
@@ -235,8 +235,10 @@ async fn command_outcome(
         aggregate_type: row.try_get("aggregate_type")?,
         aggregate_id: row.try_get("aggregate_id")?,
     };
-    let (first_sequence, last_sequence): (i64, i64) =
-        (row.try_get("first_sequence")?, row.try_get("last_sequence")?);
+    let (first_sequence, last_sequence): (i64, i64) = (
+        row.try_get("first_sequence")?,
+        row.try_get("last_sequence")?,
+    );
     let positions: Vec<i64> = sqlx::query_scalar(
         "SELECT global_position FROM events WHERE aggregate_type = ? AND aggregate_id = ? \
          AND sequence BETWEEN ? AND ? ORDER BY sequence",

@@ -1,0 +1,293 @@
+//! End-to-end tests of the `stele` binary: real processes against real stores.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stele_engine::testing::TestDb;
+use stele_engine::{AppendRequest, CommandMeta, NewEvent, Store, StoreLocation, StreamId};
+use uuid::Uuid;
+
+fn stele() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stele"));
+    command
+        .env_remove("STELE_DATABASE_URL")
+        .env_remove("STELE_DATA_DIR")
+        .env("STELE_LOG", "info");
+    command
+}
+
+fn run(args: &[&str]) -> Output {
+    stele().args(args).output().expect("run stele")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts a failure with exactly one line on stderr containing `expected`.
+fn assert_one_line_error(output: &Output, code: i32, expected: &str) {
+    let text = stderr(output);
+    assert_eq!(output.status.code(), Some(code), "stderr: {text}");
+    assert_eq!(text.trim_end().lines().count(), 1, "one line: {text:?}");
+    assert!(text.contains(expected), "{expected:?} in {text:?}");
+}
+
+fn store_args(location: &StoreLocation) -> Vec<String> {
+    match location {
+        StoreLocation::Postgres(url) => vec!["--database-url".into(), url.clone()],
+        StoreLocation::Embedded(dir) => vec!["--data-dir".into(), dir.display().to_string()],
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn append(store: &Store, id: &str, count: usize) -> Vec<i64> {
+    let meta = CommandMeta::new("user:1", "cli-test");
+    let outcome = store
+        .log
+        .append(AppendRequest {
+            command_id: meta.command_id,
+            stream: StreamId::new("note", id),
+            expected_sequence: 0,
+            events: (0..count)
+                .map(|n| NewEvent {
+                    event_type: "Noted".into(),
+                    event_version: "1.0".into(),
+                    payload: json!({ "n": n }),
+                    metadata: meta.for_event(Uuid::now_v7()),
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+    outcome.outcome().positions.iter().map(|p| p.0).collect()
+}
+
+fn lines(output: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("NDJSON"))
+        .collect()
+}
+
+fn migrate_and_tail(db: TestDb) {
+    let args = store_args(&db.location);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let migrated = run(&[&["migrate"], &args[..]].concat());
+    assert!(migrated.status.success(), "{}", stderr(&migrated));
+    // Migrating twice is fine.
+    assert!(run(&[&["migrate"], &args[..]].concat()).status.success());
+
+    let runtime = runtime();
+    let positions = runtime.block_on(async {
+        let store = db.open().await;
+        let mut positions = append(&store, "a", 2).await;
+        positions.extend(append(&store, "b", 1).await);
+        store.close().await;
+        positions
+    });
+
+    let all = run(&[&["events", "tail"], &args[..]].concat());
+    assert!(all.status.success(), "{}", stderr(&all));
+    let events = lines(&all);
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0]["position"], positions[0]);
+    assert_eq!(events[0]["stream"], "note/a");
+    assert_eq!(events[0]["sequence"], 1);
+    assert_eq!(events[0]["type"], "Noted");
+    assert_eq!(events[0]["payload"], json!({ "n": 0 }));
+    assert_eq!(events[0]["metadata"]["actor"], "user:1");
+    assert_eq!(events[0]["metadata"]["channel"], "cli-test");
+
+    let after = positions[0].to_string();
+    let rest = run(&[&["events", "tail", "--after", &after], &args[..]].concat());
+    assert_eq!(lines(&rest).len(), 2);
+    let only_b = run(&[&["events", "tail", "--stream", "b"], &args[..]].concat());
+    assert_eq!(lines(&only_b).len(), 1);
+    let typed = run(&[&["events", "tail", "--stream", "note/a"], &args[..]].concat());
+    assert_eq!(lines(&typed).len(), 2);
+
+    let unknown = run(&[&["events", "tail", "--after", "999999"], &args[..]].concat());
+    assert_one_line_error(&unknown, 1, "unknown position 999999");
+}
+
+#[test]
+fn migrate_and_tail_on_postgres() {
+    let db = runtime().block_on(TestDb::postgres());
+    migrate_and_tail(db);
+}
+
+#[test]
+fn migrate_and_tail_embedded() {
+    migrate_and_tail(TestDb::sqlite());
+}
+
+#[test]
+fn tail_follow_prints_new_events_as_they_commit() {
+    let db = TestDb::sqlite();
+    let runtime = runtime();
+    let store = runtime.block_on(db.open());
+    runtime.block_on(append(&store, "first", 1));
+    let args = store_args(&db.location);
+    let mut child = stele()
+        .args(["events", "tail", "--follow"])
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("\"note/first\""), "{line}");
+    // Appended by another process (this test): picked up by the follower.
+    runtime.block_on(append(&store, "second", 1));
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("\"note/second\""), "{line}");
+    child.kill().unwrap();
+    let _ = child.wait();
+    runtime.block_on(store.close());
+}
+
+#[test]
+fn bad_input_gets_one_readable_line() {
+    let unreachable = run(&[
+        "events",
+        "tail",
+        "--database-url",
+        "postgres://stele@127.0.0.1:1/stele",
+    ]);
+    assert_one_line_error(&unreachable, 1, "cannot reach PostgreSQL at 127.0.0.1:1");
+
+    let wrong_scheme = run(&["migrate", "--database-url", "mysql://localhost/stele"]);
+    assert_one_line_error(&wrong_scheme, 1, "invalid database URL");
+
+    let bad_position = run(&["events", "tail", "--after", "minus-one"]);
+    assert_one_line_error(&bad_position, 2, "invalid position");
+
+    let dir = TestDb::sqlite();
+    let StoreLocation::Embedded(path) = &dir.location else {
+        unreachable!()
+    };
+    let missing = run(&[
+        "events",
+        "tail",
+        "--data-dir",
+        &path.join("nothing").display().to_string(),
+    ]);
+    assert_one_line_error(&missing, 1, "no embedded store");
+
+    let unmigrated = runtime().block_on(TestDb::postgres());
+    let not_migrated = run(&[
+        "events",
+        "tail",
+        "--database-url",
+        unmigrated.url().unwrap(),
+    ]);
+    assert_one_line_error(&not_migrated, 1, "not migrated");
+
+    let unknown_command = run(&["frobnicate"]);
+    assert_eq!(unknown_command.status.code(), Some(2));
+    assert_eq!(stderr(&unknown_command).trim_end().lines().count(), 1);
+}
+
+#[test]
+fn logs_are_json_on_request() {
+    let db = TestDb::sqlite();
+    let args = store_args(&db.location);
+    let output = stele()
+        .args(["--log-format", "json", "migrate"])
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = stderr(&output);
+    let first = text.lines().next().expect("a log line");
+    let line: Value = serde_json::from_str(first).expect("JSON log line");
+    assert_eq!(line["level"], "INFO");
+}
+
+#[test]
+fn up_runs_until_terminated() {
+    let db = TestDb::sqlite();
+    let StoreLocation::Embedded(dir) = &db.location else {
+        unreachable!()
+    };
+    let data_dir = dir.join("data");
+    let mut child = stele()
+        .args(["up", "--data-dir", &data_dir.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut line = String::new();
+    while !line.contains("stele is up") {
+        assert!(Instant::now() < deadline, "no start-up line");
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stele up exited early"
+        );
+    }
+    assert!(data_dir.join("stele.db").exists());
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn benchmarks_print_json() {
+    let url = stele_engine::testing::admin_url();
+    let append = stele()
+        .args([
+            "bench",
+            "append",
+            "--writers",
+            "2",
+            "--seconds",
+            "1",
+            "--database-url",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(append.status.success(), "{}", stderr(&append));
+    let report: Value = serde_json::from_slice(&append.stdout).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert!(results[0]["ratio_to_pgbench"].as_f64().unwrap() > 0.0);
+    assert!(results[1]["commands_per_sec"].as_f64().unwrap() > 0.0);
+
+    let replay = stele()
+        .args([
+            "bench",
+            "replay",
+            "--events",
+            "2000",
+            "--page",
+            "500",
+            "--database-url",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(replay.status.success(), "{}", stderr(&replay));
+    let report: Value = serde_json::from_slice(&replay.stdout).unwrap();
+    for figure in report["results"].as_array().unwrap() {
+        assert_eq!(figure["events"], 2000);
+    }
+}
