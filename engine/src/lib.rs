@@ -13,6 +13,8 @@
 pub mod command;
 pub mod log;
 pub mod metadata;
+mod notify;
+
 pub mod repository;
 pub mod store;
 #[cfg(feature = "testing")]

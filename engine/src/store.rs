@@ -9,6 +9,7 @@ use std::time::Duration;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::SqlitePool;
+use sqlx::ConnectOptions;
 
 use crate::log::postgres::{PgEventLog, PgLogOptions};
 use crate::log::sqlite::{self, SqliteEventLog, SqliteLogOptions};
@@ -187,10 +188,13 @@ impl Store {
 
 /// Connects a pool to PostgreSQL, turning connection failures into one readable line.
 pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
-    let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl {
-        url: redact(url),
-        reason: e.to_string(),
-    })?;
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::InvalidUrl {
+            url: redact(url),
+            reason: e.to_string(),
+        })?
+        // Every statement at debug level costs time on the hot path; slow ones still warn.
+        .log_statements(tracing::log::LevelFilter::Trace);
     let target = format!("{}:{}", options.get_host(), options.get_port());
     PgPoolOptions::new()
         .max_connections(max_connections)

@@ -276,6 +276,19 @@ pub trait LogTransaction: Send {
 
     /// Commits everything appended in it.
     async fn commit(self: Box<Self>) -> Result<(), LogError>;
+
+    /// The transaction's connection, for other tables of the same store (the job queue,
+    /// checkpoints) to write in the same transaction.
+    fn connection(&mut self) -> TxConnection<'_>;
+
+    /// Runs `hook` after a successful commit (e.g. wake workers for jobs enqueued in it).
+    fn after_commit(&mut self, hook: Box<dyn FnOnce() + Send>);
+}
+
+/// The connection of a [`LogTransaction`].
+pub enum TxConnection<'a> {
+    Postgres(&'a mut sqlx::PgConnection),
+    Sqlite(&'a mut sqlx::SqliteConnection),
 }
 
 /// Checks the shape of a request before it reaches a database.

@@ -16,10 +16,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgListener, PgPool, PgRow};
+use sqlx::postgres::{PgPool, PgRow};
 use sqlx::types::Json;
 use sqlx::{Acquire, PgConnection, Postgres, Row, Transaction};
 use tokio::sync::watch;
@@ -29,9 +28,10 @@ use uuid::Uuid;
 use super::batch::{BatchHandler, Batcher, GroupCommit, GroupWriter};
 use super::{
     json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogBatch,
-    LogError, LogTransaction, Position, RecordedEvent, StreamId, Written,
+    LogError, LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
 };
 use crate::metadata::EventMetadata;
+use crate::notify::{WakeHandle, Waker};
 
 /// The LISTEN/NOTIFY channel the events table's trigger notifies.
 const CHANNEL: &str = "stele_events";
@@ -55,54 +55,44 @@ const READ_LOG: &str = "\
     FROM (SELECT 1) AS one LEFT JOIN page ON true \
     ORDER BY page.tx_id, page.global_position";
 
-/// Writes a group of commands in one statement: their command rows (a command id already
-/// accepted is skipped: a duplicate) and the events of the commands accepted here. The result rows
-/// are the accepted command ids (`kind` 'c') and the written events (`kind` 'e').
-///
-/// This form has no `ON CONFLICT` for events: a stale command fails the whole statement with a
-/// unique violation, and the group is then written again with [`WRITE_GROUP_TOLERANT`].
-const WRITE_GROUP: &str = concat!(
-    "WITH accepted AS (",
-    "  INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence, last_sequence)",
-    "  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[])",
-    "  ON CONFLICT (command_id) DO NOTHING",
-    "  RETURNING command_id),",
-    " inserted AS (",
-    "  INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,",
-    "                      payload, metadata, event_id)",
-    "  SELECT u.t, u.i, u.s, u.et, u.ev, u.p::jsonb, u.m::json, u.e",
-    "  FROM UNNEST($6::uuid[], $7::text[], $8::text[], $9::int8[], $10::text[], $11::text[],",
-    "              $12::text[], $13::text[], $14::uuid[]) AS u(c, t, i, s, et, ev, p, m, e)",
-    "  WHERE u.c IN (SELECT command_id FROM accepted)",
-    "  RETURNING aggregate_type, aggregate_id, sequence, global_position)",
-    " SELECT 'c' AS kind, command_id, NULL::text AS aggregate_type, NULL::text AS aggregate_id,",
-    "        NULL::int8 AS sequence, NULL::int8 AS global_position FROM accepted",
-    " UNION ALL",
-    " SELECT 'e', NULL, aggregate_type, aggregate_id, sequence, global_position FROM inserted"
-);
+/// The statement that writes a group of commands: their command rows (a command id already accepted
+/// is skipped: a duplicate) and the events of the commands accepted here. The result rows are the
+/// accepted command ids (`kind` 'c') and the written events (`kind` 'e'). `$on_conflict` decides
+/// what a taken event sequence does.
+macro_rules! write_group_sql {
+    ($on_conflict:literal) => {
+        concat!(
+            "WITH accepted AS (",
+            "  INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence,",
+            "                        last_sequence)",
+            "  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[])",
+            "  ON CONFLICT (command_id) DO NOTHING",
+            "  RETURNING command_id),",
+            " inserted AS (",
+            "  INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,",
+            "                      payload, metadata, event_id)",
+            "  SELECT u.t, u.i, u.s, u.et, u.ev, u.p::jsonb, u.m::json, u.e",
+            "  FROM UNNEST($6::uuid[], $7::text[], $8::text[], $9::int8[], $10::text[], $11::text[],",
+            "              $12::text[], $13::text[], $14::uuid[]) AS u(c, t, i, s, et, ev, p, m, e)",
+            "  WHERE u.c IN (SELECT command_id FROM accepted) ",
+            $on_conflict,
+            "  RETURNING aggregate_type, aggregate_id, sequence, global_position)",
+            " SELECT 'c' AS kind, command_id, NULL::text AS aggregate_type, NULL::text AS aggregate_id,",
+            "        NULL::int8 AS sequence, NULL::int8 AS global_position FROM accepted",
+            " UNION ALL",
+            " SELECT 'e', NULL, aggregate_type, aggregate_id, sequence, global_position FROM inserted"
+        )
+    };
+}
 
-/// [`WRITE_GROUP`] that skips events whose sequence is taken instead of failing; the caller finds
-/// the conflicting commands by their missing events and rolls back.
-const WRITE_GROUP_TOLERANT: &str = concat!(
-    "WITH accepted AS (",
-    "  INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence, last_sequence)",
-    "  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[])",
-    "  ON CONFLICT (command_id) DO NOTHING",
-    "  RETURNING command_id),",
-    " inserted AS (",
-    "  INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,",
-    "                      payload, metadata, event_id)",
-    "  SELECT u.t, u.i, u.s, u.et, u.ev, u.p::jsonb, u.m::json, u.e",
-    "  FROM UNNEST($6::uuid[], $7::text[], $8::text[], $9::int8[], $10::text[], $11::text[],",
-    "              $12::text[], $13::text[], $14::uuid[]) AS u(c, t, i, s, et, ev, p, m, e)",
-    "  WHERE u.c IN (SELECT command_id FROM accepted)",
-    "  ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING",
-    "  RETURNING aggregate_type, aggregate_id, sequence, global_position)",
-    " SELECT 'c' AS kind, command_id, NULL::text AS aggregate_type, NULL::text AS aggregate_id,",
-    "        NULL::int8 AS sequence, NULL::int8 AS global_position FROM accepted",
-    " UNION ALL",
-    " SELECT 'e', NULL, aggregate_type, aggregate_id, sequence, global_position FROM inserted"
-);
+/// Writes a group in one statement. A stale command fails the whole statement with a unique
+/// violation, and the group is then written again with [`WRITE_GROUP_TOLERANT`].
+const WRITE_GROUP: &str = write_group_sql!("");
+
+/// Skips events whose sequence is taken instead of failing; the caller finds the conflicting
+/// commands by their missing events and rolls back.
+const WRITE_GROUP_TOLERANT: &str =
+    write_group_sql!("ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING");
 
 /// The streams of many commands in one query: `$1`/`$2` the streams, `$3` the sequence to read
 /// after; `n` says which request a row answers.
@@ -156,10 +146,7 @@ pub struct PgEventLog {
     writer: Arc<PgWriter>,
     committer: Batcher<GroupCommit<PgWriter>>,
     loader: Batcher<PgLoader>,
-    /// Bumped by local commits and by notifications from other processes; subscribers wait on it.
-    appends: watch::Sender<u64>,
-    /// Bumped by local commits only; the notifier forwards them to other processes.
-    committed: watch::Sender<u64>,
+    appends: Waker,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -228,12 +215,11 @@ impl BatchHandler for PgLoader {
 
 impl PgEventLog {
     pub fn new(pool: PgPool, options: PgLogOptions) -> Self {
-        let (appends, _) = watch::channel(0);
-        let (committed, _) = watch::channel(0);
+        let appends = Waker::new();
         let writer = Arc::new(PgWriter { pool: pool.clone() });
         let on_commit = {
-            let (appends, committed) = (appends.clone(), committed.clone());
-            Arc::new(move || bump_both(&appends, &committed))
+            let appends = appends.sender();
+            Arc::new(move || appends.wake())
         };
         let committer = Batcher::start(
             Arc::new(GroupCommit {
@@ -248,17 +234,13 @@ impl PgEventLog {
             options.readers,
             options.max_group,
         );
-        let mut tasks = vec![tokio::spawn(notify(pool.clone(), committed.subscribe()))];
-        if options.listen {
-            tasks.push(tokio::spawn(listen(pool.clone(), appends.clone())));
-        }
+        let tasks = appends.start(&pool, CHANNEL, options.listen);
         Self {
             pool,
             writer,
             committer,
             loader,
             appends,
-            committed,
             tasks: std::sync::Mutex::new(tasks),
         }
     }
@@ -266,71 +248,6 @@ impl PgEventLog {
     /// The connection pool (the same database holds other Stele tables).
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-}
-
-fn bump_both(appends: &watch::Sender<u64>, committed: &watch::Sender<u64>) {
-    appends.send_modify(|n| *n = n.wrapping_add(1));
-    committed.send_modify(|n| *n = n.wrapping_add(1));
-}
-
-/// Tells other processes about local commits: `NOTIFY` outside the appending transactions, and
-/// once for however many commits happened while the previous one was being sent.
-///
-/// Why not a trigger in the appending transaction: PostgreSQL serialises the commits of
-/// transactions that notify (they take one lock until their commit is flushed), which would undo
-/// group commit across the concurrent writers.
-async fn notify(pool: PgPool, mut committed: watch::Receiver<u64>) {
-    while committed.changed().await.is_ok() {
-        if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
-            .bind(CHANNEL)
-            .execute(&pool)
-            .await
-        {
-            tracing::warn!(error = %e, "event log: NOTIFY failed; other processes will poll");
-        }
-    }
-}
-
-/// Bumps `appends` on every notification from the events table's trigger. On a lost connection it
-/// bumps too (notifications may have been missed) and reconnects with a capped backoff.
-async fn listen(pool: PgPool, appends: watch::Sender<u64>) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::warn!(error = %e, "event log: cannot LISTEN, retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        if let Err(e) = listener.listen(CHANNEL).await {
-            tracing::warn!(error = %e, "event log: LISTEN failed, retrying");
-            tokio::time::sleep(backoff).await;
-            continue;
-        }
-        backoff = Duration::from_millis(100);
-        // Anything appended while we were not listening is found by this read-through bump.
-        appends.send_modify(|n| *n = n.wrapping_add(1));
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(_)) => appends.send_modify(|n| *n = n.wrapping_add(1)),
-                Ok(None) => {
-                    // The connection dropped and sqlx reconnected: notifications may be lost.
-                    appends.send_modify(|n| *n = n.wrapping_add(1));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "event log: notification connection lost");
-                    appends.send_modify(|n| *n = n.wrapping_add(1));
-                    break;
-                }
-            }
-            if appends.is_closed() {
-                return;
-            }
-        }
     }
 }
 
@@ -595,8 +512,8 @@ impl EventLog for PgEventLog {
         Ok(Box::new(PgLogTransaction {
             tx: self.pool.begin().await?,
             appended: false,
-            appends: self.appends.clone(),
-            committed: self.committed.clone(),
+            hooks: Vec::new(),
+            appends: self.appends.sender(),
         }))
     }
 
@@ -653,10 +570,10 @@ impl EventLog for PgEventLog {
 }
 
 struct PgLogTransaction {
+    hooks: Vec<Box<dyn FnOnce() + Send>>,
     tx: Transaction<'static, Postgres>,
     appended: bool,
-    appends: watch::Sender<u64>,
-    committed: watch::Sender<u64>,
+    appends: WakeHandle,
 }
 
 #[async_trait]
@@ -695,8 +612,19 @@ impl LogTransaction for PgLogTransaction {
     async fn commit(self: Box<Self>) -> Result<(), LogError> {
         self.tx.commit().await?;
         if self.appended {
-            bump_both(&self.appends, &self.committed);
+            self.appends.wake();
+        }
+        for hook in self.hooks {
+            hook();
         }
         Ok(())
+    }
+
+    fn connection(&mut self) -> TxConnection<'_> {
+        TxConnection::Postgres(&mut self.tx)
+    }
+
+    fn after_commit(&mut self, hook: Box<dyn FnOnce() + Send>) {
+        self.hooks.push(hook);
     }
 }

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::batch::{Batcher, GroupCommit, GroupWriter};
 use super::{
     json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogBatch,
-    LogError, LogTransaction, Position, RecordedEvent, StreamId, Written,
+    LogError, LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
 };
 
 const EVENT_COLUMNS: &str = "global_position, aggregate_type, aggregate_id, sequence, event_type, \
@@ -445,6 +445,7 @@ impl EventLog for SqliteEventLog {
         Ok(Box::new(SqliteLogTransaction {
             tx: self.writer.begin().await?,
             appended: false,
+            hooks: Vec::new(),
             appends: self.appends.clone(),
         }))
     }
@@ -513,6 +514,7 @@ impl EventLog for SqliteEventLog {
 }
 
 struct SqliteLogTransaction {
+    hooks: Vec<Box<dyn FnOnce() + Send>>,
     tx: Transaction<'static, Sqlite>,
     appended: bool,
     appends: watch::Sender<u64>,
@@ -546,6 +548,17 @@ impl LogTransaction for SqliteLogTransaction {
         if self.appended {
             self.appends.send_modify(|n| *n = n.wrapping_add(1));
         }
+        for hook in self.hooks {
+            hook();
+        }
         Ok(())
+    }
+
+    fn connection(&mut self) -> TxConnection<'_> {
+        TxConnection::Sqlite(&mut self.tx)
+    }
+
+    fn after_commit(&mut self, hook: Box<dyn FnOnce() + Send>) {
+        self.hooks.push(hook);
     }
 }

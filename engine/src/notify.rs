@@ -1,0 +1,135 @@
+//! Cross-process wake-ups on PostgreSQL: LISTEN/NOTIFY, with local wake-ups first.
+//!
+//! Each waker has two counters: `local` (bumped by this process's commits; a task forwards them
+//! to other processes with `NOTIFY`) and `all` (bumped by local commits and by notifications from
+//! other processes; waiters wait on it).
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgPool};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Wake-ups for one channel.
+pub(crate) struct Waker {
+    all: watch::Sender<u64>,
+    local: watch::Sender<u64>,
+}
+
+impl Waker {
+    pub(crate) fn new() -> Self {
+        Self {
+            all: watch::channel(0).0,
+            local: watch::channel(0).0,
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.all.subscribe()
+    }
+
+    pub(crate) fn sender(&self) -> WakeHandle {
+        WakeHandle {
+            all: self.all.clone(),
+            local: self.local.clone(),
+        }
+    }
+
+    /// Starts the NOTIFY forwarder and, if `listen`, the listener for `channel`.
+    pub(crate) fn start(
+        &self,
+        pool: &PgPool,
+        channel: &'static str,
+        listen: bool,
+    ) -> Vec<JoinHandle<()>> {
+        let mut tasks = vec![tokio::spawn(notify(
+            pool.clone(),
+            channel,
+            self.local.subscribe(),
+        ))];
+        if listen {
+            tasks.push(tokio::spawn(listen_for(
+                pool.clone(),
+                channel,
+                self.all.clone(),
+            )));
+        }
+        tasks
+    }
+}
+
+/// A cloneable [`Waker::wake`].
+#[derive(Clone)]
+pub(crate) struct WakeHandle {
+    all: watch::Sender<u64>,
+    local: watch::Sender<u64>,
+}
+
+impl WakeHandle {
+    pub(crate) fn wake(&self) {
+        bump(&self.all);
+        bump(&self.local);
+    }
+}
+
+pub(crate) fn bump(counter: &watch::Sender<u64>) {
+    counter.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// Tells other processes about local commits: `NOTIFY` outside the committing transactions, once
+/// for however many commits happened while the previous one was being sent.
+///
+/// Why not in the committing transaction (or a trigger): PostgreSQL serialises the commits of
+/// transactions that notify (they hold one lock until their commit is flushed), which would undo
+/// group commit across concurrent writers.
+async fn notify(pool: PgPool, channel: &'static str, mut local: watch::Receiver<u64>) {
+    while local.changed().await.is_ok() {
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(channel)
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(error = %e, channel, "NOTIFY failed; other processes will poll");
+        }
+    }
+}
+
+/// Bumps `all` on every notification on `channel`. On a lost connection it bumps too
+/// (notifications may have been missed) and reconnects with a capped backoff.
+async fn listen_for(pool: PgPool, channel: &'static str, all: watch::Sender<u64>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, channel, "cannot LISTEN, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(channel).await {
+            tracing::warn!(error = %e, channel, "LISTEN failed, retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        // Whatever happened while we were not listening is found by this read-through wake-up.
+        bump(&all);
+        loop {
+            match listener.try_recv().await {
+                // Ok(None): the connection dropped and sqlx reconnected; notifications may be lost.
+                Ok(_) => bump(&all),
+                Err(e) => {
+                    tracing::warn!(error = %e, channel, "notification connection lost");
+                    bump(&all);
+                    break;
+                }
+            }
+            if all.is_closed() {
+                return;
+            }
+        }
+    }
+}
