@@ -24,6 +24,12 @@ impl Waker {
         }
     }
 
+    /// After a local commit: wake local waiters and tell other processes.
+    pub(crate) fn wake(&self) {
+        bump(&self.all);
+        bump(&self.local);
+    }
+
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.all.subscribe()
     }

@@ -14,6 +14,9 @@ use sqlx::ConnectOptions;
 use crate::log::postgres::{PgEventLog, PgLogOptions};
 use crate::log::sqlite::{self, SqliteEventLog, SqliteLogOptions};
 use crate::log::EventLog;
+use crate::queue::postgres::PgJobQueue;
+use crate::queue::sqlite::SqliteJobQueue;
+use crate::queue::JobQueue;
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -107,10 +110,11 @@ pub enum Migrate {
     Require,
 }
 
-/// An open store: the event log and the pool behind it.
+/// An open store: the event log, the job queue and the pool behind them.
 pub struct Store {
     pub location: StoreLocation,
     pub log: Arc<dyn EventLog>,
+    pub queue: Arc<dyn JobQueue>,
     pub pool: StorePool,
 }
 
@@ -145,10 +149,13 @@ impl Store {
             StoreLocation::Postgres(url) => {
                 let pool = connect_postgres(url, 24).await?;
                 run_migrations(&POSTGRES_MIGRATIONS, &pool, migrate, &location).await?;
+                let listen = pg.listen;
                 let log = Arc::new(PgEventLog::new(pool.clone(), pg));
+                let queue = Arc::new(PgJobQueue::new(pool.clone(), listen));
                 Ok(Self {
                     location,
                     log,
+                    queue,
                     pool: StorePool::Postgres(pool),
                 })
             }
@@ -171,9 +178,11 @@ impl Store {
                 run_migrations(&SQLITE_MIGRATIONS, &writer, migrate, &location).await?;
                 let log =
                     Arc::new(SqliteEventLog::new(&file, writer.clone(), sqlite_options).await?);
+                let queue = Arc::new(SqliteJobQueue::new(writer.clone()));
                 Ok(Self {
                     location,
                     log,
+                    queue,
                     pool: StorePool::Sqlite(writer),
                 })
             }
@@ -182,6 +191,7 @@ impl Store {
 
     /// Closes the log and its connections.
     pub async fn close(&self) {
+        self.queue.close().await;
         self.log.close().await;
     }
 }

@@ -1,0 +1,473 @@
+//! The job queue on PostgreSQL: claims take batches with `FOR UPDATE SKIP LOCKED`, outcomes are
+//! written in batches, and enqueues wake workers in other processes with `NOTIFY stele_jobs`.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::types::Json;
+use sqlx::{PgConnection, Row};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::{
+    AttemptError, Enqueued, Job, JobFilter, JobQueue, JobState, NewJob, Outcome, QueueError,
+};
+use crate::log::{LogTransaction, TxConnection};
+use crate::notify::Waker;
+
+const CHANNEL: &str = "stele_jobs";
+
+const JOB_COLUMNS: &str = "id, queue, kind, payload, state, priority, run_at, attempt, \
+    max_attempts, timeout_ms, lease_expires_at, locked_by, ordering_key, idempotency_key, \
+    last_error, errors, created_at, updated_at, finished_at";
+
+const ENQUEUE: &str = "\
+    INSERT INTO jobs (id, queue, kind, payload, priority, run_at, max_attempts, timeout_ms, \
+                      ordering_key, idempotency_key) \
+    SELECT u.id, u.queue, u.kind, u.payload::jsonb, u.priority, COALESCE(u.run_at, now()), \
+           u.max_attempts, u.timeout_ms, u.ordering_key, u.idempotency_key \
+    FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::timestamptz[], \
+                $7::int4[], $8::int8[], $9::text[], $10::text[]) \
+         AS u(id, queue, kind, payload, priority, run_at, max_attempts, timeout_ms, \
+              ordering_key, idempotency_key) \
+    ON CONFLICT (idempotency_key) \
+        WHERE idempotency_key IS NOT NULL AND state IN ('available', 'running') DO NOTHING \
+    RETURNING id";
+
+/// Runnable = available, due, and the oldest unfinished job of its ordering key.
+const CLAIM: &str = "\
+    WITH picked AS ( \
+        SELECT j.id FROM jobs j \
+        WHERE j.state = 'available' AND j.queue = $1 AND j.run_at <= now() \
+          AND (j.ordering_key IS NULL OR NOT EXISTS ( \
+                SELECT 1 FROM jobs o \
+                WHERE o.ordering_key = j.ordering_key AND o.seq < j.seq \
+                  AND o.state IN ('available', 'running'))) \
+        ORDER BY j.priority DESC, j.run_at, j.seq \
+        LIMIT $2 \
+        FOR UPDATE SKIP LOCKED) \
+    UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, locked_by = $3, \
+           lease_expires_at = now() + make_interval(secs => $4), updated_at = now() \
+    FROM picked WHERE jobs.id = picked.id \
+    RETURNING jobs.*";
+
+const EXTEND: &str = "\
+    WITH mine AS ( \
+        UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3), updated_at = now() \
+        WHERE id = ANY($1) AND state = 'running' AND locked_by = $2 \
+        RETURNING id) \
+    SELECT u.id FROM UNNEST($1::uuid[]) AS u(id) WHERE u.id NOT IN (SELECT id FROM mine)";
+
+const COMPLETE: &str = "\
+    UPDATE jobs SET state = 'completed', finished_at = now(), updated_at = now(), \
+           lease_expires_at = NULL, locked_by = NULL \
+    WHERE id = ANY($1) AND state = 'running' AND locked_by = $2";
+
+/// A failed attempt: retry after exponential backoff with ±10% jitter (capped at an hour), or
+/// dead when it was the last allowed attempt. Every attempt's error is kept.
+const FAIL: &str = "\
+    UPDATE jobs SET \
+        state = CASE WHEN jobs.attempt >= jobs.max_attempts THEN 'dead' ELSE 'available' END, \
+        run_at = CASE WHEN jobs.attempt >= jobs.max_attempts THEN jobs.run_at \
+                      ELSE now() + make_interval(secs => \
+                           least(power(2, least(jobs.attempt, 20)), 3600) * (0.9 + random() * 0.2)) \
+                 END, \
+        finished_at = CASE WHEN jobs.attempt >= jobs.max_attempts THEN now() END, \
+        last_error = u.error, \
+        errors = jobs.errors || jsonb_build_array(jsonb_build_object( \
+            'attempt', jobs.attempt, 'at', now(), 'error', u.error)), \
+        lease_expires_at = NULL, locked_by = NULL, updated_at = now() \
+    FROM UNNEST($1::uuid[], $2::text[]) AS u(id, error) \
+    WHERE jobs.id = u.id AND jobs.state = 'running' AND jobs.locked_by = $3";
+
+const SNOOZE: &str = "\
+    UPDATE jobs SET state = 'available', run_at = u.until, attempt = jobs.attempt - 1, \
+           lease_expires_at = NULL, locked_by = NULL, updated_at = now() \
+    FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, until) \
+    WHERE jobs.id = u.id AND jobs.state = 'running' AND jobs.locked_by = $3";
+
+const GIVE_UP: &str = "\
+    UPDATE jobs SET state = 'cancelled', finished_at = now(), last_error = u.reason, \
+           lease_expires_at = NULL, locked_by = NULL, updated_at = now() \
+    FROM UNNEST($1::uuid[], $2::text[]) AS u(id, reason) \
+    WHERE jobs.id = u.id AND jobs.state = 'running' AND jobs.locked_by = $3";
+
+const RESCUE: &str = "\
+    UPDATE jobs SET \
+        state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'available' END, \
+        run_at = now(), \
+        finished_at = CASE WHEN attempt >= max_attempts THEN now() END, \
+        last_error = 'lease expired: the worker running it stopped', \
+        errors = errors || jsonb_build_array(jsonb_build_object( \
+            'attempt', attempt, 'at', now(), \
+            'error', 'lease expired: the worker running it stopped')), \
+        lease_expires_at = NULL, locked_by = NULL, updated_at = now() \
+    WHERE state = 'running' AND lease_expires_at < now()";
+
+/// The job queue on PostgreSQL. The schema must be migrated (see [`crate::store`]).
+pub struct PgJobQueue {
+    pool: PgPool,
+    wakeups: Waker,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl PgJobQueue {
+    /// `listen`: wake local workers on enqueues by other processes.
+    pub fn new(pool: PgPool, listen: bool) -> Self {
+        let wakeups = Waker::new();
+        let tasks = wakeups.start(&pool, CHANNEL, listen);
+        Self {
+            pool,
+            wakeups,
+            tasks: std::sync::Mutex::new(tasks),
+        }
+    }
+}
+
+fn job_from_row(row: &PgRow) -> Result<Job, QueueError> {
+    let id: Uuid = row.try_get("id")?;
+    let corrupt = |reason: String| QueueError::Corrupt {
+        id: id.to_string(),
+        reason,
+    };
+    let state: String = row.try_get("state")?;
+    let errors: Json<Vec<AttemptError>> = row
+        .try_get("errors")
+        .map_err(|e| corrupt(format!("errors: {e}")))?;
+    Ok(Job {
+        id,
+        queue: row.try_get("queue")?,
+        kind: row.try_get("kind")?,
+        payload: row.try_get("payload")?,
+        state: state.parse().map_err(corrupt)?,
+        priority: row.try_get("priority")?,
+        run_at: row.try_get("run_at")?,
+        attempt: row.try_get("attempt")?,
+        max_attempts: row.try_get("max_attempts")?,
+        timeout_ms: row.try_get("timeout_ms")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        locked_by: row.try_get("locked_by")?,
+        ordering_key: row.try_get("ordering_key")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        last_error: row.try_get("last_error")?,
+        errors: errors.0,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+/// Enqueues on `conn` (a pool connection or an open transaction).
+async fn enqueue_on(
+    conn: &mut PgConnection,
+    jobs: Vec<NewJob>,
+) -> Result<Vec<Enqueued>, QueueError> {
+    super::validate(&jobs)?;
+    let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
+    let payloads = jobs
+        .iter()
+        .map(|j| serde_json::to_string(&j.payload))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| QueueError::Invalid(e.to_string()))?;
+    let inserted: HashSet<Uuid> = sqlx::query_scalar(ENQUEUE)
+        .bind(&ids)
+        .bind(jobs.iter().map(|j| j.queue.as_str()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.kind.as_str()).collect::<Vec<_>>())
+        .bind(&payloads)
+        .bind(jobs.iter().map(|j| j.priority).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.run_at).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.max_attempts).collect::<Vec<_>>())
+        .bind(
+            jobs.iter()
+                .map(|j| j.timeout.as_millis().min(i64::MAX as u128) as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            jobs.iter()
+                .map(|j| j.ordering_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            jobs.iter()
+                .map(|j| j.idempotency_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+    let mut results = Vec::with_capacity(jobs.len());
+    for (id, job) in ids.iter().zip(&jobs) {
+        let (sql, key): (String, String) = if inserted.contains(id) {
+            (
+                format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1::text::uuid"),
+                id.to_string(),
+            )
+        } else {
+            let key = job.idempotency_key.clone().unwrap_or_default();
+            (
+                format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1 \
+                     AND state IN ('available', 'running')"
+                ),
+                key,
+            )
+        };
+        let row = sqlx::query(&sql).bind(&key).fetch_one(&mut *conn).await?;
+        let stored = job_from_row(&row)?;
+        results.push(if inserted.contains(id) {
+            Enqueued::Inserted(stored)
+        } else {
+            Enqueued::Existing(stored)
+        });
+    }
+    Ok(results)
+}
+
+#[async_trait]
+impl JobQueue for PgJobQueue {
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let enqueued = enqueue_on(&mut tx, jobs).await?;
+        tx.commit().await?;
+        self.wakeups.wake();
+        Ok(enqueued)
+    }
+
+    async fn enqueue_in(
+        &self,
+        tx: &mut dyn LogTransaction,
+        jobs: Vec<NewJob>,
+    ) -> Result<Vec<Enqueued>, QueueError> {
+        let TxConnection::Postgres(conn) = tx.connection() else {
+            return Err(QueueError::ForeignTransaction);
+        };
+        let enqueued = enqueue_on(conn, jobs).await?;
+        let wake = self.wakeups.sender();
+        tx.after_commit(Box::new(move || wake.wake()));
+        Ok(enqueued)
+    }
+
+    async fn claim(
+        &self,
+        queue: &str,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Job>, QueueError> {
+        let rows = sqlx::query(CLAIM)
+            .bind(queue)
+            .bind(limit as i64)
+            .bind(worker)
+            .bind(lease.as_secs_f64())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut jobs = rows
+            .iter()
+            .map(job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        jobs.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.run_at.cmp(&b.run_at))
+                .then(a.id.cmp(&b.id))
+        });
+        Ok(jobs)
+    }
+
+    async fn extend_leases(
+        &self,
+        worker: &str,
+        ids: &[Uuid],
+        lease: Duration,
+    ) -> Result<Vec<Uuid>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(EXTEND)
+            .bind(ids)
+            .bind(worker)
+            .bind(lease.as_secs_f64())
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn finish(&self, worker: &str, outcomes: Vec<(Uuid, Outcome)>) -> Result<(), QueueError> {
+        let mut completed = Vec::new();
+        let (mut failed, mut errors) = (Vec::new(), Vec::new());
+        let (mut snoozed, mut untils) = (Vec::new(), Vec::<DateTime<Utc>>::new());
+        let (mut cancelled, mut reasons) = (Vec::new(), Vec::new());
+        for (id, outcome) in outcomes {
+            match outcome {
+                Outcome::Completed => completed.push(id),
+                Outcome::Failed { error } => {
+                    failed.push(id);
+                    errors.push(error);
+                }
+                Outcome::Snoozed { until } => {
+                    snoozed.push(id);
+                    untils.push(until);
+                }
+                Outcome::Cancelled { reason } => {
+                    cancelled.push(id);
+                    reasons.push(reason);
+                }
+            }
+        }
+        let mut conn = self.pool.acquire().await?;
+        if !completed.is_empty() {
+            sqlx::query(COMPLETE)
+                .bind(&completed)
+                .bind(worker)
+                .execute(&mut *conn)
+                .await?;
+        }
+        if !failed.is_empty() {
+            sqlx::query(FAIL)
+                .bind(&failed)
+                .bind(&errors)
+                .bind(worker)
+                .execute(&mut *conn)
+                .await?;
+        }
+        if !snoozed.is_empty() {
+            sqlx::query(SNOOZE)
+                .bind(&snoozed)
+                .bind(&untils)
+                .bind(worker)
+                .execute(&mut *conn)
+                .await?;
+        }
+        if !cancelled.is_empty() {
+            sqlx::query(GIVE_UP)
+                .bind(&cancelled)
+                .bind(&reasons)
+                .bind(worker)
+                .execute(&mut *conn)
+                .await?;
+        }
+        if !completed.is_empty() || !cancelled.is_empty() {
+            // The next job of an ordering key may have become runnable.
+            self.wakeups.wake();
+        }
+        Ok(())
+    }
+
+    async fn rescue_expired(&self) -> Result<usize, QueueError> {
+        let rescued = sqlx::query(RESCUE)
+            .execute(&self.pool)
+            .await?
+            .rows_affected() as usize;
+        if rescued > 0 {
+            self.wakeups.wake();
+        }
+        Ok(rescued)
+    }
+
+    async fn cancel(&self, id: Uuid) -> Result<Job, QueueError> {
+        let sql = format!(
+            "UPDATE jobs SET state = 'cancelled', finished_at = now(), updated_at = now(), \
+             lease_expires_at = NULL, locked_by = NULL, last_error = 'cancelled' \
+             WHERE id = $1 AND state IN ('available', 'running') RETURNING {JOB_COLUMNS}"
+        );
+        match sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            Some(row) => {
+                self.wakeups.wake();
+                job_from_row(&row)
+            }
+            None => Err(self.refusal(id, "cancel").await),
+        }
+    }
+
+    async fn retry(&self, id: Uuid) -> Result<Job, QueueError> {
+        let sql = format!(
+            "UPDATE jobs SET state = 'available', run_at = now(), attempt = 0, finished_at = NULL, \
+             updated_at = now() \
+             WHERE id = $1 AND state IN ('dead', 'cancelled') RETURNING {JOB_COLUMNS}"
+        );
+        match sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await {
+            Ok(Some(row)) => {
+                self.wakeups.wake();
+                job_from_row(&row)
+            }
+            Ok(None) => Err(self.refusal(id, "retry").await),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(QueueError::Invalid(
+                format!("job {id}: another job with its idempotency key is unfinished"),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Job>, QueueError> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+        sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(job_from_row)
+            .transpose()
+    }
+
+    async fn list(&self, filter: JobFilter) -> Result<Vec<Job>, QueueError> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs \
+             WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR queue = $2) \
+               AND ($3::text IS NULL OR kind = $3) \
+             ORDER BY seq DESC LIMIT $4"
+        );
+        sqlx::query(&sql)
+            .bind(filter.state.map(JobState::as_str))
+            .bind(filter.queue)
+            .bind(filter.kind)
+            .bind(filter.limit.max(1) as i64)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(job_from_row)
+            .collect()
+    }
+
+    async fn prune(&self, before: DateTime<Utc>) -> Result<u64, QueueError> {
+        Ok(sqlx::query(
+            "DELETE FROM jobs WHERE state IN ('completed', 'cancelled') AND finished_at < $1",
+        )
+        .bind(before)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    fn wakeups(&self) -> watch::Receiver<u64> {
+        self.wakeups.subscribe()
+    }
+
+    async fn close(&self) {
+        for task in std::mem::take(&mut *self.tasks.lock().expect("tasks lock")) {
+            task.abort();
+        }
+    }
+}
+
+impl PgJobQueue {
+    /// Why an operation found no job in the right state.
+    async fn refusal(&self, id: Uuid, action: &'static str) -> QueueError {
+        match self.get(id).await {
+            Ok(Some(job)) => QueueError::WrongState {
+                id,
+                state: job.state,
+                action,
+            },
+            Ok(None) => QueueError::NotFound(id),
+            Err(e) => e,
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Workers: claim jobs of one queue in batches, run each with its handler under a timeout and a
+//! lease that is extended while it runs, and report outcomes in batches.
+//!
+//! A handler that fails (or panics, or times out) fails its job, which is then retried or dead
+//! lettered by the queue; the worker lives on. On shutdown a worker stops claiming, lets running
+//! jobs finish until a deadline, and releases the rest (they run again, the attempt not counted).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::FutureExt;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::{AbortHandle, JoinSet};
+use uuid::Uuid;
+
+use super::{Job, JobQueue, Outcome, QueueError};
+
+/// What a handler asks for when it does not fail.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Done {
+    Complete,
+    /// Run again after this long; the attempt does not count.
+    Snooze(Duration),
+    /// Stop: the job will not run again.
+    Cancel(String),
+}
+
+/// A handler's result: `Err` fails the attempt with that message.
+pub type HandlerResult = Result<Done, String>;
+
+type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
+type Handler = Arc<dyn Fn(Job) -> HandlerFuture + Send + Sync>;
+
+/// How a worker runs.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Identifies this worker in leases (`locked_by`).
+    pub id: String,
+    pub queue: String,
+    /// Jobs running at once.
+    pub concurrency: usize,
+    /// Most jobs claimed per query.
+    pub claim_batch: usize,
+    /// How long a lease lasts; it is extended every third of it while the job runs, so a job of a
+    /// dead worker is rescued within this time.
+    pub lease: Duration,
+    /// Wait this long for a wake-up before looking for jobs anyway.
+    pub poll_interval: Duration,
+    /// How often this worker rescues jobs whose lease expired.
+    pub rescue_interval: Duration,
+    /// On shutdown, how long running jobs may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl WorkerOptions {
+    pub fn new(queue: impl Into<String>) -> Self {
+        Self {
+            id: format!("worker-{}", Uuid::now_v7().simple()),
+            queue: queue.into(),
+            concurrency: 8,
+            claim_batch: 64,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            rescue_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A worker of one queue with handlers by job kind.
+pub struct Worker {
+    queue: Arc<dyn JobQueue>,
+    handlers: HashMap<String, Handler>,
+    options: WorkerOptions,
+}
+
+impl Worker {
+    pub fn new(queue: Arc<dyn JobQueue>, options: WorkerOptions) -> Self {
+        Self {
+            queue,
+            handlers: HashMap::new(),
+            options,
+        }
+    }
+
+    /// Runs jobs of `kind` with `handler`.
+    pub fn handle<F, Fut>(mut self, kind: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(Job) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.handlers
+            .insert(kind.into(), Arc::new(move |job| Box::pin(handler(job))));
+        self
+    }
+
+    pub fn options(&self) -> &WorkerOptions {
+        &self.options
+    }
+
+    /// Claims one batch, runs it to the end and records the outcomes. Returns how many jobs ran
+    /// (0: nothing was runnable). For tests and tools that drive a worker step by step.
+    pub async fn step(&self) -> Result<usize, QueueError> {
+        let jobs = self
+            .queue
+            .claim(
+                &self.options.queue,
+                &self.options.id,
+                self.options.claim_batch,
+                self.options.lease,
+            )
+            .await?;
+        let count = jobs.len();
+        let mut running = JoinSet::new();
+        for job in jobs {
+            let handler = self.handlers.get(&job.kind).cloned();
+            running.spawn(async move { (job.id, run_one(handler, job).await) });
+        }
+        let mut outcomes = Vec::with_capacity(count);
+        while let Some(done) = running.join_next().await {
+            outcomes.push(done.expect("run_one catches panics"));
+        }
+        self.queue.finish(&self.options.id, outcomes).await?;
+        Ok(count)
+    }
+
+    /// Runs until `shutdown` resolves, then stops claiming, lets running jobs finish until the
+    /// grace period ends and releases the rest.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), QueueError> {
+        let Worker {
+            queue,
+            handlers,
+            options,
+        } = self;
+        let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
+        let running: Arc<Mutex<HashMap<Uuid, AbortHandle>>> = Arc::default();
+        let (outcomes, finished) = mpsc::unbounded_channel::<(Uuid, Outcome)>();
+        let reporter = tokio::spawn(report(
+            queue.clone(),
+            options.id.clone(),
+            finished,
+            running.clone(),
+        ));
+        let keeper = tokio::spawn(keep_leases(queue.clone(), options.clone(), running.clone()));
+        let mut wakeups = queue.wakeups();
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+
+        loop {
+            let free = permits.available_permits();
+            let mut claimed = 0;
+            if free > 0 {
+                wakeups.borrow_and_update();
+                let jobs = match queue
+                    .claim(
+                        &options.queue,
+                        &options.id,
+                        free.min(options.claim_batch),
+                        options.lease,
+                    )
+                    .await
+                {
+                    Ok(jobs) => jobs,
+                    Err(e) => {
+                        tracing::warn!(error = %e, queue = %options.queue, "claim failed");
+                        Vec::new()
+                    }
+                };
+                claimed = jobs.len();
+                for job in jobs {
+                    let permit = permits
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore open");
+                    let handler = handlers.get(&job.kind).cloned();
+                    let outcomes = outcomes.clone();
+                    let id = job.id;
+                    let handle = tasks.spawn(async move {
+                        let outcome = run_one(handler, job).await;
+                        let _ = outcomes.send((id, outcome));
+                        drop(permit);
+                    });
+                    running.lock().expect("running lock").insert(id, handle);
+                }
+            }
+            // Reap finished tasks without waiting.
+            while tasks.try_join_next().is_some() {}
+            if claimed > 0 && permits.available_permits() > 0 {
+                continue;
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = wakeups.changed() => {}
+                _ = permits.clone().acquire_owned(), if permits.available_permits() == 0 => {}
+                _ = tokio::time::sleep(options.poll_interval) => {}
+            }
+        }
+
+        // Shutdown: no more claims; running jobs get the grace period.
+        let drained = tokio::time::timeout(options.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            let left: Vec<Uuid> = running
+                .lock()
+                .expect("running lock")
+                .keys()
+                .copied()
+                .collect();
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            tracing::warn!(
+                jobs = left.len(),
+                "shutdown grace period over; releasing jobs"
+            );
+            for id in left {
+                let _ = outcomes.send((id, Outcome::Snoozed { until: Utc::now() }));
+            }
+        }
+        drop(outcomes);
+        keeper.abort();
+        let _ = reporter.await;
+        Ok(())
+    }
+}
+
+/// Runs one job: its handler under the job's timeout, panics caught.
+async fn run_one(handler: Option<Handler>, job: Job) -> Outcome {
+    let Some(handler) = handler else {
+        return Outcome::Failed {
+            error: format!("no handler for job kind {:?}", job.kind),
+        };
+    };
+    let timeout = job.timeout();
+    let attempt = AssertUnwindSafe(handler(job)).catch_unwind();
+    match tokio::time::timeout(timeout, attempt).await {
+        Err(_) => Outcome::Failed {
+            error: format!("timed out after {timeout:?}"),
+        },
+        Ok(Err(panic)) => Outcome::Failed {
+            error: format!("handler panicked: {}", panic_message(&panic)),
+        },
+        Ok(Ok(Err(error))) => Outcome::Failed { error },
+        Ok(Ok(Ok(Done::Complete))) => Outcome::Completed,
+        Ok(Ok(Ok(Done::Snooze(after)))) => Outcome::Snoozed {
+            until: Utc::now() + chrono::Duration::from_std(after).unwrap_or_default(),
+        },
+        Ok(Ok(Ok(Done::Cancel(reason)))) => Outcome::Cancelled { reason },
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Records outcomes in batches: everything that finished while the previous batch was written.
+async fn report(
+    queue: Arc<dyn JobQueue>,
+    worker: String,
+    mut finished: mpsc::UnboundedReceiver<(Uuid, Outcome)>,
+    running: Arc<Mutex<HashMap<Uuid, AbortHandle>>>,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = finished.recv().await {
+        batch.push(first);
+        while let Ok(more) = finished.try_recv() {
+            batch.push(more);
+        }
+        {
+            let mut running = running.lock().expect("running lock");
+            for (id, _) in &batch {
+                running.remove(id);
+            }
+        }
+        let outcomes = std::mem::take(&mut batch);
+        // Retried until it goes through: an outcome lost here would make the job run again
+        // after its lease expires.
+        let mut wait = Duration::from_millis(50);
+        while let Err(e) = queue.finish(&worker, outcomes.clone()).await {
+            tracing::warn!(error = %e, jobs = outcomes.len(), "recording job outcomes failed; retrying");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Extends the leases of running jobs, stops jobs that are no longer this worker's (cancelled or
+/// rescued), and rescues jobs of dead workers.
+async fn keep_leases(
+    queue: Arc<dyn JobQueue>,
+    options: WorkerOptions,
+    running: Arc<Mutex<HashMap<Uuid, AbortHandle>>>,
+) {
+    let mut extend = tokio::time::interval(options.lease / 3);
+    let mut rescue = tokio::time::interval(options.rescue_interval);
+    loop {
+        tokio::select! {
+            _ = extend.tick() => {
+                let ids: Vec<Uuid> = running.lock().expect("running lock").keys().copied().collect();
+                match queue.extend_leases(&options.id, &ids, options.lease).await {
+                    Ok(lost) => {
+                        let mut running = running.lock().expect("running lock");
+                        for id in lost {
+                            if let Some(task) = running.remove(&id) {
+                                tracing::info!(job = %id, "job no longer ours (cancelled or rescued); stopping it");
+                                task.abort();
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "extending leases failed"),
+                }
+            }
+            _ = rescue.tick() => {
+                match queue.rescue_expired().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(jobs = n, "rescued jobs with expired leases"),
+                    Err(e) => tracing::warn!(error = %e, "rescuing expired leases failed"),
+                }
+            }
+        }
+    }
+}

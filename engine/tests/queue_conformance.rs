@@ -1,0 +1,472 @@
+//! The job-queue port's conformance suite, run unchanged against PostgreSQL and SQLite.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::json;
+use stele_engine::queue::{Enqueued, JobFilter, JobQueue, JobState, NewJob, Outcome, QueueError};
+use stele_engine::store::StorePool;
+use stele_engine::{AppendRequest, CommandMeta, NewEvent, Store, StreamId};
+use uuid::Uuid;
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn job(kind: &str) -> NewJob {
+    NewJob::new("default", kind, json!({ "kind": kind }))
+}
+
+async fn enqueue_one(queue: &dyn JobQueue, new: NewJob) -> Uuid {
+    match queue.enqueue(vec![new]).await.unwrap().pop().unwrap() {
+        Enqueued::Inserted(job) => job.id,
+        Enqueued::Existing(job) => panic!("unexpected existing job {}", job.id),
+    }
+}
+
+async fn claim_ids(queue: &dyn JobQueue, worker: &str, limit: usize) -> Vec<Uuid> {
+    queue
+        .claim("default", worker, limit, LEASE)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect()
+}
+
+/// Moves a job's run time to now, standing in for the passing of its backoff.
+async fn make_due(store: &Store, id: Uuid) {
+    match &store.pool {
+        StorePool::Postgres(pool) => {
+            sqlx::query("UPDATE jobs SET run_at = now() WHERE id = $1")
+                .bind(id)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        StorePool::Sqlite(pool) => {
+            sqlx::query("UPDATE jobs SET run_at = ? WHERE id = ?")
+                .bind(Utc::now().timestamp_micros())
+                .bind(id.to_string())
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn jobs_are_claimed_by_priority_then_age(store: &Store) {
+    let queue = store.queue.as_ref();
+    let low = enqueue_one(queue, job("a")).await;
+    let high = enqueue_one(queue, job("b").priority(5)).await;
+    let low2 = enqueue_one(queue, job("c")).await;
+    let other_queue = NewJob::new("elsewhere", "x", json!({}));
+    enqueue_one(queue, other_queue).await;
+
+    let claimed = queue.claim("default", "w1", 2, LEASE).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![high, low]
+    );
+    for job in &claimed {
+        assert_eq!(job.state, JobState::Running);
+        assert_eq!(job.attempt, 1);
+        assert_eq!(job.locked_by.as_deref(), Some("w1"));
+        assert!(job.lease_expires_at.unwrap() > Utc::now());
+    }
+    assert_eq!(claim_ids(queue, "w2", 10).await, vec![low2]);
+    assert!(claim_ids(queue, "w2", 10).await.is_empty());
+    let stored = queue.get(high).await.unwrap().unwrap();
+    assert_eq!(stored.payload, json!({ "kind": "b" }));
+}
+
+async fn delayed_jobs_wait_for_their_time(store: &Store) {
+    let queue = store.queue.as_ref();
+    let later = enqueue_one(
+        queue,
+        job("later").run_at(Utc::now() + chrono::Duration::hours(1)),
+    )
+    .await;
+    assert!(claim_ids(queue, "w", 10).await.is_empty());
+    make_due(store, later).await;
+    assert_eq!(claim_ids(queue, "w", 10).await, vec![later]);
+}
+
+async fn an_idempotency_key_returns_the_unfinished_job(store: &Store) {
+    let queue = store.queue.as_ref();
+    let first = enqueue_one(queue, job("send").idempotency_key("reply-1")).await;
+    let again = queue
+        .enqueue(vec![
+            job("send").idempotency_key("reply-1"),
+            job("send").idempotency_key("reply-1"),
+        ])
+        .await
+        .unwrap();
+    assert!(again
+        .iter()
+        .all(|e| matches!(e, Enqueued::Existing(j) if j.id == first)));
+    // Once it finished, the key may be used again.
+    assert_eq!(claim_ids(queue, "w", 10).await, vec![first]);
+    queue
+        .finish("w", vec![(first, Outcome::Completed)])
+        .await
+        .unwrap();
+    let next = enqueue_one(queue, job("send").idempotency_key("reply-1")).await;
+    assert_ne!(next, first);
+}
+
+async fn jobs_enqueued_in_a_transaction_exist_only_if_it_commits(store: &Store) {
+    let queue = store.queue.as_ref();
+    let meta = CommandMeta::new("user:1", "test");
+    let request = |id: &str| AppendRequest {
+        command_id: Uuid::now_v7(),
+        stream: StreamId::new("task", id),
+        expected_sequence: 0,
+        events: vec![NewEvent {
+            event_type: "TaskCreated".into(),
+            event_version: "1.0".into(),
+            payload: json!({}),
+            metadata: meta.for_event(Uuid::now_v7()),
+        }],
+    };
+    {
+        let mut tx = store.log.begin().await.unwrap();
+        tx.append(request("rolled-back")).await.unwrap();
+        queue
+            .enqueue_in(tx.as_mut(), vec![job("step")])
+            .await
+            .unwrap();
+        // dropped without commit
+    }
+    assert!(claim_ids(queue, "w", 10).await.is_empty());
+
+    let mut tx = store.log.begin().await.unwrap();
+    tx.append(request("committed")).await.unwrap();
+    let enqueued = queue
+        .enqueue_in(tx.as_mut(), vec![job("step")])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(claim_ids(queue, "w", 10).await, vec![enqueued[0].job().id]);
+    assert_eq!(
+        store
+            .log
+            .read_stream(&StreamId::new("task", "committed"), 0)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+async fn jobs_with_one_ordering_key_run_one_at_a_time_in_order(store: &Store) {
+    let queue = store.queue.as_ref();
+    let a1 = enqueue_one(queue, job("m").ordering_key("chat-1")).await;
+    let a2 = enqueue_one(queue, job("m").ordering_key("chat-1").priority(9)).await;
+    let a3 = enqueue_one(queue, job("m").ordering_key("chat-1")).await;
+    let b1 = enqueue_one(queue, job("m").ordering_key("chat-2")).await;
+
+    let first: HashSet<Uuid> = claim_ids(queue, "w", 10).await.into_iter().collect();
+    assert_eq!(first, HashSet::from([a1, b1]));
+    assert!(
+        claim_ids(queue, "w", 10).await.is_empty(),
+        "a2 waits for a1"
+    );
+    queue
+        .finish("w", vec![(a1, Outcome::Completed)])
+        .await
+        .unwrap();
+    assert_eq!(claim_ids(queue, "w", 10).await, vec![a2]);
+    // A failed head keeps the order: a3 waits for a2's retry.
+    queue
+        .finish(
+            "w",
+            vec![(
+                a2,
+                Outcome::Failed {
+                    error: "boom".into(),
+                },
+            )],
+        )
+        .await
+        .unwrap();
+    make_due(store, a2).await;
+    assert_eq!(claim_ids(queue, "w", 10).await, vec![a2]);
+    queue
+        .finish("w", vec![(a2, Outcome::Completed)])
+        .await
+        .unwrap();
+    assert_eq!(claim_ids(queue, "w", 10).await, vec![a3]);
+}
+
+async fn failures_back_off_then_go_dead_with_every_error(store: &Store) {
+    let queue = store.queue.as_ref();
+    let id = enqueue_one(queue, job("flaky").max_attempts(2)).await;
+    assert_eq!(claim_ids(queue, "w", 1).await, vec![id]);
+    queue
+        .finish(
+            "w",
+            vec![(
+                id,
+                Outcome::Failed {
+                    error: "first".into(),
+                },
+            )],
+        )
+        .await
+        .unwrap();
+    let retrying = queue.get(id).await.unwrap().unwrap();
+    assert_eq!(retrying.state, JobState::Available);
+    assert!(retrying.run_at > Utc::now(), "backed off");
+    assert_eq!(retrying.last_error.as_deref(), Some("first"));
+    assert!(claim_ids(queue, "w", 1).await.is_empty());
+
+    make_due(store, id).await;
+    assert_eq!(claim_ids(queue, "w", 1).await, vec![id]);
+    queue
+        .finish(
+            "w",
+            vec![(
+                id,
+                Outcome::Failed {
+                    error: "second".into(),
+                },
+            )],
+        )
+        .await
+        .unwrap();
+    let dead = queue.get(id).await.unwrap().unwrap();
+    assert_eq!(dead.state, JobState::Dead);
+    assert_eq!(dead.attempt, 2);
+    assert!(dead.finished_at.is_some());
+    let errors: Vec<(i32, &str)> = dead
+        .errors
+        .iter()
+        .map(|e| (e.attempt, e.error.as_str()))
+        .collect();
+    assert_eq!(errors, vec![(1, "first"), (2, "second")]);
+    let listed = queue
+        .list(JobFilter {
+            state: Some(JobState::Dead),
+            limit: 10,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![id]);
+
+    // An operator retries it: a fresh set of attempts.
+    let retried = queue.retry(id).await.unwrap();
+    assert_eq!((retried.state, retried.attempt), (JobState::Available, 0));
+    assert_eq!(claim_ids(queue, "w", 1).await, vec![id]);
+}
+
+async fn cancel_and_its_refusals(store: &Store) {
+    let queue = store.queue.as_ref();
+    let waiting = enqueue_one(queue, job("x")).await;
+    assert_eq!(
+        queue.cancel(waiting).await.unwrap().state,
+        JobState::Cancelled
+    );
+    assert!(matches!(
+        queue.cancel(waiting).await,
+        Err(QueueError::WrongState {
+            state: JobState::Cancelled,
+            ..
+        })
+    ));
+    assert!(matches!(
+        queue.cancel(Uuid::now_v7()).await,
+        Err(QueueError::NotFound(_))
+    ));
+    assert!(claim_ids(queue, "w", 10).await.is_empty());
+
+    // Cancelling a running job takes it from its worker: the worker's lease check says so.
+    let running = enqueue_one(queue, job("y")).await;
+    assert_eq!(claim_ids(queue, "w", 10).await, vec![running]);
+    queue.cancel(running).await.unwrap();
+    assert_eq!(
+        queue.extend_leases("w", &[running], LEASE).await.unwrap(),
+        vec![running]
+    );
+    // Its late outcome changes nothing.
+    queue
+        .finish("w", vec![(running, Outcome::Completed)])
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.get(running).await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+    assert!(matches!(
+        queue.retry(enqueue_one(queue, job("z")).await).await,
+        Err(QueueError::WrongState {
+            state: JobState::Available,
+            ..
+        })
+    ));
+}
+
+async fn expired_leases_are_rescued(store: &Store) {
+    let queue = store.queue.as_ref();
+    let id = enqueue_one(queue, job("long")).await;
+    let claimed = queue
+        .claim("default", "dying", 1, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(claimed[0].id, id);
+    // A live worker's lease is not touched.
+    let kept = enqueue_one(queue, job("kept")).await;
+    assert_eq!(claim_ids(queue, "alive", 1).await, vec![kept]);
+
+    assert_eq!(queue.rescue_expired().await.unwrap(), 1);
+    let rescued = queue.get(id).await.unwrap().unwrap();
+    assert_eq!(rescued.state, JobState::Available);
+    assert!(rescued.last_error.unwrap().contains("lease expired"));
+    // The dead worker's late lease extension learns the job is gone.
+    assert_eq!(
+        queue.extend_leases("dying", &[id], LEASE).await.unwrap(),
+        vec![id]
+    );
+    assert!(queue
+        .extend_leases("alive", &[kept], LEASE)
+        .await
+        .unwrap()
+        .is_empty());
+    let again = queue.claim("default", "other", 1, LEASE).await.unwrap();
+    assert_eq!((again[0].id, again[0].attempt), (id, 2));
+}
+
+async fn snoozing_does_not_use_an_attempt(store: &Store) {
+    let queue = store.queue.as_ref();
+    let id = enqueue_one(queue, job("wait")).await;
+    claim_ids(queue, "w", 1).await;
+    queue
+        .finish("w", vec![(id, Outcome::Snoozed { until: Utc::now() })])
+        .await
+        .unwrap();
+    let snoozed = queue.get(id).await.unwrap().unwrap();
+    assert_eq!((snoozed.state, snoozed.attempt), (JobState::Available, 0));
+    // Outcomes from a worker that does not hold the job are ignored.
+    claim_ids(queue, "w", 1).await;
+    queue
+        .finish("intruder", vec![(id, Outcome::Completed)])
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.get(id).await.unwrap().unwrap().state,
+        JobState::Running
+    );
+}
+
+async fn finished_jobs_are_pruned(store: &Store) {
+    let queue = store.queue.as_ref();
+    let done = enqueue_one(queue, job("done")).await;
+    let dead = enqueue_one(queue, job("dead").max_attempts(1)).await;
+    let claimed = claim_ids(queue, "w", 10).await;
+    assert_eq!(claimed.len(), 2);
+    queue
+        .finish(
+            "w",
+            vec![
+                (done, Outcome::Completed),
+                (dead, Outcome::Failed { error: "x".into() }),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        queue
+            .prune(Utc::now() - chrono::Duration::hours(1))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        queue
+            .prune(Utc::now() + chrono::Duration::seconds(1))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(queue.get(done).await.unwrap().is_none());
+    assert_eq!(
+        queue.get(dead).await.unwrap().unwrap().state,
+        JobState::Dead,
+        "dead jobs are kept"
+    );
+}
+
+async fn concurrent_claims_never_share_a_job(store: &Store) {
+    let queue = store.queue.clone();
+    queue
+        .enqueue((0..200).map(|i| job(&format!("k{i}"))).collect())
+        .await
+        .unwrap();
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let queue: Arc<dyn JobQueue> = queue.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let batch = claim_ids(queue.as_ref(), &format!("w{w}"), 7).await;
+                    if batch.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(batch);
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(worker.await.unwrap());
+    }
+    assert_eq!(all.len(), 200);
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), 200);
+}
+
+async fn invalid_jobs_are_refused(store: &Store) {
+    let queue = store.queue.as_ref();
+    let mut no_kind = job("x");
+    no_kind.kind.clear();
+    assert!(matches!(
+        queue.enqueue(vec![no_kind]).await,
+        Err(QueueError::Invalid(_))
+    ));
+    let mut no_time = job("x");
+    no_time.timeout = Duration::ZERO;
+    assert!(matches!(
+        queue.enqueue(vec![no_time]).await,
+        Err(QueueError::Invalid(_))
+    ));
+}
+
+async fn enqueues_wake_waiting_workers(store: &Store) {
+    let queue = store.queue.clone();
+    let mut wakeups = queue.wakeups();
+    wakeups.borrow_and_update();
+    enqueue_one(queue.as_ref(), job("ping")).await;
+    tokio::time::timeout(Duration::from_secs(10), wakeups.changed())
+        .await
+        .expect("woken")
+        .unwrap();
+}
+
+for_each_backend!(
+    jobs_are_claimed_by_priority_then_age,
+    delayed_jobs_wait_for_their_time,
+    an_idempotency_key_returns_the_unfinished_job,
+    jobs_enqueued_in_a_transaction_exist_only_if_it_commits,
+    jobs_with_one_ordering_key_run_one_at_a_time_in_order,
+    failures_back_off_then_go_dead_with_every_error,
+    cancel_and_its_refusals,
+    expired_leases_are_rescued,
+    snoozing_does_not_use_an_attempt,
+    finished_jobs_are_pruned,
+    concurrent_claims_never_share_a_job,
+    invalid_jobs_are_refused,
+    enqueues_wake_waiting_workers,
+);
