@@ -245,7 +245,7 @@ async fn run_one(handler: Option<Handler>, job: Job) -> Outcome {
             error: format!("timed out after {timeout:?}"),
         },
         Ok(Err(panic)) => Outcome::Failed {
-            error: format!("handler panicked: {}", panic_message(&panic)),
+            error: format!("handler panicked: {}", panic_message(panic.as_ref())),
         },
         Ok(Ok(Err(error))) => Outcome::Failed { error },
         Ok(Ok(Ok(Done::Complete))) => Outcome::Completed,
