@@ -3,6 +3,7 @@
 
 mod bench;
 mod events;
+mod jobs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +62,9 @@ enum Command {
     /// Read the event log.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Inspect and operate the job queue.
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
     /// Measure throughput and latency; prints JSON.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -132,6 +136,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Up { data_dir } => up(data_dir).await,
         Command::Events(EventsCommand::Tail(args)) => events::tail(args).await,
+        Command::Jobs(command) => jobs::run(command).await,
         Command::Bench(command) => bench::run(command).await,
     }
 }

@@ -291,3 +291,68 @@ fn benchmarks_print_json() {
         assert_eq!(figure["events"], 2000);
     }
 }
+
+#[test]
+fn jobs_commands_inspect_and_operate_the_queue() {
+    use stele_engine::queue::{NewJob, Outcome};
+    let db = TestDb::sqlite();
+    let runtime = runtime();
+    let id = runtime.block_on(async {
+        let store = db.open().await;
+        let job = NewJob::new("default", "send_reply", json!({ "chat": 42 })).max_attempts(1);
+        let id = store.queue.enqueue(vec![job]).await.unwrap()[0].job().id;
+        store
+            .queue
+            .claim("default", "w", 1, Duration::from_secs(30))
+            .await
+            .unwrap();
+        store
+            .queue
+            .finish(
+                "w",
+                vec![(
+                    id,
+                    Outcome::Failed {
+                        error: "SMTP said no".into(),
+                    },
+                )],
+            )
+            .await
+            .unwrap();
+        store.close().await;
+        id
+    });
+    let args = store_args(&db.location);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let id_text = id.to_string();
+
+    let dead = run(&[&["jobs", "dead", "--json"], &args[..]].concat());
+    assert!(dead.status.success(), "{}", stderr(&dead));
+    let listed: Value = serde_json::from_slice(&dead.stdout).unwrap();
+    assert_eq!(listed[0]["id"], id_text);
+    assert_eq!(listed[0]["errors"][0]["error"], "SMTP said no");
+
+    let table = run(&[&["jobs", "list"], &args[..]].concat());
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("dead") && text.contains("send_reply") && text.contains("SMTP said no"),
+        "{text}"
+    );
+
+    let shown = run(&[&["jobs", "show", &id_text], &args[..]].concat());
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("attempt 1 at"));
+
+    let retried = run(&[&["jobs", "retry", &id_text, "--json"], &args[..]].concat());
+    let job: Value = serde_json::from_slice(&retried.stdout).unwrap();
+    assert_eq!(job["state"], "available");
+    let cancelled = run(&[&["jobs", "cancel", &id_text, "--json"], &args[..]].concat());
+    let job: Value = serde_json::from_slice(&cancelled.stdout).unwrap();
+    assert_eq!(job["state"], "cancelled");
+
+    let again = run(&[&["jobs", "cancel", &id_text], &args[..]].concat());
+    assert_one_line_error(&again, 1, "is cancelled: cancel is not possible");
+    let unknown = run(&[&["jobs", "show", &Uuid::now_v7().to_string()], &args[..]].concat());
+    assert_one_line_error(&unknown, 1, "no job");
+    let bad_state = run(&[&["jobs", "list", "--state", "sleeping"], &args[..]].concat());
+    assert_one_line_error(&bad_state, 2, "unknown job state");
+}
