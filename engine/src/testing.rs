@@ -119,3 +119,72 @@ impl Drop for TestDb {
         }
     }
 }
+
+/// The backends a test can run on.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Postgres,
+    Sqlite,
+}
+
+/// A multi-threaded runtime for one test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A fresh database of `kind`.
+pub async fn test_db(kind: Kind) -> TestDb {
+    match kind {
+        Kind::Postgres => TestDb::postgres().await,
+        Kind::Sqlite => TestDb::sqlite(),
+    }
+}
+
+/// Opens a fresh migrated store of `kind`, runs `body` with it, closes it.
+pub fn with_store<F, Fut>(kind: Kind, body: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: std::future::Future<Output = Store>,
+{
+    runtime().block_on(async {
+        let db = test_db(kind).await;
+        let store = db.open().await;
+        let store = body(store).await;
+        store.close().await;
+        drop(db);
+    });
+}
+
+/// Instantiates each listed `async fn(&Store)` once per backend, as `postgres::NAME` and
+/// `sqlite::NAME` tests: one conformance suite, every adapter.
+#[macro_export]
+macro_rules! for_each_backend {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    $crate::testing::with_store($crate::testing::Kind::Postgres, |store| async move {
+                        super::$name(&store).await;
+                        store
+                    });
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    $crate::testing::with_store($crate::testing::Kind::Sqlite, |store| async move {
+                        super::$name(&store).await;
+                        store
+                    });
+                }
+            )*
+        }
+    };
+}

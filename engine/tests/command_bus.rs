@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::for_each_backend;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -2,6 +2,8 @@
 
 mod support;
 
+use support::for_each_backend;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

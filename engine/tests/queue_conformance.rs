@@ -2,6 +2,8 @@
 
 mod support;
 
+use support::for_each_backend;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::for_each_backend;
+
 use std::sync::Arc;
 use std::time::Duration;
 

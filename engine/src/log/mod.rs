@@ -260,6 +260,10 @@ pub trait EventLog: Send + Sync + 'static {
     /// of the same server, which never notifies this one.
     async fn read_log(&self, after: Position, limit: usize) -> Result<LogBatch, LogError>;
 
+    /// The highest position stored (by position, which on PostgreSQL is not always the last event
+    /// in log order); [`Position::START`] for an empty log. For progress and lag estimates.
+    async fn head(&self) -> Result<Position, LogError>;
+
     /// Changes whenever events may have been appended (in this process, or, where the adapter can
     /// tell, in another). Subscribers wait on it, with a polling fallback.
     fn appends(&self) -> watch::Receiver<u64>;

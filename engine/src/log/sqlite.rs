@@ -502,6 +502,13 @@ impl EventLog for SqliteEventLog {
         })
     }
 
+    async fn head(&self) -> Result<Position, LogError> {
+        let head: Option<i64> = sqlx::query_scalar("SELECT max(global_position) FROM events")
+            .fetch_one(&self.readers)
+            .await?;
+        Ok(Position(head.unwrap_or(0)))
+    }
+
     fn appends(&self) -> watch::Receiver<u64> {
         self.appends.subscribe()
     }

@@ -1,0 +1,580 @@
+//! Projections: read models built from the log.
+//!
+//! A projection has a name, the event types it reads and an `apply` that writes its read model.
+//! The runner applies each batch of events and moves the projection's checkpoint in one
+//! transaction, so a crash at any point neither loses nor applies an event twice. It catches up
+//! from the checkpoint, then follows the log live. One runner at a time drives a projection,
+//! across processes, by a lease on its checkpoint that another runner takes over when it expires.
+//!
+//! A projection that fails on an event stops there with the error in its status; an operator
+//! retries it or skips that one event (the skip is recorded as an event). `rebuild` replays the
+//! log from the start into fresh tables and swaps them in when caught up, so readers keep a
+//! consistent view meanwhile.
+
+pub mod checkpoint;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::json;
+use uuid::Uuid;
+
+pub use checkpoint::{Checkpoint, Status};
+
+use crate::log::{
+    AppendRequest, EventLog, LogError, LogTransaction, NewEvent, Position, RecordedEvent, StreamId,
+    TxConnection,
+};
+use crate::metadata::CommandMeta;
+use crate::store::{Store, StorePool};
+
+/// The table names a projection writes to: its base names, or fresh copies during a rebuild.
+#[derive(Clone, Debug)]
+pub struct Tables {
+    suffix: &'static str,
+}
+
+impl Tables {
+    const LIVE: Tables = Tables { suffix: "" };
+    const REBUILD: Tables = Tables {
+        suffix: "__rebuild",
+    };
+
+    /// The table to use for `base`.
+    pub fn name(&self, base: &str) -> String {
+        format!("{base}{}", self.suffix)
+    }
+}
+
+/// Errors of projections.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("{0}")]
+    Apply(String),
+    #[error("no projection named {0:?}")]
+    Unknown(String),
+    #[error("projection {name} is {status:?}: {action} is not possible")]
+    WrongStatus {
+        name: String,
+        status: Status,
+        action: &'static str,
+    },
+    #[error("another runner holds projection {0}")]
+    Busy(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// A read model built from the log.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// Unique, stable: the checkpoint's name.
+    fn name(&self) -> &'static str;
+
+    /// The event types it reads; empty means all.
+    fn event_types(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The base names of its tables.
+    fn tables(&self) -> &'static [&'static str];
+
+    /// Creates its tables, named by `tables`, if missing.
+    async fn create(&self, conn: TxConnection<'_>, tables: &Tables) -> Result<(), ProjectionError>;
+
+    /// Applies events (in log order) to its tables, inside the runner's transaction.
+    async fn apply(
+        &self,
+        conn: TxConnection<'_>,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), ProjectionError>;
+}
+
+/// A projection's status with its lag.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProjectionStatus {
+    #[serde(flatten)]
+    pub checkpoint: Checkpoint,
+    /// Events committed after the checkpoint (approximate on PostgreSQL, where positions are not
+    /// dense in log order).
+    pub lag_events: i64,
+    /// How long ago the oldest unapplied event was recorded (0 when caught up).
+    pub lag_seconds: f64,
+}
+
+/// Progress of a rebuild.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Progress {
+    pub events_read: u64,
+    pub position: Position,
+    pub head: Position,
+}
+
+/// Runs projections.
+pub struct ProjectionRunner {
+    log: Arc<dyn EventLog>,
+    pool: StorePool,
+    projections: Vec<Arc<dyn Projection>>,
+    owner: String,
+    batch_size: usize,
+    lease: Duration,
+    poll_interval: Duration,
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stepped {
+    /// Events read from the log (relevant or not).
+    pub read: usize,
+    /// A read was held back by an open transaction: step again soon.
+    pub held_back: bool,
+}
+
+impl ProjectionRunner {
+    pub fn new(store: &Store, projections: Vec<Arc<dyn Projection>>) -> Self {
+        Self {
+            log: store.log.clone(),
+            pool: store.pool.clone(),
+            projections,
+            owner: format!("runner-{}", Uuid::now_v7().simple()),
+            batch_size: 1000,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// Events per transaction.
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// How long a runner's hold on a projection lasts without renewal (takeover time).
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    fn find(&self, name: &str) -> Result<&Arc<dyn Projection>, ProjectionError> {
+        self.projections
+            .iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| ProjectionError::Unknown(name.to_owned()))
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.projections.iter().map(|p| p.name()).collect()
+    }
+
+    /// Creates the projections' tables and checkpoints if missing.
+    pub async fn setup(&self) -> Result<(), ProjectionError> {
+        for projection in &self.projections {
+            checkpoint::ensure(&self.pool, projection.name()).await?;
+            let mut tx = self.log.begin().await?;
+            projection.create(tx.connection(), &Tables::LIVE).await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Applies the next batch of events to projection `name`, if this runner holds it and it is
+    /// running. On a failing event the projection applies the events before it and stops there.
+    pub async fn step(&self, name: &str) -> Result<Stepped, ProjectionError> {
+        let projection = self.find(name)?.clone();
+        let Some(cp) = checkpoint::load(&self.pool, name).await? else {
+            return Ok(Stepped::default());
+        };
+        if cp.status != Status::Running {
+            checkpoint::release(&self.pool, name, &self.owner).await?;
+            return Ok(Stepped::default());
+        }
+        if !checkpoint::acquire(&self.pool, name, &self.owner, self.lease).await? {
+            return Ok(Stepped::default());
+        }
+        let batch = self.log.read_log(cp.position, self.batch_size).await?;
+        let Some(last) = batch.events.last() else {
+            return Ok(Stepped {
+                read: 0,
+                held_back: batch.held_back,
+            });
+        };
+        let last_position = last.position;
+        let relevant = relevant(projection.as_ref(), &batch.events);
+        match self
+            .apply_batch(projection.as_ref(), &relevant, last_position)
+            .await
+        {
+            Ok(()) => {}
+            Err(ProjectionError::Apply(_)) => {
+                // Find the failing event: apply one at a time up to it.
+                let mut position = cp.position;
+                for event in &batch.events {
+                    let one = relevant_one(projection.as_ref(), event);
+                    if let Err(ProjectionError::Apply(error)) = self
+                        .apply_batch(projection.as_ref(), &one, event.position)
+                        .await
+                    {
+                        tracing::error!(projection = name, position = %event.position, %error, "projection stopped");
+                        checkpoint::set_status(
+                            &self.pool,
+                            name,
+                            Status::Failed,
+                            Some((event.position, &error)),
+                        )
+                        .await?;
+                        return Ok(Stepped {
+                            read: (position != cp.position) as usize,
+                            held_back: false,
+                        });
+                    }
+                    position = event.position;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(Stepped {
+            read: batch.events.len(),
+            held_back: batch.held_back,
+        })
+    }
+
+    async fn apply_batch(
+        &self,
+        projection: &dyn Projection,
+        events: &[RecordedEvent],
+        through: Position,
+    ) -> Result<(), ProjectionError> {
+        let mut tx = self.log.begin().await?;
+        if !events.is_empty() {
+            projection
+                .apply(tx.connection(), &Tables::LIVE, events)
+                .await?;
+        }
+        let last_at = events.last().map(|e| e.recorded_at);
+        let moved = checkpoint::advance(
+            tx.connection(),
+            projection.name(),
+            &self.owner,
+            through,
+            events.len() as i64,
+            last_at,
+        )
+        .await?;
+        if !moved {
+            // The lease was lost (or the projection paused): leave it to its holder.
+            return Err(ProjectionError::Busy(projection.name().to_owned()));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Catches up every projection, then follows the log until `shutdown` resolves.
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), ProjectionError> {
+        self.setup().await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in self.names() {
+            let runner = self.clone();
+            tasks.spawn(async move { runner.follow(name).await });
+        }
+        shutdown.await;
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        for name in self.names() {
+            checkpoint::release(&self.pool, name, &self.owner).await?;
+        }
+        Ok(())
+    }
+
+    async fn follow(&self, name: &'static str) {
+        let mut appends = self.log.appends();
+        let mut backoff = Duration::from_millis(2);
+        loop {
+            appends.borrow_and_update();
+            match self.step(name).await {
+                Ok(Stepped { read, .. }) if read > 0 => {
+                    backoff = Duration::from_millis(2);
+                    continue;
+                }
+                Ok(Stepped {
+                    held_back: true, ..
+                }) => {
+                    let _ = tokio::time::timeout(backoff, appends.changed()).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                    continue;
+                }
+                Ok(_) => {}
+                Err(ProjectionError::Busy(_)) => {}
+                Err(e) => tracing::warn!(projection = name, error = %e, "projection step failed"),
+            }
+            let wait = tokio::time::timeout(self.poll_interval, appends.changed()).await;
+            if let Ok(Err(_)) = wait {
+                tokio::time::sleep(self.poll_interval).await;
+            }
+        }
+    }
+
+    /// Every projection's checkpoint and lag.
+    pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
+        let head = head(self.log.as_ref()).await?;
+        let mut statuses = Vec::new();
+        for cp in checkpoint::list(&self.pool).await? {
+            if !self.projections.iter().any(|p| p.name() == cp.name) {
+                continue;
+            }
+            let next = match self.log.read_all(cp.position, 1).await {
+                Ok(next) => next,
+                Err(LogError::UnknownPosition(_)) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            let lag_seconds = next.first().map_or(0.0, |e| {
+                (Utc::now() - e.recorded_at).num_milliseconds().max(0) as f64 / 1000.0
+            });
+            let lag_events = if next.is_empty() {
+                0
+            } else {
+                (head.0 - cp.position.0).max(1)
+            };
+            statuses.push(ProjectionStatus {
+                checkpoint: cp,
+                lag_events,
+                lag_seconds,
+            });
+        }
+        Ok(statuses)
+    }
+
+    /// Lets a failed projection try its failing event again.
+    pub async fn retry(&self, name: &str) -> Result<(), ProjectionError> {
+        self.find(name)?;
+        let cp = self.checkpoint(name).await?;
+        if cp.status != Status::Failed {
+            return Err(ProjectionError::WrongStatus {
+                name: name.to_owned(),
+                status: cp.status,
+                action: "retry",
+            });
+        }
+        checkpoint::set_status(&self.pool, name, Status::Running, None).await?;
+        Ok(())
+    }
+
+    /// Skips the event a failed projection stopped at, recording the skip as an event; returns the
+    /// skipped position.
+    pub async fn skip(&self, name: &str, actor: &str) -> Result<Position, ProjectionError> {
+        self.find(name)?;
+        let cp = self.checkpoint(name).await?;
+        let (Status::Failed, Some(failed)) = (cp.status, cp.failed_position) else {
+            return Err(ProjectionError::WrongStatus {
+                name: name.to_owned(),
+                status: cp.status,
+                action: "skip",
+            });
+        };
+        let stream = StreamId::new("projection", name);
+        let version = self
+            .log
+            .read_stream(&stream, 0)
+            .await?
+            .last()
+            .map_or(0, |e| e.sequence);
+        let meta = CommandMeta::new(actor, "cli");
+        let mut tx = self.log.begin().await?;
+        tx.append(AppendRequest {
+            command_id: meta.command_id,
+            stream,
+            expected_sequence: version,
+            events: vec![NewEvent {
+                event_type: "ProjectionEventSkipped".into(),
+                event_version: "1.0".into(),
+                payload: json!({
+                    "projection": name,
+                    "position": failed,
+                    "error": cp.error,
+                }),
+                metadata: meta.for_event(Uuid::now_v7()),
+            }],
+        })
+        .await?;
+        checkpoint::reset(
+            tx.connection(),
+            name,
+            failed,
+            cp.events_applied,
+            cp.last_event_at,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(failed)
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<Checkpoint, ProjectionError> {
+        checkpoint::load(&self.pool, name)
+            .await?
+            .ok_or_else(|| ProjectionError::Unknown(name.to_owned()))
+    }
+
+    /// Rebuilds `name` from the start of the log into fresh tables and swaps them in when caught
+    /// up. Readers see the old tables until the swap; the live runner pauses only for the swap.
+    pub async fn rebuild(
+        &self,
+        name: &str,
+        mut progress: impl FnMut(Progress) + Send,
+    ) -> Result<Checkpoint, ProjectionError> {
+        let projection = self.find(name)?.clone();
+        checkpoint::ensure(&self.pool, name).await?;
+        {
+            let mut tx = self.log.begin().await?;
+            drop_tables(tx.as_mut(), projection.tables(), &Tables::REBUILD).await?;
+            projection.create(tx.connection(), &Tables::REBUILD).await?;
+            tx.commit().await?;
+        }
+        let mut position = Position::START;
+        let mut read = 0u64;
+        let mut applied = 0i64;
+        let mut last_at: Option<DateTime<Utc>> = None;
+        // Catch up while the live projection keeps running.
+        loop {
+            let caught_up = self
+                .replay_into(
+                    projection.as_ref(),
+                    &mut position,
+                    &mut read,
+                    &mut applied,
+                    &mut last_at,
+                    &mut progress,
+                )
+                .await?;
+            if caught_up {
+                break;
+            }
+        }
+        // Pause the live projection, take it over, finish, swap.
+        checkpoint::set_status(&self.pool, name, Status::Rebuilding, None).await?;
+        let deadline = tokio::time::Instant::now() + self.lease + Duration::from_secs(1);
+        while !checkpoint::acquire(&self.pool, name, &self.owner, self.lease).await? {
+            if tokio::time::Instant::now() > deadline {
+                checkpoint::set_status(&self.pool, name, Status::Running, None).await?;
+                return Err(ProjectionError::Busy(name.to_owned()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let swapped = async {
+            while !self
+                .replay_into(
+                    projection.as_ref(),
+                    &mut position,
+                    &mut read,
+                    &mut applied,
+                    &mut last_at,
+                    &mut progress,
+                )
+                .await?
+            {}
+            let mut tx = self.log.begin().await?;
+            drop_tables(tx.as_mut(), projection.tables(), &Tables::LIVE).await?;
+            for base in projection.tables() {
+                let sql = format!(
+                    "ALTER TABLE {} RENAME TO {}",
+                    Tables::REBUILD.name(base),
+                    Tables::LIVE.name(base)
+                );
+                execute(tx.as_mut(), &sql).await?;
+            }
+            checkpoint::reset(tx.connection(), name, position, applied, last_at).await?;
+            tx.commit().await?;
+            Ok::<_, ProjectionError>(())
+        }
+        .await;
+        if swapped.is_err() {
+            checkpoint::set_status(&self.pool, name, Status::Running, None).await?;
+        }
+        checkpoint::release(&self.pool, name, &self.owner).await?;
+        swapped?;
+        self.checkpoint(name).await
+    }
+
+    /// Applies events after `position` into the rebuild tables; true when caught up.
+    #[allow(clippy::too_many_arguments)]
+    async fn replay_into(
+        &self,
+        projection: &dyn Projection,
+        position: &mut Position,
+        read: &mut u64,
+        applied: &mut i64,
+        last_at: &mut Option<DateTime<Utc>>,
+        progress: &mut (impl FnMut(Progress) + Send),
+    ) -> Result<bool, ProjectionError> {
+        let batch = self.log.read_log(*position, self.batch_size).await?;
+        let Some(last) = batch.events.last() else {
+            if batch.held_back {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                return Ok(false);
+            }
+            return Ok(true);
+        };
+        let through = last.position;
+        let relevant = relevant(projection, &batch.events);
+        if !relevant.is_empty() {
+            let mut tx = self.log.begin().await?;
+            projection
+                .apply(tx.connection(), &Tables::REBUILD, &relevant)
+                .await?;
+            tx.commit().await?;
+            *applied += relevant.len() as i64;
+            *last_at = relevant.last().map(|e| e.recorded_at).or(*last_at);
+        }
+        *position = through;
+        *read += batch.events.len() as u64;
+        progress(Progress {
+            events_read: *read,
+            position: through,
+            head: head(self.log.as_ref()).await?,
+        });
+        Ok(false)
+    }
+}
+
+fn relevant(projection: &dyn Projection, events: &[RecordedEvent]) -> Vec<RecordedEvent> {
+    let types = projection.event_types();
+    events
+        .iter()
+        .filter(|e| types.is_empty() || types.contains(&e.event_type.as_str()))
+        .cloned()
+        .collect()
+}
+
+fn relevant_one(projection: &dyn Projection, event: &RecordedEvent) -> Vec<RecordedEvent> {
+    relevant(projection, std::slice::from_ref(event))
+}
+
+/// The newest position in the log (by position, not log order).
+async fn head(log: &dyn EventLog) -> Result<Position, LogError> {
+    log.head().await
+}
+
+async fn execute(tx: &mut dyn LogTransaction, sql: &str) -> Result<(), sqlx::Error> {
+    match tx.connection() {
+        TxConnection::Postgres(conn) => sqlx::query(sql).execute(conn).await.map(|_| ()),
+        TxConnection::Sqlite(conn) => sqlx::query(sql).execute(conn).await.map(|_| ()),
+    }
+}
+
+async fn drop_tables(
+    tx: &mut dyn LogTransaction,
+    bases: &[&str],
+    tables: &Tables,
+) -> Result<(), sqlx::Error> {
+    for base in bases {
+        execute(tx, &format!("DROP TABLE IF EXISTS {}", tables.name(base))).await?;
+    }
+    Ok(())
+}

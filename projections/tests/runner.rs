@@ -1,0 +1,333 @@
+//! The projection runner on both backends, with the streams view and test projections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use stele_engine::for_each_backend;
+use stele_engine::log::TxConnection;
+use stele_engine::projection::{
+    Projection, ProjectionError, ProjectionRunner, Status, Stepped, Tables,
+};
+use stele_engine::{
+    AppendRequest, CommandMeta, NewEvent, Position, RecordedEvent, Store, StreamId,
+};
+use stele_projections::{list_streams, StreamsView};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+async fn append(store: &Store, stream: &str, expected: i64, types: &[&str]) -> Vec<Position> {
+    let meta = CommandMeta::new("user:1", "test");
+    let outcome = store
+        .log
+        .append(AppendRequest {
+            command_id: meta.command_id,
+            stream: StreamId::new("note", stream),
+            expected_sequence: expected,
+            events: types
+                .iter()
+                .map(|t| NewEvent {
+                    event_type: (*t).into(),
+                    event_version: "1.0".into(),
+                    payload: json!({}),
+                    metadata: meta.for_event(Uuid::now_v7()),
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+    outcome.outcome().positions.clone()
+}
+
+/// Steps until the projection has read everything committed (or stopped).
+async fn drain(runner: &ProjectionRunner, name: &str) {
+    for _ in 0..10_000 {
+        match runner.step(name).await.unwrap() {
+            Stepped {
+                read: 0,
+                held_back: false,
+            } => return,
+            _ => tokio::task::yield_now().await,
+        }
+    }
+    panic!("projection {name} did not settle");
+}
+
+async fn the_streams_view_follows_the_log(store: &Store) {
+    let runner = ProjectionRunner::new(store, vec![Arc::new(StreamsView)]).with_batch_size(3);
+    runner.setup().await.unwrap();
+    append(store, "a", 0, &["Noted", "Noted"]).await;
+    append(store, "b", 0, &["Noted"]).await;
+    drain(&runner, "streams").await;
+    append(store, "a", 2, &["Noted"]).await;
+    drain(&runner, "streams").await;
+
+    let mut rows = list_streams(&store.pool, Some("note"), 10).await.unwrap();
+    rows.sort_by(|x, y| x.aggregate_id.cmp(&y.aggregate_id));
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (
+            rows[0].aggregate_id.as_str(),
+            rows[0].version,
+            rows[0].events
+        ),
+        ("a", 3, 3)
+    );
+    assert_eq!((rows[1].aggregate_id.as_str(), rows[1].version), ("b", 1));
+
+    let status = runner.status().await.unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].checkpoint.status, Status::Running);
+    assert_eq!(status[0].checkpoint.events_applied, 4);
+    assert_eq!(status[0].lag_events, 0);
+
+    // Behind: the lag shows.
+    append(store, "c", 0, &["Noted"]).await;
+    let status = runner.status().await.unwrap();
+    assert!(status[0].lag_events >= 1);
+}
+
+/// Fails on "Poison" events; counts the others.
+struct Poisonable;
+
+#[async_trait]
+impl Projection for Poisonable {
+    fn name(&self) -> &'static str {
+        "poisonable"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["poison_counts"]
+    }
+
+    async fn create(&self, conn: TxConnection<'_>, tables: &Tables) -> Result<(), ProjectionError> {
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS {} (event_type TEXT)",
+            tables.name("poison_counts")
+        );
+        match conn {
+            TxConnection::Postgres(c) => sqlx::query(&sql).execute(c).await?,
+            TxConnection::Sqlite(c) => {
+                sqlx::query(&sql).execute(c).await?;
+                return Ok(());
+            }
+        };
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        mut conn: TxConnection<'_>,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), ProjectionError> {
+        let sql = format!(
+            "INSERT INTO {} (event_type) VALUES ($1)",
+            tables.name("poison_counts")
+        );
+        for event in events {
+            if event.event_type == "Poison" {
+                return Err(ProjectionError::Apply(format!(
+                    "cannot digest {}",
+                    event.position
+                )));
+            }
+            match &mut conn {
+                TxConnection::Postgres(c) => {
+                    sqlx::query(&sql)
+                        .bind(&event.event_type)
+                        .execute(&mut **c)
+                        .await?;
+                }
+                TxConnection::Sqlite(c) => {
+                    sqlx::query(&sql)
+                        .bind(&event.event_type)
+                        .execute(&mut **c)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn a_failing_projection_stops_at_the_event_until_skipped(store: &Store) {
+    let runner = ProjectionRunner::new(store, vec![Arc::new(Poisonable)]);
+    runner.setup().await.unwrap();
+    let positions = append(store, "p", 0, &["Noted", "Poison", "Noted"]).await;
+    drain(&runner, "poisonable").await;
+    let status = &runner.status().await.unwrap()[0];
+    assert_eq!(status.checkpoint.status, Status::Failed);
+    assert_eq!(status.checkpoint.failed_position, Some(positions[1]));
+    assert_eq!(
+        status.checkpoint.position, positions[0],
+        "applied up to the failing event"
+    );
+    assert!(status
+        .checkpoint
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("cannot digest"));
+
+    // Retrying fails again on the same event.
+    runner.retry("poisonable").await.unwrap();
+    drain(&runner, "poisonable").await;
+    assert_eq!(
+        runner.status().await.unwrap()[0].checkpoint.status,
+        Status::Failed
+    );
+
+    let skipped = runner.skip("poisonable", "operator:ana").await.unwrap();
+    assert_eq!(skipped, positions[1]);
+    drain(&runner, "poisonable").await;
+    let status = &runner.status().await.unwrap()[0];
+    assert_eq!(status.checkpoint.status, Status::Running);
+    assert_eq!(status.checkpoint.error, None);
+    // The skip is itself an event, applied like any other.
+    let skips = store
+        .log
+        .read_stream(&StreamId::new("projection", "poisonable"), 0)
+        .await
+        .unwrap();
+    assert_eq!(skips.len(), 1);
+    assert_eq!(skips[0].event_type, "ProjectionEventSkipped");
+    assert_eq!(skips[0].payload["position"], positions[1].0);
+    assert_eq!(skips[0].metadata.command.actor, "operator:ana");
+    assert_eq!(
+        status.checkpoint.events_applied, 3,
+        "Noted, Noted, ProjectionEventSkipped"
+    );
+    assert!(matches!(
+        runner.skip("poisonable", "x").await,
+        Err(ProjectionError::WrongStatus { .. })
+    ));
+}
+
+async fn a_rebuild_equals_the_live_view(store: &Store) {
+    let runner = ProjectionRunner::new(store, vec![Arc::new(StreamsView)]).with_batch_size(7);
+    runner.setup().await.unwrap();
+    for i in 0..20 {
+        append(store, &format!("s{}", i % 6), (i / 6) as i64, &["Noted"]).await;
+    }
+    drain(&runner, "streams").await;
+    let live = list_streams(&store.pool, None, 100).await.unwrap();
+    let live_checkpoint = runner.status().await.unwrap()[0].checkpoint.clone();
+
+    let mut reports = 0;
+    let rebuilt = runner.rebuild("streams", |_| reports += 1).await.unwrap();
+    assert!(reports >= 3, "progress reported per batch");
+    assert_eq!(list_streams(&store.pool, None, 100).await.unwrap(), live);
+    assert_eq!(rebuilt.position, live_checkpoint.position);
+    assert_eq!(rebuilt.events_applied, live_checkpoint.events_applied);
+    assert_eq!(rebuilt.status, Status::Running);
+    // It keeps following afterwards.
+    append(store, "after", 0, &["Noted"]).await;
+    drain(&runner, "streams").await;
+    assert_eq!(
+        list_streams(&store.pool, None, 100).await.unwrap().len(),
+        live.len() + 1
+    );
+}
+
+async fn one_runner_at_a_time_with_takeover(store: &Store) {
+    append(store, "x", 0, &["Noted"]).await;
+    let holder = ProjectionRunner::new(store, vec![Arc::new(StreamsView)]);
+    holder.setup().await.unwrap();
+    assert_eq!(holder.step("streams").await.unwrap().read, 1);
+    append(store, "y", 0, &["Noted"]).await;
+    let other = ProjectionRunner::new(store, vec![Arc::new(StreamsView)]);
+    assert_eq!(
+        other.step("streams").await.unwrap().read,
+        0,
+        "held by the first runner"
+    );
+
+    // A holder whose lease runs out (it died) is taken over.
+    let dying =
+        ProjectionRunner::new(store, vec![Arc::new(StreamsView)]).with_lease(Duration::ZERO);
+    let store2 =
+        ProjectionRunner::new(store, vec![Arc::new(StreamsView)]).with_lease(Duration::ZERO);
+    drop(holder);
+    // The first holder's 30 s lease is still on; hand it over the way an expiry would.
+    if let stele_engine::store::StorePool::Postgres(pool) = &store.pool {
+        sqlx::query("UPDATE checkpoints SET lease_expires_at = now() - interval '1 second'")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    if let stele_engine::store::StorePool::Sqlite(pool) = &store.pool {
+        sqlx::query("UPDATE checkpoints SET lease_expires_at = 0")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    assert_eq!(dying.step("streams").await.unwrap().read, 1);
+    append(store, "z", 0, &["Noted"]).await;
+    assert_eq!(
+        store2.step("streams").await.unwrap().read,
+        1,
+        "took over the expired lease"
+    );
+}
+
+/// Signals every event it applies.
+struct Signal(mpsc::UnboundedSender<String>);
+
+#[async_trait]
+impl Projection for Signal {
+    fn name(&self) -> &'static str {
+        "signal"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    async fn create(&self, _: TxConnection<'_>, _: &Tables) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        _: TxConnection<'_>,
+        _: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), ProjectionError> {
+        for event in events {
+            let _ = self.0.send(event.stream.aggregate_id.clone());
+        }
+        Ok(())
+    }
+}
+
+async fn the_runner_catches_up_then_follows_live(store: &Store) {
+    append(store, "before", 0, &["Noted"]).await;
+    let (tx, mut applied) = mpsc::unbounded_channel();
+    let runner = Arc::new(ProjectionRunner::new(
+        store,
+        vec![Arc::new(Signal(tx)), Arc::new(StreamsView)],
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(runner.clone().run(async {
+        let _ = stopped.await;
+    }));
+    assert_eq!(applied.recv().await.unwrap(), "before");
+    append(store, "live", 0, &["Noted"]).await;
+    let next = tokio::time::timeout(Duration::from_secs(10), applied.recv())
+        .await
+        .expect("applied promptly")
+        .unwrap();
+    assert_eq!(next, "live");
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}
+
+for_each_backend!(
+    the_streams_view_follows_the_log,
+    a_failing_projection_stops_at_the_event_until_skipped,
+    a_rebuild_equals_the_live_view,
+    one_runner_at_a_time_with_takeover,
+    the_runner_catches_up_then_follows_live,
+);
