@@ -4,11 +4,15 @@
 mod bench;
 mod events;
 mod jobs;
+mod projections;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::sync::Arc;
+
+use stele_engine::projection::ProjectionRunner;
 use stele_engine::store::{self, Migrate, Store, StoreLocation};
 use tracing_subscriber::EnvFilter;
 
@@ -62,6 +66,13 @@ enum Command {
     /// Read the event log.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Inspect and operate projections (read models).
+    #[command(subcommand)]
+    Projections(projections::ProjectionsCommand),
+    /// Rebuild projections from the start of the log into fresh tables, swapped in when caught up.
+    Replay(projections::ReplayArgs),
+    /// List streams (from the streams projection).
+    Streams(projections::StreamsArgs),
     /// Inspect and operate the job queue.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
@@ -137,6 +148,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Up { data_dir } => up(data_dir).await,
         Command::Events(EventsCommand::Tail(args)) => events::tail(args).await,
         Command::Jobs(command) => jobs::run(command).await,
+        Command::Projections(command) => projections::run(command).await,
+        Command::Replay(args) => projections::replay(args).await,
+        Command::Streams(args) => projections::streams(args).await,
         Command::Bench(command) => bench::run(command).await,
     }
 }
@@ -144,9 +158,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
 async fn up(data_dir: PathBuf) -> anyhow::Result<()> {
     let location = StoreLocation::Embedded(data_dir);
     let store = Store::open(location.clone(), Migrate::Apply).await?;
+    let runner = Arc::new(ProjectionRunner::new(&store, stele_projections::all()));
+    runner.setup().await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let projections = tokio::spawn(runner.run(async move {
+        let mut stopped = stopped;
+        let _ = stopped.wait_for(|stop| *stop).await;
+    }));
     tracing::info!(store = %location.describe(), "stele is up; press Ctrl-C to stop");
     shutdown_signal().await;
     tracing::info!("shutting down");
+    let _ = stop.send(true);
+    projections.await??;
     store.close().await;
     Ok(())
 }

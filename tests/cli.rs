@@ -356,3 +356,43 @@ fn jobs_commands_inspect_and_operate_the_queue() {
     let bad_state = run(&[&["jobs", "list", "--state", "sleeping"], &args[..]].concat());
     assert_one_line_error(&bad_state, 2, "unknown job state");
 }
+
+#[test]
+fn projections_streams_and_replay() {
+    let db = TestDb::sqlite();
+    let runtime = runtime();
+    runtime.block_on(async {
+        let store = db.open().await;
+        append(&store, "a", 2).await;
+        append(&store, "b", 1).await;
+        store.close().await;
+    });
+    let args = store_args(&db.location);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let streams = run(&[&["streams", "--json"], &args[..]].concat());
+    assert!(streams.status.success(), "{}", stderr(&streams));
+    let rows: Value = serde_json::from_slice(&streams.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2);
+
+    let status = run(&[&["projections", "status", "--json"], &args[..]].concat());
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status[0]["name"], "streams");
+    assert_eq!(status[0]["status"], "running");
+    assert_eq!(status[0]["events_applied"], 3);
+
+    let replay = run(&[&["replay", "--projection", "streams"], &args[..]].concat());
+    assert!(replay.status.success(), "{}", stderr(&replay));
+    let last = lines(&replay).pop().unwrap();
+    assert_eq!(last["rebuilt"], true);
+    assert_eq!(last["checkpoint"]["events_applied"], 3);
+    let all = run(&[&["replay", "--all"], &args[..]].concat());
+    assert!(all.status.success(), "{}", stderr(&all));
+
+    let unknown = run(&[&["replay", "--projection", "nope"], &args[..]].concat());
+    assert_one_line_error(&unknown, 1, "no projection named \"nope\"");
+    let neither = run(&[&["replay"], &args[..]].concat());
+    assert_eq!(neither.status.code(), Some(2));
+    let not_failed = run(&[&["projections", "skip", "streams"], &args[..]].concat());
+    assert_one_line_error(&not_failed, 1, "skip is not possible");
+}
