@@ -130,7 +130,7 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let (store, runner) = open(&args.store).await?;
     let names: Vec<String> = match &args.projection {
         Some(name) => vec![name.clone()],
-        None => runner.names().into_iter().map(String::from).collect(),
+        None => runner.rebuildable().into_iter().map(String::from).collect(),
     };
     let result = rebuild_all(&runner, &names).await;
     store.close().await;

@@ -14,6 +14,7 @@ pub mod command;
 pub mod log;
 pub mod metadata;
 mod notify;
+pub mod process;
 pub mod projection;
 pub mod queue;
 

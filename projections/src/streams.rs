@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
-use stele_engine::log::TxConnection;
+use stele_engine::log::{LogTransaction, TxConnection};
 use stele_engine::projection::{Projection, ProjectionError, Tables};
 use stele_engine::store::StorePool;
 use stele_engine::RecordedEvent;
@@ -62,9 +62,13 @@ impl Projection for StreamsView {
         &[TABLE]
     }
 
-    async fn create(&self, conn: TxConnection<'_>, tables: &Tables) -> Result<(), ProjectionError> {
+    async fn create(
+        &self,
+        tx: &mut dyn LogTransaction,
+        tables: &Tables,
+    ) -> Result<(), ProjectionError> {
         let table = tables.name(TABLE);
-        match conn {
+        match tx.connection() {
             TxConnection::Postgres(conn) => {
                 sqlx::query(&format!(
                     "CREATE TABLE IF NOT EXISTS {table} ( \
@@ -93,13 +97,13 @@ impl Projection for StreamsView {
 
     async fn apply(
         &self,
-        conn: TxConnection<'_>,
+        tx: &mut dyn LogTransaction,
         tables: &Tables,
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError> {
         let table = tables.name(TABLE);
         let rows: Vec<StreamRow> = fold(events).into_values().collect();
-        match conn {
+        match tx.connection() {
             TxConnection::Postgres(conn) => {
                 let sql = format!(
                     "INSERT INTO {table} AS t (aggregate_type, aggregate_id, version, events, \

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::json;
 use stele_engine::for_each_backend;
-use stele_engine::log::TxConnection;
+use stele_engine::log::{LogTransaction, TxConnection};
 use stele_engine::projection::{
     Projection, ProjectionError, ProjectionRunner, Status, Stepped, Tables,
 };
@@ -101,24 +101,25 @@ impl Projection for Poisonable {
         &["poison_counts"]
     }
 
-    async fn create(&self, conn: TxConnection<'_>, tables: &Tables) -> Result<(), ProjectionError> {
+    async fn create(
+        &self,
+        tx: &mut dyn LogTransaction,
+        tables: &Tables,
+    ) -> Result<(), ProjectionError> {
         let sql = format!(
             "CREATE TABLE IF NOT EXISTS {} (event_type TEXT)",
             tables.name("poison_counts")
         );
-        match conn {
-            TxConnection::Postgres(c) => sqlx::query(&sql).execute(c).await?,
-            TxConnection::Sqlite(c) => {
-                sqlx::query(&sql).execute(c).await?;
-                return Ok(());
-            }
+        match tx.connection() {
+            TxConnection::Postgres(c) => sqlx::query(&sql).execute(c).await.map(|_| ())?,
+            TxConnection::Sqlite(c) => sqlx::query(&sql).execute(c).await.map(|_| ())?,
         };
         Ok(())
     }
 
     async fn apply(
         &self,
-        mut conn: TxConnection<'_>,
+        tx: &mut dyn LogTransaction,
         tables: &Tables,
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError> {
@@ -133,18 +134,12 @@ impl Projection for Poisonable {
                     event.position
                 )));
             }
-            match &mut conn {
+            match tx.connection() {
                 TxConnection::Postgres(c) => {
-                    sqlx::query(&sql)
-                        .bind(&event.event_type)
-                        .execute(&mut **c)
-                        .await?;
+                    sqlx::query(&sql).bind(&event.event_type).execute(c).await?;
                 }
                 TxConnection::Sqlite(c) => {
-                    sqlx::query(&sql)
-                        .bind(&event.event_type)
-                        .execute(&mut **c)
-                        .await?;
+                    sqlx::query(&sql).bind(&event.event_type).execute(c).await?;
                 }
             }
         }
@@ -285,13 +280,13 @@ impl Projection for Signal {
         &[]
     }
 
-    async fn create(&self, _: TxConnection<'_>, _: &Tables) -> Result<(), ProjectionError> {
+    async fn create(&self, _: &mut dyn LogTransaction, _: &Tables) -> Result<(), ProjectionError> {
         Ok(())
     }
 
     async fn apply(
         &self,
-        _: TxConnection<'_>,
+        _: &mut dyn LogTransaction,
         _: &Tables,
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError> {

@@ -62,6 +62,8 @@ pub enum ProjectionError {
         status: Status,
         action: &'static str,
     },
+    #[error("{0} is a process manager: replaying it would repeat its commands")]
+    NotRebuildable(String),
     #[error("another runner holds projection {0}")]
     Busy(String),
     #[error(transparent)]
@@ -84,13 +86,24 @@ pub trait Projection: Send + Sync + 'static {
     /// The base names of its tables.
     fn tables(&self) -> &'static [&'static str];
 
-    /// Creates its tables, named by `tables`, if missing.
-    async fn create(&self, conn: TxConnection<'_>, tables: &Tables) -> Result<(), ProjectionError>;
+    /// Whether `rebuild` may replay it from the start (false for process managers: replaying
+    /// would repeat their commands).
+    fn rebuildable(&self) -> bool {
+        true
+    }
 
-    /// Applies events (in log order) to its tables, inside the runner's transaction.
+    /// Creates its tables, named by `tables`, if missing.
+    async fn create(
+        &self,
+        tx: &mut dyn LogTransaction,
+        tables: &Tables,
+    ) -> Result<(), ProjectionError>;
+
+    /// Applies events (in log order) to its tables, inside the runner's transaction (which also
+    /// moves its checkpoint).
     async fn apply(
         &self,
-        conn: TxConnection<'_>,
+        tx: &mut dyn LogTransaction,
         tables: &Tables,
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError>;
@@ -172,12 +185,21 @@ impl ProjectionRunner {
         self.projections.iter().map(|p| p.name()).collect()
     }
 
+    /// The names of the projections that can be rebuilt.
+    pub fn rebuildable(&self) -> Vec<&'static str> {
+        self.projections
+            .iter()
+            .filter(|p| p.rebuildable())
+            .map(|p| p.name())
+            .collect()
+    }
+
     /// Creates the projections' tables and checkpoints if missing.
     pub async fn setup(&self) -> Result<(), ProjectionError> {
         for projection in &self.projections {
             checkpoint::ensure(&self.pool, projection.name()).await?;
             let mut tx = self.log.begin().await?;
-            projection.create(tx.connection(), &Tables::LIVE).await?;
+            projection.create(tx.as_mut(), &Tables::LIVE).await?;
             tx.commit().await?;
         }
         Ok(())
@@ -252,9 +274,7 @@ impl ProjectionRunner {
     ) -> Result<(), ProjectionError> {
         let mut tx = self.log.begin().await?;
         if !events.is_empty() {
-            projection
-                .apply(tx.connection(), &Tables::LIVE, events)
-                .await?;
+            projection.apply(tx.as_mut(), &Tables::LIVE, events).await?;
         }
         let last_at = events.last().map(|e| e.recorded_at);
         let moved = checkpoint::advance(
@@ -430,11 +450,14 @@ impl ProjectionRunner {
         mut progress: impl FnMut(Progress) + Send,
     ) -> Result<Checkpoint, ProjectionError> {
         let projection = self.find(name)?.clone();
+        if !projection.rebuildable() {
+            return Err(ProjectionError::NotRebuildable(name.to_owned()));
+        }
         checkpoint::ensure(&self.pool, name).await?;
         {
             let mut tx = self.log.begin().await?;
             drop_tables(tx.as_mut(), projection.tables(), &Tables::REBUILD).await?;
-            projection.create(tx.connection(), &Tables::REBUILD).await?;
+            projection.create(tx.as_mut(), &Tables::REBUILD).await?;
             tx.commit().await?;
         }
         let mut position = Position::START;
@@ -526,7 +549,7 @@ impl ProjectionRunner {
         if !relevant.is_empty() {
             let mut tx = self.log.begin().await?;
             projection
-                .apply(tx.connection(), &Tables::REBUILD, &relevant)
+                .apply(tx.as_mut(), &Tables::REBUILD, &relevant)
                 .await?;
             tx.commit().await?;
             *applied += relevant.len() as i64;

@@ -1,0 +1,93 @@
+//! Process managers: follow the log and react to events by enqueuing commands as jobs.
+//!
+//! A process manager runs like a projection (same runner, checkpoint and lease): for each batch
+//! of events, the jobs it decides on are enqueued in the transaction that moves its checkpoint,
+//! so each event leads to its jobs exactly once, across crashes and concurrent runner processes.
+//! Each job also carries the idempotency key `manager:event id:index`, so even a checkpoint moved
+//! back by hand does not enqueue a job that is still unfinished a second time.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::log::{LogTransaction, RecordedEvent};
+use crate::projection::{Projection, ProjectionError, Tables};
+use crate::queue::{JobQueue, NewJob};
+
+/// Decides which jobs an event leads to. Pure: no IO.
+pub trait ProcessManager: Send + Sync + 'static {
+    /// Unique and stable: the name of its checkpoint.
+    fn name(&self) -> &'static str;
+
+    /// The event types it reacts to; empty means all.
+    fn event_types(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The jobs `event` leads to.
+    fn react(&self, event: &RecordedEvent) -> Vec<NewJob>;
+}
+
+/// A process manager as something the projection runner drives.
+pub fn as_projection(
+    manager: Arc<dyn ProcessManager>,
+    queue: Arc<dyn JobQueue>,
+) -> Arc<dyn Projection> {
+    Arc::new(Managed { manager, queue })
+}
+
+struct Managed {
+    manager: Arc<dyn ProcessManager>,
+    queue: Arc<dyn JobQueue>,
+}
+
+#[async_trait]
+impl Projection for Managed {
+    fn name(&self) -> &'static str {
+        self.manager.name()
+    }
+
+    fn event_types(&self) -> &'static [&'static str] {
+        self.manager.event_types()
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn rebuildable(&self) -> bool {
+        false
+    }
+
+    async fn create(&self, _: &mut dyn LogTransaction, _: &Tables) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut dyn LogTransaction,
+        _: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), ProjectionError> {
+        let mut jobs = Vec::new();
+        for event in events {
+            for (index, mut job) in self.manager.react(event).into_iter().enumerate() {
+                job.idempotency_key.get_or_insert_with(|| {
+                    format!(
+                        "{}:{}:{index}",
+                        self.manager.name(),
+                        event.metadata.event_id
+                    )
+                });
+                jobs.push(job);
+            }
+        }
+        if !jobs.is_empty() {
+            self.queue
+                .enqueue_in(tx, jobs)
+                .await
+                .map_err(|e| ProjectionError::Apply(format!("enqueuing: {e}")))?;
+        }
+        Ok(())
+    }
+}
