@@ -36,5 +36,5 @@ CREATE INDEX jobs_ordering ON jobs (ordering_key, seq)
 -- One unfinished job per idempotency key.
 CREATE UNIQUE INDEX jobs_idempotency ON jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL AND state IN ('available', 'running');
--- Operators' listings and pruning.
-CREATE INDEX jobs_state ON jobs (state, finished_at);
+-- Dead jobs for operators. (No index on every state: each state change would write to it.)
+CREATE INDEX jobs_dead ON jobs (finished_at) WHERE state = 'dead';

@@ -30,4 +30,4 @@ CREATE INDEX jobs_ordering ON jobs (ordering_key, seq)
     WHERE ordering_key IS NOT NULL AND state IN ('available', 'running');
 CREATE UNIQUE INDEX jobs_idempotency ON jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL AND state IN ('available', 'running');
-CREATE INDEX jobs_state ON jobs (state, finished_at);
+CREATE INDEX jobs_dead ON jobs (finished_at) WHERE state = 'dead';

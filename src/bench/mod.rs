@@ -7,6 +7,7 @@
 
 mod append;
 mod probe;
+mod queue;
 mod replay;
 
 use std::path::PathBuf;
@@ -25,8 +26,12 @@ pub enum BenchCommand {
     /// Durable one-event commands at 1, 8 and 32 concurrent writers, against pgbench's one-row
     /// insert transactions on the same server.
     Append(append::AppendArgs),
-    /// Read rate of the global log.
+    /// Read rate of the global log, and a projection rebuilt from it.
     Replay(replay::ReplayArgs),
+    /// Throughput of no-op jobs through a worker.
+    Queue(queue::QueueArgs),
+    /// Pickup latency of a job on an idle worker, from the enqueue call.
+    Latency(queue::LatencyArgs),
 }
 
 /// Where a scenario runs.
@@ -47,6 +52,8 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     let report = match command {
         BenchCommand::Append(args) => serde_json::to_value(append::run(args).await?)?,
         BenchCommand::Replay(args) => serde_json::to_value(replay::run(args).await?)?,
+        BenchCommand::Queue(args) => serde_json::to_value(queue::throughput(args).await?)?,
+        BenchCommand::Latency(args) => serde_json::to_value(queue::latency(args).await?)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

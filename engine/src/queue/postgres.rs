@@ -1,7 +1,7 @@
 //! The job queue on PostgreSQL: claims take batches with `FOR UPDATE SKIP LOCKED`, outcomes are
 //! written in batches, and enqueues wake workers in other processes with `NOTIFY stele_jobs`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -36,7 +36,7 @@ const ENQUEUE: &str = "\
               ordering_key, idempotency_key) \
     ON CONFLICT (idempotency_key) \
         WHERE idempotency_key IS NOT NULL AND state IN ('available', 'running') DO NOTHING \
-    RETURNING id";
+    RETURNING *";
 
 /// Runnable = available, due, and the oldest unfinished job of its ordering key.
 const CLAIM: &str = "\
@@ -173,7 +173,7 @@ async fn enqueue_on(
         .map(|j| serde_json::to_string(&j.payload))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| QueueError::Invalid(e.to_string()))?;
-    let inserted: HashSet<Uuid> = sqlx::query_scalar(ENQUEUE)
+    let rows = sqlx::query(ENQUEUE)
         .bind(&ids)
         .bind(jobs.iter().map(|j| j.queue.as_str()).collect::<Vec<_>>())
         .bind(jobs.iter().map(|j| j.kind.as_str()).collect::<Vec<_>>())
@@ -197,32 +197,28 @@ async fn enqueue_on(
                 .collect::<Vec<_>>(),
         )
         .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .collect();
+        .await?;
+    let mut inserted: HashMap<Uuid, Job> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let job = job_from_row(row)?;
+        inserted.insert(job.id, job);
+    }
+    let existing_sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1 \
+         AND state IN ('available', 'running')"
+    );
     let mut results = Vec::with_capacity(jobs.len());
     for (id, job) in ids.iter().zip(&jobs) {
-        let (sql, key): (String, String) = if inserted.contains(id) {
-            (
-                format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1::text::uuid"),
-                id.to_string(),
-            )
-        } else {
-            let key = job.idempotency_key.clone().unwrap_or_default();
-            (
-                format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1 \
-                     AND state IN ('available', 'running')"
-                ),
-                key,
-            )
-        };
-        let row = sqlx::query(&sql).bind(&key).fetch_one(&mut *conn).await?;
-        let stored = job_from_row(&row)?;
-        results.push(if inserted.contains(id) {
-            Enqueued::Inserted(stored)
-        } else {
-            Enqueued::Existing(stored)
+        // Not inserted: its idempotency key belongs to an unfinished job.
+        results.push(match inserted.remove(id) {
+            Some(stored) => Enqueued::Inserted(stored),
+            None => {
+                let row = sqlx::query(&existing_sql)
+                    .bind(job.idempotency_key.as_deref())
+                    .fetch_one(&mut *conn)
+                    .await?;
+                Enqueued::Existing(job_from_row(&row)?)
+            }
         });
     }
     Ok(results)

@@ -5,7 +5,7 @@
 //! lettered by the queue; the worker lives on. On shutdown a worker stops claiming, lets running
 //! jobs finish until a deadline, and releases the rest (they run again, the attempt not counted).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -46,6 +46,9 @@ pub struct WorkerOptions {
     pub concurrency: usize,
     /// Most jobs claimed per query.
     pub claim_batch: usize,
+    /// Jobs claimed ahead of free capacity and kept ready (leased) in this worker, so that a
+    /// finishing job is followed at once by the next without a round trip.
+    pub prefetch: usize,
     /// How long a lease lasts; it is extended every third of it while the job runs, so a job of a
     /// dead worker is rescued within this time.
     pub lease: Duration,
@@ -64,6 +67,7 @@ impl WorkerOptions {
             queue: queue.into(),
             concurrency: 8,
             claim_batch: 64,
+            prefetch: 0,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             rescue_interval: Duration::from_secs(5),
@@ -138,7 +142,7 @@ impl Worker {
             options,
         } = self;
         let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
-        let running: Arc<Mutex<HashMap<Uuid, AbortHandle>>> = Arc::default();
+        let running: Arc<Mutex<HashMap<Uuid, Option<AbortHandle>>>> = Arc::default();
         let (outcomes, finished) = mpsc::unbounded_channel::<(Uuid, Outcome)>();
         let reporter = tokio::spawn(report(
             queue.clone(),
@@ -149,59 +153,83 @@ impl Worker {
         let keeper = tokio::spawn(keep_leases(queue.clone(), options.clone(), running.clone()));
         let mut wakeups = queue.wakeups();
         let mut tasks = JoinSet::new();
+        let mut ready: VecDeque<Job> = VecDeque::new();
+        let capacity = options.concurrency.max(1) + options.prefetch;
         tokio::pin!(shutdown);
 
         loop {
-            let free = permits.available_permits();
+            // Claim when the local supply runs low.
+            let in_flight = options.concurrency.max(1) - permits.available_permits();
+            let wanted = capacity.saturating_sub(in_flight + ready.len());
             let mut claimed = 0;
-            if free > 0 {
+            if wanted > 0 && ready.len() <= options.prefetch / 2 {
                 wakeups.borrow_and_update();
-                let jobs = match queue
+                match queue
                     .claim(
                         &options.queue,
                         &options.id,
-                        free.min(options.claim_batch),
+                        wanted.min(options.claim_batch),
                         options.lease,
                     )
                     .await
                 {
-                    Ok(jobs) => jobs,
-                    Err(e) => {
-                        tracing::warn!(error = %e, queue = %options.queue, "claim failed");
-                        Vec::new()
+                    Ok(jobs) => {
+                        claimed = jobs.len();
+                        let mut running = running.lock().expect("running lock");
+                        for job in &jobs {
+                            running.insert(job.id, None);
+                        }
+                        ready.extend(jobs);
                     }
+                    Err(e) => tracing::warn!(error = %e, queue = %options.queue, "claim failed"),
+                }
+            }
+            // Start what capacity allows.
+            while !ready.is_empty() {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    break;
                 };
-                claimed = jobs.len();
-                for job in jobs {
-                    let permit = permits
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore open");
-                    let handler = handlers.get(&job.kind).cloned();
-                    let outcomes = outcomes.clone();
-                    let id = job.id;
-                    let handle = tasks.spawn(async move {
-                        let outcome = run_one(handler, job).await;
-                        let _ = outcomes.send((id, outcome));
-                        drop(permit);
-                    });
-                    running.lock().expect("running lock").insert(id, handle);
+                let job = ready.pop_front().expect("not empty");
+                if !running.lock().expect("running lock").contains_key(&job.id) {
+                    // Cancelled or rescued while it waited here.
+                    continue;
+                }
+                let handler = handlers.get(&job.kind).cloned();
+                let outcomes = outcomes.clone();
+                let id = job.id;
+                let handle = tasks.spawn(async move {
+                    let outcome = run_one(handler, job).await;
+                    let _ = outcomes.send((id, outcome));
+                    drop(permit);
+                });
+                if let Some(slot) = running.lock().expect("running lock").get_mut(&id) {
+                    *slot = Some(handle);
                 }
             }
             // Reap finished tasks without waiting.
             while tasks.try_join_next().is_some() {}
-            if claimed > 0 && permits.available_permits() > 0 {
+            if claimed > 0
+                && (permits.available_permits() > 0 || ready.len() <= options.prefetch / 2)
+            {
                 continue;
             }
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = wakeups.changed() => {}
                 _ = permits.clone().acquire_owned(), if permits.available_permits() == 0 => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = tokio::time::sleep(options.poll_interval) => {}
             }
         }
 
+        // Jobs claimed but not started go back at once.
+        let unstarted: Vec<(Uuid, Outcome)> = ready
+            .drain(..)
+            .map(|job| (job.id, Outcome::Snoozed { until: Utc::now() }))
+            .collect();
+        for released in unstarted {
+            let _ = outcomes.send(released);
+        }
         // Shutdown: no more claims; running jobs get the grace period.
         let drained = tokio::time::timeout(options.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
@@ -269,7 +297,7 @@ async fn report(
     queue: Arc<dyn JobQueue>,
     worker: String,
     mut finished: mpsc::UnboundedReceiver<(Uuid, Outcome)>,
-    running: Arc<Mutex<HashMap<Uuid, AbortHandle>>>,
+    running: Arc<Mutex<HashMap<Uuid, Option<AbortHandle>>>>,
 ) {
     let mut batch = Vec::new();
     while let Some(first) = finished.recv().await {
@@ -300,7 +328,7 @@ async fn report(
 async fn keep_leases(
     queue: Arc<dyn JobQueue>,
     options: WorkerOptions,
-    running: Arc<Mutex<HashMap<Uuid, AbortHandle>>>,
+    running: Arc<Mutex<HashMap<Uuid, Option<AbortHandle>>>>,
 ) {
     let mut extend = tokio::time::interval(options.lease / 3);
     let mut rescue = tokio::time::interval(options.rescue_interval);
@@ -312,7 +340,7 @@ async fn keep_leases(
                     Ok(lost) => {
                         let mut running = running.lock().expect("running lock");
                         for id in lost {
-                            if let Some(task) = running.remove(&id) {
+                            if let Some(Some(task)) = running.remove(&id) {
                                 tracing::info!(job = %id, "job no longer ours (cancelled or rescued); stopping it");
                                 task.abort();
                             }
