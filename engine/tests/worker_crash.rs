@@ -186,7 +186,11 @@ fn crash_and_recover(kind: support::Kind) {
             "{jobs:?}"
         );
         let rescued = jobs.iter().filter(|j| j.attempt == 2).count();
-        assert_eq!(rescued, 4, "the killed worker's jobs ran again");
+        // The 4 it was running, and any it had claimed ahead.
+        assert!(
+            rescued >= 4,
+            "the killed worker's jobs ran again: {rescued}"
+        );
         assert!(jobs
             .iter()
             .filter(|j| j.attempt == 2)

@@ -1,13 +1,16 @@
 //! `stele bench replay`: how fast the global log is read from the start, in pages, as projections
 //! and `stele replay` read it.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
 use serde::Serialize;
 use serde_json::json;
+use stele_engine::projection::ProjectionRunner;
 use stele_engine::store::{Migrate, Store};
 use stele_engine::{AppendRequest, CommandMeta, NewEvent, Position, StreamId};
+use stele_projections::StreamsView;
 
 use super::{Machine, Scratch, Targets};
 
@@ -38,6 +41,9 @@ struct Figure {
     page: usize,
     seconds: f64,
     events_per_sec: f64,
+    /// Rebuilding the `streams` projection from the start of the log (read, apply, swap).
+    rebuild_seconds: f64,
+    rebuild_events_per_sec: f64,
 }
 
 pub async fn run(args: ReplayArgs) -> anyhow::Result<Report> {
@@ -84,10 +90,23 @@ async fn measure(
         read += batch.events.len();
     }
     let seconds = started.elapsed().as_secs_f64();
-    store.close().await;
     anyhow::ensure!(
         read == args.events,
         "read {read} events, expected {}",
+        args.events
+    );
+
+    let runner =
+        ProjectionRunner::new(&store, vec![Arc::new(StreamsView)]).with_batch_size(args.page);
+    runner.setup().await?;
+    let started = Instant::now();
+    let rebuilt = runner.rebuild("streams", |_| {}).await?;
+    let rebuild_seconds = started.elapsed().as_secs_f64();
+    store.close().await;
+    anyhow::ensure!(
+        rebuilt.events_applied == args.events as i64,
+        "rebuild applied {} events, expected {}",
+        rebuilt.events_applied,
         args.events
     );
     Ok(Figure {
@@ -96,6 +115,8 @@ async fn measure(
         page: args.page,
         seconds: (seconds * 1000.0).round() / 1000.0,
         events_per_sec: (read as f64 / seconds).round(),
+        rebuild_seconds: (rebuild_seconds * 1000.0).round() / 1000.0,
+        rebuild_events_per_sec: (read as f64 / rebuild_seconds).round(),
     })
 }
 

@@ -305,6 +305,8 @@ impl ProjectionRunner {
             let runner = self.clone();
             tasks.spawn(async move { runner.follow(name).await });
         }
+        let runner = self.clone();
+        tasks.spawn(async move { runner.report_lag().await });
         shutdown.await;
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
@@ -338,6 +340,27 @@ impl ProjectionRunner {
             let wait = tokio::time::timeout(self.poll_interval, appends.changed()).await;
             if let Ok(Err(_)) = wait {
                 tokio::time::sleep(self.poll_interval).await;
+            }
+        }
+    }
+
+    /// Publishes each projection's lag as the gauges `stele_projection_lag_events` and
+    /// `stele_projection_lag_seconds` (label `projection`), every few seconds.
+    async fn report_lag(&self) {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            match self.status().await {
+                Ok(statuses) => {
+                    for status in statuses {
+                        let name = status.checkpoint.name.clone();
+                        metrics::gauge!("stele_projection_lag_events", "projection" => name.clone())
+                            .set(status.lag_events as f64);
+                        metrics::gauge!("stele_projection_lag_seconds", "projection" => name)
+                            .set(status.lag_seconds);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading projection lag failed"),
             }
         }
     }

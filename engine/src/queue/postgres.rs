@@ -38,9 +38,13 @@ const ENQUEUE: &str = "\
         WHERE idempotency_key IS NOT NULL AND state IN ('available', 'running') DO NOTHING \
     RETURNING *";
 
-/// Runnable = available, due, and the oldest unfinished job of its ordering key.
+/// Runnable = available, due, and the oldest unfinished job of its ordering key. The picked ids
+/// go through `ANY(ARRAY(…))` so the update finds them by primary key (a join with the CTE is
+/// planned as a hash join over the whole table).
 const CLAIM: &str = "\
-    WITH picked AS ( \
+    UPDATE jobs SET state = 'running', attempt = attempt + 1, locked_by = $3, \
+           lease_expires_at = now() + make_interval(secs => $4), updated_at = now() \
+    WHERE id = ANY(ARRAY( \
         SELECT j.id FROM jobs j \
         WHERE j.state = 'available' AND j.queue = $1 AND j.run_at <= now() \
           AND (j.ordering_key IS NULL OR NOT EXISTS ( \
@@ -49,11 +53,8 @@ const CLAIM: &str = "\
                   AND o.state IN ('available', 'running'))) \
         ORDER BY j.priority DESC, j.run_at, j.seq \
         LIMIT $2 \
-        FOR UPDATE SKIP LOCKED) \
-    UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, locked_by = $3, \
-           lease_expires_at = now() + make_interval(secs => $4), updated_at = now() \
-    FROM picked WHERE jobs.id = picked.id \
-    RETURNING jobs.*";
+        FOR UPDATE SKIP LOCKED)) \
+    RETURNING *";
 
 const EXTEND: &str = "\
     WITH mine AS ( \
@@ -227,9 +228,9 @@ async fn enqueue_on(
 #[async_trait]
 impl JobQueue for PgJobQueue {
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, QueueError> {
-        let mut tx = self.pool.begin().await?;
-        let enqueued = enqueue_on(&mut tx, jobs).await?;
-        tx.commit().await?;
+        // One INSERT is atomic on its own: no transaction round trips around it.
+        let mut conn = self.pool.acquire().await?;
+        let enqueued = enqueue_on(&mut conn, jobs).await?;
         self.wakeups.wake();
         Ok(enqueued)
     }

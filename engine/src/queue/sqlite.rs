@@ -232,6 +232,25 @@ impl JobQueue for SqliteJobQueue {
         let at = Utc::now().to_rfc3339();
         let mut wake = false;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Completions, the common case, in one statement.
+        let (completed, outcomes): (Vec<_>, Vec<_>) = outcomes
+            .into_iter()
+            .partition(|(_, outcome)| *outcome == Outcome::Completed);
+        if !completed.is_empty() {
+            wake = true;
+            let ids: Vec<String> = completed.iter().map(|(id, _)| id.to_string()).collect();
+            sqlx::query(
+                "UPDATE jobs SET state = 'completed', finished_at = ?1, updated_at = ?1, \
+                 lease_expires_at = NULL, locked_by = NULL \
+                 WHERE id IN (SELECT value FROM json_each(?2)) AND state = 'running' \
+                   AND locked_by = ?3",
+            )
+            .bind(now)
+            .bind(serde_json::to_string(&ids).map_err(|e| QueueError::Invalid(e.to_string()))?)
+            .bind(worker)
+            .execute(&mut *tx)
+            .await?;
+        }
         for (id, outcome) in outcomes {
             let id = id.to_string();
             let query = match &outcome {

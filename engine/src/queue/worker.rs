@@ -5,7 +5,7 @@
 //! lettered by the queue; the worker lives on. On shutdown a worker stops claiming, lets running
 //! jobs finish until a deadline, and releases the rest (they run again, the attempt not counted).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -58,6 +58,9 @@ pub struct WorkerOptions {
     pub rescue_interval: Duration,
     /// On shutdown, how long running jobs may take to finish.
     pub shutdown_grace: Duration,
+    /// How long completed and cancelled jobs are kept before this worker prunes them (`None`:
+    /// never; dead jobs are always kept until retried).
+    pub retention: Option<Duration>,
 }
 
 impl WorkerOptions {
@@ -72,6 +75,7 @@ impl WorkerOptions {
             poll_interval: Duration::from_secs(1),
             rescue_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
+            retention: Some(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -135,13 +139,19 @@ impl Worker {
 
     /// Runs until `shutdown` resolves, then stops claiming, lets running jobs finish until the
     /// grace period ends and releases the rest.
+    ///
+    /// Claiming runs in its own task and keeps up to `prefetch` (at least one) claimed jobs ready
+    /// beside the running ones, so the next claim overlaps the jobs running now.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), QueueError> {
         let Worker {
             queue,
             handlers,
             options,
         } = self;
-        let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
+        let concurrency = options.concurrency.max(1);
+        // Claimed jobs waiting for a free slot (at least one, so the next job is at hand).
+        let capacity = options.prefetch.max(1);
+        let permits = Arc::new(Semaphore::new(concurrency));
         let running: Arc<Mutex<HashMap<Uuid, Option<AbortHandle>>>> = Arc::default();
         let (outcomes, finished) = mpsc::unbounded_channel::<(Uuid, Outcome)>();
         let reporter = tokio::spawn(report(
@@ -151,86 +161,66 @@ impl Worker {
             running.clone(),
         ));
         let keeper = tokio::spawn(keep_leases(queue.clone(), options.clone(), running.clone()));
-        let mut wakeups = queue.wakeups();
+        let (ready_tx, mut ready) = mpsc::channel::<Job>(capacity);
+        let taken = Arc::new(tokio::sync::Notify::new());
+        let claimer = tokio::spawn(claim_ahead(
+            queue.clone(),
+            options.clone(),
+            ready_tx,
+            taken.clone(),
+            running.clone(),
+        ));
         let mut tasks = JoinSet::new();
-        let mut ready: VecDeque<Job> = VecDeque::new();
-        let capacity = options.concurrency.max(1) + options.prefetch;
         tokio::pin!(shutdown);
 
         loop {
-            // Claim when the local supply runs low.
-            let in_flight = options.concurrency.max(1) - permits.available_permits();
-            let wanted = capacity.saturating_sub(in_flight + ready.len());
-            let mut claimed = 0;
-            if wanted > 0 && ready.len() <= options.prefetch / 2 {
-                wakeups.borrow_and_update();
-                match queue
-                    .claim(
-                        &options.queue,
-                        &options.id,
-                        wanted.min(options.claim_batch),
-                        options.lease,
-                    )
-                    .await
-                {
-                    Ok(jobs) => {
-                        claimed = jobs.len();
-                        let mut running = running.lock().expect("running lock");
-                        for job in &jobs {
-                            running.insert(job.id, None);
-                        }
-                        ready.extend(jobs);
-                    }
-                    Err(e) => tracing::warn!(error = %e, queue = %options.queue, "claim failed"),
-                }
+            let permit = tokio::select! {
+                _ = &mut shutdown => break,
+                permit = permits.clone().acquire_owned() => permit.expect("semaphore open"),
+            };
+            let job = tokio::select! {
+                _ = &mut shutdown => break,
+                job = ready.recv() => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+            };
+            taken.notify_one();
+            if !running.lock().expect("running lock").contains_key(&job.id) {
+                // Cancelled or rescued while it waited here.
+                continue;
             }
-            // Start what capacity allows.
-            while !ready.is_empty() {
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    break;
-                };
-                let job = ready.pop_front().expect("not empty");
-                if !running.lock().expect("running lock").contains_key(&job.id) {
-                    // Cancelled or rescued while it waited here.
-                    continue;
-                }
-                let handler = handlers.get(&job.kind).cloned();
-                let outcomes = outcomes.clone();
-                let id = job.id;
-                let handle = tasks.spawn(async move {
-                    let outcome = run_one(handler, job).await;
-                    let _ = outcomes.send((id, outcome));
-                    drop(permit);
-                });
-                if let Some(slot) = running.lock().expect("running lock").get_mut(&id) {
-                    *slot = Some(handle);
-                }
+            let handler = handlers.get(&job.kind).cloned();
+            let outcomes = outcomes.clone();
+            let id = job.id;
+            let handle = tasks.spawn(async move {
+                let outcome = run_one(handler, job).await;
+                let _ = outcomes.send((id, outcome));
+                drop(permit);
+            });
+            if let Some(slot) = running.lock().expect("running lock").get_mut(&id) {
+                *slot = Some(handle);
             }
             // Reap finished tasks without waiting.
             while tasks.try_join_next().is_some() {}
-            if claimed > 0
-                && (permits.available_permits() > 0 || ready.len() <= options.prefetch / 2)
-            {
-                continue;
-            }
-            tokio::select! {
-                _ = &mut shutdown => break,
-                _ = wakeups.changed() => {}
-                _ = permits.clone().acquire_owned(), if permits.available_permits() == 0 => {}
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                _ = tokio::time::sleep(options.poll_interval) => {}
-            }
         }
 
-        // Jobs claimed but not started go back at once.
-        let unstarted: Vec<(Uuid, Outcome)> = ready
-            .drain(..)
-            .map(|job| (job.id, Outcome::Snoozed { until: Utc::now() }))
+        // Shutdown: no more claims; claimed jobs that did not start go back at once.
+        claimer.abort();
+        let _ = claimer.await;
+        ready.close();
+        while ready.recv().await.is_some() {}
+        let unstarted: Vec<Uuid> = running
+            .lock()
+            .expect("running lock")
+            .iter()
+            .filter(|(_, handle)| handle.is_none())
+            .map(|(id, _)| *id)
             .collect();
-        for released in unstarted {
-            let _ = outcomes.send(released);
+        for id in unstarted {
+            let _ = outcomes.send((id, Outcome::Snoozed { until: Utc::now() }));
         }
-        // Shutdown: no more claims; running jobs get the grace period.
+        // Running jobs get the grace period.
         let drained = tokio::time::timeout(options.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
         })
@@ -239,8 +229,9 @@ impl Worker {
             let left: Vec<Uuid> = running
                 .lock()
                 .expect("running lock")
-                .keys()
-                .copied()
+                .iter()
+                .filter(|(_, handle)| handle.is_some())
+                .map(|(id, _)| *id)
                 .collect();
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
@@ -256,6 +247,57 @@ impl Worker {
         keeper.abort();
         let _ = reporter.await;
         Ok(())
+    }
+}
+
+/// Keeps the worker's supply of claimed jobs filled: claims when at least half a batch of room is
+/// free (or the supply ran dry), else waits for jobs to be taken, for a wake-up, or polls.
+async fn claim_ahead(
+    queue: Arc<dyn JobQueue>,
+    options: WorkerOptions,
+    ready: mpsc::Sender<Job>,
+    taken: Arc<tokio::sync::Notify>,
+    running: Arc<Mutex<HashMap<Uuid, Option<AbortHandle>>>>,
+) {
+    let mut wakeups = queue.wakeups();
+    let batch = options.claim_batch.max(1);
+    let threshold = (batch / 2).max(1);
+    loop {
+        let room = ready.capacity();
+        let dry = room == ready.max_capacity();
+        if room < threshold.min(ready.max_capacity()) && !dry {
+            taken.notified().await;
+            continue;
+        }
+        wakeups.borrow_and_update();
+        let jobs = match queue
+            .claim(&options.queue, &options.id, room.min(batch), options.lease)
+            .await
+        {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(error = %e, queue = %options.queue, "claim failed");
+                Vec::new()
+            }
+        };
+        if jobs.is_empty() {
+            tokio::select! {
+                _ = wakeups.changed() => {}
+                _ = tokio::time::sleep(options.poll_interval) => {}
+            }
+            continue;
+        }
+        {
+            let mut running = running.lock().expect("running lock");
+            for job in &jobs {
+                running.insert(job.id, None);
+            }
+        }
+        for job in jobs {
+            if ready.send(job).await.is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -332,6 +374,7 @@ async fn keep_leases(
 ) {
     let mut extend = tokio::time::interval(options.lease / 3);
     let mut rescue = tokio::time::interval(options.rescue_interval);
+    let mut prune = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = extend.tick() => {
@@ -347,6 +390,15 @@ async fn keep_leases(
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "extending leases failed"),
+                }
+            }
+            _ = prune.tick() => {
+                let Some(retention) = options.retention else { continue };
+                let before = Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
+                match queue.prune(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(jobs = n, "pruned finished jobs"),
+                    Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
                 }
             }
             _ = rescue.tick() => {
