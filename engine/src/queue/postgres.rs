@@ -63,10 +63,14 @@ const EXTEND: &str = "\
         RETURNING id) \
     SELECT u.id FROM UNNEST($1::uuid[]) AS u(id) WHERE u.id NOT IN (SELECT id FROM mine)";
 
+/// Returns whether any completed job had an ordering key (its successor may now run).
 const COMPLETE: &str = "\
-    UPDATE jobs SET state = 'completed', finished_at = now(), updated_at = now(), \
-           lease_expires_at = NULL, locked_by = NULL \
-    WHERE id = ANY($1) AND state = 'running' AND locked_by = $2";
+    WITH done AS ( \
+        UPDATE jobs SET state = 'completed', finished_at = now(), updated_at = now(), \
+               lease_expires_at = NULL, locked_by = NULL \
+        WHERE id = ANY($1) AND state = 'running' AND locked_by = $2 \
+        RETURNING ordering_key) \
+    SELECT COALESCE(bool_or(ordering_key IS NOT NULL), false) FROM done";
 
 /// A failed attempt: retry after exponential backoff with ±10% jitter (capped at an hour), or
 /// dead when it was the last allowed attempt. Every attempt's error is kept.
@@ -316,12 +320,14 @@ impl JobQueue for PgJobQueue {
             }
         }
         let mut conn = self.pool.acquire().await?;
+        let mut successors = !cancelled.is_empty();
         if !completed.is_empty() {
-            sqlx::query(COMPLETE)
+            let ordered: bool = sqlx::query_scalar(COMPLETE)
                 .bind(&completed)
                 .bind(worker)
-                .execute(&mut *conn)
+                .fetch_one(&mut *conn)
                 .await?;
+            successors |= ordered;
         }
         if !failed.is_empty() {
             sqlx::query(FAIL)
@@ -347,7 +353,7 @@ impl JobQueue for PgJobQueue {
                 .execute(&mut *conn)
                 .await?;
         }
-        if !completed.is_empty() || !cancelled.is_empty() {
+        if successors {
             // The next job of an ordering key may have become runnable.
             self.wakeups.wake();
         }
