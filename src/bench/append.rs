@@ -26,6 +26,9 @@ pub struct AppendArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Alternating pgbench/Stele rounds per PostgreSQL figure (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// The pgbench binary (default: $STELE_PG_BIN/pgbench, else pgbench on PATH).
     #[arg(long, env = "STELE_PGBENCH")]
     pgbench: Option<PathBuf>,
@@ -51,6 +54,9 @@ struct Figure {
     pgbench_tps: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio_to_pgbench: Option<f64>,
+    /// Each round's ratio, in the order run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    round_ratios: Option<Vec<f64>>,
 }
 
 pub async fn run(args: AppendArgs) -> anyhow::Result<Report> {
@@ -58,21 +64,35 @@ pub async fn run(args: AppendArgs) -> anyhow::Result<Report> {
     let mut results = Vec::new();
     if let Some(url) = &args.targets.database_url {
         for &writers in &args.writers {
-            let scratch = Scratch::postgres(url).await?;
-            let ceiling = pgbench(
-                args.pgbench.clone(),
-                scratch.url().expect("postgres"),
-                writers,
-                duration,
-            )
-            .await;
-            let figure = measure(&scratch, "postgres", writers, duration).await;
-            scratch.remove().await;
-            let mut figure = figure?;
-            let ceiling = ceiling.context("running pgbench")?;
-            figure.ratio_to_pgbench = Some(round(figure.commands_per_sec / ceiling, 3));
-            figure.pgbench_tps = Some(round(ceiling, 0));
-            results.push(figure);
+            // pgbench and Stele alternate for several rounds, so that a passing disturbance of
+            // this shared machine weighs on both; the round with the median ratio is reported.
+            let mut rounds = Vec::new();
+            for _ in 0..args.rounds.max(1) {
+                let scratch = Scratch::postgres(url).await?;
+                let ceiling = pgbench(
+                    args.pgbench.clone(),
+                    scratch.url().expect("postgres"),
+                    writers,
+                    duration,
+                )
+                .await;
+                let figure = measure(&scratch, "postgres", writers, duration).await;
+                scratch.remove().await;
+                let mut figure = figure?;
+                let ceiling = ceiling.context("running pgbench")?;
+                figure.ratio_to_pgbench = Some(round(figure.commands_per_sec / ceiling, 3));
+                figure.pgbench_tps = Some(round(ceiling, 0));
+                rounds.push(figure);
+            }
+            let ratios: Vec<f64> = rounds.iter().filter_map(|f| f.ratio_to_pgbench).collect();
+            rounds.sort_by(|a, b| {
+                a.ratio_to_pgbench
+                    .partial_cmp(&b.ratio_to_pgbench)
+                    .expect("finite")
+            });
+            let mut median = rounds.swap_remove(rounds.len() / 2);
+            median.round_ratios = Some(ratios);
+            results.push(median);
         }
     }
     if !args.targets.no_sqlite {
@@ -154,6 +174,7 @@ async fn measure(
         latency: Latency::of(latencies),
         pgbench_tps: None,
         ratio_to_pgbench: None,
+        round_ratios: None,
     })
 }
 
