@@ -340,3 +340,16 @@ pub(crate) fn validate(jobs: &[NewJob]) -> Result<(), QueueError> {
     }
     Ok(())
 }
+
+/// Why an operation found no job in the state it needs: missing, or in which state.
+pub(crate) async fn refusal(queue: &dyn JobQueue, id: Uuid, action: &'static str) -> QueueError {
+    match queue.get(id).await {
+        Ok(Some(job)) => QueueError::WrongState {
+            id,
+            state: job.state,
+            action,
+        },
+        Ok(None) => QueueError::NotFound(id),
+        Err(e) => e,
+    }
+}

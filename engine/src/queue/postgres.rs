@@ -386,7 +386,7 @@ impl JobQueue for PgJobQueue {
                 self.wakeups.wake();
                 job_from_row(&row)
             }
-            None => Err(self.refusal(id, "cancel").await),
+            None => Err(super::refusal(self, id, "cancel").await),
         }
     }
 
@@ -401,7 +401,7 @@ impl JobQueue for PgJobQueue {
                 self.wakeups.wake();
                 job_from_row(&row)
             }
-            Ok(None) => Err(self.refusal(id, "retry").await),
+            Ok(None) => Err(super::refusal(self, id, "retry").await),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(QueueError::Invalid(
                 format!("job {id}: another job with its idempotency key is unfinished"),
             )),
@@ -456,21 +456,6 @@ impl JobQueue for PgJobQueue {
     async fn close(&self) {
         for task in std::mem::take(&mut *self.tasks.lock().expect("tasks lock")) {
             task.abort();
-        }
-    }
-}
-
-impl PgJobQueue {
-    /// Why an operation found no job in the right state.
-    async fn refusal(&self, id: Uuid, action: &'static str) -> QueueError {
-        match self.get(id).await {
-            Ok(Some(job)) => QueueError::WrongState {
-                id,
-                state: job.state,
-                action,
-            },
-            Ok(None) => QueueError::NotFound(id),
-            Err(e) => e,
         }
     }
 }

@@ -351,7 +351,7 @@ impl JobQueue for SqliteJobQueue {
                 bump(&self.wakeups);
                 job_from_row(&row)
             }
-            None => Err(self.refusal(id, "cancel").await),
+            None => Err(super::refusal(self, id, "cancel").await),
         }
     }
 
@@ -371,7 +371,7 @@ impl JobQueue for SqliteJobQueue {
                 bump(&self.wakeups);
                 job_from_row(&row)
             }
-            Ok(None) => Err(self.refusal(id, "retry").await),
+            Ok(None) => Err(super::refusal(self, id, "retry").await),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(QueueError::Invalid(
                 format!("job {id}: another job with its idempotency key is unfinished"),
             )),
@@ -424,18 +424,4 @@ impl JobQueue for SqliteJobQueue {
     }
 
     async fn close(&self) {}
-}
-
-impl SqliteJobQueue {
-    async fn refusal(&self, id: Uuid, action: &'static str) -> QueueError {
-        match self.get(id).await {
-            Ok(Some(job)) => QueueError::WrongState {
-                id,
-                state: job.state,
-                action,
-            },
-            Ok(None) => QueueError::NotFound(id),
-            Err(e) => e,
-        }
-    }
 }
