@@ -181,6 +181,7 @@ pub async fn streams(args: StreamsArgs) -> anyhow::Result<()> {
     // The view is as fresh as its projection: catch it up first.
     let caught_up = async {
         while runner.step("streams").await?.read > 0 {}
+        runner.release_all().await?;
         anyhow::Ok(())
     }
     .await;

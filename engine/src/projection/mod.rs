@@ -310,10 +310,7 @@ impl ProjectionRunner {
         shutdown.await;
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
-        for name in self.names() {
-            checkpoint::release(&self.pool, name, &self.owner).await?;
-        }
-        Ok(())
+        self.release_all().await
     }
 
     async fn follow(&self, name: &'static str) {
@@ -363,6 +360,15 @@ impl ProjectionRunner {
                 Err(e) => tracing::warn!(error = %e, "reading projection lag failed"),
             }
         }
+    }
+
+    /// Gives up this runner's hold on every projection (so another process need not wait for the
+    /// leases to expire).
+    pub async fn release_all(&self) -> Result<(), ProjectionError> {
+        for name in self.names() {
+            checkpoint::release(&self.pool, name, &self.owner).await?;
+        }
+        Ok(())
     }
 
     /// Every projection's checkpoint and lag.
