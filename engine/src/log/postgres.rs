@@ -60,13 +60,13 @@ const READ_LOG: &str = "\
 /// accepted command ids (`kind` 'c') and the written events (`kind` 'e'). `$on_conflict` decides
 /// what a taken event sequence does.
 macro_rules! write_group_sql {
-    ($on_conflict:literal) => {
+    ($commands_on_conflict:literal, $on_conflict:literal) => {
         concat!(
             "WITH accepted AS (",
             "  INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence,",
             "                        last_sequence)",
-            "  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[])",
-            "  ON CONFLICT (command_id) DO NOTHING",
+            "  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[]) ",
+            $commands_on_conflict,
             "  RETURNING command_id),",
             " inserted AS (",
             "  INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,",
@@ -85,14 +85,17 @@ macro_rules! write_group_sql {
     };
 }
 
-/// Writes a group in one statement. A stale command fails the whole statement with a unique
-/// violation, and the group is then written again with [`WRITE_GROUP_TOLERANT`].
-const WRITE_GROUP: &str = write_group_sql!("");
+/// Writes a group in one statement. A stale or repeated command fails the whole statement with a
+/// unique violation, and the group is then written again with [`WRITE_GROUP_TOLERANT`]. (Plain
+/// inserts: `ON CONFLICT` costs a speculative insertion per row, paid on every append.)
+const WRITE_GROUP: &str = write_group_sql!("", "");
 
 /// Skips events whose sequence is taken instead of failing; the caller finds the conflicting
 /// commands by their missing events and rolls back.
-const WRITE_GROUP_TOLERANT: &str =
-    write_group_sql!("ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING");
+const WRITE_GROUP_TOLERANT: &str = write_group_sql!(
+    "ON CONFLICT (command_id) DO NOTHING",
+    "ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING"
+);
 
 /// The streams of many commands in one query: `$1`/`$2` the streams, `$3` the sequence to read
 /// after; `n` says which request a row answers.
