@@ -1,4 +1,6 @@
 //! Stele's aggregates: pure decision logic (cqrs-es `Aggregate`s) for tasks, workflow runs and
-//! conversations.
+//! conversations. Each decides (`handle`: command → events) and folds (`apply`), nothing else.
 //!
 //! **Invariant**: this crate depends on no IO crate (no database, network or file access).
+
+pub mod task;

@@ -1,0 +1,389 @@
+//! `Task`: the user-facing unit of work, from the API, Telegram or email.
+//!
+//! ```text
+//!  pending ──StartRouting──► routing ──Route──► executing ──Complete──► completed
+//!     │  └───────────────Route──────────────────▲    │  └────Fail─────► failed
+//!     │                     │ Fail ─────────────────────────────────────► failed
+//!     └── Cancel (pending, routing, executing) ─────────────────────────► cancelled
+//! ```
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Who asked for the task, and through which channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requester {
+    pub user_id: String,
+    pub channel: String,
+}
+
+/// Where a task is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Not created yet (no events).
+    #[default]
+    New,
+    Pending,
+    Routing,
+    Executing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskCommand {
+    Create {
+        input: String,
+        requester: Requester,
+        /// A workflow chosen by the requester; otherwise routing chooses one.
+        workflow: Option<String>,
+    },
+    StartRouting,
+    /// The workflow that will run it, and the run.
+    Route {
+        workflow: String,
+        run_id: String,
+    },
+    Complete {
+        result: Value,
+    },
+    Fail {
+        error: String,
+    },
+    Cancel {
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum TaskEvent {
+    TaskCreated {
+        input: String,
+        requester: Requester,
+        workflow: Option<String>,
+    },
+    TaskRoutingStarted,
+    TaskRouted {
+        workflow: String,
+        run_id: String,
+    },
+    TaskCompleted {
+        result: Value,
+    },
+    TaskFailed {
+        error: String,
+    },
+    TaskCancelled {
+        reason: String,
+    },
+}
+
+impl DomainEvent for TaskEvent {
+    fn event_type(&self) -> String {
+        match self {
+            TaskEvent::TaskCreated { .. } => "TaskCreated",
+            TaskEvent::TaskRoutingStarted => "TaskRoutingStarted",
+            TaskEvent::TaskRouted { .. } => "TaskRouted",
+            TaskEvent::TaskCompleted { .. } => "TaskCompleted",
+            TaskEvent::TaskFailed { .. } => "TaskFailed",
+            TaskEvent::TaskCancelled { .. } => "TaskCancelled",
+        }
+        .to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        "1.0".to_owned()
+    }
+}
+
+/// Why a task command was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TaskError {
+    #[error("the task exists already")]
+    AlreadyCreated,
+    #[error("no such task")]
+    NotCreated,
+    #[error("a task needs some input")]
+    EmptyInput,
+    #[error("the task is {status:?}: it cannot {action}")]
+    InvalidTransition {
+        status: TaskStatus,
+        action: &'static str,
+    },
+}
+
+/// The task's state, folded from its events.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub status: TaskStatus,
+    pub input: String,
+    pub requester: Option<Requester>,
+    pub workflow: Option<String>,
+    pub run_id: Option<String>,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+}
+
+impl Task {
+    fn refuse(&self, action: &'static str) -> TaskError {
+        match self.status {
+            TaskStatus::New => TaskError::NotCreated,
+            status => TaskError::InvalidTransition { status, action },
+        }
+    }
+}
+
+impl Aggregate for Task {
+    const TYPE: &'static str = "task";
+    type Command = TaskCommand;
+    type Event = TaskEvent;
+    type Error = TaskError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: TaskCommand,
+        _: &(),
+        sink: &EventSink<Self>,
+    ) -> Result<(), TaskError> {
+        use TaskStatus::*;
+        let event = match (command, self.status) {
+            (TaskCommand::Create { .. }, status) if status != New => {
+                return Err(TaskError::AlreadyCreated)
+            }
+            (TaskCommand::Create { input, .. }, _) if input.trim().is_empty() => {
+                return Err(TaskError::EmptyInput)
+            }
+            (
+                TaskCommand::Create {
+                    input,
+                    requester,
+                    workflow,
+                },
+                _,
+            ) => TaskEvent::TaskCreated {
+                input,
+                requester,
+                workflow,
+            },
+            (TaskCommand::StartRouting, Pending) => TaskEvent::TaskRoutingStarted,
+            (TaskCommand::StartRouting, _) => return Err(self.refuse("start routing")),
+            (TaskCommand::Route { workflow, run_id }, Pending | Routing) => {
+                TaskEvent::TaskRouted { workflow, run_id }
+            }
+            (TaskCommand::Route { .. }, _) => return Err(self.refuse("be routed")),
+            (TaskCommand::Complete { result }, Executing) => TaskEvent::TaskCompleted { result },
+            (TaskCommand::Complete { .. }, _) => return Err(self.refuse("complete")),
+            (TaskCommand::Fail { error }, Pending | Routing | Executing) => {
+                TaskEvent::TaskFailed { error }
+            }
+            (TaskCommand::Fail { .. }, _) => return Err(self.refuse("fail")),
+            (TaskCommand::Cancel { reason }, Pending | Routing | Executing) => {
+                TaskEvent::TaskCancelled { reason }
+            }
+            (TaskCommand::Cancel { .. }, _) => return Err(self.refuse("be cancelled")),
+        };
+        sink.write(event, self).await;
+        Ok(())
+    }
+
+    fn apply(&mut self, event: TaskEvent) {
+        match event {
+            TaskEvent::TaskCreated {
+                input,
+                requester,
+                workflow,
+            } => {
+                self.status = TaskStatus::Pending;
+                self.input = input;
+                self.requester = Some(requester);
+                self.workflow = workflow;
+            }
+            TaskEvent::TaskRoutingStarted => self.status = TaskStatus::Routing,
+            TaskEvent::TaskRouted { workflow, run_id } => {
+                self.status = TaskStatus::Executing;
+                self.workflow = Some(workflow);
+                self.run_id = Some(run_id);
+            }
+            TaskEvent::TaskCompleted { result } => {
+                self.status = TaskStatus::Completed;
+                self.result = Some(result);
+            }
+            TaskEvent::TaskFailed { error } => {
+                self.status = TaskStatus::Failed;
+                self.error = Some(error);
+            }
+            TaskEvent::TaskCancelled { reason } => {
+                self.status = TaskStatus::Cancelled;
+                self.error = Some(reason);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::test::TestFramework;
+    use serde_json::json;
+
+    use super::*;
+
+    type Given = TestFramework<Task>;
+
+    fn requester() -> Requester {
+        Requester {
+            user_id: "42".into(),
+            channel: "telegram".into(),
+        }
+    }
+
+    fn created() -> TaskEvent {
+        TaskEvent::TaskCreated {
+            input: "fix the login bug".into(),
+            requester: requester(),
+            workflow: None,
+        }
+    }
+
+    fn routed() -> TaskEvent {
+        TaskEvent::TaskRouted {
+            workflow: "dev_pipeline".into(),
+            run_id: "run-1".into(),
+        }
+    }
+
+    #[test]
+    fn a_task_is_created_pending() {
+        Given::with(())
+            .given_no_previous_events()
+            .when(TaskCommand::Create {
+                input: "fix the login bug".into(),
+                requester: requester(),
+                workflow: None,
+            })
+            .then_expect_events(vec![created()]);
+    }
+
+    #[test]
+    fn empty_input_and_second_creation_are_refused() {
+        Given::with(())
+            .given_no_previous_events()
+            .when(TaskCommand::Create {
+                input: "  ".into(),
+                requester: requester(),
+                workflow: None,
+            })
+            .then_expect_error(TaskError::EmptyInput);
+        Given::with(())
+            .given(vec![created()])
+            .when(TaskCommand::Create {
+                input: "again".into(),
+                requester: requester(),
+                workflow: None,
+            })
+            .then_expect_error(TaskError::AlreadyCreated);
+    }
+
+    #[test]
+    fn the_happy_path_routes_executes_and_completes() {
+        Given::with(())
+            .given(vec![created()])
+            .when(TaskCommand::StartRouting)
+            .then_expect_events(vec![TaskEvent::TaskRoutingStarted]);
+        Given::with(())
+            .given(vec![created(), TaskEvent::TaskRoutingStarted])
+            .when(TaskCommand::Route {
+                workflow: "dev_pipeline".into(),
+                run_id: "run-1".into(),
+            })
+            .then_expect_events(vec![routed()]);
+        Given::with(())
+            .given(vec![created(), TaskEvent::TaskRoutingStarted, routed()])
+            .when(TaskCommand::Complete {
+                result: json!({ "url": "https://example.test/pr/1" }),
+            })
+            .then_expect_events(vec![TaskEvent::TaskCompleted {
+                result: json!({ "url": "https://example.test/pr/1" }),
+            }]);
+    }
+
+    #[test]
+    fn finished_tasks_refuse_further_changes() {
+        let completed = TaskEvent::TaskCompleted { result: json!({}) };
+        for command in [
+            TaskCommand::Cancel {
+                reason: "late".into(),
+            },
+            TaskCommand::Fail {
+                error: "late".into(),
+            },
+            TaskCommand::Complete { result: json!({}) },
+            TaskCommand::StartRouting,
+        ] {
+            let error = Given::with(())
+                .given(vec![created(), routed(), completed.clone()])
+                .when(command)
+                .inspect_result()
+                .unwrap_err();
+            assert!(matches!(
+                error,
+                TaskError::InvalidTransition {
+                    status: TaskStatus::Completed,
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn commands_on_a_missing_task_are_refused() {
+        Given::with(())
+            .given_no_previous_events()
+            .when(TaskCommand::Cancel { reason: "x".into() })
+            .then_expect_error(TaskError::NotCreated);
+    }
+
+    #[test]
+    fn cancelling_is_possible_until_finished() {
+        for history in [
+            vec![created()],
+            vec![created(), TaskEvent::TaskRoutingStarted],
+            vec![created(), routed()],
+        ] {
+            Given::with(())
+                .given(history)
+                .when(TaskCommand::Cancel {
+                    reason: "user asked".into(),
+                })
+                .then_expect_events(vec![TaskEvent::TaskCancelled {
+                    reason: "user asked".into(),
+                }]);
+        }
+    }
+
+    #[test]
+    fn the_state_folds_from_events() {
+        let mut task = Task::default();
+        for event in [created(), TaskEvent::TaskRoutingStarted, routed()] {
+            task.apply(event);
+        }
+        assert_eq!(task.status, TaskStatus::Executing);
+        assert_eq!(task.workflow.as_deref(), Some("dev_pipeline"));
+        assert_eq!(task.requester, Some(requester()));
+        assert!(!task.status.is_finished());
+    }
+}
