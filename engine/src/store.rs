@@ -254,8 +254,16 @@ pub async fn migrate(location: StoreLocation) -> Result<Vec<i64>, StoreError> {
     let before = applied_versions(&location).await.unwrap_or_default();
     let store = Store::open(location.clone(), Migrate::Apply).await?;
     store.close().await;
-    let after = applied_versions(&location).await?;
-    Ok(after.into_iter().filter(|v| !before.contains(v)).collect())
+    // Opening applied every migration of this kind: the new ones are those not applied before.
+    let migrator = match location {
+        StoreLocation::Postgres(_) => &POSTGRES_MIGRATIONS,
+        StoreLocation::Embedded(_) => &SQLITE_MIGRATIONS,
+    };
+    Ok(migrator
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !before.contains(v))
+        .collect())
 }
 
 async fn applied_versions(location: &StoreLocation) -> Result<Vec<i64>, StoreError> {

@@ -227,35 +227,37 @@ impl ProjectionRunner {
             });
         };
         let last_position = last.position;
-        let relevant = relevant(projection.as_ref(), &batch.events);
+        let events = relevant(projection.as_ref(), &batch.events);
         match self
-            .apply_batch(projection.as_ref(), &relevant, last_position)
+            .apply_batch(projection.as_ref(), &events, last_position)
             .await
         {
             Ok(()) => {}
             Err(ProjectionError::Apply(_)) => {
-                // Find the failing event: apply one at a time up to it.
-                let mut position = cp.position;
-                for event in &batch.events {
-                    let one = relevant_one(projection.as_ref(), event);
-                    if let Err(ProjectionError::Apply(error)) = self
+                // Find the failing event: apply one at a time up to it, then stop there.
+                for (applied, event) in batch.events.iter().enumerate() {
+                    let one = relevant(projection.as_ref(), std::slice::from_ref(event));
+                    match self
                         .apply_batch(projection.as_ref(), &one, event.position)
                         .await
                     {
-                        tracing::error!(projection = name, position = %event.position, %error, "projection stopped");
-                        checkpoint::set_status(
-                            &self.pool,
-                            name,
-                            Status::Failed,
-                            Some((event.position, &error)),
-                        )
-                        .await?;
-                        return Ok(Stepped {
-                            read: (position != cp.position) as usize,
-                            held_back: false,
-                        });
+                        Ok(()) => {}
+                        Err(ProjectionError::Apply(error)) => {
+                            tracing::error!(projection = name, position = %event.position, %error, "projection stopped");
+                            checkpoint::set_status(
+                                &self.pool,
+                                name,
+                                Status::Failed,
+                                Some((event.position, &error)),
+                            )
+                            .await?;
+                            return Ok(Stepped {
+                                read: applied,
+                                held_back: false,
+                            });
+                        }
+                        Err(e) => return Err(e),
                     }
-                    position = event.position;
                 }
             }
             Err(e) => return Err(e),
@@ -373,7 +375,7 @@ impl ProjectionRunner {
 
     /// Every projection's checkpoint and lag.
     pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
-        let head = head(self.log.as_ref()).await?;
+        let head = self.log.head().await?;
         let mut statuses = Vec::new();
         for cp in checkpoint::list(&self.pool).await? {
             if !self.projections.iter().any(|p| p.name() == cp.name) {
@@ -589,7 +591,7 @@ impl ProjectionRunner {
         progress(Progress {
             events_read: *read,
             position: through,
-            head: head(self.log.as_ref()).await?,
+            head: self.log.head().await?,
         });
         Ok(false)
     }
@@ -602,15 +604,6 @@ fn relevant(projection: &dyn Projection, events: &[RecordedEvent]) -> Vec<Record
         .filter(|e| types.is_empty() || types.contains(&e.event_type.as_str()))
         .cloned()
         .collect()
-}
-
-fn relevant_one(projection: &dyn Projection, event: &RecordedEvent) -> Vec<RecordedEvent> {
-    relevant(projection, std::slice::from_ref(event))
-}
-
-/// The newest position in the log (by position, not log order).
-async fn head(log: &dyn EventLog) -> Result<Position, LogError> {
-    log.head().await
 }
 
 async fn execute(tx: &mut dyn LogTransaction, sql: &str) -> Result<(), sqlx::Error> {

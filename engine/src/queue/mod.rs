@@ -353,3 +353,14 @@ pub(crate) async fn refusal(queue: &dyn JobQueue, id: Uuid, action: &'static str
         Err(e) => e,
     }
 }
+
+/// Orders claimed jobs as the claim picked them: priority first, then run time, then age (ids are
+/// time-ordered UUIDv7).
+pub(crate) fn in_claim_order(jobs: &mut [Job]) {
+    jobs.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.run_at.cmp(&b.run_at))
+            .then(a.id.cmp(&b.id))
+    });
+}

@@ -220,9 +220,16 @@ async fn enqueue_on(
             None => {
                 let row = sqlx::query(&existing_sql)
                     .bind(job.idempotency_key.as_deref())
-                    .fetch_one(&mut *conn)
+                    .fetch_optional(&mut *conn)
                     .await?;
-                Enqueued::Existing(job_from_row(&row)?)
+                match row {
+                    Some(row) => Enqueued::Existing(job_from_row(&row)?),
+                    // The unfinished job finished in between: the key is free, enqueue again.
+                    None => Box::pin(enqueue_on(conn, vec![job.clone()]))
+                        .await?
+                        .pop()
+                        .expect("one job, one result"),
+                }
             }
         });
     }
@@ -271,12 +278,7 @@ impl JobQueue for PgJobQueue {
             .iter()
             .map(job_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        jobs.sort_by(|a, b| {
-            b.priority
-                .cmp(&a.priority)
-                .then(a.run_at.cmp(&b.run_at))
-                .then(a.id.cmp(&b.id))
-        });
+        super::in_claim_order(&mut jobs);
         Ok(jobs)
     }
 

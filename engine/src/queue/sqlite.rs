@@ -189,12 +189,7 @@ impl JobQueue for SqliteJobQueue {
             .iter()
             .map(job_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        jobs.sort_by(|a, b| {
-            b.priority
-                .cmp(&a.priority)
-                .then(a.run_at.cmp(&b.run_at))
-                .then(a.id.cmp(&b.id))
-        });
+        super::in_claim_order(&mut jobs);
         Ok(jobs)
     }
 
