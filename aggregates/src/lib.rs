@@ -4,3 +4,4 @@
 //! **Invariant**: this crate depends on no IO crate (no database, network or file access).
 
 pub mod task;
+pub mod workflow_run;

@@ -1,0 +1,873 @@
+//! `WorkflowRun`: one execution of one version of a workflow definition.
+//!
+//! The run records facts (a step's outcome, a signal, a timer firing, a child run finishing) and,
+//! in the same command, what follows from them. What follows is decided by a [`Decider`] (the
+//! workflow definitions, injected as the aggregate's service): each recorded event is shown to
+//! `decide(run, event)`, and every [`Action`] it returns is recorded as a further event, which is
+//! shown to `decide` in turn. So a fact and its consequences are one atomic append; the process
+//! manager that follows the log turns the recorded actions into jobs (a step to run, a timer, a
+//! child run to start).
+//!
+//! ```text
+//!  new ──Start──► running ──(last step done)──► completed
+//!                   │   └──(step failed, no retry left)──► failed
+//!                   └──Cancel──► cancelled
+//!
+//!  a step:  scheduled ──RecordStep──► started + completed | failed ──(retry)──► scheduled (attempt+1)
+//!           waiting (signal) ──Signal / TimeoutWait──► completed | timed out
+//!           sleeping (timer) ──FireTimer──► completed
+//!           joining (children) ──ChildFinished × n──► completed | failed
+//! ```
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How many events one command may record: a definition whose decisions never settle (an inline
+/// loop) fails its run instead of growing without bound.
+pub const MAX_EVENTS_PER_COMMAND: usize = 256;
+
+/// The parent run and fan-out step that started a child run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentLink {
+    pub run_id: String,
+    pub step: String,
+    /// The child's place among the step's children (the item index).
+    pub index: usize,
+}
+
+/// A child run a fan-out step starts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChildSpec {
+    pub run_id: String,
+    pub workflow: String,
+    pub version: u32,
+    pub input: Value,
+}
+
+/// Where a run is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Not started (no events).
+    #[default]
+    New,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::New => "new",
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Where a step is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// A job will run it (at `not_before` at the earliest).
+    Scheduled,
+    /// Waiting for a signal.
+    Waiting,
+    /// Waiting for a durable timer.
+    Sleeping,
+    /// Waiting for its child runs.
+    Joining,
+    Completed,
+    Failed,
+    Skipped,
+}
+
+/// How a step attempt ended, as reported by the step worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum StepOutcome {
+    Completed { output: Value },
+    Failed { error: String },
+}
+
+/// How a child run ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChildResult {
+    pub run_id: String,
+    pub status: RunStatus,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+/// What the decider asks for after an event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Run `step` (attempt `attempt`) as a job, not before `not_before`.
+    ScheduleStep {
+        step: String,
+        attempt: u32,
+        not_before: Option<DateTime<Utc>>,
+        /// Which escalation of the step's retry policy this attempt uses (0: none).
+        escalation: u32,
+        timeout_ms: u64,
+    },
+    /// A step that needs no job (a route on a value, a reply, a resumed wait) is done.
+    CompleteStep {
+        step: String,
+        output: Value,
+        /// The buffered signal this completion consumes.
+        consumed_signal: Option<String>,
+    },
+    SkipStep {
+        step: String,
+        reason: String,
+    },
+    ArmTimer {
+        step: String,
+        fire_at: DateTime<Utc>,
+    },
+    AwaitSignal {
+        step: String,
+        signal: String,
+        timeout_at: Option<DateTime<Utc>>,
+    },
+    StartChildren {
+        step: String,
+        children: Vec<ChildSpec>,
+    },
+    /// A message must be sent on the task's channel.
+    RequestReply {
+        step: String,
+        text: String,
+    },
+    CompleteRun {
+        output: Value,
+    },
+    FailRun {
+        error: String,
+        step: Option<String>,
+    },
+}
+
+/// Decides what follows an event: the workflow definitions, as the aggregate's service. Must be
+/// pure: the same run and event give the same actions.
+pub trait Decider: Send + Sync {
+    /// The actions that follow `event`, which has just been applied to `run`. An error fails the
+    /// run with that message (recorded, like any other outcome).
+    fn decide(
+        &self,
+        run: &WorkflowRun,
+        event: &RunEvent,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Action>, String>;
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunCommand {
+    Start {
+        task_id: Option<String>,
+        workflow: String,
+        version: u32,
+        input: Value,
+        parent: Option<ParentLink>,
+        now: DateTime<Utc>,
+    },
+    /// A step worker reports an attempt.
+    RecordStep {
+        step: String,
+        attempt: u32,
+        started_at: DateTime<Utc>,
+        /// What the step was given (a rendered prompt, a tool's input).
+        input: Option<Value>,
+        outcome: StepOutcome,
+        /// Model calls made by the attempt, in order (`workflows::model::ModelCall` as JSON).
+        calls: Vec<Value>,
+        now: DateTime<Utc>,
+    },
+    FireTimer {
+        step: String,
+        now: DateTime<Utc>,
+    },
+    Signal {
+        name: String,
+        payload: Value,
+        now: DateTime<Utc>,
+    },
+    TimeoutWait {
+        step: String,
+        now: DateTime<Utc>,
+    },
+    ChildFinished {
+        step: String,
+        index: usize,
+        result: ChildResult,
+        now: DateTime<Utc>,
+    },
+    Cancel {
+        reason: String,
+        now: DateTime<Utc>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum RunEvent {
+    RunStarted {
+        task_id: Option<String>,
+        workflow: String,
+        version: u32,
+        input: Value,
+        parent: Option<ParentLink>,
+    },
+    StepScheduled {
+        step: String,
+        attempt: u32,
+        not_before: Option<DateTime<Utc>>,
+        escalation: u32,
+        timeout_ms: u64,
+    },
+    /// Recorded with the attempt's outcome (like Temporal's activity start): a start whose
+    /// worker died before finishing is not history, the rescued job starts it again.
+    StepStarted {
+        step: String,
+        attempt: u32,
+        at: DateTime<Utc>,
+    },
+    StepCompleted {
+        step: String,
+        attempt: u32,
+        input: Option<Value>,
+        output: Value,
+        calls: Vec<Value>,
+        consumed_signal: Option<String>,
+    },
+    StepFailed {
+        step: String,
+        attempt: u32,
+        input: Option<Value>,
+        error: String,
+        calls: Vec<Value>,
+    },
+    StepSkipped {
+        step: String,
+        reason: String,
+    },
+    TimerArmed {
+        step: String,
+        fire_at: DateTime<Utc>,
+    },
+    TimerFired {
+        step: String,
+    },
+    WaitStarted {
+        step: String,
+        signal: String,
+        timeout_at: Option<DateTime<Utc>>,
+    },
+    SignalReceived {
+        name: String,
+        payload: Value,
+    },
+    WaitTimedOut {
+        step: String,
+    },
+    ChildrenStarted {
+        step: String,
+        children: Vec<ChildSpec>,
+    },
+    ChildRunFinished {
+        step: String,
+        index: usize,
+        result: ChildResult,
+    },
+    ReplyRequested {
+        step: String,
+        text: String,
+    },
+    RunCompleted {
+        output: Value,
+    },
+    RunFailed {
+        error: String,
+        step: Option<String>,
+    },
+    RunCancelled {
+        reason: String,
+    },
+}
+
+impl RunEvent {
+    /// Every event type, for subscribers that filter by type.
+    pub const TYPES: [&'static str; 17] = [
+        "RunStarted",
+        "StepScheduled",
+        "StepStarted",
+        "StepCompleted",
+        "StepFailed",
+        "StepSkipped",
+        "TimerArmed",
+        "TimerFired",
+        "WaitStarted",
+        "SignalReceived",
+        "WaitTimedOut",
+        "ChildrenStarted",
+        "ChildRunFinished",
+        "ReplyRequested",
+        "RunCompleted",
+        "RunFailed",
+        "RunCancelled",
+    ];
+}
+
+impl DomainEvent for RunEvent {
+    fn event_type(&self) -> String {
+        match self {
+            RunEvent::RunStarted { .. } => "RunStarted",
+            RunEvent::StepScheduled { .. } => "StepScheduled",
+            RunEvent::StepStarted { .. } => "StepStarted",
+            RunEvent::StepCompleted { .. } => "StepCompleted",
+            RunEvent::StepFailed { .. } => "StepFailed",
+            RunEvent::StepSkipped { .. } => "StepSkipped",
+            RunEvent::TimerArmed { .. } => "TimerArmed",
+            RunEvent::TimerFired { .. } => "TimerFired",
+            RunEvent::WaitStarted { .. } => "WaitStarted",
+            RunEvent::SignalReceived { .. } => "SignalReceived",
+            RunEvent::WaitTimedOut { .. } => "WaitTimedOut",
+            RunEvent::ChildrenStarted { .. } => "ChildrenStarted",
+            RunEvent::ChildRunFinished { .. } => "ChildRunFinished",
+            RunEvent::ReplyRequested { .. } => "ReplyRequested",
+            RunEvent::RunCompleted { .. } => "RunCompleted",
+            RunEvent::RunFailed { .. } => "RunFailed",
+            RunEvent::RunCancelled { .. } => "RunCancelled",
+        }
+        .to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        "1.0".to_owned()
+    }
+}
+
+/// Why a run command was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RunError {
+    #[error("the run exists already")]
+    AlreadyStarted,
+    #[error("no such run")]
+    NotStarted,
+    #[error("the run is {0:?}")]
+    Finished(RunStatus),
+    /// A step report for an attempt that is not the one scheduled (a late or repeated worker).
+    #[error("step {step} attempt {attempt} is not scheduled")]
+    StaleStep { step: String, attempt: u32 },
+    #[error("a signal needs a name")]
+    EmptySignal,
+}
+
+/// One step's state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepState {
+    pub status: StepStatus,
+    pub attempt: u32,
+    pub escalation: u32,
+    pub not_before: Option<DateTime<Utc>>,
+    pub timeout_ms: u64,
+    pub started_at: Option<DateTime<Utc>>,
+    pub input: Option<Value>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    /// Every attempt's error, oldest first.
+    pub errors: Vec<String>,
+    /// The signal a waiting step waits for, and until when.
+    pub signal: Option<String>,
+    pub deadline: Option<DateTime<Utc>>,
+    /// The children of a fan-out step, by index; `None` until each finishes.
+    pub children: Vec<ChildSpec>,
+    pub results: Vec<Option<ChildResult>>,
+}
+
+impl StepState {
+    fn new(status: StepStatus) -> Self {
+        Self {
+            status,
+            attempt: 0,
+            escalation: 0,
+            not_before: None,
+            timeout_ms: 0,
+            started_at: None,
+            input: None,
+            output: None,
+            error: None,
+            errors: Vec::new(),
+            signal: None,
+            deadline: None,
+            children: Vec::new(),
+            results: Vec::new(),
+        }
+    }
+}
+
+/// The run's state, folded from its events.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowRun {
+    pub status: RunStatus,
+    pub task_id: Option<String>,
+    pub workflow: String,
+    pub version: u32,
+    pub input: Value,
+    pub parent: Option<ParentLink>,
+    pub steps: BTreeMap<String, StepState>,
+    /// Steps in the order they were entered (a step entered again, by a loop, appears again).
+    pub path: Vec<String>,
+    /// The step the run is at.
+    pub current: Option<String>,
+    /// Signals received and not yet consumed by a wait, oldest first.
+    pub signals: Vec<(String, Value)>,
+    /// Messages to send on the task's channel.
+    pub replies: Vec<String>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+impl WorkflowRun {
+    pub fn step(&self, id: &str) -> Option<&StepState> {
+        self.steps.get(id)
+    }
+
+    /// The outputs of completed steps, by step id.
+    pub fn outputs(&self) -> BTreeMap<&str, &Value> {
+        self.steps
+            .iter()
+            .filter_map(|(id, step)| Some((id.as_str(), step.output.as_ref()?)))
+            .collect()
+    }
+
+    /// The steps waiting in the job queue (a cancelled run cancels their jobs).
+    pub fn scheduled_steps(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.steps
+            .iter()
+            .filter(|(_, step)| step.status == StepStatus::Scheduled)
+            .map(|(id, step)| (id.as_str(), step.attempt))
+    }
+
+    /// Child runs started and not finished.
+    pub fn active_children(&self) -> impl Iterator<Item = &ChildSpec> {
+        self.steps
+            .values()
+            .filter(|step| step.status == StepStatus::Joining)
+            .flat_map(|step| {
+                step.children
+                    .iter()
+                    .zip(&step.results)
+                    .filter(|(_, result)| result.is_none())
+                    .map(|(child, _)| child)
+            })
+    }
+
+    fn ensure_running(&self) -> Result<(), RunError> {
+        match self.status {
+            RunStatus::New => Err(RunError::NotStarted),
+            RunStatus::Running => Ok(()),
+            status => Err(RunError::Finished(status)),
+        }
+    }
+
+    fn step_mut(&mut self, id: &str, status: StepStatus) -> &mut StepState {
+        let step = self
+            .steps
+            .entry(id.to_owned())
+            .or_insert_with(|| StepState::new(status));
+        step.status = status;
+        step
+    }
+
+    /// The facts a command records, before decisions; empty when the command changes nothing
+    /// (a timer or timeout that lost its race, a repeated child report).
+    fn facts(&self, command: RunCommand) -> Result<Vec<RunEvent>, RunError> {
+        let step_is =
+            |id: &str, status: StepStatus| self.steps.get(id).is_some_and(|s| s.status == status);
+        Ok(match command {
+            RunCommand::Start {
+                task_id,
+                workflow,
+                version,
+                input,
+                parent,
+                ..
+            } => {
+                if self.status != RunStatus::New {
+                    return Err(RunError::AlreadyStarted);
+                }
+                vec![RunEvent::RunStarted {
+                    task_id,
+                    workflow,
+                    version,
+                    input,
+                    parent,
+                }]
+            }
+            RunCommand::RecordStep {
+                step,
+                attempt,
+                started_at,
+                input,
+                outcome,
+                calls,
+                ..
+            } => {
+                self.ensure_running()?;
+                let scheduled = self
+                    .steps
+                    .get(&step)
+                    .is_some_and(|s| s.status == StepStatus::Scheduled && s.attempt == attempt);
+                if !scheduled {
+                    return Err(RunError::StaleStep { step, attempt });
+                }
+                let started = RunEvent::StepStarted {
+                    step: step.clone(),
+                    attempt,
+                    at: started_at,
+                };
+                let outcome = match outcome {
+                    StepOutcome::Completed { output } => RunEvent::StepCompleted {
+                        step,
+                        attempt,
+                        input,
+                        output,
+                        calls,
+                        consumed_signal: None,
+                    },
+                    StepOutcome::Failed { error } => RunEvent::StepFailed {
+                        step,
+                        attempt,
+                        input,
+                        error,
+                        calls,
+                    },
+                };
+                vec![started, outcome]
+            }
+            RunCommand::FireTimer { step, .. } => {
+                self.ensure_running()?;
+                if !step_is(&step, StepStatus::Sleeping) {
+                    return Ok(Vec::new());
+                }
+                vec![RunEvent::TimerFired { step }]
+            }
+            RunCommand::Signal { name, payload, .. } => {
+                if name.trim().is_empty() {
+                    return Err(RunError::EmptySignal);
+                }
+                self.ensure_running()?;
+                vec![RunEvent::SignalReceived { name, payload }]
+            }
+            RunCommand::TimeoutWait { step, .. } => {
+                self.ensure_running()?;
+                if !step_is(&step, StepStatus::Waiting) {
+                    return Ok(Vec::new());
+                }
+                vec![RunEvent::WaitTimedOut { step }]
+            }
+            RunCommand::ChildFinished {
+                step,
+                index,
+                result,
+                ..
+            } => {
+                self.ensure_running()?;
+                let open = self.steps.get(&step).is_some_and(|s| {
+                    s.status == StepStatus::Joining
+                        && s.results.get(index).is_some_and(Option::is_none)
+                        && s.children[index].run_id == result.run_id
+                });
+                if !open {
+                    return Ok(Vec::new());
+                }
+                vec![RunEvent::ChildRunFinished {
+                    step,
+                    index,
+                    result,
+                }]
+            }
+            RunCommand::Cancel { reason, .. } => {
+                self.ensure_running()?;
+                vec![RunEvent::RunCancelled { reason }]
+            }
+        })
+    }
+}
+
+impl Action {
+    /// The event that records this action.
+    pub fn into_event(self, run: &WorkflowRun) -> RunEvent {
+        match self {
+            Action::ScheduleStep {
+                step,
+                attempt,
+                not_before,
+                escalation,
+                timeout_ms,
+            } => RunEvent::StepScheduled {
+                step,
+                attempt,
+                not_before,
+                escalation,
+                timeout_ms,
+            },
+            Action::CompleteStep {
+                step,
+                output,
+                consumed_signal,
+            } => RunEvent::StepCompleted {
+                attempt: run.steps.get(&step).map_or(1, |s| s.attempt.max(1)),
+                step,
+                input: None,
+                output,
+                calls: Vec::new(),
+                consumed_signal,
+            },
+            Action::SkipStep { step, reason } => RunEvent::StepSkipped { step, reason },
+            Action::ArmTimer { step, fire_at } => RunEvent::TimerArmed { step, fire_at },
+            Action::AwaitSignal {
+                step,
+                signal,
+                timeout_at,
+            } => RunEvent::WaitStarted {
+                step,
+                signal,
+                timeout_at,
+            },
+            Action::StartChildren { step, children } => {
+                RunEvent::ChildrenStarted { step, children }
+            }
+            Action::RequestReply { step, text } => RunEvent::ReplyRequested { step, text },
+            Action::CompleteRun { output } => RunEvent::RunCompleted { output },
+            Action::FailRun { error, step } => RunEvent::RunFailed { error, step },
+        }
+    }
+}
+
+fn command_time(command: &RunCommand) -> DateTime<Utc> {
+    match command {
+        RunCommand::Start { now, .. }
+        | RunCommand::RecordStep { now, .. }
+        | RunCommand::FireTimer { now, .. }
+        | RunCommand::Signal { now, .. }
+        | RunCommand::TimeoutWait { now, .. }
+        | RunCommand::ChildFinished { now, .. }
+        | RunCommand::Cancel { now, .. } => *now,
+    }
+}
+
+impl Aggregate for WorkflowRun {
+    const TYPE: &'static str = "workflow_run";
+    type Command = RunCommand;
+    type Event = RunEvent;
+    type Error = RunError;
+    type Services = Arc<dyn Decider>;
+
+    async fn handle(
+        &mut self,
+        command: RunCommand,
+        decider: &Arc<dyn Decider>,
+        sink: &EventSink<Self>,
+    ) -> Result<(), RunError> {
+        let now = command_time(&command);
+        let mut pending: VecDeque<RunEvent> = self.facts(command)?.into();
+        let mut recorded = 0;
+        while let Some(event) = pending.pop_front() {
+            recorded += 1;
+            sink.write(event.clone(), self).await;
+            if self.status.is_finished() {
+                // Nothing follows the end of a run but the process manager's clean-up.
+                break;
+            }
+            let actions = match decider.decide(self, &event, now) {
+                Ok(actions) => actions,
+                Err(error) => vec![Action::FailRun {
+                    error,
+                    step: self.current.clone(),
+                }],
+            };
+            if recorded + pending.len() + actions.len() > MAX_EVENTS_PER_COMMAND {
+                pending.clear();
+                pending.push_back(RunEvent::RunFailed {
+                    error: format!(
+                        "the workflow's decisions did not settle within {MAX_EVENTS_PER_COMMAND} events (an endless loop of steps that need no job?)"
+                    ),
+                    step: self.current.clone(),
+                });
+                continue;
+            }
+            pending.extend(actions.into_iter().map(|action| action.into_event(self)));
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: RunEvent) {
+        match event {
+            RunEvent::RunStarted {
+                task_id,
+                workflow,
+                version,
+                input,
+                parent,
+            } => {
+                self.status = RunStatus::Running;
+                self.task_id = task_id;
+                self.workflow = workflow;
+                self.version = version;
+                self.input = input;
+                self.parent = parent;
+            }
+            RunEvent::StepScheduled {
+                step,
+                attempt,
+                not_before,
+                escalation,
+                timeout_ms,
+            } => {
+                self.enter(&step);
+                let state = self.step_mut(&step, StepStatus::Scheduled);
+                state.attempt = attempt;
+                state.not_before = not_before;
+                state.escalation = escalation;
+                state.timeout_ms = timeout_ms;
+                state.error = None;
+            }
+            RunEvent::StepStarted { step, at, .. } => {
+                if let Some(state) = self.steps.get_mut(&step) {
+                    state.started_at = Some(at);
+                }
+            }
+            RunEvent::StepCompleted {
+                step,
+                attempt,
+                input,
+                output,
+                consumed_signal,
+                ..
+            } => {
+                self.enter(&step);
+                if let Some(name) = consumed_signal {
+                    if let Some(i) = self.signals.iter().position(|(n, _)| *n == name) {
+                        self.signals.remove(i);
+                    }
+                }
+                let state = self.step_mut(&step, StepStatus::Completed);
+                state.attempt = attempt;
+                state.input = input;
+                state.output = Some(output);
+                state.error = None;
+                state.signal = None;
+                state.deadline = None;
+            }
+            RunEvent::StepFailed {
+                step,
+                attempt,
+                input,
+                error,
+                ..
+            } => {
+                let state = self.step_mut(&step, StepStatus::Failed);
+                state.attempt = attempt;
+                state.input = input;
+                state.errors.push(error.clone());
+                state.error = Some(error);
+            }
+            RunEvent::StepSkipped { step, reason } => {
+                let state = self.step_mut(&step, StepStatus::Skipped);
+                state.error = Some(reason);
+            }
+            RunEvent::TimerArmed { step, fire_at } => {
+                self.enter(&step);
+                let state = self.step_mut(&step, StepStatus::Sleeping);
+                state.deadline = Some(fire_at);
+            }
+            RunEvent::TimerFired { step } => {
+                let state = self.step_mut(&step, StepStatus::Completed);
+                state.output = Some(Value::Null);
+                state.deadline = None;
+            }
+            RunEvent::WaitStarted {
+                step,
+                signal,
+                timeout_at,
+            } => {
+                self.enter(&step);
+                let state = self.step_mut(&step, StepStatus::Waiting);
+                state.signal = Some(signal);
+                state.deadline = timeout_at;
+            }
+            RunEvent::SignalReceived { name, payload } => self.signals.push((name, payload)),
+            RunEvent::WaitTimedOut { step } => {
+                let state = self.step_mut(&step, StepStatus::Failed);
+                state.error = Some("timed out waiting for a signal".into());
+                state.deadline = None;
+            }
+            RunEvent::ChildrenStarted { step, children } => {
+                self.enter(&step);
+                let state = self.step_mut(&step, StepStatus::Joining);
+                state.results = vec![None; children.len()];
+                state.children = children;
+            }
+            RunEvent::ChildRunFinished {
+                step,
+                index,
+                result,
+            } => {
+                if let Some(slot) = self
+                    .steps
+                    .get_mut(&step)
+                    .and_then(|s| s.results.get_mut(index))
+                {
+                    *slot = Some(result);
+                }
+            }
+            RunEvent::ReplyRequested { text, .. } => self.replies.push(text),
+            RunEvent::RunCompleted { output } => {
+                self.status = RunStatus::Completed;
+                self.output = Some(output);
+            }
+            RunEvent::RunFailed { error, .. } => {
+                self.status = RunStatus::Failed;
+                self.error = Some(error);
+            }
+            RunEvent::RunCancelled { reason } => {
+                self.status = RunStatus::Cancelled;
+                self.error = Some(reason);
+            }
+        }
+    }
+}
+
+impl WorkflowRun {
+    /// Marks `step` as the current one; a step entered anew (not a retry of the current one)
+    /// goes on the path.
+    fn enter(&mut self, step: &str) {
+        if self.current.as_deref() != Some(step) {
+            self.current = Some(step.to_owned());
+            self.path.push(step.to_owned());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
