@@ -182,6 +182,7 @@ pub trait Decider: Send + Sync {
 #[derive(Clone, Debug, PartialEq)]
 pub enum RunCommand {
     Start {
+        run_id: String,
         task_id: Option<String>,
         workflow: String,
         version: u32,
@@ -230,6 +231,7 @@ pub enum RunCommand {
 #[serde(tag = "type", content = "data")]
 pub enum RunEvent {
     RunStarted {
+        run_id: String,
         task_id: Option<String>,
         workflow: String,
         version: u32,
@@ -428,6 +430,7 @@ impl StepState {
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkflowRun {
     pub status: RunStatus,
+    pub run_id: String,
     pub task_id: Option<String>,
     pub workflow: String,
     pub version: u32,
@@ -505,6 +508,7 @@ impl WorkflowRun {
             |id: &str, status: StepStatus| self.steps.get(id).is_some_and(|s| s.status == status);
         Ok(match command {
             RunCommand::Start {
+                run_id,
                 task_id,
                 workflow,
                 version,
@@ -516,6 +520,7 @@ impl WorkflowRun {
                     return Err(RunError::AlreadyStarted);
                 }
                 vec![RunEvent::RunStarted {
+                    run_id,
                     task_id,
                     workflow,
                     version,
@@ -724,6 +729,7 @@ impl Aggregate for WorkflowRun {
     fn apply(&mut self, event: RunEvent) {
         match event {
             RunEvent::RunStarted {
+                run_id,
                 task_id,
                 workflow,
                 version,
@@ -731,6 +737,7 @@ impl Aggregate for WorkflowRun {
                 parent,
             } => {
                 self.status = RunStatus::Running;
+                self.run_id = run_id;
                 self.task_id = task_id;
                 self.workflow = workflow;
                 self.version = version;

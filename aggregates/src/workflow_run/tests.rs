@@ -71,6 +71,7 @@ fn now() -> DateTime<Utc> {
 
 fn started() -> RunEvent {
     RunEvent::RunStarted {
+        run_id: "run-1".into(),
         task_id: Some("task-1".into()),
         workflow: "two".into(),
         version: 1,
@@ -125,6 +126,7 @@ fn starting_records_the_start_and_the_first_step() {
     given()
         .given_no_previous_events()
         .when(RunCommand::Start {
+            run_id: "run-1".into(),
             task_id: Some("task-1".into()),
             workflow: "two".into(),
             version: 1,
@@ -285,6 +287,7 @@ fn finished_runs_refuse_commands_and_cancel_once() {
     given()
         .given(vec![started()])
         .when(RunCommand::Start {
+            run_id: "run-1".into(),
             task_id: None,
             workflow: "two".into(),
             version: 1,
