@@ -3,4 +3,5 @@
 //!
 //! **Invariant**: this crate depends on no IO crate (no database, network or file access).
 
+pub mod conversation;
 pub mod task;
