@@ -3,5 +3,6 @@
 //!
 //! **Invariant**: this crate depends on no IO crate (no database, network or file access).
 
+pub mod conversation;
 pub mod task;
 pub mod workflow_run;

@@ -1,0 +1,2339 @@
+//! `Conversation`: one chat or email thread. Who takes part (people and agents), and every message
+//! received or sent, each recorded as an event with its place in the thread (`seq`). Channel
+//! adapters (Telegram, email in and out) and the workflows that reply drive it.
+//!
+//! ```text
+//!          Open                             Close
+//!   new ─────────► open ───────────────────────────────────► closed
+//!    │             │  ▲                                         │
+//!    │             │  └─── Reopen, or ReceiveMessage ───────────┤
+//!    │             │       (ConversationReopened, then message) │
+//!    │             │                                            │
+//!    │             └ stays open: Join, Leave, ReceiveMessage,   └ stays closed: MarkDelivered,
+//!    │               QueueReply, MarkDelivered,                   MarkDeliveryFailed, and a
+//!    │               MarkDeliveryFailed                           redelivered message (no-op)
+//!    │
+//!    └── Quarantine, in every state (new, open, closed): changes no status
+//! ```
+//!
+//! An outbound reply has its own small life:
+//!
+//! ```text
+//!   QueueReply ──► queued ──MarkDelivered──► delivered
+//!                    │                           ▲
+//!  MarkDeliveryFailed│                           │ MarkDelivered
+//!                    ▼                           │
+//!                  failed ───────────────────────┘
+//!                   │  ▲
+//!                   └──┘ MarkDeliveryFailed again (attempt + 1)
+//! ```
+//!
+//! The rules, and why:
+//!
+//! - **Redelivery is a no-op.** Channels deliver at least once, so an inbound message whose external
+//!   id was seen before (received, or given to one of our delivered replies, as when an email comes
+//!   back to us on CC) yields no event and no error. This is checked first: a redelivery never
+//!   reopens a closed conversation.
+//! - **An unknown sender joins.** On email anyone copied can answer, and Telegram groups gain
+//!   members; refusing their message would lose it. `ReceiveMessage` carries the sender's
+//!   [`Participant`], and a sender who is not present (never joined, or left) gets a
+//!   `ParticipantJoined` before the message.
+//! - **Closed refuses what we start, not what comes in.** A closed conversation refuses `Join`,
+//!   `Leave`, `QueueReply` and `Close`. An inbound message reopens it (`ConversationReopened`, then
+//!   the message), because the other side spoke again; a workflow that wants to follow up sends
+//!   `Reopen`. Delivery reports keep working when closed: a reply queued before closing is already
+//!   on its way.
+//! - **Order is explicit.** Every message, inbound or outbound, takes the next `seq` (1, 2, 3…) when
+//!   it is recorded, and the event carries it.
+//! - **Only agents reply.** An outbound message comes from a present participant of kind
+//!   [`ParticipantKind::Agent`]: the channel adapter sends it as the bot or mailbox.
+//! - **Quarantine is never refused.** A malformed inbound message is recorded in every state, even
+//!   before the conversation is opened. Its raw form is kept up to [`MAX_QUARANTINE_RAW_BYTES`]
+//!   (`raw_len` keeps the original size). It takes no `seq` (it is not part of the thread) and does
+//!   not mark its external id as seen, so a later, well-formed delivery of it is recorded; a second
+//!   quarantine of the same external id is a no-op. An adapter quarantines any inbound message this
+//!   aggregate refuses for its content (`EmptyMessage`, `TooLong`, `MissingId`): nothing is dropped.
+//! - **Text** may not be blank unless the message has attachments, nor longer than
+//!   [`MAX_TEXT_BYTES`].
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+/// The longest message text accepted, in bytes of UTF-8: 64 KiB. Telegram's own limit is 4096
+/// characters; an email body beyond this is almost always quoted history or a pasted log, which
+/// belongs in an attachment.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+
+/// How much of a quarantined message's raw form its event keeps, in bytes: 256 KiB. Enough to see
+/// why it was malformed without letting one bad email bloat the log.
+pub const MAX_QUARANTINE_RAW_BYTES: usize = 256 * 1024;
+
+/// The channel a conversation happens on: `telegram`, `email`, `api`, …
+///
+/// A string newtype rather than an enum with an `Other(String)` variant: the set of channels is open
+/// (a new adapter must not need a change here, nor a migration of stored events), and an enum with
+/// `Other` has two spellings of one channel (`Telegram` and `Other("telegram")`) that compare
+/// unequal. [`Channel::parse`] is the only way in, so each channel has one spelling: lowercase
+/// ASCII letters, digits, `-` and `_`, starting with a letter, at most 32 bytes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Channel(Cow<'static, str>);
+
+impl Channel {
+    /// Telegram chats.
+    pub const TELEGRAM: Channel = Channel(Cow::Borrowed("telegram"));
+    /// Email threads.
+    pub const EMAIL: Channel = Channel(Cow::Borrowed("email"));
+    /// Stele's own HTTP API.
+    pub const API: Channel = Channel(Cow::Borrowed("api"));
+    /// The longest channel name, in bytes.
+    pub const MAX_LEN: usize = 32;
+
+    /// Parses a channel name, trimmed and lowercased: `" Telegram "` is [`Channel::TELEGRAM`].
+    pub fn parse(name: &str) -> Result<Channel, InvalidChannel> {
+        let normalized = name.trim().to_ascii_lowercase();
+        let well_formed = normalized.len() <= Self::MAX_LEN
+            && normalized.starts_with(|c: char| c.is_ascii_lowercase())
+            && normalized
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if well_formed {
+            Ok(Channel(Cow::Owned(normalized)))
+        } else {
+            Err(InvalidChannel(name.to_owned()))
+        }
+    }
+
+    /// The channel's name, as stored.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for Channel {
+    type Error = InvalidChannel;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        Channel::parse(&name)
+    }
+}
+
+impl From<Channel> for String {
+    fn from(channel: Channel) -> String {
+        channel.0.into_owned()
+    }
+}
+
+/// A string that is not a channel name (see [`Channel`]).
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not a channel name: 1 to 32 of a-z, 0-9, '-' and '_', starting with a letter")]
+pub struct InvalidChannel(pub String);
+
+/// Whether a participant is a person or one of our agents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParticipantKind {
+    /// Someone writing through the channel.
+    Person,
+    /// One of Stele's agents: the only kind that sends replies.
+    Agent,
+}
+
+/// Someone taking part in a conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Participant {
+    /// Stable id within the conversation (for example the Telegram user id or the email address).
+    pub id: String,
+    /// Person or agent.
+    pub kind: ParticipantKind,
+    /// The name to show, if the channel gives one.
+    pub display_name: Option<String>,
+    /// Where the channel reaches them: a Telegram chat id, an email address.
+    pub address: Option<String>,
+}
+
+impl Participant {
+    /// A person with only an id.
+    pub fn person(id: impl Into<String>) -> Participant {
+        Participant {
+            id: id.into(),
+            kind: ParticipantKind::Person,
+            display_name: None,
+            address: None,
+        }
+    }
+
+    /// An agent with only an id.
+    pub fn agent(id: impl Into<String>) -> Participant {
+        Participant {
+            id: id.into(),
+            kind: ParticipantKind::Agent,
+            display_name: None,
+            address: None,
+        }
+    }
+}
+
+/// Whether a message came in through the channel or goes out from us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageDirection {
+    /// Received from the channel.
+    Inbound,
+    /// A reply of ours, sent through the channel.
+    Outbound,
+}
+
+/// What is known of an attached file. The bytes live elsewhere; the digest names them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The file name.
+    pub name: String,
+    /// The MIME type, for example `application/pdf`.
+    pub content_type: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// A content digest such as `sha256:…`, when the adapter computed one.
+    pub digest: Option<String>,
+}
+
+/// Why a closed conversation was reopened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum ReopenCause {
+    /// An inbound message arrived; it is recorded right after.
+    InboundMessage {
+        /// Our id of that message.
+        message_id: String,
+    },
+    /// Someone asked for it (`Reopen`).
+    Requested {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where a conversation is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConversationStatus {
+    /// Not opened yet (no events, or only quarantined messages).
+    #[default]
+    New,
+    /// Open: messages come and go.
+    Open,
+    /// Closed: no replies until it is reopened.
+    Closed,
+}
+
+/// What can be asked of a conversation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ConversationCommand {
+    /// Starts the conversation.
+    Open {
+        /// The channel it happens on.
+        channel: Channel,
+        /// The channel's id of the thread: a Telegram chat id, the root email's Message-ID.
+        external_id: String,
+        /// The email subject, if any.
+        subject: Option<String>,
+        /// Who takes part from the start (may be empty: senders join as they write).
+        participants: Vec<Participant>,
+    },
+    /// Adds a participant, or brings back one who left (with their details as given now).
+    Join {
+        /// Who joins.
+        participant: Participant,
+    },
+    /// Removes a present participant.
+    Leave {
+        /// Who leaves.
+        participant_id: String,
+        /// Why, if known.
+        reason: Option<String>,
+    },
+    /// Records a message that came in through the channel.
+    ReceiveMessage {
+        /// Our id for the message.
+        message_id: String,
+        /// The channel's id of the message (Telegram message id, email Message-ID).
+        external_id: String,
+        /// The sender, in full: if they are not present, they join.
+        from: Participant,
+        /// The text (may be blank if there are attachments).
+        text: String,
+        /// Attached files.
+        attachments: Vec<Attachment>,
+        /// The channel's id of the message this answers, if any.
+        in_reply_to: Option<String>,
+        /// When the channel says it was sent.
+        sent_at: Option<DateTime<Utc>>,
+    },
+    /// Records a reply for the channel adapter to deliver.
+    QueueReply {
+        /// Our id for the reply.
+        message_id: String,
+        /// The agent that replies (a present participant).
+        from: String,
+        /// The text (may be blank if there are attachments).
+        text: String,
+        /// Attached files.
+        attachments: Vec<Attachment>,
+        /// Our id of the message this answers, if any.
+        in_reply_to: Option<String>,
+        /// The task the reply belongs to, if any.
+        task_id: Option<String>,
+    },
+    /// The channel accepted a reply.
+    MarkDelivered {
+        /// Our id of the reply.
+        message_id: String,
+        /// The channel's id it got.
+        external_id: String,
+    },
+    /// An attempt to deliver a reply failed.
+    MarkDeliveryFailed {
+        /// Our id of the reply.
+        message_id: String,
+        /// What went wrong.
+        error: String,
+        /// Whether the adapter will try again.
+        will_retry: bool,
+    },
+    /// Records an inbound message that could not be understood. Never refused.
+    Quarantine {
+        /// The message as received (text, or bytes in base64).
+        raw: String,
+        /// Why it could not be understood.
+        reason: String,
+        /// The channel's id of the message, if it could be read.
+        external_id: Option<String>,
+    },
+    /// Closes the conversation.
+    Close {
+        /// Why.
+        reason: String,
+    },
+    /// Reopens a closed conversation, for a workflow that wants to follow up.
+    Reopen {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What happened to a conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum ConversationEvent {
+    /// The conversation started.
+    ConversationOpened {
+        /// The channel it happens on.
+        channel: Channel,
+        /// The channel's id of the thread.
+        external_id: String,
+        /// The email subject, if any.
+        subject: Option<String>,
+        /// Who took part from the start.
+        participants: Vec<Participant>,
+    },
+    /// Someone joined (or came back).
+    ParticipantJoined {
+        /// Who, with their details.
+        participant: Participant,
+    },
+    /// Someone left.
+    ParticipantLeft {
+        /// Who.
+        participant_id: String,
+        /// Why, if known.
+        reason: Option<String>,
+    },
+    /// A message came in through the channel.
+    MessageReceived {
+        /// Our id for it.
+        message_id: String,
+        /// Its place in the conversation.
+        seq: u64,
+        /// The channel's id of it.
+        external_id: String,
+        /// The sender's participant id.
+        from: String,
+        /// The text.
+        text: String,
+        /// Attached files.
+        attachments: Vec<Attachment>,
+        /// Our id of the message it answers, when that one is in the conversation.
+        in_reply_to: Option<String>,
+        /// The channel's id of the message it answers, as the channel gave it.
+        in_reply_to_external: Option<String>,
+        /// When the channel says it was sent.
+        sent_at: Option<DateTime<Utc>>,
+    },
+    /// A reply was recorded, for the channel adapter to deliver.
+    ReplyQueued {
+        /// Our id for it.
+        message_id: String,
+        /// Its place in the conversation.
+        seq: u64,
+        /// The agent's participant id.
+        from: String,
+        /// The text.
+        text: String,
+        /// Attached files.
+        attachments: Vec<Attachment>,
+        /// Our id of the message it answers.
+        in_reply_to: Option<String>,
+        /// The channel's id of that message, if it has one yet (for email's `In-Reply-To`).
+        in_reply_to_external: Option<String>,
+        /// The task it belongs to.
+        task_id: Option<String>,
+    },
+    /// The channel accepted a reply.
+    ReplyDelivered {
+        /// Our id of the reply.
+        message_id: String,
+        /// The channel's id it got.
+        external_id: String,
+    },
+    /// An attempt to deliver a reply failed.
+    ReplyDeliveryFailed {
+        /// Our id of the reply.
+        message_id: String,
+        /// What went wrong.
+        error: String,
+        /// Whether the adapter will try again.
+        will_retry: bool,
+        /// Which failed attempt this is (1, 2, …).
+        attempt: u32,
+    },
+    /// An inbound message that could not be understood was kept aside.
+    MessageQuarantined {
+        /// The channel's id of it, if it could be read.
+        external_id: Option<String>,
+        /// Why it could not be understood.
+        reason: String,
+        /// Its raw form, cut to at most [`MAX_QUARANTINE_RAW_BYTES`] on a character boundary.
+        raw: String,
+        /// The raw form's length before cutting, in bytes.
+        raw_len: usize,
+    },
+    /// The conversation was closed.
+    ConversationClosed {
+        /// Why.
+        reason: String,
+    },
+    /// A closed conversation was opened again.
+    ConversationReopened {
+        /// What reopened it.
+        cause: ReopenCause,
+    },
+}
+
+impl DomainEvent for ConversationEvent {
+    fn event_type(&self) -> String {
+        match self {
+            ConversationEvent::ConversationOpened { .. } => "ConversationOpened",
+            ConversationEvent::ParticipantJoined { .. } => "ParticipantJoined",
+            ConversationEvent::ParticipantLeft { .. } => "ParticipantLeft",
+            ConversationEvent::MessageReceived { .. } => "MessageReceived",
+            ConversationEvent::ReplyQueued { .. } => "ReplyQueued",
+            ConversationEvent::ReplyDelivered { .. } => "ReplyDelivered",
+            ConversationEvent::ReplyDeliveryFailed { .. } => "ReplyDeliveryFailed",
+            ConversationEvent::MessageQuarantined { .. } => "MessageQuarantined",
+            ConversationEvent::ConversationClosed { .. } => "ConversationClosed",
+            ConversationEvent::ConversationReopened { .. } => "ConversationReopened",
+        }
+        .to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        "1.0".to_owned()
+    }
+}
+
+/// Why a conversation command was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConversationError {
+    /// `Open` on a conversation that was opened before (open or closed).
+    #[error("the conversation was opened already")]
+    AlreadyOpened,
+    /// The conversation has not been opened.
+    #[error("the conversation is not open yet")]
+    NotOpened,
+    /// The conversation is closed.
+    #[error("the conversation is closed: it cannot {action}")]
+    Closed {
+        /// What was refused.
+        action: &'static str,
+    },
+    /// `Reopen` on a conversation that is not closed.
+    #[error("the conversation is not closed")]
+    NotClosed,
+    /// A required id is blank.
+    #[error("{field} must not be blank")]
+    MissingId {
+        /// Which id.
+        field: &'static str,
+    },
+    /// The participant is present already (or listed twice in `Open`).
+    #[error("participant {participant_id:?} is in the conversation already")]
+    AlreadyJoined {
+        /// Who.
+        participant_id: String,
+    },
+    /// The participant never joined.
+    #[error("no participant {participant_id:?} in the conversation")]
+    UnknownParticipant {
+        /// Who.
+        participant_id: String,
+    },
+    /// The participant joined, then left.
+    #[error("participant {participant_id:?} has left the conversation")]
+    ParticipantHasLeft {
+        /// Who.
+        participant_id: String,
+    },
+    /// A reply from a participant who is not an agent.
+    #[error("participant {participant_id:?} is not an agent: only agents send replies")]
+    NotAnAgent {
+        /// Who.
+        participant_id: String,
+    },
+    /// No message with that id.
+    #[error("no message {message_id:?} in the conversation")]
+    UnknownMessage {
+        /// The id asked for.
+        message_id: String,
+    },
+    /// Another message has that id already.
+    #[error("message id {message_id:?} is taken already")]
+    DuplicateMessageId {
+        /// The id.
+        message_id: String,
+    },
+    /// A delivery report for an inbound message.
+    #[error("message {message_id:?} is inbound, not a reply")]
+    NotAReply {
+        /// The message.
+        message_id: String,
+    },
+    /// The reply was delivered already (under another external id, for `MarkDelivered`).
+    #[error("reply {message_id:?} was delivered already")]
+    AlreadyDelivered {
+        /// The reply.
+        message_id: String,
+    },
+    /// Another message of the conversation has that external id.
+    #[error("external id {external_id:?} belongs to another message")]
+    ExternalIdInUse {
+        /// The external id.
+        external_id: String,
+    },
+    /// Blank text and no attachment.
+    #[error("a message needs text or an attachment")]
+    EmptyMessage,
+    /// The text is longer than [`MAX_TEXT_BYTES`].
+    #[error("the text is {len} bytes long, more than the {max} allowed")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// A participant and whether they are still in the conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Who, with the details they last joined with.
+    pub participant: Participant,
+    /// False once they left (until they join again).
+    pub present: bool,
+}
+
+/// Where a message is: received, or on its way out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Delivery {
+    /// An inbound message.
+    Received,
+    /// A reply waiting for the channel adapter.
+    Queued,
+    /// A reply the channel accepted.
+    Delivered,
+    /// A reply whose last delivery attempt failed.
+    Failed {
+        /// What went wrong.
+        error: String,
+        /// Whether the adapter will try again.
+        will_retry: bool,
+    },
+}
+
+/// One message of the conversation, inbound or outbound.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Our id.
+    pub message_id: String,
+    /// Its place in the conversation (1, 2, …).
+    pub seq: u64,
+    /// Inbound or outbound.
+    pub direction: MessageDirection,
+    /// The sender's participant id.
+    pub from: String,
+    /// The channel's id: always set for inbound messages, set on delivery for replies.
+    pub external_id: Option<String>,
+    /// The text.
+    pub text: String,
+    /// Attached files.
+    pub attachments: Vec<Attachment>,
+    /// Our id of the message it answers, when that one is in the conversation.
+    pub in_reply_to: Option<String>,
+    /// The channel's id of the message it answers, when known.
+    pub in_reply_to_external: Option<String>,
+    /// When the channel says it was sent (inbound messages).
+    pub sent_at: Option<DateTime<Utc>>,
+    /// The task a reply belongs to.
+    pub task_id: Option<String>,
+    /// Received, queued, delivered or failed.
+    pub delivery: Delivery,
+    /// How many delivery attempts failed.
+    pub failed_attempts: u32,
+}
+
+/// The conversation's state, folded from its events.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    /// New, open or closed.
+    pub status: ConversationStatus,
+    /// The channel, once opened.
+    pub channel: Option<Channel>,
+    /// The channel's id of the thread, once opened.
+    pub external_id: Option<String>,
+    /// The email subject, if any.
+    pub subject: Option<String>,
+    /// Everyone who ever joined, by participant id (including those who left).
+    pub participants: BTreeMap<String, Member>,
+    /// The messages, in `seq` order.
+    pub messages: Vec<Message>,
+    /// External ids of received messages and delivered replies: a message with one of these is a
+    /// redelivery.
+    pub seen_external_ids: BTreeSet<String>,
+    /// External ids of quarantined messages.
+    pub quarantined_external_ids: BTreeSet<String>,
+    /// How many messages were quarantined.
+    pub quarantined: u64,
+    /// The `seq` of the last message (0 before the first).
+    pub last_seq: u64,
+    /// Why it was closed, while it is closed.
+    pub close_reason: Option<String>,
+}
+
+impl Conversation {
+    /// The message with our id `message_id`.
+    ///
+    /// A scan, not an index: a conversation holds hundreds of messages, and its whole stream is
+    /// replayed to handle a command anyway, so an index would cost snapshot size for nothing.
+    pub fn message(&self, message_id: &str) -> Option<&Message> {
+        self.messages.iter().find(|m| m.message_id == message_id)
+    }
+
+    /// The message the channel knows as `external_id`.
+    pub fn message_by_external_id(&self, external_id: &str) -> Option<&Message> {
+        self.messages
+            .iter()
+            .find(|m| m.external_id.as_deref() == Some(external_id))
+    }
+
+    /// Whether `participant_id` is in the conversation now.
+    pub fn is_present(&self, participant_id: &str) -> bool {
+        self.participants
+            .get(participant_id)
+            .is_some_and(|member| member.present)
+    }
+
+    fn message_mut(&mut self, message_id: &str) -> Option<&mut Message> {
+        self.messages
+            .iter_mut()
+            .find(|m| m.message_id == message_id)
+    }
+
+    /// Refuses unless open; `action` names what a closed conversation refuses.
+    fn require_open(&self, action: &'static str) -> Result<(), ConversationError> {
+        match self.status {
+            ConversationStatus::New => Err(ConversationError::NotOpened),
+            ConversationStatus::Closed => Err(ConversationError::Closed { action }),
+            ConversationStatus::Open => Ok(()),
+        }
+    }
+
+    /// Refuses only a conversation never opened (closed ones still take delivery reports).
+    fn require_opened(&self) -> Result<(), ConversationError> {
+        match self.status {
+            ConversationStatus::New => Err(ConversationError::NotOpened),
+            _ => Ok(()),
+        }
+    }
+
+    fn require_present(&self, participant_id: &str) -> Result<&Member, ConversationError> {
+        match self.participants.get(participant_id) {
+            None => Err(ConversationError::UnknownParticipant {
+                participant_id: participant_id.to_owned(),
+            }),
+            Some(member) if !member.present => Err(ConversationError::ParticipantHasLeft {
+                participant_id: participant_id.to_owned(),
+            }),
+            Some(member) => Ok(member),
+        }
+    }
+
+    fn require_new_message_id(&self, message_id: &str) -> Result<(), ConversationError> {
+        match self.message(message_id) {
+            Some(_) => Err(ConversationError::DuplicateMessageId {
+                message_id: message_id.to_owned(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// An outbound message, refused if inbound or missing.
+    fn reply(&self, message_id: &str) -> Result<&Message, ConversationError> {
+        let message =
+            self.message(message_id)
+                .ok_or_else(|| ConversationError::UnknownMessage {
+                    message_id: message_id.to_owned(),
+                })?;
+        match message.direction {
+            MessageDirection::Inbound => Err(ConversationError::NotAReply {
+                message_id: message_id.to_owned(),
+            }),
+            MessageDirection::Outbound => Ok(message),
+        }
+    }
+
+    /// Decides the events for `command`, all checks first: the events are written (and applied)
+    /// only once the whole command is accepted, so a refusal leaves no trace.
+    fn decide(
+        &self,
+        command: ConversationCommand,
+    ) -> Result<Vec<ConversationEvent>, ConversationError> {
+        use ConversationCommand as C;
+        use ConversationEvent as E;
+        let event = match command {
+            C::Open {
+                channel,
+                external_id,
+                subject,
+                participants,
+            } => {
+                if self.status != ConversationStatus::New {
+                    return Err(ConversationError::AlreadyOpened);
+                }
+                require_id("external_id", &external_id)?;
+                let mut ids = BTreeSet::new();
+                for participant in &participants {
+                    require_id("participant id", &participant.id)?;
+                    if !ids.insert(participant.id.as_str()) {
+                        return Err(ConversationError::AlreadyJoined {
+                            participant_id: participant.id.clone(),
+                        });
+                    }
+                }
+                E::ConversationOpened {
+                    channel,
+                    external_id,
+                    subject,
+                    participants,
+                }
+            }
+            C::Join { participant } => {
+                require_id("participant id", &participant.id)?;
+                self.require_open("add a participant")?;
+                if self.is_present(&participant.id) {
+                    return Err(ConversationError::AlreadyJoined {
+                        participant_id: participant.id,
+                    });
+                }
+                E::ParticipantJoined { participant }
+            }
+            C::Leave {
+                participant_id,
+                reason,
+            } => {
+                self.require_open("remove a participant")?;
+                self.require_present(&participant_id)?;
+                E::ParticipantLeft {
+                    participant_id,
+                    reason,
+                }
+            }
+            C::ReceiveMessage {
+                message_id,
+                external_id,
+                from,
+                text,
+                attachments,
+                in_reply_to,
+                sent_at,
+            } => {
+                require_id("message_id", &message_id)?;
+                require_id("external_id", &external_id)?;
+                require_id("participant id", &from.id)?;
+                if self.seen_external_ids.contains(&external_id) {
+                    return Ok(Vec::new());
+                }
+                self.require_opened()?;
+                self.require_new_message_id(&message_id)?;
+                check_content(&text, &attachments)?;
+                let mut events = Vec::with_capacity(3);
+                if self.status == ConversationStatus::Closed {
+                    events.push(E::ConversationReopened {
+                        cause: ReopenCause::InboundMessage {
+                            message_id: message_id.clone(),
+                        },
+                    });
+                }
+                let from_id = from.id.clone();
+                if !self.is_present(&from.id) {
+                    events.push(E::ParticipantJoined { participant: from });
+                }
+                let parent = in_reply_to
+                    .as_deref()
+                    .and_then(|external| self.message_by_external_id(external));
+                events.push(E::MessageReceived {
+                    message_id,
+                    seq: self.last_seq + 1,
+                    external_id,
+                    from: from_id,
+                    text,
+                    attachments,
+                    in_reply_to: parent.map(|m| m.message_id.clone()),
+                    in_reply_to_external: in_reply_to,
+                    sent_at,
+                });
+                return Ok(events);
+            }
+            C::QueueReply {
+                message_id,
+                from,
+                text,
+                attachments,
+                in_reply_to,
+                task_id,
+            } => {
+                require_id("message_id", &message_id)?;
+                self.require_open("queue a reply")?;
+                self.require_new_message_id(&message_id)?;
+                if self.require_present(&from)?.participant.kind != ParticipantKind::Agent {
+                    return Err(ConversationError::NotAnAgent {
+                        participant_id: from,
+                    });
+                }
+                check_content(&text, &attachments)?;
+                let parent = match &in_reply_to {
+                    None => None,
+                    Some(parent_id) => Some(self.message(parent_id).ok_or_else(|| {
+                        ConversationError::UnknownMessage {
+                            message_id: parent_id.clone(),
+                        }
+                    })?),
+                };
+                E::ReplyQueued {
+                    message_id,
+                    seq: self.last_seq + 1,
+                    from,
+                    text,
+                    attachments,
+                    in_reply_to_external: parent.and_then(|m| m.external_id.clone()),
+                    in_reply_to,
+                    task_id,
+                }
+            }
+            C::MarkDelivered {
+                message_id,
+                external_id,
+            } => {
+                require_id("message_id", &message_id)?;
+                require_id("external_id", &external_id)?;
+                self.require_opened()?;
+                let reply = self.reply(&message_id)?;
+                if reply.delivery == Delivery::Delivered {
+                    // The adapter may report twice (it crashed after sending): the same answer
+                    // again is no news.
+                    if reply.external_id.as_deref() == Some(external_id.as_str()) {
+                        return Ok(Vec::new());
+                    }
+                    return Err(ConversationError::AlreadyDelivered { message_id });
+                }
+                if self.seen_external_ids.contains(&external_id) {
+                    return Err(ConversationError::ExternalIdInUse { external_id });
+                }
+                E::ReplyDelivered {
+                    message_id,
+                    external_id,
+                }
+            }
+            C::MarkDeliveryFailed {
+                message_id,
+                error,
+                will_retry,
+            } => {
+                require_id("message_id", &message_id)?;
+                self.require_opened()?;
+                let reply = self.reply(&message_id)?;
+                if reply.delivery == Delivery::Delivered {
+                    return Err(ConversationError::AlreadyDelivered { message_id });
+                }
+                E::ReplyDeliveryFailed {
+                    attempt: reply.failed_attempts + 1,
+                    message_id,
+                    error,
+                    will_retry,
+                }
+            }
+            C::Quarantine {
+                raw,
+                reason,
+                external_id,
+            } => {
+                let external_id = external_id.filter(|id| !id.trim().is_empty());
+                if let Some(id) = &external_id {
+                    if self.quarantined_external_ids.contains(id) {
+                        return Ok(Vec::new());
+                    }
+                }
+                let raw_len = raw.len();
+                E::MessageQuarantined {
+                    external_id,
+                    reason,
+                    raw: cut(raw, MAX_QUARANTINE_RAW_BYTES),
+                    raw_len,
+                }
+            }
+            C::Close { reason } => {
+                self.require_open("close")?;
+                E::ConversationClosed { reason }
+            }
+            C::Reopen { reason } => match self.status {
+                ConversationStatus::New => return Err(ConversationError::NotOpened),
+                ConversationStatus::Open => return Err(ConversationError::NotClosed),
+                ConversationStatus::Closed => E::ConversationReopened {
+                    cause: ReopenCause::Requested { reason },
+                },
+            },
+        };
+        Ok(vec![event])
+    }
+}
+
+fn require_id(field: &'static str, value: &str) -> Result<(), ConversationError> {
+    if value.trim().is_empty() {
+        Err(ConversationError::MissingId { field })
+    } else {
+        Ok(())
+    }
+}
+
+fn check_content(text: &str, attachments: &[Attachment]) -> Result<(), ConversationError> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(ConversationError::TooLong {
+            len: text.len(),
+            max: MAX_TEXT_BYTES,
+        });
+    }
+    if text.trim().is_empty() && attachments.is_empty() {
+        return Err(ConversationError::EmptyMessage);
+    }
+    Ok(())
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let end = text.floor_char_boundary(max);
+        text.truncate(end);
+    }
+    text
+}
+
+impl Aggregate for Conversation {
+    const TYPE: &'static str = "conversation";
+    type Command = ConversationCommand;
+    type Event = ConversationEvent;
+    type Error = ConversationError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: ConversationCommand,
+        _: &(),
+        sink: &EventSink<Self>,
+    ) -> Result<(), ConversationError> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: ConversationEvent) {
+        match event {
+            ConversationEvent::ConversationOpened {
+                channel,
+                external_id,
+                subject,
+                participants,
+            } => {
+                self.status = ConversationStatus::Open;
+                self.channel = Some(channel);
+                self.external_id = Some(external_id);
+                self.subject = subject;
+                self.participants = participants
+                    .into_iter()
+                    .map(|participant| {
+                        let member = Member {
+                            participant,
+                            present: true,
+                        };
+                        (member.participant.id.clone(), member)
+                    })
+                    .collect();
+            }
+            ConversationEvent::ParticipantJoined { participant } => {
+                let member = Member {
+                    participant,
+                    present: true,
+                };
+                self.participants
+                    .insert(member.participant.id.clone(), member);
+            }
+            ConversationEvent::ParticipantLeft { participant_id, .. } => {
+                if let Some(member) = self.participants.get_mut(&participant_id) {
+                    member.present = false;
+                }
+            }
+            ConversationEvent::MessageReceived {
+                message_id,
+                seq,
+                external_id,
+                from,
+                text,
+                attachments,
+                in_reply_to,
+                in_reply_to_external,
+                sent_at,
+            } => {
+                self.last_seq = seq;
+                self.seen_external_ids.insert(external_id.clone());
+                self.messages.push(Message {
+                    message_id,
+                    seq,
+                    direction: MessageDirection::Inbound,
+                    from,
+                    external_id: Some(external_id),
+                    text,
+                    attachments,
+                    in_reply_to,
+                    in_reply_to_external,
+                    sent_at,
+                    task_id: None,
+                    delivery: Delivery::Received,
+                    failed_attempts: 0,
+                });
+            }
+            ConversationEvent::ReplyQueued {
+                message_id,
+                seq,
+                from,
+                text,
+                attachments,
+                in_reply_to,
+                in_reply_to_external,
+                task_id,
+            } => {
+                self.last_seq = seq;
+                self.messages.push(Message {
+                    message_id,
+                    seq,
+                    direction: MessageDirection::Outbound,
+                    from,
+                    external_id: None,
+                    text,
+                    attachments,
+                    in_reply_to,
+                    in_reply_to_external,
+                    sent_at: None,
+                    task_id,
+                    delivery: Delivery::Queued,
+                    failed_attempts: 0,
+                });
+            }
+            ConversationEvent::ReplyDelivered {
+                message_id,
+                external_id,
+            } => {
+                self.seen_external_ids.insert(external_id.clone());
+                if let Some(message) = self.message_mut(&message_id) {
+                    message.external_id = Some(external_id);
+                    message.delivery = Delivery::Delivered;
+                }
+            }
+            ConversationEvent::ReplyDeliveryFailed {
+                message_id,
+                error,
+                will_retry,
+                attempt,
+            } => {
+                if let Some(message) = self.message_mut(&message_id) {
+                    message.failed_attempts = attempt;
+                    message.delivery = Delivery::Failed { error, will_retry };
+                }
+            }
+            ConversationEvent::MessageQuarantined { external_id, .. } => {
+                self.quarantined += 1;
+                if let Some(external_id) = external_id {
+                    self.quarantined_external_ids.insert(external_id);
+                }
+            }
+            ConversationEvent::ConversationClosed { reason } => {
+                self.status = ConversationStatus::Closed;
+                self.close_reason = Some(reason);
+            }
+            ConversationEvent::ConversationReopened { .. } => {
+                self.status = ConversationStatus::Open;
+                self.close_reason = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::test::TestFramework;
+
+    use super::*;
+
+    type Given = TestFramework<Conversation>;
+    use ConversationCommand as C;
+    use ConversationEvent as E;
+
+    fn alice() -> Participant {
+        Participant {
+            display_name: Some("Alice".into()),
+            address: Some("alice@example.test".into()),
+            ..Participant::person("alice")
+        }
+    }
+
+    fn bob() -> Participant {
+        Participant::person("bob")
+    }
+
+    fn bot() -> Participant {
+        Participant::agent("bot")
+    }
+
+    fn opened() -> E {
+        E::ConversationOpened {
+            channel: Channel::EMAIL,
+            external_id: "<root@example.test>".into(),
+            subject: Some("Login bug".into()),
+            participants: vec![alice(), bot()],
+        }
+    }
+
+    fn closed() -> E {
+        E::ConversationClosed {
+            reason: "done".into(),
+        }
+    }
+
+    fn receive(message_id: &str, external_id: &str, from: Participant) -> C {
+        C::ReceiveMessage {
+            message_id: message_id.into(),
+            external_id: external_id.into(),
+            from,
+            text: "hello".into(),
+            attachments: vec![],
+            in_reply_to: None,
+            sent_at: None,
+        }
+    }
+
+    fn received(message_id: &str, seq: u64, external_id: &str, from: &str) -> E {
+        E::MessageReceived {
+            message_id: message_id.into(),
+            seq,
+            external_id: external_id.into(),
+            from: from.into(),
+            text: "hello".into(),
+            attachments: vec![],
+            in_reply_to: None,
+            in_reply_to_external: None,
+            sent_at: None,
+        }
+    }
+
+    fn queue(message_id: &str) -> C {
+        C::QueueReply {
+            message_id: message_id.into(),
+            from: "bot".into(),
+            text: "on it".into(),
+            attachments: vec![],
+            in_reply_to: None,
+            task_id: None,
+        }
+    }
+
+    fn queued(message_id: &str, seq: u64) -> E {
+        E::ReplyQueued {
+            message_id: message_id.into(),
+            seq,
+            from: "bot".into(),
+            text: "on it".into(),
+            attachments: vec![],
+            in_reply_to: None,
+            in_reply_to_external: None,
+            task_id: None,
+        }
+    }
+
+    fn delivered(message_id: &str, external_id: &str) -> E {
+        E::ReplyDelivered {
+            message_id: message_id.into(),
+            external_id: external_id.into(),
+        }
+    }
+
+    fn failed(message_id: &str, attempt: u32) -> E {
+        E::ReplyDeliveryFailed {
+            message_id: message_id.into(),
+            error: "timeout".into(),
+            will_retry: true,
+            attempt,
+        }
+    }
+
+    fn mark_failed(message_id: &str) -> C {
+        C::MarkDeliveryFailed {
+            message_id: message_id.into(),
+            error: "timeout".into(),
+            will_retry: true,
+        }
+    }
+
+    fn mark_delivered(message_id: &str, external_id: &str) -> C {
+        C::MarkDelivered {
+            message_id: message_id.into(),
+            external_id: external_id.into(),
+        }
+    }
+
+    fn attachment() -> Attachment {
+        Attachment {
+            name: "screenshot.png".into(),
+            content_type: "image/png".into(),
+            size: 48_213,
+            digest: Some("sha256:ab12".into()),
+        }
+    }
+
+    fn fold(events: impl IntoIterator<Item = E>) -> Conversation {
+        let mut conversation = Conversation::default();
+        for event in events {
+            conversation.apply(event);
+        }
+        conversation
+    }
+
+    // Open
+
+    #[test]
+    fn opening_records_the_channel_the_thread_and_the_participants() {
+        Given::with(())
+            .given_no_previous_events()
+            .when(C::Open {
+                channel: Channel::EMAIL,
+                external_id: "<root@example.test>".into(),
+                subject: Some("Login bug".into()),
+                participants: vec![alice(), bot()],
+            })
+            .then_expect_events(vec![opened()]);
+        let conversation = fold([opened()]);
+        assert_eq!(conversation.status, ConversationStatus::Open);
+        assert_eq!(conversation.channel, Some(Channel::EMAIL));
+        assert_eq!(conversation.subject.as_deref(), Some("Login bug"));
+        assert!(conversation.is_present("alice") && conversation.is_present("bot"));
+        assert_eq!(conversation.last_seq, 0);
+    }
+
+    #[test]
+    fn opening_twice_a_blank_thread_id_or_a_repeated_participant_is_refused() {
+        let open = |external_id: &str, participants: Vec<Participant>| C::Open {
+            channel: Channel::TELEGRAM,
+            external_id: external_id.into(),
+            subject: None,
+            participants,
+        };
+        for history in [vec![opened()], vec![opened(), closed()]] {
+            Given::with(())
+                .given(history)
+                .when(open("chat-1", vec![]))
+                .then_expect_error(ConversationError::AlreadyOpened);
+        }
+        Given::with(())
+            .given_no_previous_events()
+            .when(open(" ", vec![]))
+            .then_expect_error(ConversationError::MissingId {
+                field: "external_id",
+            });
+        Given::with(())
+            .given_no_previous_events()
+            .when(open("chat-1", vec![alice(), bot(), alice()]))
+            .then_expect_error(ConversationError::AlreadyJoined {
+                participant_id: "alice".into(),
+            });
+        Given::with(())
+            .given_no_previous_events()
+            .when(open("chat-1", vec![Participant::person("")]))
+            .then_expect_error(ConversationError::MissingId {
+                field: "participant id",
+            });
+    }
+
+    // Join and Leave
+
+    #[test]
+    fn a_participant_joins_and_one_who_left_comes_back() {
+        Given::with(())
+            .given(vec![opened()])
+            .when(C::Join { participant: bob() })
+            .then_expect_events(vec![E::ParticipantJoined { participant: bob() }]);
+        let left = E::ParticipantLeft {
+            participant_id: "alice".into(),
+            reason: None,
+        };
+        let back = Participant {
+            display_name: Some("Alice B.".into()),
+            ..alice()
+        };
+        Given::with(())
+            .given(vec![opened(), left.clone()])
+            .when(C::Join {
+                participant: back.clone(),
+            })
+            .then_expect_events(vec![E::ParticipantJoined {
+                participant: back.clone(),
+            }]);
+        let conversation = fold([opened(), left, E::ParticipantJoined { participant: back }]);
+        assert!(conversation.is_present("alice"));
+        assert_eq!(
+            conversation.participants["alice"]
+                .participant
+                .display_name
+                .as_deref(),
+            Some("Alice B.")
+        );
+    }
+
+    #[test]
+    fn joining_is_refused_when_present_not_open_or_closed() {
+        Given::with(())
+            .given(vec![opened()])
+            .when(C::Join {
+                participant: alice(),
+            })
+            .then_expect_error(ConversationError::AlreadyJoined {
+                participant_id: "alice".into(),
+            });
+        Given::with(())
+            .given_no_previous_events()
+            .when(C::Join { participant: bob() })
+            .then_expect_error(ConversationError::NotOpened);
+        Given::with(())
+            .given(vec![opened(), closed()])
+            .when(C::Join { participant: bob() })
+            .then_expect_error(ConversationError::Closed {
+                action: "add a participant",
+            });
+        Given::with(())
+            .given(vec![opened()])
+            .when(C::Join {
+                participant: Participant::person(" "),
+            })
+            .then_expect_error(ConversationError::MissingId {
+                field: "participant id",
+            });
+    }
+
+    #[test]
+    fn a_participant_leaves() {
+        Given::with(())
+            .given(vec![opened()])
+            .when(C::Leave {
+                participant_id: "alice".into(),
+                reason: Some("unsubscribed".into()),
+            })
+            .then_expect_events(vec![E::ParticipantLeft {
+                participant_id: "alice".into(),
+                reason: Some("unsubscribed".into()),
+            }]);
+        let conversation = fold([
+            opened(),
+            E::ParticipantLeft {
+                participant_id: "alice".into(),
+                reason: None,
+            },
+        ]);
+        assert!(!conversation.is_present("alice"));
+        assert!(conversation.participants.contains_key("alice"));
+    }
+
+    #[test]
+    fn leaving_is_refused_for_strangers_those_gone_and_when_not_open() {
+        let leave = |id: &str| C::Leave {
+            participant_id: id.into(),
+            reason: None,
+        };
+        let left = E::ParticipantLeft {
+            participant_id: "alice".into(),
+            reason: None,
+        };
+        Given::with(())
+            .given(vec![opened()])
+            .when(leave("carol"))
+            .then_expect_error(ConversationError::UnknownParticipant {
+                participant_id: "carol".into(),
+            });
+        Given::with(())
+            .given(vec![opened(), left])
+            .when(leave("alice"))
+            .then_expect_error(ConversationError::ParticipantHasLeft {
+                participant_id: "alice".into(),
+            });
+        Given::with(())
+            .given_no_previous_events()
+            .when(leave("alice"))
+            .then_expect_error(ConversationError::NotOpened);
+        Given::with(())
+            .given(vec![opened(), closed()])
+            .when(leave("alice"))
+            .then_expect_error(ConversationError::Closed {
+                action: "remove a participant",
+            });
+    }
+
+    // ReceiveMessage
+
+    #[test]
+    fn an_inbound_message_is_recorded_with_the_next_seq() {
+        let sent_at = "2026-05-01T09:30:00Z".parse().unwrap();
+        Given::with(())
+            .given(vec![opened()])
+            .when(C::ReceiveMessage {
+                message_id: "m1".into(),
+                external_id: "<a@example.test>".into(),
+                from: alice(),
+                text: "the login page is blank".into(),
+                attachments: vec![attachment()],
+                in_reply_to: Some("<root@example.test>".into()),
+                sent_at: Some(sent_at),
+            })
+            .then_expect_events(vec![E::MessageReceived {
+                message_id: "m1".into(),
+                seq: 1,
+                external_id: "<a@example.test>".into(),
+                from: "alice".into(),
+                text: "the login page is blank".into(),
+                attachments: vec![attachment()],
+                // The root is the thread, not a message of ours: nothing to resolve it to.
+                in_reply_to: None,
+                in_reply_to_external: Some("<root@example.test>".into()),
+                sent_at: Some(sent_at),
+            }]);
+    }
+
+    #[test]
+    fn an_answer_to_a_known_message_points_at_our_id_for_it() {
+        let mut answer = receive("m3", "<c@example.test>", alice());
+        if let C::ReceiveMessage { in_reply_to, .. } = &mut answer {
+            *in_reply_to = Some("<b@example.test>".into());
+        }
+        Given::with(())
+            .given(vec![
+                opened(),
+                received("m1", 1, "<a@example.test>", "alice"),
+                queued("r2", 2),
+                delivered("r2", "<b@example.test>"),
+            ])
+            .when(answer)
+            .then_expect_events(vec![E::MessageReceived {
+                message_id: "m3".into(),
+                seq: 3,
+                external_id: "<c@example.test>".into(),
+                from: "alice".into(),
+                text: "hello".into(),
+                attachments: vec![],
+                in_reply_to: Some("r2".into()),
+                in_reply_to_external: Some("<b@example.test>".into()),
+                sent_at: None,
+            }]);
+    }
+
+    #[test]
+    fn a_redelivered_message_is_a_no_op_even_when_closed() {
+        let history = vec![opened(), received("m1", 1, "ext-1", "alice")];
+        Given::with(())
+            .given(history.clone())
+            .when(receive("m1-again", "ext-1", alice()))
+            .then_expect_events(vec![]);
+        let mut closed_history = history;
+        closed_history.push(closed());
+        Given::with(())
+            .given(closed_history)
+            .when(receive("m1-again", "ext-1", bob()))
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn our_own_delivered_reply_coming_back_is_a_no_op() {
+        Given::with(())
+            .given(vec![opened(), queued("r1", 1), delivered("r1", "ext-r1")])
+            .when(receive("m2", "ext-r1", bot()))
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn an_unknown_sender_joins_before_their_message() {
+        Given::with(())
+            .given(vec![opened()])
+            .when(receive("m1", "ext-1", bob()))
+            .then_expect_events(vec![
+                E::ParticipantJoined { participant: bob() },
+                received("m1", 1, "ext-1", "bob"),
+            ]);
+        let left = E::ParticipantLeft {
+            participant_id: "alice".into(),
+            reason: None,
+        };
+        Given::with(())
+            .given(vec![opened(), left])
+            .when(receive("m1", "ext-1", alice()))
+            .then_expect_events(vec![
+                E::ParticipantJoined {
+                    participant: alice(),
+                },
+                received("m1", 1, "ext-1", "alice"),
+            ]);
+    }
+
+    #[test]
+    fn an_inbound_message_reopens_a_closed_conversation() {
+        let reopened = E::ConversationReopened {
+            cause: ReopenCause::InboundMessage {
+                message_id: "m1".into(),
+            },
+        };
+        Given::with(())
+            .given(vec![opened(), closed()])
+            .when(receive("m1", "ext-1", alice()))
+            .then_expect_events(vec![reopened.clone(), received("m1", 1, "ext-1", "alice")]);
+        Given::with(())
+            .given(vec![opened(), closed()])
+            .when(receive("m1", "ext-1", bob()))
+            .then_expect_events(vec![
+                reopened.clone(),
+                E::ParticipantJoined { participant: bob() },
+                received("m1", 1, "ext-1", "bob"),
+            ]);
+        let conversation = fold([
+            opened(),
+            closed(),
+            reopened,
+            received("m1", 1, "ext-1", "alice"),
+        ]);
+        assert_eq!(conversation.status, ConversationStatus::Open);
+        assert_eq!(conversation.close_reason, None);
+    }
+
+    fn received_with(text: &str, attachments: Vec<Attachment>) -> E {
+        E::MessageReceived {
+            message_id: "m1".into(),
+            seq: 1,
+            external_id: "ext-1".into(),
+            from: "alice".into(),
+            text: text.into(),
+            attachments,
+            in_reply_to: None,
+            in_reply_to_external: None,
+            sent_at: None,
+        }
+    }
+
+    #[test]
+    fn an_inbound_message_without_content_or_too_long_is_refused() {
+        let with_content = |text: String, attachments: Vec<Attachment>| C::ReceiveMessage {
+            message_id: "m1".into(),
+            external_id: "ext-1".into(),
+            from: alice(),
+            text,
+            attachments,
+            in_reply_to: None,
+            sent_at: None,
+        };
+        for blank in ["", " \n\t"] {
+            Given::with(())
+                .given(vec![opened()])
+                .when(with_content(blank.into(), vec![]))
+                .then_expect_error(ConversationError::EmptyMessage);
+        }
+        Given::with(())
+            .given(vec![opened()])
+            .when(with_content(String::new(), vec![attachment()]))
+            .then_expect_events(vec![received_with("", vec![attachment()])]);
+        let at_limit = "é".repeat(MAX_TEXT_BYTES / 2);
+        assert_eq!(at_limit.len(), MAX_TEXT_BYTES);
+        Given::with(())
+            .given(vec![opened()])
+            .when(with_content(at_limit.clone(), vec![]))
+            .then_expect_events(vec![received_with(&at_limit, vec![])]);
+        Given::with(())
+            .given(vec![opened()])
+            .when(with_content(
+                "x".repeat(MAX_TEXT_BYTES + 1),
+                vec![attachment()],
+            ))
+            .then_expect_error(ConversationError::TooLong {
+                len: MAX_TEXT_BYTES + 1,
+                max: MAX_TEXT_BYTES,
+            });
+    }
+
+    #[test]
+    fn an_inbound_message_is_refused_before_opening_with_a_taken_id_or_blank_ids() {
+        Given::with(())
+            .given_no_previous_events()
+            .when(receive("m1", "ext-1", alice()))
+            .then_expect_error(ConversationError::NotOpened);
+        Given::with(())
+            .given(vec![opened(), received("m1", 1, "ext-1", "alice")])
+            .when(receive("m1", "ext-2", alice()))
+            .then_expect_error(ConversationError::DuplicateMessageId {
+                message_id: "m1".into(),
+            });
+        for (command, field) in [
+            (receive("", "ext-1", alice()), "message_id"),
+            (receive("m1", "", alice()), "external_id"),
+            (
+                receive("m1", "ext-1", Participant::person("")),
+                "participant id",
+            ),
+        ] {
+            Given::with(())
+                .given(vec![opened()])
+                .when(command)
+                .then_expect_error(ConversationError::MissingId { field });
+        }
+    }
+
+    // QueueReply
+
+    #[test]
+    fn a_reply_is_queued_after_the_message_it_answers() {
+        Given::with(())
+            .given(vec![opened(), received("m1", 1, "ext-1", "alice")])
+            .when(C::QueueReply {
+                message_id: "r1".into(),
+                from: "bot".into(),
+                text: "on it".into(),
+                attachments: vec![attachment()],
+                in_reply_to: Some("m1".into()),
+                task_id: Some("task-7".into()),
+            })
+            .then_expect_events(vec![E::ReplyQueued {
+                message_id: "r1".into(),
+                seq: 2,
+                from: "bot".into(),
+                text: "on it".into(),
+                attachments: vec![attachment()],
+                in_reply_to: Some("m1".into()),
+                in_reply_to_external: Some("ext-1".into()),
+                task_id: Some("task-7".into()),
+            }]);
+        let conversation = fold([
+            opened(),
+            received("m1", 1, "ext-1", "alice"),
+            queued("r1", 2),
+        ]);
+        let reply = conversation.message("r1").unwrap();
+        assert_eq!(reply.direction, MessageDirection::Outbound);
+        assert_eq!(reply.delivery, Delivery::Queued);
+        assert_eq!(reply.external_id, None);
+    }
+
+    #[test]
+    fn replying_is_refused_when_not_open() {
+        Given::with(())
+            .given_no_previous_events()
+            .when(queue("r1"))
+            .then_expect_error(ConversationError::NotOpened);
+        Given::with(())
+            .given(vec![opened(), closed()])
+            .when(queue("r1"))
+            .then_expect_error(ConversationError::Closed {
+                action: "queue a reply",
+            });
+    }
+
+    #[test]
+    fn replying_is_refused_from_anyone_but_a_present_agent() {
+        let from = |participant_id: &str| C::QueueReply {
+            message_id: "r1".into(),
+            from: participant_id.into(),
+            text: "on it".into(),
+            attachments: vec![],
+            in_reply_to: None,
+            task_id: None,
+        };
+        Given::with(())
+            .given(vec![opened()])
+            .when(from("ghost"))
+            .then_expect_error(ConversationError::UnknownParticipant {
+                participant_id: "ghost".into(),
+            });
+        Given::with(())
+            .given(vec![
+                opened(),
+                E::ParticipantLeft {
+                    participant_id: "bot".into(),
+                    reason: None,
+                },
+            ])
+            .when(from("bot"))
+            .then_expect_error(ConversationError::ParticipantHasLeft {
+                participant_id: "bot".into(),
+            });
+        Given::with(())
+            .given(vec![opened()])
+            .when(from("alice"))
+            .then_expect_error(ConversationError::NotAnAgent {
+                participant_id: "alice".into(),
+            });
+    }
+
+    #[test]
+    fn a_reply_is_refused_with_a_taken_id_an_unknown_parent_or_bad_content() {
+        let reply = |message_id: &str, text: String, in_reply_to: Option<&str>| C::QueueReply {
+            message_id: message_id.into(),
+            from: "bot".into(),
+            text,
+            attachments: vec![],
+            in_reply_to: in_reply_to.map(Into::into),
+            task_id: None,
+        };
+        let history = vec![opened(), received("m1", 1, "ext-1", "alice")];
+        Given::with(())
+            .given(history.clone())
+            .when(reply("m1", "ok".into(), None))
+            .then_expect_error(ConversationError::DuplicateMessageId {
+                message_id: "m1".into(),
+            });
+        Given::with(())
+            .given(history.clone())
+            .when(reply("r1", "ok".into(), Some("m9")))
+            .then_expect_error(ConversationError::UnknownMessage {
+                message_id: "m9".into(),
+            });
+        Given::with(())
+            .given(history.clone())
+            .when(reply("r1", "  ".into(), None))
+            .then_expect_error(ConversationError::EmptyMessage);
+        Given::with(())
+            .given(history.clone())
+            .when(reply("r1", "x".repeat(MAX_TEXT_BYTES + 10), None))
+            .then_expect_error(ConversationError::TooLong {
+                len: MAX_TEXT_BYTES + 10,
+                max: MAX_TEXT_BYTES,
+            });
+        Given::with(())
+            .given(history)
+            .when(reply(" ", "ok".into(), None))
+            .then_expect_error(ConversationError::MissingId {
+                field: "message_id",
+            });
+    }
+
+    #[test]
+    fn seq_orders_inbound_and_outbound_messages_together() {
+        let history = vec![
+            opened(),
+            received("m1", 1, "ext-1", "alice"),
+            queued("r1", 2),
+            delivered("r1", "ext-r1"),
+            received("m2", 2 + 1, "ext-2", "alice"),
+        ];
+        Given::with(())
+            .given(history.clone())
+            .when(queue("r2"))
+            .then_expect_events(vec![queued("r2", 4)]);
+        Given::with(())
+            .given(history.clone())
+            .when(receive("m3", "ext-3", alice()))
+            .then_expect_events(vec![received("m3", 4, "ext-3", "alice")]);
+        let conversation = fold(history);
+        let order: Vec<_> = conversation
+            .messages
+            .iter()
+            .map(|m| (m.seq, m.message_id.as_str(), m.direction))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (1, "m1", MessageDirection::Inbound),
+                (2, "r1", MessageDirection::Outbound),
+                (3, "m2", MessageDirection::Inbound),
+            ]
+        );
+        assert_eq!(conversation.last_seq, 3);
+    }
+
+    // MarkDelivered and MarkDeliveryFailed
+
+    #[test]
+    fn a_reply_is_delivered_even_after_failures_or_closing() {
+        for history in [
+            vec![opened(), queued("r1", 1)],
+            vec![opened(), queued("r1", 1), failed("r1", 1)],
+            vec![opened(), queued("r1", 1), closed()],
+        ] {
+            Given::with(())
+                .given(history)
+                .when(mark_delivered("r1", "ext-r1"))
+                .then_expect_events(vec![delivered("r1", "ext-r1")]);
+        }
+        let conversation = fold([opened(), queued("r1", 1), delivered("r1", "ext-r1")]);
+        let reply = conversation.message("r1").unwrap();
+        assert_eq!(reply.delivery, Delivery::Delivered);
+        assert_eq!(reply.external_id.as_deref(), Some("ext-r1"));
+        assert!(conversation.seen_external_ids.contains("ext-r1"));
+    }
+
+    #[test]
+    fn the_same_delivery_reported_twice_is_a_no_op_but_a_different_one_is_refused() {
+        let history = vec![opened(), queued("r1", 1), delivered("r1", "ext-r1")];
+        Given::with(())
+            .given(history.clone())
+            .when(mark_delivered("r1", "ext-r1"))
+            .then_expect_events(vec![]);
+        Given::with(())
+            .given(history)
+            .when(mark_delivered("r1", "ext-other"))
+            .then_expect_error(ConversationError::AlreadyDelivered {
+                message_id: "r1".into(),
+            });
+    }
+
+    #[test]
+    fn marking_delivered_is_refused_for_unknown_inbound_or_clashing_messages() {
+        let history = vec![
+            opened(),
+            received("m1", 1, "ext-1", "alice"),
+            queued("r1", 2),
+        ];
+        Given::with(())
+            .given(history.clone())
+            .when(mark_delivered("r9", "ext-r9"))
+            .then_expect_error(ConversationError::UnknownMessage {
+                message_id: "r9".into(),
+            });
+        Given::with(())
+            .given(history.clone())
+            .when(mark_delivered("m1", "ext-x"))
+            .then_expect_error(ConversationError::NotAReply {
+                message_id: "m1".into(),
+            });
+        Given::with(())
+            .given(history.clone())
+            .when(mark_delivered("r1", "ext-1"))
+            .then_expect_error(ConversationError::ExternalIdInUse {
+                external_id: "ext-1".into(),
+            });
+        Given::with(())
+            .given(history)
+            .when(mark_delivered("r1", ""))
+            .then_expect_error(ConversationError::MissingId {
+                field: "external_id",
+            });
+        Given::with(())
+            .given_no_previous_events()
+            .when(mark_delivered("r1", "ext-r1"))
+            .then_expect_error(ConversationError::NotOpened);
+    }
+
+    #[test]
+    fn failed_deliveries_are_counted_until_delivered() {
+        Given::with(())
+            .given(vec![opened(), queued("r1", 1)])
+            .when(mark_failed("r1"))
+            .then_expect_events(vec![failed("r1", 1)]);
+        Given::with(())
+            .given(vec![opened(), queued("r1", 1), failed("r1", 1), closed()])
+            .when(C::MarkDeliveryFailed {
+                message_id: "r1".into(),
+                error: "chat not found".into(),
+                will_retry: false,
+            })
+            .then_expect_events(vec![E::ReplyDeliveryFailed {
+                message_id: "r1".into(),
+                error: "chat not found".into(),
+                will_retry: false,
+                attempt: 2,
+            }]);
+        let conversation = fold([opened(), queued("r1", 1), failed("r1", 1), failed("r1", 2)]);
+        let reply = conversation.message("r1").unwrap();
+        assert_eq!(reply.failed_attempts, 2);
+        assert_eq!(
+            reply.delivery,
+            Delivery::Failed {
+                error: "timeout".into(),
+                will_retry: true
+            }
+        );
+    }
+
+    #[test]
+    fn marking_failed_is_refused_for_delivered_unknown_or_inbound_messages() {
+        Given::with(())
+            .given(vec![opened(), queued("r1", 1), delivered("r1", "ext-r1")])
+            .when(mark_failed("r1"))
+            .then_expect_error(ConversationError::AlreadyDelivered {
+                message_id: "r1".into(),
+            });
+        Given::with(())
+            .given(vec![opened()])
+            .when(mark_failed("r1"))
+            .then_expect_error(ConversationError::UnknownMessage {
+                message_id: "r1".into(),
+            });
+        Given::with(())
+            .given(vec![opened(), received("m1", 1, "ext-1", "alice")])
+            .when(mark_failed("m1"))
+            .then_expect_error(ConversationError::NotAReply {
+                message_id: "m1".into(),
+            });
+        Given::with(())
+            .given_no_previous_events()
+            .when(mark_failed("r1"))
+            .then_expect_error(ConversationError::NotOpened);
+        Given::with(())
+            .given(vec![opened()])
+            .when(mark_failed(""))
+            .then_expect_error(ConversationError::MissingId {
+                field: "message_id",
+            });
+    }
+
+    // Quarantine
+
+    fn quarantine(external_id: Option<&str>) -> C {
+        C::Quarantine {
+            raw: "From: ???\n\n\u{0}".into(),
+            reason: "no sender".into(),
+            external_id: external_id.map(Into::into),
+        }
+    }
+
+    fn quarantined(external_id: Option<&str>) -> E {
+        E::MessageQuarantined {
+            external_id: external_id.map(Into::into),
+            reason: "no sender".into(),
+            raw: "From: ???\n\n\u{0}".into(),
+            raw_len: 12,
+        }
+    }
+
+    #[test]
+    fn a_malformed_message_is_quarantined_in_every_state() {
+        for history in [
+            vec![],
+            vec![opened()],
+            vec![opened(), closed()],
+            vec![opened(), received("m1", 1, "ext-q", "alice")],
+        ] {
+            let before = fold(history.clone());
+            Given::with(())
+                .given(history.clone())
+                .when(quarantine(Some("ext-q")))
+                .then_expect_events(vec![quarantined(Some("ext-q"))]);
+            let after = fold(history.into_iter().chain([quarantined(Some("ext-q"))]));
+            assert_eq!(after.status, before.status);
+            assert_eq!(after.last_seq, before.last_seq);
+            assert_eq!(after.messages, before.messages);
+            assert_eq!(after.seen_external_ids, before.seen_external_ids);
+            assert_eq!(after.quarantined, 1);
+        }
+    }
+
+    #[test]
+    fn a_quarantined_message_redelivered_is_a_no_op_and_a_blank_id_counts_as_none() {
+        Given::with(())
+            .given(vec![quarantined(Some("ext-q"))])
+            .when(quarantine(Some("ext-q")))
+            .then_expect_events(vec![]);
+        Given::with(())
+            .given(vec![quarantined(None)])
+            .when(quarantine(Some(" ")))
+            .then_expect_events(vec![quarantined(None)]);
+    }
+
+    #[test]
+    fn a_quarantined_message_can_still_be_received_once_well_formed() {
+        Given::with(())
+            .given(vec![opened(), quarantined(Some("ext-1"))])
+            .when(receive("m1", "ext-1", alice()))
+            .then_expect_events(vec![received("m1", 1, "ext-1", "alice")]);
+    }
+
+    #[test]
+    fn a_huge_raw_message_is_cut_on_a_character_boundary() {
+        let raw = format!("x{}", "€".repeat(MAX_QUARANTINE_RAW_BYTES / 3 + 1));
+        let events = Given::with(())
+            .given_no_previous_events()
+            .when(C::Quarantine {
+                raw: raw.clone(),
+                reason: "too big".into(),
+                external_id: None,
+            })
+            .inspect_result()
+            .unwrap();
+        let [E::MessageQuarantined {
+            raw: kept, raw_len, ..
+        }] = events.as_slice()
+        else {
+            panic!("expected one MessageQuarantined, got {events:?}");
+        };
+        assert_eq!(*raw_len, raw.len());
+        assert!(kept.len() <= MAX_QUARANTINE_RAW_BYTES);
+        assert!(kept.len() > MAX_QUARANTINE_RAW_BYTES - 3);
+        assert!(raw.starts_with(kept.as_str()));
+    }
+
+    // Close and Reopen
+
+    #[test]
+    fn closing_records_the_reason() {
+        Given::with(())
+            .given(vec![opened()])
+            .when(C::Close {
+                reason: "done".into(),
+            })
+            .then_expect_events(vec![closed()]);
+        let conversation = fold([opened(), closed()]);
+        assert_eq!(conversation.status, ConversationStatus::Closed);
+        assert_eq!(conversation.close_reason.as_deref(), Some("done"));
+    }
+
+    #[test]
+    fn closing_is_refused_unless_open() {
+        let close = || C::Close {
+            reason: "done".into(),
+        };
+        Given::with(())
+            .given_no_previous_events()
+            .when(close())
+            .then_expect_error(ConversationError::NotOpened);
+        Given::with(())
+            .given(vec![opened(), closed()])
+            .when(close())
+            .then_expect_error(ConversationError::Closed { action: "close" });
+    }
+
+    #[test]
+    fn a_closed_conversation_is_reopened_on_request_and_then_takes_replies() {
+        let reopened = E::ConversationReopened {
+            cause: ReopenCause::Requested {
+                reason: "follow up".into(),
+            },
+        };
+        Given::with(())
+            .given(vec![opened(), closed()])
+            .when(C::Reopen {
+                reason: "follow up".into(),
+            })
+            .then_expect_events(vec![reopened.clone()]);
+        Given::with(())
+            .given(vec![opened(), queued("r1", 1), closed(), reopened])
+            .when(queue("r2"))
+            .then_expect_events(vec![queued("r2", 2)]);
+    }
+
+    #[test]
+    fn reopening_is_refused_unless_closed() {
+        let reopen = || C::Reopen {
+            reason: "follow up".into(),
+        };
+        Given::with(())
+            .given_no_previous_events()
+            .when(reopen())
+            .then_expect_error(ConversationError::NotOpened);
+        Given::with(())
+            .given(vec![opened()])
+            .when(reopen())
+            .then_expect_error(ConversationError::NotClosed);
+    }
+
+    // Types
+
+    #[test]
+    fn channels_have_one_spelling() {
+        assert_eq!(Channel::parse(" Telegram "), Ok(Channel::TELEGRAM));
+        assert_eq!(Channel::parse("email").unwrap(), Channel::EMAIL);
+        assert_eq!(Channel::parse("slack_v2").unwrap().as_str(), "slack_v2");
+        for bad in ["", "  ", "2fa", "tele gram", "télégram", &"x".repeat(33)] {
+            assert_eq!(Channel::parse(bad), Err(InvalidChannel(bad.to_owned())));
+        }
+        assert_eq!(
+            serde_json::to_value(Channel::TELEGRAM).unwrap(),
+            serde_json::json!("telegram")
+        );
+        let parsed: Channel = serde_json::from_value(serde_json::json!("Email")).unwrap();
+        assert_eq!(parsed, Channel::EMAIL);
+        assert!(serde_json::from_value::<Channel>(serde_json::json!("no way")).is_err());
+    }
+
+    #[test]
+    fn events_are_named_after_their_variant_and_versioned() {
+        let events = [
+            opened(),
+            E::ParticipantJoined { participant: bob() },
+            E::ParticipantLeft {
+                participant_id: "bob".into(),
+                reason: None,
+            },
+            received("m1", 1, "ext-1", "alice"),
+            queued("r1", 2),
+            delivered("r1", "ext-r1"),
+            failed("r1", 1),
+            quarantined(None),
+            closed(),
+            E::ConversationReopened {
+                cause: ReopenCause::InboundMessage {
+                    message_id: "m2".into(),
+                },
+            },
+        ];
+        for event in events {
+            let json = serde_json::to_value(&event).unwrap();
+            assert_eq!(json["type"], event.event_type());
+            assert_eq!(event.event_version(), "1.0");
+            assert_eq!(serde_json::from_value::<E>(json).unwrap(), event);
+        }
+    }
+
+    // Invariants over a long run
+
+    /// xorshift64: a fixed-seed stream, so a failing run is reproduced exactly.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+
+        fn pick<T: Clone>(&mut self, items: &[T]) -> T {
+            items[self.below(items.len() as u64) as usize].clone()
+        }
+    }
+
+    /// A command drawn from small pools of ids, so that redeliveries, taken ids, strangers and
+    /// commands in the wrong state all come up often.
+    fn random_command(rng: &mut Rng, step: u64) -> C {
+        let people = [
+            alice(),
+            bob(),
+            bot(),
+            Participant::agent("helper"),
+            Participant::person("carol"),
+        ];
+        let message_id = format!("m{}", rng.below(step + 1));
+        let external_id = format!("ext-{}", rng.below(step / 2 + 3));
+        let text = match rng.below(10) {
+            0 => String::new(),
+            1 => "x".repeat(MAX_TEXT_BYTES + 1),
+            _ => format!("text {step}"),
+        };
+        match rng.below(100) {
+            0..=2 => C::Open {
+                channel: Channel::TELEGRAM,
+                external_id: "chat-1".into(),
+                subject: None,
+                participants: vec![bot()],
+            },
+            3..=6 => C::Join {
+                participant: rng.pick(&people),
+            },
+            7..=9 => C::Leave {
+                participant_id: rng.pick(&people).id,
+                reason: None,
+            },
+            10..=39 => C::ReceiveMessage {
+                message_id,
+                external_id,
+                from: rng.pick(&people),
+                text,
+                attachments: vec![],
+                in_reply_to: Some(format!("ext-{}", rng.below(step / 2 + 3))),
+                sent_at: None,
+            },
+            40..=64 => C::QueueReply {
+                message_id,
+                from: rng.pick(&people).id,
+                text,
+                attachments: vec![],
+                in_reply_to: (rng.below(2) == 0).then(|| format!("m{}", rng.below(step + 1))),
+                task_id: None,
+            },
+            65..=79 => C::MarkDelivered {
+                message_id,
+                external_id,
+            },
+            80..=89 => C::MarkDeliveryFailed {
+                message_id,
+                error: "timeout".into(),
+                will_retry: rng.below(2) == 0,
+            },
+            90..=93 => C::Quarantine {
+                raw: "garbage".into(),
+                reason: "unparsable".into(),
+                external_id: (rng.below(2) == 0).then_some(external_id),
+            },
+            94..=97 => C::Close {
+                reason: "idle".into(),
+            },
+            _ => C::Reopen {
+                reason: "follow up".into(),
+            },
+        }
+    }
+
+    fn check_invariants(conversation: &Conversation, log: &[E]) {
+        let seqs: Vec<u64> = conversation.messages.iter().map(|m| m.seq).collect();
+        let expected: Vec<u64> = (1..=conversation.last_seq).collect();
+        assert_eq!(seqs, expected, "seq runs 1, 2, 3… without gaps");
+        let ids: BTreeSet<&str> = conversation
+            .messages
+            .iter()
+            .map(|m| m.message_id.as_str())
+            .collect();
+        assert_eq!(ids.len(), conversation.messages.len(), "message ids unique");
+        let mut externals = BTreeSet::new();
+        for message in &conversation.messages {
+            assert!(
+                conversation.participants.contains_key(&message.from),
+                "every sender joined"
+            );
+            if let Some(external_id) = &message.external_id {
+                assert!(externals.insert(external_id), "external ids unique");
+                assert!(conversation.seen_external_ids.contains(external_id));
+            }
+            match (message.direction, &message.delivery) {
+                (MessageDirection::Inbound, Delivery::Received) => {
+                    assert!(message.external_id.is_some())
+                }
+                (MessageDirection::Outbound, Delivery::Delivered) => {
+                    assert!(message.external_id.is_some())
+                }
+                (MessageDirection::Outbound, Delivery::Queued | Delivery::Failed { .. }) => {
+                    assert!(message.external_id.is_none())
+                }
+                (direction, delivery) => panic!("{direction:?} message {delivery:?}"),
+            }
+            if message.direction == MessageDirection::Outbound {
+                let sender = &conversation.participants[&message.from];
+                assert_eq!(sender.participant.kind, ParticipantKind::Agent);
+            }
+        }
+        assert_eq!(conversation.seen_external_ids.len(), externals.len());
+
+        let mut queued = BTreeSet::new();
+        let mut last_seq = 0;
+        for event in log {
+            match event {
+                E::MessageReceived { seq, .. } => {
+                    assert_eq!(*seq, last_seq + 1, "seq strictly increasing");
+                    last_seq = *seq;
+                }
+                E::ReplyQueued {
+                    seq, message_id, ..
+                } => {
+                    assert_eq!(*seq, last_seq + 1, "seq strictly increasing");
+                    last_seq = *seq;
+                    queued.insert(message_id.as_str());
+                }
+                E::ReplyDelivered { message_id, .. }
+                | E::ReplyDeliveryFailed { message_id, .. } => {
+                    assert!(
+                        queued.contains(message_id.as_str()),
+                        "reported reply was queued"
+                    )
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_random_run_keeps_the_invariants_and_replays_to_the_same_state() {
+        let mut seen_types = BTreeSet::new();
+        for seed in [1, 7, 42, 0x5eed, 0xdead_beef] {
+            let mut rng = Rng(seed);
+            let mut live = Conversation::default();
+            let mut log = Vec::new();
+            for step in 0..1500 {
+                let command = random_command(&mut rng, step);
+                let before = live.clone();
+                let sink = EventSink::default();
+                let result = live.handle(command.clone(), &(), &sink).await;
+                let events = sink.collect().await;
+                match result {
+                    Ok(()) => log.extend(events),
+                    Err(error) => {
+                        assert!(events.is_empty(), "{command:?} refused ({error}) yet wrote");
+                        assert_eq!(live, before, "{command:?} refused ({error}) yet changed");
+                    }
+                }
+                check_invariants(&live, &log);
+            }
+            assert_eq!(
+                fold(log.clone()),
+                live,
+                "replaying the log rebuilds the state"
+            );
+            let snapshot = serde_json::to_value(&live).unwrap();
+            assert_eq!(
+                serde_json::from_value::<Conversation>(snapshot).unwrap(),
+                live
+            );
+            assert!(
+                live.last_seq > 100,
+                "seed {seed}: the run recorded messages"
+            );
+            seen_types.extend(log.iter().map(|e| e.event_type()));
+        }
+        assert_eq!(seen_types.len(), 10, "every event came up: {seen_types:?}");
+    }
+}
