@@ -311,6 +311,33 @@ async fn cancel_and_its_refusals(store: &Store) {
     ));
 }
 
+async fn jobs_are_cancelled_by_idempotency_key(store: &Store) {
+    let queue = store.queue.as_ref();
+    let waiting = enqueue_one(queue, job("x").idempotency_key("run:1:a:1")).await;
+    let running = enqueue_one(queue, job("x").idempotency_key("run:1:b:1")).await;
+    let other = enqueue_one(queue, job("x").idempotency_key("run:2:a:1")).await;
+    // The oldest is claimed: one running, one waiting, both cancelled by key.
+    assert_eq!(claim_ids(queue, "w", 1).await, vec![waiting]);
+    let keys = ["run:1:a:1", "run:1:b:1", "run:9:z:1"].map(String::from);
+    let mut cancelled: Vec<Uuid> = queue
+        .cancel_keyed(&keys)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    cancelled.sort();
+    let mut expected = vec![waiting, running];
+    expected.sort();
+    assert_eq!(cancelled, expected);
+    assert_eq!(
+        queue.get(other).await.unwrap().unwrap().state,
+        JobState::Available
+    );
+    assert!(queue.cancel_keyed(&keys).await.unwrap().is_empty());
+    assert!(queue.cancel_keyed(&[]).await.unwrap().is_empty());
+}
+
 async fn expired_leases_are_rescued(store: &Store) {
     let queue = store.queue.as_ref();
     let id = enqueue_one(queue, job("long")).await;
@@ -465,6 +492,7 @@ for_each_backend!(
     jobs_with_one_ordering_key_run_one_at_a_time_in_order,
     failures_back_off_then_go_dead_with_every_error,
     cancel_and_its_refusals,
+    jobs_are_cancelled_by_idempotency_key,
     expired_leases_are_rescued,
     snoozing_does_not_use_an_attempt,
     finished_jobs_are_pruned,

@@ -3,8 +3,12 @@
 //! - [`definition`]: the declarative model of a workflow (YAML or Rust) and its validation;
 //! - [`decide`]: the pure `decide(run, event) -> actions` and the [`decide::Catalog`] of
 //!   definition versions;
-//! - [`expr`]: templates and expressions over a run's state.
+//! - [`expr`]: templates and expressions over a run's state;
+//! - [`runtime`]: the process manager and step workers that perform what runs decide;
+//! - [`tools`]: Rust functions that `tool` steps call.
 
 pub mod decide;
 pub mod definition;
 pub mod expr;
+pub mod runtime;
+pub mod tools;

@@ -304,6 +304,11 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Cancels an available or running job.
     async fn cancel(&self, id: Uuid) -> Result<Job, QueueError>;
 
+    /// Cancels the available or running jobs that carry one of these idempotency keys (a
+    /// cancelled workflow run cancels its queued steps); returns them. Keys with no such job are
+    /// skipped.
+    async fn cancel_keyed(&self, keys: &[String]) -> Result<Vec<Job>, QueueError>;
+
     /// Makes a dead or cancelled job runnable again with a fresh set of attempts.
     async fn retry(&self, id: Uuid) -> Result<Job, QueueError>;
 

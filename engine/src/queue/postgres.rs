@@ -392,6 +392,23 @@ impl JobQueue for PgJobQueue {
         }
     }
 
+    async fn cancel_keyed(&self, keys: &[String]) -> Result<Vec<Job>, QueueError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "UPDATE jobs SET state = 'cancelled', finished_at = now(), updated_at = now(), \
+             lease_expires_at = NULL, locked_by = NULL, last_error = 'cancelled' \
+             WHERE idempotency_key = ANY($1) AND state IN ('available', 'running') \
+             RETURNING {JOB_COLUMNS}"
+        );
+        let rows = sqlx::query(&sql).bind(keys).fetch_all(&self.pool).await?;
+        if !rows.is_empty() {
+            self.wakeups.wake();
+        }
+        rows.iter().map(job_from_row).collect()
+    }
+
     async fn retry(&self, id: Uuid) -> Result<Job, QueueError> {
         let sql = format!(
             "UPDATE jobs SET state = 'available', run_at = now(), attempt = 0, finished_at = NULL, \

@@ -350,6 +350,28 @@ impl JobQueue for SqliteJobQueue {
         }
     }
 
+    async fn cancel_keyed(&self, keys: &[String]) -> Result<Vec<Job>, QueueError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "UPDATE jobs SET state = 'cancelled', finished_at = ?1, updated_at = ?1, \
+             lease_expires_at = NULL, locked_by = NULL, last_error = 'cancelled' \
+             WHERE idempotency_key IN (SELECT value FROM json_each(?2)) \
+             AND state IN ('available', 'running') RETURNING {JOB_COLUMNS}"
+        );
+        let keys = serde_json::to_string(keys).map_err(|e| QueueError::Invalid(e.to_string()))?;
+        let rows = sqlx::query(&sql)
+            .bind(micros(Utc::now()))
+            .bind(keys)
+            .fetch_all(&self.pool)
+            .await?;
+        if !rows.is_empty() {
+            bump(&self.wakeups);
+        }
+        rows.iter().map(job_from_row).collect()
+    }
+
     async fn retry(&self, id: Uuid) -> Result<Job, QueueError> {
         let sql = format!(
             "UPDATE jobs SET state = 'available', run_at = ?1, attempt = 0, finished_at = NULL, \

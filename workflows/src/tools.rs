@@ -1,0 +1,73 @@
+//! Tools: registered Rust functions that `tool` steps call, with typed input and output.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+type ToolFuture = Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>;
+type ToolFn = Arc<dyn Fn(Value) -> ToolFuture + Send + Sync>;
+
+/// The tools steps may call, by name.
+#[derive(Clone, Default)]
+pub struct Tools {
+    tools: BTreeMap<String, ToolFn>,
+}
+
+impl Tools {
+    /// The tools every runtime has: `echo` (returns its input) and `noop` (returns null).
+    pub fn builtin() -> Self {
+        Tools::default()
+            .register("echo", |input: Value| async move { Ok::<_, String>(input) })
+            .register(
+                "noop",
+                |_: Value| async move { Ok::<_, String>(Value::Null) },
+            )
+    }
+
+    /// Registers `tool`: its input is deserialized from the step's rendered `input` (a mismatch
+    /// fails the step with serde's message), its output serialized as the step's output.
+    pub fn register<I, O, F, Fut>(mut self, name: impl Into<String>, tool: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + 'static,
+        F: Fn(I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, String>> + Send + 'static,
+    {
+        let tool = Arc::new(tool);
+        self.tools.insert(
+            name.into(),
+            Arc::new(move |input: Value| {
+                let tool = tool.clone();
+                Box::pin(async move {
+                    let input: I = serde_json::from_value(input)
+                        .map_err(|e| format!("the tool's input does not fit: {e}"))?;
+                    let output = tool(input).await?;
+                    serde_json::to_value(output).map_err(|e| e.to_string())
+                })
+            }),
+        );
+        self
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tools.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tools.keys().map(String::as_str)
+    }
+
+    /// Calls `name` with `input`.
+    pub async fn call(&self, name: &str, input: Value) -> Result<Value, String> {
+        let tool = self
+            .tools
+            .get(name)
+            .ok_or_else(|| format!("unknown tool {name}"))?;
+        tool(input).await
+    }
+}
