@@ -273,7 +273,8 @@ impl Assembler {
                 if delta.id.is_some() {
                     call.id.clone_from(&delta.id);
                 }
-                if let Some(name) = &function.name {
+                // OpenAI sends the name once; some servers repeat it on every fragment.
+                if let Some(name) = function.name.as_ref().filter(|name| **name != call.name) {
                     call.name.push_str(name);
                 }
                 let arguments = function.arguments.unwrap_or_default();
