@@ -4,11 +4,14 @@
 //! - [`decide`]: the pure `decide(run, event) -> actions` and the [`decide::Catalog`] of
 //!   definition versions;
 //! - [`expr`]: templates and expressions over a run's state;
+//! - [`model`]: the chat-model port, its OpenAI-compatible and scripted adapters, and the router
+//!   with fallback chains and circuit breakers;
 //! - [`runtime`]: the process manager and step workers that perform what runs decide;
 //! - [`tools`]: Rust functions that `tool` steps call.
 
 pub mod decide;
 pub mod definition;
 pub mod expr;
+pub mod model;
 pub mod runtime;
 pub mod tools;
