@@ -1,6 +1,7 @@
 //! Workflow definitions, agents and models, and the decisions that drive workflow runs.
 //!
 //! - [`definition`]: the declarative model of a workflow (YAML or Rust) and its validation;
+//! - [`catalog`]: the shipped definitions and loading more from a folder;
 //! - [`decide`]: the pure `decide(run, event) -> actions` and the [`decide::Catalog`] of
 //!   definition versions;
 //! - [`expr`]: templates and expressions over a run's state;
@@ -9,6 +10,8 @@
 //! - [`runtime`]: the process manager and step workers that perform what runs decide;
 //! - [`tools`]: Rust functions that `tool` steps call.
 
+pub mod agents;
+pub mod catalog;
 pub mod decide;
 pub mod definition;
 pub mod expr;

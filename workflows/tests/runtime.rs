@@ -1,0 +1,461 @@
+//! The workflow runtime end to end, on both backends: tasks run their workflows through the
+//! process manager and step workers, driven step by step until nothing is left to do.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use stele_aggregates::task::{Requester, TaskStatus};
+use stele_aggregates::workflow_run::{RunStatus, StepStatus};
+use stele_engine::for_each_backend;
+use stele_engine::process::as_projection;
+use stele_engine::projection::ProjectionRunner;
+use stele_engine::queue::worker::{Worker, WorkerOptions};
+use stele_engine::queue::{JobFilter, JobState};
+use stele_engine::{CommandMeta, Store};
+use stele_workflows::catalog::{self, Source};
+use stele_workflows::model::{ModelRouter, ModelsConfig};
+use stele_workflows::runtime::{Runtime, MANAGER, REPLY_QUEUE};
+use stele_workflows::tools::Tools;
+
+struct Harness {
+    runtime: Arc<Runtime>,
+    runner: ProjectionRunner,
+    worker: Worker,
+    store_queue: Arc<dyn stele_engine::queue::JobQueue>,
+}
+
+impl Harness {
+    /// A runtime with the shipped definitions plus `extra` YAML definitions, and the shipped
+    /// agent roles (scripted) plus `extra_rules` (TOML rules for the scripted provider, prepended
+    /// so they win).
+    fn new(store: &Store, extra: &[&str], extra_rules: &str) -> Harness {
+        let mut config_text = catalog_config();
+        if !extra_rules.is_empty() {
+            config_text = config_text.replacen(
+                "[providers.scripted]\nkind = \"scripted\"\n",
+                &format!("[providers.scripted]\nkind = \"scripted\"\n\n{extra_rules}\n"),
+                1,
+            );
+        }
+        let config = ModelsConfig::from_toml_str(&config_text).unwrap();
+        let router = ModelRouter::new(config).unwrap();
+        let mut sources = catalog::builtin();
+        sources.extend(extra.iter().enumerate().map(|(i, yaml)| Source {
+            file: format!("test-{i}.yaml").into(),
+            yaml: (*yaml).to_owned(),
+        }));
+        let tools = Tools::builtin();
+        let catalog = catalog::build(&sources, &|a| router.agent(a).is_some(), &|t| {
+            tools.contains(t)
+        })
+        .unwrap();
+        let runtime = Arc::new(Runtime::new(store, catalog, Arc::new(router), tools));
+        let runner = ProjectionRunner::new(
+            store,
+            vec![as_projection(runtime.manager(), store.queue.clone())],
+        );
+        let worker = runtime.worker(WorkerOptions::new("workflows"));
+        Harness {
+            runtime,
+            runner,
+            worker,
+            store_queue: store.queue.clone(),
+        }
+    }
+
+    /// Steps the manager and the worker until neither has anything left to do now.
+    async fn settle(&self) {
+        self.runner.setup().await.unwrap();
+        for _ in 0..500 {
+            let stepped = self.runner.step(MANAGER).await.unwrap();
+            let ran = self.worker.step().await.unwrap();
+            if stepped.read == 0 && !stepped.held_back && ran == 0 {
+                return;
+            }
+        }
+        panic!("the runtime did not settle");
+    }
+
+    /// Settles until `done` holds (for timers and backoffs, which are due a little later).
+    async fn settle_until(
+        &self,
+        task_id: &str,
+        done: impl Fn(&stele_workflows::runtime::TaskView) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            self.settle().await;
+            let view = self.runtime.task(task_id).await.unwrap();
+            if done(&view) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out: {view:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn create(&self, workflow: &str, input: &str) -> String {
+        self.runtime
+            .create_task(
+                input.into(),
+                Requester {
+                    user_id: "42".into(),
+                    channel: "telegram".into(),
+                },
+                Some(workflow.into()),
+                CommandMeta::new("user:42", "test"),
+            )
+            .await
+            .unwrap()
+    }
+}
+
+fn catalog_config() -> String {
+    include_str!("../agents.toml").to_owned()
+}
+
+fn finished(view: &stele_workflows::runtime::TaskView) -> bool {
+    view.task.status.is_finished()
+}
+
+async fn the_dev_pipeline_runs_to_completion_with_replies_and_model_calls(store: &Store) {
+    let h = Harness::new(store, &[], "");
+    let task = h.create("dev_pipeline", "add a /health endpoint").await;
+    h.settle().await;
+    let view = h.runtime.task(&task).await.unwrap();
+    assert_eq!(view.task.status, TaskStatus::Completed, "{view:#?}");
+    let run = view.run.unwrap();
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(
+        run.path,
+        ["plan", "planned", "code", "execute", "test", "tested", "review", "done"]
+    );
+    assert_eq!(run.replies.len(), 2);
+    assert!(run.replies[1].starts_with("Done. Tests: all tests pass. Review: approve"));
+    let result = view.task.result.unwrap();
+    assert_eq!(result["tests"]["passed"], json!(true));
+    assert_eq!(result["review"]["verdict"], json!("approve"));
+
+    // Every step's model call is in the history, with its prompt, output and tokens.
+    let history = h.runtime.history(&task).await.unwrap();
+    let plan = history
+        .iter()
+        .find(|e| e.event_type == "StepCompleted" && e.payload["data"]["step"] == "plan")
+        .unwrap();
+    let call = &plan.payload["data"]["calls"][0];
+    assert_eq!(call["agent"], "planner");
+    assert_eq!(call["provider"], "scripted");
+    assert!(call["output"].as_str().unwrap().contains("steps"));
+    assert!(call["messages"][1]["content"]
+        .as_str()
+        .unwrap()
+        .contains("add a /health endpoint"));
+    let types: Vec<&str> = history.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types[0], "TaskCreated");
+    assert_eq!(*types.last().unwrap(), "TaskCompleted");
+    // The replies wait for the channel adapters as jobs.
+    let replies = h
+        .store_queue
+        .list(JobFilter {
+            queue: Some(REPLY_QUEUE.into()),
+            limit: 10,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(replies.len(), 2);
+    assert_eq!(replies[0].kind, "channel.reply");
+}
+
+async fn neo_core_decomposes_into_child_runs_and_joins_them(store: &Store) {
+    let h = Harness::new(store, &[], "");
+    let task = h
+        .create("neo_core", "plan the launch step by step please")
+        .await;
+    h.settle().await;
+    let view = h.runtime.task(&task).await.unwrap();
+    assert_eq!(view.task.status, TaskStatus::Completed, "{view:#?}");
+    let run = view.run.unwrap();
+    assert_eq!(run.path, ["restate", "decide", "epic", "respond", "send"]);
+    let epic = run.step("epic").unwrap();
+    assert_eq!(epic.children.len(), 2);
+    let output = epic.output.as_ref().unwrap().as_array().unwrap();
+    assert!(output.iter().all(|r| r["status"] == "completed"));
+    assert_eq!(output[0]["run_id"], format!("{task}.epic.0"));
+    // The children's events are part of the task's history.
+    let history = h.runtime.history(&task).await.unwrap();
+    assert!(history.iter().any(
+        |e| e.stream.aggregate_id == format!("{task}.epic.1") && e.event_type == "RunCompleted"
+    ));
+
+    let simple = h.create("neo_core", "hello there").await;
+    let code = h.create("neo_core", "write code for a parser").await;
+    h.settle().await;
+    let simple = h.runtime.task(&simple).await.unwrap().run.unwrap();
+    assert_eq!(
+        simple.path,
+        ["restate", "decide", "answer", "respond", "send"]
+    );
+    let code = h.runtime.task(&code).await.unwrap().run.unwrap();
+    assert_eq!(
+        code.path,
+        ["restate", "decide", "delegate", "respond", "send"]
+    );
+}
+
+const ESCALATING: &str = r#"
+name: escalating
+version: 1
+steps:
+  - id: work
+    kind: agent
+    agent: worker
+    prompt: "{{ input }}"
+    retry:
+      attempts: 3
+      backoff: 1ms
+      escalate: [{ agent: coder }]
+"#;
+
+async fn a_failed_step_is_retried_with_its_escalation_and_every_call_recorded(store: &Store) {
+    let rules = r#"
+[[providers.scripted.rules]]
+agent = "worker"
+fail = "the worker is confused"
+retryable = false
+"#;
+    let h = Harness::new(store, &[ESCALATING], rules);
+    let task = h.create("escalating", "fix it").await;
+    h.settle_until(&task, finished).await;
+    let view = h.runtime.task(&task).await.unwrap();
+    assert_eq!(view.task.status, TaskStatus::Completed, "{view:#?}");
+    let work = view.run.unwrap().step("work").unwrap().clone();
+    assert_eq!(work.attempt, 2);
+    assert_eq!(work.errors.len(), 1);
+    assert!(work.errors[0].contains("the worker is confused"));
+    let history = h.runtime.history(&task).await.unwrap();
+    let failed = history
+        .iter()
+        .find(|e| e.event_type == "StepFailed")
+        .unwrap();
+    assert_eq!(failed.payload["data"]["calls"][0]["agent"], "worker");
+    assert!(failed.payload["data"]["calls"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("confused"));
+    let completed = history
+        .iter()
+        .find(|e| e.event_type == "StepCompleted")
+        .unwrap();
+    assert_eq!(completed.payload["data"]["calls"][0]["agent"], "coder");
+}
+
+const HUMAN: &str = r#"
+name: human
+version: 1
+steps:
+  - id: nap
+    kind: sleep
+    duration: 20ms
+  - id: approve
+    kind: wait
+    signal: approval
+    timeout: 30s
+    on_timeout: expired
+  - id: approved
+    kind: reply
+    text: "approved by {{ steps.approve.output.by }}"
+    next: end
+  - id: expired
+    kind: reply
+    text: "nobody answered"
+"#;
+
+const IMPATIENT: &str = r#"
+name: impatient
+version: 1
+steps:
+  - id: approve
+    kind: wait
+    signal: approval
+    timeout: 20ms
+    on_timeout: expired
+  - id: approved
+    kind: reply
+    text: "approved"
+    next: end
+  - id: expired
+    kind: reply
+    text: "nobody answered"
+"#;
+
+async fn timers_signals_and_wait_timeouts(store: &Store) {
+    let h = Harness::new(store, &[HUMAN, IMPATIENT], "");
+    let task = h.create("human", "deploy?").await;
+    h.settle_until(&task, |v| {
+        v.run
+            .as_ref()
+            .and_then(|r| r.step("approve"))
+            .is_some_and(|s| s.status == StepStatus::Waiting)
+    })
+    .await;
+    h.runtime
+        .signal_task(
+            &task,
+            "approval".into(),
+            json!({ "by": "ana" }),
+            CommandMeta::new("user:ana", "test"),
+        )
+        .await
+        .unwrap();
+    h.settle().await;
+    let view = h.runtime.task(&task).await.unwrap();
+    assert_eq!(view.task.result, Some(json!("approved by ana")));
+
+    let late = h.create("impatient", "deploy?").await;
+    h.settle_until(&late, finished).await;
+    let view = h.runtime.task(&late).await.unwrap();
+    assert_eq!(view.task.result, Some(json!("nobody answered")));
+    assert_eq!(view.run.unwrap().path, ["approve", "expired"]);
+}
+
+const PARENT: &str = r#"
+name: parent
+version: 1
+steps:
+  - id: fan
+    kind: fan_out
+    items: "[1, 2]"
+    workflow: waiter
+"#;
+
+const WAITER: &str = r#"
+name: waiter
+version: 1
+steps:
+  - id: hold
+    kind: wait
+    signal: never
+"#;
+
+const BACKING_OFF: &str = r#"
+name: backing_off
+version: 1
+steps:
+  - id: work
+    kind: agent
+    agent: worker
+    prompt: "{{ input }}"
+    retry: { attempts: 3, backoff: 1h }
+"#;
+
+async fn cancelling_a_task_cancels_its_run_children_and_queued_steps(store: &Store) {
+    let rules = r#"
+[[providers.scripted.rules]]
+agent = "worker"
+fail = "down"
+retryable = false
+"#;
+    let h = Harness::new(store, &[PARENT, WAITER, BACKING_OFF], rules);
+    let task = h.create("parent", "go").await;
+    h.settle().await;
+    let run = h.runtime.task(&task).await.unwrap().run.unwrap();
+    let children: Vec<String> = run.active_children().map(|c| c.run_id.clone()).collect();
+    assert_eq!(children.len(), 2);
+    h.runtime
+        .cancel_task(
+            &task,
+            "changed my mind".into(),
+            CommandMeta::new("user:42", "test"),
+        )
+        .await
+        .unwrap();
+    h.settle().await;
+    let view = h.runtime.task(&task).await.unwrap();
+    assert_eq!(view.task.status, TaskStatus::Cancelled);
+    assert_eq!(view.run.as_ref().unwrap().status, RunStatus::Cancelled);
+    let history = h.runtime.history(&task).await.unwrap();
+    for child in &children {
+        assert!(
+            history
+                .iter()
+                .any(|e| &e.stream.aggregate_id == child && e.event_type == "RunCancelled"),
+            "child {child} was not cancelled"
+        );
+    }
+
+    // A step waiting out its backoff in the queue is cancelled with its run.
+    let backing_off = h.create("backing_off", "try").await;
+    h.settle().await;
+    let run = h.runtime.task(&backing_off).await.unwrap().run.unwrap();
+    assert_eq!(run.step("work").unwrap().attempt, 2);
+    h.runtime
+        .cancel_task(
+            &backing_off,
+            "stop".into(),
+            CommandMeta::new("user:42", "test"),
+        )
+        .await
+        .unwrap();
+    h.settle().await;
+    let cancelled = h
+        .store_queue
+        .list(JobFilter {
+            state: Some(JobState::Cancelled),
+            kind: Some("workflow.step".into()),
+            limit: 10,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0].payload["run_id"], Value::String(backing_off));
+}
+
+async fn bad_requests_are_refused_clearly(store: &Store) {
+    let h = Harness::new(store, &[], "");
+    let error = h
+        .runtime
+        .create_task(
+            "x".into(),
+            Requester {
+                user_id: "1".into(),
+                channel: "cli".into(),
+            },
+            Some("nope".into()),
+            CommandMeta::new("user:1", "test"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.to_string(), "unknown workflow nope");
+    assert_eq!(
+        h.runtime.task("missing").await.unwrap_err().to_string(),
+        "no task missing"
+    );
+    let task = h.create("assistant", "hi").await;
+    h.settle().await;
+    let error = h
+        .runtime
+        .signal_task(
+            &task,
+            "approval".into(),
+            json!(1),
+            CommandMeta::new("u", "test"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.to_string(), "the run is Completed");
+}
+
+for_each_backend!(
+    the_dev_pipeline_runs_to_completion_with_replies_and_model_calls,
+    neo_core_decomposes_into_child_runs_and_joins_them,
+    a_failed_step_is_retried_with_its_escalation_and_every_call_recorded,
+    timers_signals_and_wait_timeouts,
+    cancelling_a_task_cancels_its_run_children_and_queued_steps,
+    bad_requests_are_refused_clearly,
+);
