@@ -58,7 +58,7 @@ fn matches(filter: Option<&str>, event: &RecordedEvent) -> bool {
 }
 
 /// Writes one event; `Ok(false)` when the reader went away (closed pipe).
-fn print(out: &mut impl Write, event: &RecordedEvent) -> anyhow::Result<bool> {
+pub(crate) fn print(out: &mut impl Write, event: &RecordedEvent) -> anyhow::Result<bool> {
     let line = Line {
         position: event.position,
         stream: event.stream.to_string(),

@@ -5,6 +5,7 @@ mod bench;
 mod events;
 mod jobs;
 mod projections;
+mod tasks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,8 +13,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::sync::Arc;
 
+use stele_engine::process::as_projection;
 use stele_engine::projection::ProjectionRunner;
+use stele_engine::queue::worker::WorkerOptions;
 use stele_engine::store::{self, Migrate, Store, StoreLocation};
+use stele_workflows::runtime::QUEUE;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -62,7 +66,18 @@ enum Command {
         /// Directory of the embedded store.
         #[arg(long, env = "STELE_DATA_DIR", default_value = ".stele")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        workflows: tasks::WorkflowArgs,
+        /// Step jobs running at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
     },
+    /// Workflow definitions.
+    #[command(subcommand)]
+    Workflows(tasks::WorkflowsCommand),
+    /// Tasks and their workflow runs.
+    #[command(subcommand)]
+    Tasks(tasks::TasksCommand),
     /// Read the event log.
     #[command(subcommand)]
     Events(EventsCommand),
@@ -145,7 +160,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Up { data_dir } => up(data_dir).await,
+        Command::Up {
+            data_dir,
+            workflows,
+            concurrency,
+        } => up(data_dir, workflows, concurrency).await,
+        Command::Workflows(command) => tasks::workflows(command).await,
+        Command::Tasks(command) => tasks::tasks(command).await,
         Command::Events(EventsCommand::Tail(args)) => events::tail(args).await,
         Command::Jobs(command) => jobs::run(command).await,
         Command::Projections(command) => projections::run(command).await,
@@ -155,20 +176,46 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn up(data_dir: PathBuf) -> anyhow::Result<()> {
+async fn up(
+    data_dir: PathBuf,
+    workflows: tasks::WorkflowArgs,
+    concurrency: usize,
+) -> anyhow::Result<()> {
     let location = StoreLocation::Embedded(data_dir);
     let store = Store::open(location.clone(), Migrate::Apply).await?;
-    let runner = Arc::new(ProjectionRunner::new(&store, stele_projections::all()));
+    let runtime = match workflows.runtime(&store).await {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            store.close().await;
+            return Err(e);
+        }
+    };
+    let mut projections = stele_projections::all();
+    projections.push(as_projection(runtime.manager(), store.queue.clone()));
+    let runner = Arc::new(ProjectionRunner::new(&store, projections));
     runner.setup().await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let projections = tokio::spawn(runner.run(async move {
-        let mut stopped = stopped;
-        let _ = stopped.wait_for(|stop| *stop).await;
-    }));
-    tracing::info!(store = %location.describe(), "stele is up; press Ctrl-C to stop");
+    let stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let projections = tokio::spawn(runner.run(stopped()));
+    let worker = runtime.worker(WorkerOptions {
+        concurrency: concurrency.max(1),
+        ..WorkerOptions::new(QUEUE)
+    });
+    let workers = tokio::spawn(worker.run(stopped()));
+    tracing::info!(
+        store = %location.describe(),
+        workflows = runtime.catalog().latest_all().count(),
+        "stele is up; press Ctrl-C to stop"
+    );
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
+    workers.await??;
     projections.await??;
     store.close().await;
     Ok(())

@@ -1,0 +1,371 @@
+//! `stele workflows …` and `stele tasks …`: definitions, and tasks with their workflow runs.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use stele_aggregates::task::Requester;
+use stele_engine::log::{subscribe, SubscriptionOptions};
+use stele_engine::store::{Migrate, Store};
+use stele_engine::{CommandMeta, Position};
+use stele_workflows::catalog;
+use stele_workflows::decide::Catalog;
+use stele_workflows::model::{ModelRouter, ModelsConfig};
+use stele_workflows::runtime::{describe, Runtime, TaskView};
+use stele_workflows::tools::Tools;
+
+use crate::StoreArgs;
+
+/// Where definitions and agent roles come from.
+#[derive(Args, Clone, Debug, Default)]
+pub struct WorkflowArgs {
+    /// A folder of workflow definitions (YAML) to load besides the shipped ones.
+    #[arg(long, env = "STELE_WORKFLOWS", value_name = "DIR")]
+    pub workflows: Option<PathBuf>,
+    /// Providers and agent roles (TOML); the shipped roles on the scripted model otherwise.
+    /// STELE_MODEL_* variables route roles to an OpenAI-compatible server.
+    #[arg(long, env = "STELE_MODELS", value_name = "FILE")]
+    pub models: Option<PathBuf>,
+}
+
+impl WorkflowArgs {
+    /// The model router and the validated catalog (shipped definitions plus the folder's).
+    pub fn load(&self) -> anyhow::Result<(ModelRouter, Tools, Catalog)> {
+        let config = match &self.models {
+            Some(path) => ModelsConfig::load(path)?,
+            None => ModelsConfig::default(),
+        }
+        .with_process_env()?;
+        let router = ModelRouter::new(config)?;
+        let tools = Tools::builtin();
+        let mut sources = catalog::builtin();
+        if let Some(dir) = &self.workflows {
+            sources.extend(catalog::read(dir)?);
+        }
+        let catalog = catalog::build(&sources, &|a| router.agent(a).is_some(), &|t| {
+            tools.contains(t)
+        })?;
+        Ok((router, tools, catalog))
+    }
+
+    /// A runtime on `store`, its definitions recorded in (and completed from) the log.
+    pub async fn runtime(&self, store: &Store) -> anyhow::Result<Arc<Runtime>> {
+        let (router, tools, mut catalog) = self.load()?;
+        Runtime::publish(store.log.as_ref(), &mut catalog).await?;
+        Ok(Arc::new(
+            Runtime::new(store, catalog, Arc::new(router), tools)
+                .with_default_workflow("assistant"),
+        ))
+    }
+}
+
+#[derive(Subcommand)]
+pub enum WorkflowsCommand {
+    /// List the workflow definitions (newest version of each).
+    List {
+        #[command(flatten)]
+        args: WorkflowArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate definitions: a YAML file or a folder of them.
+    Validate {
+        path: PathBuf,
+        #[command(flatten)]
+        args: WorkflowArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TasksCommand {
+    /// Create a task; prints its id. `stele up` (or a worker) runs it.
+    Create(CreateArgs),
+    /// Show a task, its run and its steps.
+    Show(TaskArgs),
+    /// Print a task's events, its run's and its child runs', as NDJSON.
+    History(TaskArgs),
+    /// Cancel a task, its run, its child runs and its queued steps.
+    Cancel {
+        #[command(flatten)]
+        task: TaskArgs,
+        #[arg(long, default_value = "cancelled by an operator")]
+        reason: String,
+    },
+    /// Send a signal (an approval, a reply) to a task's run.
+    Signal {
+        #[command(flatten)]
+        task: TaskArgs,
+        /// The signal's name, as a `wait` step names it.
+        name: String,
+        /// The signal's payload (JSON; plain text is taken as a string).
+        #[arg(long)]
+        payload: Option<String>,
+    },
+    /// Follow a task's progress live until it finishes.
+    Watch(TaskArgs),
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    workflow_args: WorkflowArgs,
+    /// The workflow to run (the default workflow, `assistant`, otherwise).
+    #[arg(long)]
+    workflow: Option<String>,
+    /// The task's input.
+    #[arg(long)]
+    input: String,
+    /// Who asks.
+    #[arg(long, default_value = "cli")]
+    user: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct TaskArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    workflow_args: WorkflowArgs,
+    /// The task's id.
+    id: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn workflows(command: WorkflowsCommand) -> anyhow::Result<()> {
+    match command {
+        WorkflowsCommand::List { args, json } => {
+            let (_, _, catalog) = args.load()?;
+            let mut out = io::stdout().lock();
+            for definition in catalog.latest_all() {
+                if json {
+                    let line = json!({
+                        "name": definition.name,
+                        "version": definition.version,
+                        "description": definition.description,
+                        "steps": definition.steps.iter().map(|s| json!({ "id": s.id, "kind": s.kind.name() })).collect::<Vec<_>>(),
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:<16} v{:<3} {:>2} steps  {}",
+                        definition.name,
+                        definition.version,
+                        definition.steps.len(),
+                        definition.description
+                    )?;
+                }
+            }
+            Ok(())
+        }
+        WorkflowsCommand::Validate { path, args } => {
+            let sources = catalog::read(&path)?;
+            let count = sources.len();
+            if count == 0 {
+                anyhow::bail!("{}: no .yaml or .yml files", path.display());
+            }
+            let (router, tools, _) = args.load()?;
+            let mut all = catalog::builtin();
+            // Files given here replace shipped ones of the same file name.
+            all.retain(|b| !sources.iter().any(|s| same_name(&s.file, &b.file)));
+            all.extend(sources);
+            catalog::build(&all, &|a| router.agent(a).is_some(), &|t| tools.contains(t))?;
+            println!("ok: {count} definition(s) valid");
+            Ok(())
+        }
+    }
+}
+
+fn same_name(a: &Path, b: &Path) -> bool {
+    a.file_name() == b.file_name()
+}
+
+pub async fn tasks(command: TasksCommand) -> anyhow::Result<()> {
+    let (store_args, workflow_args) = match &command {
+        TasksCommand::Create(a) => (&a.store, &a.workflow_args),
+        TasksCommand::Show(a) | TasksCommand::History(a) | TasksCommand::Watch(a) => {
+            (&a.store, &a.workflow_args)
+        }
+        TasksCommand::Cancel { task, .. } | TasksCommand::Signal { task, .. } => {
+            (&task.store, &task.workflow_args)
+        }
+    };
+    let store = Store::open(store_args.location()?, Migrate::Require).await?;
+    let result = match workflow_args.runtime(&store).await {
+        Ok(runtime) => run(&store, &runtime, command).await,
+        Err(e) => Err(e),
+    };
+    store.close().await;
+    result
+}
+
+async fn run(store: &Store, runtime: &Runtime, command: TasksCommand) -> anyhow::Result<()> {
+    let meta = || CommandMeta::new(format!("user:{}", whoami()), "cli");
+    match command {
+        TasksCommand::Create(args) => {
+            let id = runtime
+                .create_task(
+                    args.input,
+                    Requester {
+                        user_id: args.user,
+                        channel: "cli".into(),
+                    },
+                    args.workflow,
+                    meta(),
+                )
+                .await?;
+            if args.json {
+                println!("{}", json!({ "task_id": id }));
+            } else {
+                println!("{id}");
+            }
+            Ok(())
+        }
+        TasksCommand::Show(args) => {
+            let view = runtime.task(&args.id).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&view)?);
+            } else {
+                print!("{}", render(&view));
+            }
+            Ok(())
+        }
+        TasksCommand::History(args) => {
+            let events = runtime.history(&args.id).await?;
+            let mut out = io::BufWriter::new(io::stdout().lock());
+            for event in &events {
+                if !crate::events::print(&mut out, event)? {
+                    return Ok(());
+                }
+            }
+            let _ = out.flush();
+            Ok(())
+        }
+        TasksCommand::Cancel { task, reason } => {
+            runtime.cancel_task(&task.id, reason, meta()).await?;
+            println!("cancelling {}", task.id);
+            Ok(())
+        }
+        TasksCommand::Signal {
+            task,
+            name,
+            payload,
+        } => {
+            let payload = match payload {
+                None => Value::Null,
+                Some(text) => serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            };
+            runtime
+                .signal_task(&task.id, name.clone(), payload, meta())
+                .await?;
+            println!("signal {name} sent to {}", task.id);
+            Ok(())
+        }
+        TasksCommand::Watch(args) => watch(store, runtime, &args.id).await,
+    }
+}
+
+/// Prints the task's history so far, then its events as they are committed, until it finishes.
+async fn watch(store: &Store, runtime: &Runtime, task_id: &str) -> anyhow::Result<()> {
+    let history = runtime.history(task_id).await?;
+    let mut out = io::stdout();
+    for event in &history {
+        writeln!(out, "{}", line(event))?;
+    }
+    let view = runtime.task(task_id).await?;
+    if view.task.status.is_finished() {
+        return Ok(());
+    }
+    // Follow from the last event of the task seen; earlier events of other streams are skipped.
+    let after = history
+        .iter()
+        .map(|e| e.position)
+        .max()
+        .unwrap_or(Position::START);
+    let mut subscription = subscribe(store.log.clone(), after, SubscriptionOptions::default());
+    let seen: std::collections::HashSet<_> = history.iter().map(|e| e.metadata.event_id).collect();
+    loop {
+        let event = tokio::select! {
+            event = subscription.next() => event.context("following the log")?,
+            _ = crate::shutdown_signal() => return Ok(()),
+        };
+        let run_id = view.task.run_id.as_deref().unwrap_or(task_id);
+        if !Runtime::is_task_stream(&event, task_id, Some(run_id))
+            || seen.contains(&event.metadata.event_id)
+        {
+            continue;
+        }
+        writeln!(out, "{}", line(&event))?;
+        out.flush()?;
+        if matches!(
+            event.event_type.as_str(),
+            "TaskCompleted" | "TaskFailed" | "TaskCancelled"
+        ) {
+            return Ok(());
+        }
+    }
+}
+
+fn line(event: &stele_engine::RecordedEvent) -> String {
+    format!(
+        "{} {:<28} {}",
+        event.recorded_at.format("%H:%M:%S%.3f"),
+        event.stream.aggregate_id,
+        describe(event)
+    )
+}
+
+fn render(view: &TaskView) -> String {
+    let mut text = format!(
+        "task      {}\nstatus    {:?}\nworkflow  {}\ninput     {}\n",
+        view.task_id,
+        view.task.status,
+        view.task.workflow.as_deref().unwrap_or("-"),
+        view.task.input
+    );
+    if let Some(run) = &view.run {
+        text += &format!(
+            "run       {} ({} v{}) {}\n",
+            run.run_id,
+            run.workflow,
+            run.version,
+            run.status.as_str()
+        );
+        for id in &run.path {
+            if let Some(step) = run.step(id) {
+                text += &format!(
+                    "  {:<14} {:<10} attempt {}{}\n",
+                    id,
+                    format!("{:?}", step.status).to_lowercase(),
+                    step.attempt.max(1),
+                    step.error
+                        .as_deref()
+                        .map(|e| format!("  error: {e}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
+    if let Some(result) = &view.task.result {
+        text += &format!("result    {result}\n");
+    }
+    if let Some(error) = &view.task.error {
+        text += &format!("error     {error}\n");
+    }
+    text
+}
+
+fn whoami() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "operator".into())
+}
