@@ -9,6 +9,7 @@ mod append;
 mod probe;
 mod queue;
 mod replay;
+mod workflow;
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -32,6 +33,8 @@ pub enum BenchCommand {
     Queue(queue::QueueArgs),
     /// Pickup latency of a job on an idle worker, from the enqueue call.
     Latency(queue::LatencyArgs),
+    /// Runs of a five-step workflow of no-op agent steps, end to end.
+    Workflow(workflow::WorkflowBenchArgs),
 }
 
 /// Where a scenario runs.
@@ -54,6 +57,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Replay(args) => serde_json::to_value(replay::run(args).await?)?,
         BenchCommand::Queue(args) => serde_json::to_value(queue::throughput(args).await?)?,
         BenchCommand::Latency(args) => serde_json::to_value(queue::latency(args).await?)?,
+        BenchCommand::Workflow(args) => serde_json::to_value(workflow::run(args).await?)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

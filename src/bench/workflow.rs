@@ -1,0 +1,204 @@
+//! `stele bench workflow`: runs of the shipped `bench` workflow (five no-op agent steps on the
+//! scripted model), end to end: task created → routed → run started → every step a job and its
+//! events → run completed → task completed. Reports steps per second and task latency.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+use stele_aggregates::task::Requester;
+use stele_engine::log::{subscribe, SubscriptionOptions};
+use stele_engine::process::as_projection;
+use stele_engine::projection::ProjectionRunner;
+use stele_engine::queue::worker::WorkerOptions;
+use stele_engine::store::{Migrate, Store};
+use stele_engine::{CommandMeta, Position};
+use stele_workflows::runtime::QUEUE;
+use tokio::sync::{watch, Mutex, Semaphore};
+
+use super::{Latency, Machine, Scratch, Targets};
+use crate::tasks::WorkflowArgs;
+
+/// Steps in the `bench` workflow.
+const STEPS: usize = 5;
+
+#[derive(Args)]
+pub struct WorkflowBenchArgs {
+    #[command(flatten)]
+    targets: Targets,
+    /// Runs to complete.
+    #[arg(long, default_value_t = 2000)]
+    runs: usize,
+    /// Runs in flight at once (tasks created but not completed).
+    #[arg(long, default_value_t = 200)]
+    in_flight: usize,
+    /// Step jobs running at once in the worker.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    scenario: &'static str,
+    date: String,
+    machine: Machine,
+    results: Vec<Figure>,
+}
+
+#[derive(Serialize)]
+pub struct Figure {
+    backend: &'static str,
+    runs: usize,
+    steps_per_run: usize,
+    in_flight: usize,
+    concurrency: usize,
+    seconds: f64,
+    runs_per_sec: f64,
+    steps_per_sec: f64,
+    events: i64,
+    /// Task created → task completed.
+    task_latency: Latency,
+}
+
+pub async fn run(args: WorkflowBenchArgs) -> anyhow::Result<Report> {
+    let mut results = Vec::new();
+    let mut scratches = Vec::new();
+    if let Some(url) = &args.targets.database_url {
+        scratches.push(("postgres", Scratch::postgres(url).await?));
+    }
+    if !args.targets.no_sqlite {
+        scratches.push((
+            "sqlite",
+            Scratch::sqlite(args.targets.scratch_dir.as_ref())?,
+        ));
+    }
+    for (backend, scratch) in scratches {
+        let figure = measure(&scratch, backend, &args).await;
+        scratch.remove().await;
+        results.push(figure?);
+    }
+    Ok(Report {
+        scenario: "workflow",
+        date: chrono::Utc::now().to_rfc3339(),
+        machine: Machine::this(),
+        results,
+    })
+}
+
+async fn measure(
+    scratch: &Scratch,
+    backend: &'static str,
+    args: &WorkflowBenchArgs,
+) -> anyhow::Result<Figure> {
+    let store = Store::open(scratch.location.clone(), Migrate::Apply).await?;
+    let runtime = WorkflowArgs::default().runtime(&store).await?;
+    let runner = Arc::new(ProjectionRunner::new(
+        &store,
+        vec![as_projection(runtime.manager(), store.queue.clone())],
+    ));
+    runner.setup().await?;
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let manager = tokio::spawn(runner.run(until_stopped()));
+    let worker = runtime.worker(WorkerOptions {
+        concurrency: args.concurrency,
+        claim_batch: args.concurrency * 2,
+        prefetch: args.concurrency,
+        ..WorkerOptions::new(QUEUE)
+    });
+    let workers = tokio::spawn(worker.run(until_stopped()));
+
+    // Completions are read from the log: each TaskCompleted frees a slot for a new task.
+    let slots = Arc::new(Semaphore::new(args.in_flight));
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watcher = {
+        let (slots, created, log) = (slots.clone(), created.clone(), store.log.clone());
+        let runs = args.runs;
+        tokio::spawn(async move {
+            let mut subscription = subscribe(log, Position::START, SubscriptionOptions::default());
+            let mut latencies = Vec::with_capacity(runs);
+            while latencies.len() < runs {
+                let event = subscription.next().await?;
+                if event.event_type == "TaskCompleted" || event.event_type == "TaskFailed" {
+                    anyhow::ensure!(
+                        event.event_type == "TaskCompleted",
+                        "a bench task failed: {}",
+                        event.payload
+                    );
+                    if let Some(at) = created.lock().await.remove(&event.stream.aggregate_id) {
+                        latencies.push(at.elapsed());
+                        slots.add_permits(1);
+                    }
+                }
+            }
+            anyhow::Ok(latencies)
+        })
+    };
+    // Tasks are created by several clients at once, as an API under load would.
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let (slots, created, runtime, next) = (
+            slots.clone(),
+            created.clone(),
+            runtime.clone(),
+            next.clone(),
+        );
+        let runs = args.runs;
+        clients.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= runs {
+                    return anyhow::Ok(());
+                }
+                slots.acquire().await?.forget();
+                let meta = CommandMeta::new("bench", "bench");
+                created
+                    .lock()
+                    .await
+                    .insert(meta.command_id.to_string(), Instant::now());
+                runtime
+                    .create_task(
+                        format!("run {i}"),
+                        Requester {
+                            user_id: "bench".into(),
+                            channel: "bench".into(),
+                        },
+                        Some("bench".into()),
+                        meta,
+                    )
+                    .await?;
+            }
+        });
+    }
+    while let Some(client) = clients.join_next().await {
+        client??;
+    }
+    let latencies = tokio::time::timeout(Duration::from_secs(600), watcher).await???;
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = stop.send(true);
+    workers.await??;
+    manager.await??;
+    let events = store.log.head().await?.0;
+    store.close().await;
+    Ok(Figure {
+        backend,
+        runs: args.runs,
+        steps_per_run: STEPS,
+        in_flight: args.in_flight,
+        concurrency: args.concurrency,
+        seconds: (seconds * 1000.0).round() / 1000.0,
+        runs_per_sec: (args.runs as f64 / seconds).round(),
+        steps_per_sec: ((args.runs * STEPS) as f64 / seconds).round(),
+        events,
+        task_latency: Latency::of(latencies),
+    })
+}
