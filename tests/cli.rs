@@ -396,3 +396,256 @@ fn projections_streams_and_replay() {
     let not_failed = run(&[&["projections", "skip", "streams"], &args[..]].concat());
     assert_one_line_error(&not_failed, 1, "skip is not possible");
 }
+
+/// Starts `stele up` on `data_dir` (with `extra` arguments) and waits for its start-up line.
+fn start_up(data_dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    let mut child = stele()
+        .args(["up", "--data-dir", &data_dir.display().to_string()])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut line = String::new();
+    while !line.contains("stele is up") {
+        assert!(Instant::now() < deadline, "no start-up line");
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stele up exited early"
+        );
+    }
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+            sink.clear();
+        }
+    });
+    child
+}
+
+fn task_json(data_dir: &str, id: &str) -> Value {
+    let output = run(&["tasks", "show", id, "--json", "--data-dir", data_dir]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn wait_for_task(data_dir: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let task = task_json(data_dir, id);
+        if done(&task) {
+            return task;
+        }
+        assert!(Instant::now() < deadline, "task never got there: {task:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn workflows_are_listed_and_validated_with_clear_errors() {
+    let list = run(&["workflows", "list", "--json"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    let names: Vec<String> = lines(&list)
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_owned())
+        .collect();
+    for name in [
+        "assistant",
+        "bench",
+        "dev_pipeline",
+        "neo_core",
+        "neo_subtask",
+    ] {
+        assert!(names.contains(&name.to_owned()), "{names:?}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("greet.yaml"),
+        "name: greet\nversion: 1\nsteps:\n  - id: hello\n    kind: reply\n    text: 'hello {{ input }}'\n",
+    )
+    .unwrap();
+    let ok = run(&["workflows", "validate", &dir.path().display().to_string()]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout).trim(),
+        "ok: 1 definition(s) valid"
+    );
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "name: bad\nversion: 1\nsteps:\n  - id: ask\n    kind: agent\n    agent: oracle\n    prompt: hi\n",
+    )
+    .unwrap();
+    let refused = run(&["workflows", "validate", &bad.display().to_string()]);
+    assert_one_line_error(
+        &refused,
+        1,
+        "bad.yaml: workflow bad: step ask: unknown agent `oracle`",
+    );
+}
+
+const NAPPING: &str = r#"
+name: napping
+version: 1
+steps:
+  - id: think
+    kind: agent
+    agent: vox
+    prompt: "{{ input }}"
+  - id: nap
+    kind: sleep
+    duration: 2s
+  - id: answer
+    kind: reply
+    text: "rested: {{ steps.think.output }}"
+"#;
+
+/// A task created from the CLI runs under `stele up`; `up` is killed (SIGKILL) in the middle of
+/// the run and started again, and the run resumes and completes.
+#[test]
+fn a_task_runs_under_up_and_resumes_after_a_kill() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let data_dir = data.display().to_string();
+    let flows = root.path().join("flows");
+    std::fs::create_dir_all(&flows).unwrap();
+    std::fs::write(flows.join("napping.yaml"), NAPPING).unwrap();
+    let flows = flows.display().to_string();
+
+    let mut up = start_up(&data, &["--workflows", &flows]);
+    let created = run(&[
+        "tasks",
+        "create",
+        "--workflow",
+        "napping",
+        "--input",
+        "hello",
+        "--data-dir",
+        &data_dir,
+        "--workflows",
+        &flows,
+        "--json",
+    ]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let id = serde_json::from_slice::<Value>(&created.stdout).unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Kill it while the run sleeps on its durable timer.
+    wait_for_task(&data_dir, &id, |t| {
+        t["run"]["steps"]["nap"]["status"] == "sleeping"
+    });
+    up.kill().unwrap();
+    up.wait().unwrap();
+    assert_eq!(task_json(&data_dir, &id)["status"], "executing");
+
+    let mut up = start_up(&data, &["--workflows", &flows]);
+    let task = wait_for_task(&data_dir, &id, |t| t["status"] == "completed");
+    assert_eq!(task["result"], "rested: [vox] hello");
+    assert_eq!(task["run"]["path"], json!(["think", "nap", "answer"]));
+
+    // The history holds every step; watch prints it and returns, as the task is finished.
+    let watch = run(&[
+        "tasks",
+        "watch",
+        &id,
+        "--data-dir",
+        &data_dir,
+        "--workflows",
+        &flows,
+    ]);
+    assert!(watch.status.success(), "{}", stderr(&watch));
+    let text = String::from_utf8_lossy(&watch.stdout);
+    assert!(text.contains("TimerFired nap"), "{text}");
+    assert!(text.trim_end().ends_with("TaskCompleted"), "{text}");
+    let history = run(&[
+        "tasks",
+        "history",
+        &id,
+        "--data-dir",
+        &data_dir,
+        "--workflows",
+        &flows,
+    ]);
+    let types: Vec<String> = lines(&history)
+        .iter()
+        .map(|l| l["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(types.first().map(String::as_str), Some("TaskCreated"));
+    assert!(types.contains(&"TimerArmed".to_owned()));
+
+    // Signals and cancels on a finished task are refused in one line.
+    let signal = run(&[
+        "tasks",
+        "signal",
+        &id,
+        "go",
+        "--data-dir",
+        &data_dir,
+        "--workflows",
+        &flows,
+    ]);
+    assert_one_line_error(&signal, 1, "the run is Completed");
+    let cancel = run(&[
+        "tasks",
+        "cancel",
+        &id,
+        "--data-dir",
+        &data_dir,
+        "--workflows",
+        &flows,
+    ]);
+    assert_one_line_error(&cancel, 1, "cannot be cancelled");
+    let missing = run(&["tasks", "show", "nope", "--data-dir", &data_dir]);
+    assert_one_line_error(&missing, 1, "no task nope");
+    let unknown = run(&[
+        "tasks",
+        "create",
+        "--workflow",
+        "nope",
+        "--input",
+        "x",
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert_one_line_error(&unknown, 1, "unknown workflow nope");
+
+    Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(up.wait().unwrap().success());
+}
+
+#[test]
+fn the_workflow_benchmark_prints_json() {
+    let url = stele_engine::testing::admin_url();
+    let output = stele()
+        .args([
+            "bench",
+            "workflow",
+            "--runs",
+            "20",
+            "--in-flight",
+            "5",
+            "--database-url",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for figure in results {
+        assert_eq!(figure["runs"], 20);
+        assert!(figure["steps_per_sec"].as_f64().unwrap() > 0.0);
+        assert!(figure["task_latency"]["p95_ms"].as_f64().unwrap() > 0.0);
+    }
+}

@@ -565,16 +565,18 @@ pub fn validate(definition: &Definition, known: &Known<'_>, file: Option<&Path>)
             StepKind::Reply { text } => templates.push(("text", text)),
         }
         let waits = matches!(step.kind, StepKind::Wait { .. });
-        if !step.kind.is_job() && (step.retry.attempts > 1 || (step.timeout.is_some() && !waits)) {
-            if !matches!(step.kind, StepKind::FanOut { .. }) {
-                report(
-                    id,
-                    format!(
-                        "a {} step runs no job: `retry` and `timeout` do not apply",
-                        step.kind.name()
-                    ),
-                );
-            }
+        let fans_out = matches!(step.kind, StepKind::FanOut { .. });
+        if !step.kind.is_job()
+            && !fans_out
+            && (step.retry.attempts > 1 || (step.timeout.is_some() && !waits))
+        {
+            report(
+                id,
+                format!(
+                    "a {} step runs no job: `retry` and `timeout` do not apply",
+                    step.kind.name()
+                ),
+            );
         }
         let env = crate::expr::environment();
         for (field, text) in templates {
@@ -610,7 +612,7 @@ pub fn validate(definition: &Definition, known: &Known<'_>, file: Option<&Path>)
             report(None, format!("output is not a valid expression: {e}"));
         }
     }
-    drop(report);
+    // `report` borrows `problems` mutably; its last use ends that borrow here.
     if problems.is_empty() {
         graph_problems(definition, &mut |step, message| {
             problems.push(problem(file, name, step, message))

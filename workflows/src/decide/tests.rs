@@ -52,7 +52,7 @@ impl Sim {
     fn types(events: &[RunEvent]) -> Vec<String> {
         events
             .iter()
-            .map(|e| cqrs_es::DomainEvent::event_type(e))
+            .map(cqrs_es::DomainEvent::event_type)
             .collect()
     }
 
