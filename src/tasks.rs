@@ -11,6 +11,7 @@ use stele_aggregates::task::Requester;
 use stele_engine::log::{subscribe, SubscriptionOptions};
 use stele_engine::store::{Migrate, Store};
 use stele_engine::{CommandMeta, Position};
+use stele_workflows::agents::ModelAgents;
 use stele_workflows::catalog;
 use stele_workflows::decide::Catalog;
 use stele_workflows::model::{ModelRouter, ModelsConfig};

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
+
+use crate::model::ToolSpec;
 
 type ToolFuture = Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>;
 type ToolFn = Arc<dyn Fn(Value) -> ToolFuture + Send + Sync>;
@@ -16,6 +18,7 @@ type ToolFn = Arc<dyn Fn(Value) -> ToolFuture + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct Tools {
     tools: BTreeMap<String, ToolFn>,
+    specs: BTreeMap<String, ToolSpec>,
 }
 
 impl Tools {
@@ -23,10 +26,47 @@ impl Tools {
     pub fn builtin() -> Self {
         Tools::default()
             .register("echo", |input: Value| async move { Ok::<_, String>(input) })
+            .describe(
+                "echo",
+                "Returns its input unchanged.",
+                json!({ "type": "object" }),
+            )
             .register(
                 "noop",
                 |_: Value| async move { Ok::<_, String>(Value::Null) },
             )
+            .describe(
+                "noop",
+                "Does nothing and returns null.",
+                json!({ "type": "object" }),
+            )
+    }
+
+    /// Describes `name` to models (what agent roles that list it are offered): what it does and
+    /// the JSON schema of its input.
+    pub fn describe(mut self, name: &str, description: &str, parameters: Value) -> Self {
+        self.specs.insert(
+            name.to_owned(),
+            ToolSpec {
+                name: name.to_owned(),
+                description: description.to_owned(),
+                parameters,
+            },
+        );
+        self
+    }
+
+    /// How `name` is described to models (a registered tool without a description gets an
+    /// open object schema).
+    pub fn spec(&self, name: &str) -> Option<ToolSpec> {
+        if !self.contains(name) {
+            return None;
+        }
+        Some(self.specs.get(name).cloned().unwrap_or_else(|| ToolSpec {
+            name: name.to_owned(),
+            description: String::new(),
+            parameters: json!({ "type": "object" }),
+        }))
     }
 
     /// Registers `tool`: its input is deserialized from the step's rendered `input` (a mismatch

@@ -13,6 +13,7 @@ use stele_engine::projection::ProjectionRunner;
 use stele_engine::queue::worker::{Worker, WorkerOptions};
 use stele_engine::queue::{JobFilter, JobState};
 use stele_engine::{CommandMeta, Store};
+use stele_workflows::agents::ModelAgents;
 use stele_workflows::catalog::{self, Source};
 use stele_workflows::model::{ModelRouter, ModelsConfig};
 use stele_workflows::runtime::{Runtime, MANAGER, REPLY_QUEUE};
@@ -50,7 +51,8 @@ impl Harness {
             tools.contains(t)
         })
         .unwrap();
-        let runtime = Arc::new(Runtime::new(store, catalog, Arc::new(router), tools));
+        let agents = Arc::new(ModelAgents::new(router, tools.clone()));
+        let runtime = Arc::new(Runtime::new(store, catalog, agents, tools));
         let runner = ProjectionRunner::new(
             store,
             vec![as_projection(runtime.manager(), store.queue.clone())],
@@ -451,7 +453,54 @@ async fn bad_requests_are_refused_clearly(store: &Store) {
     assert_eq!(error.to_string(), "the run is Completed");
 }
 
+const TOOLING: &str = r#"
+name: tooling
+version: 1
+steps:
+  - id: look
+    kind: agent
+    agent: helper
+    prompt: "look it up"
+"#;
+
+async fn agents_call_their_tools_and_every_call_is_recorded(store: &Store) {
+    let extra = r#"
+[[providers.scripted.rules]]
+agent = "helper"
+times = 1
+tool_calls = [{ name = "echo", arguments = { city = "Lyon" } }, { name = "noop" }]
+
+[agents.helper]
+description = "Looks things up with its tools."
+route = ["scripted/helper"]
+tools = ["echo"]
+"#;
+    let h = Harness::new(store, &[TOOLING], extra);
+    let task = h.create("tooling", "x").await;
+    h.settle().await;
+    let view = h.runtime.task(&task).await.unwrap();
+    assert_eq!(view.task.status, TaskStatus::Completed, "{view:#?}");
+    let history = h.runtime.history(&task).await.unwrap();
+    let step = history
+        .iter()
+        .find(|e| e.event_type == "StepCompleted")
+        .unwrap();
+    let calls = step.payload["data"]["calls"].as_array().unwrap();
+    // The model asked for two tools; the offered one ran, the other was refused; then it answered.
+    assert_eq!(calls.len(), 4, "{calls:#?}");
+    assert_eq!(calls[1]["tool"], "echo");
+    assert_eq!(calls[1]["output"], json!({ "city": "Lyon" }));
+    assert_eq!(calls[2]["tool"], "noop");
+    assert!(calls[2]["error"]
+        .as_str()
+        .unwrap()
+        .contains("not available"));
+    let last = calls[3]["messages"].as_array().unwrap();
+    assert_eq!(last.last().unwrap()["role"], "tool");
+}
+
 for_each_backend!(
+    agents_call_their_tools_and_every_call_is_recorded,
     the_dev_pipeline_runs_to_completion_with_replies_and_model_calls,
     neo_core_decomposes_into_child_runs_and_joins_them,
     a_failed_step_is_retried_with_its_escalation_and_every_call_recorded,
