@@ -56,9 +56,9 @@ impl WorkflowArgs {
     pub async fn runtime(&self, store: &Store) -> anyhow::Result<Arc<Runtime>> {
         let (router, tools, mut catalog) = self.load()?;
         Runtime::publish(store.log.as_ref(), &mut catalog).await?;
+        let agents = Arc::new(ModelAgents::new(router, tools.clone()));
         Ok(Arc::new(
-            Runtime::new(store, catalog, Arc::new(router), tools)
-                .with_default_workflow("assistant"),
+            Runtime::new(store, catalog, agents, tools).with_default_workflow("assistant"),
         ))
     }
 }
