@@ -215,7 +215,7 @@ async fn run(store: &Store, runtime: &Runtime, command: TasksCommand) -> anyhow:
     let meta = || CommandMeta::new(format!("user:{}", whoami()), "cli");
     match command {
         TasksCommand::Create(args) => {
-            let id = runtime
+            let (id, _) = runtime
                 .create_task(
                     args.input,
                     Requester {

@@ -379,14 +379,15 @@ impl Runtime {
         )
     }
 
-    /// Records a new task; the manager starts its workflow.
+    /// Records a new task; the manager starts its workflow. Returns its id, and whether it is
+    /// new (`false`: the command id was accepted before, and this is that task).
     pub async fn create_task(
         &self,
         input: String,
         requester: Requester,
         workflow: Option<String>,
         meta: CommandMeta,
-    ) -> Result<String, RuntimeError> {
+    ) -> Result<(String, bool), RuntimeError> {
         if let Some(name) = workflow.as_ref().or(self.default_workflow.as_ref()) {
             if !self.catalog.contains(name) {
                 return Err(RuntimeError::UnknownWorkflow(name.clone()));
@@ -399,8 +400,8 @@ impl Runtime {
             workflow,
         };
         match self.tasks.execute(&task_id, command, meta).await {
-            Ok(Executed::Duplicate(first)) => Ok(first.stream.aggregate_id),
-            Ok(_) => Ok(task_id),
+            Ok(Executed::Duplicate(first)) => Ok((first.stream.aggregate_id, false)),
+            Ok(_) => Ok((task_id, true)),
             Err(CommandError::Rejected(e)) => Err(RuntimeError::Task(e)),
             Err(e) => Err(e.into()),
         }

@@ -113,6 +113,7 @@ impl Harness {
             )
             .await
             .unwrap()
+            .0
     }
 }
 

@@ -1,0 +1,52 @@
+//! The gate of a running server: API keys from the log, scopes, and per-key rate limits.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use stele_aggregates::api_key::Scope;
+
+use crate::auth::{Caller, Gate, Need};
+use crate::keys::{AuthError, KeyService};
+use crate::problem::ApiError;
+use crate::ratelimit::RateLimiter;
+
+/// Authenticates with [`KeyService`], authorizes by scope, then rate-limits per key.
+pub struct KeyGate {
+    pub keys: Arc<KeyService>,
+    pub limiter: Arc<RateLimiter>,
+}
+
+#[async_trait]
+impl Gate for KeyGate {
+    async fn admit(&self, token: Option<&str>, need: Need) -> Result<Caller, ApiError> {
+        let Some(token) = token else {
+            return Err(ApiError::unauthorized(
+                "an API key is required: `Authorization: Bearer <key>` or `X-Api-Key: <key>`",
+            ));
+        };
+        let principal = self.keys.authenticate(token).await.map_err(|e| match e {
+            AuthError::Revoked => ApiError::unauthorized("this API key was revoked"),
+            _ => ApiError::unauthorized("this API key is not valid"),
+        })?;
+        let scope = match need {
+            Need::Read => Scope::TasksRead,
+            Need::Write => Scope::TasksWrite,
+            Need::Admin => Scope::Admin,
+        };
+        if !principal.allows(scope) {
+            return Err(ApiError::forbidden(format!(
+                "this key lacks the scope {}",
+                need.scope()
+            )));
+        }
+        if let Err(limited) = self.limiter.check(&principal.key_id).await {
+            return Err(ApiError::rate_limited(
+                limited.retry_after.as_secs_f64().ceil().max(1.0) as u64,
+            ));
+        }
+        Ok(Caller {
+            key_id: principal.key_id,
+            name: principal.name,
+        })
+    }
+}

@@ -1,0 +1,232 @@
+//! Operators' routes: workflows, the global log, jobs and projections.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use stele_engine::queue::{JobFilter, JobState};
+use stele_engine::Position;
+
+use super::{CanRead, IsAdmin, StrictQuery};
+use crate::problem::{ApiError, Problem};
+use crate::state::AppState;
+use crate::wire::*;
+
+/// The workflow definitions (newest version of each).
+#[utoipa::path(
+    get, path = "/v1/workflows", tag = "operators",
+    responses(
+        (status = 200, description = "Definitions", body = Vec<WorkflowBody>),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["tasks:read"]))
+)]
+pub async fn workflows(State(state): State<AppState>, _caller: CanRead) -> Json<Vec<WorkflowBody>> {
+    Json(
+        state
+            .runtime
+            .catalog()
+            .latest_all()
+            .map(|d| WorkflowBody {
+                name: d.name.clone(),
+                version: d.version,
+                description: d.description.clone(),
+                steps: d
+                    .steps
+                    .iter()
+                    .map(|s| WorkflowStepBody {
+                        id: s.id.clone(),
+                        kind: s.kind.name().to_owned(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    )
+}
+
+/// The global log, in commit order, a page at a time.
+#[utoipa::path(
+    get, path = "/v1/events", tag = "operators",
+    params(LogQuery),
+    responses(
+        (status = 200, description = "A page of the log", body = LogPage),
+        (status = 400, description = "Unknown position or invalid limit", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["admin"]))
+)]
+pub async fn events(
+    State(state): State<AppState>,
+    _caller: IsAdmin,
+    StrictQuery(query): StrictQuery<LogQuery>,
+) -> Result<Json<LogPage>, ApiError> {
+    let limit = bounded(query.limit, 100, 1000)?;
+    let after = query.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::bad_request("invalid_query", "`after` must be 0 or more"));
+    }
+    let batch = state.log.read_log(Position(after), limit).await?;
+    Ok(Json(LogPage {
+        next_after: batch.events.last().map_or(after, |e| e.position.0),
+        held_back: batch.held_back,
+        events: batch.events.iter().map(EventBody::from).collect(),
+    }))
+}
+
+pub(crate) fn bounded(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`limit` is {n}; it must be 1 to {max}"),
+        )),
+    }
+}
+
+/// Jobs, newest first (e.g. `?state=dead` for the dead letters).
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "operators",
+    params(JobQuery),
+    responses(
+        (status = 200, description = "Jobs", body = JobList),
+        (status = 400, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["admin"]))
+)]
+pub async fn jobs(
+    State(state): State<AppState>,
+    _caller: IsAdmin,
+    StrictQuery(query): StrictQuery<JobQuery>,
+) -> Result<Json<JobList>, ApiError> {
+    let state_filter = match query.state.as_deref() {
+        None => None,
+        Some(s) => Some(
+            s.parse::<JobState>()
+                .map_err(|e| ApiError::bad_request("invalid_query", e))?,
+        ),
+    };
+    let jobs = state
+        .queue
+        .list(JobFilter {
+            state: state_filter,
+            queue: query.queue,
+            kind: query.kind,
+            limit: bounded(query.limit, 50, 500)?,
+        })
+        .await?;
+    Ok(Json(JobList {
+        jobs: jobs.into_iter().map(JobBody::from).collect(),
+    }))
+}
+
+/// Run a dead or cancelled job again, with a fresh set of attempts.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/retry", tag = "operators",
+    params(("id" = uuid::Uuid, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job, available again", body = JobBody),
+        (status = 400, description = "Not a job id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job is neither dead nor cancelled", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["admin"]))
+)]
+pub async fn retry_job(
+    State(state): State<AppState>,
+    _caller: IsAdmin,
+    Path(id): Path<String>,
+) -> Result<Json<JobBody>, ApiError> {
+    let id = uuid::Uuid::parse_str(&id)
+        .map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a job id")))?;
+    Ok(Json(state.queue.retry(id).await?.into()))
+}
+
+/// Projections (read models and process managers): position, lag, failures.
+#[utoipa::path(
+    get, path = "/v1/projections", tag = "operators",
+    responses(
+        (status = 200, description = "Projections", body = ProjectionList),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["admin"]))
+)]
+pub async fn projections(
+    State(state): State<AppState>,
+    _caller: IsAdmin,
+) -> Result<Json<ProjectionList>, ApiError> {
+    let statuses = state.runner.status().await?;
+    Ok(Json(ProjectionList {
+        projections: statuses
+            .into_iter()
+            .map(|s| ProjectionBody {
+                name: s.checkpoint.name.clone(),
+                status: serde_json::to_value(s.checkpoint.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                position: s.checkpoint.position.0,
+                lag_events: s.lag_events,
+                lag_seconds: s.lag_seconds,
+                error: s.checkpoint.error.clone(),
+            })
+            .collect(),
+    }))
+}
+
+/// Rebuild a projection from the start of the log (in the background; its status shows progress).
+#[utoipa::path(
+    post, path = "/v1/projections/{name}/rebuild", tag = "operators",
+    params(("name" = String, Path, description = "The projection's name")),
+    responses(
+        (status = 202, description = "Rebuilding", body = Accepted),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such projection", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The projection cannot be rebuilt (a process manager)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["admin"]))
+)]
+pub async fn rebuild(
+    State(state): State<AppState>,
+    _caller: IsAdmin,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    if !state.runner.names().contains(&name.as_str()) {
+        return Err(ApiError::not_found(
+            "projection_not_found",
+            format!("no projection {name}"),
+        ));
+    }
+    if !state.runner.rebuildable().contains(&name.as_str()) {
+        return Err(ApiError::conflict(
+            "not_rebuildable",
+            format!("{name} is a process manager: rebuilding it would repeat its jobs"),
+        ));
+    }
+    let runner = state.runner.clone();
+    tokio::spawn(async move {
+        match runner.rebuild(&name, |_| {}).await {
+            Ok(_) => tracing::info!(projection = %name, "rebuilt"),
+            Err(e) => tracing::warn!(projection = %name, error = %e, "rebuild failed"),
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            status: "rebuilding".into(),
+        }),
+    ))
+}

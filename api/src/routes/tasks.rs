@@ -1,0 +1,322 @@
+//! `/v1/tasks`: create, list, read, cancel and signal tasks.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use stele_aggregates::task::Requester;
+use stele_engine::CommandMeta;
+use stele_workflows::runtime::TaskView;
+use uuid::Uuid;
+
+use super::{CanRead, CanWrite, StrictQuery};
+use crate::json::{OptionalJson, StrictJson};
+use crate::problem::{ApiError, Problem};
+use crate::state::AppState;
+use crate::wire::*;
+
+/// Names the idempotency keys of task creation apart from other UUIDv5 uses.
+const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x5f1e_7a3b_9c2d_4e8f_a1b0_c3d4_e5f6_0718);
+
+/// Longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+pub fn body(view: &TaskView) -> TaskBody {
+    TaskBody {
+        id: view.task_id.clone(),
+        status: serde_json::to_value(view.task.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        input: view.task.input.clone(),
+        workflow: view.task.workflow.clone(),
+        requester: view.task.requester.as_ref().map(|r| RequesterBody {
+            user_id: r.user_id.clone(),
+            channel: r.channel.clone(),
+        }),
+        result: view.task.result.clone(),
+        error: view.task.error.clone(),
+        run: view.run.as_ref().map(|run| RunBody {
+            id: run.run_id.clone(),
+            workflow: run.workflow.clone(),
+            version: run.version,
+            status: run.status.as_str().to_owned(),
+            current_step: run.current.clone(),
+            steps: run
+                .path
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .filter_map(|id| {
+                    let step = run.step(id)?;
+                    Some(StepBody {
+                        id: id.clone(),
+                        status: format!("{:?}", step.status).to_lowercase(),
+                        attempt: step.attempt.max(1),
+                        output: step.output.clone(),
+                        error: step.error.clone(),
+                    })
+                })
+                .collect(),
+            replies: run.replies.clone(),
+        }),
+    }
+}
+
+fn meta(caller: &crate::auth::Caller) -> CommandMeta {
+    CommandMeta::new(format!("key:{}", caller.key_id), "api")
+}
+
+/// Create a task.
+///
+/// The task is recorded durably before the answer; its workflow starts right after. With an
+/// `Idempotency-Key`, a repeated request with the same body answers the same task (200), and a
+/// different body with the same key is refused (422).
+#[utoipa::path(
+    post, path = "/v1/tasks", tag = "tasks",
+    request_body = CreateTask,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key and body give the same task")),
+    responses(
+        (status = 201, description = "Created", body = TaskBody),
+        (status = 200, description = "Already created with this idempotency key", body = TaskBody),
+        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks tasks:write", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid task, unknown workflow, or idempotency key reused with another body", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["tasks:write"]))
+)]
+pub async fn create_task(
+    State(state): State<AppState>,
+    CanWrite(caller): CanWrite,
+    headers: HeaderMap,
+    StrictJson(request): StrictJson<CreateTask>,
+) -> Result<Response, ApiError> {
+    let chars = request.input.chars().count();
+    if request.input.trim().is_empty() {
+        return Err(ApiError::unprocessable("invalid_input", "`input` is empty"));
+    }
+    if chars > MAX_INPUT_CHARS {
+        return Err(ApiError::unprocessable(
+            "input_too_long",
+            format!("`input` has {chars} characters; at most {MAX_INPUT_CHARS} are allowed"),
+        ));
+    }
+    let requester = match &request.requester {
+        Some(r) if r.user_id.trim().is_empty() || r.channel.trim().is_empty() => {
+            return Err(ApiError::unprocessable(
+                "invalid_requester",
+                "`requester.user_id` and `requester.channel` must not be empty",
+            ))
+        }
+        Some(r) => Requester {
+            user_id: r.user_id.clone(),
+            channel: r.channel.clone(),
+        },
+        None => Requester {
+            user_id: caller.name.clone(),
+            channel: "api".into(),
+        },
+    };
+    let mut meta = meta(&caller);
+    if let Some(value) = headers.get("idempotency-key") {
+        let key = value
+            .to_str()
+            .ok()
+            .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_idempotency_key",
+                    format!(
+                        "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+                    ),
+                )
+            })?;
+        // One task per (key, idempotency key): its id is derived from them.
+        let id = Uuid::new_v5(
+            &IDEMPOTENCY_NAMESPACE,
+            format!("{}:{key}", caller.key_id).as_bytes(),
+        );
+        meta = meta.with_command_id(id);
+    }
+    let (task_id, new) = state
+        .runtime
+        .create_task(
+            request.input.clone(),
+            requester.clone(),
+            request.workflow.clone(),
+            meta,
+        )
+        .await?;
+    let view = state.runtime.task(&task_id).await?;
+    if !new {
+        // The idempotency key was used before: the same request again, or a reuse of the key.
+        let same = view.task.input == request.input
+            && view.task.requester.as_ref() == Some(&requester)
+            && (request.workflow.is_none() || view.task.workflow == request.workflow);
+        if !same {
+            return Err(ApiError::unprocessable(
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a task with another body",
+            ));
+        }
+    }
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut response = (status, Json(body(&view))).into_response();
+    if let Ok(location) = format!("/v1/tasks/{task_id}").parse() {
+        response
+            .headers_mut()
+            .insert(axum::http::header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// Read a task with its run's progress.
+#[utoipa::path(
+    get, path = "/v1/tasks/{id}", tag = "tasks",
+    params(("id" = String, Path, description = "The task's id")),
+    responses(
+        (status = 200, description = "The task", body = TaskBody),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["tasks:read"]))
+)]
+pub async fn get_task(
+    State(state): State<AppState>,
+    _caller: CanRead,
+    Path(id): Path<String>,
+) -> Result<Json<TaskBody>, ApiError> {
+    let view = state.runtime.task(&id).await?;
+    Ok(Json(body(&view)))
+}
+
+/// A task's full history: its events, its run's and its child runs', in order.
+#[utoipa::path(
+    get, path = "/v1/tasks/{id}/events", tag = "tasks",
+    params(("id" = String, Path, description = "The task's id")),
+    responses(
+        (status = 200, description = "The events", body = TaskEvents),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["tasks:read"]))
+)]
+pub async fn task_events(
+    State(state): State<AppState>,
+    _caller: CanRead,
+    Path(id): Path<String>,
+) -> Result<Json<TaskEvents>, ApiError> {
+    let events = state.runtime.history(&id).await?;
+    Ok(Json(TaskEvents {
+        events: events.iter().map(EventBody::from).collect(),
+    }))
+}
+
+/// Cancel a task, its run, its child runs and its queued steps.
+#[utoipa::path(
+    post, path = "/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = String, Path, description = "The task's id")),
+    request_body(content = Option<CancelBody>, description = "Optional reason"),
+    responses(
+        (status = 202, description = "Cancelling", body = Accepted),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks tasks:write", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The task is finished", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["tasks:write"]))
+)]
+pub async fn cancel_task(
+    State(state): State<AppState>,
+    CanWrite(caller): CanWrite,
+    Path(id): Path<String>,
+    OptionalJson(request): OptionalJson<CancelBody>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let reason = request
+        .reason
+        .unwrap_or_else(|| format!("cancelled by key {}", caller.name));
+    state.runtime.cancel_task(&id, reason, meta(&caller)).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            status: "cancelling".into(),
+        }),
+    ))
+}
+
+/// Send a signal (an approval, a reply) to a task's run.
+#[utoipa::path(
+    post, path = "/v1/tasks/{id}/signals/{name}", tag = "tasks",
+    params(
+        ("id" = String, Path, description = "The task's id"),
+        ("name" = String, Path, description = "The signal's name, as a `wait` step names it"),
+    ),
+    request_body(content = Option<SignalBody>, description = "Optional payload"),
+    responses(
+        (status = 202, description = "Recorded", body = Accepted),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks tasks:write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The run is finished or not started", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["tasks:write"]))
+)]
+pub async fn signal_task(
+    State(state): State<AppState>,
+    CanWrite(caller): CanWrite,
+    Path((id, name)): Path<(String, String)>,
+    OptionalJson(request): OptionalJson<SignalBody>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    state
+        .runtime
+        .signal_task(
+            &id,
+            name,
+            request.payload.unwrap_or(serde_json::Value::Null),
+            meta(&caller),
+        )
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            status: "recorded".into(),
+        }),
+    ))
+}
+
+/// List tasks, newest first, with filters and cursor pagination.
+#[utoipa::path(
+    get, path = "/v1/tasks", tag = "tasks",
+    params(TaskListQuery),
+    responses(
+        (status = 200, description = "A page of tasks", body = TaskPage),
+        (status = 400, description = "Invalid filter or cursor", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["tasks:read"]))
+)]
+pub async fn list_tasks(
+    State(state): State<AppState>,
+    _caller: CanRead,
+    StrictQuery(query): StrictQuery<TaskListQuery>,
+) -> Result<Json<TaskPage>, ApiError> {
+    crate::routes::list::list(&state, query).await.map(Json)
+}

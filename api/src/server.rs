@@ -1,0 +1,137 @@
+//! The router, its OpenAPI document, and serving with graceful shutdown.
+
+use std::future::Future;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::OpenApi;
+use utoipa::{Modify, OpenApi as _};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::problem::ApiError;
+use crate::routes::{health, ops, stream, tasks};
+use crate::state::AppState;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Stele API",
+        version = "1.0.0",
+        description = "Tasks, workflow runs and their live progress; operators' views of the log, jobs and projections. \
+Every route but `/health/*` needs an API key (`Authorization: Bearer <key>` or `X-Api-Key`) with the route's scope. \
+Errors are `application/problem+json` with a stable `code`.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
+    ),
+    modifiers(&Security),
+    tags(
+        (name = "tasks", description = "Create and follow tasks"),
+        (name = "operators", description = "The log, jobs, projections and workflows"),
+        (name = "health", description = "Liveness, readiness and metrics"),
+    )
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API key from `stele keys create`"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "api_key_header",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-Api-Key"))),
+        );
+    }
+}
+
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(tasks::create_task, tasks::list_tasks))
+        .routes(routes!(tasks::get_task))
+        .routes(routes!(tasks::task_events))
+        .routes(routes!(tasks::cancel_task))
+        .routes(routes!(tasks::signal_task))
+        .routes(routes!(stream::sse))
+        .routes(routes!(stream::ws))
+        .routes(routes!(ops::workflows))
+        .routes(routes!(ops::events))
+        .routes(routes!(ops::jobs))
+        .routes(routes!(ops::retry_job))
+        .routes(routes!(ops::projections))
+        .routes(routes!(ops::rebuild))
+        .routes(routes!(health::live))
+        .routes(routes!(health::ready))
+        .routes(routes!(health::metrics))
+}
+
+/// The OpenAPI document (what `stele openapi` prints and `openapi/openapi.json` holds).
+pub fn openapi() -> OpenApi {
+    api().split_for_parts().1
+}
+
+/// The whole application: the API, `/openapi.json` and Swagger UI at `/docs`.
+pub fn app(state: AppState) -> Router {
+    let (router, document) = api().split_for_parts();
+    router
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", document))
+        .fallback(|| async { ApiError::not_found("route_not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed",
+                "this route does not answer that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(measure))
+        .with_state(state)
+}
+
+/// Records `stele_http_request_duration_seconds` by method, route and status.
+async fn measure(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics::histogram!(
+        "stele_http_request_duration_seconds",
+        "method" => method,
+        "route" => route,
+        "status" => response.status().as_u16().to_string()
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets requests
+/// in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,266 @@
+//! `stele serve`, `stele worker`, `stele up`: a node runs projections and process managers, and
+//! the HTTP API, the workers, or both. `stele keys` manages API keys; `stele openapi` prints the
+//! API's document.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde::Deserialize;
+use stele_api::gate::KeyGate;
+use stele_api::keys::KeyService;
+use stele_api::ratelimit::{RateLimit, RateLimiter};
+use stele_api::state::AppState;
+use stele_engine::process::as_projection;
+use stele_engine::projection::ProjectionRunner;
+use stele_engine::queue::worker::WorkerOptions;
+use stele_engine::store::{Migrate, Store, StoreLocation};
+use stele_workflows::runtime::QUEUE;
+
+use crate::tasks::WorkflowArgs;
+use crate::StoreArgs;
+
+/// Options of a node, from the command line and `STELE_*` variables; they override the
+/// configuration file's.
+#[derive(Args, Clone, Debug, Default)]
+pub struct NodeArgs {
+    /// A TOML configuration file (keys: listen, database_url, redis_url, data_dir, workflows,
+    /// models, concurrency, [rate_limit] per_second and burst).
+    #[arg(long, env = "STELE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address the API listens on.
+    #[arg(long, env = "STELE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Redis, to share rate limits between server processes.
+    #[arg(long, env = "STELE_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Step jobs running at once in this process.
+    #[arg(long, env = "STELE_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Requests per second allowed per API key (sustained).
+    #[arg(long, env = "STELE_RATE_LIMIT")]
+    pub rate_limit: Option<f64>,
+    /// Requests an API key may make in a burst.
+    #[arg(long, env = "STELE_RATE_BURST")]
+    pub rate_burst: Option<u32>,
+    #[command(flatten)]
+    pub workflows: WorkflowArgs,
+}
+
+/// The configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    database_url: Option<String>,
+    redis_url: Option<String>,
+    data_dir: Option<PathBuf>,
+    workflows: Option<PathBuf>,
+    models: Option<PathBuf>,
+    concurrency: Option<usize>,
+    rate_limit: Option<RateFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateFile {
+    per_second: Option<f64>,
+    burst: Option<u32>,
+}
+
+/// A node's settings, resolved.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub listen: SocketAddr,
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub workflows: WorkflowArgs,
+    pub concurrency: usize,
+    pub rate: RateLimit,
+}
+
+impl NodeArgs {
+    /// Command line and environment over the file over the defaults.
+    pub fn resolve(&self, database_url: Option<String>) -> anyhow::Result<Node> {
+        let file = match &self.config {
+            None => FileConfig::default(),
+            Some(path) => read_config(path)?,
+        };
+        let rate = file.rate_limit.unwrap_or_default();
+        Ok(Node {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            database_url: database_url.or(file.database_url),
+            redis_url: self.redis_url.clone().or(file.redis_url),
+            data_dir: file.data_dir,
+            workflows: WorkflowArgs {
+                workflows: self.workflows.workflows.clone().or(file.workflows),
+                models: self.workflows.models.clone().or(file.models),
+            },
+            concurrency: self.concurrency.or(file.concurrency).unwrap_or(16).max(1),
+            rate: RateLimit {
+                per_second: self.rate_limit.or(rate.per_second).unwrap_or(100.0),
+                burst: self.rate_burst.or(rate.burst).unwrap_or(200),
+            },
+        })
+    }
+}
+
+fn read_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the configuration {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let message = e.to_string().replace('\n', " ");
+        anyhow::anyhow!("{}: {}", path.display(), message.trim())
+    })
+}
+
+/// What a node runs besides projections and process managers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    pub api: bool,
+    pub workers: bool,
+}
+
+fn prometheus() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Runs a node on `store` until Ctrl-C or SIGTERM; then stops accepting requests, lets requests
+/// and jobs in flight finish, and returns.
+pub async fn run_node(store: Store, location: &StoreLocation, node: Node, roles: Roles) -> anyhow::Result<()> {
+    let runtime = node.workflows.runtime(&store).await?;
+    let mut projections = stele_projections::all();
+    projections.push(as_projection(runtime.manager(), store.queue.clone()));
+    let runner = Arc::new(ProjectionRunner::new(&store, projections));
+    runner.setup().await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let runner = runner.clone();
+        let stopped = until_stopped();
+        tasks.spawn(async move { runner.run(stopped).await.map_err(anyhow::Error::from) });
+    }
+    if roles.workers {
+        let worker = runtime.worker(WorkerOptions {
+            concurrency: node.concurrency,
+            ..WorkerOptions::new(QUEUE)
+        });
+        let stopped = until_stopped();
+        tasks.spawn(async move { worker.run(stopped).await.map_err(anyhow::Error::from) });
+    }
+    if roles.api {
+        let keys = Arc::new(KeyService::new(&store));
+        let limiter = Arc::new(RateLimiter::new(node.rate, node.redis_url.as_deref()).await?);
+        let gate = Arc::new(KeyGate {
+            keys: keys.clone(),
+            limiter: limiter.clone(),
+        });
+        let mut state = AppState::new(&store, runtime.clone(), runner.clone(), gate);
+        state.metrics = Some(prometheus()?);
+        state.probe = limiter.probe();
+        let listener = tokio::net::TcpListener::bind(node.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", node.listen))?;
+        let address = listener.local_addr()?;
+        tracing::info!(
+            store = %location.describe(),
+            "listening on http://{address}; API docs at http://{address}/docs"
+        );
+        if stele_projections::list_keys(&store.pool).await.map(|k| k.is_empty()).unwrap_or(false) {
+            tracing::info!(
+                "no API key exists yet: create one with `stele keys create --name admin --scope admin{}`",
+                match location {
+                    StoreLocation::Postgres(_) => " --database-url …",
+                    StoreLocation::Embedded(_) => "",
+                }
+            );
+        }
+        let app = stele_api::server::app(state);
+        let stopped = until_stopped();
+        tasks.spawn(async move {
+            stele_api::server::serve(listener, app, stopped)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    tracing::info!(
+        store = %location.describe(),
+        api = roles.api,
+        workers = roles.workers,
+        workflows = runtime.catalog().latest_all().count(),
+        "stele is up; press Ctrl-C to stop"
+    );
+    tokio::select! {
+        _ = crate::shutdown_signal() => {}
+        Some(done) = tasks.join_next() => {
+            // A part stopped on its own: that is an error (or a bug); stop the rest.
+            let _ = stop.send(true);
+            while tasks.join_next().await.is_some() {}
+            store.close().await;
+            done??;
+            anyhow::bail!("a part of the node stopped unexpectedly");
+        }
+    }
+    tracing::info!("shutting down: finishing requests and jobs in flight");
+    let _ = stop.send(true);
+    let mut result = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {
+            result = Err(e);
+        }
+    }
+    store.close().await;
+    result
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key; prints it once (only its hash is stored).
+    Create {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// A name for the key (who or what uses it).
+        #[arg(long)]
+        name: String,
+        /// Scopes: tasks:read, tasks:write, admin (repeat, or separate with commas).
+        #[arg(long = "scope", required = true, value_delimiter = ',')]
+        scopes: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List API keys (never their secrets).
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an API key.
+    Revoke {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The key's id (the part after `stele_`, before the next `_`).
+        id: String,
+        #[arg(long, default_value = "revoked by an operator")]
+        reason: String,
+    },
+}
