@@ -4,14 +4,18 @@
 //! own tables; the engine's runner feeds it events and keeps its checkpoint.
 
 mod streams;
+mod tasks;
 
 use std::sync::Arc;
 
 use stele_engine::projection::Projection;
 
 pub use streams::{list_streams, StreamRow, StreamsView};
+pub use tasks::{
+    get_task_row, list_tasks, TaskPage, TaskQuery, TaskRow, TaskViewError, TasksView, MAX_LIMIT,
+};
 
 /// The projections Stele runs.
 pub fn all() -> Vec<Arc<dyn Projection>> {
-    vec![Arc::new(StreamsView)]
+    vec![Arc::new(StreamsView), Arc::new(TasksView)]
 }
