@@ -5,19 +5,15 @@ mod bench;
 mod events;
 mod jobs;
 mod projections;
+mod serve;
 mod tasks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::sync::Arc;
 
-use stele_engine::process::as_projection;
-use stele_engine::projection::ProjectionRunner;
-use stele_engine::queue::worker::WorkerOptions;
 use stele_engine::store::{self, Migrate, Store, StoreLocation};
-use stele_workflows::runtime::QUEUE;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -67,11 +63,29 @@ enum Command {
         #[arg(long, env = "STELE_DATA_DIR", default_value = ".stele")]
         data_dir: PathBuf,
         #[command(flatten)]
-        workflows: tasks::WorkflowArgs,
-        /// Step jobs running at once.
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
+        node: serve::NodeArgs,
     },
+    /// Run the API, workers, projections and process managers against PostgreSQL (+ Redis).
+    Serve {
+        /// PostgreSQL URL (or `database_url` in the configuration file).
+        #[arg(long, env = "STELE_DATABASE_URL")]
+        database_url: Option<String>,
+        #[command(flatten)]
+        node: serve::NodeArgs,
+    },
+    /// Run workers, projections and process managers only (no API), against PostgreSQL.
+    Worker {
+        /// PostgreSQL URL (or `database_url` in the configuration file).
+        #[arg(long, env = "STELE_DATABASE_URL")]
+        database_url: Option<String>,
+        #[command(flatten)]
+        node: serve::NodeArgs,
+    },
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(serve::KeysCommand),
+    /// Print the API's OpenAPI document.
+    Openapi,
     /// Workflow definitions.
     #[command(subcommand)]
     Workflows(tasks::WorkflowsCommand),
@@ -160,11 +174,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Up {
-            data_dir,
-            workflows,
-            concurrency,
-        } => up(data_dir, workflows, concurrency).await,
+        Command::Up { data_dir, node } => {
+            let node = node.resolve(None)?;
+            let data_dir = node.data_dir.clone().unwrap_or(data_dir);
+            let location = StoreLocation::Embedded(data_dir);
+            let store = Store::open(location.clone(), Migrate::Apply).await?;
+            let roles = serve::Roles {
+                api: true,
+                workers: true,
+            };
+            serve::run_node(store, &location, node, roles).await
+        }
+        Command::Serve { database_url, node } => node_on_postgres(database_url, node, true).await,
+        Command::Worker { database_url, node } => {
+            node_on_postgres(database_url, node, false).await
+        }
+        Command::Keys(command) => serve::keys(command).await,
+        Command::Openapi => {
+            println!("{}", stele_api::server::openapi().to_pretty_json()?);
+            Ok(())
+        }
         Command::Workflows(command) => tasks::workflows(command).await,
         Command::Tasks(command) => tasks::tasks(command).await,
         Command::Events(EventsCommand::Tail(args)) => events::tail(args).await,
@@ -176,49 +205,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn up(
-    data_dir: PathBuf,
-    workflows: tasks::WorkflowArgs,
-    concurrency: usize,
+/// `serve` (API and workers) or `worker` (workers only) on PostgreSQL.
+async fn node_on_postgres(
+    database_url: Option<String>,
+    node: serve::NodeArgs,
+    api: bool,
 ) -> anyhow::Result<()> {
-    let location = StoreLocation::Embedded(data_dir);
+    let node = node.resolve(database_url)?;
+    let Some(url) = node.database_url.clone() else {
+        anyhow::bail!(
+            "a PostgreSQL URL is needed: --database-url, STELE_DATABASE_URL or database_url in the configuration (`stele up` runs embedded)"
+        );
+    };
+    let location = StoreLocation::Postgres(url);
     let store = Store::open(location.clone(), Migrate::Apply).await?;
-    let runtime = match workflows.runtime(&store).await {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            store.close().await;
-            return Err(e);
-        }
-    };
-    let mut projections = stele_projections::all();
-    projections.push(as_projection(runtime.manager(), store.queue.clone()));
-    let runner = Arc::new(ProjectionRunner::new(&store, projections));
-    runner.setup().await?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        }
-    };
-    let projections = tokio::spawn(runner.run(stopped()));
-    let worker = runtime.worker(WorkerOptions {
-        concurrency: concurrency.max(1),
-        ..WorkerOptions::new(QUEUE)
-    });
-    let workers = tokio::spawn(worker.run(stopped()));
-    tracing::info!(
-        store = %location.describe(),
-        workflows = runtime.catalog().latest_all().count(),
-        "stele is up; press Ctrl-C to stop"
-    );
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    let _ = stop.send(true);
-    workers.await??;
-    projections.await??;
-    store.close().await;
-    Ok(())
+    let roles = serve::Roles { api, workers: true };
+    serve::run_node(store, &location, node, roles).await
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -61,3 +61,12 @@ pub async fn list(state: &AppState, query: TaskListQuery) -> Result<TaskPage, Ap
         next_cursor: page.next_cursor,
     })
 }
+
+fn list_error(e: stele_projections::TaskViewError) -> ApiError {
+    match e {
+        e @ stele_projections::TaskViewError::InvalidCursor => {
+            ApiError::bad_request("invalid_cursor", e.to_string())
+        }
+        other => ApiError::internal(other),
+    }
+}
