@@ -1,1 +1,4 @@
 //! The HTTP API (axum), described by OpenAPI.
+
+pub mod keys;
+pub mod ratelimit;
