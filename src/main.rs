@@ -186,9 +186,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             serve::run_node(store, &location, node, roles).await
         }
         Command::Serve { database_url, node } => node_on_postgres(database_url, node, true).await,
-        Command::Worker { database_url, node } => {
-            node_on_postgres(database_url, node, false).await
-        }
+        Command::Worker { database_url, node } => node_on_postgres(database_url, node, false).await,
         Command::Keys(command) => serve::keys(command).await,
         Command::Openapi => {
             println!("{}", stele_api::server::openapi().to_pretty_json()?);

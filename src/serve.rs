@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde::Deserialize;
+use stele_aggregates::api_key::Scope;
 use stele_api::gate::KeyGate;
 use stele_api::keys::KeyService;
 use stele_api::ratelimit::{RateLimit, RateLimiter};
@@ -140,12 +141,18 @@ fn prometheus() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle>
 
 /// Runs a node on `store` until Ctrl-C or SIGTERM; then stops accepting requests, lets requests
 /// and jobs in flight finish, and returns.
-pub async fn run_node(store: Store, location: &StoreLocation, node: Node, roles: Roles) -> anyhow::Result<()> {
+pub async fn run_node(
+    store: Store,
+    location: &StoreLocation,
+    node: Node,
+    roles: Roles,
+) -> anyhow::Result<()> {
     let runtime = node.workflows.runtime(&store).await?;
     let mut projections = stele_projections::all();
     projections.push(as_projection(runtime.manager(), store.queue.clone()));
     let runner = Arc::new(ProjectionRunner::new(&store, projections));
     runner.setup().await?;
+    let first_start = roles.api && no_key_yet(&runner, &store).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until_stopped = move || {
         let mut stopped = stopped.clone();
@@ -154,6 +161,7 @@ pub async fn run_node(store: Store, location: &StoreLocation, node: Node, roles:
         }
     };
     let mut tasks = tokio::task::JoinSet::new();
+    let mut keys = None;
     {
         let runner = runner.clone();
         let stopped = until_stopped();
@@ -168,15 +176,20 @@ pub async fn run_node(store: Store, location: &StoreLocation, node: Node, roles:
         tasks.spawn(async move { worker.run(stopped).await.map_err(anyhow::Error::from) });
     }
     if roles.api {
-        let keys = Arc::new(KeyService::new(&store));
-        let limiter = Arc::new(RateLimiter::new(node.rate, node.redis_url.as_deref()).await?);
+        let service = Arc::new(KeyService::new(&store));
+        keys = Some(service.clone());
+        let limiter = Arc::new(RateLimiter::new(node.rate, node.redis_url.as_deref())?);
         let gate = Arc::new(KeyGate {
-            keys: keys.clone(),
+            keys: service,
             limiter: limiter.clone(),
         });
         let mut state = AppState::new(&store, runtime.clone(), runner.clone(), gate);
         state.metrics = Some(prometheus()?);
-        state.probe = limiter.probe();
+        if let Some(url) = &node.redis_url {
+            state.probe = Some(Arc::new(
+                stele_api::state::RedisProbe::new(url).map_err(anyhow::Error::msg)?,
+            ));
+        }
         let listener = tokio::net::TcpListener::bind(node.listen)
             .await
             .with_context(|| format!("cannot listen on {}", node.listen))?;
@@ -185,7 +198,11 @@ pub async fn run_node(store: Store, location: &StoreLocation, node: Node, roles:
             store = %location.describe(),
             "listening on http://{address}; API docs at http://{address}/docs"
         );
-        if stele_projections::list_keys(&store.pool).await.map(|k| k.is_empty()).unwrap_or(false) {
+        if stele_projections::list_keys(&store.pool)
+            .await
+            .map(|k| k.is_empty())
+            .unwrap_or(false)
+        {
             tracing::info!(
                 "no API key exists yet: create one with `stele keys create --name admin --scope admin{}`",
                 match location {
@@ -228,8 +245,103 @@ pub async fn run_node(store: Store, location: &StoreLocation, node: Node, roles:
             result = Err(e);
         }
     }
+    if let Some(keys) = keys {
+        keys.flush_usage().await;
+    }
     store.close().await;
     result
+}
+
+/// Whether no API key exists (the keys view brought up to date first; `false` when that cannot be
+/// told, e.g. another process holds the view).
+async fn no_key_yet(runner: &ProjectionRunner, store: &Store) -> bool {
+    loop {
+        match runner.step("api_keys").await {
+            Ok(stepped) if stepped.read > 0 || stepped.held_back => continue,
+            Ok(_) => break,
+            Err(_) => return false,
+        }
+    }
+    stele_projections::list_keys(&store.pool)
+        .await
+        .is_ok_and(|keys| keys.is_empty())
+}
+
+pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    let store_args = match &command {
+        KeysCommand::Create { store, .. }
+        | KeysCommand::List { store, .. }
+        | KeysCommand::Revoke { store, .. } => store.clone(),
+    };
+    let store = Store::open(store_args.location()?, Migrate::Apply).await?;
+    let result = keys_on(&store, command).await;
+    store.close().await;
+    result
+}
+
+async fn keys_on(store: &Store, command: KeysCommand) -> anyhow::Result<()> {
+    let service = KeyService::new(store);
+    let operator = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+    let meta = || stele_engine::CommandMeta::new(format!("user:{operator}"), "cli");
+    match command {
+        KeysCommand::Create {
+            name, scopes, json, ..
+        } => {
+            let scopes = scopes
+                .iter()
+                .map(|s| s.trim().parse::<Scope>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("{e} (scopes: tasks:read, tasks:write, admin)"))?;
+            let created = service
+                .create(&name, scopes, &format!("user:{operator}"), meta())
+                .await?;
+            let scopes: Vec<&str> = created.scopes.iter().map(|s| s.as_str()).collect();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "id": created.id, "key": created.token, "scopes": scopes })
+                );
+            } else {
+                println!("{}", created.token);
+                eprintln!(
+                    "key {} ({}) created; it is shown only now: store it safely",
+                    created.id,
+                    scopes.join(", ")
+                );
+            }
+            Ok(())
+        }
+        KeysCommand::List { json, .. } => {
+            // The keys view is a projection: bring it up to date first.
+            let runner = ProjectionRunner::new(store, stele_projections::all());
+            runner.setup().await?;
+            while runner.step("api_keys").await?.read > 0 {}
+            runner.release_all().await?;
+            let rows = stele_projections::list_keys(&store.pool).await?;
+            for row in rows {
+                if json {
+                    println!("{}", serde_json::to_string(&row)?);
+                } else {
+                    println!(
+                        "{:<12}  {:<20}  {:<30}  {}",
+                        row.key_id,
+                        row.name,
+                        row.scopes.join(","),
+                        match &row.revoked_at {
+                            Some(at) => format!("revoked {at}"),
+                            None => format!("created {}", row.created_at),
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
+        KeysCommand::Revoke { id, reason, .. } => {
+            service.revoke(&id, &reason, meta()).await?;
+            println!("key {id} revoked");
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]

@@ -377,9 +377,14 @@ fn projections_streams_and_replay() {
 
     let status = run(&[&["projections", "status", "--json"], &args[..]].concat());
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(status[0]["name"], "streams");
-    assert_eq!(status[0]["status"], "running");
-    assert_eq!(status[0]["events_applied"], 3);
+    let streams = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "streams")
+        .unwrap();
+    assert_eq!(streams["status"], "running");
+    assert_eq!(streams["events_applied"], 3);
 
     let replay = run(&[&["replay", "--projection", "streams"], &args[..]].concat());
     assert!(replay.status.success(), "{}", stderr(&replay));

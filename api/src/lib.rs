@@ -4,13 +4,18 @@
 //! - [`routes`]: tasks (create, list, read, events, cancel, signals, live progress over SSE and
 //!   WebSocket), operators' routes, health and metrics;
 //! - [`wire`]: the request and response types the document describes;
-//! - [`auth`]: API keys and scopes, and the [`auth::Gate`] every route but health passes;
+//! - [`auth`], [`gate`], [`keys`], [`ratelimit`]: API keys with scopes (recorded as events, only
+//!   their hash stored) and per-key rate limits (shared through Redis when configured), which
+//!   every route but health passes;
 //! - [`problem`]: errors as `application/problem+json` with stable codes;
 //! - [`json`]: strict JSON bodies (content type, depth, unknown fields, types).
 
 pub mod auth;
+pub mod gate;
 pub mod json;
+pub mod keys;
 pub mod problem;
+pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod state;

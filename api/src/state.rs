@@ -54,3 +54,42 @@ impl AppState {
         }
     }
 }
+
+/// Redis answers `PING` (checked by `/health/ready` when rate limits are shared through it).
+pub struct RedisProbe {
+    client: redis::Client,
+}
+
+impl RedisProbe {
+    pub fn new(url: &str) -> Result<Self, String> {
+        redis::Client::open(url)
+            .map(|client| Self { client })
+            .map_err(|e| format!("invalid Redis URL: {e}"))
+    }
+}
+
+#[async_trait]
+impl Probe for RedisProbe {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        let ping = async {
+            let mut connection = self
+                .client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(2), ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("no answer within 2 s".into()),
+        }
+    }
+}

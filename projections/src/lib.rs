@@ -3,6 +3,7 @@
 //! Each projection implements [`stele_engine::projection::Projection`] and owns the SQL of its
 //! own tables; the engine's runner feeds it events and keeps its checkpoint.
 
+mod api_keys;
 mod streams;
 mod tasks;
 
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use stele_engine::projection::Projection;
 
+pub use api_keys::{list_keys, ApiKeysView, KeyRow};
 pub use streams::{list_streams, StreamRow, StreamsView};
 pub use tasks::{
     get_task_row, list_tasks, TaskPage, TaskQuery, TaskRow, TaskViewError, TasksView, MAX_LIMIT,
@@ -17,5 +19,9 @@ pub use tasks::{
 
 /// The projections Stele runs.
 pub fn all() -> Vec<Arc<dyn Projection>> {
-    vec![Arc::new(StreamsView), Arc::new(TasksView)]
+    vec![
+        Arc::new(StreamsView),
+        Arc::new(TasksView),
+        Arc::new(ApiKeysView),
+    ]
 }

@@ -48,7 +48,10 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness
                 ok: true,
                 detail: format!("{} answers", probe.name()),
             },
-            Err(e) => Check { ok: false, detail: e },
+            Err(e) => Check {
+                ok: false,
+                detail: e,
+            },
         }),
     };
     let projections = match state.runner.status().await {
@@ -107,9 +110,5 @@ pub async fn metrics(State(state): State<AppState>, _caller: IsAdmin) -> Respons
         .as_ref()
         .map(|handle| handle.render())
         .unwrap_or_default();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

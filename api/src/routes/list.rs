@@ -19,7 +19,10 @@ pub async fn list(state: &AppState, query: TaskListQuery) -> Result<TaskPage, Ap
         if !STATUSES.contains(&status.as_str()) {
             return Err(ApiError::bad_request(
                 "invalid_query",
-                format!("unknown status {status:?} (expected one of: {})", STATUSES.join(", ")),
+                format!(
+                    "unknown status {status:?} (expected one of: {})",
+                    STATUSES.join(", ")
+                ),
             ));
         }
     }

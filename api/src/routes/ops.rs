@@ -66,7 +66,10 @@ pub async fn events(
     let limit = bounded(query.limit, 100, 1000)?;
     let after = query.after.unwrap_or(0);
     if after < 0 {
-        return Err(ApiError::bad_request("invalid_query", "`after` must be 0 or more"));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`after` must be 0 or more",
+        ));
     }
     let batch = state.log.read_log(Position(after), limit).await?;
     Ok(Json(LogPage {

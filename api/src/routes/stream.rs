@@ -48,7 +48,11 @@ pub struct Follower {
 }
 
 impl Follower {
-    pub fn new(log: Arc<dyn EventLog>, task_id: &str, cursor: Option<&str>) -> Result<Self, ApiError> {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        task_id: &str,
+        cursor: Option<&str>,
+    ) -> Result<Self, ApiError> {
         let delivered = match cursor.filter(|c| !c.is_empty()) {
             None => Vec::new(),
             Some(cursor) => cursor
@@ -102,7 +106,10 @@ impl Follower {
             }
             _ => {}
         }
-        match (event.stream.aggregate_type.as_str(), event.event_type.as_str()) {
+        match (
+            event.stream.aggregate_type.as_str(),
+            event.event_type.as_str(),
+        ) {
             ("task", "TaskCompleted" | "TaskFailed" | "TaskCancelled") => self.task_done = true,
             ("workflow_run", "RunCompleted" | "RunFailed" | "RunCancelled")
                 if Some(&event.stream) == self.streams.get(1) =>
@@ -113,24 +120,30 @@ impl Follower {
         }
     }
 
-    /// Events not delivered yet, each with the cursor after it.
+    /// Events not delivered yet, each with the cursor after it, in the order they were recorded
+    /// (each stream's events stay in sequence order).
     pub async fn next_batch(&mut self) -> Result<Vec<(String, RecordedEvent)>, LogError> {
-        let mut out = Vec::new();
+        let mut fresh = Vec::new();
         let mut i = 0;
         while i < self.streams.len() {
             let events = self.log.read_stream(&self.streams[i], self.read[i]).await?;
             for event in events {
                 self.read[i] = event.sequence;
                 self.discover(&event);
-                if self.delivered.len() <= i {
-                    self.delivered.resize(i + 1, 0);
-                }
-                if event.sequence > self.delivered[i] {
-                    self.delivered[i] = event.sequence;
-                    out.push((self.cursor(), event));
+                if event.sequence > self.delivered.get(i).copied().unwrap_or(0) {
+                    fresh.push((i, event));
                 }
             }
             i += 1;
+        }
+        fresh.sort_by_key(|(_, e)| (e.recorded_at, e.position));
+        let mut out = Vec::with_capacity(fresh.len());
+        for (i, event) in fresh {
+            if self.delivered.len() <= i {
+                self.delivered.resize(i + 1, 0);
+            }
+            self.delivered[i] = event.sequence;
+            out.push((self.cursor(), event));
         }
         Ok(out)
     }

@@ -249,7 +249,10 @@ pub async fn cancel_task(
     let reason = request
         .reason
         .unwrap_or_else(|| format!("cancelled by key {}", caller.name));
-    state.runtime.cancel_task(&id, reason, meta(&caller)).await?;
+    state
+        .runtime
+        .cancel_task(&id, reason, meta(&caller))
+        .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {
