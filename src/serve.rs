@@ -198,11 +198,7 @@ pub async fn run_node(
             store = %location.describe(),
             "listening on http://{address}; API docs at http://{address}/docs"
         );
-        if stele_projections::list_keys(&store.pool)
-            .await
-            .map(|k| k.is_empty())
-            .unwrap_or(false)
-        {
+        if first_start {
             tracing::info!(
                 "no API key exists yet: create one with `stele keys create --name admin --scope admin{}`",
                 match location {
