@@ -1,0 +1,879 @@
+//! The HTTP API end to end: a real server on a random port, PostgreSQL, Redis, the workflow
+//! runtime running. One test walks every route through every response it documents and checks
+//! the document against what happened.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use stele_api::ratelimit::RateLimit;
+use stele_api::state::RedisProbe;
+use stele_engine::queue::NewJob;
+use support::{Options, Server};
+
+fn runtime() -> tokio::runtime::Runtime {
+    stele_engine::testing::runtime()
+}
+
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+
+/// Every documented (method, path, status) must have been seen, and the document must list
+/// exactly the routes the server has.
+#[test]
+fn every_route_is_documented_and_every_documented_response_occurs() {
+    runtime().block_on(async {
+        let s = Server::start(Options::default()).await;
+        let (admin, reader, writer) = (s.admin.clone(), s.reader.clone(), s.writer.clone());
+
+        // Tasks: create, then the refusals.
+        let task = s.create("assistant", "hello").await;
+        let url = format!("{}/v1/tasks", s.base);
+        let post = |key: &str| s.client.post(&url).bearer_auth(key);
+        let idem = post(&writer)
+            .header("idempotency-key", "abc")
+            .json(&json!({ "input": "same", "workflow": "assistant" }));
+        assert_eq!(s.send("/v1/tasks", idem).await.0, StatusCode::CREATED);
+        let again = post(&writer)
+            .header("idempotency-key", "abc")
+            .json(&json!({ "input": "same", "workflow": "assistant" }));
+        assert_eq!(s.send("/v1/tasks", again).await.0, StatusCode::OK);
+        let reused = post(&writer)
+            .header("idempotency-key", "abc")
+            .json(&json!({ "input": "other", "workflow": "assistant" }));
+        let (status, body) = s.send("/v1/tasks", reused).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some("idempotency_key_reused")
+            )
+        );
+        let malformed = post(&writer)
+            .header("content-type", "application/json")
+            .body("{\"input\": ");
+        assert_eq!(
+            s.send("/v1/tasks", malformed).await.0,
+            StatusCode::BAD_REQUEST
+        );
+        let no_key = s.client.post(&url).json(&json!({ "input": "x" }));
+        assert_eq!(
+            s.send("/v1/tasks", no_key).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        let wrong_scope = post(&reader).json(&json!({ "input": "x" }));
+        assert_eq!(
+            s.send("/v1/tasks", wrong_scope).await.0,
+            StatusCode::FORBIDDEN
+        );
+        let huge = post(&writer)
+            .header("content-type", "application/json")
+            .body(format!("{{\"input\": \"{}\"}}", "x".repeat(100_000)));
+        assert_eq!(
+            s.send("/v1/tasks", huge).await.0,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        let text = post(&writer)
+            .header("content-type", "text/plain")
+            .body("hello");
+        assert_eq!(
+            s.send("/v1/tasks", text).await.0,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+        let unknown = post(&writer).json(&json!({ "input": "x", "colour": "red" }));
+        let (status, body) = s.send("/v1/tasks", unknown).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_body"))
+        );
+
+        // Reading tasks.
+        let done = s.wait_for(&task, |t| t["status"] == "completed").await;
+        assert_eq!(done["run"]["status"], "completed");
+        let (status, page) = s.call(GET, "/v1/tasks", &[], Some(&reader), None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!page["tasks"].as_array().unwrap().is_empty());
+        let bad_cursor = s
+            .client
+            .get(format!("{url}?cursor=nope"))
+            .bearer_auth(&reader);
+        assert_eq!(
+            s.send("/v1/tasks", bad_cursor).await.0,
+            StatusCode::BAD_REQUEST
+        );
+        for (route, params) in [
+            ("/v1/tasks/{id}", vec![("id", task.as_str())]),
+            ("/v1/tasks/{id}/events", vec![("id", task.as_str())]),
+        ] {
+            assert_eq!(
+                s.call(GET, route, &params, Some(&reader), None).await.0,
+                StatusCode::OK
+            );
+            assert_eq!(
+                s.call(GET, route, &[("id", "missing")], Some(&reader), None)
+                    .await
+                    .0,
+                StatusCode::NOT_FOUND
+            );
+        }
+
+        // Cancel and signal: accepted, malformed, missing, finished.
+        let waiting = s.create("approval", "ship it?").await;
+        s.wait_for(&waiting, |t| t["run"]["current_step"] == "approve")
+            .await;
+        let signal = "/v1/tasks/{id}/signals/{name}";
+        let bad_json = |path: String| {
+            s.client
+                .post(format!("{}{path}", s.base))
+                .bearer_auth(&writer)
+                .header("content-type", "application/json")
+                .body("{")
+        };
+        assert_eq!(
+            s.send(
+                signal,
+                bad_json(format!("/v1/tasks/{waiting}/signals/approval"))
+            )
+            .await
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            s.call(
+                POST,
+                signal,
+                &[("id", &waiting), ("name", "approval")],
+                Some(&writer),
+                Some(json!({ "payload": { "by": "ana" } }))
+            )
+            .await
+            .0,
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(
+            s.call(
+                POST,
+                signal,
+                &[("id", "missing"), ("name", "x")],
+                Some(&writer),
+                None
+            )
+            .await
+            .0,
+            StatusCode::NOT_FOUND
+        );
+        s.wait_for(&waiting, |t| t["status"] == "completed").await;
+        assert_eq!(
+            s.call(
+                POST,
+                signal,
+                &[("id", &waiting), ("name", "late")],
+                Some(&writer),
+                None
+            )
+            .await
+            .0,
+            StatusCode::CONFLICT
+        );
+        let cancel = "/v1/tasks/{id}/cancel";
+        let to_cancel = s.create("approval", "maybe").await;
+        s.wait_for(&to_cancel, |t| t["run"]["current_step"] == "approve")
+            .await;
+        assert_eq!(
+            s.send(cancel, bad_json(format!("/v1/tasks/{to_cancel}/cancel")))
+                .await
+                .0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            s.call(
+                POST,
+                cancel,
+                &[("id", &to_cancel)],
+                Some(&writer),
+                Some(json!({ "reason": "no" }))
+            )
+            .await
+            .0,
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(
+            s.call(POST, cancel, &[("id", "missing")], Some(&writer), None)
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            s.call(POST, cancel, &[("id", &task)], Some(&writer), None)
+                .await
+                .0,
+            StatusCode::CONFLICT
+        );
+        s.wait_for(&to_cancel, |t| t["run"]["status"] == "cancelled")
+            .await;
+
+        // Live progress: a finished task's stream ends; a bad cursor, a missing task.
+        let stream = "/v1/tasks/{id}/stream";
+        assert_eq!(
+            s.call(GET, stream, &[("id", &task)], Some(&reader), None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            s.call(
+                GET,
+                "/v1/tasks/{id}/stream?after=x-y",
+                &[("id", &task)],
+                Some(&reader),
+                None
+            )
+            .await
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+        s.record(&GET, stream, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            s.call(GET, stream, &[("id", "missing")], Some(&reader), None)
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+        let ws = "/v1/tasks/{id}/ws";
+        assert_eq!(
+            s.call(GET, ws, &[("id", &task)], Some(&reader), None)
+                .await
+                .0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            s.call(GET, ws, &[("id", "missing")], Some(&reader), None)
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+        let ws_url = format!("{}/v1/tasks/{task}/ws", s.base.replace("http", "ws"));
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(ws_url)
+                .unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {reader}").parse().unwrap());
+        let (socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+        assert_eq!(response.status().as_u16(), 101);
+        s.record(&GET, ws, StatusCode::SWITCHING_PROTOCOLS);
+        drop(socket);
+
+        // Operators.
+        assert_eq!(
+            s.call(GET, "/v1/workflows", &[], Some(&reader), None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        let (status, log) = s.call(GET, "/v1/events", &[], Some(&admin), None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!log["events"].as_array().unwrap().is_empty());
+        assert_eq!(
+            s.call(GET, "/v1/events?after=99999999", &[], Some(&admin), None)
+                .await
+                .0,
+            StatusCode::BAD_REQUEST
+        );
+        s.record(&GET, "/v1/events", StatusCode::BAD_REQUEST);
+        assert_eq!(
+            s.call(GET, "/v1/jobs?state=dead", &[], Some(&admin), None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        s.record(&GET, "/v1/jobs", StatusCode::OK);
+        assert_eq!(
+            s.call(GET, "/v1/jobs?state=zombie", &[], Some(&admin), None)
+                .await
+                .0,
+            StatusCode::BAD_REQUEST
+        );
+        s.record(&GET, "/v1/jobs", StatusCode::BAD_REQUEST);
+        let parked = s
+            .store
+            .queue
+            .enqueue(vec![NewJob::new("parked", "nothing", json!({}))])
+            .await
+            .unwrap();
+        let parked = parked[0].job().id.to_string();
+        let retry = "/v1/jobs/{id}/retry";
+        assert_eq!(
+            s.call(POST, retry, &[("id", &parked)], Some(&admin), None)
+                .await
+                .0,
+            StatusCode::CONFLICT
+        );
+        s.store.queue.cancel(parked.parse().unwrap()).await.unwrap();
+        let (status, job) = s
+            .call(POST, retry, &[("id", &parked)], Some(&admin), None)
+            .await;
+        assert_eq!(
+            (status, job["state"].as_str()),
+            (StatusCode::OK, Some("available"))
+        );
+        assert_eq!(
+            s.call(POST, retry, &[("id", "not-a-uuid")], Some(&admin), None)
+                .await
+                .0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            s.call(
+                POST,
+                retry,
+                &[("id", &uuid::Uuid::now_v7().to_string())],
+                Some(&admin),
+                None
+            )
+            .await
+            .0,
+            StatusCode::NOT_FOUND
+        );
+        let (status, projections) = s
+            .call(GET, "/v1/projections", &[], Some(&admin), None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let names: Vec<&str> = projections["projections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            names.contains(&"tasks") && names.contains(&"workflow-runtime"),
+            "{names:?}"
+        );
+        let rebuild = "/v1/projections/{name}/rebuild";
+        assert_eq!(
+            s.call(POST, rebuild, &[("name", "streams")], Some(&admin), None)
+                .await
+                .0,
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(
+            s.call(POST, rebuild, &[("name", "nope")], Some(&admin), None)
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            s.call(
+                POST,
+                rebuild,
+                &[("name", "workflow-runtime")],
+                Some(&admin),
+                None
+            )
+            .await
+            .0,
+            StatusCode::CONFLICT
+        );
+
+        // Health and metrics.
+        assert_eq!(
+            s.call(GET, "/health/live", &[], None, None).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            s.call(GET, "/health/ready", &[], None, None).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            s.call(GET, "/metrics", &[], Some(&admin), None).await.0,
+            StatusCode::OK
+        );
+
+        // 401 and 403 on every route that needs a key; 429 from a server with a tiny limit.
+        let document = serde_json::to_value(stele_api::server::openapi()).unwrap();
+        let routes = documented(&document);
+        let write_only = strict_key(&s).await;
+        let strict = Server::start(Options {
+            rate: RateLimit {
+                per_second: 0.001,
+                burst: 1,
+            },
+            redis: false,
+            probe: Some(Arc::new(RedisProbe::new("redis://127.0.0.1:1").unwrap())),
+        })
+        .await;
+        for (method, route, codes) in &routes {
+            let method: Method = method.to_uppercase().parse().unwrap();
+            let path = route.replace("{id}", &task).replace("{name}", "streams");
+            let request = |key: Option<&str>, base: &str| {
+                let mut r = s.client.request(method.clone(), format!("{base}{path}"));
+                if let Some(key) = key {
+                    r = r.bearer_auth(key);
+                }
+                r
+            };
+            if codes.contains(&401) {
+                let (status, _) = s.send(route, request(None, &s.base)).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {route}");
+                let (status, _) = s.send(route, request(Some("stele_nope"), &s.base)).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {route}");
+            }
+            if codes.contains(&403) {
+                // A key with every scope but the one the route needs.
+                let key = match scope_of(&document, route, &method) {
+                    "admin" => &writer,
+                    "tasks:write" => &reader,
+                    _ => &write_only,
+                };
+                let (status, _) = s.send(route, request(Some(key), &s.base)).await;
+                assert_eq!(status, StatusCode::FORBIDDEN, "{method} {route}");
+            }
+            if codes.contains(&429) {
+                let key = match route.as_str() {
+                    r if r.starts_with("/v1/tasks") || r == "/v1/workflows" => &strict.writer,
+                    _ => &strict.admin,
+                };
+                // Each key of the strict server has one request a millennium; the first spends it.
+                let _ = strict.send(route, request(Some(key), &strict.base)).await;
+                let (status, body) = strict.send(route, request(Some(key), &strict.base)).await;
+                assert_eq!(
+                    status,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "{method} {route}: {body}"
+                );
+                s.record(&method, route, status);
+            }
+        }
+        let (status, ready) = strict.call(GET, "/health/ready", &[], None, None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+        assert_eq!(ready["redis"]["ok"], false);
+        s.record(&GET, "/health/ready", status);
+        strict.stop().await;
+
+        // What the document promises happened, and nothing else exists.
+        let seen = s.seen.lock().unwrap().clone();
+        let mut missing = Vec::new();
+        for (method, route, codes) in &routes {
+            for code in codes {
+                if !seen.contains(&(method.clone(), route.clone(), *code)) {
+                    missing.push(format!("{method} {route} {code}"));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "documented but never seen: {missing:#?}"
+        );
+        let paths: BTreeSet<&str> = routes.iter().map(|(_, r, _)| r.as_str()).collect();
+        assert_eq!(
+            paths,
+            BTreeSet::from([
+                "/health/live",
+                "/health/ready",
+                "/metrics",
+                "/v1/events",
+                "/v1/jobs",
+                "/v1/jobs/{id}/retry",
+                "/v1/projections",
+                "/v1/projections/{name}/rebuild",
+                "/v1/tasks",
+                "/v1/tasks/{id}",
+                "/v1/tasks/{id}/cancel",
+                "/v1/tasks/{id}/events",
+                "/v1/tasks/{id}/signals/{name}",
+                "/v1/tasks/{id}/stream",
+                "/v1/tasks/{id}/ws",
+                "/v1/workflows",
+            ])
+        );
+        // Routes outside the document answer problems too.
+        let (status, body) = s.call(GET, "/v2/nothing", &[], None, None).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("route_not_found"))
+        );
+        let (status, body) = s
+            .call(Method::DELETE, "/v1/tasks", &[], Some(&admin), None)
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+        );
+        s.stop().await;
+    });
+}
+
+async fn strict_key(s: &Server) -> String {
+    stele_api::keys::KeyService::new(&s.store)
+        .create(
+            "write-only",
+            vec![stele_aggregates::api_key::Scope::TasksWrite],
+            "test",
+            stele_engine::CommandMeta::new("test", "test"),
+        )
+        .await
+        .unwrap()
+        .token
+}
+
+/// The scope an operation's security requirement names.
+fn scope_of<'a>(document: &'a Value, route: &str, method: &Method) -> &'a str {
+    document["paths"][route][method.as_str().to_lowercase()]["security"][0]["api_key"][0]
+        .as_str()
+        .unwrap_or_default()
+}
+
+/// (method, path, documented status codes) of every operation in the document.
+fn documented(document: &Value) -> Vec<(String, String, Vec<u16>)> {
+    let mut routes = Vec::new();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let codes = operation["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|c| c.parse().unwrap())
+                .collect();
+            routes.push((method.clone(), path.clone(), codes));
+        }
+    }
+    routes
+}
+
+/// One SSE event.
+#[derive(Debug)]
+struct Sse {
+    id: Option<String>,
+    event: String,
+    data: Value,
+}
+
+/// Reads SSE events until `stop` says so.
+async fn read_sse(response: reqwest::Response, stop: impl Fn(&Sse) -> bool) -> Vec<Sse> {
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(20), body.next())
+        .await
+        .expect("an event within 20 s")
+    {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut event = Sse {
+                id: None,
+                event: "message".into(),
+                data: Value::Null,
+            };
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    event.id = Some(v.trim().to_owned());
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event.event = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    event.data = serde_json::from_str(v.trim()).unwrap_or(Value::Null);
+                }
+            }
+            if block.trim().starts_with(':') {
+                continue;
+            }
+            let done = stop(&event);
+            events.push(event);
+            if done {
+                return events;
+            }
+        }
+    }
+    events
+}
+
+/// Each stream's events arrive in sequence order, none twice.
+fn assert_ordered(events: &[Value]) {
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    for event in events {
+        let stream = event["stream"].as_str().unwrap().to_owned();
+        let sequence = event["sequence"].as_i64().unwrap();
+        let previous = last.insert(stream.clone(), sequence).unwrap_or(0);
+        assert_eq!(
+            sequence,
+            previous + 1,
+            "{stream}: {sequence} after {previous}"
+        );
+    }
+}
+
+#[test]
+fn sse_delivers_a_runs_events_in_order_and_resumes_after_a_drop() {
+    runtime().block_on(async {
+        let s = Server::start(Options::default()).await;
+        let task = s.create("approval", "deploy friday").await;
+        let url = format!("{}/v1/tasks/{task}/stream", s.base);
+        // Follow until the run waits for approval, then drop the connection.
+        let first = s
+            .client
+            .get(&url)
+            .bearer_auth(&s.reader)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(first.headers()["content-type"], "text/event-stream");
+        let before = read_sse(first, |e| e.event == "WaitStarted").await;
+        let last_id = before.last().unwrap().id.clone().unwrap();
+        // While nobody listens, the run goes on.
+        s.call(
+            POST,
+            "/v1/tasks/{id}/signals/{name}",
+            &[("id", &task), ("name", "approval")],
+            Some(&s.writer),
+            Some(json!({ "payload": { "by": "ana" } })),
+        )
+        .await;
+        let resumed = s
+            .client
+            .get(&url)
+            .bearer_auth(&s.reader)
+            .header("last-event-id", &last_id)
+            .send()
+            .await
+            .unwrap();
+        let after = read_sse(resumed, |e| e.event == "end").await;
+        assert_eq!(after.last().unwrap().event, "end");
+        let all: Vec<Value> = before
+            .iter()
+            .chain(&after)
+            .filter(|e| e.event != "end")
+            .map(|e| e.data.clone())
+            .collect();
+        assert_ordered(&all);
+        let types: Vec<&str> = all.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(types.first(), Some(&"TaskCreated"));
+        assert!(types.contains(&"SignalReceived"));
+        assert_eq!(types.iter().filter(|t| **t == "TaskCompleted").count(), 1);
+        // A late client asking from the start gets everything, ending at the same place.
+        let late = s
+            .client
+            .get(&url)
+            .bearer_auth(&s.reader)
+            .send()
+            .await
+            .unwrap();
+        let replay = read_sse(late, |e| e.event == "end").await;
+        assert_eq!(replay.len() - 1, all.len());
+        s.stop().await;
+    });
+}
+
+#[test]
+fn websocket_delivers_a_runs_events_and_resumes_from_a_cursor() {
+    runtime().block_on(async {
+        let s = Server::start(Options::default()).await;
+        let task = s.create("approval", "deploy monday").await;
+        let connect = |after: Option<String>| {
+            let mut url = format!("{}/v1/tasks/{task}/ws", s.base.replace("http", "ws"));
+            if let Some(after) = after {
+                url.push_str(&format!("?after={after}"));
+            }
+            let mut request =
+                tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                    .unwrap();
+            request
+                .headers_mut()
+                .insert("x-api-key", s.reader.parse().unwrap());
+            tokio_tungstenite::connect_async(request)
+        };
+        let read_until = |mut socket: tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+                          stop: &'static str| async move {
+            let mut messages = Vec::new();
+            while let Some(message) = tokio::time::timeout(Duration::from_secs(20), socket.next())
+                .await
+                .expect("a message")
+            {
+                match message.unwrap() {
+                    tokio_tungstenite::tungstenite::Message::Text(text) => {
+                        let value: Value = serde_json::from_str(&text).unwrap();
+                        let done = value["event"]["type"] == stop;
+                        messages.push(value);
+                        if done {
+                            break;
+                        }
+                    }
+                    tokio_tungstenite::tungstenite::Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+            messages
+        };
+        let (socket, _) = connect(None).await.unwrap();
+        let before = read_until(socket, "WaitStarted").await;
+        let cursor = before.last().unwrap()["cursor"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        s.call(
+            POST,
+            "/v1/tasks/{id}/signals/{name}",
+            &[("id", &task), ("name", "approval")],
+            Some(&s.writer),
+            Some(json!({ "payload": { "by": "bo" } })),
+        )
+        .await;
+        let (socket, _) = connect(Some(cursor)).await.unwrap();
+        let after = read_until(socket, "never").await;
+        let all: Vec<Value> = before
+            .iter()
+            .chain(&after)
+            .map(|m| m["event"].clone())
+            .collect();
+        assert_ordered(&all);
+        assert_eq!(all.last().unwrap()["type"], "TaskCompleted", "{all:#?}");
+        s.stop().await;
+    });
+}
+
+#[test]
+fn input_limits_and_strict_validation() {
+    runtime().block_on(async {
+        let s = Server::start(Options::default()).await;
+        let url = format!("{}/v1/tasks", s.base);
+        let deep = format!(
+            "{{\"input\": \"x\", \"requester\": {}1{}}}",
+            "[".repeat(20),
+            "]".repeat(20)
+        );
+        let (status, body) = s
+            .send(
+                "/v1/tasks",
+                s.client
+                    .post(&url)
+                    .bearer_auth(&s.writer)
+                    .header("content-type", "application/json")
+                    .body(deep),
+            )
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("json_too_deep"))
+        );
+        let long = json!({ "input": "é".repeat(32_769) });
+        let (status, body) = s
+            .send(
+                "/v1/tasks",
+                s.client.post(&url).bearer_auth(&s.writer).json(&long),
+            )
+            .await;
+        assert!(
+            status == StatusCode::UNPROCESSABLE_ENTITY || status == StatusCode::PAYLOAD_TOO_LARGE,
+            "{status} {body}"
+        );
+        let long = json!({ "input": "x".repeat(32_769) });
+        let (status, body) = s
+            .send(
+                "/v1/tasks",
+                s.client.post(&url).bearer_auth(&s.writer).json(&long),
+            )
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("input_too_long"))
+        );
+        for bad in [
+            json!({ "input": 5 }),
+            json!({ "input": "" }),
+            json!({ "input": "x", "workflow": "nope" }),
+            json!({ "input": "x", "requester": { "user_id": "" , "channel": "api" } }),
+        ] {
+            let (status, body) = s
+                .send(
+                    "/v1/tasks",
+                    s.client.post(&url).bearer_auth(&s.writer).json(&bad),
+                )
+                .await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+            assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+        }
+        let (status, body) = s
+            .send(
+                "/v1/tasks",
+                s.client
+                    .get(format!("{url}?limit=0"))
+                    .bearer_auth(&s.reader),
+            )
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_query"))
+        );
+        let (status, _) = s
+            .send(
+                "/v1/tasks",
+                s.client
+                    .get(format!("{url}?colour=red"))
+                    .bearer_auth(&s.reader),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        // Filters and pagination over the tasks view.
+        for i in 0..5 {
+            s.create("assistant", &format!("task {i}")).await;
+        }
+        // The view follows the log: wait until it holds all five.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, page) = s
+                .send(
+                    "/v1/tasks",
+                    s.client
+                        .get(format!("{url}?workflow=assistant"))
+                        .bearer_auth(&s.reader),
+                )
+                .await;
+            if page["tasks"].as_array().unwrap().len() == 5 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{page}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut ids = BTreeSet::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..10 {
+            let mut page_url = format!("{url}?limit=2&workflow=assistant");
+            if let Some(c) = &cursor {
+                page_url.push_str(&format!("&cursor={c}"));
+            }
+            let (status, page) = s
+                .send("/v1/tasks", s.client.get(&page_url).bearer_auth(&s.reader))
+                .await;
+            assert_eq!(status, StatusCode::OK);
+            for task in page["tasks"].as_array().unwrap() {
+                assert!(ids.insert(task["id"].as_str().unwrap().to_owned()));
+            }
+            cursor = page["next_cursor"].as_str().map(str::to_owned);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert_eq!(ids.len(), 5);
+        s.stop().await;
+    });
+}
+
+/// The committed document is the one the server serves; CI fails when they drift.
+#[test]
+fn the_committed_openapi_document_is_current() {
+    let current = stele_api::server::openapi().to_pretty_json().unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi/openapi.json");
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        committed.trim_end() == current.trim_end(),
+        "openapi/openapi.json is out of date: run `cargo run -- openapi > openapi/openapi.json`"
+    );
+    let document: Value = serde_json::from_str(&current).unwrap();
+    assert_eq!(document["openapi"], "3.1.0");
+}

@@ -1,0 +1,285 @@
+//! A real server for tests: a fresh store, the workflow runtime with its workers and process
+//! manager running, API keys, rate limits through the real Redis, on a random port.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use stele_aggregates::api_key::Scope;
+use stele_api::gate::KeyGate;
+use stele_api::keys::{KeyService, KeyServiceOptions};
+use stele_api::ratelimit::{RateLimit, RateLimiter};
+use stele_api::state::{AppState, Probe};
+use stele_engine::process::as_projection;
+use stele_engine::projection::ProjectionRunner;
+use stele_engine::queue::worker::WorkerOptions;
+use stele_engine::testing::TestDb;
+use stele_engine::{CommandMeta, Store};
+use stele_workflows::agents::ModelAgents;
+use stele_workflows::catalog::{self, Source};
+use stele_workflows::model::{ModelRouter, ModelsConfig};
+use stele_workflows::runtime::{Runtime, QUEUE};
+use stele_workflows::tools::Tools;
+use tokio::sync::watch;
+
+/// A workflow that waits for a human's approval.
+pub const APPROVAL: &str = r#"
+name: approval
+version: 1
+steps:
+  - id: draft
+    kind: agent
+    agent: vox
+    prompt: "{{ input }}"
+  - id: approve
+    kind: wait
+    signal: approval
+  - id: send
+    kind: reply
+    text: "approved by {{ steps.approve.output.by }}: {{ steps.draft.output }}"
+"#;
+
+/// The (method, route, status) of every request a test made.
+pub type Seen = Arc<Mutex<BTreeSet<(String, String, u16)>>>;
+
+pub struct Server {
+    pub base: String,
+    pub store: Store,
+    pub runtime: Arc<Runtime>,
+    pub admin: String,
+    pub reader: String,
+    pub writer: String,
+    pub client: reqwest::Client,
+    pub seen: Seen,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+    _db: TestDb,
+}
+
+pub struct Options {
+    pub rate: RateLimit,
+    pub redis: bool,
+    pub probe: Option<Arc<dyn Probe>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            rate: RateLimit {
+                per_second: 10_000.0,
+                burst: 10_000,
+            },
+            redis: true,
+            probe: None,
+        }
+    }
+}
+
+impl Server {
+    pub async fn start(options: Options) -> Server {
+        let db = TestDb::postgres().await;
+        let store = db.open().await;
+        let tools = Tools::builtin();
+        let router = ModelRouter::new(ModelsConfig::default()).unwrap();
+        let mut sources = catalog::builtin();
+        sources.push(Source {
+            file: "approval.yaml".into(),
+            yaml: APPROVAL.into(),
+        });
+        let catalog = catalog::build(&sources, &|a| router.agent(a).is_some(), &|t| {
+            tools.contains(t)
+        })
+        .unwrap();
+        let agents = Arc::new(ModelAgents::new(router, tools.clone()));
+        let runtime = Arc::new(Runtime::new(&store, catalog, agents, tools));
+        let mut projections = stele_projections::all();
+        projections.push(as_projection(runtime.manager(), store.queue.clone()));
+        let runner = Arc::new(ProjectionRunner::new(&store, projections));
+        runner.setup().await.unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let until = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        {
+            let runner = runner.clone();
+            let until = until();
+            tasks.spawn(async move {
+                runner.run(until).await.unwrap();
+            });
+        }
+        let worker = runtime.worker(WorkerOptions::new(QUEUE));
+        {
+            let until = until();
+            tasks.spawn(async move {
+                worker.run(until).await.unwrap();
+            });
+        }
+        let keys = Arc::new(KeyService::with_options(
+            store.log.clone(),
+            KeyServiceOptions::default(),
+        ));
+        let token = |name: &'static str, scopes: Vec<Scope>| {
+            let keys = keys.clone();
+            async move {
+                keys.create(name, scopes, "test", CommandMeta::new("test", "test"))
+                    .await
+                    .unwrap()
+                    .token
+            }
+        };
+        let admin = token("admin", vec![Scope::Admin]).await;
+        let reader = token("reader", vec![Scope::TasksRead]).await;
+        let writer = token("writer", vec![Scope::TasksWrite, Scope::TasksRead]).await;
+        let redis_url =
+            std::env::var("REDIS_URL").expect("REDIS_URL (scripts/test provisions Redis)");
+        let limiter = if options.redis {
+            RateLimiter::redis(options.rate, &redis_url).unwrap()
+        } else {
+            RateLimiter::in_process(options.rate).unwrap()
+        };
+        let gate = Arc::new(KeyGate {
+            keys,
+            limiter: Arc::new(limiter),
+        });
+        let mut state = AppState::new(&store, runtime.clone(), runner, gate);
+        state.probe = options.probe;
+        let app = stele_api::server::app(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        {
+            let until = until();
+            tasks.spawn(async move {
+                stele_api::server::serve(listener, app, until)
+                    .await
+                    .unwrap();
+            });
+        }
+        Server {
+            base,
+            store,
+            runtime,
+            admin,
+            reader,
+            writer,
+            client: reqwest::Client::new(),
+            seen: Arc::default(),
+            stop,
+            tasks,
+            _db: db,
+        }
+    }
+
+    /// Calls `route` (a template like `/v1/tasks/{id}`, with `params` filled in) and records the
+    /// status under the template.
+    pub async fn call(
+        &self,
+        method: Method,
+        route: &str,
+        params: &[(&str, &str)],
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut path = route.to_owned();
+        for (name, value) in params {
+            path = path.replace(&format!("{{{name}}}"), value);
+        }
+        let mut request = self
+            .client
+            .request(method.clone(), format!("{}{path}", self.base));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        self.record(&method, route, response.status());
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Sends a prepared request (raw bodies, headers) and records its status under `route`.
+    pub async fn send(&self, route: &str, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let request = request.build().unwrap();
+        let method = request.method().clone();
+        let response = self.client.execute(request).await.unwrap();
+        self.record(&method, route, response.status());
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let text = response.text().await.unwrap();
+        if status.is_client_error() || status.is_server_error() {
+            assert_eq!(
+                content_type.as_deref(),
+                Some("application/problem+json"),
+                "{route}: {status} {text}"
+            );
+        }
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub fn record(&self, method: &Method, route: &str, status: StatusCode) {
+        self.seen.lock().unwrap().insert((
+            method.as_str().to_lowercase(),
+            route.to_owned(),
+            status.as_u16(),
+        ));
+    }
+
+    /// Creates a task and returns its id.
+    pub async fn create(&self, workflow: &str, input: &str) -> String {
+        let (status, body) = self
+            .call(
+                Method::POST,
+                "/v1/tasks",
+                &[],
+                Some(&self.writer),
+                Some(serde_json::json!({ "input": input, "workflow": workflow })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until the task satisfies `done`.
+    pub async fn wait_for(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let response = self
+                .client
+                .get(format!("{}/v1/tasks/{id}", self.base))
+                .bearer_auth(&self.reader)
+                .send()
+                .await
+                .unwrap();
+            let body: Value = response.json().await.unwrap();
+            if done(&body) {
+                return body;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{body:#}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        self.store.close().await;
+    }
+}
