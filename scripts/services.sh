@@ -2,7 +2,8 @@
 #
 # scripts/services.sh — provision the external services the Stele test suite needs.
 #
-#   source scripts/services.sh        # exports DATABASE_URL, REDIS_URL, STELE_PG_BIN
+#   source scripts/services.sh        # exports DATABASE_URL, REDIS_URL, STELE_PG_BIN,
+#                                     # STELE_OPENAPI_VALIDATOR
 #   bash scripts/services.sh          # same, but prints `export ...` lines on stdout
 #   bash scripts/services.sh stop     # stops the PostgreSQL / redis *this script* started
 #
@@ -10,6 +11,7 @@
 #   DATABASE_URL  superuser URL of a PostgreSQL 16 server on which pgvector is available
 #   REDIS_URL     URL of a redis server answering PING
 #   STELE_PG_BIN  bin directory of the PostgreSQL 16 bundle (psql, pgbench, pg_isready, ...)
+#   STELE_OPENAPI_VALIDATOR  a python with openapi-spec-validator (checks the API document)
 #
 # Settings (environment variables, all optional):
 #   STELE_CACHE       where the PG bundle, the cluster and the private redis live.
@@ -361,6 +363,26 @@ _stele_redis_up() {
 # entry points
 # ---------------------------------------------------------------------------------------
 
+# A Python venv with the OpenAPI validator the API tests run against the served document.
+_stele_openapi_validator() {
+    local venv=$_STELE_CACHE/openapi-venv
+    if [[ -x $venv/bin/python ]] && "$venv/bin/python" -c 'import openapi_spec_validator' 2>/dev/null; then
+        STELE_OPENAPI_VALIDATOR=$venv/bin/python
+        return 0
+    fi
+    _stele_log "installing openapi-spec-validator (PyPI) into $venv"
+    local py
+    py=$(command -v python3 || command -v python) || { _stele_err "python3 not found (needed for the OpenAPI validator)"; return 1; }
+    rm -rf "$venv"
+    if "$py" -m venv "$venv" >&2 && "$venv/bin/pip" install --quiet --disable-pip-version-check \
+        "openapi-spec-validator==0.7.*" >&2; then
+        STELE_OPENAPI_VALIDATOR=$venv/bin/python
+    else
+        _stele_err "could not install openapi-spec-validator (is PyPI reachable?)"
+        return 1
+    fi
+}
+
 _stele_services_up() {
     _stele_init_vars
     mkdir -p "$_STELE_CACHE" || { _stele_err "cannot create STELE_CACHE=$_STELE_CACHE"; return 1; }
@@ -389,12 +411,13 @@ _stele_services_up() {
         fi
     fi
     ((rc == 0)) && { _stele_redis_up || rc=1; }
+    ((rc == 0)) && { _stele_openapi_validator || rc=1; }
 
     _stele_close_lock
     unset _STELE_LOCKFD
     if ((rc == 0)); then
         STELE_PG_BIN=$_STELE_PG_BINDIR
-        export DATABASE_URL REDIS_URL STELE_PG_BIN
+        export DATABASE_URL REDIS_URL STELE_PG_BIN STELE_OPENAPI_VALIDATOR
     fi
     return "$rc"
 }
@@ -458,4 +481,5 @@ if [[ ${1:-up} == up || ${1:-} == start ]]; then
     printf 'export DATABASE_URL=%q\n' "$DATABASE_URL"
     printf 'export REDIS_URL=%q\n' "$REDIS_URL"
     printf 'export STELE_PG_BIN=%q\n' "$STELE_PG_BIN"
+    printf 'export STELE_OPENAPI_VALIDATOR=%q\n' "$STELE_OPENAPI_VALIDATOR"
 fi

@@ -877,3 +877,35 @@ fn the_committed_openapi_document_is_current() {
     let document: Value = serde_json::from_str(&current).unwrap();
     assert_eq!(document["openapi"], "3.1.0");
 }
+
+/// The document validates as OpenAPI 3.1 (openapi-spec-validator, provisioned by scripts/test).
+#[test]
+fn the_openapi_document_validates_as_openapi_3_1() {
+    let python = std::env::var("STELE_OPENAPI_VALIDATOR")
+        .expect("STELE_OPENAPI_VALIDATOR is not set: run the suite with scripts/test");
+    let dir = tempfile_dir();
+    let path = dir.join("openapi.json");
+    std::fs::write(
+        &path,
+        stele_api::server::openapi().to_pretty_json().unwrap(),
+    )
+    .unwrap();
+    let output = std::process::Command::new(python)
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("stele-openapi-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
