@@ -224,6 +224,7 @@ fn up_runs_until_terminated() {
     let data_dir = dir.join("data");
     let mut child = stele()
         .args(["up", "--data-dir", &data_dir.display().to_string()])
+        .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -402,10 +403,12 @@ fn projections_streams_and_replay() {
     assert_one_line_error(&not_failed, 1, "skip is not possible");
 }
 
-/// Starts `stele up` on `data_dir` (with `extra` arguments) and waits for its start-up line.
+/// Starts `stele up` on `data_dir` (with `extra` arguments, the API on a free port) and waits
+/// for its start-up line.
 fn start_up(data_dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
     let mut child = stele()
         .args(["up", "--data-dir", &data_dir.display().to_string()])
+        .args(["--listen", "127.0.0.1:0"])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -653,4 +656,151 @@ fn the_workflow_benchmark_prints_json() {
         assert!(figure["steps_per_sec"].as_f64().unwrap() > 0.0);
         assert!(figure["task_latency"]["p95_ms"].as_f64().unwrap() > 0.0);
     }
+}
+
+/// Reads `child`'s stderr until the start-up line; returns the API's address when it printed one.
+fn wait_until_up(child: &mut std::process::Child) -> Option<String> {
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut address = None;
+    let mut line = String::new();
+    while !line.contains("stele is up") {
+        assert!(Instant::now() < deadline, "no start-up line");
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "exited early");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            address = rest.split(';').next().map(str::to_owned);
+        }
+    }
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+            sink.clear();
+        }
+    });
+    address
+}
+
+fn terminate(child: &mut std::process::Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn serve_and_worker_run_on_postgres_and_stop_cleanly() {
+    let runtime = runtime();
+    let db = runtime.block_on(TestDb::postgres());
+    let StoreLocation::Postgres(url) = db.location.clone() else {
+        unreachable!()
+    };
+    let redis = std::env::var("REDIS_URL").unwrap();
+    let created = run(&[
+        "keys",
+        "create",
+        "--name",
+        "ops",
+        "--scope",
+        "admin,tasks:write",
+        "--database-url",
+        &url,
+        "--json",
+    ]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let key = serde_json::from_slice::<Value>(&created.stdout).unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let listed = run(&["keys", "list", "--json", "--database-url", &url]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("\"name\":\"ops\""));
+
+    let mut serve = stele()
+        .args(["serve", "--database-url", &url, "--redis-url", &redis])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let address = wait_until_up(&mut serve).expect("serve prints where it listens");
+    let mut worker = stele()
+        .args(["worker", "--database-url", &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(wait_until_up(&mut worker), None, "a worker serves no API");
+
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let ready: Value = client
+            .get(format!("http://{address}/health/ready"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(ready["ready"], true, "{ready}");
+        assert_eq!(ready["redis"]["ok"], true, "{ready}");
+        let created = client
+            .post(format!("http://{address}/v1/tasks"))
+            .bearer_auth(&key)
+            .json(&json!({ "input": "hello", "workflow": "assistant" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        let id = created.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let task: Value = client
+                .get(format!("http://{address}/v1/tasks/{id}"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if task["status"] == "completed" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{task}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let docs = client
+            .get(format!("http://{address}/docs/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(docs.status(), 200);
+        let metrics = client
+            .get(format!("http://{address}/metrics"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("stele_http_request_duration_seconds"),
+            "{metrics}"
+        );
+    });
+    terminate(&mut serve);
+    terminate(&mut worker);
+
+    let document = run(&["openapi"]);
+    let document: Value = serde_json::from_slice(&document.stdout).unwrap();
+    assert_eq!(document["openapi"], "3.1.0");
+    let missing = run(&["serve"]);
+    assert_one_line_error(&missing, 1, "a PostgreSQL URL is needed");
+    drop(db);
 }

@@ -5,6 +5,7 @@
 //! PostgreSQL server named by `--database-url` (the role needs CREATEDB) and a fresh embedded store
 //! in a temporary directory.
 
+mod api;
 mod append;
 mod probe;
 mod queue;
@@ -35,6 +36,8 @@ pub enum BenchCommand {
     Latency(queue::LatencyArgs),
     /// Runs of a five-step workflow of no-op agent steps, end to end.
     Workflow(workflow::WorkflowBenchArgs),
+    /// Task creations and reads per second through the HTTP API (PostgreSQL).
+    Api(api::ApiBenchArgs),
 }
 
 /// Where a scenario runs.
@@ -58,6 +61,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Queue(args) => serde_json::to_value(queue::throughput(args).await?)?,
         BenchCommand::Latency(args) => serde_json::to_value(queue::latency(args).await?)?,
         BenchCommand::Workflow(args) => serde_json::to_value(workflow::run(args).await?)?,
+        BenchCommand::Api(args) => serde_json::to_value(api::run(args).await?)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -151,9 +151,25 @@ pub async fn create_task(
             meta,
         )
         .await?;
-    let view = state.runtime.task(&task_id).await?;
-    if !new {
+    let (status, answer) = if new {
+        // Just recorded: answer from the request instead of reading it back.
+        let answer = TaskBody {
+            id: task_id.clone(),
+            status: "pending".into(),
+            input: request.input,
+            workflow: request.workflow,
+            requester: Some(RequesterBody {
+                user_id: requester.user_id,
+                channel: requester.channel,
+            }),
+            result: None,
+            error: None,
+            run: None,
+        };
+        (StatusCode::CREATED, answer)
+    } else {
         // The idempotency key was used before: the same request again, or a reuse of the key.
+        let view = state.runtime.task(&task_id).await?;
         let same = view.task.input == request.input
             && view.task.requester.as_ref() == Some(&requester)
             && (request.workflow.is_none() || view.task.workflow == request.workflow);
@@ -163,13 +179,9 @@ pub async fn create_task(
                 "this Idempotency-Key was used for a task with another body",
             ));
         }
-    }
-    let status = if new {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
+        (StatusCode::OK, body(&view))
     };
-    let mut response = (status, Json(body(&view))).into_response();
+    let mut response = (status, Json(answer)).into_response();
     if let Ok(location) = format!("/v1/tasks/{task_id}").parse() {
         response
             .headers_mut()
