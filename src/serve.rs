@@ -183,7 +183,9 @@ pub async fn run_node(
             keys: service,
             limiter: limiter.clone(),
         });
-        let mut state = AppState::new(&store, runtime.clone(), runner.clone(), gate);
+        let mut state = AppState::new(&store, runtime.clone(), runner.clone(), gate)
+            .with_task_cache(100_000)
+            .await;
         state.metrics = Some(prometheus()?);
         if let Some(url) = &node.redis_url {
             state.probe = Some(Arc::new(

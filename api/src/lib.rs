@@ -4,6 +4,7 @@
 //! - [`routes`]: tasks (create, list, read, events, cancel, signals, live progress over SSE and
 //!   WebSocket), operators' routes, health and metrics;
 //! - [`wire`]: the request and response types the document describes;
+//! - [`cache`]: task views in memory for reads, kept current by following the log;
 //! - [`auth`], [`gate`], [`keys`], [`ratelimit`]: API keys with scopes (recorded as events, only
 //!   their hash stored) and per-key rate limits (shared through Redis when configured), which
 //!   every route but health passes;
@@ -11,6 +12,7 @@
 //! - [`json`]: strict JSON bodies (content type, depth, unknown fields, types).
 
 pub mod auth;
+pub mod cache;
 pub mod gate;
 pub mod json;
 pub mod keys;

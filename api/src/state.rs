@@ -32,9 +32,17 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// `/health/ready` fails when a projection lags more than this.
     pub max_lag_seconds: f64,
+    /// Task views in memory, for reads (see [`crate::cache`]).
+    pub tasks: Option<crate::cache::TaskCache>,
 }
 
 impl AppState {
+    /// Serves task reads from memory, kept current by following the log.
+    pub async fn with_task_cache(mut self, capacity: u64) -> Self {
+        self.tasks = Some(crate::cache::TaskCache::start(self.log.clone(), capacity).await);
+        self
+    }
+
     pub fn new(
         store: &Store,
         runtime: Arc<Runtime>,
@@ -51,6 +59,7 @@ impl AppState {
             probe: None,
             metrics: None,
             max_lag_seconds: 60.0,
+            tasks: None,
         }
     }
 }

@@ -122,6 +122,28 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             );
         }
 
+        let bad_query = s
+            .client
+            .get(format!("{url}/{task}?consistent=maybe"))
+            .bearer_auth(&reader);
+        assert_eq!(
+            s.send("/v1/tasks/{id}", bad_query).await.0,
+            StatusCode::BAD_REQUEST
+        );
+        let (status, fresh) = s
+            .call(
+                GET,
+                "/v1/tasks/{id}?consistent=true",
+                &[("id", &task)],
+                Some(&reader),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, &fresh["status"]),
+            (StatusCode::OK, &json!("completed"))
+        );
+
         // Cancel and signal: accepted, malformed, missing, finished.
         let waiting = s.create("approval", "ship it?").await;
         s.wait_for(&waiting, |t| t["run"]["current_step"] == "approve")
@@ -908,4 +930,45 @@ fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("stele-openapi-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A cached task view follows the log: its progress shows up without waiting for the entry to
+/// expire.
+#[test]
+fn task_reads_from_memory_follow_the_log() {
+    runtime().block_on(async {
+        let s = Server::start(Options::default()).await;
+        let task = s.create("approval", "deploy sunday").await;
+        s.wait_for(&task, |t| t["run"]["current_step"] == "approve")
+            .await;
+        let started = tokio::time::Instant::now();
+        s.call(
+            POST,
+            "/v1/tasks/{id}/signals/{name}",
+            &[("id", &task), ("name", "approval")],
+            Some(&s.writer),
+            Some(json!({ "payload": { "by": "cy" } })),
+        )
+        .await;
+        let done = s.wait_for(&task, |t| t["status"] == "completed").await;
+        assert!(
+            started.elapsed() < stele_api::cache::TTL,
+            "the view was refreshed by expiry, not by the log"
+        );
+        assert_eq!(
+            done["run"]["replies"][0],
+            "approved by cy: [vox] deploy sunday"
+        );
+        let (_, fresh) = s
+            .call(
+                GET,
+                "/v1/tasks/{id}?consistent=true",
+                &[("id", &task)],
+                Some(&s.reader),
+                None,
+            )
+            .await;
+        assert_eq!(fresh, done);
+        s.stop().await;
+    });
 }

@@ -92,7 +92,10 @@ async fn measure(scratch: &Scratch, args: &ApiBenchArgs) -> anyhow::Result<Vec<F
         keys,
         limiter: Arc::new(limiter),
     });
-    let app = stele_api::server::app(AppState::new(&store, runtime, runner, gate));
+    let state = AppState::new(&store, runtime, runner, gate)
+        .with_task_cache(100_000)
+        .await;
+    let app = stele_api::server::app(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

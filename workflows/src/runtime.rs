@@ -116,6 +116,10 @@ pub struct TaskView {
     #[serde(flatten)]
     pub task: Task,
     pub run: Option<WorkflowRun>,
+    /// The last sequence of the task's stream and of its run's (0 without a run) this view
+    /// includes.
+    #[serde(skip)]
+    pub versions: (i64, i64),
 }
 
 /// Job payloads.
@@ -413,14 +417,18 @@ impl Runtime {
         if version == 0 {
             return Err(RuntimeError::UnknownTask(task_id.to_owned()));
         }
-        let run = match &task.run_id {
-            Some(run_id) => Some(self.runs.load(run_id).await?.0),
-            None => None,
+        let (run, run_version) = match &task.run_id {
+            Some(run_id) => {
+                let (run, version) = self.runs.load(run_id).await?;
+                (Some(run), version)
+            }
+            None => (None, 0),
         };
         Ok(TaskView {
             task_id: task_id.to_owned(),
             task,
             run,
+            versions: (version, run_version),
         })
     }
 

@@ -190,12 +190,26 @@ pub async fn create_task(
     Ok(response)
 }
 
+/// How fresh a read must be.
+#[derive(Clone, Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ReadQuery {
+    /// Read the log itself rather than the server's in-memory view (which may be a few
+    /// milliseconds behind).
+    pub consistent: Option<bool>,
+}
+
 /// Read a task with its run's progress.
+///
+/// Served from the server's in-memory view of recent tasks, which follows the log within
+/// milliseconds; `?consistent=true` reads the log itself.
 #[utoipa::path(
     get, path = "/v1/tasks/{id}", tag = "tasks",
-    params(("id" = String, Path, description = "The task's id")),
+    params(("id" = String, Path, description = "The task's id"), ReadQuery),
     responses(
         (status = 200, description = "The task", body = TaskBody),
+        (status = 400, description = "Invalid query", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
@@ -207,9 +221,22 @@ pub async fn get_task(
     State(state): State<AppState>,
     _caller: CanRead,
     Path(id): Path<String>,
+    StrictQuery(query): StrictQuery<ReadQuery>,
 ) -> Result<Json<TaskBody>, ApiError> {
+    if !query.consistent.unwrap_or(false) {
+        if let Some(view) = match &state.tasks {
+            Some(cache) => cache.get(&id).await,
+            None => None,
+        } {
+            return Ok(Json(body(&view)));
+        }
+    }
     let view = state.runtime.task(&id).await?;
-    Ok(Json(body(&view)))
+    let answer = body(&view);
+    if let Some(cache) = &state.tasks {
+        cache.insert(view).await;
+    }
+    Ok(Json(answer))
 }
 
 /// A task's full history: its events, its run's and its child runs', in order.

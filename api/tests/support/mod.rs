@@ -148,7 +148,9 @@ impl Server {
             keys,
             limiter: Arc::new(limiter),
         });
-        let mut state = AppState::new(&store, runtime.clone(), runner, gate);
+        let mut state = AppState::new(&store, runtime.clone(), runner, gate)
+            .with_task_cache(1000)
+            .await;
         state.probe = options.probe;
         let app = stele_api::server::app(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

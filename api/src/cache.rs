@@ -1,0 +1,127 @@
+//! Task reads from memory: a bounded cache of task views, filled on a miss from the log and
+//! kept current by following the log, so hot `GET /v1/tasks/{id}` requests need no database
+//! round trip.
+//!
+//! Each process keeps its own cache (processes stay stateless: it is rebuilt from the log). A
+//! view is at most a few milliseconds behind the log while the follower keeps up; an entry the
+//! follower cannot vouch for (it missed an event) is dropped, and every entry expires after
+//! [`TTL`], which bounds staleness even in the worst race. `?consistent=true` reads the log.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use stele_aggregates::task::TaskEvent;
+use stele_aggregates::workflow_run::{RunEvent, WorkflowRun};
+use stele_engine::log::{subscribe, SubscriptionOptions};
+use stele_engine::{EventLog, RecordedEvent};
+use stele_workflows::runtime::TaskView;
+
+/// How long an entry may be served without being reloaded.
+pub const TTL: Duration = Duration::from_secs(2);
+
+/// Task views by task id (and the run ids they follow).
+#[derive(Clone)]
+pub struct TaskCache {
+    views: Cache<String, Arc<TaskView>>,
+    /// Run id → task id, for the runs of cached tasks.
+    runs: Cache<String, String>,
+}
+
+impl TaskCache {
+    /// A cache of up to `capacity` tasks, kept current by a task that follows `log` from its head
+    /// (it stops when the log closes).
+    pub async fn start(log: Arc<dyn EventLog>, capacity: u64) -> Self {
+        let cache = TaskCache {
+            views: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(TTL)
+                .build(),
+            runs: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(TTL)
+                .build(),
+        };
+        let head = log.head().await.unwrap_or_default();
+        let follower = cache.clone();
+        tokio::spawn(async move {
+            let mut subscription = subscribe(log, head, SubscriptionOptions::default());
+            while let Ok(event) = subscription.next().await {
+                follower.apply(&event).await;
+            }
+        });
+        cache
+    }
+
+    pub async fn get(&self, task_id: &str) -> Option<Arc<TaskView>> {
+        self.views.get(task_id).await
+    }
+
+    /// Caches a view read from the log.
+    pub async fn insert(&self, view: TaskView) {
+        if let Some(run_id) = &view.task.run_id {
+            self.runs.insert(run_id.clone(), view.task_id.clone()).await;
+        }
+        self.views
+            .insert(view.task_id.clone(), Arc::new(view))
+            .await;
+    }
+
+    async fn apply(&self, event: &RecordedEvent) {
+        let id = &event.stream.aggregate_id;
+        let task_id = match event.stream.aggregate_type.as_str() {
+            "task" => id.clone(),
+            "workflow_run" => match self.runs.get(id).await {
+                Some(task_id) => task_id,
+                None => return,
+            },
+            _ => return,
+        };
+        let Some(current) = self.views.get(&task_id).await else {
+            return;
+        };
+        let mut view = (*current).clone();
+        let applied = if event.stream.aggregate_type == "task" {
+            next(&mut view.versions.0, event.sequence).and_then(|()| {
+                let decoded: TaskEvent = serde_json::from_value(event.payload.clone()).ok()?;
+                cqrs_es::Aggregate::apply(&mut view.task, decoded);
+                Some(())
+            })
+        } else {
+            next(&mut view.versions.1, event.sequence).and_then(|()| {
+                let decoded: RunEvent = serde_json::from_value(event.payload.clone()).ok()?;
+                let run = view.run.get_or_insert_with(WorkflowRun::default);
+                cqrs_es::Aggregate::apply(run, decoded);
+                Some(())
+            })
+        };
+        match applied {
+            Some(()) => {
+                if let Some(run_id) = &view.task.run_id {
+                    if !self.runs.contains_key(run_id) {
+                        self.runs.insert(run_id.clone(), task_id.clone()).await;
+                    }
+                }
+                self.views.insert(task_id, Arc::new(view)).await;
+            }
+            // Already included, or an event was missed: only a reload can tell.
+            None if event.sequence > view_version(&current, event) => {
+                self.views.invalidate(&task_id).await
+            }
+            None => {}
+        }
+    }
+}
+
+fn view_version(view: &TaskView, event: &RecordedEvent) -> i64 {
+    if event.stream.aggregate_type == "task" {
+        view.versions.0
+    } else {
+        view.versions.1
+    }
+}
+
+/// Moves `version` to `sequence` when it is the next one.
+fn next(version: &mut i64, sequence: i64) -> Option<()> {
+    (sequence == *version + 1).then(|| *version = sequence)
+}
