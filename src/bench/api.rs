@@ -34,6 +34,10 @@ pub struct ApiBenchArgs {
     /// Concurrent client connections.
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// Load generator: `wrk` (when installed; a separate process, as in production) or
+    /// `client` (in-process HTTP clients, which share the server's cores).
+    #[arg(long, default_value = "auto")]
+    load: String,
 }
 
 #[derive(Serialize)]
@@ -42,6 +46,7 @@ pub struct Report {
     date: String,
     machine: Machine,
     connections: usize,
+    load_generator: &'static str,
     results: Vec<Figure>,
 }
 
@@ -52,12 +57,19 @@ pub struct Figure {
     errors: usize,
     seconds: f64,
     requests_per_sec: f64,
-    latency: Latency,
+    /// Percentiles in milliseconds (wrk reports p50, p90, p99).
+    latency: serde_json::Value,
 }
 
 pub async fn run(args: ApiBenchArgs) -> anyhow::Result<Report> {
+    let wrk = match args.load.as_str() {
+        "wrk" => true,
+        "client" => false,
+        "auto" => which_wrk(),
+        other => anyhow::bail!("unknown load generator {other:?} (wrk, client or auto)"),
+    };
     let scratch = Scratch::postgres(&args.database_url).await?;
-    let result = measure(&scratch, &args).await;
+    let result = measure(&scratch, &args, wrk).await;
     scratch.remove().await;
     let results = result?;
     Ok(Report {
@@ -65,11 +77,95 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<Report> {
         date: chrono::Utc::now().to_rfc3339(),
         machine: Machine::this(),
         connections: args.connections,
+        load_generator: if wrk { "wrk" } else { "client" },
         results,
     })
 }
 
-async fn measure(scratch: &Scratch, args: &ApiBenchArgs) -> anyhow::Result<Vec<Figure>> {
+fn which_wrk() -> bool {
+    std::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .is_ok()
+}
+
+/// Runs wrk with `script` (Lua) against `url` and reads its figures.
+async fn wrk(
+    name: &'static str,
+    args: &ApiBenchArgs,
+    url: &str,
+    script: &str,
+) -> anyhow::Result<Figure> {
+    let dir = std::env::temp_dir().join(format!("stele-wrk-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("script.lua");
+    std::fs::write(&path, script)?;
+    let output = tokio::process::Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{}", args.connections),
+            &format!("-d{}s", args.seconds),
+            "--latency",
+            "-s",
+        ])
+        .arg(&path)
+        .arg(url)
+        .output()
+        .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = output?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "wrk failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let number = |prefix: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    let millis = |label: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .map(|v| v.trim())
+            .map_or(0.0, |v| {
+                let (n, unit) = v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap_or(v.len()));
+                let n: f64 = n.parse().unwrap_or(0.0);
+                match unit {
+                    "us" => n / 1000.0,
+                    "s" => n * 1000.0,
+                    _ => n,
+                }
+            })
+    };
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0usize);
+    let errors = number("Non-2xx or 3xx responses:").unwrap_or(0.0) as usize;
+    Ok(Figure {
+        request: name,
+        requests,
+        errors,
+        seconds: args.seconds as f64,
+        requests_per_sec: number("Requests/sec:").unwrap_or(0.0).round(),
+        latency: serde_json::json!({
+            "p50_ms": millis("50%"),
+            "p90_ms": millis("90%"),
+            "p99_ms": millis("99%"),
+        }),
+    })
+}
+
+async fn measure(
+    scratch: &Scratch,
+    args: &ApiBenchArgs,
+    use_wrk: bool,
+) -> anyhow::Result<Vec<Figure>> {
     let store = Store::open(scratch.location.clone(), Migrate::Apply).await?;
     let runtime = WorkflowArgs::default().runtime(&store).await?;
     let runner = Arc::new(ProjectionRunner::new(&store, stele_projections::all()));
@@ -102,6 +198,46 @@ async fn measure(scratch: &Scratch, args: &ApiBenchArgs) -> anyhow::Result<Vec<F
     let server = tokio::spawn(stele_api::server::serve(listener, app, async {
         let _ = stopped.await;
     }));
+    if use_wrk {
+        let post = format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"Authorization\"] = \"Bearer {key}\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{{\"input\": \"hello\", \"workflow\": \"assistant\"}}'\n"
+        );
+        let create = wrk("POST /v1/tasks", args, &format!("{base}/v1/tasks"), &post).await?;
+        // Read back ids of created tasks straight from the log (the tasks view is not run here).
+        let mut ids = Vec::new();
+        let mut after = stele_engine::Position::START;
+        while ids.len() < 10_000 {
+            let batch = store.log.read_log(after, 5000).await?;
+            let Some(last) = batch.events.last() else {
+                break;
+            };
+            after = last.position;
+            ids.extend(
+                batch
+                    .events
+                    .iter()
+                    .filter(|e| e.event_type == "TaskCreated")
+                    .map(|e| e.stream.aggregate_id.clone()),
+            );
+        }
+        anyhow::ensure!(!ids.is_empty(), "no task was created");
+        let list: Vec<String> = ids.iter().map(|id| format!("\"{id}\"")).collect();
+        let get = format!(
+            "ids = {{{}}}\nwrk.headers[\"Authorization\"] = \"Bearer {key}\"\ncounter = 0\nrequest = function()\n  counter = counter + 1\n  return wrk.format(\"GET\", \"/v1/tasks/\" .. ids[(counter % #ids) + 1])\nend\n",
+            list.join(",")
+        );
+        let read = wrk(
+            "GET /v1/tasks/{id}",
+            args,
+            &format!("{base}/v1/tasks"),
+            &get,
+        )
+        .await?;
+        let _ = stop.send(());
+        server.await??;
+        store.close().await;
+        return Ok(vec![create, read]);
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)
         .build()?;
@@ -196,6 +332,6 @@ where
         errors,
         seconds: (seconds * 1000.0).round() / 1000.0,
         requests_per_sec: (samples.len() as f64 / seconds).round(),
-        latency: Latency::of(samples),
+        latency: serde_json::to_value(Latency::of(samples)).unwrap_or_default(),
     }
 }
