@@ -167,6 +167,33 @@ pub async fn run_node(
         let stopped = until_stopped();
         tasks.spawn(async move { runner.run(stopped).await.map_err(anyhow::Error::from) });
     }
+    {
+        // Queue depth as gauges: `stele_queue_jobs{queue, state}`.
+        let queue = store.queue.clone();
+        let stopped = until_stopped();
+        tasks.spawn(async move {
+            let report = async {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    every.tick().await;
+                    match queue.depth().await {
+                        Ok(depth) => {
+                            for (name, state, jobs) in depth {
+                                metrics::gauge!("stele_queue_jobs", "queue" => name, "state" => state.as_str())
+                                    .set(jobs as f64);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reading the queue depth failed"),
+                    }
+                }
+            };
+            tokio::select! {
+                _ = report => {}
+                _ = stopped => {}
+            }
+            Ok(())
+        });
+    }
     if roles.workers {
         let worker = runtime.worker(WorkerOptions {
             concurrency: node.concurrency,

@@ -717,9 +717,17 @@ fn serve_and_worker_run_on_postgres_and_stop_cleanly() {
     let listed = run(&["keys", "list", "--json", "--database-url", &url]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains("\"name\":\"ops\""));
 
+    // Settings from a configuration file; the command line adds the database.
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("stele.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:0\"\nredis_url = \"{redis}\"\n[rate_limit]\nper_second = 500.0\nburst = 1000\n"),
+    )
+    .unwrap();
     let mut serve = stele()
-        .args(["serve", "--database-url", &url, "--redis-url", &redis])
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["serve", "--database-url", &url])
+        .args(["--config", &config.display().to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -802,5 +810,8 @@ fn serve_and_worker_run_on_postgres_and_stop_cleanly() {
     assert_eq!(document["openapi"], "3.1.0");
     let missing = run(&["serve"]);
     assert_one_line_error(&missing, 1, "a PostgreSQL URL is needed");
+    std::fs::write(&config, "listen = 5\n").unwrap();
+    let bad = run(&["serve", "--config", &config.display().to_string()]);
+    assert_one_line_error(&bad, 1, "stele.toml");
     drop(db);
 }

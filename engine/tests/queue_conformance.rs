@@ -336,6 +336,15 @@ async fn jobs_are_cancelled_by_idempotency_key(store: &Store) {
     );
     assert!(queue.cancel_keyed(&keys).await.unwrap().is_empty());
     assert!(queue.cancel_keyed(&[]).await.unwrap().is_empty());
+    let mut depth = queue.depth().await.unwrap();
+    depth.sort_by_key(|(queue, state, _)| (queue.clone(), state.as_str()));
+    assert_eq!(
+        depth,
+        vec![
+            ("default".to_owned(), JobState::Available, 1),
+            ("default".to_owned(), JobState::Cancelled, 2),
+        ]
+    );
 }
 
 async fn expired_leases_are_rescued(store: &Store) {

@@ -71,6 +71,22 @@ impl Agents for ModelAgents {
                 .router
                 .call(&request.agent, messages.clone(), &overrides)
                 .await;
+            for call in &reply.calls {
+                let outcome = if call.error.is_none() { "ok" } else { "error" };
+                metrics::counter!(
+                    "stele_model_calls_total",
+                    "provider" => call.provider.clone(),
+                    "model" => call.model.clone(),
+                    "outcome" => outcome
+                )
+                .increment(1);
+                metrics::histogram!("stele_model_call_duration_seconds", "provider" => call.provider.clone())
+                    .record(call.latency_ms as f64 / 1000.0);
+                metrics::counter!("stele_model_tokens_total", "provider" => call.provider.clone(), "direction" => "in")
+                    .increment(u64::from(call.input_tokens));
+                metrics::counter!("stele_model_tokens_total", "provider" => call.provider.clone(), "direction" => "out")
+                    .increment(u64::from(call.output_tokens));
+            }
             calls.extend(
                 reply
                     .calls

@@ -304,6 +304,9 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Cancels an available or running job.
     async fn cancel(&self, id: Uuid) -> Result<Job, QueueError>;
 
+    /// How many jobs each queue holds in each state (for the queue-depth gauges).
+    async fn depth(&self) -> Result<Vec<(String, JobState, i64)>, QueueError>;
+
     /// Cancels the available or running jobs that carry one of these idempotency keys (a
     /// cancelled workflow run cancels its queued steps); returns them. Keys with no such job are
     /// skipped.

@@ -301,8 +301,26 @@ async fn claim_ahead(
     }
 }
 
-/// Runs one job: its handler under the job's timeout, panics caught.
+/// Runs one job: its handler under the job's timeout, panics caught. Counts the outcome
+/// (`stele_jobs_finished_total` by kind and outcome) and times it (`stele_job_duration_seconds`).
 async fn run_one(handler: Option<Handler>, job: Job) -> Outcome {
+    let kind = job.kind.clone();
+    let started = std::time::Instant::now();
+    let outcome = attempt(handler, job).await;
+    let label = match &outcome {
+        Outcome::Completed => "completed",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Snoozed { .. } => "snoozed",
+        Outcome::Cancelled { .. } => "cancelled",
+    };
+    metrics::counter!("stele_jobs_finished_total", "kind" => kind.clone(), "outcome" => label)
+        .increment(1);
+    metrics::histogram!("stele_job_duration_seconds", "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+    outcome
+}
+
+async fn attempt(handler: Option<Handler>, job: Job) -> Outcome {
     let Some(handler) = handler else {
         return Outcome::Failed {
             error: format!("no handler for job kind {:?}", job.kind),
