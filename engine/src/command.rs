@@ -191,6 +191,53 @@ impl<A: Aggregate> CommandBus<A> {
     }
 }
 
+impl<A: Aggregate> CommandBus<A>
+where
+    A::Command: Clone,
+{
+    /// Handles a command that creates `aggregate_id`, without reading the stream first: the
+    /// command is decided on the empty aggregate and appended expecting a new stream. If the
+    /// stream exists after all (or the empty aggregate refuses the command), it falls back to
+    /// [`CommandBus::execute`], which loads the stream and decides again; a repeated command id
+    /// answers its first outcome as usual. For creations this saves the read of a stream that is
+    /// known to be empty (a fresh id).
+    pub async fn create(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        meta: CommandMeta,
+    ) -> Result<Executed, CommandError<A::Error>> {
+        let mut aggregate = A::default();
+        let sink = EventSink::default();
+        if aggregate
+            .handle(command.clone(), &self.services, &sink)
+            .await
+            .is_err()
+        {
+            return self.execute(aggregate_id, command, meta).await;
+        }
+        let events = sink.collect().await;
+        if events.is_empty() {
+            return self.execute(aggregate_id, command, meta).await;
+        }
+        let request = AppendRequest {
+            command_id: meta.command_id,
+            stream: Self::stream(aggregate_id),
+            expected_sequence: 0,
+            events: events
+                .into_iter()
+                .map(|event| new_event(&event, &meta))
+                .collect::<Result<_, _>>()?,
+        };
+        match self.log.append(request).await {
+            Ok(AppendOutcome::Appended(outcome)) => Ok(Executed::Appended(outcome)),
+            Ok(AppendOutcome::Duplicate(first)) => Ok(Executed::Duplicate(first)),
+            Err(LogError::Conflict { .. }) => self.execute(aggregate_id, command, meta).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 /// Serializes a domain event with the command's metadata and a fresh UUIDv7 event id.
 pub fn new_event<E: DomainEvent>(event: &E, meta: &CommandMeta) -> Result<NewEvent, LogError> {
     Ok(NewEvent {

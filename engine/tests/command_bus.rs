@@ -262,6 +262,63 @@ async fn a_repeated_command_returns_its_first_outcome(store: &Store) {
     assert_eq!(bus.load("idem").await.unwrap().0.lines, vec!["a"]);
 }
 
+async fn creations_skip_the_read_and_fall_back_when_the_stream_exists(store: &Store) {
+    let bus = bus(store);
+    let meta = new_meta();
+    let created = bus
+        .create(
+            "fresh",
+            NoteCommand::Create {
+                title: "new".into(),
+            },
+            meta.clone(),
+        )
+        .await
+        .unwrap();
+    let Executed::Appended(outcome) = &created else {
+        panic!("{created:?}")
+    };
+    assert_eq!((outcome.first_sequence, outcome.last_sequence), (1, 1));
+    // The same command again: its first outcome.
+    let again = bus
+        .create(
+            "fresh",
+            NoteCommand::Create {
+                title: "new".into(),
+            },
+            meta,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, Executed::Duplicate(outcome.clone()));
+    // Another creation of an existing stream falls back to the full path, which refuses it.
+    let refused = bus
+        .create(
+            "fresh",
+            NoteCommand::Create {
+                title: "other".into(),
+            },
+            new_meta(),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(CommandError::Rejected(NoteError::Exists))),
+        "{refused:?}"
+    );
+    // A command the empty aggregate refuses is decided on the loaded stream instead.
+    let added = bus
+        .create(
+            "fresh",
+            NoteCommand::AddLine { line: "l".into() },
+            new_meta(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(added, Executed::Appended(_)));
+    let (note, version) = bus.load("fresh").await.unwrap();
+    assert_eq!((note.lines, version), (vec!["l".to_owned()], 2));
+}
+
 async fn an_old_event_version_is_upcast_on_read(store: &Store) {
     // A v1 event as an older release stored it.
     let meta = new_meta();
@@ -335,6 +392,7 @@ async fn cqrs_es_framework_runs_on_the_log(store: &Store) {
 }
 
 for_each_backend!(
+    creations_skip_the_read_and_fall_back_when_the_stream_exists,
     commands_append_events_with_their_metadata,
     racing_commands_are_retried_until_all_apply,
     a_repeated_command_returns_its_first_outcome,

@@ -143,9 +143,9 @@ async fn measure(
                 let mut latencies = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let begun = Instant::now();
-                    // A new stream per command: every command loads (an empty stream), decides
-                    // and appends one event durably.
-                    bus.execute(
+                    // A new stream per command, as creations are: decided on the empty aggregate
+                    // and appended durably, expecting a new stream (`CommandBus::create`).
+                    bus.create(
                         &uuid::Uuid::now_v7().to_string(),
                         Record { value: 1 },
                         CommandMeta::new("bench", "bench"),

@@ -403,7 +403,8 @@ impl Runtime {
             requester,
             workflow,
         };
-        match self.tasks.execute(&task_id, command, meta).await {
+        // The task id is the command id: a new stream, unless the command is a repeat.
+        match self.tasks.create(&task_id, command, meta).await {
             Ok(Executed::Duplicate(first)) => Ok((first.stream.aggregate_id, false)),
             Ok(_) => Ok((task_id, true)),
             Err(CommandError::Rejected(e)) => Err(RuntimeError::Task(e)),
