@@ -70,6 +70,9 @@ enum Command {
         /// PostgreSQL URL (or `database_url` in the configuration file).
         #[arg(long, env = "STELE_DATABASE_URL")]
         database_url: Option<String>,
+        /// Serve the API only; `stele worker` processes run the jobs.
+        #[arg(long)]
+        no_workers: bool,
         #[command(flatten)]
         node: serve::NodeArgs,
     },
@@ -185,8 +188,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             serve::run_node(store, &location, node, roles).await
         }
-        Command::Serve { database_url, node } => node_on_postgres(database_url, node, true).await,
-        Command::Worker { database_url, node } => node_on_postgres(database_url, node, false).await,
+        Command::Serve {
+            database_url,
+            no_workers,
+            node,
+        } => {
+            let roles = serve::Roles {
+                api: true,
+                workers: !no_workers,
+            };
+            node_on_postgres(database_url, node, roles).await
+        }
+        Command::Worker { database_url, node } => {
+            let roles = serve::Roles {
+                api: false,
+                workers: true,
+            };
+            node_on_postgres(database_url, node, roles).await
+        }
         Command::Keys(command) => serve::keys(command).await,
         Command::Openapi => {
             println!("{}", stele_api::server::openapi().to_pretty_json()?);
@@ -203,11 +222,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// `serve` (API and workers) or `worker` (workers only) on PostgreSQL.
+/// `serve` (API, with or without workers) or `worker` (workers only) on PostgreSQL.
 async fn node_on_postgres(
     database_url: Option<String>,
     node: serve::NodeArgs,
-    api: bool,
+    roles: serve::Roles,
 ) -> anyhow::Result<()> {
     let node = node.resolve(database_url)?;
     let Some(url) = node.database_url.clone() else {
@@ -217,7 +236,6 @@ async fn node_on_postgres(
     };
     let location = StoreLocation::Postgres(url);
     let store = Store::open(location.clone(), Migrate::Apply).await?;
-    let roles = serve::Roles { api, workers: true };
     serve::run_node(store, &location, node, roles).await
 }
 

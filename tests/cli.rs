@@ -725,8 +725,10 @@ fn serve_and_worker_run_on_postgres_and_stop_cleanly() {
         format!("listen = \"127.0.0.1:0\"\nredis_url = \"{redis}\"\n[rate_limit]\nper_second = 500.0\nburst = 1000\n"),
     )
     .unwrap();
+    // The API process runs no jobs: every step runs in the worker process, and its progress
+    // must still reach the API's live stream.
     let mut serve = stele()
-        .args(["serve", "--database-url", &url])
+        .args(["serve", "--no-workers", "--database-url", &url])
         .args(["--config", &config.display().to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -765,6 +767,30 @@ fn serve_and_worker_run_on_postgres_and_stop_cleanly() {
             .as_str()
             .unwrap()
             .to_owned();
+        let stream = client
+            .get(format!("http://{address}/v1/tasks/{id}/stream"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for event in [
+            "TaskCreated",
+            "StepCompleted",
+            "ReplyRequested",
+            "TaskCompleted",
+        ] {
+            assert!(
+                stream.contains(&format!("event: {event}")),
+                "{event} in {stream}"
+            );
+        }
+        assert!(
+            stream.trim_end().ends_with("event: end\ndata: {}"),
+            "{stream}"
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let task: Value = client
