@@ -1,7 +1,10 @@
 //! The model router as the runtime's [`Agents`]: an agent step's prompt goes to its role, the
 //! retry policy's escalation picks another role or model, the role's tools are offered and the
 //! calls the model makes are run (a bounded loop), and the final reply becomes the step's output
-//! (JSON when the role declares an output schema).
+//! (JSON checked against the role's output schema, when it declares one).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
@@ -17,11 +20,48 @@ pub const MAX_TOOL_ROUNDS: usize = 8;
 pub struct ModelAgents {
     router: ModelRouter,
     tools: Tools,
+    /// Compiled output schemas, by role.
+    schemas: Mutex<HashMap<String, Arc<jsonschema::Validator>>>,
 }
 
 impl ModelAgents {
     pub fn new(router: ModelRouter, tools: Tools) -> Self {
-        Self { router, tools }
+        Self {
+            router,
+            tools,
+            schemas: Mutex::default(),
+        }
+    }
+
+    /// Checks a structured answer against the role's output schema.
+    fn check(&self, role: &str, schema: &Value, output: &Value) -> Result<(), String> {
+        let validator = {
+            let mut schemas = self.schemas.lock().expect("schemas lock");
+            match schemas.get(role) {
+                Some(validator) => validator.clone(),
+                None => {
+                    let validator =
+                        Arc::new(jsonschema::validator_for(schema).map_err(|e| {
+                            format!("agent {role} has an invalid output schema: {e}")
+                        })?);
+                    schemas.insert(role.to_owned(), validator.clone());
+                    validator
+                }
+            }
+        };
+        let problems: Vec<String> = validator
+            .iter_errors(output)
+            .take(5)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "agent {role} answered JSON that does not fit its output schema: {}",
+                problems.join("; ")
+            ))
+        }
     }
 
     pub fn router(&self) -> &ModelRouter {
@@ -64,7 +104,7 @@ impl Agents for ModelAgents {
             .iter()
             .filter_map(|name| self.tools.spec(name))
             .collect();
-        let structured = role.output_schema.is_some();
+        let schema = role.output_schema.clone();
         let mut messages = vec![ChatMessage::user(request.prompt)];
         for _ in 0..MAX_TOOL_ROUNDS {
             let reply = self
@@ -98,13 +138,17 @@ impl Agents for ModelAgents {
                 Err(e) => return fail(e.to_string(), calls),
             };
             if response.tool_calls.is_empty() {
-                let output = if structured {
-                    serde_json::from_str::<Value>(&response.content).map_err(|e| {
-                        format!(
-                            "agent {role_name} should answer JSON for its output schema but did not ({e}): {}",
-                            truncate(&response.content, 200)
-                        )
-                    })
+                let output = if let Some(schema) = &schema {
+                    serde_json::from_str::<Value>(&response.content)
+                        .map_err(|e| {
+                            format!(
+                                "agent {role_name} should answer JSON for its output schema but did not ({e}): {}",
+                                truncate(&response.content, 200)
+                            )
+                        })
+                        .and_then(|output| {
+                            self.check(&role_name, schema, &output).map(|()| output)
+                        })
                 } else {
                     Ok(Value::String(response.content))
                 };

@@ -500,7 +500,50 @@ tools = ["echo"]
     assert_eq!(last.last().unwrap()["role"], "tool");
 }
 
+const JUDGING: &str = r#"
+name: judging
+version: 1
+steps:
+  - id: judge
+    kind: agent
+    agent: judge
+    prompt: "{{ input }}"
+"#;
+
+async fn answers_that_do_not_fit_the_output_schema_fail_the_step(store: &Store) {
+    let extra = r#"
+[[providers.scripted.rules]]
+agent = "judge"
+contains = "bad"
+reply = '{"verdict": "maybe"}'
+
+[[providers.scripted.rules]]
+agent = "judge"
+reply = '{"verdict": "approve"}'
+
+[agents.judge]
+description = "Approves or rejects."
+route = ["scripted/judge"]
+[agents.judge.output_schema]
+type = "object"
+required = ["verdict"]
+properties.verdict = { enum = ["approve", "reject"] }
+"#;
+    let h = Harness::new(store, &[JUDGING], extra);
+    let good = h.create("judging", "a good change").await;
+    let bad = h.create("judging", "a bad change").await;
+    h.settle().await;
+    let good = h.runtime.task(&good).await.unwrap();
+    assert_eq!(good.task.result, Some(json!({ "verdict": "approve" })));
+    let bad = h.runtime.task(&bad).await.unwrap();
+    assert_eq!(bad.task.status, TaskStatus::Failed);
+    let error = bad.task.error.unwrap();
+    assert!(error.contains("does not fit its output schema"), "{error}");
+    assert!(error.contains("/verdict"), "{error}");
+}
+
 for_each_backend!(
+    answers_that_do_not_fit_the_output_schema_fail_the_step,
     agents_call_their_tools_and_every_call_is_recorded,
     the_dev_pipeline_runs_to_completion_with_replies_and_model_calls,
     neo_core_decomposes_into_child_runs_and_joins_them,
