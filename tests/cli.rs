@@ -414,24 +414,7 @@ fn start_up(data_dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut line = String::new();
-    while !line.contains("stele is up") {
-        assert!(Instant::now() < deadline, "no start-up line");
-        line.clear();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "stele up exited early"
-        );
-    }
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while reader.read_line(&mut sink).unwrap_or(0) > 0 {
-            sink.clear();
-        }
-    });
+    wait_until_up(&mut child);
     child
 }
 

@@ -435,12 +435,19 @@ impl Runtime {
 
     /// The task's events, its run's and its child runs', in log order.
     pub async fn history(&self, task_id: &str) -> Result<Vec<RecordedEvent>, RuntimeError> {
-        let view = self.task(task_id).await?;
         let mut events = self
             .log
             .read_stream(&StreamId::new(Task::TYPE_NAME, task_id), 0)
             .await?;
-        let mut runs: Vec<String> = view.task.run_id.into_iter().collect();
+        if events.is_empty() {
+            return Err(RuntimeError::UnknownTask(task_id.to_owned()));
+        }
+        // Each stream is read once: the run's id comes from the task's own `TaskRouted`.
+        let mut runs: Vec<String> = events
+            .iter()
+            .filter(|e| e.event_type == "TaskRouted")
+            .filter_map(|e| e.payload["data"]["run_id"].as_str().map(str::to_owned))
+            .collect();
         while let Some(run_id) = runs.pop() {
             let run_events = self
                 .log
