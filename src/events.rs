@@ -1,7 +1,6 @@
 //! `stele events tail`: the global log as NDJSON.
 
 use std::io::{self, Write};
-use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -112,24 +111,16 @@ async fn run(store: &Store, args: &TailArgs) -> anyhow::Result<()> {
             }
         }
     }
-    // Everything committed after `after`, printed batch by batch. A read held back by a
-    // transaction that is still open is retried for a few seconds, so the output does not stop
-    // short of what was committed.
+    // Everything committed after `after`, printed batch by batch.
     let mut out = io::BufWriter::new(stdout.lock());
     let mut position = args.after;
-    let mut patience = 50;
     loop {
-        let batch = store.log.read_log(position, 5000).await?;
-        let Some(last) = batch.events.last() else {
-            if batch.held_back && patience > 0 {
-                patience -= 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let batch = store.log.read_all(position, 5000).await?;
+        let Some(last) = batch.last() else {
             break;
         };
         position = last.position;
-        for event in &batch.events {
+        for event in &batch {
             if matches(filter, event) && !print(&mut out, event)? {
                 return Ok(());
             }

@@ -282,7 +282,7 @@ pub async fn run_node(
 async fn no_key_yet(runner: &ProjectionRunner, store: &Store) -> bool {
     loop {
         match runner.step("api_keys").await {
-            Ok(stepped) if stepped.read > 0 || stepped.held_back => continue,
+            Ok(stepped) if stepped.read > 0 => continue,
             Ok(_) => break,
             Err(_) => return false,
         }

@@ -162,8 +162,6 @@ pub struct LogPage {
     pub events: Vec<EventBody>,
     /// Pass as `after` for the next page.
     pub next_after: i64,
-    /// Committed events exist past a transaction still open; read again soon.
-    pub held_back: bool,
 }
 
 /// Where to read the global log from.

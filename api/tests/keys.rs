@@ -45,17 +45,9 @@ async fn key_events(store: &Store, id: &str) -> Vec<RecordedEvent> {
         .unwrap()
 }
 
-/// Every event in the log. A read held back by another test's open transaction (the PostgreSQL
-/// server is shared, and the log's global read never passes an open transaction) is tried again.
+/// Every event in the log.
 async fn all_events(store: &Store) -> Vec<RecordedEvent> {
-    for _ in 0..100_000 {
-        let batch = store.log.read_log(Position::START, 1000).await.unwrap();
-        if !batch.held_back {
-            return batch.events;
-        }
-        tokio::task::yield_now().await;
-    }
-    panic!("reads held back for too long");
+    store.log.read_all(Position::START, 1000).await.unwrap()
 }
 
 async fn uses_recorded(store: &Store, id: &str) -> usize {
@@ -271,10 +263,7 @@ async fn creation_is_refused_without_name_or_scopes_and_not_repeated(store: &Sto
 async fn drain(runner: &ProjectionRunner, name: &str) {
     for _ in 0..10_000 {
         match runner.step(name).await.unwrap() {
-            Stepped {
-                read: 0,
-                held_back: false,
-            } => return,
+            Stepped { read: 0 } => return,
             _ => tokio::task::yield_now().await,
         }
     }

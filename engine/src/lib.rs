@@ -25,7 +25,7 @@ pub mod testing;
 
 pub use command::{CommandBus, CommandError};
 pub use log::{
-    AppendOutcome, AppendRequest, CommandOutcome, EventLog, LogBatch, LogError, NewEvent, Position,
+    AppendOutcome, AppendRequest, CommandOutcome, EventLog, LogError, NewEvent, Position,
     RecordedEvent, StreamId,
 };
 pub use metadata::{CommandMeta, EventMetadata};

@@ -68,10 +68,7 @@ fn runner(store: &Store) -> ProjectionRunner {
 async fn drain(runner: &ProjectionRunner) {
     for _ in 0..10_000 {
         if runner.step("greeter").await.unwrap()
-            == (Stepped {
-                read: 0,
-                held_back: false,
-            })
+            == (Stepped { read: 0 })
         {
             return;
         }

@@ -21,10 +21,7 @@ use stele_projections::{
 async fn drain(runner: &ProjectionRunner) {
     for _ in 0..10_000 {
         match runner.step("tasks").await.unwrap() {
-            Stepped {
-                read: 0,
-                held_back: false,
-            } => return,
+            Stepped { read: 0 } => return,
             _ => tokio::task::yield_now().await,
         }
     }

@@ -207,14 +207,13 @@ async fn measure(
         let mut ids = Vec::new();
         let mut after = stele_engine::Position::START;
         while ids.len() < 10_000 {
-            let batch = store.log.read_log(after, 5000).await?;
-            let Some(last) = batch.events.last() else {
+            let batch = store.log.read_all(after, 5000).await?;
+            let Some(last) = batch.last() else {
                 break;
             };
             after = last.position;
             ids.extend(
                 batch
-                    .events
                     .iter()
                     .filter(|e| e.event_type == "TaskCreated")
                     .map(|e| e.stream.aggregate_id.clone()),

@@ -79,15 +79,12 @@ async fn measure(
     let mut position = Position::START;
     let mut read = 0;
     loop {
-        let batch = store.log.read_log(position, args.page).await?;
-        let Some(last) = batch.events.last() else {
-            if batch.held_back {
-                continue;
-            }
+        let batch = store.log.read_all(position, args.page).await?;
+        let Some(last) = batch.last() else {
             break;
         };
         position = last.position;
-        read += batch.events.len();
+        read += batch.len();
     }
     let seconds = started.elapsed().as_secs_f64();
     anyhow::ensure!(

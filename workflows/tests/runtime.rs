@@ -72,7 +72,7 @@ impl Harness {
         for _ in 0..500 {
             let stepped = self.runner.step(MANAGER).await.unwrap();
             let ran = self.worker.step().await.unwrap();
-            if stepped.read == 0 && !stepped.held_back && ran == 0 {
+            if stepped.read == 0 && ran == 0 {
                 return;
             }
         }

@@ -71,11 +71,10 @@ pub async fn events(
             "`after` must be 0 or more",
         ));
     }
-    let batch = state.log.read_log(Position(after), limit).await?;
+    let events = state.log.read_all(Position(after), limit).await?;
     Ok(Json(LogPage {
-        next_after: batch.events.last().map_or(after, |e| e.position.0),
-        held_back: batch.held_back,
-        events: batch.events.iter().map(EventBody::from).collect(),
+        next_after: events.last().map_or(after, |e| e.position.0),
+        events: events.iter().map(EventBody::from).collect(),
     }))
 }
 

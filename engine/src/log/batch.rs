@@ -125,28 +125,65 @@ pub(crate) trait GroupWriter: Send + Sync + 'static {
 use super::{AppendOutcome, AppendRequest, CommandOutcome, Written};
 use uuid::Uuid;
 
+impl<W: GroupWriter> GroupCommit<W> {
+    /// Writes a group; when the database refuses the group's data, writes each half again on its
+    /// own, down to the one command to blame, so that one command's bad data fails that command
+    /// alone and never another caller's. (Commands that a failed attempt did commit are found
+    /// again as duplicates of themselves: command ids make the retry safe.) A failure of the
+    /// database as a whole fails every command of the group.
+    fn write_isolating<'a>(
+        &'a self,
+        requests: &'a [AppendRequest],
+    ) -> futures::future::BoxFuture<'a, Vec<Result<Written, LogError>>> {
+        Box::pin(async move {
+            match self.writer.write_group(requests).await {
+                Ok(written) => written.into_iter().map(Ok).collect(),
+                Err(e) if e.is_data_error() && requests.len() > 1 => {
+                    let (left, right) = requests.split_at(requests.len() / 2);
+                    let mut written = self.write_isolating(left).await;
+                    written.extend(self.write_isolating(right).await);
+                    written
+                }
+                Err(e) if e.is_data_error() => {
+                    vec![Err(LogError::InvalidAppend(format!(
+                        "the database cannot store this command's events: {e}"
+                    )))]
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, commands = requests.len(), "group commit failed");
+                    let message = e.to_string();
+                    requests
+                        .iter()
+                        .map(|_| Err(LogError::Storage(message.clone())))
+                        .collect()
+                }
+            }
+        })
+    }
+}
+
 #[async_trait]
 impl<W: GroupWriter> BatchHandler for GroupCommit<W> {
     type Request = AppendRequest;
     type Response = Result<AppendOutcome, LogError>;
 
     async fn handle(&self, requests: Vec<AppendRequest>) -> Vec<Self::Response> {
-        let written = match self.writer.write_group(&requests).await {
-            Ok(written) => written,
-            Err(e) => {
-                tracing::warn!(error = %e, commands = requests.len(), "group commit failed");
-                let message = e.to_string();
-                return requests
-                    .iter()
-                    .map(|_| Err(LogError::Storage(message.clone())))
-                    .collect();
-            }
-        };
-        if written.iter().any(|w| matches!(w, Written::Appended(_))) {
+        let written = self.write_isolating(&requests).await;
+        if written
+            .iter()
+            .any(|w| matches!(w, Ok(Written::Appended(_))))
+        {
             (self.on_commit)();
         }
         let mut responses = Vec::with_capacity(requests.len());
         for (request, written) in requests.into_iter().zip(written) {
+            let written = match written {
+                Ok(written) => written,
+                Err(e) => {
+                    responses.push(Err(e));
+                    continue;
+                }
+            };
             responses.push(match written {
                 Written::Appended(outcome) => Ok(AppendOutcome::Appended(outcome)),
                 Written::Conflict(sequence) => Err(LogError::Conflict {

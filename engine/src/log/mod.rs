@@ -24,8 +24,7 @@ use crate::metadata::EventMetadata;
 pub use subscribe::{subscribe, Subscription, SubscriptionOptions};
 
 /// A place in the global log: the `global_position` of an event. `Position::START` (0) is before
-/// the first event. Reading "after" a position means after that event *in log order*, which is
-/// commit-consistent but on PostgreSQL not always increasing in position (see
+/// the first event. Log order is position order, which is also commit order (see
 /// [`EventLog::read_all`]).
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -161,14 +160,6 @@ pub struct RecordedEvent {
     pub payload: Value,
 }
 
-/// A read of the global log.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct LogBatch {
-    pub events: Vec<RecordedEvent>,
-    /// Committed events exist beyond an open transaction that this read stopped at.
-    pub held_back: bool,
-}
-
 /// Errors of the event log.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -189,6 +180,22 @@ pub enum LogError {
     /// A database error shared by every command of a failed group commit.
     #[error("database error: {0}")]
     Storage(String),
+}
+
+impl LogError {
+    /// Whether the database refused the data of the statement (a value it cannot store, a limit),
+    /// rather than failed as a whole: then one command of a group may be to blame, and the others
+    /// can be written without it. SQLSTATE classes 22 (data exception), 23 (integrity; unique
+    /// violations are conflicts, handled before this) and 54 (program limit exceeded).
+    pub(crate) fn is_data_error(&self) -> bool {
+        match self {
+            LogError::InvalidAppend(_) => true,
+            LogError::Database(sqlx::Error::Database(e)) => e
+                .code()
+                .is_some_and(|code| ["22", "23", "54"].iter().any(|c| code.starts_with(c))),
+            _ => false,
+        }
+    }
 }
 
 /// Which adapter a log runs on.
@@ -214,12 +221,6 @@ pub trait EventLog: Send + Sync + 'static {
     /// The adapter behind this log.
     fn backend(&self) -> Backend;
 
-    /// Whether transactions commit while another [`LogTransaction`] is open (PostgreSQL), or
-    /// wait for it (SQLite has one writer).
-    fn concurrent_writers(&self) -> bool {
-        self.backend() == Backend::Postgres
-    }
-
     /// Appends one command's events atomically and durably (the call returns after the commit).
     ///
     /// Concurrent appends are committed in groups (one transaction for many commands), so the
@@ -240,28 +241,17 @@ pub trait EventLog: Send + Sync + 'static {
     /// The outcome of an accepted command, if that command id was accepted.
     async fn command_outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>, LogError>;
 
-    /// Up to `limit` events of all streams that come after `after` in log order.
+    /// Up to `limit` events of all streams with a position above `after`, in position order.
     ///
-    /// The order is consistent with commit order, and the read never returns an event that comes
-    /// after one whose transaction is still open: a reader that advances to the last event it got
-    /// never skips an event that commits later. Fails with [`LogError::UnknownPosition`] when
-    /// `after` is not [`Position::START`] and no event is stored there.
-    async fn read_all(
-        &self,
-        after: Position,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, LogError> {
-        Ok(self.read_log(after, limit).await?.events)
-    }
+    /// Positions become visible in increasing order on both adapters (appends are serialised
+    /// from drawing their positions to their commit), so a reader that advances to the last event
+    /// it got never skips an event that commits later, and nothing but Stele's own appends in
+    /// flight can delay one. Fails with [`LogError::UnknownPosition`] when `after` is not
+    /// [`Position::START`] and no event is stored there.
+    async fn read_all(&self, after: Position, limit: usize)
+        -> Result<Vec<RecordedEvent>, LogError>;
 
-    /// [`EventLog::read_all`], also telling whether committed events exist that the read held back
-    /// because an older transaction is still open. A follower polls soon after such a read instead
-    /// of waiting for a notification: the transaction holding it back may be in another database
-    /// of the same server, which never notifies this one.
-    async fn read_log(&self, after: Position, limit: usize) -> Result<LogBatch, LogError>;
-
-    /// The highest position stored (by position, which on PostgreSQL is not always the last event
-    /// in log order); [`Position::START`] for an empty log. For progress and lag estimates.
+    /// The highest position stored; [`Position::START`] for an empty log.
     async fn head(&self) -> Result<Position, LogError>;
 
     /// Changes whenever events may have been appended (in this process, or, where the adapter can
@@ -313,7 +303,52 @@ pub(crate) fn validate(request: &AppendRequest) -> Result<(), LogError> {
             "aggregate type and id must not be empty".into(),
         ));
     }
+    let names = [
+        ("aggregate type", request.stream.aggregate_type.as_str()),
+        ("aggregate id", request.stream.aggregate_id.as_str()),
+    ];
+    let event_types = request
+        .events
+        .iter()
+        .flat_map(|e| [("event type", e.event_type.as_str()), ("event version", e.event_version.as_str())]);
+    for (what, value) in names.into_iter().chain(event_types) {
+        if value.len() > MAX_NAME_BYTES {
+            return Err(LogError::InvalidAppend(format!(
+                "the {what} is {} bytes long; at most {MAX_NAME_BYTES} are allowed",
+                value.len()
+            )));
+        }
+        if value.contains('\0') {
+            return Err(LogError::InvalidAppend(format!(
+                "the {what} contains a NUL character (U+0000), which the log does not store"
+            )));
+        }
+    }
+    for event in &request.events {
+        if has_nul(&event.payload) {
+            return Err(LogError::InvalidAppend(format!(
+                "the payload of a {} event contains a NUL character (U+0000), which the log does \
+                 not store",
+                event.event_type
+            )));
+        }
+    }
     Ok(())
+}
+
+/// Longest stream type, stream id, event type or version, in bytes (PostgreSQL cannot index much
+/// longer keys; the same rule holds on SQLite so that both stores accept the same commands).
+pub const MAX_NAME_BYTES: usize = 512;
+
+/// Whether a JSON value holds U+0000 in a string or a key: PostgreSQL's `jsonb` and `text` cannot
+/// store it, so neither store accepts it (the same rule on both backends).
+pub fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 /// Per request of a group, what the database did with it.

@@ -3,16 +3,15 @@
 //! Writes go through the group committer: one transaction per group, each inserting all the group's
 //! command rows and events with one `INSERT … SELECT FROM UNNEST` each.
 //!
-//! Reads of the global log are gap-safe: `global_position` comes from a sequence at insert time, so
-//! concurrent transactions commit out of position order. The log is therefore read in
-//! `(tx_id, global_position)` order and only up to the oldest transaction still open
-//! (`pg_snapshot_xmin(pg_current_snapshot())`): every transaction that may still commit has a
-//! transaction id at or above it, so a reader never passes an event that commits later. Transaction
-//! ids are handed out at a transaction's first write, so a write that depends on another committed
-//! write also comes later in this order.
+//! Reads of the global log are gap-safe without any server-wide horizon: every insert into
+//! `events` first takes the log's transaction-scoped append lock (a statement trigger, see
+//! `migrations/postgres/0004_commit_order.sql`), and draws its positions under it, so positions
+//! become visible in increasing order. A reader reads `global_position > after`, and only Stele's
+//! own appends that are committing right now can hold it back; transactions of other programs
+//! never do. A group commit takes the lock once for its whole group.
 //!
-//! The cost of that guarantee: a long-open transaction anywhere in the cluster holds readers back
-//! (not writers) until it ends.
+//! A command whose own data the database refuses (a value it cannot store) fails alone: the group
+//! is split and written again without it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -27,7 +26,7 @@ use uuid::Uuid;
 
 use super::batch::{BatchHandler, Batcher, GroupCommit, GroupWriter};
 use super::{
-    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogBatch,
+    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog,
     LogError, LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
 };
 use crate::metadata::EventMetadata;
@@ -36,24 +35,19 @@ use crate::notify::{WakeHandle, Waker};
 /// The LISTEN/NOTIFY channel the events table's trigger notifies.
 const CHANNEL: &str = "stele_events";
 
-/// One page of the global log after the event at `$1` (0: from the start), up to `$2` events, in
-/// one statement so that the page, the "held back" flag and the position check share a snapshot.
-/// Always returns at least one row; an empty page is one row of NULL event columns.
+/// One page of the global log after position `$1` (0: from the start), up to `$2` events, with
+/// whether `$1` names an event, in one statement. Always returns at least one row; an empty page is
+/// one row of NULL event columns.
 const READ_LOG: &str = "\
     WITH page AS ( \
-        SELECT e.tx_id, e.global_position, e.aggregate_type, e.aggregate_id, e.sequence, \
+        SELECT e.global_position, e.aggregate_type, e.aggregate_id, e.sequence, \
                e.event_type, e.event_version, e.recorded_at, e.metadata, e.payload \
-        FROM events e \
-        WHERE (e.tx_id, e.global_position) > \
-              (COALESCE((SELECT c.tx_id FROM events c WHERE c.global_position = $1), '0'::xid8), $1) \
-          AND e.tx_id < (SELECT pg_snapshot_xmin(pg_current_snapshot())) \
-        ORDER BY e.tx_id, e.global_position LIMIT $2) \
+        FROM events e WHERE e.global_position > $1 \
+        ORDER BY e.global_position LIMIT $2) \
     SELECT page.*, \
-           ($1 = 0 OR EXISTS (SELECT 1 FROM events WHERE global_position = $1)) AS known, \
-           COALESCE((SELECT tx_id FROM events ORDER BY tx_id DESC LIMIT 1) \
-                    >= (SELECT pg_snapshot_xmin(pg_current_snapshot())), false) AS held_back \
+           ($1 = 0 OR EXISTS (SELECT 1 FROM events WHERE global_position = $1)) AS known \
     FROM (SELECT 1) AS one LEFT JOIN page ON true \
-    ORDER BY page.tx_id, page.global_position";
+    ORDER BY page.global_position";
 
 /// The statement that writes a group of commands: their command rows (a command id already accepted
 /// is skipped: a duplicate) and the events of the commands accepted here. The result rows are the
@@ -532,21 +526,23 @@ impl EventLog for PgEventLog {
         self.writer.outcome(command_id).await
     }
 
-    async fn read_log(&self, after: Position, limit: usize) -> Result<LogBatch, LogError> {
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
         let rows = sqlx::query(READ_LOG)
             .bind(after.0)
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
         let Some(first) = rows.first() else {
-            return Ok(LogBatch::default());
+            return Ok(Vec::new());
         };
         if !first.try_get::<bool, _>("known")? {
             return Err(LogError::UnknownPosition(after));
         }
-        let held_back = first.try_get("held_back")?;
-        let events = rows
-            .iter()
+        rows.iter()
             .filter(|row| {
                 matches!(
                     row.try_get::<Option<i64>, _>("global_position"),
@@ -554,8 +550,7 @@ impl EventLog for PgEventLog {
                 )
             })
             .map(event_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(LogBatch { events, held_back })
+            .collect()
     }
 
     async fn head(&self) -> Result<Position, LogError> {

@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use super::batch::{Batcher, GroupCommit, GroupWriter};
 use super::{
-    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogBatch,
+    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog,
     LogError, LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
 };
 
@@ -475,7 +475,11 @@ impl EventLog for SqliteEventLog {
         command_outcome(&mut conn, command_id).await
     }
 
-    async fn read_log(&self, after: Position, limit: usize) -> Result<LogBatch, LogError> {
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? \
              ORDER BY global_position LIMIT ?"
@@ -495,11 +499,8 @@ impl EventLog for SqliteEventLog {
                 return Err(LogError::UnknownPosition(after));
             }
         }
-        Ok(LogBatch {
-            events: rows.iter().map(event_from_row).collect::<Result<_, _>>()?,
-            // One writer, commits in position order: nothing is ever held back.
-            held_back: false,
-        })
+        // One writer: commits in position order.
+        rows.iter().map(event_from_row).collect()
     }
 
     async fn head(&self) -> Result<Position, LogError> {

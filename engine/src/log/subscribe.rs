@@ -62,7 +62,6 @@ impl Subscription {
 
     /// The next event, waiting for one to be committed if need be.
     pub async fn next(&mut self) -> Result<RecordedEvent, LogError> {
-        let mut held_back_wait = Duration::from_millis(2);
         loop {
             if let Some(event) = self.buffer.pop_front() {
                 self.position = event.position;
@@ -71,26 +70,18 @@ impl Subscription {
             // Mark the notifications seen *before* reading, so an append that lands after this
             // read wakes the wait below.
             self.appends.borrow_and_update();
-            let batch = self
+            let events = self
                 .log
-                .read_log(self.position, self.options.batch_size)
+                .read_all(self.position, self.options.batch_size)
                 .await?;
-            if !batch.events.is_empty() {
-                self.buffer.extend(batch.events);
-                held_back_wait = Duration::from_millis(2);
+            if !events.is_empty() {
+                self.buffer.extend(events);
                 continue;
             }
-            // Wake on a notification or after the polling interval, whichever comes first; when
-            // an open transaction held the read back, poll again soon (with backoff), since its
-            // end may never be notified. A closed notification channel must not turn this into
-            // a busy loop, hence the sleep when `changed` fails at once.
-            let wait = if batch.held_back {
-                let wait = held_back_wait;
-                held_back_wait = (held_back_wait * 2).min(Duration::from_millis(100));
-                wait.min(self.options.poll_interval)
-            } else {
-                self.options.poll_interval
-            };
+            // Wake on a notification or after the polling interval, whichever comes first. A
+            // closed notification channel must not turn this into a busy loop, hence the sleep
+            // when `changed` fails at once.
+            let wait = self.options.poll_interval;
             let appends = &mut self.appends;
             if let Ok(Err(_)) = tokio::time::timeout(wait, appends.changed()).await {
                 tokio::time::sleep(wait).await;

@@ -114,8 +114,8 @@ pub trait Projection: Send + Sync + 'static {
 pub struct ProjectionStatus {
     #[serde(flatten)]
     pub checkpoint: Checkpoint,
-    /// Events committed after the checkpoint (approximate on PostgreSQL, where positions are not
-    /// dense in log order).
+    /// Events committed after the checkpoint (approximate on PostgreSQL, where positions may have
+    /// gaps).
     pub lag_events: i64,
     /// How long ago the oldest unapplied event was recorded (0 when caught up).
     pub lag_seconds: f64,
@@ -145,8 +145,6 @@ pub struct ProjectionRunner {
 pub struct Stepped {
     /// Events read from the log (relevant or not).
     pub read: usize,
-    /// A read was held back by an open transaction: step again soon.
-    pub held_back: bool,
 }
 
 impl ProjectionRunner {
@@ -219,15 +217,12 @@ impl ProjectionRunner {
         if !checkpoint::acquire(&self.pool, name, &self.owner, self.lease).await? {
             return Ok(Stepped::default());
         }
-        let batch = self.log.read_log(cp.position, self.batch_size).await?;
-        let Some(last) = batch.events.last() else {
-            return Ok(Stepped {
-                read: 0,
-                held_back: batch.held_back,
-            });
+        let batch = self.log.read_all(cp.position, self.batch_size).await?;
+        let Some(last) = batch.last() else {
+            return Ok(Stepped::default());
         };
         let last_position = last.position;
-        let events = relevant(projection.as_ref(), &batch.events);
+        let events = relevant(projection.as_ref(), &batch);
         match self
             .apply_batch(projection.as_ref(), &events, last_position)
             .await
@@ -235,7 +230,7 @@ impl ProjectionRunner {
             Ok(()) => {}
             Err(ProjectionError::Apply(_)) => {
                 // Find the failing event: apply one at a time up to it, then stop there.
-                for (applied, event) in batch.events.iter().enumerate() {
+                for (applied, event) in batch.iter().enumerate() {
                     let one = relevant(projection.as_ref(), std::slice::from_ref(event));
                     match self
                         .apply_batch(projection.as_ref(), &one, event.position)
@@ -251,10 +246,7 @@ impl ProjectionRunner {
                                 Some((event.position, &error)),
                             )
                             .await?;
-                            return Ok(Stepped {
-                                read: applied,
-                                held_back: false,
-                            });
+                            return Ok(Stepped { read: applied });
                         }
                         Err(e) => return Err(e),
                     }
@@ -262,10 +254,7 @@ impl ProjectionRunner {
             }
             Err(e) => return Err(e),
         }
-        Ok(Stepped {
-            read: batch.events.len(),
-            held_back: batch.held_back,
-        })
+        Ok(Stepped { read: batch.len() })
     }
 
     async fn apply_batch(
@@ -317,21 +306,10 @@ impl ProjectionRunner {
 
     async fn follow(&self, name: &'static str) {
         let mut appends = self.log.appends();
-        let mut backoff = Duration::from_millis(2);
         loop {
             appends.borrow_and_update();
             match self.step(name).await {
-                Ok(Stepped { read, .. }) if read > 0 => {
-                    backoff = Duration::from_millis(2);
-                    continue;
-                }
-                Ok(Stepped {
-                    held_back: true, ..
-                }) => {
-                    let _ = tokio::time::timeout(backoff, appends.changed()).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(100));
-                    continue;
-                }
+                Ok(Stepped { read }) if read > 0 => continue,
                 Ok(_) => {}
                 Err(ProjectionError::Busy(_)) => {}
                 Err(e) => tracing::warn!(projection = name, error = %e, "projection step failed"),
@@ -567,16 +545,12 @@ impl ProjectionRunner {
         last_at: &mut Option<DateTime<Utc>>,
         progress: &mut (impl FnMut(Progress) + Send),
     ) -> Result<bool, ProjectionError> {
-        let batch = self.log.read_log(*position, self.batch_size).await?;
-        let Some(last) = batch.events.last() else {
-            if batch.held_back {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                return Ok(false);
-            }
+        let batch = self.log.read_all(*position, self.batch_size).await?;
+        let Some(last) = batch.last() else {
             return Ok(true);
         };
         let through = last.position;
-        let relevant = relevant(projection, &batch.events);
+        let relevant = relevant(projection, &batch);
         if !relevant.is_empty() {
             let mut tx = self.log.begin().await?;
             projection
@@ -587,7 +561,7 @@ impl ProjectionRunner {
             *last_at = relevant.last().map(|e| e.recorded_at).or(*last_at);
         }
         *position = through;
-        *read += batch.events.len() as u64;
+        *read += batch.len() as u64;
         progress(Progress {
             events_read: *read,
             position: through,
