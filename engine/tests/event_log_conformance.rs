@@ -278,6 +278,96 @@ async fn invalid_appends_are_refused(store: &Store) {
             .await,
         Err(LogError::InvalidAppend(_))
     ));
+    // What one store could not keep, neither accepts: NUL in a payload, a key, a stream id; names
+    // too long to index; nesting too deep to read back; sequences past the end of i64.
+    let mut nul = request(&StreamId::new("note", "x"), 0, 1);
+    nul.events[0].payload = json!({ "text": "a\u{0}b" });
+    let mut nul_key = request(&StreamId::new("note", "x"), 0, 1);
+    nul_key.events[0].payload = json!({ "a\u{0}": 1 });
+    let mut deep = request(&StreamId::new("note", "x"), 0, 1);
+    deep.events[0].payload = (0..200).fold(json!(1), |inner, _| json!([inner]));
+    let refused = [
+        nul,
+        nul_key,
+        deep,
+        request(&StreamId::new("note", "x\u{0}"), 0, 1),
+        request(&StreamId::new("note", "x".repeat(600)), 0, 1),
+        request(&StreamId::new("note", "x"), i64::MAX, 1),
+    ];
+    for bad in refused {
+        match log.append(bad.clone()).await {
+            Err(LogError::InvalidAppend(why)) => assert!(!why.is_empty()),
+            other => panic!("{:?}: expected a refusal, got {other:?}", bad.stream),
+        }
+        let mut tx = log.begin().await.unwrap();
+        assert!(matches!(
+            tx.append(bad).await,
+            Err(LogError::InvalidAppend(_))
+        ));
+    }
+    assert!(read_everything(log.as_ref()).await.is_empty());
+}
+
+/// Commands whose events the database itself refuses (here: a trigger that rejects one event
+/// type), mixed into a burst of concurrent valid ones that share group commits: each refused
+/// command fails alone, every valid one is appended.
+async fn one_commands_refused_data_fails_that_command_alone(store: &Store) {
+    match &store.pool {
+        StorePool::Postgres(pool) => {
+            sqlx::raw_sql(
+                "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                   IF NEW.event_type = 'Poison' THEN \
+                     RAISE EXCEPTION 'poisoned' USING ERRCODE = 'check_violation'; \
+                   END IF; RETURN NEW; END $$; \
+                 CREATE TRIGGER poison BEFORE INSERT ON events \
+                   FOR EACH ROW EXECUTE FUNCTION poison();",
+            )
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        StorePool::Sqlite(pool) => {
+            sqlx::raw_sql(
+                "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.event_type = 'Poison' \
+                 BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
+            )
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+    }
+    let log = store.log.clone();
+    let tasks: Vec<_> = (0..120)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut req = request(&StreamId::new("note", format!("p{i}")), 0, 2);
+                let poisoned = i % 6 == 0;
+                if poisoned {
+                    req.events[1].event_type = "Poison".into();
+                }
+                (poisoned, log.append(req).await)
+            })
+        })
+        .collect();
+    let (mut valid, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            (false, outcome) => {
+                appended(outcome);
+                valid += 1;
+            }
+            (true, Err(LogError::InvalidAppend(why))) => {
+                assert!(why.contains("poisoned"), "{why}");
+                refused += 1;
+            }
+            (true, other) => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!((valid, refused), (100, 20));
+    let all = read_everything(log.as_ref()).await;
+    assert_eq!(all.len(), 200);
+    assert!(all.iter().all(|e| e.event_type != "Poison"));
 }
 
 async fn transactions_commit_or_roll_back(store: &Store) {
@@ -476,6 +566,7 @@ for_each_backend!(
     racing_appends_one_wins,
     a_repeated_command_id_returns_the_first_outcome,
     invalid_appends_are_refused,
+    one_commands_refused_data_fails_that_command_alone,
     transactions_commit_or_roll_back,
     the_global_log_does_not_pass_an_open_transaction,
     foreign_open_transactions_hold_no_reader_back,

@@ -183,18 +183,27 @@ pub enum LogError {
 }
 
 impl LogError {
-    /// Whether the database refused the data of the statement (a value it cannot store, a limit),
-    /// rather than failed as a whole: then one command of a group may be to blame, and the others
-    /// can be written without it. SQLSTATE classes 22 (data exception), 23 (integrity; unique
-    /// violations are conflicts, handled before this) and 54 (program limit exceeded).
+    /// Whether the database refused the data of the statement (a value it cannot store, a
+    /// constraint, a limit) rather than failed as a whole: then one command of a group may be to
+    /// blame, and the others can be written without it. PostgreSQL: SQLSTATE classes 22 (data
+    /// exception), 23 (integrity) and 54 (program limit exceeded); SQLite: SQLITE_TOOBIG,
+    /// SQLITE_CONSTRAINT and SQLITE_MISMATCH. Unique violations are conflicts, not data errors.
     pub(crate) fn is_data_error(&self) -> bool {
-        match self {
-            LogError::InvalidAppend(_) => true,
-            LogError::Database(sqlx::Error::Database(e)) => e
-                .code()
-                .is_some_and(|code| ["22", "23", "54"].iter().any(|c| code.starts_with(c))),
-            _ => false,
+        let LogError::Database(sqlx::Error::Database(e)) = self else {
+            return matches!(self, LogError::InvalidAppend(_));
+        };
+        if e.is_unique_violation() {
+            return false;
         }
+        let Some(code) = e.code() else {
+            return false;
+        };
+        if code.len() == 5 {
+            // A PostgreSQL SQLSTATE (SQLite's extended result codes have at most four digits).
+            return ["22", "23", "54"].iter().any(|class| code.starts_with(class));
+        }
+        code.parse::<i32>()
+            .is_ok_and(|n| matches!(n & 0xff, 18..=20))
     }
 }
 
@@ -298,6 +307,17 @@ pub(crate) fn validate(request: &AppendRequest) -> Result<(), LogError> {
             request.expected_sequence
         )));
     }
+    if request
+        .expected_sequence
+        .checked_add(request.events.len() as i64)
+        .is_none()
+    {
+        return Err(LogError::InvalidAppend(format!(
+            "expected sequence {} leaves no room for {} events",
+            request.expected_sequence,
+            request.events.len()
+        )));
+    }
     if request.stream.aggregate_type.is_empty() || request.stream.aggregate_id.is_empty() {
         return Err(LogError::InvalidAppend(
             "aggregate type and id must not be empty".into(),
@@ -332,8 +352,26 @@ pub(crate) fn validate(request: &AppendRequest) -> Result<(), LogError> {
                 event.event_type
             )));
         }
+        if depth(&event.payload) > MAX_PAYLOAD_DEPTH {
+            return Err(LogError::InvalidAppend(format!(
+                "the payload of a {} event nests more than {MAX_PAYLOAD_DEPTH} levels deep",
+                event.event_type
+            )));
+        }
     }
     Ok(())
+}
+
+/// Deepest nesting of arrays and objects in a payload: deeper ones could be stored but not read
+/// back (serde_json's parser stops at 128 levels).
+pub const MAX_PAYLOAD_DEPTH: usize = 100;
+
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// Longest stream type, stream id, event type or version, in bytes (PostgreSQL cannot index much
