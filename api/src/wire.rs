@@ -281,6 +281,10 @@ pub struct ProjectionBody {
     pub lag_events: i64,
     pub lag_seconds: f64,
     pub error: Option<String>,
+    /// A rebuild is under way.
+    pub rebuilding: bool,
+    /// Why the last rebuild failed (cleared when the next one starts).
+    pub rebuild_error: Option<String>,
 }
 
 /// Projections.

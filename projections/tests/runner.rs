@@ -237,32 +237,67 @@ async fn one_runner_at_a_time_with_takeover(store: &Store) {
     let other = ProjectionRunner::new(store, vec![Arc::new(StreamsView)]);
     assert_eq!(step_settled(&other).await, 0, "held by the first runner");
 
-    // A holder whose lease runs out (it died) is taken over.
-    let dying =
-        ProjectionRunner::new(store, vec![Arc::new(StreamsView)]).with_lease(Duration::ZERO);
-    let store2 =
-        ProjectionRunner::new(store, vec![Arc::new(StreamsView)]).with_lease(Duration::ZERO);
+    // A holder that dies is taken over: on PostgreSQL as soon as the server sees its connection
+    // end (its session's locks end with it), on the embedded store when its lease runs out.
     drop(holder);
-    // The first holder's 30 s lease is still on; hand it over the way an expiry would.
-    if let stele_engine::store::StorePool::Postgres(pool) = &store.pool {
-        sqlx::query("UPDATE checkpoints SET lease_expires_at = now() - interval '1 second'")
-            .execute(pool)
-            .await
-            .unwrap();
-    }
     if let stele_engine::store::StorePool::Sqlite(pool) = &store.pool {
         sqlx::query("UPDATE checkpoints SET lease_expires_at = 0")
             .execute(pool)
             .await
             .unwrap();
     }
-    assert_eq!(step_settled(&dying).await, 1);
+    let died = std::time::Instant::now();
+    while step_settled(&other).await == 0 {
+        assert!(
+            died.elapsed() < Duration::from_secs(5),
+            "not taken over within 5 s"
+        );
+        tokio::task::yield_now().await;
+    }
     append(store, "z", 0, &["Noted"]).await;
-    assert_eq!(
-        step_settled(&store2).await,
-        1,
-        "took over the expired lease"
-    );
+    assert_eq!(step_settled(&other).await, 1, "keeps its hold");
+    let third = ProjectionRunner::new(store, vec![Arc::new(StreamsView)]);
+    append(store, "w", 0, &["Noted"]).await;
+    assert_eq!(step_settled(&third).await, 0, "held by the live taker");
+    other.release_all().await.unwrap();
+    assert_eq!(step_settled(&third).await, 1, "released at once");
+}
+
+async fn one_rebuild_at_a_time(store: &Store) {
+    let runner = Arc::new(ProjectionRunner::new(store, vec![Arc::new(StreamsView)]));
+    runner.setup().await.unwrap();
+    for i in 0..50 {
+        append(store, &format!("r{i}"), 0, &["Noted"]).await;
+    }
+    let first = runner.claim_rebuild("streams").await.unwrap();
+    for _ in 0..2 {
+        assert!(matches!(
+            runner.rebuild("streams", |_| {}).await,
+            Err(ProjectionError::Busy(_))
+        ));
+    }
+    let status = &runner.status().await.unwrap()[0].checkpoint;
+    assert!(status.rebuild_owner.is_some());
+    runner.run_rebuild(first, |_| {}).await.unwrap();
+    let status = &runner.status().await.unwrap()[0].checkpoint;
+    assert_eq!((&status.rebuild_owner, &status.rebuild_error), (&None, &None));
+    // Concurrent rebuilds: exactly one runs, the others are told so at once.
+    let racers: Vec<_> = (0..3)
+        .map(|_| {
+            let runner = runner.clone();
+            tokio::spawn(async move { runner.rebuild("streams", |_| {}).await })
+        })
+        .collect();
+    let mut done = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Ok(_) => done += 1,
+            Err(ProjectionError::Busy(_)) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(done >= 1);
+    assert_eq!(list_streams(&store.pool, None, 100).await.unwrap().len(), 50);
 }
 
 /// Signals every event it applies.
@@ -322,5 +357,6 @@ for_each_backend!(
     a_failing_projection_stops_at_the_event_until_skipped,
     a_rebuild_equals_the_live_view,
     one_runner_at_a_time_with_takeover,
+    one_rebuild_at_a_time,
     the_runner_catches_up_then_follows_live,
 );

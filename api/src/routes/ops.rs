@@ -182,6 +182,8 @@ pub async fn projections(
                 lag_events: s.lag_events,
                 lag_seconds: s.lag_seconds,
                 error: s.checkpoint.error.clone(),
+                rebuilding: s.checkpoint.rebuild_owner.is_some(),
+                rebuild_error: s.checkpoint.rebuild_error.clone(),
             })
             .collect(),
     }))
@@ -196,7 +198,7 @@ pub async fn projections(
         (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such projection", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The projection cannot be rebuilt (a process manager)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The projection cannot be rebuilt (a process manager: `not_rebuildable`), or a rebuild of it is under way (`projection_busy`)", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["admin"]))
@@ -212,15 +214,11 @@ pub async fn rebuild(
             format!("no projection {name}"),
         ));
     }
-    if !state.runner.rebuildable().contains(&name.as_str()) {
-        return Err(ApiError::conflict(
-            "not_rebuildable",
-            format!("{name} is a process manager: rebuilding it would repeat its jobs"),
-        ));
-    }
+    // Claimed before answering, so that a second rebuild meanwhile answers 409.
+    let claim = state.runner.claim_rebuild(&name).await?;
     let runner = state.runner.clone();
     tokio::spawn(async move {
-        match runner.rebuild(&name, |_| {}).await {
+        match runner.run_rebuild(claim, |_| {}).await {
             Ok(_) => tracing::info!(projection = %name, "rebuilt"),
             Err(e) => tracing::warn!(projection = %name, error = %e, "rebuild failed"),
         }

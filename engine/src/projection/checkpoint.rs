@@ -51,6 +51,10 @@ pub struct Checkpoint {
     pub failed_position: Option<Position>,
     pub owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Who is rebuilding it now, if anyone (see [`claim_rebuild`]).
+    pub rebuild_owner: Option<String>,
+    /// Why the last rebuild failed, until the next one starts.
+    pub rebuild_error: Option<String>,
 }
 
 fn micros(at: DateTime<Utc>) -> i64 {
@@ -62,7 +66,7 @@ fn from_micros(us: Option<i64>) -> Option<DateTime<Utc>> {
 }
 
 const COLUMNS: &str = "name, position, events_applied, last_event_at, status, error, \
-                       failed_position, owner, lease_expires_at";
+                       failed_position, owner, lease_expires_at, rebuild_owner, rebuild_error";
 
 fn from_pg(row: &sqlx::postgres::PgRow) -> Result<Checkpoint, sqlx::Error> {
     Ok(Checkpoint {
@@ -77,6 +81,8 @@ fn from_pg(row: &sqlx::postgres::PgRow) -> Result<Checkpoint, sqlx::Error> {
             .map(Position),
         owner: row.try_get("owner")?,
         lease_expires_at: row.try_get("lease_expires_at")?,
+        rebuild_owner: row.try_get("rebuild_owner")?,
+        rebuild_error: row.try_get("rebuild_error")?,
     })
 }
 
@@ -93,6 +99,8 @@ fn from_sqlite(row: &sqlx::sqlite::SqliteRow) -> Result<Checkpoint, sqlx::Error>
             .map(Position),
         owner: row.try_get("owner")?,
         lease_expires_at: from_micros(row.try_get("lease_expires_at")?),
+        rebuild_owner: row.try_get("rebuild_owner")?,
+        rebuild_error: row.try_get("rebuild_error")?,
     })
 }
 
@@ -195,6 +203,55 @@ pub async fn acquire(
     Ok(taken == 1)
 }
 
+/// The class of the session advisory locks that hold projections (`'SPrj'` as an int4); the
+/// second key is `hashtext(name)`.
+const HOLD_CLASS: i32 = 0x5350_726a;
+
+/// PostgreSQL: takes the session advisory lock of `name` on `conn` (the runner's own connection,
+/// which keeps it until released or until the connection ends) and names `owner` as the holder.
+/// False when another session holds it.
+pub async fn hold(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    owner: &str,
+) -> Result<bool, sqlx::Error> {
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+        .bind(HOLD_CLASS)
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await?;
+    if locked {
+        sqlx::query(
+            "UPDATE checkpoints SET owner = $2, lease_expires_at = NULL, updated_at = now() \
+             WHERE name = $1",
+        )
+        .bind(name)
+        .bind(owner)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(locked)
+}
+
+/// PostgreSQL: gives up what [`hold`] took.
+pub async fn unhold(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    owner: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE checkpoints SET owner = NULL WHERE name = $1 AND owner = $2")
+        .bind(name)
+        .bind(owner)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+        .bind(HOLD_CLASS)
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Gives the lease up.
 pub async fn release(pool: &StorePool, name: &str, owner: &str) -> Result<(), sqlx::Error> {
     match pool {
@@ -256,6 +313,110 @@ pub async fn advance(
         .rows_affected(),
     };
     Ok(moved == 1)
+}
+
+/// Claims the rebuild of `name` for `owner`: false when another rebuild is under way, that is,
+/// its owner beat its heartbeat within `stale_after` (a rebuild whose process died is taken over
+/// after that).
+pub async fn claim_rebuild(
+    pool: &StorePool,
+    name: &str,
+    owner: &str,
+    stale_after: Duration,
+) -> Result<bool, sqlx::Error> {
+    let claimed = match pool {
+        StorePool::Postgres(pool) => sqlx::query(
+            "UPDATE checkpoints SET rebuild_owner = $2, rebuild_heartbeat = now(), \
+             rebuild_error = NULL, updated_at = now() \
+             WHERE name = $1 AND (rebuild_owner IS NULL \
+                   OR rebuild_heartbeat < now() - make_interval(secs => $3))",
+        )
+        .bind(name)
+        .bind(owner)
+        .bind(stale_after.as_secs_f64())
+        .execute(pool)
+        .await?
+        .rows_affected(),
+        StorePool::Sqlite(pool) => {
+            let now = micros(Utc::now());
+            sqlx::query(
+                "UPDATE checkpoints SET rebuild_owner = ?2, rebuild_heartbeat = ?3, \
+                 rebuild_error = NULL, updated_at = ?3 \
+                 WHERE name = ?1 AND (rebuild_owner IS NULL OR rebuild_heartbeat < ?4)",
+            )
+            .bind(name)
+            .bind(owner)
+            .bind(now)
+            .bind(now - stale_after.as_micros() as i64)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        }
+    };
+    Ok(claimed == 1)
+}
+
+/// Tells that the rebuild of `name` by `owner` is still alive.
+pub async fn beat_rebuild(pool: &StorePool, name: &str, owner: &str) -> Result<(), sqlx::Error> {
+    match pool {
+        StorePool::Postgres(pool) => {
+            sqlx::query(
+                "UPDATE checkpoints SET rebuild_heartbeat = now() \
+                 WHERE name = $1 AND rebuild_owner = $2",
+            )
+            .bind(name)
+            .bind(owner)
+            .execute(pool)
+            .await?;
+        }
+        StorePool::Sqlite(pool) => {
+            sqlx::query(
+                "UPDATE checkpoints SET rebuild_heartbeat = ?3 \
+                 WHERE name = ?1 AND rebuild_owner = ?2",
+            )
+            .bind(name)
+            .bind(owner)
+            .bind(micros(Utc::now()))
+            .execute(pool)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Ends the rebuild of `name` by `owner`, with its error if it failed.
+pub async fn end_rebuild(
+    pool: &StorePool,
+    name: &str,
+    owner: &str,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    match pool {
+        StorePool::Postgres(pool) => {
+            sqlx::query(
+                "UPDATE checkpoints SET rebuild_owner = NULL, rebuild_heartbeat = NULL, \
+                 rebuild_error = $3, updated_at = now() WHERE name = $1 AND rebuild_owner = $2",
+            )
+            .bind(name)
+            .bind(owner)
+            .bind(error)
+            .execute(pool)
+            .await?;
+        }
+        StorePool::Sqlite(pool) => {
+            sqlx::query(
+                "UPDATE checkpoints SET rebuild_owner = NULL, rebuild_heartbeat = NULL, \
+                 rebuild_error = ?3, updated_at = ?4 WHERE name = ?1 AND rebuild_owner = ?2",
+            )
+            .bind(name)
+            .bind(owner)
+            .bind(error)
+            .bind(micros(Utc::now()))
+            .execute(pool)
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Sets the status (and failure details, or clears them).

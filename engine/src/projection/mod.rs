@@ -4,7 +4,7 @@
 //! The runner applies each batch of events and moves the projection's checkpoint in one
 //! transaction, so a crash at any point neither loses nor applies an event twice. It catches up
 //! from the checkpoint, then follows the log live. One runner at a time drives a projection,
-//! across processes, by a lease on its checkpoint that another runner takes over when it expires.
+//! across processes; another takes over as soon as its process dies (see [`lease`]).
 //!
 //! A projection that fails on an event stops there with the error in its status; an operator
 //! retries it or skips that one event (the skip is recorded as an event). `rebuild` replays the
@@ -12,6 +12,7 @@
 //! consistent view meanwhile.
 
 pub mod checkpoint;
+mod lease;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,6 +122,17 @@ pub struct ProjectionStatus {
     pub lag_seconds: f64,
 }
 
+/// A rebuild after a heartbeat this old is taken for dead (its process died) and may be claimed
+/// again.
+const REBUILD_STALE_AFTER: Duration = Duration::from_secs(30);
+
+/// The right to rebuild one projection (see [`ProjectionRunner::claim_rebuild`]).
+#[derive(Debug)]
+pub struct RebuildClaim {
+    name: String,
+    owner: String,
+}
+
 /// Progress of a rebuild.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Progress {
@@ -134,9 +146,8 @@ pub struct ProjectionRunner {
     log: Arc<dyn EventLog>,
     pool: StorePool,
     projections: Vec<Arc<dyn Projection>>,
-    owner: String,
+    leases: lease::Leases,
     batch_size: usize,
-    lease: Duration,
     poll_interval: Duration,
 }
 
@@ -153,9 +164,12 @@ impl ProjectionRunner {
             log: store.log.clone(),
             pool: store.pool.clone(),
             projections,
-            owner: format!("runner-{}", Uuid::now_v7().simple()),
+            leases: lease::Leases::new(
+                store.pool.clone(),
+                format!("runner-{}", Uuid::now_v7().simple()),
+                Duration::from_secs(30),
+            ),
             batch_size: 1000,
-            lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
         }
     }
@@ -166,9 +180,10 @@ impl ProjectionRunner {
         self
     }
 
-    /// How long a runner's hold on a projection lasts without renewal (takeover time).
+    /// How long a runner's hold on a projection lasts without renewal on the embedded store
+    /// (on PostgreSQL a hold lasts as long as the runner's connection).
     pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.leases.set_lease(lease);
         self
     }
 
@@ -207,14 +222,15 @@ impl ProjectionRunner {
     /// running. On a failing event the projection applies the events before it and stops there.
     pub async fn step(&self, name: &str) -> Result<Stepped, ProjectionError> {
         let projection = self.find(name)?.clone();
+        if !self.leases.acquire(name).await? {
+            return Ok(Stepped::default());
+        }
+        // Loaded under the hold: a previous holder can no longer move it.
         let Some(cp) = checkpoint::load(&self.pool, name).await? else {
             return Ok(Stepped::default());
         };
         if cp.status != Status::Running {
-            checkpoint::release(&self.pool, name, &self.owner).await?;
-            return Ok(Stepped::default());
-        }
-        if !checkpoint::acquire(&self.pool, name, &self.owner, self.lease).await? {
+            self.leases.release(name).await?;
             return Ok(Stepped::default());
         }
         let batch = self.log.read_all(cp.position, self.batch_size).await?;
@@ -271,14 +287,15 @@ impl ProjectionRunner {
         let moved = checkpoint::advance(
             tx.connection(),
             projection.name(),
-            &self.owner,
+            self.leases.owner(),
             through,
             events.len() as i64,
             last_at,
         )
         .await?;
         if !moved {
-            // The lease was lost (or the projection paused): leave it to its holder.
+            // The hold was lost (or the projection paused): leave it to its holder.
+            self.leases.doubt().await;
             return Err(ProjectionError::Busy(projection.name().to_owned()));
         }
         tx.commit().await?;
@@ -345,9 +362,7 @@ impl ProjectionRunner {
     /// Gives up this runner's hold on every projection (so another process need not wait for the
     /// leases to expire).
     pub async fn release_all(&self) -> Result<(), ProjectionError> {
-        for name in self.names() {
-            checkpoint::release(&self.pool, name, &self.owner).await?;
-        }
+        self.leases.release_all(&self.names()).await?;
         Ok(())
     }
 
@@ -453,16 +468,55 @@ impl ProjectionRunner {
 
     /// Rebuilds `name` from the start of the log into fresh tables and swaps them in when caught
     /// up. Readers see the old tables until the swap; the live runner pauses only for the swap.
+    /// One rebuild of a projection at a time, across processes: another fails with
+    /// [`ProjectionError::Busy`]; a failed one leaves its error in the checkpoint.
     pub async fn rebuild(
         &self,
         name: &str,
-        mut progress: impl FnMut(Progress) + Send,
+        progress: impl FnMut(Progress) + Send,
     ) -> Result<Checkpoint, ProjectionError> {
-        let projection = self.find(name)?.clone();
+        let claim = self.claim_rebuild(name).await?;
+        self.run_rebuild(claim, progress).await
+    }
+
+    /// Claims the rebuild of `name` (for a caller that answers before the rebuild is done, like
+    /// the HTTP API): [`ProjectionError::Busy`] while another rebuild of it is under way.
+    pub async fn claim_rebuild(&self, name: &str) -> Result<RebuildClaim, ProjectionError> {
+        let projection = self.find(name)?;
         if !projection.rebuildable() {
             return Err(ProjectionError::NotRebuildable(name.to_owned()));
         }
         checkpoint::ensure(&self.pool, name).await?;
+        let owner = format!("rebuild-{}", Uuid::now_v7().simple());
+        if !checkpoint::claim_rebuild(&self.pool, name, &owner, REBUILD_STALE_AFTER).await? {
+            return Err(ProjectionError::Busy(name.to_owned()));
+        }
+        Ok(RebuildClaim {
+            name: name.to_owned(),
+            owner,
+        })
+    }
+
+    /// Runs a claimed rebuild to its end, and records how it ended.
+    pub async fn run_rebuild(
+        &self,
+        claim: RebuildClaim,
+        progress: impl FnMut(Progress) + Send,
+    ) -> Result<Checkpoint, ProjectionError> {
+        let result = self.rebuild_claimed(&claim, progress).await;
+        let error = result.as_ref().err().map(ToString::to_string);
+        checkpoint::end_rebuild(&self.pool, &claim.name, &claim.owner, error.as_deref()).await?;
+        let rebuilt = result?;
+        self.checkpoint(&rebuilt.name).await
+    }
+
+    async fn rebuild_claimed(
+        &self,
+        claim: &RebuildClaim,
+        mut progress: impl FnMut(Progress) + Send,
+    ) -> Result<Checkpoint, ProjectionError> {
+        let name = claim.name.as_str();
+        let projection = self.find(name)?.clone();
         {
             let mut tx = self.log.begin().await?;
             drop_tables(tx.as_mut(), projection.tables(), &Tables::REBUILD).await?;
@@ -485,14 +539,15 @@ impl ProjectionRunner {
                     &mut progress,
                 )
                 .await?;
+            checkpoint::beat_rebuild(&self.pool, name, &claim.owner).await?;
             if caught_up {
                 break;
             }
         }
         // Pause the live projection, take it over, finish, swap.
         checkpoint::set_status(&self.pool, name, Status::Rebuilding, None).await?;
-        let deadline = tokio::time::Instant::now() + self.lease + Duration::from_secs(1);
-        while !checkpoint::acquire(&self.pool, name, &self.owner, self.lease).await? {
+        let deadline = tokio::time::Instant::now() + self.leases.lease() + Duration::from_secs(1);
+        while !self.leases.acquire(name).await? {
             if tokio::time::Instant::now() > deadline {
                 checkpoint::set_status(&self.pool, name, Status::Running, None).await?;
                 return Err(ProjectionError::Busy(name.to_owned()));
@@ -529,7 +584,7 @@ impl ProjectionRunner {
         if swapped.is_err() {
             checkpoint::set_status(&self.pool, name, Status::Running, None).await?;
         }
-        checkpoint::release(&self.pool, name, &self.owner).await?;
+        self.leases.release(name).await?;
         swapped?;
         self.checkpoint(name).await
     }
