@@ -204,6 +204,13 @@ pub async fn run_node(
     }
     if roles.api {
         let service = Arc::new(KeyService::new(&store));
+        let follower = service.follow_changes(store.log.clone());
+        let stopped = until_stopped();
+        tasks.spawn(async move {
+            stopped.await;
+            follower.abort();
+            Ok(())
+        });
         keys = Some(service.clone());
         let limiter = Arc::new(RateLimiter::new(node.rate, node.redis_url.as_deref())?);
         let gate = Arc::new(KeyGate {

@@ -77,7 +77,13 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
 
 /// Parses a body: depth first (before serde builds anything), then syntax (400), then shape (422).
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let depth = depth(bytes);
+    let Scan { depth, nul } = scan(bytes);
+    if nul {
+        return Err(ApiError::unprocessable(
+            "invalid_character",
+            "the body contains a NUL character (\\u0000), which Stele does not store",
+        ));
+    }
     if depth > MAX_DEPTH {
         return Err(ApiError::bad_request(
             "json_too_deep",
@@ -90,13 +96,27 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-/// The deepest nesting of `[` and `{` outside strings. Written by hand: serde_json's own
-/// recursion limit (128) is fixed and answers with a syntax error, not a clear refusal.
-fn depth(bytes: &[u8]) -> usize {
+/// What [`scan`] finds in a body before it is parsed.
+struct Scan {
+    /// The deepest nesting of `[` and `{` outside strings.
+    depth: usize,
+    /// A string holds the escape `\u0000` (a raw NUL byte is a syntax error anyway).
+    nul: bool,
+}
+
+/// One pass over a body's bytes. Written by hand: serde_json's own recursion limit (128) is fixed
+/// and answers with a syntax error, not a clear refusal, and finding NUL after parsing would mean
+/// walking every string of every type.
+fn scan(bytes: &[u8]) -> Scan {
     let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for &byte in bytes {
+    let mut nul = false;
+    for (i, &byte) in bytes.iter().enumerate() {
         if in_string {
             match (escaped, byte) {
+                (true, b'u') => {
+                    escaped = false;
+                    nul |= bytes.get(i + 1..i + 5) == Some(b"0000".as_slice());
+                }
                 (true, _) => escaped = false,
                 (false, b'\\') => escaped = true,
                 (false, b'"') => in_string = false,
@@ -114,7 +134,10 @@ fn depth(bytes: &[u8]) -> usize {
             _ => {}
         }
     }
-    deepest
+    Scan {
+        depth: deepest,
+        nul,
+    }
 }
 
 #[cfg(test)]
@@ -123,8 +146,16 @@ mod tests {
 
     #[test]
     fn depth_counts_nesting_outside_strings() {
-        assert_eq!(depth(br#"{"a": [1, {"b": "[[[{{"}]}"#), 3);
-        assert_eq!(depth(br#""just \" a [ string""#), 0);
-        assert_eq!(depth(b"[[[[]]]]"), 4);
+        assert_eq!(scan(br#"{"a": [1, {"b": "[[[{{"}]}"#).depth, 3);
+        assert_eq!(scan(br#""just \" a [ string""#).depth, 0);
+        assert_eq!(scan(b"[[[[]]]]").depth, 4);
+    }
+
+    #[test]
+    fn nul_escapes_are_found_and_look_alikes_are_not() {
+        assert!(scan(br#"{"input": "a\u0000b"}"#).nul);
+        assert!(scan(br#"{"a\u0000": 1}"#).nul);
+        assert!(!scan(br#"{"input": "a\\u0000b"}"#).nul, "an escaped backslash");
+        assert!(!scan(br#"{"input": "u0000 \u0041"}"#).nul);
     }
 }

@@ -265,7 +265,59 @@ impl KeyService {
         Err(KeyError::Rejected(ApiKeyError::AlreadyCreated))
     }
 
-    /// Revokes key `id`. This process refuses it at once; others within their cache TTL.
+    /// Follows the log from now on and drops each key that changes (revoked, changed scopes) from
+    /// this process's cache as soon as the change is committed, whichever process made it: with
+    /// it, a revocation reaches every server process within the log's notification delay
+    /// (milliseconds), not the cache TTL. Runs until the returned task is aborted.
+    pub fn follow_changes(&self, log: Arc<dyn EventLog>) -> tokio::task::JoinHandle<()> {
+        let cache = self.inner.cache.clone();
+        tokio::spawn(async move {
+            let mut after = None;
+            loop {
+                let start = match after {
+                    Some(position) => position,
+                    None => match log.head().await {
+                        Ok(head) => head,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot follow key changes; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    },
+                };
+                // Whatever changed while this follower was not reading (first start, a lost
+                // connection) may be cached: start from a clean cache.
+                cache.invalidate_all();
+                let mut changes = stele_engine::log::subscribe(
+                    log.clone(),
+                    start,
+                    stele_engine::log::SubscriptionOptions::default(),
+                );
+                loop {
+                    match changes.next().await {
+                        Ok(event) => {
+                            after = Some(event.position);
+                            if event.stream.aggregate_type == <ApiKey as cqrs_es::Aggregate>::TYPE
+                                && event.event_type != "ApiKeyUsed"
+                            {
+                                cache.invalidate(&event.stream.aggregate_id).await;
+                            }
+                        }
+                        Err(stele_engine::LogError::Closed) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "following key changes failed; resuming");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Revokes key `id`. This process refuses it at once; others as soon as they see the
+    /// revocation in the log ([`KeyService::follow_changes`]), or at the latest when their cache
+    /// entry expires.
     pub async fn revoke(&self, id: &str, reason: &str, meta: CommandMeta) -> Result<(), KeyError> {
         let revoke = ApiKeyCommand::Revoke {
             reason: reason.to_owned(),

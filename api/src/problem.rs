@@ -156,6 +156,7 @@ impl From<stele_workflows::runtime::RuntimeError> for ApiError {
                 "run_not_started",
                 format!("task {id} has no workflow run yet"),
             ),
+            E::Log(e) => e.into(),
             other => ApiError::internal(other),
         }
     }
@@ -177,6 +178,11 @@ impl From<stele_engine::LogError> for ApiError {
         match e {
             e @ stele_engine::LogError::UnknownPosition(_) => {
                 ApiError::bad_request("unknown_position", e.to_string())
+            }
+            // What the log refuses to store (its rules are the same on both stores): the
+            // request's own data, never a server fault.
+            stele_engine::LogError::InvalidAppend(why) => {
+                ApiError::unprocessable("unstorable_input", why)
             }
             other => ApiError::internal(other),
         }

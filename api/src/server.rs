@@ -102,6 +102,7 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(refuse_nul))
         .layer(middleware::from_fn(measure))
         .layer(CatchPanicLayer::custom(panicked))
         .with_state(state)
@@ -119,13 +120,41 @@ fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     )))
 }
 
-/// Records `stele_http_request_duration_seconds` by method, route and status.
+/// A NUL character (`%00`) in a path or a query cannot be stored or even looked up on
+/// PostgreSQL (and would be on the embedded store): refused before any route sees it, the same on
+/// both stores.
+async fn refuse_nul(request: Request, next: Next) -> Response {
+    let uri = request.uri();
+    let has_nul = |s: &str| {
+        s.as_bytes()
+            .windows(3)
+            .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
+    };
+    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+        return axum::response::IntoResponse::into_response(ApiError::bad_request(
+            "invalid_character",
+            "the path or query contains a NUL character (%00), which Stele does not store",
+        ));
+    }
+    next.run(request).await
+}
+
+/// The methods that get their own metrics label; any other shares `other`, so that made-up
+/// methods cannot grow the number of series.
+const KNOWN_METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+
+/// Records `stele_http_request_duration_seconds` by method, route and status. Every label has a
+/// bounded set of values: known methods (else `other`), route templates (else `unmatched`),
+/// status codes.
 async fn measure(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().to_string();
+    let method = KNOWN_METHODS
+        .into_iter()
+        .find(|m| *m == request.method().as_str())
+        .unwrap_or("other");
     let started = Instant::now();
     let response = next.run(request).await;
     metrics::histogram!(
