@@ -95,6 +95,9 @@ async fn notify(pool: PgPool, channel: &'static str, mut local: watch::Receiver<
             .execute(&pool)
             .await
         {
+            if pool.is_closed() {
+                return;
+            }
             tracing::warn!(error = %e, channel, "NOTIFY failed; other processes will poll");
         }
     }
@@ -107,6 +110,8 @@ async fn listen_for(pool: PgPool, channel: &'static str, all: watch::Sender<u64>
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(listener) => listener,
+            // Closing down: nothing to listen for, nothing to warn about.
+            Err(_) if pool.is_closed() => return,
             Err(e) => {
                 tracing::warn!(error = %e, channel, "cannot LISTEN, retrying");
                 tokio::time::sleep(backoff).await;
@@ -127,8 +132,9 @@ async fn listen_for(pool: PgPool, channel: &'static str, all: watch::Sender<u64>
             match listener.try_recv().await {
                 // Ok(None): the connection dropped and sqlx reconnected; notifications may be lost.
                 Ok(_) => bump(&all),
+                Err(_) if pool.is_closed() => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, channel, "notification connection lost");
+                    tracing::warn!(error = %e, channel, "notification connection lost; reconnecting");
                     bump(&all);
                     break;
                 }

@@ -71,7 +71,9 @@ impl WorkerOptions {
             concurrency: 8,
             claim_batch: 64,
             prefetch: 0,
-            lease: Duration::from_secs(30),
+            // Short, so that the jobs of a process that died run again within seconds; extended
+            // every third of it while a job runs.
+            lease: Duration::from_secs(10),
             poll_interval: Duration::from_secs(1),
             rescue_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
