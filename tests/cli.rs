@@ -9,22 +9,8 @@ use stele_engine::testing::TestDb;
 use stele_engine::{AppendRequest, CommandMeta, NewEvent, Store, StoreLocation, StreamId};
 use uuid::Uuid;
 
-fn stele() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_stele"));
-    command
-        .env_remove("STELE_DATABASE_URL")
-        .env_remove("STELE_DATA_DIR")
-        .env("STELE_LOG", "info");
-    command
-}
-
-fn run(args: &[&str]) -> Output {
-    stele().args(args).output().expect("run stele")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
+mod support;
+use support::{run, stderr, stele, terminate, wait_until_up};
 
 /// Asserts a failure with exactly one line on stderr containing `expected`.
 fn assert_one_line_error(output: &Output, code: i32, expected: &str) {
@@ -639,38 +625,6 @@ fn the_workflow_benchmark_prints_json() {
         assert!(figure["steps_per_sec"].as_f64().unwrap() > 0.0);
         assert!(figure["task_latency"]["p95_ms"].as_f64().unwrap() > 0.0);
     }
-}
-
-/// Reads `child`'s stderr until the start-up line; returns the API's address when it printed one.
-fn wait_until_up(child: &mut std::process::Child) -> Option<String> {
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut address = None;
-    let mut line = String::new();
-    while !line.contains("stele is up") {
-        assert!(Instant::now() < deadline, "no start-up line");
-        line.clear();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "exited early");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            address = rest.split(';').next().map(str::to_owned);
-        }
-    }
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while reader.read_line(&mut sink).unwrap_or(0) > 0 {
-            sink.clear();
-        }
-    });
-    address
-}
-
-fn terminate(child: &mut std::process::Child) {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status:?}");
 }
 
 #[test]

@@ -155,7 +155,10 @@ mod tests {
     fn nul_escapes_are_found_and_look_alikes_are_not() {
         assert!(scan(br#"{"input": "a\u0000b"}"#).nul);
         assert!(scan(br#"{"a\u0000": 1}"#).nul);
-        assert!(!scan(br#"{"input": "a\\u0000b"}"#).nul, "an escaped backslash");
+        assert!(
+            !scan(br#"{"input": "a\\u0000b"}"#).nul,
+            "an escaped backslash"
+        );
         assert!(!scan(br#"{"input": "u0000 \u0041"}"#).nul);
     }
 }

@@ -67,9 +67,7 @@ fn runner(store: &Store) -> ProjectionRunner {
 
 async fn drain(runner: &ProjectionRunner) {
     for _ in 0..10_000 {
-        if runner.step("greeter").await.unwrap()
-            == (Stepped { read: 0 })
-        {
+        if runner.step("greeter").await.unwrap() == (Stepped { read: 0 }) {
             return;
         }
         tokio::task::yield_now().await;

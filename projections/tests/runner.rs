@@ -280,7 +280,10 @@ async fn one_rebuild_at_a_time(store: &Store) {
     assert!(status.rebuild_owner.is_some());
     runner.run_rebuild(first, |_| {}).await.unwrap();
     let status = &runner.status().await.unwrap()[0].checkpoint;
-    assert_eq!((&status.rebuild_owner, &status.rebuild_error), (&None, &None));
+    assert_eq!(
+        (&status.rebuild_owner, &status.rebuild_error),
+        (&None, &None)
+    );
     // Concurrent rebuilds: exactly one runs, the others are told so at once.
     let racers: Vec<_> = (0..3)
         .map(|_| {
@@ -297,7 +300,10 @@ async fn one_rebuild_at_a_time(store: &Store) {
         }
     }
     assert!(done >= 1);
-    assert_eq!(list_streams(&store.pool, None, 100).await.unwrap().len(), 50);
+    assert_eq!(
+        list_streams(&store.pool, None, 100).await.unwrap().len(),
+        50
+    );
 }
 
 /// Signals every event it applies.

@@ -200,7 +200,9 @@ impl LogError {
         };
         if code.len() == 5 {
             // A PostgreSQL SQLSTATE (SQLite's extended result codes have at most four digits).
-            return ["22", "23", "54"].iter().any(|class| code.starts_with(class));
+            return ["22", "23", "54"]
+                .iter()
+                .any(|class| code.starts_with(class));
         }
         code.parse::<i32>()
             .is_ok_and(|n| matches!(n & 0xff, 18..=20))
@@ -327,10 +329,12 @@ pub(crate) fn validate(request: &AppendRequest) -> Result<(), LogError> {
         ("aggregate type", request.stream.aggregate_type.as_str()),
         ("aggregate id", request.stream.aggregate_id.as_str()),
     ];
-    let event_types = request
-        .events
-        .iter()
-        .flat_map(|e| [("event type", e.event_type.as_str()), ("event version", e.event_version.as_str())]);
+    let event_types = request.events.iter().flat_map(|e| {
+        [
+            ("event type", e.event_type.as_str()),
+            ("event version", e.event_version.as_str()),
+        ]
+    });
     for (what, value) in names.into_iter().chain(event_types) {
         if value.len() > MAX_NAME_BYTES {
             return Err(LogError::InvalidAppend(format!(

@@ -26,8 +26,8 @@ use uuid::Uuid;
 
 use super::batch::{BatchHandler, Batcher, GroupCommit, GroupWriter};
 use super::{
-    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog,
-    LogError, LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
+    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogError,
+    LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
 };
 use crate::metadata::EventMetadata;
 use crate::notify::{WakeHandle, Waker};

@@ -26,8 +26,8 @@ use uuid::Uuid;
 
 use super::batch::{Batcher, GroupCommit, GroupWriter};
 use super::{
-    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog,
-    LogError, LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
+    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogError,
+    LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
 };
 
 const EVENT_COLUMNS: &str = "global_position, aggregate_type, aggregate_id, sequence, event_type, \

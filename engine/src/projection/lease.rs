@@ -83,7 +83,11 @@ impl Leases {
                 holds.checked = Some(Instant::now());
             }
             let due = holds.checked.is_none_or(|at| at.elapsed() >= CHECK_EVERY);
-            let Holds { conn, held, checked } = &mut *holds;
+            let Holds {
+                conn,
+                held,
+                checked,
+            } = &mut *holds;
             let conn = conn.as_mut().expect("connected above");
             if held.contains(name) {
                 if due {
