@@ -219,3 +219,96 @@ async fn an_unreachable_redis_lets_requests_through() {
         .await
         .expect("failing open is quick");
 }
+
+/// A Redis server of this test's own, to stop and start again.
+struct OwnRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> OwnRedis {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("redis-server (scripts/test installs it)");
+        // Wait for its own word that it accepts connections.
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("Ready to accept connections") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "redis-server exited");
+        }
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while out.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        OwnRedis { child, port }
+    }
+
+    fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Redis goes away: checks fail open at once and nothing else stops. It comes back (empty, as
+/// after a restart): the shared budget is enforced again, without restarting the limiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_limits_fail_open_while_redis_is_away_and_resume_when_it_returns() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let redis = OwnRedis::start(port);
+    let limiter =
+        RateLimiter::new(no_refill(2), Some(&format!("redis://127.0.0.1:{port}"))).unwrap();
+    let key = unique_key();
+    limiter.check(&key).await.unwrap();
+    limiter.check(&key).await.unwrap();
+    assert_limited(limiter.check(&key).await, Duration::from_secs(200));
+
+    let port = redis.stop();
+    let away = async {
+        for _ in 0..20 {
+            limiter.check(&key).await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), away)
+        .await
+        .expect("failing open is quick");
+
+    let _redis = OwnRedis::start(port);
+    // Checks skip Redis for a short while after a failure; then they reach it again, with a
+    // fresh bucket of 2, so a third check within the budget's window is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut allowed_since_back = 0;
+    loop {
+        match limiter.check(&key).await {
+            Ok(()) => allowed_since_back += 1,
+            Err(limited) => {
+                assert!(limited.retry_after > Duration::ZERO);
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shared limit never came back ({allowed_since_back} allowed)"
+        );
+        // The limiter's own retry rhythm, not a guess at how long something takes.
+        tokio::time::sleep(stele_api::ratelimit::REDIS_RETRY_INTERVAL / 10).await;
+    }
+}
