@@ -11,6 +11,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::json;
 use stele_engine::log::{subscribe, SubscriptionOptions};
+use stele_engine::queue::NewJob;
 use stele_engine::store::StorePool;
 use stele_engine::{
     AppendOutcome, AppendRequest, CommandMeta, EventLog, LogError, NewEvent, Position, Store,
@@ -603,7 +604,8 @@ fn scenarios() -> impl Strategy<Value = Scenario> {
 
 /// Runs a scenario; checks that a live subscriber sees every committed event exactly once, each
 /// stream in sequence order, in the order a later read from the start gives.
-async fn check_scenario(logs: &[Arc<dyn EventLog>], scenario: Scenario) {
+async fn check_scenario(stores: &[Store], scenario: Scenario) {
+    let logs: Vec<Arc<dyn EventLog>> = stores.iter().map(|s| s.log.clone()).collect();
     let log = logs[0].clone();
     let case = Uuid::new_v4().simple().to_string();
     let start = read_everything(log.as_ref())
@@ -634,6 +636,15 @@ async fn check_scenario(logs: &[Arc<dyn EventLog>], scenario: Scenario) {
 
     let processes = scenario.processes.min(logs.len());
     let mut tx = logs[processes - 1].begin().await.unwrap();
+    // Events and jobs in one transaction, as process managers and step handlers write them.
+    stores[processes - 1]
+        .queue
+        .enqueue_in(
+            tx.as_mut(),
+            vec![NewJob::new("held", "held", json!({ "case": case }))],
+        )
+        .await
+        .unwrap();
     let held = appended(
         tx.append(request(
             &StreamId::new(case.clone(), "held"),
@@ -712,14 +723,13 @@ fn property(kind: support::Kind) {
         let foreign = Foreign::start(&stores[0]).await;
         (db, stores, foreign)
     });
-    let logs: Vec<Arc<dyn EventLog>> = stores.iter().map(|s| s.log.clone()).collect();
     let config = ProptestConfig {
         cases: 12,
         failure_persistence: None,
         ..ProptestConfig::default()
     };
     proptest!(config, |(scenario in scenarios())| {
-        runtime.block_on(check_scenario(&logs, scenario));
+        runtime.block_on(check_scenario(&stores, scenario));
     });
     runtime.block_on(async {
         foreign.end().await;
