@@ -4,6 +4,7 @@
 mod bench;
 mod events;
 mod jobs;
+mod node;
 mod projections;
 mod serve;
 mod tasks;

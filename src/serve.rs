@@ -20,7 +20,7 @@ use stele_engine::queue::worker::WorkerOptions;
 use stele_engine::store::{Migrate, Store, StoreLocation};
 use stele_workflows::runtime::QUEUE;
 
-use crate::tasks::WorkflowArgs;
+use crate::node::WorkflowArgs;
 use crate::StoreArgs;
 
 /// Options of a node, from the command line and `STELE_*` variables; they override the

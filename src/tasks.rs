@@ -2,66 +2,19 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
-use stele_aggregates::task::Requester;
-use stele_engine::log::{subscribe, SubscriptionOptions};
+use stele_aggregates::channel::Channel;
+use stele_aggregates::task::{Requester, TaskInput};
 use stele_engine::store::{Migrate, Store};
-use stele_engine::{CommandMeta, Position};
-use stele_workflows::agents::ModelAgents;
+use stele_engine::CommandMeta;
 use stele_workflows::catalog;
-use stele_workflows::decide::Catalog;
-use stele_workflows::model::{ModelRouter, ModelsConfig};
-use stele_workflows::runtime::{describe, Runtime, TaskView};
-use stele_workflows::tools::Tools;
+use stele_workflows::runtime::{Runtime, TaskView};
 
+use crate::node::WorkflowArgs;
 use crate::StoreArgs;
-
-/// Where definitions and agent roles come from.
-#[derive(Args, Clone, Debug, Default)]
-pub struct WorkflowArgs {
-    /// A folder of workflow definitions (YAML) to load besides the shipped ones.
-    #[arg(long, env = "STELE_WORKFLOWS", value_name = "DIR")]
-    pub workflows: Option<PathBuf>,
-    /// Providers and agent roles (TOML); the shipped roles on the scripted model otherwise.
-    /// STELE_MODEL_* variables route roles to an OpenAI-compatible server.
-    #[arg(long, env = "STELE_MODELS", value_name = "FILE")]
-    pub models: Option<PathBuf>,
-}
-
-impl WorkflowArgs {
-    /// The model router and the validated catalog (shipped definitions plus the folder's).
-    pub fn load(&self) -> anyhow::Result<(ModelRouter, Tools, Catalog)> {
-        let config = match &self.models {
-            Some(path) => ModelsConfig::load(path)?,
-            None => ModelsConfig::default(),
-        }
-        .with_process_env()?;
-        let router = ModelRouter::new(config)?;
-        let tools = Tools::builtin();
-        let mut sources = catalog::builtin();
-        if let Some(dir) = &self.workflows {
-            sources.extend(catalog::read(dir)?);
-        }
-        let catalog = catalog::build(&sources, &|a| router.agent(a).is_some(), &|t| {
-            tools.contains(t)
-        })?;
-        Ok((router, tools, catalog))
-    }
-
-    /// A runtime on `store`, its definitions recorded in (and completed from) the log.
-    pub async fn runtime(&self, store: &Store) -> anyhow::Result<Arc<Runtime>> {
-        let (router, tools, mut catalog) = self.load()?;
-        Runtime::publish(store.log.as_ref(), &mut catalog).await?;
-        let agents = Arc::new(ModelAgents::new(router, tools.clone()));
-        Ok(Arc::new(
-            Runtime::new(store, catalog, agents, tools).with_default_workflow("assistant"),
-        ))
-    }
-}
 
 #[derive(Subcommand)]
 pub enum WorkflowsCommand {
@@ -204,28 +157,26 @@ pub async fn tasks(command: TasksCommand) -> anyhow::Result<()> {
     };
     let store = Store::open(store_args.location()?, Migrate::Require).await?;
     let result = match workflow_args.runtime(&store).await {
-        Ok(runtime) => run(&store, &runtime, command).await,
+        Ok(runtime) => run(&runtime, command).await,
         Err(e) => Err(e),
     };
     store.close().await;
     result
 }
 
-async fn run(store: &Store, runtime: &Runtime, command: TasksCommand) -> anyhow::Result<()> {
+async fn run(runtime: &Runtime, command: TasksCommand) -> anyhow::Result<()> {
     let meta = || CommandMeta::new(format!("user:{}", whoami()), "cli");
     match command {
         TasksCommand::Create(args) => {
-            let (id, _) = runtime
-                .create_task(
-                    args.input,
-                    Requester {
-                        user_id: args.user,
-                        channel: "cli".into(),
-                    },
-                    args.workflow,
-                    meta(),
-                )
+            let input = TaskInput::parse(args.input)?;
+            let requester = Requester {
+                user_id: args.user,
+                channel: Channel::CLI,
+            };
+            let created = runtime
+                .create_task(input, requester, args.workflow, meta())
                 .await?;
+            let id = created.task_id();
             if args.json {
                 println!("{}", json!({ "task_id": id }));
             } else {
@@ -273,48 +224,27 @@ async fn run(store: &Store, runtime: &Runtime, command: TasksCommand) -> anyhow:
             println!("signal {name} sent to {}", task.id);
             Ok(())
         }
-        TasksCommand::Watch(args) => watch(store, runtime, &args.id).await,
+        TasksCommand::Watch(args) => watch(runtime, &args.id).await,
     }
 }
 
 /// Prints the task's history so far, then its events as they are committed, until it finishes.
-async fn watch(store: &Store, runtime: &Runtime, task_id: &str) -> anyhow::Result<()> {
-    let history = runtime.history(task_id).await?;
+async fn watch(runtime: &Runtime, task_id: &str) -> anyhow::Result<()> {
+    runtime.task(task_id).await?;
+    let events = runtime.follower(task_id, None).follow();
+    futures::pin_mut!(events);
     let mut out = io::stdout();
-    for event in &history {
-        writeln!(out, "{}", line(event))?;
-    }
-    let view = runtime.task(task_id).await?;
-    if view.task.status.is_finished() {
-        return Ok(());
-    }
-    // Follow from the last event of the task seen; earlier events of other streams are skipped.
-    let after = history
-        .iter()
-        .map(|e| e.position)
-        .max()
-        .unwrap_or(Position::START);
-    let mut subscription = subscribe(store.log.clone(), after, SubscriptionOptions::default());
-    let seen: std::collections::HashSet<_> = history.iter().map(|e| e.metadata.event_id).collect();
     loop {
-        let event = tokio::select! {
-            event = subscription.next() => event.context("following the log")?,
+        let next = tokio::select! {
+            next = futures::StreamExt::next(&mut events) => next,
             _ = crate::shutdown_signal() => return Ok(()),
         };
-        let run_id = view.task.run_id.as_deref().unwrap_or(task_id);
-        if !Runtime::is_task_stream(&event, task_id, Some(run_id))
-            || seen.contains(&event.metadata.event_id)
-        {
-            continue;
-        }
+        let Some(next) = next else {
+            return Ok(());
+        };
+        let (_, event) = next.context("following the task")?;
         writeln!(out, "{}", line(&event))?;
         out.flush()?;
-        if matches!(
-            event.event_type.as_str(),
-            "TaskCompleted" | "TaskFailed" | "TaskCancelled"
-        ) {
-            return Ok(());
-        }
     }
 }
 
@@ -369,4 +299,23 @@ fn render(view: &TaskView) -> String {
 
 fn whoami() -> String {
     std::env::var("USER").unwrap_or_else(|_| "operator".into())
+}
+
+/// When a run event happened, for progress displays.
+fn describe(event: &stele_engine::RecordedEvent) -> String {
+    let data = &event.payload["data"];
+    let field = |name: &str| data[name].as_str().unwrap_or_default().to_owned();
+    match event.event_type.as_str() {
+        "StepScheduled" | "StepStarted" => format!(
+            "{} {} (attempt {})",
+            event.event_type,
+            field("step"),
+            data["attempt"]
+        ),
+        "StepCompleted" | "StepFailed" | "StepSkipped" | "TimerArmed" | "TimerFired"
+        | "WaitStarted" | "WaitTimedOut" | "ChildrenStarted" | "ReplyRequested" => {
+            format!("{} {}", event.event_type, field("step"))
+        }
+        other => other.to_owned(),
+    }
 }

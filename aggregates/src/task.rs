@@ -7,16 +7,100 @@
 //!     └── Cancel (pending, routing, executing) ─────────────────────────► cancelled
 //! ```
 
+use std::fmt;
+
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::channel::Channel;
+
+/// What a task is asked to do, as a person or program wrote it: not blank, at most
+/// [`TaskInput::MAX_CHARS`] characters, no NUL character. [`TaskInput::parse`] is the only way in,
+/// so every edge (the API, the CLI, the channels) applies the same rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskInput(String);
+
+/// Why a text is not a task's input.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInput {
+    #[error("a task needs some input")]
+    Empty,
+    #[error("the input has {0} characters; at most 32768 are allowed")]
+    TooLong(usize),
+    #[error("the input contains a NUL character (U+0000)")]
+    Nul,
+}
+
+impl TaskInput {
+    /// The longest input, in characters.
+    pub const MAX_CHARS: usize = 32_768;
+
+    pub fn parse(text: impl Into<String>) -> Result<TaskInput, InvalidInput> {
+        let text = text.into();
+        if text.trim().is_empty() {
+            return Err(InvalidInput::Empty);
+        }
+        let chars = text.chars().count();
+        if chars > Self::MAX_CHARS {
+            return Err(InvalidInput::TooLong(chars));
+        }
+        if text.contains('\0') {
+            return Err(InvalidInput::Nul);
+        }
+        Ok(TaskInput(text))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Display for TaskInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Who asked for the task, and through which channel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Requester {
     pub user_id: String,
-    pub channel: String,
+    pub channel: Channel,
+}
+
+/// Why a requester was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRequester {
+    #[error("the requester's user id must be 1 to 256 characters without NUL")]
+    UserId,
+    #[error(transparent)]
+    Channel(#[from] crate::channel::InvalidChannel),
+}
+
+impl Requester {
+    /// The longest user id, in characters.
+    pub const MAX_USER_ID_CHARS: usize = 256;
+
+    /// A requester from a user id (trimmed, not empty) and a channel name (see [`Channel`]).
+    pub fn parse(user_id: &str, channel: &str) -> Result<Requester, InvalidRequester> {
+        let user_id = user_id.trim();
+        if user_id.is_empty()
+            || user_id.chars().count() > Self::MAX_USER_ID_CHARS
+            || user_id.contains('\0')
+        {
+            return Err(InvalidRequester::UserId);
+        }
+        Ok(Requester {
+            user_id: user_id.to_owned(),
+            channel: Channel::parse(channel)?,
+        })
+    }
 }
 
 /// Where a task is in its life.
@@ -46,7 +130,7 @@ impl TaskStatus {
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskCommand {
     Create {
-        input: String,
+        input: TaskInput,
         requester: Requester,
         /// A workflow chosen by the requester; otherwise routing chooses one.
         workflow: Option<String>,
@@ -117,8 +201,6 @@ pub enum TaskError {
     AlreadyCreated,
     #[error("no such task")]
     NotCreated,
-    #[error("a task needs some input")]
-    EmptyInput,
     #[error("the task is {status:?}: it cannot {action}")]
     InvalidTransition {
         status: TaskStatus,
@@ -165,9 +247,6 @@ impl Aggregate for Task {
             (TaskCommand::Create { .. }, status) if status != New => {
                 return Err(TaskError::AlreadyCreated)
             }
-            (TaskCommand::Create { input, .. }, _) if input.trim().is_empty() => {
-                return Err(TaskError::EmptyInput)
-            }
             (
                 TaskCommand::Create {
                     input,
@@ -176,7 +255,7 @@ impl Aggregate for Task {
                 },
                 _,
             ) => TaskEvent::TaskCreated {
-                input,
+                input: input.into_inner(),
                 requester,
                 workflow,
             },
@@ -245,10 +324,7 @@ mod tests {
     type Given = TestFramework<Task>;
 
     fn requester() -> Requester {
-        Requester {
-            user_id: "42".into(),
-            channel: "telegram".into(),
-        }
+        Requester::parse("42", "telegram").unwrap()
     }
 
     fn created() -> TaskEvent {
@@ -271,7 +347,7 @@ mod tests {
         Given::with(())
             .given_no_previous_events()
             .when(TaskCommand::Create {
-                input: "fix the login bug".into(),
+                input: TaskInput::parse("fix the login bug").unwrap(),
                 requester: requester(),
                 workflow: None,
             })
@@ -279,19 +355,41 @@ mod tests {
     }
 
     #[test]
-    fn empty_input_and_second_creation_are_refused() {
-        Given::with(())
-            .given_no_previous_events()
-            .when(TaskCommand::Create {
-                input: "  ".into(),
-                requester: requester(),
-                workflow: None,
-            })
-            .then_expect_error(TaskError::EmptyInput);
+    fn inputs_and_requesters_are_parsed_at_the_edge() {
+        assert_eq!(TaskInput::parse("  "), Err(InvalidInput::Empty));
+        assert_eq!(
+            TaskInput::parse("x".repeat(TaskInput::MAX_CHARS + 1)),
+            Err(InvalidInput::TooLong(TaskInput::MAX_CHARS + 1))
+        );
+        assert_eq!(TaskInput::parse("a\0b"), Err(InvalidInput::Nul));
+        assert_eq!(
+            TaskInput::parse("é".repeat(TaskInput::MAX_CHARS))
+                .unwrap()
+                .as_str()
+                .chars()
+                .count(),
+            TaskInput::MAX_CHARS
+        );
+        assert_eq!(
+            Requester::parse(" 42 ", "Telegram").unwrap(),
+            Requester {
+                user_id: "42".into(),
+                channel: Channel::TELEGRAM
+            }
+        );
+        assert_eq!(Requester::parse(" ", "api"), Err(InvalidRequester::UserId));
+        assert!(matches!(
+            Requester::parse("42", "no way"),
+            Err(InvalidRequester::Channel(_))
+        ));
+    }
+
+    #[test]
+    fn a_second_creation_is_refused() {
         Given::with(())
             .given(vec![created()])
             .when(TaskCommand::Create {
-                input: "again".into(),
+                input: TaskInput::parse("again").unwrap(),
                 requester: requester(),
                 workflow: None,
             })

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use serde_json::json;
-use stele_aggregates::task::{Requester, Task, TaskCommand, TaskEvent};
+use stele_aggregates::task::{Requester, Task, TaskCommand, TaskEvent, TaskInput};
 use stele_aggregates::workflow_run::RunEvent;
 use stele_engine::command::new_event;
 use stele_engine::for_each_backend;
@@ -48,11 +48,8 @@ async fn command(store: &Store, task_id: &str, command: TaskCommand) {
 
 async fn create(store: &Store, task_id: &str, user: &str, channel: &str, workflow: Option<&str>) {
     let create = TaskCommand::Create {
-        input: format!("input of {task_id}"),
-        requester: Requester {
-            user_id: user.into(),
-            channel: channel.into(),
-        },
+        input: TaskInput::parse(format!("input of {task_id}")).unwrap(),
+        requester: Requester::parse(user, channel).unwrap(),
         workflow: workflow.map(str::to_owned),
     };
     command(store, task_id, create).await;

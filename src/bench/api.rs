@@ -21,7 +21,7 @@ use stele_engine::CommandMeta;
 use tokio::sync::Mutex;
 
 use super::{Latency, Machine, Scratch};
-use crate::tasks::WorkflowArgs;
+use crate::node::WorkflowArgs;
 
 #[derive(Args)]
 pub struct ApiBenchArgs {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use stele_aggregates::task::Requester;
+use stele_aggregates::task::{Requester, TaskInput};
 use stele_engine::log::{subscribe, SubscriptionOptions};
 use stele_engine::process::as_projection;
 use stele_engine::projection::ProjectionRunner;
@@ -19,7 +19,7 @@ use stele_workflows::runtime::QUEUE;
 use tokio::sync::{watch, Mutex, Semaphore};
 
 use super::{Latency, Machine, Scratch, Targets};
-use crate::tasks::WorkflowArgs;
+use crate::node::WorkflowArgs;
 
 /// Steps in the `bench` workflow.
 const STEPS: usize = 5;
@@ -167,11 +167,8 @@ async fn measure(
                     .insert(meta.command_id.to_string(), Instant::now());
                 runtime
                     .create_task(
-                        format!("run {i}"),
-                        Requester {
-                            user_id: "bench".into(),
-                            channel: "bench".into(),
-                        },
+                        TaskInput::parse(format!("run {i}"))?,
+                        Requester::parse("bench", "bench")?,
                         Some("bench".into()),
                         meta,
                     )

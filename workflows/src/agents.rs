@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
-use crate::model::{CallOverrides, ChatMessage, ModelRoute, ModelRouter};
 use crate::runtime::{AgentRequest, AgentResult, Agents};
 use crate::tools::Tools;
+use stele_models::{CallOverrides, ChatMessage, ModelRoute, ModelRouter};
 
 /// Rounds of tool calls one agent step may make before it is failed.
 pub const MAX_TOOL_ROUNDS: usize = 8;

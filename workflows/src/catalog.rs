@@ -1,10 +1,20 @@
 //! Loading definitions: the ones shipped in `workflows/definitions/`, and YAML files from a
-//! folder at run time, validated together into a [`Catalog`].
+//! folder at run time, validated together into a [`Catalog`]; and [`publish`]ing them in the log,
+//! so that runs keep the version they started with.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::json;
+use stele_engine::{AppendRequest, CommandMeta, EventLog, LogError, NewEvent, StreamId};
+use uuid::Uuid;
 
 use crate::decide::Catalog;
 use crate::definition::{validate, Definition, DefinitionError, Known, Problem};
+use crate::runtime::RuntimeError;
+
+/// The stream type definitions are recorded under.
+pub const DEFINITION_TYPE: &str = "workflow_definition";
 
 /// The definitions shipped with Stele, as (file name, YAML).
 pub const BUILTIN: [(&str, &str); 5] = [
@@ -126,4 +136,61 @@ pub fn build(
     } else {
         Err(DefinitionError { problems })
     }
+}
+
+/// Records the catalog's definitions in the log (stream `workflow_definition/<name>`), and
+/// adds every version recorded before, so that runs started on a version that is no longer
+/// in the files keep it. A version recorded with other content is refused.
+pub async fn publish(log: &dyn EventLog, catalog: &mut Catalog) -> Result<(), RuntimeError> {
+    let names: Vec<Arc<Definition>> = catalog.all().cloned().collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for definition in &names {
+        if !seen.insert(definition.name.clone()) {
+            continue;
+        }
+        let stream = StreamId::new(DEFINITION_TYPE, &definition.name);
+        for attempt in 0..5 {
+            let stored = log.read_stream(&stream, 0).await?;
+            let mut recorded = std::collections::BTreeSet::new();
+            for event in &stored {
+                let old: Definition = serde_json::from_value(event.payload["definition"].clone())
+                    .map_err(|e| {
+                    RuntimeError::Definitions(format!(
+                        "stored definition {} is unreadable: {e}",
+                        definition.name
+                    ))
+                })?;
+                recorded.insert(old.version);
+                catalog
+                    .insert(old)
+                    .map_err(|e| RuntimeError::Definitions(e.to_string()))?;
+            }
+            let new: Vec<NewEvent> = catalog
+                .all()
+                .filter(|d| d.name == definition.name && !recorded.contains(&d.version))
+                .map(|d| NewEvent {
+                    event_type: "DefinitionPublished".into(),
+                    event_version: "1.0".into(),
+                    payload: json!({ "version": d.version, "definition": **d }),
+                    metadata: CommandMeta::new("workflow-runtime", "system")
+                        .for_event(Uuid::now_v7()),
+                })
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            let request = AppendRequest {
+                command_id: Uuid::now_v7(),
+                stream: stream.clone(),
+                expected_sequence: stored.last().map_or(0, |e| e.sequence),
+                events: new,
+            };
+            match log.append(request).await {
+                Ok(_) => break,
+                Err(LogError::Conflict { .. }) if attempt < 4 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,12 +1,12 @@
-//! Workflow definitions, agents and models, and the decisions that drive workflow runs.
+//! Workflow definitions, agents, and the decisions that drive workflow runs (the models they call
+//! are in `stele-models`).
 //!
 //! - [`definition`]: the declarative model of a workflow (YAML or Rust) and its validation;
 //! - [`catalog`]: the shipped definitions and loading more from a folder;
 //! - [`decide`]: the pure `decide(run, event) -> actions` and the [`decide::Catalog`] of
 //!   definition versions;
 //! - [`expr`]: templates and expressions over a run's state;
-//! - [`model`]: the chat-model port, its OpenAI-compatible and scripted adapters, and the router
-//!   with fallback chains and circuit breakers;
+//! - [`follow`]: which streams make up a task, and following them from a cursor;
 //! - [`runtime`]: the process manager and step workers that perform what runs decide;
 //! - [`tools`]: Rust functions that `tool` steps call.
 
@@ -15,6 +15,6 @@ pub mod catalog;
 pub mod decide;
 pub mod definition;
 pub mod expr;
-pub mod model;
+pub mod follow;
 pub mod runtime;
 pub mod tools;

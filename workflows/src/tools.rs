@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::model::ToolSpec;
+use stele_models::ToolSpec;
 
 type ToolFuture = Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>;
 type ToolFn = Arc<dyn Fn(Value) -> ToolFuture + Send + Sync>;

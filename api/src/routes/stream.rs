@@ -1,16 +1,13 @@
 //! Live progress of a task, as Server-Sent Events and over WebSocket.
 //!
-//! A follower reads the task's streams (the task, its run, the run's children as they are
+//! A [`TaskFollower`] reads the task's streams (the task, its run, the run's children as they are
 //! started) after a cursor, so a client that connects late first gets what it missed, then live
-//! events. The cursor is the last sequence delivered of each stream, in discovery order, joined
-//! by `-` (e.g. `3-12-2-2`): it is each SSE event's `id`, so a dropped connection resumes with
-//! `Last-Event-ID`, and it can be passed as `?after=`. Progress reaches a client whichever process
-//! ran the step: followers wake on the log's append notifications (LISTEN/NOTIFY across
-//! processes on PostgreSQL) and poll every second as a fallback.
+//! events. The cursor ([`Cursor`], e.g. `3-12-2-2`) is each SSE event's `id`, so a dropped
+//! connection resumes with `Last-Event-ID`, and it can be passed as `?after=`. Progress reaches a
+//! client whichever process ran the step: followers wake on the log's append notifications
+//! (LISTEN/NOTIFY across processes on PostgreSQL) and poll every second as a fallback.
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
@@ -19,7 +16,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::Deserialize;
-use stele_engine::{EventLog, LogError, RecordedEvent, StreamId};
+use stele_engine::{LogError, RecordedEvent};
+use stele_workflows::follow::{Cursor, TaskFollower};
 use utoipa::IntoParams;
 
 use super::{CanRead, StrictQuery};
@@ -37,149 +35,12 @@ pub struct StreamQuery {
     pub after: Option<String>,
 }
 
-/// Follows one task's streams.
-pub struct Follower {
-    log: Arc<dyn EventLog>,
-    streams: Vec<StreamId>,
-    read: Vec<i64>,
-    delivered: Vec<i64>,
-    task_done: bool,
-    run_done: bool,
-}
-
-impl Follower {
-    pub fn new(
-        log: Arc<dyn EventLog>,
-        task_id: &str,
-        cursor: Option<&str>,
-    ) -> Result<Self, ApiError> {
-        let delivered = match cursor.filter(|c| !c.is_empty()) {
-            None => Vec::new(),
-            Some(cursor) => cursor
-                .split('-')
-                .map(|part| part.parse::<i64>().ok().filter(|n| *n >= 0))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_cursor",
-                        format!("{cursor:?} is not a cursor from this task's stream"),
-                    )
-                })?,
-        };
-        Ok(Self {
-            log,
-            streams: vec![StreamId::new("task", task_id)],
-            read: vec![0],
-            delivered,
-            task_done: false,
-            run_done: false,
-        })
-    }
-
-    fn cursor(&self) -> String {
-        let parts: Vec<String> = (0..self.streams.len())
-            .map(|i| self.delivered.get(i).copied().unwrap_or(0).to_string())
-            .collect();
-        parts.join("-")
-    }
-
-    fn discover(&mut self, event: &RecordedEvent) {
-        let data = &event.payload["data"];
-        let mut add = |stream: StreamId| {
-            if !self.streams.contains(&stream) {
-                self.streams.push(stream);
-                self.read.push(0);
-            }
-        };
-        match event.event_type.as_str() {
-            "TaskRouted" => {
-                if let Some(run) = data["run_id"].as_str() {
-                    add(StreamId::new("workflow_run", run));
-                }
-            }
-            "ChildrenStarted" => {
-                for child in data["children"].as_array().into_iter().flatten() {
-                    if let Some(run) = child["run_id"].as_str() {
-                        add(StreamId::new("workflow_run", run));
-                    }
-                }
-            }
-            _ => {}
-        }
-        match (
-            event.stream.aggregate_type.as_str(),
-            event.event_type.as_str(),
-        ) {
-            ("task", "TaskCompleted" | "TaskFailed" | "TaskCancelled") => self.task_done = true,
-            ("workflow_run", "RunCompleted" | "RunFailed" | "RunCancelled")
-                if Some(&event.stream) == self.streams.get(1) =>
-            {
-                self.run_done = true
-            }
-            _ => {}
-        }
-    }
-
-    /// Events not delivered yet, each with the cursor after it, in the order they were recorded
-    /// (each stream's events stay in sequence order).
-    pub async fn next_batch(&mut self) -> Result<Vec<(String, RecordedEvent)>, LogError> {
-        let mut fresh = Vec::new();
-        let mut i = 0;
-        while i < self.streams.len() {
-            let events = self.log.read_stream(&self.streams[i], self.read[i]).await?;
-            for event in events {
-                self.read[i] = event.sequence;
-                self.discover(&event);
-                if event.sequence > self.delivered.get(i).copied().unwrap_or(0) {
-                    fresh.push((i, event));
-                }
-            }
-            i += 1;
-        }
-        fresh.sort_by_key(|(_, e)| (e.recorded_at, e.position));
-        let mut out = Vec::with_capacity(fresh.len());
-        for (i, event) in fresh {
-            if self.delivered.len() <= i {
-                self.delivered.resize(i + 1, 0);
-            }
-            self.delivered[i] = event.sequence;
-            out.push((self.cursor(), event));
-        }
-        Ok(out)
-    }
-
-    /// The task and its run are finished (a task without a run ends with the task).
-    pub fn finished(&self) -> bool {
-        self.task_done && (self.run_done || self.streams.len() == 1)
-    }
-}
-
-/// Yields the follower's events until the task finishes, waking on appends.
-fn follow(
-    log: Arc<dyn EventLog>,
-    mut follower: Follower,
-) -> impl Stream<Item = Result<(String, RecordedEvent), LogError>> {
-    async_stream::stream! {
-        let mut appends = log.appends();
-        loop {
-            appends.borrow_and_update();
-            match follower.next_batch().await {
-                Ok(batch) => {
-                    for item in batch {
-                        yield Ok(item);
-                    }
-                }
-                Err(e) => {
-                    yield Err(e);
-                    return;
-                }
-            }
-            if follower.finished() {
-                return;
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(1), appends.changed()).await;
-        }
-    }
+/// Yields the task's events after the follower's cursor until the task finishes, with each
+/// event's cursor as a string.
+fn follow(follower: TaskFollower) -> impl Stream<Item = Result<(String, RecordedEvent), LogError>> {
+    futures::StreamExt::map(follower.follow(), |item| {
+        item.map(|(cursor, event)| (cursor.to_string(), event))
+    })
 }
 
 async fn start(
@@ -187,14 +48,17 @@ async fn start(
     id: &str,
     headers: &HeaderMap,
     query: StreamQuery,
-) -> Result<Follower, ApiError> {
+) -> Result<TaskFollower, ApiError> {
     state.runtime.task(id).await?;
     let cursor = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-        .or(query.after);
-    Follower::new(state.log.clone(), id, cursor.as_deref())
+        .or(query.after)
+        .map(|cursor| cursor.parse::<Cursor>())
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid_cursor", e.to_string()))?;
+    Ok(state.runtime.follower(id, cursor))
 }
 
 /// Follow a task's progress as Server-Sent Events.
@@ -224,7 +88,7 @@ pub async fn sse(
     StrictQuery(query): StrictQuery<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let follower = start(&state, &id, &headers, query).await?;
-    let events = follow(state.log.clone(), follower);
+    let events = follow(follower);
     let stream = async_stream::stream! {
         futures::pin_mut!(events);
         while let Some(item) = futures::StreamExt::next(&mut events).await {
@@ -273,14 +137,13 @@ pub async fn ws(
 ) -> Result<Response, ApiError> {
     let follower = start(&state, &id, &headers, query).await?;
     let upgrade = upgrade.map_err(|e| ApiError::bad_request("not_websocket", e.body_text()))?;
-    let log = state.log.clone();
     Ok(upgrade
-        .on_upgrade(move |socket| send_events(socket, log, follower))
+        .on_upgrade(move |socket| send_events(socket, follower))
         .into_response())
 }
 
-async fn send_events(mut socket: WebSocket, log: Arc<dyn EventLog>, follower: Follower) {
-    let events = follow(log, follower);
+async fn send_events(mut socket: WebSocket, follower: TaskFollower) {
+    let events = follow(follower);
     futures::pin_mut!(events);
     loop {
         tokio::select! {

@@ -4,9 +4,10 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use stele_aggregates::task::Requester;
+use stele_aggregates::channel::Channel;
+use stele_aggregates::task::{InvalidInput, Requester, TaskInput};
 use stele_engine::CommandMeta;
-use stele_workflows::runtime::TaskView;
+use stele_workflows::runtime::{Created, TaskView};
 use uuid::Uuid;
 
 use super::{CanRead, CanWrite, StrictQuery};
@@ -32,7 +33,7 @@ pub fn body(view: &TaskView) -> TaskBody {
         workflow: view.task.workflow.clone(),
         requester: view.task.requester.as_ref().map(|r| RequesterBody {
             user_id: r.user_id.clone(),
-            channel: r.channel.clone(),
+            channel: r.channel.to_string(),
         }),
         result: view.task.result.clone(),
         error: view.task.error.clone(),
@@ -95,30 +96,20 @@ pub async fn create_task(
     headers: HeaderMap,
     StrictJson(request): StrictJson<CreateTask>,
 ) -> Result<Response, ApiError> {
-    let chars = request.input.chars().count();
-    if request.input.trim().is_empty() {
-        return Err(ApiError::unprocessable("invalid_input", "`input` is empty"));
-    }
-    if chars > MAX_INPUT_CHARS {
-        return Err(ApiError::unprocessable(
-            "input_too_long",
-            format!("`input` has {chars} characters; at most {MAX_INPUT_CHARS} are allowed"),
-        ));
-    }
-    let requester = match &request.requester {
-        Some(r) if r.user_id.trim().is_empty() || r.channel.trim().is_empty() => {
-            return Err(ApiError::unprocessable(
-                "invalid_requester",
-                "`requester.user_id` and `requester.channel` must not be empty",
-            ))
+    let input = TaskInput::parse(request.input.clone()).map_err(|e| match e {
+        InvalidInput::Empty => ApiError::unprocessable("invalid_input", "`input` is empty"),
+        InvalidInput::TooLong(_) => {
+            ApiError::unprocessable("input_too_long", format!("`input`: {e}"))
         }
-        Some(r) => Requester {
-            user_id: r.user_id.clone(),
-            channel: r.channel.clone(),
-        },
+        InvalidInput::Nul => ApiError::unprocessable("invalid_character", format!("`input`: {e}")),
+    })?;
+    let requester = match &request.requester {
+        Some(r) => Requester::parse(&r.user_id, &r.channel).map_err(|e| {
+            ApiError::unprocessable("invalid_requester", format!("`requester`: {e}"))
+        })?,
         None => Requester {
             user_id: caller.name.clone(),
-            channel: "api".into(),
+            channel: Channel::API,
         },
     };
     let mut meta = meta(&caller);
@@ -142,44 +133,36 @@ pub async fn create_task(
         );
         meta = meta.with_command_id(id);
     }
-    let (task_id, new) = state
+    let created = state
         .runtime
-        .create_task(
-            request.input.clone(),
-            requester.clone(),
-            request.workflow.clone(),
-            meta,
-        )
+        .create_task(input, requester.clone(), request.workflow.clone(), meta)
         .await?;
-    let (status, answer) = if new {
+    let task_id = created.task_id().to_owned();
+    let (status, answer) = match created {
         // Just recorded: answer from the request instead of reading it back.
-        let answer = TaskBody {
-            id: task_id.clone(),
-            status: "pending".into(),
-            input: request.input,
-            workflow: request.workflow,
-            requester: Some(RequesterBody {
-                user_id: requester.user_id,
-                channel: requester.channel,
-            }),
-            result: None,
-            error: None,
-            run: None,
-        };
-        (StatusCode::CREATED, answer)
-    } else {
-        // The idempotency key was used before: the same request again, or a reuse of the key.
-        let view = state.runtime.task(&task_id).await?;
-        let same = view.task.input == request.input
-            && view.task.requester.as_ref() == Some(&requester)
-            && (request.workflow.is_none() || view.task.workflow == request.workflow);
-        if !same {
+        Created::New(id) => (
+            StatusCode::CREATED,
+            TaskBody {
+                id,
+                status: "pending".into(),
+                input: request.input,
+                workflow: request.workflow,
+                requester: Some(RequesterBody {
+                    user_id: requester.user_id,
+                    channel: requester.channel.to_string(),
+                }),
+                result: None,
+                error: None,
+                run: None,
+            },
+        ),
+        Created::Repeated(view) => (StatusCode::OK, body(&view)),
+        Created::KeyReused(_) => {
             return Err(ApiError::unprocessable(
                 "idempotency_key_reused",
                 "this Idempotency-Key was used for a task with another body",
-            ));
+            ))
         }
-        (StatusCode::OK, body(&view))
     };
     let mut response = (status, Json(answer)).into_response();
     if let Ok(location) = format!("/v1/tasks/{task_id}").parse() {

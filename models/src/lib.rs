@@ -1,4 +1,4 @@
-//! The model layer: how workflows talk to language models.
+//! The model layer: how Stele talks to language models.
 //!
 //! - [`ChatModel`] is the port: one chat completion, plain or streamed.
 //! - [`openai`] adapts any OpenAI-compatible server; [`scripted`] is a deterministic offline

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use futures::stream::{self, BoxStream};
 use serde_json::{Map, Value};
 
-use super::config::{ScriptRule, ScriptedConfig};
-use super::{ChatChunk, ChatModel, ChatRequest, ChatResponse, ModelError, ToolCall, Usage};
+use crate::config::{ScriptRule, ScriptedConfig};
+use crate::{ChatChunk, ChatModel, ChatRequest, ChatResponse, ModelError, ToolCall, Usage};
 
 /// The scripted model of one provider. Rule counters (`times`) are kept per instance, so a
 /// router built afresh starts the script over.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::clock::Clock;
+use crate::clock::Clock;
 
 /// Where a provider's circuit stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,7 +160,7 @@ impl CircuitPermit<'_> {
     }
 
     /// Records the call's outcome: `healthy` is false when the error says the provider is at
-    /// fault (see [`ModelError::is_provider_fault`](super::ModelError::is_provider_fault)).
+    /// fault (see [`ModelError::is_provider_fault`](crate::ModelError::is_provider_fault)).
     pub fn record(mut self, healthy: bool) {
         self.recorded = true;
         self.breaker.record(self.trial, healthy);
@@ -178,7 +178,7 @@ impl Drop for CircuitPermit<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::clock::ManualClock;
+    use crate::clock::ManualClock;
 
     fn breaker(clock: &Arc<ManualClock>) -> CircuitBreaker {
         CircuitBreaker::new(3, Duration::from_secs(60), clock.clone())

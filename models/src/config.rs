@@ -14,9 +14,9 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-/// The configuration shipped with the crate (`workflows/agents.toml`), which
+/// The configuration shipped with the crate (`models/agents.toml`), which
 /// [`ModelsConfig::default`] parses.
-pub const DEFAULT_AGENTS_TOML: &str = include_str!("../../agents.toml");
+pub const DEFAULT_AGENTS_TOML: &str = include_str!("../agents.toml");
 
 /// Prefix of the per-provider environment variables (`STELE_PROVIDER_<NAME>_BASE_URL`, …).
 pub const PROVIDER_ENV_PREFIX: &str = "STELE_PROVIDER_";
@@ -85,7 +85,7 @@ pub enum ProviderConfig {
     /// An OpenAI-compatible HTTP server (OpenAI, Ollama, vLLM, llama.cpp server, …).
     #[serde(rename = "openai")]
     OpenAi(OpenAiConfig),
-    /// The deterministic offline model (see [`super::scripted`]).
+    /// The deterministic offline model (see [`crate::scripted`]).
     Scripted(ScriptedConfig),
 }
 
@@ -409,7 +409,7 @@ impl CircuitConfig {
     }
 }
 
-/// The shipped configuration (`workflows/agents.toml`). A test parses it, so the `expect`
+/// The shipped configuration (`models/agents.toml`). A test parses it, so the `expect`
 /// cannot fire in a released build.
 impl Default for ModelsConfig {
     fn default() -> Self {

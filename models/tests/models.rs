@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use stele_workflows::model::config::DEFAULT_AGENTS_TOML;
-use stele_workflows::model::scripted::example_for_schema;
-use stele_workflows::model::{
+use stele_models::config::DEFAULT_AGENTS_TOML;
+use stele_models::scripted::example_for_schema;
+use stele_models::{
     collect_stream, AgentReply, CallOverrides, ChatChunk, ChatMessage, ChatModel, ChatRequest,
     CircuitState, ManualClock, ModelCall, ModelError, ModelRoute, ModelRouter, ModelsConfig,
     OpenAiConfig, OpenAiModel, ToolCall, ToolSpec,
@@ -74,7 +74,7 @@ fn weather_tool() -> ToolSpec {
 async fn completion_sends_the_standard_json_and_reads_the_reply() {
     let server = FakeOpenAi::replying("It is sunny in Lyon.").await;
     let mut provider = OpenAiConfig::new(&server.base_url);
-    provider.api_key = Some(stele_workflows::model::config::ApiKey::new("sk-test"));
+    provider.api_key = Some(stele_models::config::ApiKey::new("sk-test"));
     let model = OpenAiModel::new("fake", &provider).unwrap();
     assert_eq!(model.provider(), "fake");
 
@@ -1041,11 +1041,10 @@ async fn scripted_replies_fill_in_echo_and_follow_the_schema() {
 #[tokio::test]
 async fn the_scripted_stream_yields_deltas_then_the_same_reply() {
     let config = config(SCRIPTED);
-    let stele_workflows::model::ProviderConfig::Scripted(scripted) = &config.providers["scripted"]
-    else {
+    let stele_models::ProviderConfig::Scripted(scripted) = &config.providers["scripted"] else {
         panic!("scripted provider");
     };
-    let model = stele_workflows::model::ScriptedModel::new("scripted", scripted);
+    let model = stele_models::ScriptedModel::new("scripted", scripted);
     let request = ChatRequest {
         agent: Some("echo".into()),
         ..ChatRequest::new("m", vec![ChatMessage::user("one two three four")])

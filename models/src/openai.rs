@@ -16,8 +16,8 @@ use reqwest::header::{HeaderMap, ACCEPT, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::config::{ApiKey, OpenAiConfig};
-use super::{
+use crate::config::{ApiKey, OpenAiConfig};
+use crate::{
     ChatChunk, ChatMessage, ChatModel, ChatRequest, ChatResponse, ModelError, Role, ToolCall, Usage,
 };
 

@@ -18,12 +18,12 @@ use std::time::Instant;
 
 use rand::Rng;
 
-use super::circuit::{CircuitBreaker, CircuitState};
-use super::clock::{Clock, SystemClock};
-use super::config::{AgentRole, ModelRoute, ModelsConfig, ProviderConfig};
-use super::openai::OpenAiModel;
-use super::scripted::ScriptedModel;
-use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, ModelCall, ModelError, ToolSpec};
+use crate::circuit::{CircuitBreaker, CircuitState};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{AgentRole, ModelRoute, ModelsConfig, ProviderConfig};
+use crate::openai::OpenAiModel;
+use crate::scripted::ScriptedModel;
+use crate::{ChatMessage, ChatModel, ChatRequest, ChatResponse, ModelCall, ModelError, ToolSpec};
 
 /// What a caller may change for one call.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -84,7 +84,7 @@ pub struct ModelRouterBuilder {
 }
 
 impl ModelRouterBuilder {
-    /// The clock of the circuit breakers (a [`ManualClock`](super::ManualClock) in tests).
+    /// The clock of the circuit breakers (a [`ManualClock`](crate::ManualClock) in tests).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self

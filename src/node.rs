@@ -1,0 +1,61 @@
+//! Assembling a node's workflow runtime from its settings: the definitions (shipped and from a
+//! folder), the agent roles and their models, the tools. `up`, `serve`, `worker`, the `tasks`
+//! commands and the benchmarks all build their runtime here.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use stele_engine::store::Store;
+use stele_models::{ModelRouter, ModelsConfig};
+use stele_workflows::agents::ModelAgents;
+use stele_workflows::catalog;
+use stele_workflows::decide::Catalog;
+use stele_workflows::runtime::Runtime;
+use stele_workflows::tools::Tools;
+
+/// The workflow a task runs when it names none.
+pub const DEFAULT_WORKFLOW: &str = "assistant";
+
+/// Where definitions and agent roles come from.
+#[derive(Args, Clone, Debug, Default)]
+pub struct WorkflowArgs {
+    /// A folder of workflow definitions (YAML) to load besides the shipped ones.
+    #[arg(long, env = "STELE_WORKFLOWS", value_name = "DIR")]
+    pub workflows: Option<PathBuf>,
+    /// Providers and agent roles (TOML); the shipped roles on the scripted model otherwise.
+    /// STELE_MODEL_* variables route roles to an OpenAI-compatible server.
+    #[arg(long, env = "STELE_MODELS", value_name = "FILE")]
+    pub models: Option<PathBuf>,
+}
+
+impl WorkflowArgs {
+    /// The model router and the validated catalog (shipped definitions plus the folder's).
+    pub fn load(&self) -> anyhow::Result<(ModelRouter, Tools, Catalog)> {
+        let config = match &self.models {
+            Some(path) => ModelsConfig::load(path)?,
+            None => ModelsConfig::default(),
+        }
+        .with_process_env()?;
+        let router = ModelRouter::new(config)?;
+        let tools = Tools::builtin();
+        let mut sources = catalog::builtin();
+        if let Some(dir) = &self.workflows {
+            sources.extend(catalog::read(dir)?);
+        }
+        let catalog = catalog::build(&sources, &|a| router.agent(a).is_some(), &|t| {
+            tools.contains(t)
+        })?;
+        Ok((router, tools, catalog))
+    }
+
+    /// A runtime on `store`, its definitions recorded in (and completed from) the log.
+    pub async fn runtime(&self, store: &Store) -> anyhow::Result<Arc<Runtime>> {
+        let (router, tools, mut catalog) = self.load()?;
+        stele_workflows::catalog::publish(store.log.as_ref(), &mut catalog).await?;
+        let agents = Arc::new(ModelAgents::new(router, tools.clone()));
+        Ok(Arc::new(
+            Runtime::new(store, catalog, agents, tools).with_default_workflow(DEFAULT_WORKFLOW),
+        ))
+    }
+}

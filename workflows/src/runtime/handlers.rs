@@ -1,0 +1,339 @@
+//! The job handlers: each performs one decision, after checking in the aggregate that it is still
+//! to be done (a late or repeated job does nothing).
+
+use super::manager::{ChildJob, RunJob, StartJob, StepJob};
+use super::*;
+
+impl Runtime {
+    /// Runs a run command from a job: refusals that mean "already done" are success.
+    async fn run_command(
+        &self,
+        run_id: &str,
+        command: RunCommand,
+        meta: CommandMeta,
+    ) -> Result<(), String> {
+        match self.runs.execute(run_id, command, meta).await {
+            Ok(_) => Ok(()),
+            Err(CommandError::Rejected(
+                RunError::StaleStep { .. } | RunError::Finished(_) | RunError::AlreadyStarted,
+            )) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn task_command(
+        &self,
+        task_id: &str,
+        command: TaskCommand,
+        meta: CommandMeta,
+    ) -> Result<(), String> {
+        match self.tasks.execute(task_id, command, meta).await {
+            Ok(_) | Err(CommandError::Rejected(TaskError::InvalidTransition { .. })) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub(super) async fn on_start(self: Arc<Self>, job: Job) -> HandlerResult {
+        let p: StartJob = payload(&job)?;
+        let (task, _) = self
+            .tasks
+            .load(&p.task_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let run_id = match task.status {
+            TaskStatus::Pending | TaskStatus::Routing => {
+                let name = task.workflow.clone().or(self.default_workflow.clone());
+                let Some(definition) = name.as_deref().and_then(|n| self.catalog.latest(n)) else {
+                    let error = match name {
+                        Some(name) => format!("unknown workflow {name}"),
+                        None => "the task names no workflow and there is no default".into(),
+                    };
+                    self.task_command(&p.task_id, TaskCommand::Fail { error }, p.cause.meta())
+                        .await?;
+                    return Ok(Done::Complete);
+                };
+                // One run per task, named after it: a repeated job finds it started.
+                let run_id = p.task_id.clone();
+                let route = TaskCommand::Route {
+                    workflow: definition.name.clone(),
+                    run_id: run_id.clone(),
+                };
+                self.task_command(&p.task_id, route, p.cause.meta()).await?;
+                run_id
+            }
+            TaskStatus::Executing => task.run_id.clone().unwrap_or(p.task_id.clone()),
+            _ => return Ok(Done::Complete),
+        };
+        let name = task.workflow.clone().or(self.default_workflow.clone());
+        let definition = self
+            .catalog
+            .latest(name.as_deref().unwrap_or_default())
+            .ok_or("the task's workflow is gone")?;
+        let start = RunCommand::Start {
+            run_id: run_id.clone(),
+            task_id: Some(p.task_id.clone()),
+            workflow: definition.name.clone(),
+            version: definition.version,
+            input: Value::String(task.input.clone()),
+            parent: None,
+            now: Utc::now(),
+        };
+        self.run_command(&run_id, start, p.cause.meta()).await?;
+        Ok(Done::Complete)
+    }
+
+    pub(super) async fn on_step(self: Arc<Self>, job: Job) -> HandlerResult {
+        let p: StepJob = payload(&job)?;
+        let (run, _) = self.runs.load(&p.run_id).await.map_err(|e| e.to_string())?;
+        let current = run
+            .step(&p.step)
+            .is_some_and(|s| s.status == StepStatus::Scheduled && s.attempt == p.attempt);
+        if run.status != RunStatus::Running || !current {
+            return Ok(Done::Complete);
+        }
+        let definition = self
+            .catalog
+            .get(&run.workflow, run.version)
+            .ok_or_else(|| format!("workflow {} v{} is not known", run.workflow, run.version))?;
+        let state = run.step(&p.step).expect("checked above");
+        let timeout = Duration::from_millis(state.timeout_ms.max(1));
+        let started_at = Utc::now();
+        let attempt = tokio::time::timeout(
+            timeout,
+            self.execute(definition, &run, &p.step, p.attempt, state.escalation),
+        )
+        .await;
+        let (input, outcome, calls) = match attempt {
+            Ok(done) => done,
+            Err(_) => (
+                None,
+                StepOutcome::Failed {
+                    error: format!("timed out after {}", humantime::format_duration(timeout)),
+                },
+                Vec::new(),
+            ),
+        };
+        let record = RunCommand::RecordStep {
+            step: p.step,
+            attempt: p.attempt,
+            started_at,
+            input,
+            outcome,
+            calls,
+            now: Utc::now(),
+        };
+        self.run_command(&p.run_id, record, p.cause.meta()).await?;
+        Ok(Done::Complete)
+    }
+
+    /// Runs one attempt of a job step: (what it was given, how it ended, the model calls).
+    async fn execute(
+        &self,
+        definition: &Definition,
+        run: &WorkflowRun,
+        step_id: &str,
+        attempt: u32,
+        escalation: u32,
+    ) -> (Option<Value>, StepOutcome, Vec<Value>) {
+        let failed = |error: String| StepOutcome::Failed { error };
+        let Some(step) = definition.step(step_id) else {
+            return (
+                None,
+                failed(format!("step {step_id} is not defined")),
+                Vec::new(),
+            );
+        };
+        let escalation = (escalation > 0)
+            .then(|| step.retry.escalation(attempt).cloned())
+            .flatten();
+        let context = expr::context(run);
+        let (agent, prompt) = match &step.kind {
+            StepKind::Agent { agent, prompt } => (agent, prompt),
+            StepKind::Route {
+                agent: Some(agent),
+                prompt: Some(prompt),
+                ..
+            } => (agent, prompt),
+            StepKind::Tool { tool, input } => {
+                return match expr::render_value(input, &context) {
+                    Ok(input) => {
+                        let outcome = match self.tools.call(tool, input.clone()).await {
+                            Ok(output) => StepOutcome::Completed { output },
+                            Err(error) => failed(error),
+                        };
+                        (Some(input), outcome, Vec::new())
+                    }
+                    Err(e) => (
+                        None,
+                        failed(format!("input could not be rendered: {e}")),
+                        Vec::new(),
+                    ),
+                };
+            }
+            other => {
+                return (
+                    None,
+                    failed(format!("a {} step does not run as a job", other.name())),
+                    Vec::new(),
+                )
+            }
+        };
+        let template = escalation
+            .as_ref()
+            .and_then(|e| e.prompt.as_deref())
+            .unwrap_or(prompt);
+        let prompt = match expr::render(template, &context) {
+            Ok(prompt) => prompt,
+            Err(e) => {
+                return (
+                    None,
+                    failed(format!("prompt could not be rendered: {e}")),
+                    Vec::new(),
+                )
+            }
+        };
+        let result = self
+            .agents
+            .run(AgentRequest {
+                agent: agent.clone(),
+                prompt: prompt.clone(),
+                escalation,
+            })
+            .await;
+        let outcome = match result.output {
+            Ok(output) => StepOutcome::Completed { output },
+            Err(error) => failed(error),
+        };
+        (Some(Value::String(prompt)), outcome, result.calls)
+    }
+
+    pub(super) async fn on_timer(self: Arc<Self>, job: Job) -> HandlerResult {
+        let p: RunJob = payload(&job)?;
+        let step = p.step.ok_or("a timer job names its step")?;
+        let command = RunCommand::FireTimer {
+            step,
+            now: Utc::now(),
+        };
+        self.run_command(&p.run_id, command, p.cause.meta()).await?;
+        Ok(Done::Complete)
+    }
+
+    pub(super) async fn on_wait_timeout(self: Arc<Self>, job: Job) -> HandlerResult {
+        let p: RunJob = payload(&job)?;
+        let step = p.step.ok_or("a timeout job names its step")?;
+        let command = RunCommand::TimeoutWait {
+            step,
+            now: Utc::now(),
+        };
+        self.run_command(&p.run_id, command, p.cause.meta()).await?;
+        Ok(Done::Complete)
+    }
+
+    pub(super) async fn on_start_child(self: Arc<Self>, job: Job) -> HandlerResult {
+        let p: ChildJob = payload(&job)?;
+        let (parent, _) = self
+            .runs
+            .load(&p.parent.run_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        if parent.status != RunStatus::Running {
+            return Ok(Done::Complete);
+        }
+        let start = RunCommand::Start {
+            run_id: p.child.run_id.clone(),
+            task_id: parent.task_id.clone(),
+            workflow: p.child.workflow,
+            version: p.child.version,
+            input: p.child.input,
+            parent: Some(p.parent),
+            now: Utc::now(),
+        };
+        self.run_command(&p.child.run_id, start, p.cause.meta())
+            .await?;
+        Ok(Done::Complete)
+    }
+
+    pub(super) async fn on_run_finished(self: Arc<Self>, job: Job) -> HandlerResult {
+        let p: RunJob = payload(&job)?;
+        let (run, _) = self.runs.load(&p.run_id).await.map_err(|e| e.to_string())?;
+        let meta = || p.cause.meta();
+        // Children and queued steps of a finished run have nothing left to do.
+        for child in run.active_children() {
+            let cancel = RunCommand::Cancel {
+                reason: format!("parent run {} is {}", p.run_id, run.status.as_str()),
+                now: Utc::now(),
+            };
+            match self.runs.execute(&child.run_id, cancel, meta()).await {
+                Ok(_) | Err(CommandError::Rejected(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let keys: Vec<String> = run
+            .scheduled_steps()
+            .map(|(step, attempt)| step_job_key(&p.run_id, step, attempt))
+            .collect();
+        self.queue
+            .cancel_keyed(&keys)
+            .await
+            .map_err(|e| e.to_string())?;
+        match (&run.parent, &run.task_id) {
+            (Some(parent), _) => {
+                let finished = RunCommand::ChildFinished {
+                    step: parent.step.clone(),
+                    index: parent.index,
+                    result: ChildResult {
+                        run_id: p.run_id.clone(),
+                        status: run.status,
+                        output: run.output.clone(),
+                        error: run.error.clone(),
+                    },
+                    now: Utc::now(),
+                };
+                self.run_command(&parent.run_id, finished, meta()).await?;
+            }
+            (None, Some(task_id)) => {
+                let command = match run.status {
+                    RunStatus::Completed => TaskCommand::Complete {
+                        result: run.output.clone().unwrap_or(Value::Null),
+                    },
+                    RunStatus::Failed => TaskCommand::Fail {
+                        error: run.error.clone().unwrap_or_default(),
+                    },
+                    _ => TaskCommand::Cancel {
+                        reason: run.error.clone().unwrap_or_default(),
+                    },
+                };
+                self.task_command(task_id, command, meta()).await?;
+            }
+            (None, None) => {}
+        }
+        Ok(Done::Complete)
+    }
+
+    pub(super) async fn on_cancel(self: Arc<Self>, job: Job) -> HandlerResult {
+        let p: StartJob = payload(&job)?;
+        let (task, _) = self
+            .tasks
+            .load(&p.task_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(run_id) = task.run_id {
+            let cancel = RunCommand::Cancel {
+                reason: task
+                    .error
+                    .unwrap_or_else(|| "the task was cancelled".into()),
+                now: Utc::now(),
+            };
+            match self.runs.execute(&run_id, cancel, p.cause.meta()).await {
+                Ok(_) | Err(CommandError::Rejected(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(Done::Complete)
+    }
+}
+
+fn payload<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, String> {
+    serde_json::from_value(job.payload.clone())
+        .map_err(|e| format!("job {} has an unreadable payload: {e}", job.id))
+}

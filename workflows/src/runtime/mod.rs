@@ -1,0 +1,235 @@
+//! The workflow runtime: performs what runs decide.
+//!
+//! ```text
+//!  TaskCreated ──► [manager] ──► job workflow.start ──► Task routed, RunStarted + StepScheduled
+//!  StepScheduled ─► [manager] ──► job workflow.step ──► model / tool ──► StepCompleted + next StepScheduled
+//!  TimerArmed / WaitStarted ──► delayed jobs workflow.timer / workflow.wait_timeout
+//!  ChildrenStarted ──► jobs workflow.start_child (one per child run)
+//!  ReplyRequested: recorded in the run (the API and the CLI show it); no job until a channel
+//!                  adapter delivers replies from its own outbox
+//!  RunCompleted / RunFailed / RunCancelled ──► job workflow.run_finished ──► task finished,
+//!                                  parent told, children and queued steps cancelled
+//!  TaskCancelled ──► job workflow.cancel ──► RunCancelled
+//! ```
+//!
+//! The manager is a process manager ([`stele_engine::process`]): it follows the log with a
+//! checkpoint and enqueues jobs in the checkpoint's transaction, so every recorded decision
+//! becomes its job exactly once, whatever crashes. Jobs are idempotent: each handler first loads
+//! the aggregate and does nothing when the work is already done (a late or repeated job). So a
+//! crash of any process at any point resumes every run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use stele_aggregates::task::{Requester, Task, TaskCommand, TaskError, TaskInput, TaskStatus};
+use stele_aggregates::workflow_run::{
+    ChildResult, ChildSpec, Decider, ParentLink, RunCommand, RunError, RunEvent, RunStatus,
+    StepOutcome, StepStatus, WorkflowRun,
+};
+use stele_engine::command::Executed;
+use stele_engine::process::ProcessManager;
+use stele_engine::queue::worker::{Done, HandlerResult, Worker, WorkerOptions};
+use stele_engine::queue::{Job, JobQueue, NewJob};
+use stele_engine::{
+    CommandBus, CommandError, CommandMeta, EventLog, LogError, RecordedEvent, Store,
+};
+use uuid::Uuid;
+
+use crate::decide::{Catalog, CatalogDecider};
+use crate::definition::{Definition, Escalation, StepKind};
+use crate::expr;
+use crate::follow::{Cursor, TaskFollower};
+use crate::tools::Tools;
+
+mod handlers;
+mod manager;
+mod tasks;
+
+pub use manager::{step_job_key, Manager};
+
+/// The queue step jobs and the runtime's own jobs run on.
+pub const QUEUE: &str = "workflows";
+/// The process manager's name (its checkpoint).
+pub const MANAGER: &str = "workflow-runtime";
+
+/// Time a step job may run beyond its step's own timeout before the queue gives up on it (the
+/// handler records the step's timeout itself; this covers a handler stuck recording).
+const JOB_TIMEOUT_MARGIN: Duration = Duration::from_secs(30);
+
+/// A request to an agent role.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentRequest {
+    pub agent: String,
+    pub prompt: String,
+    /// What this attempt changes (another agent or model, a simpler prompt), on a retry.
+    pub escalation: Option<Escalation>,
+}
+
+/// What an agent call gave: its output (JSON when the role has an output schema, text
+/// otherwise) and every model call made, as recorded in the step's events.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentResult {
+    pub output: Result<Value, String>,
+    pub calls: Vec<Value>,
+}
+
+/// The agents `agent` steps and routes by agent call (the model router).
+#[async_trait]
+pub trait Agents: Send + Sync {
+    fn knows(&self, agent: &str) -> bool;
+    async fn run(&self, request: AgentRequest) -> AgentResult;
+}
+
+/// Errors of runtime operations asked for by people and programs.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("no task {0}")]
+    UnknownTask(String),
+    #[error("unknown workflow {0}")]
+    UnknownWorkflow(String),
+    #[error("{0}")]
+    Task(TaskError),
+    #[error("{0}")]
+    Run(RunError),
+    #[error("task {0} has no workflow run yet")]
+    NotStarted(String),
+    #[error("{0}")]
+    Definitions(String),
+    #[error("{0}")]
+    Command(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl<E: std::error::Error> From<CommandError<E>> for RuntimeError {
+    fn from(e: CommandError<E>) -> Self {
+        match e {
+            CommandError::Log(e) => RuntimeError::Log(e),
+            other => RuntimeError::Command(other.to_string()),
+        }
+    }
+}
+
+/// What [`Runtime::create_task`] did.
+#[derive(Debug)]
+pub enum Created {
+    /// A new task, with its id.
+    New(String),
+    /// The same request again under the same command id: the task it created.
+    Repeated(Box<TaskView>),
+    /// The command id (an idempotency key) was used before for another request: that task's id.
+    KeyReused(String),
+}
+
+impl Created {
+    /// The task's id, whatever happened.
+    pub fn task_id(&self) -> &str {
+        match self {
+            Created::New(id) | Created::KeyReused(id) => id,
+            Created::Repeated(view) => &view.task_id,
+        }
+    }
+}
+
+/// A task as the CLI and the API show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskView {
+    pub task_id: String,
+    #[serde(flatten)]
+    pub task: Task,
+    pub run: Option<WorkflowRun>,
+    /// The last sequence of the task's stream and of its run's (0 without a run) this view
+    /// includes.
+    #[serde(skip)]
+    pub versions: (i64, i64),
+}
+
+/// Aggregate type names, as streams are named.
+trait TypeName {
+    const TYPE_NAME: &'static str;
+}
+
+impl TypeName for Task {
+    const TYPE_NAME: &'static str = <Task as cqrs_es::Aggregate>::TYPE;
+}
+
+impl TypeName for WorkflowRun {
+    const TYPE_NAME: &'static str = <WorkflowRun as cqrs_es::Aggregate>::TYPE;
+}
+
+/// Runs workflows: creates tasks, executes step jobs, and answers questions about tasks.
+pub struct Runtime {
+    log: Arc<dyn EventLog>,
+    queue: Arc<dyn JobQueue>,
+    catalog: Arc<Catalog>,
+    tasks: CommandBus<Task>,
+    runs: CommandBus<WorkflowRun>,
+    agents: Arc<dyn Agents>,
+    tools: Tools,
+    default_workflow: Option<String>,
+}
+
+impl Runtime {
+    pub fn new(store: &Store, catalog: Catalog, agents: Arc<dyn Agents>, tools: Tools) -> Self {
+        let catalog = Arc::new(catalog);
+        let decider: Arc<dyn Decider> = Arc::new(CatalogDecider(catalog.clone()));
+        Self {
+            log: store.log.clone(),
+            queue: store.queue.clone(),
+            tasks: CommandBus::new(store.log.clone(), ()),
+            runs: CommandBus::new(store.log.clone(), decider),
+            catalog,
+            agents,
+            tools,
+            default_workflow: None,
+        }
+    }
+
+    /// The workflow a task without one runs.
+    pub fn with_default_workflow(mut self, name: impl Into<String>) -> Self {
+        self.default_workflow = Some(name.into());
+        self
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The process manager to run (with the projection runner) next to the workers.
+    pub fn manager(&self) -> Arc<dyn ProcessManager> {
+        Arc::new(Manager)
+    }
+
+    /// A worker of the workflow queue with every runtime job handler.
+    pub fn worker(self: &Arc<Self>, options: WorkerOptions) -> Worker {
+        macro_rules! handlers {
+            ($worker:expr, $($kind:literal => $method:ident),* $(,)?) => {
+                $worker$(.handle($kind, {
+                    let runtime = self.clone();
+                    move |job| {
+                        let runtime = runtime.clone();
+                        async move { runtime.$method(job).await }
+                    }
+                }))*
+            };
+        }
+        let options = WorkerOptions {
+            queue: QUEUE.into(),
+            ..options
+        };
+        handlers!(
+            Worker::new(self.queue.clone(), options),
+            "workflow.start" => on_start,
+            "workflow.step" => on_step,
+            "workflow.timer" => on_timer,
+            "workflow.wait_timeout" => on_wait_timeout,
+            "workflow.start_child" => on_start_child,
+            "workflow.run_finished" => on_run_finished,
+            "workflow.cancel" => on_cancel,
+        )
+    }
+}

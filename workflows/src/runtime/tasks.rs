@@ -1,0 +1,133 @@
+//! The task service the API, the CLI and the channels use: create, read, follow, cancel and
+//! signal tasks.
+
+use super::*;
+
+impl Runtime {
+    /// Records a new task; the manager starts its workflow.
+    ///
+    /// The command id (`meta.command_id`) is the task's id and its idempotency key: the same id
+    /// with the same request answers the task it created ([`Created::Repeated`]), the same id
+    /// with another request is refused ([`Created::KeyReused`]).
+    pub async fn create_task(
+        &self,
+        input: TaskInput,
+        requester: Requester,
+        workflow: Option<String>,
+        meta: CommandMeta,
+    ) -> Result<Created, RuntimeError> {
+        if let Some(name) = workflow.as_ref().or(self.default_workflow.as_ref()) {
+            if !self.catalog.contains(name) {
+                return Err(RuntimeError::UnknownWorkflow(name.clone()));
+            }
+        }
+        let task_id = meta.command_id.to_string();
+        let command = TaskCommand::Create {
+            input: input.clone(),
+            requester: requester.clone(),
+            workflow: workflow.clone(),
+        };
+        // The task id is the command id: a new stream, unless the command is a repeat.
+        match self.tasks.create(&task_id, command, meta).await {
+            Ok(Executed::Duplicate(first)) => {
+                let view = self.task(&first.stream.aggregate_id).await?;
+                let same = view.task.input == input.as_str()
+                    && view.task.requester.as_ref() == Some(&requester)
+                    && (workflow.is_none() || view.task.workflow == workflow);
+                Ok(if same {
+                    Created::Repeated(Box::new(view))
+                } else {
+                    Created::KeyReused(view.task_id)
+                })
+            }
+            Ok(_) => Ok(Created::New(task_id)),
+            Err(CommandError::Rejected(e)) => Err(RuntimeError::Task(e)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A task with its run.
+    pub async fn task(&self, task_id: &str) -> Result<TaskView, RuntimeError> {
+        let (task, version) = self.tasks.load(task_id).await?;
+        if version == 0 {
+            return Err(RuntimeError::UnknownTask(task_id.to_owned()));
+        }
+        let (run, run_version) = match &task.run_id {
+            Some(run_id) => {
+                let (run, version) = self.runs.load(run_id).await?;
+                (Some(run), version)
+            }
+            None => (None, 0),
+        };
+        Ok(TaskView {
+            task_id: task_id.to_owned(),
+            task,
+            run,
+            versions: (version, run_version),
+        })
+    }
+
+    /// The task's events, its run's and its child runs', in the order they were recorded.
+    pub async fn history(&self, task_id: &str) -> Result<Vec<RecordedEvent>, RuntimeError> {
+        let mut follower = self.follower(task_id, None);
+        let events: Vec<RecordedEvent> = follower
+            .next_batch()
+            .await?
+            .into_iter()
+            .map(|(_, event)| event)
+            .collect();
+        if events.is_empty() {
+            return Err(RuntimeError::UnknownTask(task_id.to_owned()));
+        }
+        Ok(events)
+    }
+
+    /// A follower of the task's streams after `after` (see [`TaskFollower`]).
+    pub fn follower(&self, task_id: &str, after: Option<Cursor>) -> TaskFollower {
+        TaskFollower::new(self.log.clone(), task_id, after)
+    }
+
+    /// Cancels a task (and so its run, its children and queued steps).
+    pub async fn cancel_task(
+        &self,
+        task_id: &str,
+        reason: String,
+        meta: CommandMeta,
+    ) -> Result<(), RuntimeError> {
+        self.task(task_id).await?;
+        match self
+            .tasks
+            .execute(task_id, TaskCommand::Cancel { reason }, meta)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(CommandError::Rejected(e)) => Err(RuntimeError::Task(e)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends a signal to a task's run.
+    pub async fn signal_task(
+        &self,
+        task_id: &str,
+        name: String,
+        payload: Value,
+        meta: CommandMeta,
+    ) -> Result<(), RuntimeError> {
+        let view = self.task(task_id).await?;
+        let run_id = view
+            .task
+            .run_id
+            .ok_or_else(|| RuntimeError::NotStarted(task_id.to_owned()))?;
+        let command = RunCommand::Signal {
+            name,
+            payload,
+            now: Utc::now(),
+        };
+        match self.runs.execute(&run_id, command, meta).await {
+            Ok(_) => Ok(()),
+            Err(CommandError::Rejected(e)) => Err(RuntimeError::Run(e)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
