@@ -12,6 +12,7 @@ mod tasks;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use stele_engine::store::{self, Migrate, Store, StoreLocation};
@@ -175,6 +176,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// One `stele up` per data directory: a second one would run the same projections and jobs
+/// beside the first on one SQLite file. The lock is the operating system's, so it ends with the
+/// process however it ends; the file keeps the holder's pid for the message.
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let path = data_dir.join("stele.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if file.try_lock().is_err() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        anyhow::bail!(
+            "another `stele up` (pid {}) is running on {}; stop it first or choose another --data-dir",
+            holder.trim(),
+            data_dir.display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Migrate(args) => {
@@ -190,6 +221,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Up { data_dir, node } => {
             let node = node.resolve(None)?;
             let data_dir = node.data_dir.clone().unwrap_or(data_dir);
+            let _lock = lock_data_dir(&data_dir)?;
             let location = StoreLocation::Embedded(data_dir);
             let store = Store::open(location.clone(), Migrate::Apply).await?;
             let roles = serve::Roles {

@@ -281,6 +281,9 @@ pub async fn run_node(
         keys.flush_usage().await;
     }
     store.close().await;
+    if result.is_ok() {
+        tracing::info!("stopped");
+    }
     result
 }
 
@@ -323,7 +326,7 @@ async fn keys_on(store: &Store, command: KeysCommand) -> anyhow::Result<()> {
                 .iter()
                 .map(|s| s.trim().parse::<Scope>())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| anyhow::anyhow!("{e} (scopes: tasks:read, tasks:write, admin)"))?;
+                .map_err(anyhow::Error::from)?;
             let created = service
                 .create(&name, scopes, &format!("user:{operator}"), meta())
                 .await?;

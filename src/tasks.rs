@@ -90,6 +90,7 @@ pub struct TaskArgs {
     #[command(flatten)]
     workflow_args: WorkflowArgs,
     /// The task's id.
+    #[arg(value_parser = task_id)]
     id: String,
     /// Print JSON.
     #[arg(long)]
@@ -113,10 +114,15 @@ pub async fn workflows(command: WorkflowsCommand) -> anyhow::Result<()> {
                 } else {
                     writeln!(
                         out,
-                        "{:<16} v{:<3} {:>2} steps  {}",
+                        "{:<16} v{:<3} {:>2} {:<6} {}",
                         definition.name,
                         definition.version,
                         definition.steps.len(),
+                        if definition.steps.len() == 1 {
+                            "step"
+                        } else {
+                            "steps"
+                        },
                         definition.description
                     )?;
                 }
@@ -295,6 +301,13 @@ fn render(view: &TaskView) -> String {
         text += &format!("error     {error}\n");
     }
     text
+}
+
+/// A task id as given on the command line: task ids are UUIDs.
+fn task_id(text: &str) -> Result<String, String> {
+    uuid::Uuid::parse_str(text)
+        .map(|_| text.to_owned())
+        .map_err(|_| format!("{text:?} is not a task id (task ids are UUIDs, as `stele tasks create` prints them)"))
 }
 
 fn whoami() -> String {

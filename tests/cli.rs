@@ -496,6 +496,12 @@ fn a_task_runs_under_up_and_resumes_after_a_kill() {
     let flows = flows.display().to_string();
 
     let mut up = start_up(&data, &["--workflows", &flows]);
+    // One `stele up` per data directory.
+    let second = stele()
+        .args(["up", "--data-dir", &data_dir, "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&second, 1, "another `stele up`");
     let created = run(&[
         "tasks",
         "create",
@@ -579,8 +585,11 @@ fn a_task_runs_under_up_and_resumes_after_a_kill() {
         &flows,
     ]);
     assert_one_line_error(&cancel, 1, "cannot be cancelled");
-    let missing = run(&["tasks", "show", "nope", "--data-dir", &data_dir]);
-    assert_one_line_error(&missing, 1, "no task nope");
+    let malformed = run(&["tasks", "show", "nope", "--data-dir", &data_dir]);
+    assert_one_line_error(&malformed, 2, "\"nope\" is not a task id");
+    let unknown_id = Uuid::now_v7().to_string();
+    let missing = run(&["tasks", "show", &unknown_id, "--data-dir", &data_dir]);
+    assert_one_line_error(&missing, 1, &format!("no task {unknown_id}"));
     let unknown = run(&[
         "tasks",
         "create",

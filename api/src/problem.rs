@@ -147,8 +147,8 @@ impl From<stele_workflows::runtime::RuntimeError> for ApiError {
         use stele_workflows::runtime::RuntimeError as E;
         match e {
             E::UnknownTask(id) => ApiError::not_found("task_not_found", format!("no task {id}")),
-            E::UnknownWorkflow(name) => {
-                ApiError::unprocessable("unknown_workflow", format!("unknown workflow {name}"))
+            e @ E::UnknownWorkflow { .. } => {
+                ApiError::unprocessable("unknown_workflow", e.to_string())
             }
             E::Task(e) => ApiError::conflict("task_state", e.to_string()),
             E::Run(e) => ApiError::conflict("run_state", e.to_string()),

@@ -1,1 +1,2 @@
-//! Channel adapters: Telegram and email in, replies out.
+//! Channel adapters (Telegram, email): messages in, replies out. Not written yet: this crate
+//! holds their place in the workspace.

@@ -196,6 +196,9 @@ impl Store {
     }
 }
 
+/// How long connecting to PostgreSQL may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connects a pool to PostgreSQL, turning connection failures into one readable line.
 pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
     let options = PgConnectOptions::from_str(url)
@@ -206,18 +209,29 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool,
         // Every statement at debug level costs time on the hot path; slow ones still warn.
         .log_statements(tracing::log::LevelFilter::Trace);
     let target = format!("{}:{}", options.get_host(), options.get_port());
-    PgPoolOptions::new()
+    let unreachable = |reason: String| StoreError::Unreachable {
+        target: target.clone(),
+        reason,
+    };
+    // One connection first, so that a refused port or a wrong password is said at once and as
+    // it is (a pool would retry until its acquire timeout and report only that it timed out).
+    let first = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        <sqlx::PgConnection as sqlx::Connection>::connect_with(&options),
+    )
+    .await
+    .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+    .map_err(|e: sqlx::Error| unreachable(e.to_string()))?;
+    sqlx::Connection::close(first)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    Ok(PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(CONNECT_TIMEOUT)
         // A ping per checkout would double the round trips of every query; broken connections
         // surface as query errors and are replaced by the pool.
         .test_before_acquire(false)
-        .connect_with(options)
-        .await
-        .map_err(|e| StoreError::Unreachable {
-            target,
-            reason: e.to_string(),
-        })
+        .connect_lazy_with(options))
 }
 
 async fn run_migrations<'a, A>(

@@ -53,7 +53,9 @@ async fn a_step_runs_handlers_and_records_their_outcomes(store: &Store) {
         .id;
     let worker = Worker::new(store.queue.clone(), options())
         .handle("ok", |_| async { Ok(Done::Complete) })
-        .handle("fail", |_| async { Err("nope".to_owned()) })
+        .handle("fail", |_| async {
+            Err(stele_engine::queue::worker::HandlerError::msg("nope"))
+        })
         .handle("panic", |_| async { panic!("boom") })
         .handle("slow", |_| async {
             std::future::pending::<()>().await;

@@ -1,4 +1,5 @@
-//! Read models built by replaying the event log: views, the RAG memory and the audit view.
+//! Read models built by replaying the event log: the streams view, the task list and the API
+//! keys view.
 //!
 //! Each projection implements [`stele_engine::projection::Projection`] and owns the SQL of its
 //! own tables; the engine's runner feeds it events and keeps its checkpoint.

@@ -2,7 +2,9 @@
 //! are in `stele-models`).
 //!
 //! - [`definition`]: the declarative model of a workflow (YAML or Rust) and its validation;
-//! - [`catalog`]: the shipped definitions and loading more from a folder;
+//! - [`catalog`]: the shipped definitions, loading more from a folder, and publishing them in the
+//!   log;
+//! - [`agents`]: agent roles as the runtime calls them, through the model router and the tools;
 //! - [`decide`]: the pure `decide(run, event) -> actions` and the [`decide::Catalog`] of
 //!   definition versions;
 //! - [`expr`]: templates and expressions over a run's state;

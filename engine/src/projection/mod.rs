@@ -167,7 +167,9 @@ impl ProjectionRunner {
             leases: lease::Leases::new(
                 store.pool.clone(),
                 format!("runner-{}", Uuid::now_v7().simple()),
-                Duration::from_secs(30),
+                // The embedded store's lease: renewed on every step (at least once per poll
+                // interval), so a restarted process takes over within seconds.
+                Duration::from_secs(5),
             ),
             batch_size: 1000,
             poll_interval: Duration::from_secs(1),

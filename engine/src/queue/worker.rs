@@ -30,8 +30,53 @@ pub enum Done {
     Cancel(String),
 }
 
-/// A handler's result: `Err` fails the attempt with that message.
-pub type HandlerResult = Result<Done, String>;
+/// A handler's result: `Err` fails the attempt; the job records the error with its causes.
+pub type HandlerResult = Result<Done, HandlerError>;
+
+/// Why a handler failed: any error, kept with its source chain until the job records it as
+/// "what failed: why: the cause …" (see [`HandlerError::report`]).
+#[derive(Debug)]
+pub struct HandlerError(Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl HandlerError {
+    /// A failure described in words only.
+    pub fn msg(message: impl Into<String>) -> Self {
+        HandlerError(message.into().into())
+    }
+
+    /// The error and every cause, outermost first, joined by `: `, as the job records it.
+    pub fn report(&self) -> String {
+        let mut text = self.0.to_string();
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            // thiserror's `transparent` and `{0}` wrappers repeat their source's text.
+            if !text.ends_with(&cause_text) {
+                text.push_str(": ");
+                text.push_str(&cause_text);
+            }
+            source = cause.source();
+        }
+        text
+    }
+
+    /// The underlying error.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self.0.as_ref()
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.report())
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        HandlerError(Box::new(error))
+    }
+}
 
 type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
 type Handler = Arc<dyn Fn(Job) -> HandlerFuture + Send + Sync>;
@@ -337,7 +382,9 @@ async fn attempt(handler: Option<Handler>, job: Job) -> Outcome {
         Ok(Err(panic)) => Outcome::Failed {
             error: format!("handler panicked: {}", panic_message(panic.as_ref())),
         },
-        Ok(Ok(Err(error))) => Outcome::Failed { error },
+        Ok(Ok(Err(error))) => Outcome::Failed {
+            error: error.report(),
+        },
         Ok(Ok(Ok(Done::Complete))) => Outcome::Completed,
         Ok(Ok(Ok(Done::Snooze(after)))) => Outcome::Snoozed {
             until: Utc::now() + chrono::Duration::from_std(after).unwrap_or_default(),
@@ -429,5 +476,27 @@ async fn keep_leases(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HandlerError;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("recording on task/t-1 failed")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    enum Middle {
+        #[error(transparent)]
+        Io(#[from] std::io::Error),
+    }
+
+    #[test]
+    fn a_handler_error_is_recorded_with_what_failed_and_why() {
+        let error: HandlerError = Outer(Middle::Io(std::io::Error::other("disk full"))).into();
+        assert_eq!(error.report(), "recording on task/t-1 failed: disk full");
+        assert_eq!(HandlerError::msg("plain").report(), "plain");
     }
 }

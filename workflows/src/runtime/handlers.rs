@@ -1,8 +1,53 @@
 //! The job handlers: each performs one decision, after checking in the aggregate that it is still
 //! to be done (a late or repeated job does nothing).
 
+use stele_engine::queue::worker::HandlerError;
+use stele_engine::queue::QueueError;
+
 use super::manager::{ChildJob, RunJob, StartJob, StepJob};
 use super::*;
+
+/// What a job failed at, with the error that made it fail as its source: the job records both
+/// ("recording on workflow_run/r-1 failed: conflict on stream …").
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    #[error("job {job} has an unreadable payload")]
+    Payload {
+        job: Uuid,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("loading {stream} failed")]
+    Load {
+        stream: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("recording on {stream} failed")]
+    Record {
+        stream: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cancelling the run's queued step jobs failed")]
+    CancelJobs(#[source] QueueError),
+}
+
+impl JobError {
+    fn load<E: std::error::Error + Send + Sync + 'static>(kind: &str, id: &str, e: E) -> Self {
+        JobError::Load {
+            stream: format!("{kind}/{id}"),
+            source: Box::new(e),
+        }
+    }
+
+    fn record<E: std::error::Error + Send + Sync + 'static>(kind: &str, id: &str, e: E) -> Self {
+        JobError::Record {
+            stream: format!("{kind}/{id}"),
+            source: Box::new(e),
+        }
+    }
+}
 
 impl Runtime {
     /// Runs a run command from a job: refusals that mean "already done" are success.
@@ -11,13 +56,13 @@ impl Runtime {
         run_id: &str,
         command: RunCommand,
         meta: CommandMeta,
-    ) -> Result<(), String> {
+    ) -> Result<(), JobError> {
         match self.runs.execute(run_id, command, meta).await {
             Ok(_) => Ok(()),
             Err(CommandError::Rejected(
                 RunError::StaleStep { .. } | RunError::Finished(_) | RunError::AlreadyStarted,
             )) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(JobError::record(WorkflowRun::TYPE_NAME, run_id, e)),
         }
     }
 
@@ -26,10 +71,10 @@ impl Runtime {
         task_id: &str,
         command: TaskCommand,
         meta: CommandMeta,
-    ) -> Result<(), String> {
+    ) -> Result<(), JobError> {
         match self.tasks.execute(task_id, command, meta).await {
             Ok(_) | Err(CommandError::Rejected(TaskError::InvalidTransition { .. })) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(JobError::record(Task::TYPE_NAME, task_id, e)),
         }
     }
 
@@ -39,7 +84,7 @@ impl Runtime {
             .tasks
             .load(&p.task_id)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| JobError::load(Task::TYPE_NAME, &p.task_id, e))?;
         let run_id = match task.status {
             TaskStatus::Pending | TaskStatus::Routing => {
                 let name = task.workflow.clone().or(self.default_workflow.clone());
@@ -68,7 +113,7 @@ impl Runtime {
         let definition = self
             .catalog
             .latest(name.as_deref().unwrap_or_default())
-            .ok_or("the task's workflow is gone")?;
+            .ok_or_else(|| HandlerError::msg("the task's workflow is gone"))?;
         let start = RunCommand::Start {
             run_id: run_id.clone(),
             task_id: Some(p.task_id.clone()),
@@ -84,7 +129,11 @@ impl Runtime {
 
     pub(super) async fn on_step(self: Arc<Self>, job: Job) -> HandlerResult {
         let p: StepJob = payload(&job)?;
-        let (run, _) = self.runs.load(&p.run_id).await.map_err(|e| e.to_string())?;
+        let (run, _) = self
+            .runs
+            .load(&p.run_id)
+            .await
+            .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e))?;
         let current = run
             .step(&p.step)
             .is_some_and(|s| s.status == StepStatus::Scheduled && s.attempt == p.attempt);
@@ -94,7 +143,12 @@ impl Runtime {
         let definition = self
             .catalog
             .get(&run.workflow, run.version)
-            .ok_or_else(|| format!("workflow {} v{} is not known", run.workflow, run.version))?;
+            .ok_or_else(|| {
+                HandlerError::msg(format!(
+                    "workflow {} v{} is not known",
+                    run.workflow, run.version
+                ))
+            })?;
         let state = run.step(&p.step).expect("checked above");
         let timeout = Duration::from_millis(state.timeout_ms.max(1));
         let started_at = Utc::now();
@@ -209,7 +263,9 @@ impl Runtime {
 
     pub(super) async fn on_timer(self: Arc<Self>, job: Job) -> HandlerResult {
         let p: RunJob = payload(&job)?;
-        let step = p.step.ok_or("a timer job names its step")?;
+        let step = p
+            .step
+            .ok_or_else(|| HandlerError::msg("a timer job names its step"))?;
         let command = RunCommand::FireTimer {
             step,
             now: Utc::now(),
@@ -220,7 +276,9 @@ impl Runtime {
 
     pub(super) async fn on_wait_timeout(self: Arc<Self>, job: Job) -> HandlerResult {
         let p: RunJob = payload(&job)?;
-        let step = p.step.ok_or("a timeout job names its step")?;
+        let step = p
+            .step
+            .ok_or_else(|| HandlerError::msg("a timeout job names its step"))?;
         let command = RunCommand::TimeoutWait {
             step,
             now: Utc::now(),
@@ -235,7 +293,7 @@ impl Runtime {
             .runs
             .load(&p.parent.run_id)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, &p.parent.run_id, e))?;
         if parent.status != RunStatus::Running {
             return Ok(Done::Complete);
         }
@@ -255,7 +313,11 @@ impl Runtime {
 
     pub(super) async fn on_run_finished(self: Arc<Self>, job: Job) -> HandlerResult {
         let p: RunJob = payload(&job)?;
-        let (run, _) = self.runs.load(&p.run_id).await.map_err(|e| e.to_string())?;
+        let (run, _) = self
+            .runs
+            .load(&p.run_id)
+            .await
+            .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e))?;
         let meta = || p.cause.meta();
         // Children and queued steps of a finished run have nothing left to do.
         for child in run.active_children() {
@@ -265,7 +327,9 @@ impl Runtime {
             };
             match self.runs.execute(&child.run_id, cancel, meta()).await {
                 Ok(_) | Err(CommandError::Rejected(_)) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => {
+                    return Err(JobError::record(WorkflowRun::TYPE_NAME, &child.run_id, e).into())
+                }
             }
         }
         let keys: Vec<String> = run
@@ -275,7 +339,7 @@ impl Runtime {
         self.queue
             .cancel_keyed(&keys)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(JobError::CancelJobs)?;
         match (&run.parent, &run.task_id) {
             (Some(parent), _) => {
                 let finished = RunCommand::ChildFinished {
@@ -316,7 +380,7 @@ impl Runtime {
             .tasks
             .load(&p.task_id)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| JobError::load(Task::TYPE_NAME, &p.task_id, e))?;
         if let Some(run_id) = task.run_id {
             let cancel = RunCommand::Cancel {
                 reason: task
@@ -326,14 +390,16 @@ impl Runtime {
             };
             match self.runs.execute(&run_id, cancel, p.cause.meta()).await {
                 Ok(_) | Err(CommandError::Rejected(_)) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(JobError::record(WorkflowRun::TYPE_NAME, &run_id, e).into()),
             }
         }
         Ok(Done::Complete)
     }
 }
 
-fn payload<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, String> {
-    serde_json::from_value(job.payload.clone())
-        .map_err(|e| format!("job {} has an unreadable payload: {e}", job.id))
+fn payload<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, JobError> {
+    serde_json::from_value(job.payload.clone()).map_err(|source| JobError::Payload {
+        job: job.id,
+        source,
+    })
 }

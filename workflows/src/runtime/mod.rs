@@ -89,8 +89,8 @@ pub trait Agents: Send + Sync {
 pub enum RuntimeError {
     #[error("no task {0}")]
     UnknownTask(String),
-    #[error("unknown workflow {0}")]
-    UnknownWorkflow(String),
+    #[error("unknown workflow {name} (there are: {})", known.join(", "))]
+    UnknownWorkflow { name: String, known: Vec<String> },
     #[error("{0}")]
     Task(TaskError),
     #[error("{0}")]

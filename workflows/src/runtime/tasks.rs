@@ -18,7 +18,13 @@ impl Runtime {
     ) -> Result<Created, RuntimeError> {
         if let Some(name) = workflow.as_ref().or(self.default_workflow.as_ref()) {
             if !self.catalog.contains(name) {
-                return Err(RuntimeError::UnknownWorkflow(name.clone()));
+                let mut known: Vec<String> = self.catalog.all().map(|d| d.name.clone()).collect();
+                known.sort();
+                known.dedup();
+                return Err(RuntimeError::UnknownWorkflow {
+                    name: name.clone(),
+                    known,
+                });
             }
         }
         let task_id = meta.command_id.to_string();
