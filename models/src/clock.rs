@@ -1,17 +1,22 @@
-//! Time as a port, so that circuit-breaker cool-downs can be tested by moving a clock forward
-//! instead of waiting a minute.
+//! Time as a port: the one clock the model router's circuit breakers and the workflow runtime
+//! read, so that tests move time instead of waiting (a breaker's cool-down, a timer that is due).
 
 use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A source of monotonic time.
+use chrono::{DateTime, Utc};
+
+/// A source of time: monotonic for measuring, wall-clock for what is recorded.
 pub trait Clock: Send + Sync + fmt::Debug {
     /// The current instant.
     fn now(&self) -> Instant;
+
+    /// The current wall-clock time (what commands and events record).
+    fn utc(&self) -> DateTime<Utc>;
 }
 
-/// The machine's monotonic clock.
+/// The machine's clocks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
 
@@ -19,20 +24,31 @@ impl Clock for SystemClock {
     fn now(&self) -> Instant {
         Instant::now()
     }
+
+    fn utc(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
 }
 
 /// A clock that moves only when told to: for tests and simulations.
 #[derive(Debug)]
 pub struct ManualClock {
     start: Instant,
+    start_utc: DateTime<Utc>,
     elapsed: Mutex<Duration>,
 }
 
 impl ManualClock {
-    /// A clock standing at an arbitrary instant.
+    /// A clock standing at an arbitrary instant (its wall-clock time: now).
     pub fn new() -> Self {
+        Self::at(Utc::now())
+    }
+
+    /// A clock whose wall-clock time stands at `utc`.
+    pub fn at(utc: DateTime<Utc>) -> Self {
         Self {
             start: Instant::now(),
+            start_utc: utc,
             elapsed: Mutex::new(Duration::ZERO),
         }
     }
@@ -49,8 +65,18 @@ impl Default for ManualClock {
     }
 }
 
+impl ManualClock {
+    fn elapsed(&self) -> Duration {
+        *self.elapsed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl Clock for ManualClock {
     fn now(&self) -> Instant {
-        self.start + *self.elapsed.lock().unwrap_or_else(|e| e.into_inner())
+        self.start + self.elapsed()
+    }
+
+    fn utc(&self) -> DateTime<Utc> {
+        self.start_utc + self.elapsed()
     }
 }

@@ -2,8 +2,8 @@
 //! process manager and step workers, driven step by step until nothing is left to do.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use chrono::Utc;
 use serde_json::{json, Value};
 use stele_aggregates::task::{Requester, TaskInput, TaskStatus};
 use stele_aggregates::workflow_run::{RunStatus, StepStatus};
@@ -13,7 +13,7 @@ use stele_engine::projection::ProjectionRunner;
 use stele_engine::queue::worker::{Worker, WorkerOptions};
 use stele_engine::queue::{JobFilter, JobState};
 use stele_engine::{CommandMeta, Store};
-use stele_models::{ModelRouter, ModelsConfig};
+use stele_models::{ManualClock, ModelRouter, ModelsConfig};
 use stele_workflows::agents::ModelAgents;
 use stele_workflows::catalog::{self, Source};
 use stele_workflows::runtime::{Runtime, MANAGER};
@@ -52,7 +52,11 @@ impl Harness {
         })
         .unwrap();
         let agents = Arc::new(ModelAgents::new(router, tools.clone()));
-        let runtime = Arc::new(Runtime::new(store, catalog, agents, tools));
+        // The runtime's clock stands an hour behind the database's: every timer, backoff and
+        // timeout shorter than that is due as soon as it is recorded, so tests step the runtime
+        // instead of waiting for time to pass (one that must not fire yet is longer).
+        let clock = Arc::new(ManualClock::at(Utc::now() - chrono::Duration::hours(1)));
+        let runtime = Arc::new(Runtime::new(store, catalog, agents, tools).with_clock(clock));
         let runner = ProjectionRunner::new(
             store,
             vec![as_projection(runtime.manager(), store.queue.clone())],
@@ -79,25 +83,16 @@ impl Harness {
         panic!("the runtime did not settle");
     }
 
-    /// Settles until `done` holds (for timers and backoffs, which are due a little later).
+    /// Settles, then checks that `done` holds (timers and backoffs are due at once: see the
+    /// clock in [`Harness::new`]).
     async fn settle_until(
         &self,
         task_id: &str,
         done: impl Fn(&stele_workflows::runtime::TaskView) -> bool,
     ) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            self.settle().await;
-            let view = self.runtime.task(task_id).await.unwrap();
-            if done(&view) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out: {view:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        self.settle().await;
+        let view = self.runtime.task(task_id).await.unwrap();
+        assert!(done(&view), "not there after settling: {view:#?}");
     }
 
     async fn create(&self, workflow: &str, input: &str) -> String {
@@ -268,7 +263,7 @@ steps:
   - id: approve
     kind: wait
     signal: approval
-    timeout: 30s
+    timeout: 2h
     on_timeout: expired
   - id: approved
     kind: reply
@@ -354,7 +349,7 @@ steps:
     kind: agent
     agent: worker
     prompt: "{{ input }}"
-    retry: { attempts: 3, backoff: 1h }
+    retry: { attempts: 3, backoff: 3h, max_backoff: 3h }
 "#;
 
 async fn cancelling_a_task_cancels_its_run_children_and_queued_steps(store: &Store) {

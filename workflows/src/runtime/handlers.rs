@@ -121,7 +121,7 @@ impl Runtime {
             version: definition.version,
             input: Value::String(task.input.clone()),
             parent: None,
-            now: Utc::now(),
+            now: self.clock.utc(),
         };
         self.run_command(&run_id, start, p.cause.meta()).await?;
         Ok(Done::Complete)
@@ -151,7 +151,7 @@ impl Runtime {
             })?;
         let state = run.step(&p.step).expect("checked above");
         let timeout = Duration::from_millis(state.timeout_ms.max(1));
-        let started_at = Utc::now();
+        let started_at = self.clock.utc();
         let attempt = tokio::time::timeout(
             timeout,
             self.execute(definition, &run, &p.step, p.attempt, state.escalation),
@@ -174,7 +174,7 @@ impl Runtime {
             input,
             outcome,
             calls,
-            now: Utc::now(),
+            now: self.clock.utc(),
         };
         self.run_command(&p.run_id, record, p.cause.meta()).await?;
         Ok(Done::Complete)
@@ -268,7 +268,7 @@ impl Runtime {
             .ok_or_else(|| HandlerError::msg("a timer job names its step"))?;
         let command = RunCommand::FireTimer {
             step,
-            now: Utc::now(),
+            now: self.clock.utc(),
         };
         self.run_command(&p.run_id, command, p.cause.meta()).await?;
         Ok(Done::Complete)
@@ -281,7 +281,7 @@ impl Runtime {
             .ok_or_else(|| HandlerError::msg("a timeout job names its step"))?;
         let command = RunCommand::TimeoutWait {
             step,
-            now: Utc::now(),
+            now: self.clock.utc(),
         };
         self.run_command(&p.run_id, command, p.cause.meta()).await?;
         Ok(Done::Complete)
@@ -304,7 +304,7 @@ impl Runtime {
             version: p.child.version,
             input: p.child.input,
             parent: Some(p.parent),
-            now: Utc::now(),
+            now: self.clock.utc(),
         };
         self.run_command(&p.child.run_id, start, p.cause.meta())
             .await?;
@@ -323,7 +323,7 @@ impl Runtime {
         for child in run.active_children() {
             let cancel = RunCommand::Cancel {
                 reason: format!("parent run {} is {}", p.run_id, run.status.as_str()),
-                now: Utc::now(),
+                now: self.clock.utc(),
             };
             match self.runs.execute(&child.run_id, cancel, meta()).await {
                 Ok(_) | Err(CommandError::Rejected(_)) => {}
@@ -351,7 +351,7 @@ impl Runtime {
                         output: run.output.clone(),
                         error: run.error.clone(),
                     },
-                    now: Utc::now(),
+                    now: self.clock.utc(),
                 };
                 self.run_command(&parent.run_id, finished, meta()).await?;
             }
@@ -386,7 +386,7 @@ impl Runtime {
                 reason: task
                     .error
                     .unwrap_or_else(|| "the task was cancelled".into()),
-                now: Utc::now(),
+                now: self.clock.utc(),
             };
             match self.runs.execute(&run_id, cancel, p.cause.meta()).await {
                 Ok(_) | Err(CommandError::Rejected(_)) => {}

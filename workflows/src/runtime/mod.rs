@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use stele_aggregates::task::{Requester, Task, TaskCommand, TaskError, TaskInput, TaskStatus};
@@ -44,6 +43,7 @@ use crate::definition::{Definition, Escalation, StepKind};
 use crate::expr;
 use crate::follow::{Cursor, TaskFollower};
 use crate::tools::Tools;
+use stele_models::{Clock, SystemClock};
 
 mod handlers;
 mod manager;
@@ -171,6 +171,7 @@ pub struct Runtime {
     agents: Arc<dyn Agents>,
     tools: Tools,
     default_workflow: Option<String>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Runtime {
@@ -186,7 +187,15 @@ impl Runtime {
             agents,
             tools,
             default_workflow: None,
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// The clock the runtime records times from (timers, backoffs, signals): a
+    /// [`stele_models::ManualClock`] in tests.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The workflow a task without one runs.

@@ -128,7 +128,7 @@ impl Runtime {
         let command = RunCommand::Signal {
             name,
             payload,
-            now: Utc::now(),
+            now: self.clock.utc(),
         };
         match self.runs.execute(&run_id, command, meta).await {
             Ok(_) => Ok(()),
