@@ -24,8 +24,12 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota};
+use std::sync::Arc;
+
+use governor::clock::Clock as _;
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::Quota;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 /// The prefix of the Redis keys of buckets: `stele:ratelimit:<key id>`.
@@ -135,9 +139,30 @@ pub struct RateLimiter {
     backend: Backend,
 }
 
+/// The in-process limiter's view of time: Stele's injected clock (the system's, or a test's
+/// that moves when told), in the form governor reads.
+#[derive(Clone, Debug)]
+struct LimiterClock(Arc<dyn stele_models::Clock>);
+
+impl governor::clock::Clock for LimiterClock {
+    type Instant = Instant;
+
+    fn now(&self) -> Instant {
+        self.0.now()
+    }
+}
+
+type KeyedLimiter = governor::RateLimiter<
+    String,
+    DefaultKeyedStateStore<String>,
+    LimiterClock,
+    NoOpMiddleware<Instant>,
+>;
+
 enum Backend {
     Local {
-        limiter: DefaultKeyedRateLimiter<String>,
+        limiter: KeyedLimiter,
+        clock: LimiterClock,
         checks: AtomicU64,
     },
     Redis(RedisBuckets),
@@ -158,6 +183,14 @@ impl RateLimiter {
 
     /// A limiter whose buckets live in this process.
     pub fn in_process(limit: RateLimit) -> Result<Self, RateLimitError> {
+        Self::in_process_with_clock(limit, Arc::new(stele_models::SystemClock))
+    }
+
+    /// [`RateLimiter::in_process`] on a given clock (a [`stele_models::ManualClock`] in tests).
+    pub fn in_process_with_clock(
+        limit: RateLimit,
+        clock: Arc<dyn stele_models::Clock>,
+    ) -> Result<Self, RateLimitError> {
         let period = limit.period()?;
         let burst = NonZeroU32::new(limit.burst).expect("checked by period()");
         let quota = Quota::with_period(period)
@@ -166,7 +199,11 @@ impl RateLimiter {
         Ok(Self {
             limit,
             backend: Backend::Local {
-                limiter: governor::RateLimiter::keyed(quota),
+                limiter: governor::RateLimiter::dashmap_with_clock(
+                    quota,
+                    LimiterClock(clock.clone()),
+                ),
+                clock: LimiterClock(clock),
                 checks: AtomicU64::new(0),
             },
         })
@@ -218,7 +255,11 @@ impl RateLimiter {
     /// a bucket per id it sees, so ids must come from a bounded set.
     pub async fn check(&self, key_id: &str) -> Result<(), Limited> {
         let result = match &self.backend {
-            Backend::Local { limiter, checks } => {
+            Backend::Local {
+                limiter,
+                clock,
+                checks,
+            } => {
                 // Forget buckets that are full again, now and then, so memory follows active keys.
                 if checks.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
                     limiter.retain_recent();
@@ -226,7 +267,7 @@ impl RateLimiter {
                 limiter
                     .check_key(&key_id.to_owned())
                     .map_err(|not_until| Limited {
-                        retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+                        retry_after: not_until.wait_time_from(clock.now()),
                     })
             }
             Backend::Redis(buckets) => buckets.check(key_id, self.limit).await,
