@@ -19,6 +19,14 @@ use crate::channel::Channel;
 /// What a task is asked to do, as a person or program wrote it: not blank, at most
 /// [`TaskInput::MAX_CHARS`] characters, no NUL character. [`TaskInput::parse`] is the only way in,
 /// so every edge (the API, the CLI, the channels) applies the same rule.
+///
+/// ```
+/// use stele_aggregates::task::{InvalidInput, TaskInput};
+///
+/// assert_eq!(TaskInput::parse("fix the login bug").unwrap().as_str(), "fix the login bug");
+/// assert_eq!(TaskInput::parse("   "), Err(InvalidInput::Empty));
+/// assert_eq!(TaskInput::parse("a\0b"), Err(InvalidInput::Nul));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskInput(String);
 
@@ -88,6 +96,15 @@ impl Requester {
     pub const MAX_USER_ID_CHARS: usize = 256;
 
     /// A requester from a user id (trimmed, not empty) and a channel name (see [`Channel`]).
+    ///
+    /// ```
+    /// use stele_aggregates::channel::Channel;
+    /// use stele_aggregates::task::Requester;
+    ///
+    /// let requester = Requester::parse(" 42 ", "Telegram").unwrap();
+    /// assert_eq!((requester.user_id.as_str(), requester.channel), ("42", Channel::TELEGRAM));
+    /// assert!(Requester::parse("", "api").is_err());
+    /// ```
     pub fn parse(user_id: &str, channel: &str) -> Result<Requester, InvalidRequester> {
         let user_id = user_id.trim();
         if user_id.is_empty()

@@ -29,6 +29,14 @@ const POLL: Duration = Duration::from_secs(1);
 
 /// Where a reader of a task stands: the last sequence delivered of each of the task's streams,
 /// in discovery order. Written `3-12-2-2`.
+///
+/// ```
+/// use stele_workflows::follow::Cursor;
+///
+/// let cursor: Cursor = "3-12-2".parse().unwrap();
+/// assert_eq!(cursor.to_string(), "3-12-2");
+/// assert!("3-x".parse::<Cursor>().is_err());
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cursor(Vec<i64>);
 

@@ -26,6 +26,13 @@ pub use subscribe::{subscribe, Subscription, SubscriptionOptions};
 /// A place in the global log: the `global_position` of an event. `Position::START` (0) is before
 /// the first event. Log order is position order, which is also commit order (see
 /// [`EventLog::read_all`]).
+///
+/// ```
+/// use stele_engine::Position;
+///
+/// assert_eq!("42".parse::<Position>(), Ok(Position(42)));
+/// assert!("-1".parse::<Position>().is_err());
+/// ```
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
