@@ -282,23 +282,32 @@ async fn node_on_postgres(
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    // The handlers are installed here, before the future is first polled: a SIGTERM that comes
+    // right after start-up (say, just after "stele is up") is then a request to stop, not the
+    // signal's default action that kills the process.
     #[cfg(unix)]
     {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        async fn received(signal: Option<Signal>) {
+            match signal {
+                Some(mut signal) => {
+                    signal.recv().await;
                 }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+                None => std::future::pending().await,
+            }
+        }
+        let terminate = signal(SignalKind::terminate()).ok();
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        async move {
+            tokio::select! {
+                _ = received(terminate) => {}
+                _ = received(interrupt) => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

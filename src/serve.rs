@@ -251,6 +251,7 @@ pub async fn run_node(
                 .map_err(anyhow::Error::from)
         });
     }
+    let shutdown = crate::shutdown_signal();
     tracing::info!(
         store = %location.describe(),
         api = roles.api,
@@ -259,7 +260,7 @@ pub async fn run_node(
         "stele is up; press Ctrl-C to stop"
     );
     tokio::select! {
-        _ = crate::shutdown_signal() => {}
+        _ = shutdown => {}
         Some(done) = tasks.join_next() => {
             // A part stopped on its own: that is an error (or a bug); stop the rest.
             let _ = stop.send(true);

@@ -6,5 +6,6 @@
 pub mod api_key;
 pub mod channel;
 pub mod conversation;
+pub mod ids;
 pub mod task;
 pub mod workflow_run;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::channel::Channel;
+use crate::ids::RunId;
 
 /// What a task is asked to do, as a person or program wrote it: not blank, at most
 /// [`TaskInput::MAX_CHARS`] characters, no NUL character. [`TaskInput::parse`] is the only way in,
@@ -156,7 +157,7 @@ pub enum TaskCommand {
     /// The workflow that will run it, and the run.
     Route {
         workflow: String,
-        run_id: String,
+        run_id: RunId,
     },
     Complete {
         result: Value,
@@ -180,7 +181,7 @@ pub enum TaskEvent {
     TaskRoutingStarted,
     TaskRouted {
         workflow: String,
-        run_id: String,
+        run_id: RunId,
     },
     TaskCompleted {
         result: Value,
@@ -232,7 +233,7 @@ pub struct Task {
     pub input: String,
     pub requester: Option<Requester>,
     pub workflow: Option<String>,
-    pub run_id: Option<String>,
+    pub run_id: Option<RunId>,
     pub result: Option<Value>,
     pub error: Option<String>,
 }

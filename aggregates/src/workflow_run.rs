@@ -26,6 +26,8 @@ use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
+
+use crate::ids::{RunId, TaskId};
 use serde_json::Value;
 
 /// How many events one command may record: a definition whose decisions never settle (an inline
@@ -35,7 +37,7 @@ pub const MAX_EVENTS_PER_COMMAND: usize = 256;
 /// The parent run and fan-out step that started a child run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParentLink {
-    pub run_id: String,
+    pub run_id: RunId,
     pub step: String,
     /// The child's place among the step's children (the item index).
     pub index: usize,
@@ -44,7 +46,7 @@ pub struct ParentLink {
 /// A child run a fan-out step starts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChildSpec {
-    pub run_id: String,
+    pub run_id: RunId,
     pub workflow: String,
     pub version: u32,
     pub input: Value,
@@ -110,7 +112,7 @@ pub enum StepOutcome {
 /// How a child run ended.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChildResult {
-    pub run_id: String,
+    pub run_id: RunId,
     pub status: RunStatus,
     pub output: Option<Value>,
     pub error: Option<String>,
@@ -182,8 +184,8 @@ pub trait Decider: Send + Sync {
 #[derive(Clone, Debug, PartialEq)]
 pub enum RunCommand {
     Start {
-        run_id: String,
-        task_id: Option<String>,
+        run_id: RunId,
+        task_id: Option<TaskId>,
         workflow: String,
         version: u32,
         input: Value,
@@ -231,8 +233,8 @@ pub enum RunCommand {
 #[serde(tag = "type", content = "data")]
 pub enum RunEvent {
     RunStarted {
-        run_id: String,
-        task_id: Option<String>,
+        run_id: RunId,
+        task_id: Option<TaskId>,
         workflow: String,
         version: u32,
         input: Value,
@@ -430,8 +432,8 @@ impl StepState {
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkflowRun {
     pub status: RunStatus,
-    pub run_id: String,
-    pub task_id: Option<String>,
+    pub run_id: RunId,
+    pub task_id: Option<TaskId>,
     pub workflow: String,
     pub version: u32,
     pub input: Value,

@@ -60,10 +60,12 @@ impl TaskCache {
     /// Caches a view read from the log.
     pub async fn insert(&self, view: TaskView) {
         if let Some(run_id) = &view.task.run_id {
-            self.runs.insert(run_id.clone(), view.task_id.clone()).await;
+            self.runs
+                .insert(run_id.to_string(), view.task_id.to_string())
+                .await;
         }
         self.views
-            .insert(view.task_id.clone(), Arc::new(view))
+            .insert(view.task_id.to_string(), Arc::new(view))
             .await;
     }
 
@@ -98,8 +100,8 @@ impl TaskCache {
         match applied {
             Some(()) => {
                 if let Some(run_id) = &view.task.run_id {
-                    if !self.runs.contains_key(run_id) {
-                        self.runs.insert(run_id.clone(), task_id.clone()).await;
+                    if !self.runs.contains_key(run_id.as_str()) {
+                        self.runs.insert(run_id.to_string(), task_id.clone()).await;
                     }
                 }
                 self.views.insert(task_id, Arc::new(view)).await;

@@ -522,7 +522,7 @@ async fn a_rebuild_equals_the_live_view(store: &Store) {
         if i % 3 > 0 {
             let route = TaskCommand::Route {
                 workflow: "research".into(),
-                run_id: id.clone(),
+                run_id: id.clone().into(),
             };
             command(store, &id, route).await;
             run_event(store, &id, scheduled("draft")).await;

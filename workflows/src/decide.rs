@@ -227,7 +227,7 @@ impl Decision<'_> {
                     .into_iter()
                     .enumerate()
                     .map(|(index, item)| ChildSpec {
-                        run_id: format!("{}.{id}{round}.{index}", self.run.run_id),
+                        run_id: format!("{}.{id}{round}.{index}", self.run.run_id).into(),
                         workflow: child.name.clone(),
                         version: child.version,
                         input: item,

@@ -106,7 +106,7 @@ impl Harness {
             .await
             .unwrap()
             .task_id()
-            .to_owned()
+            .to_string()
     }
 }
 
@@ -363,7 +363,8 @@ retryable = false
     let task = h.create("parent", "go").await;
     h.settle().await;
     let run = h.runtime.task(&task).await.unwrap().run.unwrap();
-    let children: Vec<String> = run.active_children().map(|c| c.run_id.clone()).collect();
+    let children: Vec<stele_aggregates::ids::RunId> =
+        run.active_children().map(|c| c.run_id.clone()).collect();
     assert_eq!(children.len(), 2);
     h.runtime
         .cancel_task(
@@ -382,7 +383,7 @@ retryable = false
         assert!(
             history
                 .iter()
-                .any(|e| &e.stream.aggregate_id == child && e.event_type == "RunCancelled"),
+                .any(|e| child == &e.stream.aggregate_id && e.event_type == "RunCancelled"),
             "child {child} was not cancelled"
         );
     }

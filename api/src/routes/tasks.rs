@@ -24,7 +24,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 200;
 
 pub fn body(view: &TaskView) -> TaskBody {
     TaskBody {
-        id: view.task_id.clone(),
+        id: view.task_id.to_string(),
         status: serde_json::to_value(view.task.status)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -38,7 +38,7 @@ pub fn body(view: &TaskView) -> TaskBody {
         result: view.task.result.clone(),
         error: view.task.error.clone(),
         run: view.run.as_ref().map(|run| RunBody {
-            id: run.run_id.clone(),
+            id: run.run_id.to_string(),
             workflow: run.workflow.clone(),
             version: run.version,
             status: run.status.as_str().to_owned(),
@@ -143,7 +143,7 @@ pub async fn create_task(
         Created::New(id) => (
             StatusCode::CREATED,
             TaskBody {
-                id,
+                id: id.into_string(),
                 status: "pending".into(),
                 input: request.input,
                 workflow: request.workflow,

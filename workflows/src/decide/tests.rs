@@ -218,7 +218,7 @@ fn a_fan_out_starts_children_and_joins_their_results() {
         step: "split".into(),
         index,
         result: ChildResult {
-            run_id: format!("r1.split.{index}"),
+            run_id: format!("r1.split.{index}").into(),
             status,
             output: Some(json!(index)),
             error: None,

@@ -98,7 +98,7 @@ impl Runtime {
                     return Ok(Done::Complete);
                 };
                 // One run per task, named after it: a repeated job finds it started.
-                let run_id = p.task_id.clone();
+                let run_id = RunId::new(p.task_id.as_str());
                 let route = TaskCommand::Route {
                     workflow: definition.name.clone(),
                     run_id: run_id.clone(),
@@ -106,7 +106,10 @@ impl Runtime {
                 self.task_command(&p.task_id, route, p.cause.meta()).await?;
                 run_id
             }
-            TaskStatus::Executing => task.run_id.clone().unwrap_or(p.task_id.clone()),
+            TaskStatus::Executing => task
+                .run_id
+                .clone()
+                .unwrap_or_else(|| RunId::new(p.task_id.as_str())),
             _ => return Ok(Done::Complete),
         };
         let name = task.workflow.clone().or(self.default_workflow.clone());

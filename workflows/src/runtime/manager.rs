@@ -5,14 +5,14 @@ use super::*;
 /// Job payloads.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct StartJob {
-    pub(super) task_id: String,
+    pub(super) task_id: TaskId,
     #[serde(flatten)]
     pub(super) cause: Cause,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct StepJob {
-    pub(super) run_id: String,
+    pub(super) run_id: RunId,
     pub(super) step: String,
     pub(super) attempt: u32,
     #[serde(flatten)]
@@ -21,7 +21,7 @@ pub(super) struct StepJob {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct RunJob {
-    pub(super) run_id: String,
+    pub(super) run_id: RunId,
     #[serde(default)]
     pub(super) step: Option<String>,
     #[serde(flatten)]
@@ -31,7 +31,7 @@ pub(super) struct RunJob {
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct ChildJob {
     pub(super) parent: ParentLink,
-    pub(super) task_id: Option<String>,
+    pub(super) task_id: Option<TaskId>,
     pub(super) child: ChildSpec,
     #[serde(flatten)]
     pub(super) cause: Cause,
@@ -92,11 +92,17 @@ impl ProcessManager for Manager {
             return match event.event_type.as_str() {
                 "TaskCreated" => vec![job(
                     "workflow.start",
-                    json!(StartJob { task_id: id, cause }),
+                    json!(StartJob {
+                        task_id: TaskId::new(id),
+                        cause
+                    }),
                 )],
                 "TaskCancelled" => vec![job(
                     "workflow.cancel",
-                    json!(StartJob { task_id: id, cause }),
+                    json!(StartJob {
+                        task_id: TaskId::new(id),
+                        cause
+                    }),
                 )],
                 _ => Vec::new(),
             };
@@ -105,8 +111,9 @@ impl ProcessManager for Manager {
             tracing::warn!(position = %event.position, "unreadable workflow run event");
             return Vec::new();
         };
+        let run_id = RunId::new(id.as_str());
         let run_job = |step: Option<String>| RunJob {
-            run_id: id.clone(),
+            run_id: run_id.clone(),
             step,
             cause,
         };
@@ -122,7 +129,7 @@ impl ProcessManager for Manager {
                 let mut job = job(
                     "workflow.step",
                     json!(StepJob {
-                        run_id: id.clone(),
+                        run_id: run_id.clone(),
                         step,
                         attempt,
                         cause
@@ -151,7 +158,7 @@ impl ProcessManager for Manager {
                         "workflow.start_child",
                         json!(ChildJob {
                             parent: ParentLink {
-                                run_id: id.clone(),
+                                run_id: run_id.clone(),
                                 step: step.clone(),
                                 index,
                             },

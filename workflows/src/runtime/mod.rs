@@ -24,6 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use stele_aggregates::ids::{RunId, TaskId};
 use stele_aggregates::task::{Requester, Task, TaskCommand, TaskError, TaskInput, TaskStatus};
 use stele_aggregates::workflow_run::{
     ChildResult, ChildSpec, Decider, ParentLink, RunCommand, RunError, RunEvent, RunStatus,
@@ -118,16 +119,16 @@ impl<E: std::error::Error> From<CommandError<E>> for RuntimeError {
 #[derive(Debug)]
 pub enum Created {
     /// A new task, with its id.
-    New(String),
+    New(TaskId),
     /// The same request again under the same command id: the task it created.
     Repeated(Box<TaskView>),
     /// The command id (an idempotency key) was used before for another request: that task's id.
-    KeyReused(String),
+    KeyReused(TaskId),
 }
 
 impl Created {
     /// The task's id, whatever happened.
-    pub fn task_id(&self) -> &str {
+    pub fn task_id(&self) -> &TaskId {
         match self {
             Created::New(id) | Created::KeyReused(id) => id,
             Created::Repeated(view) => &view.task_id,
@@ -138,7 +139,7 @@ impl Created {
 /// A task as the CLI and the API show it.
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskView {
-    pub task_id: String,
+    pub task_id: TaskId,
     #[serde(flatten)]
     pub task: Task,
     pub run: Option<WorkflowRun>,

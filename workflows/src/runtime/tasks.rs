@@ -46,7 +46,7 @@ impl Runtime {
                     Created::KeyReused(view.task_id)
                 })
             }
-            Ok(_) => Ok(Created::New(task_id)),
+            Ok(_) => Ok(Created::New(TaskId::new(task_id))),
             Err(CommandError::Rejected(e)) => Err(RuntimeError::Task(e)),
             Err(e) => Err(e.into()),
         }
@@ -66,7 +66,7 @@ impl Runtime {
             None => (None, 0),
         };
         Ok(TaskView {
-            task_id: task_id.to_owned(),
+            task_id: TaskId::new(task_id),
             task,
             run,
             versions: (version, run_version),
