@@ -236,6 +236,7 @@ impl<'c> From<TxConnection<'c>> for Db<'c> {
 }
 
 impl Db<'_> {
+    /// Which store it runs on.
     pub fn dialect(&self) -> Dialect {
         match self.0 {
             Target::Postgres(_) => Dialect::Postgres,
