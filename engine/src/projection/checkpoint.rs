@@ -72,7 +72,7 @@ struct Statements {
     reset: &'static str,
 }
 
-/// The statements that read the same in both dialects.
+// The statements that read the same in both dialects.
 const ENSURE: &str = "INSERT INTO checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING";
 const LOAD: &str = "SELECT name, position, events_applied, last_event_at, status, error, \
                     failed_position, owner, lease_expires_at, rebuild_owner, rebuild_error \
@@ -127,7 +127,7 @@ const SQL: Dialects<Statements> = Dialects {
     },
 };
 
-/// PostgreSQL only: the holds of [`hold`] and [`unhold`].
+// PostgreSQL only: the holds of `hold` and `unhold`.
 const HOLD: &str = "SELECT pg_try_advisory_lock($1, hashtext($2))";
 const NAME_HOLDER: &str = "UPDATE checkpoints SET owner = $2, lease_expires_at = NULL, \
                            updated_at = now() WHERE name = $1";
