@@ -1,5 +1,7 @@
 //! Opening a store: PostgreSQL by URL, or the embedded SQLite file in a data directory; applying
-//! the migrations in `migrations/`.
+//! the migrations in `migrations/`. [`sql`] runs the statements that both stores share.
+
+pub mod sql;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

@@ -6,9 +6,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::types::JsonValue;
-use sqlx::Row;
-use stele_engine::log::{LogTransaction, TxConnection};
+use stele_engine::log::LogTransaction;
 use stele_engine::projection::{Projection, ProjectionError, Tables};
+use stele_engine::store::sql::{Db, Dialects, Row};
 use stele_engine::store::StorePool;
 use stele_engine::RecordedEvent;
 
@@ -86,23 +86,32 @@ fn read(events: &[RecordedEvent]) -> Result<Vec<Change>, ProjectionError> {
         .collect()
 }
 
-/// The statements, the same text on both backends (`$n` works on SQLite too); only the way times
-/// are bound differs.
-fn statements(table: &str) -> [String; 3] {
-    [
-        format!(
-            "INSERT INTO {table} (key_id, name, scopes, created_by, created_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key_id) DO NOTHING"
-        ),
-        format!("UPDATE {table} SET revoked_at = $2, revoke_reason = $3 WHERE key_id = $1"),
-        // Uses reported by several processes can arrive out of order: keep the latest.
-        format!(
-            "UPDATE {table} SET last_used_at = CASE \
-                WHEN last_used_at IS NULL OR last_used_at < $2 THEN $2 ELSE last_used_at END \
-             WHERE key_id = $1"
-        ),
-    ]
-}
+/// The view's statements. Only the table differs by dialect; the rest reads alike (`$n` works
+/// on SQLite too), and [`Db`] binds the times as each store keeps them. `{table}` is the live
+/// table or its rebuild.
+const CREATE: Dialects<&str> = Dialects {
+    postgres: "CREATE TABLE IF NOT EXISTS {table} ( \
+                  key_id text PRIMARY KEY, name text NOT NULL, scopes text NOT NULL, \
+                  created_by text NOT NULL, created_at timestamptz NOT NULL, \
+                  revoked_at timestamptz, revoke_reason text, last_used_at timestamptz)",
+    sqlite: "CREATE TABLE IF NOT EXISTS {table} ( \
+                key_id TEXT PRIMARY KEY, name TEXT NOT NULL, scopes TEXT NOT NULL, \
+                created_by TEXT NOT NULL, created_at INTEGER NOT NULL, \
+                revoked_at INTEGER, revoke_reason TEXT, last_used_at INTEGER) \
+             WITHOUT ROWID",
+};
+const INSERT: &str = "INSERT INTO {table} (key_id, name, scopes, created_by, created_at) \
+                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key_id) DO NOTHING";
+const REVOKE: &str = "UPDATE {table} SET revoked_at = $2, revoke_reason = $3 WHERE key_id = $1";
+/// Uses reported by several processes can arrive out of order: keep the latest.
+const USED: &str = "UPDATE {table} SET last_used_at = CASE \
+                       WHEN last_used_at IS NULL OR last_used_at < $2 THEN $2 \
+                       ELSE last_used_at END \
+                    WHERE key_id = $1";
+const LIST: &str =
+    "SELECT key_id, name, scopes, created_by, created_at, revoked_at, revoke_reason, \
+                           last_used_at \
+                    FROM {table} ORDER BY created_at DESC, key_id";
 
 #[async_trait]
 impl Projection for ApiKeysView {
@@ -123,30 +132,9 @@ impl Projection for ApiKeysView {
         tx: &mut dyn LogTransaction,
         tables: &Tables,
     ) -> Result<(), ProjectionError> {
-        let table = tables.name(TABLE);
-        match tx.connection() {
-            TxConnection::Postgres(conn) => {
-                sqlx::query(&format!(
-                    "CREATE TABLE IF NOT EXISTS {table} ( \
-                        key_id text PRIMARY KEY, name text NOT NULL, scopes text NOT NULL, \
-                        created_by text NOT NULL, created_at timestamptz NOT NULL, \
-                        revoked_at timestamptz, revoke_reason text, last_used_at timestamptz)"
-                ))
-                .execute(conn)
-                .await?;
-            }
-            TxConnection::Sqlite(conn) => {
-                sqlx::query(&format!(
-                    "CREATE TABLE IF NOT EXISTS {table} ( \
-                        key_id TEXT PRIMARY KEY, name TEXT NOT NULL, scopes TEXT NOT NULL, \
-                        created_by TEXT NOT NULL, created_at INTEGER NOT NULL, \
-                        revoked_at INTEGER, revoke_reason TEXT, last_used_at INTEGER) \
-                     WITHOUT ROWID"
-                ))
-                .execute(conn)
-                .await?;
-            }
-        }
+        let mut db = Db::from(tx.connection());
+        let create = db.pick(&CREATE).replace("{table}", &tables.name(TABLE));
+        db.execute(&create, &[]).await?;
         Ok(())
     }
 
@@ -157,65 +145,39 @@ impl Projection for ApiKeysView {
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError> {
         let changes = read(events)?;
-        let [insert, revoke, used] = statements(&tables.name(TABLE));
+        let table = tables.name(TABLE);
+        let [insert, revoke, used] =
+            [INSERT, REVOKE, USED].map(|sql| sql.replace("{table}", &table));
+        let mut db = Db::from(tx.connection());
         // Keys change rarely (uses are throttled): one statement per event is plenty.
-        match tx.connection() {
-            TxConnection::Postgres(conn) => {
-                for Change {
-                    key_id,
-                    recorded_at,
-                    event,
-                } in &changes
-                {
-                    let query = match event {
-                        KeyEvent::Created {
-                            name,
-                            scopes,
-                            created_by,
-                        } => sqlx::query(&insert)
-                            .bind(key_id)
-                            .bind(name)
-                            .bind(scopes.to_string())
-                            .bind(created_by)
-                            .bind(recorded_at),
-                        KeyEvent::Revoked { reason } => sqlx::query(&revoke)
-                            .bind(key_id)
-                            .bind(recorded_at)
-                            .bind(reason),
-                        KeyEvent::Used { at } => sqlx::query(&used).bind(key_id).bind(at),
-                    };
-                    query.execute(&mut *conn).await?;
+        for Change {
+            key_id,
+            recorded_at,
+            event,
+        } in &changes
+        {
+            match event {
+                KeyEvent::Created {
+                    name,
+                    scopes,
+                    created_by,
+                } => {
+                    let scopes = scopes.to_string();
+                    let values = [
+                        key_id.into(),
+                        name.into(),
+                        scopes.as_str().into(),
+                        created_by.into(),
+                        (*recorded_at).into(),
+                    ];
+                    db.execute(&insert, &values).await?
                 }
-            }
-            TxConnection::Sqlite(conn) => {
-                for Change {
-                    key_id,
-                    recorded_at,
-                    event,
-                } in &changes
-                {
-                    let query = match event {
-                        KeyEvent::Created {
-                            name,
-                            scopes,
-                            created_by,
-                        } => sqlx::query(&insert)
-                            .bind(key_id)
-                            .bind(name)
-                            .bind(scopes.to_string())
-                            .bind(created_by)
-                            .bind(recorded_at.timestamp_micros()),
-                        KeyEvent::Revoked { reason } => sqlx::query(&revoke)
-                            .bind(key_id)
-                            .bind(recorded_at.timestamp_micros())
-                            .bind(reason),
-                        KeyEvent::Used { at } => {
-                            sqlx::query(&used).bind(key_id).bind(at.timestamp_micros())
-                        }
-                    };
-                    query.execute(&mut *conn).await?;
+                KeyEvent::Revoked { reason } => {
+                    let values = [key_id.into(), (*recorded_at).into(), reason.into()];
+                    db.execute(&revoke, &values).await?
                 }
-            }
+                KeyEvent::Used { at } => db.execute(&used, &[key_id.into(), (*at).into()]).await?,
+            };
         }
         Ok(())
     }
@@ -227,50 +189,23 @@ fn scope_names(text: &str) -> Result<Vec<String>, sqlx::Error> {
     Vec::<String>::deserialize(value).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
+fn key_row(row: &Row) -> Result<KeyRow, sqlx::Error> {
+    Ok(KeyRow {
+        key_id: row.get("key_id")?,
+        name: row.get("name")?,
+        scopes: scope_names(&row.get::<String>("scopes")?)?,
+        created_by: row.get("created_by")?,
+        created_at: row.time("created_at")?,
+        revoked_at: row.optional_time("revoked_at")?,
+        revoke_reason: row.get("revoke_reason")?,
+        last_used_at: row.optional_time("last_used_at")?,
+    })
+}
+
 /// Every API key, newest first.
 pub async fn list_keys(pool: &StorePool) -> Result<Vec<KeyRow>, sqlx::Error> {
-    let sql = format!(
-        "SELECT key_id, name, scopes, created_by, created_at, revoked_at, revoke_reason, \
-                last_used_at \
-         FROM {TABLE} ORDER BY created_at DESC, key_id"
-    );
-    match pool {
-        StorePool::Postgres(pool) => sqlx::query(&sql)
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(|row| {
-                Ok(KeyRow {
-                    key_id: row.try_get("key_id")?,
-                    name: row.try_get("name")?,
-                    scopes: scope_names(row.try_get("scopes")?)?,
-                    created_by: row.try_get("created_by")?,
-                    created_at: row.try_get("created_at")?,
-                    revoked_at: row.try_get("revoked_at")?,
-                    revoke_reason: row.try_get("revoke_reason")?,
-                    last_used_at: row.try_get("last_used_at")?,
-                })
-            })
-            .collect(),
-        StorePool::Sqlite(pool) => {
-            let time = |us: i64| DateTime::from_timestamp_micros(us).unwrap_or_default();
-            sqlx::query(&sql)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(|row| {
-                    Ok(KeyRow {
-                        key_id: row.try_get("key_id")?,
-                        name: row.try_get("name")?,
-                        scopes: scope_names(row.try_get("scopes")?)?,
-                        created_by: row.try_get("created_by")?,
-                        created_at: time(row.try_get("created_at")?),
-                        revoked_at: row.try_get::<Option<i64>, _>("revoked_at")?.map(time),
-                        revoke_reason: row.try_get("revoke_reason")?,
-                        last_used_at: row.try_get::<Option<i64>, _>("last_used_at")?.map(time),
-                    })
-                })
-                .collect()
-        }
-    }
+    let rows = Db::from(pool)
+        .fetch_all(&LIST.replace("{table}", TABLE), &[])
+        .await?;
+    rows.iter().map(key_row).collect()
 }

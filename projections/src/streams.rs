@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::Row;
-use stele_engine::log::{LogTransaction, TxConnection};
+use stele_engine::log::LogTransaction;
 use stele_engine::projection::{Projection, ProjectionError, Tables};
+use stele_engine::store::sql::{Db, Dialects, Row, Value};
 use stele_engine::store::StorePool;
 use stele_engine::RecordedEvent;
 
@@ -52,6 +52,52 @@ fn fold(events: &[RecordedEvent]) -> BTreeMap<(&str, &str), StreamRow> {
     rows
 }
 
+/// The view's statements in one dialect; `{table}` is the live table or its rebuild.
+struct Statements {
+    create: &'static str,
+    /// Adds a batch of folded rows (see [`Db::execute_rows`]).
+    upsert: &'static str,
+    list: &'static str,
+}
+
+const SQL: Dialects<Statements> = Dialects {
+    postgres: Statements {
+        create: "CREATE TABLE IF NOT EXISTS {table} ( \
+                    aggregate_type text NOT NULL, aggregate_id text NOT NULL, \
+                    version bigint NOT NULL, events bigint NOT NULL, \
+                    first_event_at timestamptz NOT NULL, last_event_at timestamptz NOT NULL, \
+                    PRIMARY KEY (aggregate_type, aggregate_id))",
+        upsert: "INSERT INTO {table} AS t (aggregate_type, aggregate_id, version, events, \
+                                           first_event_at, last_event_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], \
+                                      $5::timestamptz[], $6::timestamptz[]) \
+                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
+                    version = greatest(t.version, excluded.version), \
+                    events = t.events + excluded.events, \
+                    first_event_at = least(t.first_event_at, excluded.first_event_at), \
+                    last_event_at = greatest(t.last_event_at, excluded.last_event_at)",
+        list: "SELECT * FROM {table} WHERE ($1::text IS NULL OR aggregate_type = $1) \
+               ORDER BY last_event_at DESC, aggregate_type, aggregate_id LIMIT $2",
+    },
+    sqlite: Statements {
+        create: "CREATE TABLE IF NOT EXISTS {table} ( \
+                    aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, \
+                    version INTEGER NOT NULL, events INTEGER NOT NULL, \
+                    first_event_at INTEGER NOT NULL, last_event_at INTEGER NOT NULL, \
+                    PRIMARY KEY (aggregate_type, aggregate_id)) WITHOUT ROWID",
+        upsert: "INSERT INTO {table} AS t (aggregate_type, aggregate_id, version, events, \
+                                           first_event_at, last_event_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
+                    version = max(t.version, excluded.version), \
+                    events = t.events + excluded.events, \
+                    first_event_at = min(t.first_event_at, excluded.first_event_at), \
+                    last_event_at = max(t.last_event_at, excluded.last_event_at)",
+        list: "SELECT * FROM {table} WHERE ($1 IS NULL OR aggregate_type = $1) \
+               ORDER BY last_event_at DESC, aggregate_type, aggregate_id LIMIT $2",
+    },
+};
+
 #[async_trait]
 impl Projection for StreamsView {
     fn name(&self) -> &'static str {
@@ -67,31 +113,9 @@ impl Projection for StreamsView {
         tx: &mut dyn LogTransaction,
         tables: &Tables,
     ) -> Result<(), ProjectionError> {
-        let table = tables.name(TABLE);
-        match tx.connection() {
-            TxConnection::Postgres(conn) => {
-                sqlx::query(&format!(
-                    "CREATE TABLE IF NOT EXISTS {table} ( \
-                        aggregate_type text NOT NULL, aggregate_id text NOT NULL, \
-                        version bigint NOT NULL, events bigint NOT NULL, \
-                        first_event_at timestamptz NOT NULL, last_event_at timestamptz NOT NULL, \
-                        PRIMARY KEY (aggregate_type, aggregate_id))"
-                ))
-                .execute(conn)
-                .await?;
-            }
-            TxConnection::Sqlite(conn) => {
-                sqlx::query(&format!(
-                    "CREATE TABLE IF NOT EXISTS {table} ( \
-                        aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, \
-                        version INTEGER NOT NULL, events INTEGER NOT NULL, \
-                        first_event_at INTEGER NOT NULL, last_event_at INTEGER NOT NULL, \
-                        PRIMARY KEY (aggregate_type, aggregate_id)) WITHOUT ROWID"
-                ))
-                .execute(conn)
-                .await?;
-            }
-        }
+        let mut db = Db::from(tx.connection());
+        let create = db.pick(&SQL).create.replace("{table}", &tables.name(TABLE));
+        db.execute(&create, &[]).await?;
         Ok(())
     }
 
@@ -101,65 +125,36 @@ impl Projection for StreamsView {
         tables: &Tables,
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError> {
-        let table = tables.name(TABLE);
-        let rows: Vec<StreamRow> = fold(events).into_values().collect();
-        match tx.connection() {
-            TxConnection::Postgres(conn) => {
-                let sql = format!(
-                    "INSERT INTO {table} AS t (aggregate_type, aggregate_id, version, events, \
-                                               first_event_at, last_event_at) \
-                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], \
-                                          $5::timestamptz[], $6::timestamptz[]) \
-                     ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
-                        version = greatest(t.version, excluded.version), \
-                        events = t.events + excluded.events, \
-                        first_event_at = least(t.first_event_at, excluded.first_event_at), \
-                        last_event_at = greatest(t.last_event_at, excluded.last_event_at)"
-                );
-                sqlx::query(&sql)
-                    .bind(
-                        rows.iter()
-                            .map(|r| r.aggregate_type.as_str())
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(
-                        rows.iter()
-                            .map(|r| r.aggregate_id.as_str())
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
-                    .bind(rows.iter().map(|r| r.events).collect::<Vec<_>>())
-                    .bind(rows.iter().map(|r| r.first_event_at).collect::<Vec<_>>())
-                    .bind(rows.iter().map(|r| r.last_event_at).collect::<Vec<_>>())
-                    .execute(conn)
-                    .await?;
-            }
-            TxConnection::Sqlite(conn) => {
-                let sql = format!(
-                    "INSERT INTO {table} AS t (aggregate_type, aggregate_id, version, events, \
-                                               first_event_at, last_event_at) \
-                     VALUES (?, ?, ?, ?, ?, ?) \
-                     ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
-                        version = max(t.version, excluded.version), \
-                        events = t.events + excluded.events, \
-                        first_event_at = min(t.first_event_at, excluded.first_event_at), \
-                        last_event_at = max(t.last_event_at, excluded.last_event_at)"
-                );
-                for row in &rows {
-                    sqlx::query(&sql)
-                        .bind(&row.aggregate_type)
-                        .bind(&row.aggregate_id)
-                        .bind(row.version)
-                        .bind(row.events)
-                        .bind(row.first_event_at.timestamp_micros())
-                        .bind(row.last_event_at.timestamp_micros())
-                        .execute(&mut *conn)
-                        .await?;
-                }
-            }
-        }
+        let folded = fold(events);
+        let rows: Vec<[Value; 6]> = folded
+            .values()
+            .map(|row| {
+                [
+                    row.aggregate_type.as_str().into(),
+                    row.aggregate_id.as_str().into(),
+                    row.version.into(),
+                    row.events.into(),
+                    row.first_event_at.into(),
+                    row.last_event_at.into(),
+                ]
+            })
+            .collect();
+        let mut db = Db::from(tx.connection());
+        let upsert = db.pick(&SQL).upsert.replace("{table}", &tables.name(TABLE));
+        db.execute_rows(&upsert, &rows).await?;
         Ok(())
     }
+}
+
+fn stream_row(row: &Row) -> Result<StreamRow, sqlx::Error> {
+    Ok(StreamRow {
+        aggregate_type: row.get("aggregate_type")?,
+        aggregate_id: row.get("aggregate_id")?,
+        version: row.get("version")?,
+        events: row.get("events")?,
+        first_event_at: row.time("first_event_at")?,
+        last_event_at: row.time("last_event_at")?,
+    })
 }
 
 /// Streams, most recently active first, optionally of one aggregate type.
@@ -168,54 +163,9 @@ pub async fn list_streams(
     aggregate_type: Option<&str>,
     limit: usize,
 ) -> Result<Vec<StreamRow>, sqlx::Error> {
-    let limit = limit.max(1) as i64;
-    match pool {
-        StorePool::Postgres(pool) => {
-            let sql = format!(
-                "SELECT * FROM {TABLE} WHERE ($1::text IS NULL OR aggregate_type = $1) \
-                 ORDER BY last_event_at DESC, aggregate_type, aggregate_id LIMIT $2"
-            );
-            sqlx::query(&sql)
-                .bind(aggregate_type)
-                .bind(limit)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(|row| {
-                    Ok(StreamRow {
-                        aggregate_type: row.try_get("aggregate_type")?,
-                        aggregate_id: row.try_get("aggregate_id")?,
-                        version: row.try_get("version")?,
-                        events: row.try_get("events")?,
-                        first_event_at: row.try_get("first_event_at")?,
-                        last_event_at: row.try_get("last_event_at")?,
-                    })
-                })
-                .collect()
-        }
-        StorePool::Sqlite(pool) => {
-            let sql = format!(
-                "SELECT * FROM {TABLE} WHERE (?1 IS NULL OR aggregate_type = ?1) \
-                 ORDER BY last_event_at DESC, aggregate_type, aggregate_id LIMIT ?2"
-            );
-            let time = |us: i64| DateTime::from_timestamp_micros(us).unwrap_or_default();
-            sqlx::query(&sql)
-                .bind(aggregate_type)
-                .bind(limit)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(|row| {
-                    Ok(StreamRow {
-                        aggregate_type: row.try_get("aggregate_type")?,
-                        aggregate_id: row.try_get("aggregate_id")?,
-                        version: row.try_get("version")?,
-                        events: row.try_get("events")?,
-                        first_event_at: time(row.try_get("first_event_at")?),
-                        last_event_at: time(row.try_get("last_event_at")?),
-                    })
-                })
-                .collect()
-        }
-    }
+    let mut db = Db::from(pool);
+    let list = db.pick(&SQL).list.replace("{table}", TABLE);
+    let values = [aggregate_type.into(), (limit.max(1) as i64).into()];
+    let rows = db.fetch_all(&list, &values).await?;
+    rows.iter().map(stream_row).collect()
 }

@@ -6,19 +6,24 @@
 //! stream named after the task) to follow the step the task is at. Child runs and runs of no known
 //! task are ignored.
 //!
+//! How events change rows is the pure fold in [`fold`]; this module reads and writes the rows
+//! (its statements once per dialect in `SQL`, run by [`Db`]) and pages through them.
+//!
 //! Pages are keyset-paginated on (`created_position`, `task_id`) descending: a page starts after
 //! the last row of the previous one, so rows neither repeat nor go missing while tasks are created.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod fold;
+
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
-use sqlx::{Postgres, QueryBuilder, Row, Sqlite};
-use stele_engine::log::{LogTransaction, TxConnection};
+use stele_engine::log::LogTransaction;
 use stele_engine::projection::{Projection, ProjectionError, Tables};
+use stele_engine::store::sql::{Db, Dialects, Row, Value as SqlValue};
 use stele_engine::store::StorePool;
 use stele_engine::RecordedEvent;
 
@@ -26,21 +31,6 @@ use stele_engine::RecordedEvent;
 pub struct TasksView;
 
 const TABLE: &str = "task_view";
-
-/// The aggregate type of tasks' streams.
-const TASK_STREAM: &str = "task";
-/// The aggregate type of workflow runs' streams; a task's top-level run has the task's id.
-const RUN_STREAM: &str = "workflow_run";
-
-/// The run events that put the task at a step (their payload's `data.step`).
-const STEP_EVENTS: [&str; 4] = [
-    "StepScheduled",
-    "WaitStarted",
-    "TimerArmed",
-    "ChildrenStarted",
-];
-/// The run events after which the task is at no step.
-const RUN_END_EVENTS: [&str; 3] = ["RunCompleted", "RunFailed", "RunCancelled"];
 
 /// The largest page [`list_tasks`] returns.
 pub const MAX_LIMIT: usize = 500;
@@ -90,12 +80,6 @@ pub struct TaskRow {
     pub created_position: i64,
 }
 
-impl TaskRow {
-    fn is_finished(&self) -> bool {
-        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
-    }
-}
-
 /// Which tasks to list, and where to start.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TaskQuery {
@@ -132,175 +116,78 @@ pub enum TaskViewError {
     Database(#[from] sqlx::Error),
 }
 
-/// A task event as stored (`{"type": …, "data": …}`, see `stele_aggregates::task::TaskEvent`).
-/// The view reads the wire form rather than the aggregate's type: it depends on the log only.
-#[derive(Deserialize)]
-#[serde(tag = "type", content = "data")]
-enum TaskEvent {
-    #[serde(rename = "TaskCreated")]
-    Created {
-        input: String,
-        requester: Requester,
-        workflow: Option<String>,
+/// The view's statements in one dialect. In every statement `{table}` is the live table or its
+/// rebuild and `{columns}` is [`COLUMNS`]; an upsert's update is `{update}`, [`UPDATE`].
+struct Statements {
+    create: &'static str,
+    /// The names of a table's indexes (`$1`: the table), as `name`.
+    indexes: &'static str,
+    /// Whether a relation named `$1` exists, as `taken`.
+    taken: &'static str,
+    /// The rows of the tasks `$1` (a list).
+    load: &'static str,
+    /// Writes a batch of folded rows (see [`Db::execute_rows`]).
+    upsert: &'static str,
+}
+
+const SQL: Dialects<Statements> = Dialects {
+    postgres: Statements {
+        create: "CREATE TABLE IF NOT EXISTS {table} ( \
+                    task_id text PRIMARY KEY, status text NOT NULL, workflow text, \
+                    run_id text, requester_user text NOT NULL, \
+                    requester_channel text NOT NULL, input text NOT NULL, \
+                    current_step text, result text, error text, \
+                    created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL, \
+                    created_position bigint NOT NULL)",
+        indexes: "SELECT indexname::text AS name FROM pg_indexes \
+                  WHERE schemaname = current_schema() AND tablename = $1",
+        taken: "SELECT EXISTS (SELECT 1 FROM pg_class c \
+                JOIN pg_namespace n ON n.oid = c.relnamespace \
+                WHERE n.nspname = current_schema() AND c.relname = $1) AS taken",
+        load: "SELECT {columns} FROM {table} WHERE task_id = ANY($1)",
+        upsert: "INSERT INTO {table} ({columns}) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
+                                      $5::text[], $6::text[], $7::text[], $8::text[], \
+                                      $9::text[], $10::text[], $11::timestamptz[], \
+                                      $12::timestamptz[], $13::int8[]) \
+                 ON CONFLICT (task_id) DO UPDATE SET {update}",
     },
-    #[serde(rename = "TaskRoutingStarted")]
-    RoutingStarted,
-    #[serde(rename = "TaskRouted")]
-    Routed { workflow: String, run_id: String },
-    #[serde(rename = "TaskCompleted")]
-    Completed { result: Value },
-    #[serde(rename = "TaskFailed")]
-    Failed { error: String },
-    #[serde(rename = "TaskCancelled")]
-    Cancelled { reason: String },
-}
+    sqlite: Statements {
+        // A rowid table, not WITHOUT ROWID: rows hold the task's full input, and SQLite advises
+        // WITHOUT ROWID only for small rows.
+        create: "CREATE TABLE IF NOT EXISTS {table} ( \
+                    task_id TEXT PRIMARY KEY NOT NULL, status TEXT NOT NULL, workflow TEXT, \
+                    run_id TEXT, requester_user TEXT NOT NULL, \
+                    requester_channel TEXT NOT NULL, input TEXT NOT NULL, \
+                    current_step TEXT, result TEXT, error TEXT, \
+                    created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, \
+                    created_position INTEGER NOT NULL)",
+        indexes: "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = $1",
+        taken: "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = $1) AS taken",
+        load: "SELECT {columns} FROM {table} WHERE task_id IN (SELECT value FROM json_each($1))",
+        upsert: "INSERT INTO {table} ({columns}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                 ON CONFLICT (task_id) DO UPDATE SET {update}",
+    },
+};
 
-#[derive(Deserialize)]
-struct Requester {
-    user_id: String,
-    channel: String,
-}
+/// The upsert's update: the folded row replaces the stored one (it was folded from it).
+const UPDATE: &str = "status = excluded.status, workflow = excluded.workflow, \
+                      run_id = excluded.run_id, requester_user = excluded.requester_user, \
+                      requester_channel = excluded.requester_channel, input = excluded.input, \
+                      current_step = excluded.current_step, result = excluded.result, \
+                      error = excluded.error, created_at = excluded.created_at, \
+                      updated_at = excluded.updated_at, created_position = excluded.created_position";
 
-/// The part of a run event that names its step.
-#[derive(Deserialize)]
-struct AtStep {
-    data: Step,
-}
+/// The row of one task, the same in both dialects.
+const GET: &str = "SELECT {columns} FROM {table} WHERE task_id = $1";
 
-#[derive(Deserialize)]
-struct Step {
-    step: String,
-}
-
-fn unreadable(event: &RecordedEvent, error: serde_json::Error) -> ProjectionError {
-    ProjectionError::Apply(format!(
-        "{} at {} of {} is unreadable: {error}",
-        event.event_type, event.position, event.stream
-    ))
-}
-
-/// The tasks an event is about, if any: task events, and events of a run named like a task.
-fn task_of(event: &RecordedEvent) -> Option<&str> {
-    match event.stream.aggregate_type.as_str() {
-        TASK_STREAM | RUN_STREAM => Some(event.stream.aggregate_id.as_str()),
-        _ => None,
-    }
-}
-
-/// The tasks whose rows a batch changes but does not create: their rows are read first.
-fn tasks_to_load(events: &[RecordedEvent]) -> Vec<String> {
-    let created: BTreeSet<&str> = events
-        .iter()
-        .filter(|e| e.stream.aggregate_type == TASK_STREAM && e.event_type == "TaskCreated")
-        .map(|e| e.stream.aggregate_id.as_str())
-        .collect();
-    events
-        .iter()
-        .filter_map(task_of)
-        .filter(|id| !created.contains(id))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Folds a batch into the rows it changes, starting from the rows it does not create (`known`),
-/// so each row is written once per batch.
-fn fold(
-    mut known: BTreeMap<String, TaskRow>,
-    events: &[RecordedEvent],
-) -> Result<Vec<TaskRow>, ProjectionError> {
-    let mut changed = BTreeSet::new();
-    for event in events {
-        let Some(id) = task_of(event) else { continue };
-        let at = event.recorded_at;
-        if event.stream.aggregate_type == TASK_STREAM {
-            let change =
-                TaskEvent::deserialize(&event.payload).map_err(|e| unreadable(event, e))?;
-            let mut created = None;
-            match (change, known.get_mut(id)) {
-                (
-                    TaskEvent::Created {
-                        input,
-                        requester,
-                        workflow,
-                    },
-                    _,
-                ) => {
-                    created = Some(TaskRow {
-                        task_id: id.to_owned(),
-                        status: "pending".into(),
-                        workflow,
-                        run_id: None,
-                        requester_user: requester.user_id,
-                        requester_channel: requester.channel,
-                        input,
-                        current_step: None,
-                        result: None,
-                        error: None,
-                        created_at: at,
-                        updated_at: at,
-                        created_position: event.position.0,
-                    });
-                }
-                // A task event without its TaskCreated (skipped by an operator) has no row.
-                (_, None) => continue,
-                (TaskEvent::RoutingStarted, Some(row)) => row.status = "routing".into(),
-                (TaskEvent::Routed { workflow, run_id }, Some(row)) => {
-                    row.status = "executing".into();
-                    row.workflow = Some(workflow);
-                    row.run_id = Some(run_id);
-                }
-                (TaskEvent::Completed { result }, Some(row)) => {
-                    row.status = "completed".into();
-                    row.result = Some(result);
-                    row.current_step = None;
-                }
-                (TaskEvent::Failed { error }, Some(row)) => {
-                    row.status = "failed".into();
-                    row.error = Some(error);
-                    row.current_step = None;
-                }
-                (TaskEvent::Cancelled { reason }, Some(row)) => {
-                    row.status = "cancelled".into();
-                    row.error = Some(reason);
-                    row.current_step = None;
-                }
-            }
-            match created {
-                Some(row) => {
-                    known.insert(id.to_owned(), row);
-                }
-                None => {
-                    if let Some(row) = known.get_mut(id) {
-                        row.updated_at = row.updated_at.max(at);
-                    }
-                }
-            }
-        } else {
-            // A run of no known task (a child run, a run started on its own) is not a task's; a
-            // finished task's run has nothing more to show.
-            let Some(row) = known.get_mut(id).filter(|row| !row.is_finished()) else {
-                continue;
-            };
-            let event_type = event.event_type.as_str();
-            if STEP_EVENTS.contains(&event_type) {
-                let at_step =
-                    AtStep::deserialize(&event.payload).map_err(|e| unreadable(event, e))?;
-                row.current_step = Some(at_step.data.step);
-            } else if RUN_END_EVENTS.contains(&event_type) {
-                row.current_step = None;
-            } else {
-                continue;
-            }
-            row.updated_at = row.updated_at.max(at);
-        }
-        changed.insert(id.to_owned());
-    }
-    Ok(changed
-        .into_iter()
-        .filter_map(|id| known.remove(&id))
-        .collect())
+/// `statement` for `table` (see [`Statements`]).
+fn fill(statement: &str, table: &str) -> String {
+    statement
+        .replace("{table}", table)
+        .replace("{columns}", COLUMNS)
+        .replace("{update}", UPDATE)
 }
 
 #[async_trait]
@@ -337,86 +224,25 @@ impl Projection for TasksView {
         tables: &Tables,
     ) -> Result<(), ProjectionError> {
         let table = tables.name(TABLE);
-        match tx.connection() {
-            TxConnection::Postgres(conn) => {
-                sqlx::query(&format!(
-                    "CREATE TABLE IF NOT EXISTS {table} ( \
-                        task_id text PRIMARY KEY, status text NOT NULL, workflow text, \
-                        run_id text, requester_user text NOT NULL, \
-                        requester_channel text NOT NULL, input text NOT NULL, \
-                        current_step text, result text, error text, \
-                        created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL, \
-                        created_position bigint NOT NULL)"
-                ))
-                .execute(&mut *conn)
-                .await?;
-                let existing: Vec<String> = sqlx::query_scalar(
-                    "SELECT indexname::text FROM pg_indexes \
-                     WHERE schemaname = current_schema() AND tablename = $1",
-                )
-                .bind(&table)
-                .fetch_all(&mut *conn)
-                .await?;
-                for (part, columns) in missing_indexes(&existing) {
-                    let mut name = String::new();
-                    for attempt in 0.. {
-                        name = index_name(&table, part, attempt);
-                        let taken: bool = sqlx::query_scalar(
-                            "SELECT EXISTS (SELECT 1 FROM pg_class c \
-                             JOIN pg_namespace n ON n.oid = c.relnamespace \
-                             WHERE n.nspname = current_schema() AND c.relname = $1)",
-                        )
-                        .bind(&name)
-                        .fetch_one(&mut *conn)
-                        .await?;
-                        if !taken {
-                            break;
-                        }
-                    }
-                    sqlx::query(&format!("CREATE INDEX {name} ON {table} ({columns})"))
-                        .execute(&mut *conn)
-                        .await?;
+        let mut db = Db::from(tx.connection());
+        let sql = db.pick(&SQL);
+        db.execute(&fill(sql.create, &table), &[]).await?;
+        let existing = db.fetch_all(sql.indexes, &[table.as_str().into()]).await?;
+        let existing = existing
+            .iter()
+            .map(|row| row.get("name"))
+            .collect::<Result<Vec<String>, _>>()?;
+        for (part, columns) in missing_indexes(&existing) {
+            let mut name = String::new();
+            for attempt in 0.. {
+                name = index_name(&table, part, attempt);
+                let taken = db.fetch_one(sql.taken, &[name.as_str().into()]).await?;
+                if !taken.get::<bool>("taken")? {
+                    break;
                 }
             }
-            TxConnection::Sqlite(conn) => {
-                // A rowid table, not WITHOUT ROWID: rows hold the task's full input, and SQLite
-                // advises WITHOUT ROWID only for small rows.
-                sqlx::query(&format!(
-                    "CREATE TABLE IF NOT EXISTS {table} ( \
-                        task_id TEXT PRIMARY KEY NOT NULL, status TEXT NOT NULL, workflow TEXT, \
-                        run_id TEXT, requester_user TEXT NOT NULL, \
-                        requester_channel TEXT NOT NULL, input TEXT NOT NULL, \
-                        current_step TEXT, result TEXT, error TEXT, \
-                        created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, \
-                        created_position INTEGER NOT NULL)"
-                ))
-                .execute(&mut *conn)
-                .await?;
-                let existing: Vec<String> = sqlx::query_scalar(
-                    "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?",
-                )
-                .bind(&table)
-                .fetch_all(&mut *conn)
-                .await?;
-                for (part, columns) in missing_indexes(&existing) {
-                    let mut name = String::new();
-                    for attempt in 0.. {
-                        name = index_name(&table, part, attempt);
-                        let taken: bool = sqlx::query_scalar(
-                            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = ?)",
-                        )
-                        .bind(&name)
-                        .fetch_one(&mut *conn)
-                        .await?;
-                        if !taken {
-                            break;
-                        }
-                    }
-                    sqlx::query(&format!("CREATE INDEX {name} ON {table} ({columns})"))
-                        .execute(&mut *conn)
-                        .await?;
-                }
-            }
+            let create = format!("CREATE INDEX {name} ON {table} ({columns})");
+            db.execute(&create, &[]).await?;
         }
         Ok(())
     }
@@ -428,115 +254,49 @@ impl Projection for TasksView {
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError> {
         let table = tables.name(TABLE);
-        let ids = tasks_to_load(events);
+        let mut db = Db::from(tx.connection());
+        let sql = db.pick(&SQL);
+        let ids = fold::tasks_to_load(events);
         let known: BTreeMap<String, TaskRow> = if ids.is_empty() {
             BTreeMap::new()
         } else {
-            let rows = match tx.connection() {
-                TxConnection::Postgres(conn) => {
-                    let sql = format!("SELECT {COLUMNS} FROM {table} WHERE task_id = ANY($1)");
-                    sqlx::query(&sql)
-                        .bind(&ids)
-                        .fetch_all(conn)
-                        .await?
-                        .iter()
-                        .map(pg_row)
-                        .collect::<Result<Vec<_>, _>>()?
-                }
-                TxConnection::Sqlite(conn) => {
-                    // SQLite binds no arrays: the ids go in as one JSON array.
-                    let sql = format!(
-                        "SELECT {COLUMNS} FROM {table} \
-                         WHERE task_id IN (SELECT value FROM json_each(?))"
-                    );
-                    let ids = serde_json::to_string(&ids)
-                        .map_err(|e| ProjectionError::Apply(e.to_string()))?;
-                    sqlx::query(&sql)
-                        .bind(ids)
-                        .fetch_all(conn)
-                        .await?
-                        .iter()
-                        .map(sqlite_row)
-                        .collect::<Result<Vec<_>, _>>()?
-                }
-            };
-            rows.into_iter().map(|r| (r.task_id.clone(), r)).collect()
+            let rows = db
+                .fetch_all(&fill(sql.load, &table), &[ids.as_slice().into()])
+                .await?;
+            rows.iter()
+                .map(|row| task_row(row).map(|row| (row.task_id.clone(), row)))
+                .collect::<Result<_, _>>()?
         };
-        let rows = fold(known, events)?;
-        if rows.is_empty() {
-            return Ok(());
-        }
+        let rows = fold::fold(known, events)?;
         let results: Vec<Option<String>> = rows
             .iter()
             .map(|r| r.result.as_ref().map(Value::to_string))
             .collect();
-        match tx.connection() {
-            TxConnection::Postgres(conn) => {
-                let sql = format!(
-                    "INSERT INTO {table} ({COLUMNS}) \
-                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
-                                          $5::text[], $6::text[], $7::text[], $8::text[], \
-                                          $9::text[], $10::text[], $11::timestamptz[], \
-                                          $12::timestamptz[], $13::int8[]) \
-                     ON CONFLICT (task_id) DO UPDATE SET {UPSERT}"
-                );
-                let text = |f: fn(&TaskRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
-                let optional =
-                    |f: fn(&TaskRow) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
-                sqlx::query(&sql)
-                    .bind(text(|r| &r.task_id))
-                    .bind(text(|r| &r.status))
-                    .bind(optional(|r| r.workflow.as_deref()))
-                    .bind(optional(|r| r.run_id.as_deref()))
-                    .bind(text(|r| &r.requester_user))
-                    .bind(text(|r| &r.requester_channel))
-                    .bind(text(|r| &r.input))
-                    .bind(optional(|r| r.current_step.as_deref()))
-                    .bind(&results)
-                    .bind(optional(|r| r.error.as_deref()))
-                    .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-                    .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
-                    .bind(rows.iter().map(|r| r.created_position).collect::<Vec<_>>())
-                    .execute(conn)
-                    .await?;
-            }
-            TxConnection::Sqlite(conn) => {
-                let sql = format!(
-                    "INSERT INTO {table} ({COLUMNS}) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                     ON CONFLICT (task_id) DO UPDATE SET {UPSERT}"
-                );
-                for (row, result) in rows.iter().zip(&results) {
-                    sqlx::query(&sql)
-                        .bind(&row.task_id)
-                        .bind(&row.status)
-                        .bind(&row.workflow)
-                        .bind(&row.run_id)
-                        .bind(&row.requester_user)
-                        .bind(&row.requester_channel)
-                        .bind(&row.input)
-                        .bind(&row.current_step)
-                        .bind(result)
-                        .bind(&row.error)
-                        .bind(row.created_at.timestamp_micros())
-                        .bind(row.updated_at.timestamp_micros())
-                        .bind(row.created_position)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-            }
-        }
+        let values: Vec<[SqlValue; 13]> = rows
+            .iter()
+            .zip(&results)
+            .map(|(row, result)| {
+                [
+                    (&row.task_id).into(),
+                    (&row.status).into(),
+                    (&row.workflow).into(),
+                    (&row.run_id).into(),
+                    (&row.requester_user).into(),
+                    (&row.requester_channel).into(),
+                    (&row.input).into(),
+                    (&row.current_step).into(),
+                    result.into(),
+                    (&row.error).into(),
+                    row.created_at.into(),
+                    row.updated_at.into(),
+                    row.created_position.into(),
+                ]
+            })
+            .collect();
+        db.execute_rows(&fill(sql.upsert, &table), &values).await?;
         Ok(())
     }
 }
-
-/// The upsert's update: the folded row replaces the stored one (it was folded from it).
-const UPSERT: &str = "status = excluded.status, workflow = excluded.workflow, \
-                      run_id = excluded.run_id, requester_user = excluded.requester_user, \
-                      requester_channel = excluded.requester_channel, input = excluded.input, \
-                      current_step = excluded.current_step, result = excluded.result, \
-                      error = excluded.error, created_at = excluded.created_at, \
-                      updated_at = excluded.updated_at, created_position = excluded.created_position";
 
 /// The indexes of [`INDEXES`] that `existing` (the names of the table's indexes) lacks.
 ///
@@ -572,42 +332,21 @@ fn result_of(text: Option<String>) -> Result<Option<Value>, sqlx::Error> {
         .map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
-fn pg_row(row: &sqlx::postgres::PgRow) -> Result<TaskRow, sqlx::Error> {
+fn task_row(row: &Row) -> Result<TaskRow, sqlx::Error> {
     Ok(TaskRow {
-        task_id: row.try_get("task_id")?,
-        status: row.try_get("status")?,
-        workflow: row.try_get("workflow")?,
-        run_id: row.try_get("run_id")?,
-        requester_user: row.try_get("requester_user")?,
-        requester_channel: row.try_get("requester_channel")?,
-        input: row.try_get("input")?,
-        current_step: row.try_get("current_step")?,
-        result: result_of(row.try_get("result")?)?,
-        error: row.try_get("error")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        created_position: row.try_get("created_position")?,
-    })
-}
-
-fn sqlite_row(row: &sqlx::sqlite::SqliteRow) -> Result<TaskRow, sqlx::Error> {
-    let time = |column: &str| -> Result<DateTime<Utc>, sqlx::Error> {
-        Ok(DateTime::from_timestamp_micros(row.try_get(column)?).unwrap_or_default())
-    };
-    Ok(TaskRow {
-        task_id: row.try_get("task_id")?,
-        status: row.try_get("status")?,
-        workflow: row.try_get("workflow")?,
-        run_id: row.try_get("run_id")?,
-        requester_user: row.try_get("requester_user")?,
-        requester_channel: row.try_get("requester_channel")?,
-        input: row.try_get("input")?,
-        current_step: row.try_get("current_step")?,
-        result: result_of(row.try_get("result")?)?,
-        error: row.try_get("error")?,
-        created_at: time("created_at")?,
-        updated_at: time("updated_at")?,
-        created_position: row.try_get("created_position")?,
+        task_id: row.get("task_id")?,
+        status: row.get("status")?,
+        workflow: row.get("workflow")?,
+        run_id: row.get("run_id")?,
+        requester_user: row.get("requester_user")?,
+        requester_channel: row.get("requester_channel")?,
+        input: row.get("input")?,
+        current_step: row.get("current_step")?,
+        result: result_of(row.get("result")?)?,
+        error: row.get("error")?,
+        created_at: row.time("created_at")?,
+        updated_at: row.time("updated_at")?,
+        created_position: row.get("created_position")?,
     })
 }
 
@@ -644,45 +383,45 @@ fn decode_cursor(cursor: &str) -> Result<(i64, String), TaskViewError> {
     Ok((position, task_id))
 }
 
-/// Adds the query's filters, its cursor, the order and the limit (`limit` rows) to `sql`; every
-/// value is bound.
-fn push_query<'a, DB>(
-    sql: &mut QueryBuilder<'a, DB>,
+/// The statement of a page: the query's filters, its cursor (continue after `after`), the order
+/// and the limit (`limit` rows), with every value bound.
+fn page<'a>(
     query: &'a TaskQuery,
     after: Option<&'a (i64, String)>,
     limit: i64,
-) where
-    DB: sqlx::Database,
-    &'a String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
+) -> (String, Vec<SqlValue<'a>>) {
     let filters = [
         ("status", &query.status),
         ("workflow", &query.workflow),
         ("requester_user", &query.requester),
         ("requester_channel", &query.channel),
     ];
-    let mut first = true;
-    let mut and = |sql: &mut QueryBuilder<'a, DB>| {
-        sql.push(if first { " WHERE " } else { " AND " });
-        first = false;
-    };
+    let mut values: Vec<SqlValue<'a>> = Vec::new();
+    let mut conditions = Vec::new();
     for (column, value) in filters {
         if let Some(value) = value {
-            and(sql);
-            sql.push(column).push(" = ").push_bind(value);
+            values.push(value.into());
+            conditions.push(format!("{column} = ${}", values.len()));
         }
     }
     if let Some((position, task_id)) = after {
-        and(sql);
-        sql.push("(created_position, task_id) < (")
-            .push_bind(*position)
-            .push(", ")
-            .push_bind(task_id)
-            .push(")");
+        values.push((*position).into());
+        values.push(task_id.into());
+        let n = values.len();
+        conditions.push(format!("(created_position, task_id) < (${}, ${n})", n - 1));
     }
-    sql.push(" ORDER BY created_position DESC, task_id DESC LIMIT ")
-        .push_bind(limit);
+    let mut sql = fill("SELECT {columns} FROM {table}", TABLE);
+    if !conditions.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conditions.join(" AND "));
+    }
+    values.push(limit.into());
+    let _ = write!(
+        sql,
+        " ORDER BY created_position DESC, task_id DESC LIMIT ${}",
+        values.len()
+    );
+    (sql, values)
 }
 
 /// Tasks matching `query`, newest first (by the position of their creation), one page at a time.
@@ -693,30 +432,9 @@ pub async fn list_tasks(pool: &StorePool, query: &TaskQuery) -> Result<TaskPage,
     let limit = query.limit.clamp(1, MAX_LIMIT);
     let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
     // One row more than the page tells whether another page follows.
-    let fetch = limit as i64 + 1;
-    let select = format!("SELECT {COLUMNS} FROM {TABLE}");
-    let mut tasks = match pool {
-        StorePool::Postgres(pool) => {
-            let mut sql = QueryBuilder::<Postgres>::new(select);
-            push_query(&mut sql, query, after.as_ref(), fetch);
-            sql.build()
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(pg_row)
-                .collect::<Result<Vec<_>, _>>()?
-        }
-        StorePool::Sqlite(pool) => {
-            let mut sql = QueryBuilder::<Sqlite>::new(select);
-            push_query(&mut sql, query, after.as_ref(), fetch);
-            sql.build()
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(sqlite_row)
-                .collect::<Result<Vec<_>, _>>()?
-        }
-    };
+    let (sql, values) = page(query, after.as_ref(), limit as i64 + 1);
+    let rows = Db::from(pool).fetch_all(&sql, &values).await?;
+    let mut tasks = rows.iter().map(task_row).collect::<Result<Vec<_>, _>>()?;
     let next_cursor = if tasks.len() > limit {
         tasks.truncate(limit);
         tasks.last().map(encode_cursor)
@@ -731,33 +449,15 @@ pub async fn get_task_row(
     pool: &StorePool,
     task_id: &str,
 ) -> Result<Option<TaskRow>, TaskViewError> {
-    let row = match pool {
-        StorePool::Postgres(pool) => {
-            let sql = format!("SELECT {COLUMNS} FROM {TABLE} WHERE task_id = $1");
-            sqlx::query(&sql)
-                .bind(task_id)
-                .fetch_optional(pool)
-                .await?
-                .as_ref()
-                .map(pg_row)
-                .transpose()?
-        }
-        StorePool::Sqlite(pool) => {
-            let sql = format!("SELECT {COLUMNS} FROM {TABLE} WHERE task_id = ?");
-            sqlx::query(&sql)
-                .bind(task_id)
-                .fetch_optional(pool)
-                .await?
-                .as_ref()
-                .map(sqlite_row)
-                .transpose()?
-        }
-    };
-    Ok(row)
+    let row = Db::from(pool)
+        .fetch_optional(&fill(GET, TABLE), &[task_id.into()])
+        .await?;
+    Ok(row.as_ref().map(task_row).transpose()?)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::fold::{RUN_END_EVENTS, STEP_EVENTS};
     use super::*;
 
     #[test]

@@ -1,13 +1,16 @@
 //! Checkpoints of projections and process managers: position, status, failure, and the lease that
-//! lets one runner at a time (across processes) drive each of them. All checkpoint SQL is here.
+//! lets one runner at a time (across processes) drive each of them. All checkpoint SQL is here:
+//! each statement once per dialect (in `SQL`, or one const where both dialects read alike), and
+//! each operation once, run by [`crate::store::sql::Db`], which binds and reads times and lease
+//! lengths as each store keeps them.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::Row;
 
 use crate::log::{Position, TxConnection};
+use crate::store::sql::{Db, Dialects, Row};
 use crate::store::StorePool;
 
 /// Whether a projection follows the log.
@@ -57,113 +60,110 @@ pub struct Checkpoint {
     pub rebuild_error: Option<String>,
 }
 
-fn micros(at: DateTime<Utc>) -> i64 {
-    at.timestamp_micros()
+/// The checkpoint statements of one dialect. On SQLite the current time is the parameter after a
+/// statement's own (see [`crate::store::sql`]).
+struct Statements {
+    acquire: &'static str,
+    advance: &'static str,
+    claim_rebuild: &'static str,
+    beat_rebuild: &'static str,
+    end_rebuild: &'static str,
+    set_status: &'static str,
+    reset: &'static str,
 }
 
-fn from_micros(us: Option<i64>) -> Option<DateTime<Utc>> {
-    us.and_then(DateTime::from_timestamp_micros)
-}
+// The statements that read the same in both dialects.
+const ENSURE: &str = "INSERT INTO checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING";
+const LOAD: &str = "SELECT name, position, events_applied, last_event_at, status, error, \
+                    failed_position, owner, lease_expires_at, rebuild_owner, rebuild_error \
+                    FROM checkpoints WHERE name = $1";
+const LIST: &str = "SELECT name, position, events_applied, last_event_at, status, error, \
+                    failed_position, owner, lease_expires_at, rebuild_owner, rebuild_error \
+                    FROM checkpoints ORDER BY name";
+const RELEASE: &str = "UPDATE checkpoints SET owner = NULL, lease_expires_at = NULL \
+                       WHERE name = $1 AND owner = $2";
 
-const COLUMNS: &str = "name, position, events_applied, last_event_at, status, error, \
-                       failed_position, owner, lease_expires_at, rebuild_owner, rebuild_error";
+const SQL: Dialects<Statements> = Dialects {
+    postgres: Statements {
+        acquire: "UPDATE checkpoints SET owner = $2, \
+                  lease_expires_at = now() + make_interval(secs => $3), updated_at = now() \
+                  WHERE name = $1 AND (owner IS NULL OR owner = $2 OR lease_expires_at < now())",
+        advance: "UPDATE checkpoints SET position = $3, events_applied = events_applied + $4, \
+                  last_event_at = COALESCE($5, last_event_at), updated_at = now() \
+                  WHERE name = $1 AND owner = $2 AND status = 'running'",
+        claim_rebuild: "UPDATE checkpoints SET rebuild_owner = $2, rebuild_heartbeat = now(), \
+                        rebuild_error = NULL, updated_at = now() \
+                        WHERE name = $1 AND (rebuild_owner IS NULL \
+                              OR rebuild_heartbeat < now() - make_interval(secs => $3))",
+        beat_rebuild: "UPDATE checkpoints SET rebuild_heartbeat = now() \
+                       WHERE name = $1 AND rebuild_owner = $2",
+        end_rebuild: "UPDATE checkpoints SET rebuild_owner = NULL, rebuild_heartbeat = NULL, \
+                      rebuild_error = $3, updated_at = now() \
+                      WHERE name = $1 AND rebuild_owner = $2",
+        set_status: "UPDATE checkpoints SET status = $2, failed_position = $3, error = $4, \
+                     updated_at = now() WHERE name = $1",
+        reset: "UPDATE checkpoints SET position = $2, events_applied = $3, last_event_at = $4, \
+                status = 'running', error = NULL, failed_position = NULL, updated_at = now() \
+                WHERE name = $1",
+    },
+    sqlite: Statements {
+        acquire: "UPDATE checkpoints SET owner = $2, lease_expires_at = $4 + $3, updated_at = $4 \
+                  WHERE name = $1 AND (owner IS NULL OR owner = $2 OR lease_expires_at < $4)",
+        advance: "UPDATE checkpoints SET position = $3, events_applied = events_applied + $4, \
+                  last_event_at = COALESCE($5, last_event_at), updated_at = $6 \
+                  WHERE name = $1 AND owner = $2 AND status = 'running'",
+        claim_rebuild: "UPDATE checkpoints SET rebuild_owner = $2, rebuild_heartbeat = $4, \
+                        rebuild_error = NULL, updated_at = $4 \
+                        WHERE name = $1 AND (rebuild_owner IS NULL OR rebuild_heartbeat < $4 - $3)",
+        beat_rebuild: "UPDATE checkpoints SET rebuild_heartbeat = $3 \
+                       WHERE name = $1 AND rebuild_owner = $2",
+        end_rebuild: "UPDATE checkpoints SET rebuild_owner = NULL, rebuild_heartbeat = NULL, \
+                      rebuild_error = $3, updated_at = $4 WHERE name = $1 AND rebuild_owner = $2",
+        set_status: "UPDATE checkpoints SET status = $2, failed_position = $3, error = $4, \
+                     updated_at = $5 WHERE name = $1",
+        reset: "UPDATE checkpoints SET position = $2, events_applied = $3, last_event_at = $4, \
+                status = 'running', error = NULL, failed_position = NULL, updated_at = $5 \
+                WHERE name = $1",
+    },
+};
 
-fn from_pg(row: &sqlx::postgres::PgRow) -> Result<Checkpoint, sqlx::Error> {
+// PostgreSQL only: the holds of `hold` and `unhold`.
+const HOLD: &str = "SELECT pg_try_advisory_lock($1, hashtext($2))";
+const NAME_HOLDER: &str = "UPDATE checkpoints SET owner = $2, lease_expires_at = NULL, \
+                           updated_at = now() WHERE name = $1";
+const UNNAME_HOLDER: &str = "UPDATE checkpoints SET owner = NULL WHERE name = $1 AND owner = $2";
+const UNHOLD: &str = "SELECT pg_advisory_unlock($1, hashtext($2))";
+
+fn checkpoint(row: &Row) -> Result<Checkpoint, sqlx::Error> {
     Ok(Checkpoint {
-        name: row.try_get("name")?,
-        position: Position(row.try_get("position")?),
-        events_applied: row.try_get("events_applied")?,
-        last_event_at: row.try_get("last_event_at")?,
-        status: Status::parse(row.try_get("status")?),
-        error: row.try_get("error")?,
-        failed_position: row
-            .try_get::<Option<i64>, _>("failed_position")?
-            .map(Position),
-        owner: row.try_get("owner")?,
-        lease_expires_at: row.try_get("lease_expires_at")?,
-        rebuild_owner: row.try_get("rebuild_owner")?,
-        rebuild_error: row.try_get("rebuild_error")?,
-    })
-}
-
-fn from_sqlite(row: &sqlx::sqlite::SqliteRow) -> Result<Checkpoint, sqlx::Error> {
-    Ok(Checkpoint {
-        name: row.try_get("name")?,
-        position: Position(row.try_get("position")?),
-        events_applied: row.try_get("events_applied")?,
-        last_event_at: from_micros(row.try_get("last_event_at")?),
-        status: Status::parse(row.try_get("status")?),
-        error: row.try_get("error")?,
-        failed_position: row
-            .try_get::<Option<i64>, _>("failed_position")?
-            .map(Position),
-        owner: row.try_get("owner")?,
-        lease_expires_at: from_micros(row.try_get("lease_expires_at")?),
-        rebuild_owner: row.try_get("rebuild_owner")?,
-        rebuild_error: row.try_get("rebuild_error")?,
+        name: row.get("name")?,
+        position: Position(row.get("position")?),
+        events_applied: row.get("events_applied")?,
+        last_event_at: row.optional_time("last_event_at")?,
+        status: Status::parse(&row.get::<String>("status")?),
+        error: row.get("error")?,
+        failed_position: row.get::<Option<i64>>("failed_position")?.map(Position),
+        owner: row.get("owner")?,
+        lease_expires_at: row.optional_time("lease_expires_at")?,
+        rebuild_owner: row.get("rebuild_owner")?,
+        rebuild_error: row.get("rebuild_error")?,
     })
 }
 
 /// Creates the checkpoint if missing.
 pub async fn ensure(pool: &StorePool, name: &str) -> Result<(), sqlx::Error> {
-    match pool {
-        StorePool::Postgres(pool) => {
-            sqlx::query("INSERT INTO checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
-                .bind(name)
-                .execute(pool)
-                .await?;
-        }
-        StorePool::Sqlite(pool) => {
-            sqlx::query("INSERT INTO checkpoints (name) VALUES (?) ON CONFLICT DO NOTHING")
-                .bind(name)
-                .execute(pool)
-                .await?;
-        }
-    }
+    Db::from(pool).execute(ENSURE, &[name.into()]).await?;
     Ok(())
 }
 
 pub async fn load(pool: &StorePool, name: &str) -> Result<Option<Checkpoint>, sqlx::Error> {
-    match pool {
-        StorePool::Postgres(pool) => {
-            let sql = format!("SELECT {COLUMNS} FROM checkpoints WHERE name = $1");
-            sqlx::query(&sql)
-                .bind(name)
-                .fetch_optional(pool)
-                .await?
-                .as_ref()
-                .map(from_pg)
-                .transpose()
-        }
-        StorePool::Sqlite(pool) => {
-            let sql = format!("SELECT {COLUMNS} FROM checkpoints WHERE name = ?");
-            sqlx::query(&sql)
-                .bind(name)
-                .fetch_optional(pool)
-                .await?
-                .as_ref()
-                .map(from_sqlite)
-                .transpose()
-        }
-    }
+    let row = Db::from(pool).fetch_optional(LOAD, &[name.into()]).await?;
+    row.as_ref().map(checkpoint).transpose()
 }
 
 pub async fn list(pool: &StorePool) -> Result<Vec<Checkpoint>, sqlx::Error> {
-    let sql = format!("SELECT {COLUMNS} FROM checkpoints ORDER BY name");
-    match pool {
-        StorePool::Postgres(pool) => sqlx::query(&sql)
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(from_pg)
-            .collect(),
-        StorePool::Sqlite(pool) => sqlx::query(&sql)
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(from_sqlite)
-            .collect(),
-    }
+    let rows = Db::from(pool).fetch_all(LIST, &[]).await?;
+    rows.iter().map(checkpoint).collect()
 }
 
 /// Takes or renews the lease of `name` for `owner`; false when another live owner holds it.
@@ -173,34 +173,9 @@ pub async fn acquire(
     owner: &str,
     lease: Duration,
 ) -> Result<bool, sqlx::Error> {
-    let taken = match pool {
-        StorePool::Postgres(pool) => sqlx::query(
-            "UPDATE checkpoints SET owner = $2, lease_expires_at = now() + make_interval(secs => $3), \
-             updated_at = now() \
-             WHERE name = $1 AND (owner IS NULL OR owner = $2 OR lease_expires_at < now())",
-        )
-        .bind(name)
-        .bind(owner)
-        .bind(lease.as_secs_f64())
-        .execute(pool)
-        .await?
-        .rows_affected(),
-        StorePool::Sqlite(pool) => {
-            let now = micros(Utc::now());
-            sqlx::query(
-                "UPDATE checkpoints SET owner = ?2, lease_expires_at = ?3, updated_at = ?4 \
-                 WHERE name = ?1 AND (owner IS NULL OR owner = ?2 OR lease_expires_at < ?4)",
-            )
-            .bind(name)
-            .bind(owner)
-            .bind(now + lease.as_micros() as i64)
-            .bind(now)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        }
-    };
-    Ok(taken == 1)
+    let mut db = Db::from(pool);
+    let values = [name.into(), owner.into(), lease.into()];
+    Ok(db.execute(db.pick(&SQL).acquire, &values).await? == 1)
 }
 
 /// The class of the session advisory locks that hold projections (`'SPrj'` as an int4); the
@@ -215,20 +190,17 @@ pub async fn hold(
     name: &str,
     owner: &str,
 ) -> Result<bool, sqlx::Error> {
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+    let locked: bool = sqlx::query_scalar(HOLD)
         .bind(HOLD_CLASS)
         .bind(name)
         .fetch_one(&mut *conn)
         .await?;
     if locked {
-        sqlx::query(
-            "UPDATE checkpoints SET owner = $2, lease_expires_at = NULL, updated_at = now() \
-             WHERE name = $1",
-        )
-        .bind(name)
-        .bind(owner)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(NAME_HOLDER)
+            .bind(name)
+            .bind(owner)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(locked)
 }
@@ -239,12 +211,12 @@ pub async fn unhold(
     name: &str,
     owner: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE checkpoints SET owner = NULL WHERE name = $1 AND owner = $2")
+    sqlx::query(UNNAME_HOLDER)
         .bind(name)
         .bind(owner)
         .execute(&mut *conn)
         .await?;
-    sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+    sqlx::query(UNHOLD)
         .bind(HOLD_CLASS)
         .bind(name)
         .execute(&mut *conn)
@@ -254,22 +226,9 @@ pub async fn unhold(
 
 /// Gives the lease up.
 pub async fn release(pool: &StorePool, name: &str, owner: &str) -> Result<(), sqlx::Error> {
-    match pool {
-        StorePool::Postgres(pool) => {
-            sqlx::query("UPDATE checkpoints SET owner = NULL, lease_expires_at = NULL WHERE name = $1 AND owner = $2")
-                .bind(name)
-                .bind(owner)
-                .execute(pool)
-                .await?;
-        }
-        StorePool::Sqlite(pool) => {
-            sqlx::query("UPDATE checkpoints SET owner = NULL, lease_expires_at = NULL WHERE name = ? AND owner = ?")
-                .bind(name)
-                .bind(owner)
-                .execute(pool)
-                .await?;
-        }
-    }
+    Db::from(pool)
+        .execute(RELEASE, &[name.into(), owner.into()])
+        .await?;
     Ok(())
 }
 
@@ -283,36 +242,15 @@ pub async fn advance(
     applied: i64,
     last_event_at: Option<DateTime<Utc>>,
 ) -> Result<bool, sqlx::Error> {
-    let moved = match conn {
-        TxConnection::Postgres(conn) => sqlx::query(
-            "UPDATE checkpoints SET position = $3, events_applied = events_applied + $4, \
-             last_event_at = COALESCE($5, last_event_at), updated_at = now() \
-             WHERE name = $1 AND owner = $2 AND status = 'running'",
-        )
-        .bind(name)
-        .bind(owner)
-        .bind(position.0)
-        .bind(applied)
-        .bind(last_event_at)
-        .execute(conn)
-        .await?
-        .rows_affected(),
-        TxConnection::Sqlite(conn) => sqlx::query(
-            "UPDATE checkpoints SET position = ?3, events_applied = events_applied + ?4, \
-             last_event_at = COALESCE(?5, last_event_at), updated_at = ?6 \
-             WHERE name = ?1 AND owner = ?2 AND status = 'running'",
-        )
-        .bind(name)
-        .bind(owner)
-        .bind(position.0)
-        .bind(applied)
-        .bind(last_event_at.map(micros))
-        .bind(micros(Utc::now()))
-        .execute(conn)
-        .await?
-        .rows_affected(),
-    };
-    Ok(moved == 1)
+    let mut db = Db::from(conn);
+    let values = [
+        name.into(),
+        owner.into(),
+        position.0.into(),
+        applied.into(),
+        last_event_at.into(),
+    ];
+    Ok(db.execute(db.pick(&SQL).advance, &values).await? == 1)
 }
 
 /// Claims the rebuild of `name` for `owner`: false when another rebuild is under way, that is,
@@ -324,63 +262,16 @@ pub async fn claim_rebuild(
     owner: &str,
     stale_after: Duration,
 ) -> Result<bool, sqlx::Error> {
-    let claimed = match pool {
-        StorePool::Postgres(pool) => sqlx::query(
-            "UPDATE checkpoints SET rebuild_owner = $2, rebuild_heartbeat = now(), \
-             rebuild_error = NULL, updated_at = now() \
-             WHERE name = $1 AND (rebuild_owner IS NULL \
-                   OR rebuild_heartbeat < now() - make_interval(secs => $3))",
-        )
-        .bind(name)
-        .bind(owner)
-        .bind(stale_after.as_secs_f64())
-        .execute(pool)
-        .await?
-        .rows_affected(),
-        StorePool::Sqlite(pool) => {
-            let now = micros(Utc::now());
-            sqlx::query(
-                "UPDATE checkpoints SET rebuild_owner = ?2, rebuild_heartbeat = ?3, \
-                 rebuild_error = NULL, updated_at = ?3 \
-                 WHERE name = ?1 AND (rebuild_owner IS NULL OR rebuild_heartbeat < ?4)",
-            )
-            .bind(name)
-            .bind(owner)
-            .bind(now)
-            .bind(now - stale_after.as_micros() as i64)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        }
-    };
-    Ok(claimed == 1)
+    let mut db = Db::from(pool);
+    let values = [name.into(), owner.into(), stale_after.into()];
+    Ok(db.execute(db.pick(&SQL).claim_rebuild, &values).await? == 1)
 }
 
 /// Tells that the rebuild of `name` by `owner` is still alive.
 pub async fn beat_rebuild(pool: &StorePool, name: &str, owner: &str) -> Result<(), sqlx::Error> {
-    match pool {
-        StorePool::Postgres(pool) => {
-            sqlx::query(
-                "UPDATE checkpoints SET rebuild_heartbeat = now() \
-                 WHERE name = $1 AND rebuild_owner = $2",
-            )
-            .bind(name)
-            .bind(owner)
-            .execute(pool)
-            .await?;
-        }
-        StorePool::Sqlite(pool) => {
-            sqlx::query(
-                "UPDATE checkpoints SET rebuild_heartbeat = ?3 \
-                 WHERE name = ?1 AND rebuild_owner = ?2",
-            )
-            .bind(name)
-            .bind(owner)
-            .bind(micros(Utc::now()))
-            .execute(pool)
-            .await?;
-        }
-    }
+    let mut db = Db::from(pool);
+    db.execute(db.pick(&SQL).beat_rebuild, &[name.into(), owner.into()])
+        .await?;
     Ok(())
 }
 
@@ -391,31 +282,9 @@ pub async fn end_rebuild(
     owner: &str,
     error: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    match pool {
-        StorePool::Postgres(pool) => {
-            sqlx::query(
-                "UPDATE checkpoints SET rebuild_owner = NULL, rebuild_heartbeat = NULL, \
-                 rebuild_error = $3, updated_at = now() WHERE name = $1 AND rebuild_owner = $2",
-            )
-            .bind(name)
-            .bind(owner)
-            .bind(error)
-            .execute(pool)
-            .await?;
-        }
-        StorePool::Sqlite(pool) => {
-            sqlx::query(
-                "UPDATE checkpoints SET rebuild_owner = NULL, rebuild_heartbeat = NULL, \
-                 rebuild_error = ?3, updated_at = ?4 WHERE name = ?1 AND rebuild_owner = ?2",
-            )
-            .bind(name)
-            .bind(owner)
-            .bind(error)
-            .bind(micros(Utc::now()))
-            .execute(pool)
-            .await?;
-        }
-    }
+    let mut db = Db::from(pool);
+    let values = [name.into(), owner.into(), error.into()];
+    db.execute(db.pick(&SQL).end_rebuild, &values).await?;
     Ok(())
 }
 
@@ -430,33 +299,14 @@ pub async fn set_status(
         Some((p, e)) => (Some(p.0), Some(e)),
         None => (None, None),
     };
-    match pool {
-        StorePool::Postgres(pool) => {
-            sqlx::query(
-                "UPDATE checkpoints SET status = $2, failed_position = $3, error = $4, updated_at = now() \
-                 WHERE name = $1",
-            )
-            .bind(name)
-            .bind(status.as_str())
-            .bind(position)
-            .bind(error)
-            .execute(pool)
-            .await?;
-        }
-        StorePool::Sqlite(pool) => {
-            sqlx::query(
-                "UPDATE checkpoints SET status = ?2, failed_position = ?3, error = ?4, updated_at = ?5 \
-                 WHERE name = ?1",
-            )
-            .bind(name)
-            .bind(status.as_str())
-            .bind(position)
-            .bind(error)
-            .bind(micros(Utc::now()))
-            .execute(pool)
-            .await?;
-        }
-    }
+    let mut db = Db::from(pool);
+    let values = [
+        name.into(),
+        status.as_str().into(),
+        position.into(),
+        error.into(),
+    ];
+    db.execute(db.pick(&SQL).set_status, &values).await?;
     Ok(())
 }
 
@@ -468,34 +318,13 @@ pub async fn reset(
     applied: i64,
     last_event_at: Option<DateTime<Utc>>,
 ) -> Result<(), sqlx::Error> {
-    match conn {
-        TxConnection::Postgres(conn) => {
-            sqlx::query(
-                "UPDATE checkpoints SET position = $2, events_applied = $3, last_event_at = $4, \
-                 status = 'running', error = NULL, failed_position = NULL, updated_at = now() \
-                 WHERE name = $1",
-            )
-            .bind(name)
-            .bind(position.0)
-            .bind(applied)
-            .bind(last_event_at)
-            .execute(conn)
-            .await?;
-        }
-        TxConnection::Sqlite(conn) => {
-            sqlx::query(
-                "UPDATE checkpoints SET position = ?2, events_applied = ?3, last_event_at = ?4, \
-                 status = 'running', error = NULL, failed_position = NULL, updated_at = ?5 \
-                 WHERE name = ?1",
-            )
-            .bind(name)
-            .bind(position.0)
-            .bind(applied)
-            .bind(last_event_at.map(micros))
-            .bind(micros(Utc::now()))
-            .execute(conn)
-            .await?;
-        }
-    }
+    let mut db = Db::from(conn);
+    let values = [
+        name.into(),
+        position.0.into(),
+        applied.into(),
+        last_event_at.into(),
+    ];
+    db.execute(db.pick(&SQL).reset, &values).await?;
     Ok(())
 }

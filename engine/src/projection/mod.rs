@@ -27,9 +27,9 @@ pub use checkpoint::{Checkpoint, Status};
 
 use crate::log::{
     AppendRequest, EventLog, LogError, LogTransaction, NewEvent, Position, RecordedEvent, StreamId,
-    TxConnection,
 };
 use crate::metadata::CommandMeta;
+use crate::store::sql::Db;
 use crate::store::{Store, StorePool};
 
 /// The table names a projection writes to: its base names, or fresh copies during a rebuild.
@@ -638,10 +638,10 @@ fn relevant(projection: &dyn Projection, events: &[RecordedEvent]) -> Vec<Record
 }
 
 async fn execute(tx: &mut dyn LogTransaction, sql: &str) -> Result<(), sqlx::Error> {
-    match tx.connection() {
-        TxConnection::Postgres(conn) => sqlx::query(sql).execute(conn).await.map(|_| ()),
-        TxConnection::Sqlite(conn) => sqlx::query(sql).execute(conn).await.map(|_| ()),
-    }
+    Db::from(tx.connection())
+        .execute(sql, &[])
+        .await
+        .map(|_| ())
 }
 
 async fn drop_tables(

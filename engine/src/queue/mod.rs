@@ -349,6 +349,27 @@ pub(crate) fn validate(jobs: &[NewJob]) -> Result<(), QueueError> {
     Ok(())
 }
 
+/// How many jobs each queue holds in each state; the same statement on both stores.
+pub(crate) const DEPTH: &str =
+    "SELECT queue, state, count(*) AS jobs FROM jobs GROUP BY queue, state";
+
+/// The rows of [`DEPTH`] (queue, state, jobs), their states parsed.
+pub(crate) fn depth_of(
+    rows: Vec<(String, String, i64)>,
+) -> Result<Vec<(String, JobState, i64)>, QueueError> {
+    rows.into_iter()
+        .map(|(queue, state, jobs)| {
+            let state = state
+                .parse::<JobState>()
+                .map_err(|reason| QueueError::Corrupt {
+                    id: "depth".into(),
+                    reason,
+                })?;
+            Ok((queue, state, jobs))
+        })
+        .collect()
+}
+
 /// Why an operation found no job in the state it needs: missing, or in which state.
 pub(crate) async fn refusal(queue: &dyn JobQueue, id: Uuid, action: &'static str) -> QueueError {
     match queue.get(id).await {

@@ -393,22 +393,7 @@ impl JobQueue for PgJobQueue {
     }
 
     async fn depth(&self) -> Result<Vec<(String, JobState, i64)>, QueueError> {
-        let rows =
-            sqlx::query("SELECT queue, state, count(*) AS jobs FROM jobs GROUP BY queue, state")
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|row| {
-                let state: String = row.try_get("state")?;
-                let state = state
-                    .parse::<JobState>()
-                    .map_err(|reason| QueueError::Corrupt {
-                        id: "depth".into(),
-                        reason,
-                    })?;
-                Ok((row.try_get("queue")?, state, row.try_get("jobs")?))
-            })
-            .collect()
+        super::depth_of(sqlx::query_as(super::DEPTH).fetch_all(&self.pool).await?)
     }
 
     async fn cancel_keyed(&self, keys: &[String]) -> Result<Vec<Job>, QueueError> {
