@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -22,10 +22,10 @@ use serde::Deserialize;
 use stele_engine::{EventLog, LogError, RecordedEvent, StreamId};
 use utoipa::IntoParams;
 
-use super::{CanRead, StrictQuery};
-use crate::problem::{ApiError, Problem};
+use super::{parse_id, ApiPath, CanRead, StrictQuery};
+use crate::problem::{ApiError, Code, Problem};
 use crate::state::AppState;
-use crate::wire::EventBody;
+use crate::wire::{EventBody, SseStream};
 
 /// Where to resume from.
 #[derive(Clone, Debug, Default, Deserialize, IntoParams)]
@@ -33,8 +33,33 @@ use crate::wire::EventBody;
 #[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// A cursor from an earlier event (`Last-Event-ID` takes precedence); from the start when
-    /// absent.
+    /// absent or empty.
+    #[param(pattern = r"^([0-9]{1,18}(-[0-9]{1,18})*)?$")]
     pub after: Option<String>,
+}
+
+/// A cursor: the last sequence delivered of each stream. Exactly the document's form,
+/// `^([0-9]{1,18}(-[0-9]{1,18})*)?$` (1 to 18 digits, no sign, per stream); empty means from the
+/// start.
+pub fn parse_cursor(cursor: &str) -> Result<Vec<i64>, ApiError> {
+    if cursor.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sequence = |part: &str| {
+        ((1..=18).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| part.parse::<i64>().ok())
+            .flatten()
+    };
+    cursor
+        .split('-')
+        .map(sequence)
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            ApiError::new(
+                Code::InvalidCursor,
+                format!("{cursor:?} is not a cursor from this task's stream"),
+            )
+        })
 }
 
 /// Follows one task's streams.
@@ -48,32 +73,16 @@ pub struct Follower {
 }
 
 impl Follower {
-    pub fn new(
-        log: Arc<dyn EventLog>,
-        task_id: &str,
-        cursor: Option<&str>,
-    ) -> Result<Self, ApiError> {
-        let delivered = match cursor.filter(|c| !c.is_empty()) {
-            None => Vec::new(),
-            Some(cursor) => cursor
-                .split('-')
-                .map(|part| part.parse::<i64>().ok().filter(|n| *n >= 0))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_cursor",
-                        format!("{cursor:?} is not a cursor from this task's stream"),
-                    )
-                })?,
-        };
-        Ok(Self {
+    /// Follows `task_id` after `delivered` (a [`parse_cursor`] result; empty: from the start).
+    pub fn new(log: Arc<dyn EventLog>, task_id: &str, delivered: Vec<i64>) -> Self {
+        Self {
             log,
             streams: vec![StreamId::new("task", task_id)],
             read: vec![0],
             delivered,
             task_done: false,
             run_done: false,
-        })
+        }
     }
 
     fn cursor(&self) -> String {
@@ -188,13 +197,28 @@ async fn start(
     headers: &HeaderMap,
     query: StreamQuery,
 ) -> Result<Follower, ApiError> {
-    state.runtime.task(id).await?;
-    let cursor = headers
+    let id = parse_id("task", id)?.to_string();
+    state.runtime.task(&id).await?;
+    // Both are checked; `Last-Event-ID` (what a reconnecting browser sends) wins.
+    let after = query.after.as_deref().map(parse_cursor).transpose()?;
+    let header = headers
         .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(query.after);
-    Follower::new(state.log.clone(), id, cursor.as_deref())
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::new(
+                        Code::InvalidCursor,
+                        "Last-Event-ID is not a cursor from this task's stream",
+                    )
+                })
+                .and_then(parse_cursor)
+        })
+        .transpose()?;
+    Ok(Follower::new(
+        state.log.clone(),
+        &id,
+        header.or(after).unwrap_or_default(),
+    ))
 }
 
 /// Follow a task's progress as Server-Sent Events.
@@ -204,22 +228,20 @@ async fn start(
 /// event when the task and its run are finished.
 #[utoipa::path(
     get, path = "/v1/tasks/{id}/stream", tag = "tasks",
-    params(("id" = String, Path, description = "The task's id"), StreamQuery,
-           ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
+    params(("id" = Uuid, Path, description = "The task's id"), StreamQuery,
+           ("Last-Event-ID" = Option<String>, Header, pattern = r"^([0-9]{1,18}(-[0-9]{1,18})*)?$",
+            description = "Resume after this event (an event's `id`)")),
     responses(
-        (status = 200, description = "The task's events, then live ones", content_type = "text/event-stream", body = String),
-        (status = 400, description = "Invalid cursor", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The task's events, then live ones, until the task and its run are finished", content_type = "text/event-stream", body = SseStream),
+        (status = 400, description = "`invalid_cursor`; `invalid_id`: not a task id (a UUID); `invalid_query`, `invalid_character`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`task_not_found`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:read"]))
 )]
 pub async fn sse(
     State(state): State<AppState>,
     _caller: CanRead,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     StrictQuery(query): StrictQuery<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
@@ -252,27 +274,28 @@ pub async fn sse(
 /// task and its run are finished. Resume with `?after=<cursor>`.
 #[utoipa::path(
     get, path = "/v1/tasks/{id}/ws", tag = "tasks",
-    params(("id" = String, Path, description = "The task's id"), StreamQuery),
+    params(("id" = Uuid, Path, description = "The task's id"), StreamQuery,
+           ("Connection" = String, Header, pattern = "[Uu][Pp][Gg][Rr][Aa][Dd][Ee]", description = "The WebSocket handshake (RFC 6455): holds `upgrade` (any case)"),
+           ("Upgrade" = String, Header, pattern = "^[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]$", description = "The WebSocket handshake: `websocket` (any case)"),
+           ("Sec-WebSocket-Version" = String, Header, pattern = "^13$", description = "The WebSocket handshake: `13`"),
+           ("Sec-WebSocket-Key" = String, Header, description = "The WebSocket handshake: a base64 nonce")),
     responses(
         (status = 101, description = "Switching to WebSocket"),
-        (status = 400, description = "Invalid cursor, or not a WebSocket request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`not_websocket`: not a WebSocket handshake; `invalid_cursor`; `invalid_id`: not a task id (a UUID); `invalid_query`, `invalid_character`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`task_not_found`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:read"]))
 )]
 pub async fn ws(
     State(state): State<AppState>,
     _caller: CanRead,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     StrictQuery(query): StrictQuery<StreamQuery>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let follower = start(&state, &id, &headers, query).await?;
-    let upgrade = upgrade.map_err(|e| ApiError::bad_request("not_websocket", e.body_text()))?;
+    let upgrade = upgrade.map_err(|e| ApiError::new(Code::NotWebsocket, e.body_text()))?;
     let log = state.log.clone();
     Ok(upgrade
         .on_upgrade(move |socket| send_events(socket, log, follower))
