@@ -90,16 +90,20 @@ pub struct RequesterBody {
 /// A task, with its run's progress.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct TaskBody {
+    /// The task's id (its URL is `/v1/tasks/{id}`).
     #[schema(format = Uuid)]
     pub id: String,
     /// pending, routing, executing, completed, failed or cancelled.
     pub status: String,
     pub input: String,
+    /// The workflow asked for, then the one the task was routed to.
     pub workflow: Option<String>,
     pub requester: Option<RequesterBody>,
     /// What the task produced once completed: any JSON value (often a string).
     pub result: Option<Value>,
+    /// Why the task failed, or the reason it was cancelled.
     pub error: Option<String>,
+    /// The task's workflow run, once it has started.
     pub run: Option<RunBody>,
 }
 
@@ -108,6 +112,7 @@ pub struct TaskBody {
 pub struct RunBody {
     pub id: String,
     pub workflow: String,
+    /// The definition's version the run keeps to.
     pub version: u32,
     /// running, completed, failed or cancelled.
     pub status: String,
@@ -125,9 +130,11 @@ pub struct StepBody {
     pub id: String,
     /// scheduled, waiting, sleeping, joining, completed, failed or skipped.
     pub status: String,
+    /// The attempt the step is at, from 1.
     pub attempt: u32,
     /// What the step produced: any JSON value (often a string).
     pub output: Option<Value>,
+    /// Why the step's last attempt failed.
     pub error: Option<String>,
 }
 

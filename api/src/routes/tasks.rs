@@ -5,6 +5,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use stele_aggregates::task::Requester;
+use stele_aggregates::workflow_run::RunStatus;
 use stele_engine::CommandMeta;
 use stele_workflows::runtime::TaskView;
 use uuid::Uuid;
@@ -54,30 +55,35 @@ pub fn body(view: &TaskView) -> TaskBody {
         }),
         result: view.task.result.clone(),
         error: view.task.error.clone(),
-        run: view.run.as_ref().map(|run| RunBody {
-            id: run.run_id.clone(),
-            workflow: run.workflow.clone(),
-            version: run.version,
-            status: run.status.as_str().to_owned(),
-            current_step: run.current.clone(),
-            steps: run
-                .path
-                .iter()
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .filter_map(|id| {
-                    let step = run.step(id)?;
-                    Some(StepBody {
-                        id: id.clone(),
-                        status: format!("{:?}", step.status).to_lowercase(),
-                        attempt: step.attempt.max(1),
-                        output: step.output.clone(),
-                        error: step.error.clone(),
+        // A run the task was routed to that has not started yet holds nothing to show.
+        run: view
+            .run
+            .as_ref()
+            .filter(|run| run.status != RunStatus::New)
+            .map(|run| RunBody {
+                id: run.run_id.clone(),
+                workflow: run.workflow.clone(),
+                version: run.version,
+                status: run.status.as_str().to_owned(),
+                current_step: run.current.clone(),
+                steps: run
+                    .path
+                    .iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .filter_map(|id| {
+                        let step = run.step(id)?;
+                        Some(StepBody {
+                            id: id.clone(),
+                            status: format!("{:?}", step.status).to_lowercase(),
+                            attempt: step.attempt.max(1),
+                            output: step.output.clone(),
+                            error: step.error.clone(),
+                        })
                     })
-                })
-                .collect(),
-            replies: run.replies.clone(),
-        }),
+                    .collect(),
+                replies: run.replies.clone(),
+            }),
     }
 }
 
