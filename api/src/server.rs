@@ -43,7 +43,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         version = "1.0.0",
         description = "Tasks, workflow runs and their live progress; operators' views of the log, jobs and projections. \
 Every route but `/health/*` needs an API key (`Authorization: Bearer <key>` or `X-Api-Key`) with the route's scope. \
-Errors are `application/problem+json` with a stable `code`.",
+Errors are `application/problem+json` with a stable `code`; each response lists the codes it may carry. \
+Text never holds a NUL character (U+0000), which Stele does not store: it is refused in paths, queries and bodies.",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     modifiers(&Security),
