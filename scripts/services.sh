@@ -3,7 +3,8 @@
 # scripts/services.sh — provision the external services the Stele test suite needs.
 #
 #   source scripts/services.sh        # exports DATABASE_URL, REDIS_URL, STELE_PG_BIN,
-#                                     # STELE_OPENAPI_VALIDATOR
+#                                     # STELE_OPENAPI_VALIDATOR, STELE_SCHEMATHESIS,
+#                                     # STELE_OPENAPI_CLIENT
 #   bash scripts/services.sh          # same, but prints `export ...` lines on stdout
 #   bash scripts/services.sh stop     # stops the PostgreSQL / redis *this script* started
 #
@@ -11,7 +12,11 @@
 #   DATABASE_URL  superuser URL of a PostgreSQL 16 server on which pgvector is available
 #   REDIS_URL     URL of a redis server answering PING
 #   STELE_PG_BIN  bin directory of the PostgreSQL 16 bundle (psql, pgbench, pg_isready, ...)
-#   STELE_OPENAPI_VALIDATOR  a python with openapi-spec-validator (checks the API document)
+#   STELE_OPENAPI_VALIDATOR  the python of a venv with the API document's tools (PyPI, pinned
+#                 below): openapi-spec-validator (checks the document), schemathesis and
+#                 openapi-python-client (with the generated client's own dependencies)
+#   STELE_SCHEMATHESIS     that venv's schemathesis (tests the running API against its document)
+#   STELE_OPENAPI_CLIENT   that venv's openapi-python-client (generates a client from the document)
 #
 # Settings (environment variables, all optional):
 #   STELE_CACHE       where the PG bundle, the cluster and the private redis live.
@@ -363,24 +368,37 @@ _stele_redis_up() {
 # entry points
 # ---------------------------------------------------------------------------------------
 
-# A Python venv with the OpenAPI validator the API tests run against the served document.
-_stele_openapi_validator() {
-    local venv=$_STELE_CACHE/openapi-venv
-    if [[ -x $venv/bin/python ]] && "$venv/bin/python" -c 'import openapi_spec_validator' 2>/dev/null; then
-        STELE_OPENAPI_VALIDATOR=$venv/bin/python
-        return 0
+# The Python tools the API tests run against the document and the server, pinned so that every
+# machine runs the same checks. Changing the list reinstalls them (the marker names its checksum).
+_STELE_PY_TOOLS=(
+    "openapi-spec-validator==0.7.*"
+    "schemathesis==4.32.5"
+    "openapi-python-client==0.29.1"
+)
+
+# A Python venv (in the cache, kept between runs) with _STELE_PY_TOOLS.
+_stele_openapi_tools() {
+    local venv=$_STELE_CACHE/openapi-venv sum
+    sum=$(printf '%s\n' "${_STELE_PY_TOOLS[@]}" | cksum | cut -d' ' -f1)
+    local marker=$venv/.stele-tools-$sum
+    if [[ ! -f $marker || ! -x $venv/bin/schemathesis || ! -x $venv/bin/openapi-python-client ]] ||
+        ! "$venv/bin/python" -c 'import openapi_spec_validator, schemathesis, openapi_python_client' 2>/dev/null; then
+        _stele_log "installing ${_STELE_PY_TOOLS[*]} (PyPI) into $venv"
+        local py
+        py=$(command -v python3 || command -v python) || { _stele_err "python3 not found (needed for the OpenAPI tools)"; return 1; }
+        if [[ ! -x $venv/bin/pip ]]; then
+            rm -rf "$venv"
+            "$py" -m venv "$venv" >&2 || { _stele_err "could not create the venv $venv"; return 1; }
+        fi
+        if ! "$venv/bin/pip" install --quiet --disable-pip-version-check "${_STELE_PY_TOOLS[@]}" >&2; then
+            _stele_err "could not install ${_STELE_PY_TOOLS[*]} (is PyPI reachable?)"
+            return 1
+        fi
+        rm -f "$venv"/.stele-tools-* && touch "$marker"
     fi
-    _stele_log "installing openapi-spec-validator (PyPI) into $venv"
-    local py
-    py=$(command -v python3 || command -v python) || { _stele_err "python3 not found (needed for the OpenAPI validator)"; return 1; }
-    rm -rf "$venv"
-    if "$py" -m venv "$venv" >&2 && "$venv/bin/pip" install --quiet --disable-pip-version-check \
-        "openapi-spec-validator==0.7.*" >&2; then
-        STELE_OPENAPI_VALIDATOR=$venv/bin/python
-    else
-        _stele_err "could not install openapi-spec-validator (is PyPI reachable?)"
-        return 1
-    fi
+    STELE_OPENAPI_VALIDATOR=$venv/bin/python
+    STELE_SCHEMATHESIS=$venv/bin/schemathesis
+    STELE_OPENAPI_CLIENT=$venv/bin/openapi-python-client
 }
 
 _stele_services_up() {
@@ -411,13 +429,14 @@ _stele_services_up() {
         fi
     fi
     ((rc == 0)) && { _stele_redis_up || rc=1; }
-    ((rc == 0)) && { _stele_openapi_validator || rc=1; }
+    ((rc == 0)) && { _stele_openapi_tools || rc=1; }
 
     _stele_close_lock
     unset _STELE_LOCKFD
     if ((rc == 0)); then
         STELE_PG_BIN=$_STELE_PG_BINDIR
-        export DATABASE_URL REDIS_URL STELE_PG_BIN STELE_OPENAPI_VALIDATOR
+        export DATABASE_URL REDIS_URL STELE_PG_BIN STELE_OPENAPI_VALIDATOR STELE_SCHEMATHESIS \
+            STELE_OPENAPI_CLIENT
     fi
     return "$rc"
 }
@@ -482,4 +501,6 @@ if [[ ${1:-up} == up || ${1:-} == start ]]; then
     printf 'export REDIS_URL=%q\n' "$REDIS_URL"
     printf 'export STELE_PG_BIN=%q\n' "$STELE_PG_BIN"
     printf 'export STELE_OPENAPI_VALIDATOR=%q\n' "$STELE_OPENAPI_VALIDATOR"
+    printf 'export STELE_SCHEMATHESIS=%q\n' "$STELE_SCHEMATHESIS"
+    printf 'export STELE_OPENAPI_CLIENT=%q\n' "$STELE_OPENAPI_CLIENT"
 fi

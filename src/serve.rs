@@ -133,10 +133,64 @@ fn prometheus() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle>
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
+    // Durations are histograms with buckets (aggregatable across processes), not summaries.
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_duration_seconds".into()),
+            &DURATION_BUCKETS,
+        )
+        .context("configuring the metrics buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    describe_metrics();
     Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Bucket bounds, in seconds, of every `*_duration_seconds` histogram: from a millisecond (an
+/// API read from memory) to two minutes (a slow model call).
+const DURATION_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
+];
+
+/// The `# HELP` text of the metrics that the engine and the workflows record (the API describes
+/// its own in [`stele_api::server::describe_metrics`]).
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        "stele_queue_jobs",
+        "Jobs in the queue, by queue and state (sampled every 5 s)"
+    );
+    describe_gauge!(
+        "stele_projection_lag_events",
+        "Events of the log a projection or process manager has not applied yet"
+    );
+    describe_gauge!(
+        "stele_projection_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest event a projection or process manager has not applied yet"
+    );
+    describe_counter!(
+        "stele_jobs_finished_total",
+        "Job attempts finished, by job kind and outcome"
+    );
+    describe_histogram!(
+        "stele_job_duration_seconds",
+        Unit::Seconds,
+        "Time a job attempt ran, by job kind"
+    );
+    describe_counter!(
+        "stele_model_calls_total",
+        "Calls to language models, by provider, model and outcome"
+    );
+    describe_histogram!(
+        "stele_model_call_duration_seconds",
+        Unit::Seconds,
+        "Latency of a language-model call, by provider"
+    );
+    describe_counter!(
+        "stele_model_tokens_total",
+        "Tokens sent to and received from language models, by provider and direction"
+    );
 }
 
 /// Runs a node on `store` until Ctrl-C or SIGTERM; then stops accepting requests, lets requests

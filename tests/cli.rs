@@ -769,10 +769,28 @@ fn serve_and_worker_run_on_postgres_and_stop_cleanly() {
             .text()
             .await
             .unwrap();
+        // HTTP latency is a histogram with buckets (not a summary), and every metric says what
+        // it is.
         assert!(
-            metrics.contains("stele_http_request_duration_seconds"),
+            metrics.contains("# TYPE stele_http_request_duration_seconds histogram"),
             "{metrics}"
         );
+        assert!(
+            metrics.contains("stele_http_request_duration_seconds_bucket{"),
+            "{metrics}"
+        );
+        let typed: Vec<&str> = metrics
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .collect();
+        assert!(!typed.is_empty(), "{metrics}");
+        for name in typed {
+            assert!(
+                metrics.contains(&format!("# HELP {name} ")),
+                "{name} has no help: {metrics}"
+            );
+        }
     });
     terminate(&mut serve);
     terminate(&mut worker);

@@ -107,11 +107,9 @@ impl Requester {
     /// assert!(Requester::parse("", "api").is_err());
     /// ```
     pub fn parse(user_id: &str, channel: &str) -> Result<Requester, InvalidRequester> {
+        let too_long = user_id.chars().count() > Self::MAX_USER_ID_CHARS;
         let user_id = user_id.trim();
-        if user_id.is_empty()
-            || user_id.chars().count() > Self::MAX_USER_ID_CHARS
-            || user_id.contains('\0')
-        {
+        if user_id.is_empty() || too_long || user_id.contains('\0') {
             return Err(InvalidRequester::UserId);
         }
         Ok(Requester {

@@ -7,7 +7,7 @@ use stele_aggregates::api_key::Scope;
 
 use crate::auth::{Caller, Gate, Need};
 use crate::keys::{AuthError, KeyService};
-use crate::problem::ApiError;
+use crate::problem::{ApiError, Code};
 use crate::ratelimit::RateLimiter;
 
 /// Authenticates with [`KeyService`], authorizes by scope, then rate-limits per key.
@@ -20,13 +20,18 @@ pub struct KeyGate {
 impl Gate for KeyGate {
     async fn admit(&self, token: Option<&str>, need: Need) -> Result<Caller, ApiError> {
         let Some(token) = token else {
-            return Err(ApiError::unauthorized(
+            return Err(ApiError::new(
+                Code::Unauthorized,
                 "an API key is required: `Authorization: Bearer <key>` or `X-Api-Key: <key>`",
             ));
         };
         let principal = self.keys.authenticate(token).await.map_err(|e| match e {
-            AuthError::Revoked => ApiError::unauthorized("this API key was revoked"),
-            _ => ApiError::unauthorized("this API key is not valid"),
+            AuthError::Revoked => ApiError::new(Code::Unauthorized, "this API key was revoked"),
+            // The key could not be checked: the server's failure, not the caller's.
+            e @ AuthError::Unavailable(_) => ApiError::internal(e),
+            AuthError::Missing | AuthError::Malformed | AuthError::Unknown => {
+                ApiError::new(Code::Unauthorized, "this API key is not valid")
+            }
         })?;
         let scope = match need {
             Need::Read => Scope::TasksRead,
@@ -34,10 +39,10 @@ impl Gate for KeyGate {
             Need::Admin => Scope::Admin,
         };
         if !principal.allows(scope) {
-            return Err(ApiError::forbidden(format!(
-                "this key lacks the scope {}",
-                need.scope()
-            )));
+            return Err(ApiError::new(
+                Code::Forbidden,
+                format!("this key lacks the scope {}", need.scope()),
+            ));
         }
         if let Err(limited) = self.limiter.check(&principal.key_id).await {
             return Err(ApiError::rate_limited(

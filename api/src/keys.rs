@@ -113,7 +113,8 @@ impl Principal {
 /// Why a token was not accepted.
 ///
 /// `Missing`, `Malformed`, `Unknown` and `Revoked` mean "not authenticated" (HTTP 401);
-/// `Unavailable` means the key could not be checked (HTTP 503: the client may retry).
+/// `Unavailable` means the key could not be checked (HTTP 500 `internal`, logged with an error
+/// id: the server's failure, which the client may retry).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// No token at all.
@@ -134,7 +135,7 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// Whether the request is unauthenticated (401), as opposed to the check failing (503).
+    /// Whether the request is unauthenticated (401), as opposed to the check failing (500).
     pub fn is_unauthenticated(&self) -> bool {
         !matches!(self, AuthError::Unavailable(_))
     }

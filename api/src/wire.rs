@@ -6,40 +6,111 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
+use crate::json::Body;
+use crate::problem::{ApiError, Code};
+
+/// The pattern of a text without a NUL character, which the log cannot store.
+pub const NO_NUL: &str = r"^[^\u0000]*$";
+
+/// The pattern of a channel name as [`stele_aggregates::channel::Channel::parse`] takes it: a
+/// letter, then up to 31 letters, digits, `-` and `_` (stored lowercased), with white space
+/// around it ignored (the same white space as [`NOT_BLANK`]'s).
+pub const CHANNEL: &str = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[A-Za-z][A-Za-z0-9_-]{0,31}[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$";
+
+/// Longest task input accepted, in characters.
+pub const MAX_INPUT_CHARS: usize = stele_aggregates::task::TaskInput::MAX_CHARS;
+
+/// The pattern of a text that is not blank and has no NUL character (which the log cannot
+/// store): white space, then a character that is neither white space nor NUL, then anything but
+/// NUL. The white space listed is Unicode's `White_Space` (what `char::is_whitespace` and
+/// `str::trim` take away), character by character, so that every regular-expression engine that
+/// reads the document (JSON Schema validators, test generators) draws the same line as the
+/// server; the classes do not overlap, so no engine backtracks more than once per character.
+/// (`#[schema(pattern)]` takes only a literal: the fields repeat it, and a test checks it.)
+pub const NOT_BLANK: &str = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$";
+
 /// A task to create.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTask {
-    /// What the task is about (a message, a request); 1 to 32,768 characters.
+    /// What the task is about (a message, a request): 1 to 32,768 characters, not all white
+    /// space.
+    #[schema(
+        min_length = 1,
+        max_length = 32_768,
+        pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$"
+    )]
     pub input: String,
-    /// The workflow to run; the default workflow when absent.
+    /// The workflow to run (`GET /v1/workflows` lists them); the default workflow when absent.
     #[serde(default)]
+    #[schema(pattern = r"^[^\u0000]*$")]
     pub workflow: Option<String>,
     /// Who asks, and through which channel (the key's name and `api` when absent).
     #[serde(default)]
     pub requester: Option<RequesterBody>,
 }
 
+impl Body for CreateTask {
+    fn check(&self) -> Result<(), ApiError> {
+        let chars = self.input.chars().count();
+        if self.input.trim().is_empty() {
+            return Err(ApiError::new(Code::InvalidInput, "`input` is empty"));
+        }
+        if chars > MAX_INPUT_CHARS {
+            return Err(ApiError::new(
+                Code::InputTooLong,
+                format!("`input` has {chars} characters; at most {MAX_INPUT_CHARS} are allowed"),
+            ));
+        }
+        match &self.requester {
+            Some(r) if r.user_id.trim().is_empty() || r.channel.trim().is_empty() => {
+                Err(ApiError::new(
+                    Code::InvalidRequester,
+                    "`requester.user_id` and `requester.channel` must not be empty",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Who asks for a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequesterBody {
+    /// The user's id on the channel; not blank, at most 256 characters.
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$"
+    )]
     pub user_id: String,
+    /// The channel (`api`, `telegram`, `email`, …): a letter, then up to 31 letters, digits, `-`
+    /// and `_`; stored in lowercase, white space around it ignored.
+    #[schema(
+        min_length = 1,
+        pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[A-Za-z][A-Za-z0-9_-]{0,31}[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$"
+    )]
     pub channel: String,
 }
 
 /// A task, with its run's progress.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct TaskBody {
+    /// The task's id (its URL is `/v1/tasks/{id}`).
+    #[schema(format = Uuid)]
     pub id: String,
     /// pending, routing, executing, completed, failed or cancelled.
     pub status: String,
     pub input: String,
+    /// The workflow asked for, then the one the task was routed to.
     pub workflow: Option<String>,
     pub requester: Option<RequesterBody>,
-    #[schema(value_type = Option<Object>)]
+    /// What the task produced once completed: any JSON value (often a string).
     pub result: Option<Value>,
+    /// Why the task failed, or the reason it was cancelled.
     pub error: Option<String>,
+    /// The task's workflow run, once it has started.
     pub run: Option<RunBody>,
 }
 
@@ -48,6 +119,7 @@ pub struct TaskBody {
 pub struct RunBody {
     pub id: String,
     pub workflow: String,
+    /// The definition's version the run keeps to.
     pub version: u32,
     /// running, completed, failed or cancelled.
     pub status: String,
@@ -65,23 +137,27 @@ pub struct StepBody {
     pub id: String,
     /// scheduled, waiting, sleeping, joining, completed, failed or skipped.
     pub status: String,
+    /// The attempt the step is at, from 1.
     pub attempt: u32,
-    #[schema(value_type = Option<Object>)]
+    /// What the step produced: any JSON value (often a string).
     pub output: Option<Value>,
+    /// Why the step's last attempt failed.
     pub error: Option<String>,
 }
 
 /// One row of a task list.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct TaskSummary {
+    #[schema(format = Uuid)]
     pub id: String,
+    /// pending, routing, executing, completed, failed or cancelled.
     pub status: String,
     pub workflow: Option<String>,
     pub run_id: Option<String>,
     pub requester: RequesterBody,
     pub input: String,
     pub current_step: Option<String>,
-    #[schema(value_type = Option<Object>)]
+    /// What the task produced once completed: any JSON value (often a string).
     pub result: Option<Value>,
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -92,7 +168,7 @@ pub struct TaskSummary {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct TaskPage {
     pub tasks: Vec<TaskSummary>,
-    /// Pass as `cursor` for the next page; absent on the last page.
+    /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
 
@@ -102,7 +178,8 @@ pub struct TaskPage {
 #[into_params(parameter_in = Query)]
 pub struct TaskListQuery {
     /// Only tasks in this status.
-    pub status: Option<String>,
+    #[param(inline)]
+    pub status: Option<TaskStatus>,
     /// Only tasks of this workflow.
     pub workflow: Option<String>,
     /// Only tasks of this requester (user id).
@@ -110,9 +187,36 @@ pub struct TaskListQuery {
     /// Only tasks from this channel.
     pub channel: Option<String>,
     /// From a previous page's `next_cursor`.
+    #[param(pattern = r"^[0-9]{1,18}\.([2-7][0-9a-f])+$")]
     pub cursor: Option<String>,
     /// Tasks per page, 1 to 500 (50 by default).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
+}
+
+/// A task's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Pending,
+    Routing,
+    Executing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Routing => "routing",
+            TaskStatus::Executing => "executing",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// An event as the API shows it.
@@ -126,9 +230,10 @@ pub struct EventBody {
     pub event_type: String,
     pub version: String,
     pub recorded_at: DateTime<Utc>,
+    /// Who and what caused the event (command, correlation and causation ids, actor, channel).
     #[schema(value_type = Object)]
     pub metadata: Value,
-    #[schema(value_type = Object)]
+    /// The event's data as recorded: any JSON value (an object for Stele's own events).
     pub payload: Value,
 }
 
@@ -145,6 +250,32 @@ impl From<&stele_engine::RecordedEvent> for EventBody {
             payload: event.payload.clone(),
         }
     }
+}
+
+/// A task's `text/event-stream`, seen two ways, since OpenAPI 3.1 has no `itemSchema` to describe
+/// a stream's items apart from the whole: as text (what a plain HTTP client, a generated one for
+/// instance, reads) or as one event at a time (what SSE tools read from `schema`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum SseStream {
+    /// The whole stream as text: `id:`, `event:` and `data:` lines, events apart by a blank line.
+    Text(String),
+    /// One event.
+    Event(SseEvent),
+}
+
+/// One Server-Sent Event of a task's stream.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SseEvent {
+    /// The event's type (`TaskCreated`, `StepCompleted`, …); `end` last, when the task and its
+    /// run are finished; `error` if reading the log failed.
+    pub event: String,
+    /// The event as JSON (as in `/v1/tasks/{id}/events`); `{}` for `end`; a message for `error`.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+    /// A cursor to resume after this event with `Last-Event-ID` or `?after=`.
+    #[schema(pattern = r"^([0-9]{1,18}(-[0-9]{1,18})*)?$")]
+    pub id: Option<String>,
 }
 
 /// Events of a task (its own, its run's and its child runs').
@@ -166,9 +297,11 @@ pub struct LogPage {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct LogQuery {
-    /// After this position (0: from the start).
+    /// After this position (0: from the start); a position above 0 must hold an event.
+    #[param(minimum = 0)]
     pub after: Option<i64>,
     /// Events per page, 1 to 1,000 (100 by default).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -176,18 +309,26 @@ pub struct LogQuery {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelBody {
+    /// Recorded with the cancellation (`cancelled by key <name>` when absent).
     #[serde(default)]
+    #[schema(pattern = r"^[^\u0000]*$")]
     pub reason: Option<String>,
 }
+
+impl Body for CancelBody {}
 
 /// A signal's payload.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignalBody {
+    /// What the waiting step receives as its output (e.g. `{"by": "ana"}`); `null` when absent.
+    /// Any JSON object, nested at most 16 levels, with no NUL character in its keys or strings.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
-    pub payload: Option<Value>,
+    pub payload: Option<serde_json::Map<String, Value>>,
 }
+
+impl Body for SignalBody {}
 
 /// An accepted request that takes effect asynchronously.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -217,6 +358,7 @@ pub struct JobBody {
     pub id: uuid::Uuid,
     pub queue: String,
     pub kind: String,
+    /// available, running, completed, dead or cancelled.
     pub state: String,
     pub attempt: i32,
     pub max_attempts: i32,
@@ -224,7 +366,7 @@ pub struct JobBody {
     pub last_error: Option<String>,
     /// Every failed attempt's error, oldest first.
     pub errors: Vec<String>,
-    #[schema(value_type = Object)]
+    /// What the job's handler is given: any JSON value.
     pub payload: Value,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -260,12 +402,40 @@ pub struct JobList {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct JobQuery {
-    /// available, running, completed, dead or cancelled.
-    pub state: Option<String>,
+    /// Only jobs in this state (`dead`: the dead letters).
+    #[param(inline)]
+    pub state: Option<JobStateParam>,
+    /// Only jobs of this queue.
     pub queue: Option<String>,
+    /// Only jobs of this kind.
     pub kind: Option<String>,
-    /// 1 to 500 (50 by default).
+    /// Jobs per page, 1 to 500 (50 by default).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
+}
+
+/// A job's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStateParam {
+    Available,
+    Running,
+    Completed,
+    Dead,
+    Cancelled,
+}
+
+impl From<JobStateParam> for stele_engine::queue::JobState {
+    fn from(state: JobStateParam) -> Self {
+        use stele_engine::queue::JobState as S;
+        match state {
+            JobStateParam::Available => S::Available,
+            JobStateParam::Running => S::Running,
+            JobStateParam::Completed => S::Completed,
+            JobStateParam::Dead => S::Dead,
+            JobStateParam::Cancelled => S::Cancelled,
+        }
+    }
 }
 
 /// A projection's state.
@@ -310,4 +480,92 @@ pub struct Readiness {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Liveness {
     pub status: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pattern(pattern: &str) -> jsonschema::Validator {
+        jsonschema::draft202012::new(&json!({ "type": "string", "pattern": pattern })).unwrap()
+    }
+
+    /// The document's "not blank" is the server's: a text is blank exactly when `trim` leaves
+    /// nothing, whatever character it is made of; NUL is refused anywhere.
+    #[test]
+    fn not_blank_is_what_trim_takes_away() {
+        let not_blank = pattern(NOT_BLANK);
+        // Every white-space character is below U+3100; a few characters above stand for the rest.
+        let chars =
+            (1..=0x3100)
+                .filter_map(char::from_u32)
+                .chain(['\u{FEFF}', '\u{1F600}', '\u{10FFFF}']);
+        for c in chars {
+            let alone = c.to_string();
+            assert_eq!(
+                not_blank.is_valid(&json!(alone)),
+                !alone.trim().is_empty(),
+                "{c:?}"
+            );
+            let padded = format!(" \u{3000}{c}\t");
+            assert_eq!(
+                not_blank.is_valid(&json!(padded)),
+                !padded.trim().is_empty(),
+                "{c:?}"
+            );
+        }
+        for refused in ["", "\0", "a\0", "\0a", " \0 b"] {
+            assert!(!not_blank.is_valid(&json!(refused)), "{refused:?}");
+        }
+        // A channel is valid in the document exactly when the server parses it.
+        let channel = pattern(CHANNEL);
+        for name in [
+            "telegram",
+            " Telegram ",
+            "a",
+            "x-1_y",
+            "\u{3000}api\t",
+            "",
+            "1a",
+            "a b",
+            "é",
+            "a\0",
+            "abcdefghijklmnopqrstuvwxyzabcdef",
+            "abcdefghijklmnopqrstuvwxyzabcdefg",
+        ] {
+            assert_eq!(
+                channel.is_valid(&json!(name)),
+                stele_aggregates::channel::Channel::parse(name).is_ok(),
+                "{name:?}"
+            );
+        }
+        let no_nul = pattern(NO_NUL);
+        assert!(no_nul.is_valid(&json!("")) && no_nul.is_valid(&json!(" x ")));
+        assert!(!no_nul.is_valid(&json!("a\0b")));
+    }
+
+    /// `#[schema(pattern)]` takes only literals: the fields repeat the patterns.
+    #[test]
+    fn the_document_repeats_the_patterns() {
+        let document = serde_json::to_value(crate::server::openapi()).unwrap();
+        let schemas = &document["components"]["schemas"];
+        for (schema, field, expected) in [
+            ("CreateTask", "input", NOT_BLANK),
+            ("RequesterBody", "user_id", NOT_BLANK),
+            ("RequesterBody", "channel", CHANNEL),
+            ("CreateTask", "workflow", NO_NUL),
+            ("CancelBody", "reason", NO_NUL),
+        ] {
+            assert_eq!(
+                schemas[schema]["properties"][field]["pattern"], expected,
+                "{schema}.{field}"
+            );
+        }
+        assert_eq!(
+            schemas["CreateTask"]["properties"]["input"]["maxLength"],
+            MAX_INPUT_CHARS
+        );
+    }
 }

@@ -11,9 +11,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use stele_api::ratelimit::RateLimit;
+use stele_api::gate::KeyGate;
+use stele_api::keys::{KeyService, KeyServiceOptions};
+use stele_api::ratelimit::{RateLimit, RateLimiter};
 use stele_api::state::RedisProbe;
 use stele_engine::queue::NewJob;
+use stele_engine::testing::TestDb;
 use support::{Options, Server};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -30,6 +33,8 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
     runtime().block_on(async {
         let s = Server::start(Options::default()).await;
         let (admin, reader, writer) = (s.admin.clone(), s.reader.clone(), s.writer.clone());
+        // A task id that no task has.
+        let missing = uuid::Uuid::now_v7().to_string();
 
         // Tasks: create, then the refusals.
         let task = s.create("assistant", "hello").await;
@@ -115,7 +120,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 StatusCode::OK
             );
             assert_eq!(
-                s.call(GET, route, &[("id", "missing")], Some(&reader), None)
+                s.call(GET, route, &[("id", &missing)], Some(&reader), None)
                     .await
                     .0,
                 StatusCode::NOT_FOUND
@@ -181,7 +186,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             s.call(
                 POST,
                 signal,
-                &[("id", "missing"), ("name", "x")],
+                &[("id", &missing), ("name", "x")],
                 Some(&writer),
                 None
             )
@@ -225,7 +230,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             StatusCode::ACCEPTED
         );
         assert_eq!(
-            s.call(POST, cancel, &[("id", "missing")], Some(&writer), None)
+            s.call(POST, cancel, &[("id", &missing)], Some(&writer), None)
                 .await
                 .0,
             StatusCode::NOT_FOUND
@@ -238,6 +243,94 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
         );
         s.wait_for(&to_cancel, |t| t["run"]["status"] == "cancelled")
             .await;
+
+        // Cancel and signal take exactly what their schemas say: an optional body, or `null`;
+        // any other shape is refused before anything runs, as are bodies too large or not JSON.
+        let other = s.create("approval", "later").await;
+        s.wait_for(&other, |t| t["run"]["current_step"] == "approve")
+            .await;
+        let history = s.runtime.history(&other).await.unwrap().len();
+        for (route, path) in [
+            (cancel, format!("/v1/tasks/{other}/cancel")),
+            (signal, format!("/v1/tasks/{other}/signals/nothing")),
+        ] {
+            let request = || {
+                s.client
+                    .post(format!("{}{path}", s.base))
+                    .bearer_auth(&writer)
+            };
+            for body in [
+                json!(["why"]),
+                json!("why"),
+                json!(5),
+                json!({ "reason": 5 }),
+                json!({ "payload": 5 }),
+                json!({ "payload": "why" }),
+                json!({ "payload": ["why"] }),
+                json!({ "unknown": true }),
+            ] {
+                let (status, problem) = s.send(route, request().json(&body)).await;
+                assert_eq!(
+                    (status, problem["code"].as_str()),
+                    (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_body")),
+                    "{route} {body}"
+                );
+            }
+            let (status, _) = s
+                .send(
+                    route,
+                    request()
+                        .header("content-type", "application/json")
+                        .body(format!("{{\"reason\": \"{}\"}}", "x".repeat(70_000))),
+                )
+                .await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{route}");
+            let (status, _) = s
+                .send(
+                    route,
+                    request().header("content-type", "text/plain").body("why"),
+                )
+                .await;
+            assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{route}");
+        }
+        assert_eq!(
+            s.runtime.history(&other).await.unwrap().len(),
+            history,
+            "a refused body changed nothing"
+        );
+        // An optional body is left out; `null` is not one.
+        for path in [
+            format!("/v1/tasks/{other}/signals/approval"),
+            format!("/v1/tasks/{other}/cancel"),
+        ] {
+            let (status, problem) = s
+                .send(
+                    if path.ends_with("cancel") {
+                        cancel
+                    } else {
+                        signal
+                    },
+                    s.client
+                        .post(format!("{}{path}", s.base))
+                        .bearer_auth(&writer)
+                        .json(&Value::Null),
+                )
+                .await;
+            assert_eq!(
+                (status, problem["code"].as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_body")),
+                "{path}"
+            );
+        }
+        let (status, _) = s
+            .send(
+                cancel,
+                s.client
+                    .post(format!("{}/v1/tasks/{other}/cancel", s.base))
+                    .bearer_auth(&writer),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
 
         // Live progress: a finished task's stream ends; a bad cursor, a missing task.
         let stream = "/v1/tasks/{id}/stream";
@@ -261,7 +354,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
         );
         s.record(&GET, stream, StatusCode::BAD_REQUEST);
         assert_eq!(
-            s.call(GET, stream, &[("id", "missing")], Some(&reader), None)
+            s.call(GET, stream, &[("id", &missing)], Some(&reader), None)
                 .await
                 .0,
             StatusCode::NOT_FOUND
@@ -274,7 +367,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             StatusCode::BAD_REQUEST
         );
         assert_eq!(
-            s.call(GET, ws, &[("id", "missing")], Some(&reader), None)
+            s.call(GET, ws, &[("id", &missing)], Some(&reader), None)
                 .await
                 .0,
             StatusCode::NOT_FOUND
@@ -416,7 +509,9 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             StatusCode::OK
         );
 
-        // 401 and 403 on every route that needs a key; 429 from a server with a tiny limit.
+        // On every route: an unknown query parameter (400); 401 and 403 where a key is needed,
+        // with either way of presenting it; 429 from a server with a tiny limit; 500 from a
+        // server whose keys cannot be read.
         let document = serde_json::to_value(stele_api::server::openapi()).unwrap();
         let routes = documented(&document);
         let write_only = strict_key(&s).await;
@@ -427,6 +522,21 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             },
             redis: false,
             probe: Some(Arc::new(RedisProbe::new("redis://127.0.0.1:1").unwrap())),
+            ..Options::default()
+        })
+        .await;
+        let unreadable = TestDb::postgres().await;
+        let closed = unreadable.open().await;
+        closed.close().await;
+        let broken = Server::start(Options {
+            gate: Some(Arc::new(KeyGate {
+                keys: Arc::new(KeyService::with_options(
+                    closed.log.clone(),
+                    KeyServiceOptions::default(),
+                )),
+                limiter: Arc::new(RateLimiter::in_process(Options::default().rate).unwrap()),
+            })),
+            ..Options::default()
         })
         .await;
         for (method, route, codes) in &routes {
@@ -439,21 +549,61 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 }
                 r
             };
+            let key = match scope_of(&document, route, &method) {
+                "admin" => Some(admin.as_str()),
+                "tasks:write" | "tasks:read" => Some(writer.as_str()),
+                _ => None,
+            };
+            let unknown = s
+                .client
+                .request(method.clone(), format!("{}{path}?colour=red", s.base));
+            let unknown = match key {
+                Some(key) => unknown.bearer_auth(key),
+                None => unknown,
+            };
+            let (status, problem) = s.send(route, unknown).await;
+            assert_eq!(
+                (status, problem["code"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("invalid_query")),
+                "{method} {route}"
+            );
             if codes.contains(&401) {
+                let response = request(None, &s.base).send().await.unwrap();
+                assert_eq!(
+                    response
+                        .headers()
+                        .get("www-authenticate")
+                        .map(|v| v.to_str().unwrap()),
+                    Some(stele_api::problem::CHALLENGE),
+                    "{method} {route}"
+                );
                 let (status, _) = s.send(route, request(None, &s.base)).await;
                 assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {route}");
                 let (status, _) = s.send(route, request(Some("stele_nope"), &s.base)).await;
                 assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {route}");
             }
             if codes.contains(&403) {
-                // A key with every scope but the one the route needs.
+                // A key with every scope but the one the route needs, in `X-Api-Key`.
                 let key = match scope_of(&document, route, &method) {
                     "admin" => &writer,
                     "tasks:write" => &reader,
                     _ => &write_only,
                 };
-                let (status, _) = s.send(route, request(Some(key), &s.base)).await;
+                let forbidden = s
+                    .client
+                    .request(method.clone(), format!("{}{path}", s.base))
+                    .header("x-api-key", key);
+                let (status, _) = s.send(route, forbidden).await;
                 assert_eq!(status, StatusCode::FORBIDDEN, "{method} {route}");
+            }
+            if codes.contains(&500) && key.is_some() {
+                let (status, problem) = broken.send(route, request(key, &broken.base)).await;
+                assert_eq!(
+                    (status, problem["code"].as_str()),
+                    (StatusCode::INTERNAL_SERVER_ERROR, Some("internal")),
+                    "{method} {route}"
+                );
+                s.record(&method, route, status);
             }
             if codes.contains(&429) {
                 let key = match route.as_str() {
@@ -476,21 +626,25 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
         assert_eq!(ready["redis"]["ok"], false);
         s.record(&GET, "/health/ready", status);
         strict.stop().await;
+        broken.stop().await;
 
         // What the document promises happened, and nothing else exists.
         let seen = s.seen.lock().unwrap().clone();
-        let mut missing = Vec::new();
+        let mut unseen = Vec::new();
         for (method, route, codes) in &routes {
             for code in codes {
+                // The health routes read no key and fail into their own answers (503): they
+                // answer 500 only from a handler that panicked, which
+                // `server::tests::a_panic_becomes_an_internal_problem` covers.
+                if *code == 500 && route.starts_with("/health/") {
+                    continue;
+                }
                 if !seen.contains(&(method.clone(), route.clone(), *code)) {
-                    missing.push(format!("{method} {route} {code}"));
+                    unseen.push(format!("{method} {route} {code}"));
                 }
             }
         }
-        assert!(
-            missing.is_empty(),
-            "documented but never seen: {missing:#?}"
-        );
+        assert!(unseen.is_empty(), "documented but never seen: {unseen:#?}");
         let paths: BTreeSet<&str> = routes.iter().map(|(_, r, _)| r.as_str()).collect();
         assert_eq!(
             paths,

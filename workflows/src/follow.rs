@@ -28,7 +28,8 @@ pub const RUN_STREAM: &str = <WorkflowRun as cqrs_es::Aggregate>::TYPE;
 const POLL: Duration = Duration::from_secs(1);
 
 /// Where a reader of a task stands: the last sequence delivered of each of the task's streams,
-/// in discovery order. Written `3-12-2-2`.
+/// in discovery order. Written `3-12-2-2` (`^([0-9]{1,18}(-[0-9]{1,18})*)?$`; empty: from the
+/// start).
 ///
 /// ```
 /// use stele_workflows::follow::Cursor;
@@ -52,8 +53,13 @@ impl FromStr for Cursor {
         if s.is_empty() {
             return Ok(Cursor::default());
         }
+        // Each part is 1 to 18 ASCII digits: no sign, no spaces, never past i64.
         s.split('-')
-            .map(|part| part.parse::<i64>().ok().filter(|n| *n >= 0))
+            .map(|part| {
+                ((1..=18).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| part.parse::<i64>().ok())
+                    .flatten()
+            })
             .collect::<Option<Vec<_>>>()
             .map(Cursor)
             .ok_or_else(|| InvalidCursor(s.to_owned()))

@@ -5,8 +5,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::IsAdmin;
-use crate::problem::Problem;
+use super::{IsAdmin, NoQuery, StrictQuery};
 use crate::state::AppState;
 use crate::wire::{Check, Liveness, Readiness};
 
@@ -15,7 +14,7 @@ use crate::wire::{Check, Liveness, Readiness};
     get, path = "/health/live", tag = "health",
     responses((status = 200, description = "Alive", body = Liveness))
 )]
-pub async fn live() -> Json<Liveness> {
+pub async fn live(StrictQuery(NoQuery {}): StrictQuery<NoQuery>) -> Json<Liveness> {
     Json(Liveness {
         status: "ok".into(),
     })
@@ -30,7 +29,10 @@ pub async fn live() -> Json<Liveness> {
         (status = 503, description = "Not ready; the body says why", body = Readiness),
     )
 )]
-pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+pub async fn ready(
+    State(state): State<AppState>,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
+) -> (StatusCode, Json<Readiness>) {
     let database = match state.log.head().await {
         Ok(head) => Check {
             ok: true,
@@ -98,13 +100,14 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness
     get, path = "/metrics", tag = "health",
     responses(
         (status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["admin"]))
 )]
-pub async fn metrics(State(state): State<AppState>, _caller: IsAdmin) -> Response {
+pub async fn metrics(
+    State(state): State<AppState>,
+    _caller: IsAdmin,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
+) -> Response {
     let text = state
         .metrics
         .as_ref()

@@ -1,13 +1,13 @@
 //! Operators' routes: workflows, the global log, jobs and projections.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use stele_engine::queue::{JobFilter, JobState};
+use stele_engine::queue::JobFilter;
 use stele_engine::Position;
 
-use super::{CanRead, IsAdmin, StrictQuery};
-use crate::problem::{ApiError, Problem};
+use super::{parse_id, ApiPath, CanRead, IsAdmin, NoQuery, StrictQuery};
+use crate::problem::{ApiError, Code, Problem};
 use crate::state::AppState;
 use crate::wire::*;
 
@@ -16,13 +16,14 @@ use crate::wire::*;
     get, path = "/v1/workflows", tag = "operators",
     responses(
         (status = 200, description = "Definitions", body = Vec<WorkflowBody>),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:read"]))
 )]
-pub async fn workflows(State(state): State<AppState>, _caller: CanRead) -> Json<Vec<WorkflowBody>> {
+pub async fn workflows(
+    State(state): State<AppState>,
+    _caller: CanRead,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
+) -> Json<Vec<WorkflowBody>> {
     Json(
         state
             .runtime
@@ -51,10 +52,7 @@ pub async fn workflows(State(state): State<AppState>, _caller: CanRead) -> Json<
     params(LogQuery),
     responses(
         (status = 200, description = "A page of the log", body = LogPage),
-        (status = 400, description = "Unknown position or invalid limit", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`unknown_position`: `after` holds no event; `invalid_query`: an unknown parameter, a wrong type or a value out of range; `invalid_character`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["admin"]))
 )]
@@ -66,8 +64,8 @@ pub async fn events(
     let limit = bounded(query.limit, 100, 1000)?;
     let after = query.after.unwrap_or(0);
     if after < 0 {
-        return Err(ApiError::bad_request(
-            "invalid_query",
+        return Err(ApiError::new(
+            Code::InvalidQuery,
             "`after` must be 0 or more",
         ));
     }
@@ -82,8 +80,8 @@ pub(crate) fn bounded(limit: Option<usize>, default: usize, max: usize) -> Resul
     match limit {
         None => Ok(default),
         Some(n) if (1..=max).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::bad_request(
-            "invalid_query",
+        Some(n) => Err(ApiError::new(
+            Code::InvalidQuery,
             format!("`limit` is {n}; it must be 1 to {max}"),
         )),
     }
@@ -94,11 +92,9 @@ pub(crate) fn bounded(limit: Option<usize>, default: usize, max: usize) -> Resul
     get, path = "/v1/jobs", tag = "operators",
     params(JobQuery),
     responses(
-        (status = 200, description = "Jobs", body = JobList),
-        (status = 400, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "Jobs", body = JobList,
+         links(("RetryJob" = (operation_id = "retry_job", parameters(("id" = "$response.body#/jobs/0/id")), description = "Retry the first job")))),
+        (status = 400, description = "`invalid_query`: an unknown parameter or state, a wrong type or a value out of range; `invalid_character`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["admin"]))
 )]
@@ -107,17 +103,10 @@ pub async fn jobs(
     _caller: IsAdmin,
     StrictQuery(query): StrictQuery<JobQuery>,
 ) -> Result<Json<JobList>, ApiError> {
-    let state_filter = match query.state.as_deref() {
-        None => None,
-        Some(s) => Some(
-            s.parse::<JobState>()
-                .map_err(|e| ApiError::bad_request("invalid_query", e))?,
-        ),
-    };
     let jobs = state
         .queue
         .list(JobFilter {
-            state: state_filter,
+            state: query.state.map(Into::into),
             queue: query.queue,
             kind: query.kind,
             limit: bounded(query.limit, 50, 500)?,
@@ -134,22 +123,19 @@ pub async fn jobs(
     params(("id" = uuid::Uuid, Path, description = "The job's id")),
     responses(
         (status = 200, description = "The job, available again", body = JobBody),
-        (status = 400, description = "Not a job id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The job is neither dead nor cancelled", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid_id`: not a job id (a UUID); `invalid_query`, `invalid_character`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`job_not_found`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`job_state`: the job is neither dead nor cancelled", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["admin"]))
 )]
 pub async fn retry_job(
     State(state): State<AppState>,
     _caller: IsAdmin,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
 ) -> Result<Json<JobBody>, ApiError> {
-    let id = uuid::Uuid::parse_str(&id)
-        .map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a job id")))?;
+    let id = parse_id("job", &id)?;
     Ok(Json(state.queue.retry(id).await?.into()))
 }
 
@@ -157,16 +143,15 @@ pub async fn retry_job(
 #[utoipa::path(
     get, path = "/v1/projections", tag = "operators",
     responses(
-        (status = 200, description = "Projections", body = ProjectionList),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "Projections", body = ProjectionList,
+         links(("Rebuild" = (operation_id = "rebuild", parameters(("name" = "$response.body#/projections/0/name")), description = "Rebuild the first projection")))),
     ),
     security(("api_key" = ["admin"]))
 )]
 pub async fn projections(
     State(state): State<AppState>,
     _caller: IsAdmin,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
 ) -> Result<Json<ProjectionList>, ApiError> {
     let statuses = state.runner.status().await?;
     Ok(Json(ProjectionList {
@@ -195,22 +180,20 @@ pub async fn projections(
     params(("name" = String, Path, description = "The projection's name")),
     responses(
         (status = 202, description = "Rebuilding", body = Accepted),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks admin", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such projection", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`projection_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The projection cannot be rebuilt (a process manager: `not_rebuildable`), or a rebuild of it is under way (`projection_busy`)", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["admin"]))
 )]
 pub async fn rebuild(
     State(state): State<AppState>,
     _caller: IsAdmin,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     if !state.runner.names().contains(&name.as_str()) {
-        return Err(ApiError::not_found(
-            "projection_not_found",
+        return Err(ApiError::new(
+            Code::ProjectionNotFound,
             format!("no projection {name}"),
         ));
     }

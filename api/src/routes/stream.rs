@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -20,10 +20,10 @@ use stele_engine::{LogError, RecordedEvent};
 use stele_workflows::follow::{Cursor, TaskFollower};
 use utoipa::IntoParams;
 
-use super::{CanRead, StrictQuery};
-use crate::problem::{ApiError, Problem};
+use super::{parse_id, ApiPath, CanRead, StrictQuery};
+use crate::problem::{ApiError, Code, Problem};
 use crate::state::AppState;
-use crate::wire::EventBody;
+use crate::wire::{EventBody, SseStream};
 
 /// Where to resume from.
 #[derive(Clone, Debug, Default, Deserialize, IntoParams)]
@@ -31,7 +31,8 @@ use crate::wire::EventBody;
 #[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// A cursor from an earlier event (`Last-Event-ID` takes precedence); from the start when
-    /// absent.
+    /// absent or empty.
+    #[param(pattern = r"^([0-9]{1,18}(-[0-9]{1,18})*)?$")]
     pub after: Option<String>,
 }
 
@@ -43,22 +44,37 @@ fn follow(follower: TaskFollower) -> impl Stream<Item = Result<(String, Recorded
     })
 }
 
+/// A cursor from a client: exactly the document's form (see [`Cursor`]).
+fn parse_cursor(cursor: &str) -> Result<Cursor, ApiError> {
+    cursor
+        .parse::<Cursor>()
+        .map_err(|e| ApiError::new(Code::InvalidCursor, e.to_string()))
+}
+
 async fn start(
     state: &AppState,
     id: &str,
     headers: &HeaderMap,
     query: StreamQuery,
 ) -> Result<TaskFollower, ApiError> {
-    state.runtime.task(id).await?;
-    let cursor = headers
+    let id = parse_id("task", id)?.to_string();
+    state.runtime.task(&id).await?;
+    // Both are checked; `Last-Event-ID` (what a reconnecting browser sends) wins.
+    let after = query.after.as_deref().map(parse_cursor).transpose()?;
+    let header = headers
         .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(query.after)
-        .map(|cursor| cursor.parse::<Cursor>())
-        .transpose()
-        .map_err(|e| ApiError::bad_request("invalid_cursor", e.to_string()))?;
-    Ok(state.runtime.follower(id, cursor))
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::new(
+                        Code::InvalidCursor,
+                        "Last-Event-ID is not a cursor from this task's stream",
+                    )
+                })
+                .and_then(parse_cursor)
+        })
+        .transpose()?;
+    Ok(state.runtime.follower(&id, header.or(after)))
 }
 
 /// Follow a task's progress as Server-Sent Events.
@@ -68,22 +84,20 @@ async fn start(
 /// event when the task and its run are finished.
 #[utoipa::path(
     get, path = "/v1/tasks/{id}/stream", tag = "tasks",
-    params(("id" = String, Path, description = "The task's id"), StreamQuery,
-           ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
+    params(("id" = Uuid, Path, description = "The task's id"), StreamQuery,
+           ("Last-Event-ID" = Option<String>, Header, pattern = r"^([0-9]{1,18}(-[0-9]{1,18})*)?$",
+            description = "Resume after this event (an event's `id`)")),
     responses(
-        (status = 200, description = "The task's events, then live ones", content_type = "text/event-stream", body = String),
-        (status = 400, description = "Invalid cursor", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The task's events, then live ones, until the task and its run are finished", content_type = "text/event-stream", body = SseStream),
+        (status = 400, description = "`invalid_cursor`; `invalid_id`: not a task id (a UUID); `invalid_query`, `invalid_character`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`task_not_found`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:read"]))
 )]
 pub async fn sse(
     State(state): State<AppState>,
     _caller: CanRead,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     StrictQuery(query): StrictQuery<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
@@ -116,27 +130,28 @@ pub async fn sse(
 /// task and its run are finished. Resume with `?after=<cursor>`.
 #[utoipa::path(
     get, path = "/v1/tasks/{id}/ws", tag = "tasks",
-    params(("id" = String, Path, description = "The task's id"), StreamQuery),
+    params(("id" = Uuid, Path, description = "The task's id"), StreamQuery,
+           ("Connection" = String, Header, pattern = "[Uu][Pp][Gg][Rr][Aa][Dd][Ee]", description = "The WebSocket handshake (RFC 6455): holds `upgrade` (any case)"),
+           ("Upgrade" = String, Header, pattern = "^[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]$", description = "The WebSocket handshake: `websocket` (any case)"),
+           ("Sec-WebSocket-Version" = String, Header, pattern = "^13$", description = "The WebSocket handshake: `13`"),
+           ("Sec-WebSocket-Key" = String, Header, description = "The WebSocket handshake: a base64 nonce")),
     responses(
         (status = 101, description = "Switching to WebSocket"),
-        (status = 400, description = "Invalid cursor, or not a WebSocket request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`not_websocket`: not a WebSocket handshake; `invalid_cursor`; `invalid_id`: not a task id (a UUID); `invalid_query`, `invalid_character`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`task_not_found`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:read"]))
 )]
 pub async fn ws(
     State(state): State<AppState>,
     _caller: CanRead,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     StrictQuery(query): StrictQuery<StreamQuery>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let follower = start(&state, &id, &headers, query).await?;
-    let upgrade = upgrade.map_err(|e| ApiError::bad_request("not_websocket", e.body_text()))?;
+    let upgrade = upgrade.map_err(|e| ApiError::new(Code::NotWebsocket, e.body_text()))?;
     Ok(upgrade
         .on_upgrade(move |socket| send_events(socket, follower))
         .into_response())

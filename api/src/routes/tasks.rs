@@ -1,26 +1,45 @@
 //! `/v1/tasks`: create, list, read, cancel and signal tasks.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use stele_aggregates::channel::Channel;
 use stele_aggregates::task::{InvalidInput, Requester, TaskInput};
+use stele_aggregates::workflow_run::RunStatus;
 use stele_engine::CommandMeta;
 use stele_workflows::runtime::{Created, TaskView};
 use uuid::Uuid;
 
-use super::{CanRead, CanWrite, StrictQuery};
+use super::{parse_id, ApiPath, CanRead, CanWrite, NoQuery, StrictQuery};
 use crate::json::{OptionalJson, StrictJson};
-use crate::problem::{ApiError, Problem};
+use crate::problem::{ApiError, Code, Problem};
 use crate::state::AppState;
 use crate::wire::*;
 
 /// Names the idempotency keys of task creation apart from other UUIDv5 uses.
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x5f1e_7a3b_9c2d_4e8f_a1b0_c3d4_e5f6_0718);
 
-/// Longest `Idempotency-Key` accepted.
+/// Longest `Idempotency-Key` accepted, in bytes (each is one visible ASCII character).
 const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+/// An `Idempotency-Key`: 1 to 200 visible ASCII characters (`!` to `~`), as the document's
+/// pattern says.
+fn idempotency_key(value: &axum::http::HeaderValue) -> Result<&str, ApiError> {
+    let bytes = value.as_bytes();
+    if bytes.is_empty()
+        || bytes.len() > MAX_IDEMPOTENCY_KEY
+        || !bytes.iter().all(|b| (b'!'..=b'~').contains(b))
+    {
+        return Err(ApiError::new(
+            Code::InvalidIdempotencyKey,
+            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        ));
+    }
+    value
+        .to_str()
+        .map_err(|e| ApiError::new(Code::InvalidIdempotencyKey, e.to_string()))
+}
 
 pub fn body(view: &TaskView) -> TaskBody {
     TaskBody {
@@ -37,30 +56,35 @@ pub fn body(view: &TaskView) -> TaskBody {
         }),
         result: view.task.result.clone(),
         error: view.task.error.clone(),
-        run: view.run.as_ref().map(|run| RunBody {
-            id: run.run_id.to_string(),
-            workflow: run.workflow.clone(),
-            version: run.version,
-            status: run.status.as_str().to_owned(),
-            current_step: run.current.clone(),
-            steps: run
-                .path
-                .iter()
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .filter_map(|id| {
-                    let step = run.step(id)?;
-                    Some(StepBody {
-                        id: id.clone(),
-                        status: format!("{:?}", step.status).to_lowercase(),
-                        attempt: step.attempt.max(1),
-                        output: step.output.clone(),
-                        error: step.error.clone(),
+        // A run the task was routed to that has not started yet holds nothing to show.
+        run: view
+            .run
+            .as_ref()
+            .filter(|run| run.status != RunStatus::New)
+            .map(|run| RunBody {
+                id: run.run_id.to_string(),
+                workflow: run.workflow.clone(),
+                version: run.version,
+                status: run.status.as_str().to_owned(),
+                current_step: run.current.clone(),
+                steps: run
+                    .path
+                    .iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .filter_map(|id| {
+                        let step = run.step(id)?;
+                        Some(StepBody {
+                            id: id.clone(),
+                            status: format!("{:?}", step.status).to_lowercase(),
+                            attempt: step.attempt.max(1),
+                            output: step.output.clone(),
+                            error: step.error.clone(),
+                        })
                     })
-                })
-                .collect(),
-            replies: run.replies.clone(),
-        }),
+                    .collect(),
+                replies: run.replies.clone(),
+            }),
     }
 }
 
@@ -76,17 +100,26 @@ fn meta(caller: &crate::auth::Caller) -> CommandMeta {
 #[utoipa::path(
     post, path = "/v1/tasks", tag = "tasks",
     request_body = CreateTask,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key and body give the same task")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200, pattern = r"^[!-~]{1,200}$",
+         description = "Makes retries safe: the same key and body give the same task. 1 to 200 visible ASCII characters"),
+    ),
     responses(
-        (status = 201, description = "Created", body = TaskBody),
-        (status = 200, description = "Already created with this idempotency key", body = TaskBody),
-        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks tasks:write", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid task, unknown workflow, or idempotency key reused with another body", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 201, description = "Created", body = TaskBody,
+         headers(("Location" = String, description = "The task's URL")),
+         links(
+            ("GetTask" = (operation_id = "get_task", parameters(("id" = "$response.body#/id")), description = "Read the task")),
+            ("TaskEvents" = (operation_id = "task_events", parameters(("id" = "$response.body#/id")), description = "The task's history")),
+            ("FollowTask" = (operation_id = "sse", parameters(("id" = "$response.body#/id")), description = "Follow the task's progress")),
+            ("CancelTask" = (operation_id = "cancel_task", parameters(("id" = "$response.body#/id")), description = "Cancel the task")),
+            ("SignalTask" = (operation_id = "signal_task", parameters(("id" = "$response.body#/id")), description = "Send the task's run a signal")),
+         )),
+        (status = 200, description = "Already created with this idempotency key", body = TaskBody,
+         headers(("Location" = String, description = "The task's URL"))),
+        (status = 400, description = "`malformed_json`, `json_too_deep`, `unreadable_body`: the body is not JSON; `invalid_idempotency_key`; `invalid_query`, `invalid_character`", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`body_too_large`: the body is over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_body`, `invalid_input`, `input_too_long`, `invalid_requester`, `invalid_character`: the body breaks its schema; `unknown_workflow`; `idempotency_key_reused`: the key was used with another body; `unstorable_input`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:write"]))
 )]
@@ -94,19 +127,17 @@ pub async fn create_task(
     State(state): State<AppState>,
     CanWrite(caller): CanWrite,
     headers: HeaderMap,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
     StrictJson(request): StrictJson<CreateTask>,
 ) -> Result<Response, ApiError> {
     let input = TaskInput::parse(request.input.clone()).map_err(|e| match e {
-        InvalidInput::Empty => ApiError::unprocessable("invalid_input", "`input` is empty"),
-        InvalidInput::TooLong(_) => {
-            ApiError::unprocessable("input_too_long", format!("`input`: {e}"))
-        }
-        InvalidInput::Nul => ApiError::unprocessable("invalid_character", format!("`input`: {e}")),
+        InvalidInput::Empty => ApiError::new(Code::InvalidInput, "`input` is empty"),
+        InvalidInput::TooLong(_) => ApiError::new(Code::InputTooLong, format!("`input`: {e}")),
+        InvalidInput::Nul => ApiError::new(Code::InvalidCharacterInBody, format!("`input`: {e}")),
     })?;
     let requester = match &request.requester {
-        Some(r) => Requester::parse(&r.user_id, &r.channel).map_err(|e| {
-            ApiError::unprocessable("invalid_requester", format!("`requester`: {e}"))
-        })?,
+        Some(r) => Requester::parse(&r.user_id, &r.channel)
+            .map_err(|e| ApiError::new(Code::InvalidRequester, format!("`requester`: {e}")))?,
         None => Requester {
             user_id: caller.name.clone(),
             channel: Channel::API,
@@ -114,18 +145,7 @@ pub async fn create_task(
     };
     let mut meta = meta(&caller);
     if let Some(value) = headers.get("idempotency-key") {
-        let key = value
-            .to_str()
-            .ok()
-            .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_idempotency_key",
-                    format!(
-                        "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
-                    ),
-                )
-            })?;
+        let key = idempotency_key(value)?;
         // One task per (key, idempotency key): its id is derived from them.
         let id = Uuid::new_v5(
             &IDEMPOTENCY_NAMESPACE,
@@ -158,8 +178,8 @@ pub async fn create_task(
         ),
         Created::Repeated(view) => (StatusCode::OK, body(&view)),
         Created::KeyReused(_) => {
-            return Err(ApiError::unprocessable(
-                "idempotency_key_reused",
+            return Err(ApiError::new(
+                Code::IdempotencyKeyReused,
                 "this Idempotency-Key was used for a task with another body",
             ))
         }
@@ -189,23 +209,20 @@ pub struct ReadQuery {
 /// milliseconds; `?consistent=true` reads the log itself.
 #[utoipa::path(
     get, path = "/v1/tasks/{id}", tag = "tasks",
-    params(("id" = String, Path, description = "The task's id"), ReadQuery),
+    params(("id" = Uuid, Path, description = "The task's id"), ReadQuery),
     responses(
         (status = 200, description = "The task", body = TaskBody),
-        (status = 400, description = "Invalid query", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`task_not_found`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:read"]))
 )]
 pub async fn get_task(
     State(state): State<AppState>,
     _caller: CanRead,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     StrictQuery(query): StrictQuery<ReadQuery>,
 ) -> Result<Json<TaskBody>, ApiError> {
+    let id = parse_id("task", &id)?.to_string();
     if !query.consistent.unwrap_or(false) {
         if let Some(view) = match &state.tasks {
             Some(cache) => cache.get(&id).await,
@@ -225,21 +242,20 @@ pub async fn get_task(
 /// A task's full history: its events, its run's and its child runs', in order.
 #[utoipa::path(
     get, path = "/v1/tasks/{id}/events", tag = "tasks",
-    params(("id" = String, Path, description = "The task's id")),
+    params(("id" = Uuid, Path, description = "The task's id")),
     responses(
         (status = 200, description = "The events", body = TaskEvents),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`task_not_found`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:read"]))
 )]
 pub async fn task_events(
     State(state): State<AppState>,
     _caller: CanRead,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
 ) -> Result<Json<TaskEvents>, ApiError> {
+    let id = parse_id("task", &id)?.to_string();
     let events = state.runtime.history(&id).await?;
     Ok(Json(TaskEvents {
         events: events.iter().map(EventBody::from).collect(),
@@ -249,25 +265,23 @@ pub async fn task_events(
 /// Cancel a task, its run, its child runs and its queued steps.
 #[utoipa::path(
     post, path = "/v1/tasks/{id}/cancel", tag = "tasks",
-    params(("id" = String, Path, description = "The task's id")),
-    request_body(content = Option<CancelBody>, description = "Optional reason"),
+    params(("id" = Uuid, Path, description = "The task's id")),
+    request_body(content = Option<CancelBody>, description = "Optional: a reason. Leave the body out for none (`null` is not a body)"),
     responses(
         (status = 202, description = "Cancelling", body = Accepted),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks tasks:write", body = Problem, content_type = "application/problem+json"),
-        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The task is finished", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`task_not_found`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`task_state`: the task is finished", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:write"]))
 )]
 pub async fn cancel_task(
     State(state): State<AppState>,
     CanWrite(caller): CanWrite,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
     OptionalJson(request): OptionalJson<CancelBody>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let id = parse_id("task", &id)?.to_string();
     let reason = request
         .reason
         .unwrap_or_else(|| format!("cancelled by key {}", caller.name));
@@ -287,33 +301,33 @@ pub async fn cancel_task(
 #[utoipa::path(
     post, path = "/v1/tasks/{id}/signals/{name}", tag = "tasks",
     params(
-        ("id" = String, Path, description = "The task's id"),
+        ("id" = Uuid, Path, description = "The task's id"),
         ("name" = String, Path, description = "The signal's name, as a `wait` step names it"),
     ),
-    request_body(content = Option<SignalBody>, description = "Optional payload"),
+    request_body(content = Option<SignalBody>, description = "Optional: a payload. Leave the body out for none (`null` is not a body)"),
     responses(
         (status = 202, description = "Recorded", body = Accepted),
-        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks tasks:write", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The run is finished or not started", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`task_not_found`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`run_state`, `run_not_started`, `task_state`: the run is finished or not started", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:write"]))
 )]
 pub async fn signal_task(
     State(state): State<AppState>,
     CanWrite(caller): CanWrite,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
     OptionalJson(request): OptionalJson<SignalBody>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let id = parse_id("task", &id)?.to_string();
     state
         .runtime
         .signal_task(
             &id,
             name,
-            request.payload.unwrap_or(serde_json::Value::Null),
+            request
+                .payload
+                .map_or(serde_json::Value::Null, serde_json::Value::Object),
             meta(&caller),
         )
         .await?;
@@ -330,11 +344,12 @@ pub async fn signal_task(
     get, path = "/v1/tasks", tag = "tasks",
     params(TaskListQuery),
     responses(
-        (status = 200, description = "A page of tasks", body = TaskPage),
-        (status = 400, description = "Invalid filter or cursor", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key lacks tasks:read", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "A page of tasks", body = TaskPage,
+         links(
+            ("GetTask" = (operation_id = "get_task", parameters(("id" = "$response.body#/tasks/0/id")), description = "Read the first task")),
+            ("NextPage" = (operation_id = "list_tasks", parameters(("cursor" = "$response.body#/next_cursor")), description = "The next page")),
+         )),
+        (status = 400, description = "`invalid_query`: an unknown parameter, a wrong type or a value out of range; `invalid_cursor`; `invalid_character`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:read"]))
 )]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use stele_aggregates::api_key::Scope;
+use stele_api::auth::Gate;
 use stele_api::gate::KeyGate;
 use stele_api::keys::{KeyService, KeyServiceOptions};
 use stele_api::ratelimit::{RateLimit, RateLimiter};
@@ -49,6 +50,7 @@ pub struct Server {
     pub base: String,
     pub store: Store,
     pub runtime: Arc<Runtime>,
+    pub keys: Arc<KeyService>,
     pub admin: String,
     pub reader: String,
     pub writer: String,
@@ -63,6 +65,10 @@ pub struct Options {
     pub rate: RateLimit,
     pub redis: bool,
     pub probe: Option<Arc<dyn Probe>>,
+    /// Whether the catalog has [`APPROVAL`] (whose runs wait for a signal).
+    pub approval: bool,
+    /// Admits requests instead of the server's own key gate.
+    pub gate: Option<Arc<dyn Gate>>,
 }
 
 impl Default for Options {
@@ -74,6 +80,8 @@ impl Default for Options {
             },
             redis: true,
             probe: None,
+            approval: true,
+            gate: None,
         }
     }
 }
@@ -85,10 +93,12 @@ impl Server {
         let tools = Tools::builtin();
         let router = ModelRouter::new(ModelsConfig::default()).unwrap();
         let mut sources = catalog::builtin();
-        sources.push(Source {
-            file: "approval.yaml".into(),
-            yaml: APPROVAL.into(),
-        });
+        if options.approval {
+            sources.push(Source {
+                file: "approval.yaml".into(),
+                yaml: APPROVAL.into(),
+            });
+        }
         let catalog = catalog::build(&sources, &|a| router.agent(a).is_some(), &|t| {
             tools.contains(t)
         })
@@ -144,10 +154,13 @@ impl Server {
         } else {
             RateLimiter::in_process(options.rate).unwrap()
         };
-        let gate = Arc::new(KeyGate {
-            keys,
-            limiter: Arc::new(limiter),
-        });
+        let gate: Arc<dyn Gate> = match options.gate {
+            Some(gate) => gate,
+            None => Arc::new(KeyGate {
+                keys: keys.clone(),
+                limiter: Arc::new(limiter),
+            }),
+        };
         let mut state = AppState::new(&store, runtime.clone(), runner, gate)
             .with_task_cache(1000)
             .await;
@@ -167,6 +180,7 @@ impl Server {
             base,
             store,
             runtime,
+            keys,
             admin,
             reader,
             writer,
@@ -234,6 +248,15 @@ impl Server {
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         )
+    }
+
+    /// A new API key with `scopes`.
+    pub async fn key(&self, name: &str, scopes: Vec<Scope>) -> String {
+        self.keys
+            .create(name, scopes, "test", CommandMeta::new("test", "test"))
+            .await
+            .unwrap()
+            .token
     }
 
     pub fn record(&self, method: &Method, route: &str, status: StatusCode) {
