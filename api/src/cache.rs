@@ -15,6 +15,7 @@ use stele_aggregates::task::TaskEvent;
 use stele_aggregates::workflow_run::{RunEvent, WorkflowRun};
 use stele_engine::log::{subscribe, SubscriptionOptions};
 use stele_engine::{EventLog, RecordedEvent};
+use stele_workflows::follow::{RUN_STREAM, TASK_STREAM};
 use stele_workflows::runtime::TaskView;
 
 /// How long an entry may be served without being reloaded.
@@ -72,8 +73,8 @@ impl TaskCache {
     async fn apply(&self, event: &RecordedEvent) {
         let id = &event.stream.aggregate_id;
         let task_id = match event.stream.aggregate_type.as_str() {
-            "task" => id.clone(),
-            "workflow_run" => match self.runs.get(id).await {
+            TASK_STREAM => id.clone(),
+            RUN_STREAM => match self.runs.get(id).await {
                 Some(task_id) => task_id,
                 None => return,
             },
@@ -83,7 +84,7 @@ impl TaskCache {
             return;
         };
         let mut view = (*current).clone();
-        let applied = if event.stream.aggregate_type == "task" {
+        let applied = if event.stream.aggregate_type == TASK_STREAM {
             next(&mut view.versions.0, event.sequence).and_then(|()| {
                 let decoded: TaskEvent = serde_json::from_value(event.payload.clone()).ok()?;
                 cqrs_es::Aggregate::apply(&mut view.task, decoded);
@@ -116,7 +117,7 @@ impl TaskCache {
 }
 
 fn view_version(view: &TaskView, event: &RecordedEvent) -> i64 {
-    if event.stream.aggregate_type == "task" {
+    if event.stream.aggregate_type == TASK_STREAM {
         view.versions.0
     } else {
         view.versions.1

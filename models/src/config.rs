@@ -4,6 +4,10 @@
 //!
 //! Durations are whole milliseconds (`timeout_ms`, `cooldown_ms`, …): TOML has no duration
 //! type, and a unit in the key name leaves nothing to guess.
+//!
+//! One file on purpose (about 750 lines): every type here is a part of one TOML document, and
+//! validating it (routes naming providers, roles naming routes and tools) reads across all of
+//! them; splitting it would scatter one schema over several files.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -30,6 +30,9 @@
 //! Templates (`prompt`, `text`, strings inside a tool's `input`) use minijinja syntax;
 //! expressions (`on`, `items`, `output`) are minijinja expressions. Both see `input` (the run's
 //! input), `steps.<id>.output`, `run_id`, `task_id` and `workflow`.
+//!
+//! One file on purpose (about 700 lines, its tests in `definition/tests.rs`): the step kinds and
+//! the validation that checks them against each other are one schema, read together.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;

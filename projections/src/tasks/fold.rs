@@ -12,9 +12,9 @@ use stele_engine::RecordedEvent;
 use super::TaskRow;
 
 /// The aggregate type of tasks' streams.
-const TASK_STREAM: &str = "task";
+const TASK_STREAM: &str = <stele_aggregates::task::Task as cqrs_es::Aggregate>::TYPE;
 /// The aggregate type of workflow runs' streams; a task's top-level run has the task's id.
-const RUN_STREAM: &str = "workflow_run";
+const RUN_STREAM: &str = <stele_aggregates::workflow_run::WorkflowRun as cqrs_es::Aggregate>::TYPE;
 
 /// The run events that put the task at a step (their payload's `data.step`).
 pub(super) const STEP_EVENTS: [&str; 4] = [

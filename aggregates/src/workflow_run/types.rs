@@ -1,0 +1,361 @@
+//! The workflow run's vocabulary: its commands, events, statuses, the actions a [`Decider`]
+//! returns, and its errors. The aggregate (state, `handle`, `apply`) is in the parent module.
+
+use chrono::{DateTime, Utc};
+use cqrs_es::DomainEvent;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::WorkflowRun;
+use crate::ids::{RunId, TaskId};
+
+/// The parent run and fan-out step that started a child run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentLink {
+    pub run_id: RunId,
+    pub step: String,
+    /// The child's place among the step's children (the item index).
+    pub index: usize,
+}
+
+/// A child run a fan-out step starts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChildSpec {
+    pub run_id: RunId,
+    pub workflow: String,
+    pub version: u32,
+    pub input: Value,
+}
+
+/// Where a run is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Not started (no events).
+    #[default]
+    New,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::New => "new",
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Where a step is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// A job will run it (at `not_before` at the earliest).
+    Scheduled,
+    /// Waiting for a signal.
+    Waiting,
+    /// Waiting for a durable timer.
+    Sleeping,
+    /// Waiting for its child runs.
+    Joining,
+    Completed,
+    Failed,
+    Skipped,
+}
+
+/// How a step attempt ended, as reported by the step worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum StepOutcome {
+    Completed { output: Value },
+    Failed { error: String },
+}
+
+/// How a child run ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChildResult {
+    pub run_id: RunId,
+    pub status: RunStatus,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+/// What the decider asks for after an event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Run `step` (attempt `attempt`) as a job, not before `not_before`.
+    ScheduleStep {
+        step: String,
+        attempt: u32,
+        not_before: Option<DateTime<Utc>>,
+        /// Which escalation of the step's retry policy this attempt uses (0: none).
+        escalation: u32,
+        timeout_ms: u64,
+    },
+    /// A step that needs no job (a route on a value, a reply, a resumed wait) is done.
+    CompleteStep {
+        step: String,
+        output: Value,
+        /// The buffered signal this completion consumes.
+        consumed_signal: Option<String>,
+    },
+    SkipStep {
+        step: String,
+        reason: String,
+    },
+    ArmTimer {
+        step: String,
+        fire_at: DateTime<Utc>,
+    },
+    AwaitSignal {
+        step: String,
+        signal: String,
+        timeout_at: Option<DateTime<Utc>>,
+    },
+    StartChildren {
+        step: String,
+        children: Vec<ChildSpec>,
+    },
+    /// A message must be sent on the task's channel.
+    RequestReply {
+        step: String,
+        text: String,
+    },
+    CompleteRun {
+        output: Value,
+    },
+    FailRun {
+        error: String,
+        step: Option<String>,
+    },
+}
+
+/// Decides what follows an event: the workflow definitions, as the aggregate's service. Must be
+/// pure: the same run and event give the same actions.
+pub trait Decider: Send + Sync {
+    /// The actions that follow `event`, which has just been applied to `run`. An error fails the
+    /// run with that message (recorded, like any other outcome).
+    fn decide(
+        &self,
+        run: &WorkflowRun,
+        event: &RunEvent,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Action>, String>;
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunCommand {
+    Start {
+        run_id: RunId,
+        task_id: Option<TaskId>,
+        workflow: String,
+        version: u32,
+        input: Value,
+        parent: Option<ParentLink>,
+        now: DateTime<Utc>,
+    },
+    /// A step worker reports an attempt.
+    RecordStep {
+        step: String,
+        attempt: u32,
+        started_at: DateTime<Utc>,
+        /// What the step was given (a rendered prompt, a tool's input).
+        input: Option<Value>,
+        outcome: StepOutcome,
+        /// Model calls made by the attempt, in order (`workflows::model::ModelCall` as JSON).
+        calls: Vec<Value>,
+        now: DateTime<Utc>,
+    },
+    FireTimer {
+        step: String,
+        now: DateTime<Utc>,
+    },
+    Signal {
+        name: String,
+        payload: Value,
+        now: DateTime<Utc>,
+    },
+    TimeoutWait {
+        step: String,
+        now: DateTime<Utc>,
+    },
+    ChildFinished {
+        step: String,
+        index: usize,
+        result: ChildResult,
+        now: DateTime<Utc>,
+    },
+    Cancel {
+        reason: String,
+        now: DateTime<Utc>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum RunEvent {
+    RunStarted {
+        run_id: RunId,
+        task_id: Option<TaskId>,
+        workflow: String,
+        version: u32,
+        input: Value,
+        parent: Option<ParentLink>,
+    },
+    StepScheduled {
+        step: String,
+        attempt: u32,
+        not_before: Option<DateTime<Utc>>,
+        escalation: u32,
+        timeout_ms: u64,
+    },
+    /// Recorded with the attempt's outcome (like Temporal's activity start): a start whose
+    /// worker died before finishing is not history, the rescued job starts it again.
+    StepStarted {
+        step: String,
+        attempt: u32,
+        at: DateTime<Utc>,
+    },
+    StepCompleted {
+        step: String,
+        attempt: u32,
+        input: Option<Value>,
+        output: Value,
+        calls: Vec<Value>,
+        consumed_signal: Option<String>,
+    },
+    StepFailed {
+        step: String,
+        attempt: u32,
+        input: Option<Value>,
+        error: String,
+        calls: Vec<Value>,
+    },
+    StepSkipped {
+        step: String,
+        reason: String,
+    },
+    TimerArmed {
+        step: String,
+        fire_at: DateTime<Utc>,
+    },
+    TimerFired {
+        step: String,
+    },
+    WaitStarted {
+        step: String,
+        signal: String,
+        timeout_at: Option<DateTime<Utc>>,
+    },
+    SignalReceived {
+        name: String,
+        payload: Value,
+    },
+    WaitTimedOut {
+        step: String,
+    },
+    ChildrenStarted {
+        step: String,
+        children: Vec<ChildSpec>,
+    },
+    ChildRunFinished {
+        step: String,
+        index: usize,
+        result: ChildResult,
+    },
+    ReplyRequested {
+        step: String,
+        text: String,
+    },
+    RunCompleted {
+        output: Value,
+    },
+    RunFailed {
+        error: String,
+        step: Option<String>,
+    },
+    RunCancelled {
+        reason: String,
+    },
+}
+
+impl RunEvent {
+    /// Every event type, for subscribers that filter by type.
+    pub const TYPES: [&'static str; 17] = [
+        "RunStarted",
+        "StepScheduled",
+        "StepStarted",
+        "StepCompleted",
+        "StepFailed",
+        "StepSkipped",
+        "TimerArmed",
+        "TimerFired",
+        "WaitStarted",
+        "SignalReceived",
+        "WaitTimedOut",
+        "ChildrenStarted",
+        "ChildRunFinished",
+        "ReplyRequested",
+        "RunCompleted",
+        "RunFailed",
+        "RunCancelled",
+    ];
+}
+
+impl DomainEvent for RunEvent {
+    fn event_type(&self) -> String {
+        match self {
+            RunEvent::RunStarted { .. } => "RunStarted",
+            RunEvent::StepScheduled { .. } => "StepScheduled",
+            RunEvent::StepStarted { .. } => "StepStarted",
+            RunEvent::StepCompleted { .. } => "StepCompleted",
+            RunEvent::StepFailed { .. } => "StepFailed",
+            RunEvent::StepSkipped { .. } => "StepSkipped",
+            RunEvent::TimerArmed { .. } => "TimerArmed",
+            RunEvent::TimerFired { .. } => "TimerFired",
+            RunEvent::WaitStarted { .. } => "WaitStarted",
+            RunEvent::SignalReceived { .. } => "SignalReceived",
+            RunEvent::WaitTimedOut { .. } => "WaitTimedOut",
+            RunEvent::ChildrenStarted { .. } => "ChildrenStarted",
+            RunEvent::ChildRunFinished { .. } => "ChildRunFinished",
+            RunEvent::ReplyRequested { .. } => "ReplyRequested",
+            RunEvent::RunCompleted { .. } => "RunCompleted",
+            RunEvent::RunFailed { .. } => "RunFailed",
+            RunEvent::RunCancelled { .. } => "RunCancelled",
+        }
+        .to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        "1.0".to_owned()
+    }
+}
+
+/// Why a run command was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RunError {
+    #[error("the run exists already")]
+    AlreadyStarted,
+    #[error("no such run")]
+    NotStarted,
+    #[error("the run is {0:?}")]
+    Finished(RunStatus),
+    /// A step report for an attempt that is not the one scheduled (a late or repeated worker).
+    #[error("step {step} attempt {attempt} is not scheduled")]
+    StaleStep { step: String, attempt: u32 },
+    #[error("a signal needs a name")]
+    EmptySignal,
+}
