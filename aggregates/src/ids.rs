@@ -101,3 +101,7 @@ string_id!(
     /// `<parent run>.<step>.<index>` for a child run.
     RunId
 );
+string_id!(
+    /// A step's id, as its workflow definition names it.
+    StepId
+);

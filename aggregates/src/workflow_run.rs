@@ -27,7 +27,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{RunId, TaskId};
+use crate::ids::{RunId, StepId, TaskId};
 use serde_json::Value;
 
 /// How many events one command may record: a definition whose decisions never settle (an inline
@@ -91,11 +91,11 @@ pub struct WorkflowRun {
     pub version: u32,
     pub input: Value,
     pub parent: Option<ParentLink>,
-    pub steps: BTreeMap<String, StepState>,
+    pub steps: BTreeMap<StepId, StepState>,
     /// Steps in the order they were entered (a step entered again, by a loop, appears again).
-    pub path: Vec<String>,
+    pub path: Vec<StepId>,
     /// The step the run is at.
-    pub current: Option<String>,
+    pub current: Option<StepId>,
     /// Signals received and not yet consumed by a wait, oldest first.
     pub signals: Vec<(String, Value)>,
     /// Messages to send on the task's channel.
@@ -150,7 +150,7 @@ impl WorkflowRun {
     fn step_mut(&mut self, id: &str, status: StepStatus) -> &mut StepState {
         let step = self
             .steps
-            .entry(id.to_owned())
+            .entry(StepId::from(id))
             .or_insert_with(|| StepState::new(status));
         step.status = status;
         step
@@ -525,8 +525,8 @@ impl WorkflowRun {
     /// goes on the path.
     fn enter(&mut self, step: &str) {
         if self.current.as_deref() != Some(step) {
-            self.current = Some(step.to_owned());
-            self.path.push(step.to_owned());
+            self.current = Some(StepId::from(step));
+            self.path.push(StepId::from(step));
         }
     }
 }

@@ -189,7 +189,7 @@ impl Decision<'_> {
         let context = || expr::context(self.run);
         Ok(match &step.kind {
             kind if kind.is_job() => vec![Action::ScheduleStep {
-                step: id,
+                step: id.into(),
                 attempt: 1,
                 not_before: None,
                 escalation: 0,
@@ -199,7 +199,7 @@ impl Decision<'_> {
                 let value = expr::evaluate(on, &context())
                     .map_err(|e| format!("step {id}: `on` could not be evaluated: {e}"))?;
                 vec![Action::CompleteStep {
-                    step: id,
+                    step: id.into(),
                     output: value,
                     consumed_signal: None,
                 }]
@@ -233,21 +233,27 @@ impl Decision<'_> {
                         input: item,
                     })
                     .collect();
-                vec![Action::StartChildren { step: id, children }]
+                vec![Action::StartChildren {
+                    step: id.into(),
+                    children,
+                }]
             }
             StepKind::Wait { signal, .. } => vec![Action::AwaitSignal {
-                step: id,
+                step: id.into(),
                 signal: signal.clone(),
                 timeout_at: step.timeout.map(|t| self.after(t)),
             }],
             StepKind::Sleep { duration } => vec![Action::ArmTimer {
-                step: id,
+                step: id.into(),
                 fire_at: self.after(*duration),
             }],
             StepKind::Reply { text } => {
                 let text = expr::render(text, &context())
                     .map_err(|e| format!("step {id}: `text` could not be rendered: {e}"))?;
-                vec![Action::RequestReply { step: id, text }]
+                vec![Action::RequestReply {
+                    step: id.into(),
+                    text,
+                }]
             }
             kind => {
                 return Err(format!(
@@ -314,7 +320,7 @@ impl Decision<'_> {
                 id,
             );
             return Ok(vec![Action::ScheduleStep {
-                step: id.to_owned(),
+                step: id.into(),
                 attempt: attempt + 1,
                 not_before: Some(self.after(wait)),
                 escalation: attempt.min(policy.escalate.len() as u32),
@@ -333,7 +339,7 @@ impl Decision<'_> {
             Some(target) => self.go(target, &json!({ "error": error })),
             None => Ok(vec![Action::FailRun {
                 error,
-                step: Some(id.to_owned()),
+                step: Some(id.into()),
             }]),
         }
     }
@@ -342,7 +348,7 @@ impl Decision<'_> {
         let buffered = self.run.signals.iter().find(|(name, _)| name == signal);
         match buffered {
             Some((_, payload)) => vec![Action::CompleteStep {
-                step: id.to_owned(),
+                step: id.into(),
                 output: payload.clone(),
                 consumed_signal: Some(signal.to_owned()),
             }],
@@ -394,7 +400,7 @@ impl Decision<'_> {
             })
             .collect();
         Ok(vec![Action::CompleteStep {
-            step: id.to_owned(),
+            step: id.into(),
             output: Value::Array(output),
             consumed_signal: None,
         }])

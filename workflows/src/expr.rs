@@ -25,7 +25,7 @@ pub fn context(run: &WorkflowRun) -> Value {
         .iter()
         .map(|(id, step)| {
             (
-                id.clone(),
+                id.to_string(),
                 json!({
                     "output": step.output,
                     "status": step.status,

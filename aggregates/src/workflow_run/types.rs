@@ -7,13 +7,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::WorkflowRun;
-use crate::ids::{RunId, TaskId};
+use crate::ids::{RunId, StepId, TaskId};
 
 /// The parent run and fan-out step that started a child run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParentLink {
     pub run_id: RunId,
-    pub step: String,
+    pub step: StepId,
     /// The child's place among the step's children (the item index).
     pub index: usize,
 }
@@ -98,7 +98,7 @@ pub struct ChildResult {
 pub enum Action {
     /// Run `step` (attempt `attempt`) as a job, not before `not_before`.
     ScheduleStep {
-        step: String,
+        step: StepId,
         attempt: u32,
         not_before: Option<DateTime<Utc>>,
         /// Which escalation of the step's retry policy this attempt uses (0: none).
@@ -107,31 +107,31 @@ pub enum Action {
     },
     /// A step that needs no job (a route on a value, a reply, a resumed wait) is done.
     CompleteStep {
-        step: String,
+        step: StepId,
         output: Value,
         /// The buffered signal this completion consumes.
         consumed_signal: Option<String>,
     },
     SkipStep {
-        step: String,
+        step: StepId,
         reason: String,
     },
     ArmTimer {
-        step: String,
+        step: StepId,
         fire_at: DateTime<Utc>,
     },
     AwaitSignal {
-        step: String,
+        step: StepId,
         signal: String,
         timeout_at: Option<DateTime<Utc>>,
     },
     StartChildren {
-        step: String,
+        step: StepId,
         children: Vec<ChildSpec>,
     },
     /// A message must be sent on the task's channel.
     RequestReply {
-        step: String,
+        step: StepId,
         text: String,
     },
     CompleteRun {
@@ -139,7 +139,7 @@ pub enum Action {
     },
     FailRun {
         error: String,
-        step: Option<String>,
+        step: Option<StepId>,
     },
 }
 
@@ -169,7 +169,7 @@ pub enum RunCommand {
     },
     /// A step worker reports an attempt.
     RecordStep {
-        step: String,
+        step: StepId,
         attempt: u32,
         started_at: DateTime<Utc>,
         /// What the step was given (a rendered prompt, a tool's input).
@@ -180,7 +180,7 @@ pub enum RunCommand {
         now: DateTime<Utc>,
     },
     FireTimer {
-        step: String,
+        step: StepId,
         now: DateTime<Utc>,
     },
     Signal {
@@ -189,11 +189,11 @@ pub enum RunCommand {
         now: DateTime<Utc>,
     },
     TimeoutWait {
-        step: String,
+        step: StepId,
         now: DateTime<Utc>,
     },
     ChildFinished {
-        step: String,
+        step: StepId,
         index: usize,
         result: ChildResult,
         now: DateTime<Utc>,
@@ -216,7 +216,7 @@ pub enum RunEvent {
         parent: Option<ParentLink>,
     },
     StepScheduled {
-        step: String,
+        step: StepId,
         attempt: u32,
         not_before: Option<DateTime<Utc>>,
         escalation: u32,
@@ -225,12 +225,12 @@ pub enum RunEvent {
     /// Recorded with the attempt's outcome (like Temporal's activity start): a start whose
     /// worker died before finishing is not history, the rescued job starts it again.
     StepStarted {
-        step: String,
+        step: StepId,
         attempt: u32,
         at: DateTime<Utc>,
     },
     StepCompleted {
-        step: String,
+        step: StepId,
         attempt: u32,
         input: Option<Value>,
         output: Value,
@@ -238,25 +238,25 @@ pub enum RunEvent {
         consumed_signal: Option<String>,
     },
     StepFailed {
-        step: String,
+        step: StepId,
         attempt: u32,
         input: Option<Value>,
         error: String,
         calls: Vec<Value>,
     },
     StepSkipped {
-        step: String,
+        step: StepId,
         reason: String,
     },
     TimerArmed {
-        step: String,
+        step: StepId,
         fire_at: DateTime<Utc>,
     },
     TimerFired {
-        step: String,
+        step: StepId,
     },
     WaitStarted {
-        step: String,
+        step: StepId,
         signal: String,
         timeout_at: Option<DateTime<Utc>>,
     },
@@ -265,19 +265,19 @@ pub enum RunEvent {
         payload: Value,
     },
     WaitTimedOut {
-        step: String,
+        step: StepId,
     },
     ChildrenStarted {
-        step: String,
+        step: StepId,
         children: Vec<ChildSpec>,
     },
     ChildRunFinished {
-        step: String,
+        step: StepId,
         index: usize,
         result: ChildResult,
     },
     ReplyRequested {
-        step: String,
+        step: StepId,
         text: String,
     },
     RunCompleted {
@@ -285,7 +285,7 @@ pub enum RunEvent {
     },
     RunFailed {
         error: String,
-        step: Option<String>,
+        step: Option<StepId>,
     },
     RunCancelled {
         reason: String,
@@ -355,7 +355,7 @@ pub enum RunError {
     Finished(RunStatus),
     /// A step report for an attempt that is not the one scheduled (a late or repeated worker).
     #[error("step {step} attempt {attempt} is not scheduled")]
-    StaleStep { step: String, attempt: u32 },
+    StaleStep { step: StepId, attempt: u32 },
     #[error("a signal needs a name")]
     EmptySignal,
 }

@@ -66,7 +66,7 @@ pub fn body(view: &TaskView) -> TaskBody {
                 workflow: run.workflow.clone(),
                 version: run.version,
                 status: run.status.as_str().to_owned(),
-                current_step: run.current.clone(),
+                current_step: run.current.as_ref().map(ToString::to_string),
                 steps: run
                     .path
                     .iter()
@@ -75,7 +75,7 @@ pub fn body(view: &TaskView) -> TaskBody {
                     .filter_map(|id| {
                         let step = run.step(id)?;
                         Some(StepBody {
-                            id: id.clone(),
+                            id: id.to_string(),
                             status: format!("{:?}", step.status).to_lowercase(),
                             attempt: step.attempt.max(1),
                             output: step.output.clone(),

@@ -67,7 +67,7 @@ impl Sim {
     fn finish_step(&mut self, outcome: StepOutcome) -> Vec<RunEvent> {
         let (step, attempt) = self.scheduled().expect("a scheduled step");
         self.exec(RunCommand::RecordStep {
-            step,
+            step: step.into(),
             attempt,
             started_at: t0(),
             input: None,

@@ -13,7 +13,7 @@ pub(super) struct StartJob {
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct StepJob {
     pub(super) run_id: RunId,
-    pub(super) step: String,
+    pub(super) step: StepId,
     pub(super) attempt: u32,
     #[serde(flatten)]
     pub(super) cause: Cause,
@@ -23,7 +23,7 @@ pub(super) struct StepJob {
 pub(super) struct RunJob {
     pub(super) run_id: RunId,
     #[serde(default)]
-    pub(super) step: Option<String>,
+    pub(super) step: Option<StepId>,
     #[serde(flatten)]
     pub(super) cause: Cause,
 }
@@ -112,7 +112,7 @@ impl ProcessManager for Manager {
             return Vec::new();
         };
         let run_id = RunId::new(id.as_str());
-        let run_job = |step: Option<String>| RunJob {
+        let run_job = |step: Option<StepId>| RunJob {
             run_id: run_id.clone(),
             step,
             cause,

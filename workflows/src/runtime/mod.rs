@@ -24,7 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use stele_aggregates::ids::{RunId, TaskId};
+use stele_aggregates::ids::{RunId, StepId, TaskId};
 use stele_aggregates::task::{Requester, Task, TaskCommand, TaskError, TaskInput, TaskStatus};
 use stele_aggregates::workflow_run::{
     ChildResult, ChildSpec, Decider, ParentLink, RunCommand, RunError, RunEvent, RunStatus,
