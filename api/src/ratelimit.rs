@@ -213,6 +213,16 @@ impl RateLimiter {
     /// every process using it. Call within a Tokio runtime. Only a malformed URL fails here: the
     /// connection is made on the first check, and while Redis cannot be reached checks fail open.
     pub fn redis(limit: RateLimit, url: &str) -> Result<Self, RateLimitError> {
+        Self::redis_with_clock(limit, url, Arc::new(stele_models::SystemClock))
+    }
+
+    /// [`RateLimiter::redis`] on a given clock, which times the pause after a failure (the
+    /// buckets themselves refill on Redis's clock, shared by every process).
+    pub fn redis_with_clock(
+        limit: RateLimit,
+        url: &str,
+        clock: Arc<dyn stele_models::Clock>,
+    ) -> Result<Self, RateLimitError> {
         limit.period()?;
         let client =
             redis::Client::open(url).map_err(|e| RateLimitError::InvalidRedisUrl(e.to_string()))?;
@@ -233,7 +243,8 @@ impl RateLimiter {
                 connection,
                 script: redis::Script::new(TOKEN_BUCKET_LUA),
                 expiry_ms,
-                started: Instant::now(),
+                started: clock.now(),
+                clock,
                 skip_until_ms: AtomicU64::new(0),
             }),
         })
@@ -284,13 +295,14 @@ struct RedisBuckets {
     script: redis::Script,
     expiry_ms: u64,
     started: Instant,
+    clock: Arc<dyn stele_models::Clock>,
     /// Until when (ms since `started`) checks skip Redis after a failure.
     skip_until_ms: AtomicU64,
 }
 
 impl RedisBuckets {
     async fn check(&self, key_id: &str, limit: RateLimit) -> Result<(), Limited> {
-        let now_ms = self.started.elapsed().as_millis() as u64;
+        let now_ms = (self.clock.now() - self.started).as_millis() as u64;
         let skip_until = self.skip_until_ms.load(Ordering::Relaxed);
         if now_ms < skip_until {
             return Ok(());

@@ -282,8 +282,13 @@ async fn shared_limits_fail_open_while_redis_is_away_and_resume_when_it_returns(
         listener.local_addr().unwrap().port()
     };
     let redis = OwnRedis::start(port);
-    let limiter =
-        RateLimiter::new(no_refill(2), Some(&format!("redis://127.0.0.1:{port}"))).unwrap();
+    let clock = Arc::new(stele_models::ManualClock::new());
+    let limiter = RateLimiter::redis_with_clock(
+        no_refill(2),
+        &format!("redis://127.0.0.1:{port}"),
+        clock.clone(),
+    )
+    .unwrap();
     let key = unique_key();
     limiter.check(&key).await.unwrap();
     limiter.check(&key).await.unwrap();
@@ -293,6 +298,7 @@ async fn shared_limits_fail_open_while_redis_is_away_and_resume_when_it_returns(
     let away = async {
         for _ in 0..20 {
             limiter.check(&key).await.unwrap();
+            clock.advance(stele_api::ratelimit::REDIS_RETRY_INTERVAL);
         }
     };
     tokio::time::timeout(Duration::from_secs(5), away)
@@ -300,11 +306,12 @@ async fn shared_limits_fail_open_while_redis_is_away_and_resume_when_it_returns(
         .expect("failing open is quick");
 
     let _redis = OwnRedis::start(port);
-    // Checks skip Redis for a short while after a failure; then they reach it again, with a
-    // fresh bucket of 2, so a third check within the budget's window is refused.
+    // After each failure, checks skip Redis for the retry interval (moved past here); then they
+    // reach it again, with a fresh bucket of 2, so a third check within its window is refused.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut allowed_since_back = 0;
     loop {
+        clock.advance(stele_api::ratelimit::REDIS_RETRY_INTERVAL);
         match limiter.check(&key).await {
             Ok(()) => allowed_since_back += 1,
             Err(limited) => {
@@ -316,7 +323,6 @@ async fn shared_limits_fail_open_while_redis_is_away_and_resume_when_it_returns(
             std::time::Instant::now() < deadline,
             "the shared limit never came back ({allowed_since_back} allowed)"
         );
-        // The limiter's own retry rhythm, not a guess at how long something takes.
-        tokio::time::sleep(stele_api::ratelimit::REDIS_RETRY_INTERVAL / 10).await;
+        tokio::task::yield_now().await;
     }
 }
