@@ -258,21 +258,14 @@ pub async fn run_node(
     }
     if roles.api {
         let service = Arc::new(KeyService::new(&store));
-        let follower = service.follow_changes(store.log.clone());
-        let stopped = until_stopped();
-        tasks.spawn(async move {
-            stopped.await;
-            follower.abort();
-            Ok(())
-        });
         keys = Some(service.clone());
         let limiter = Arc::new(RateLimiter::new(node.rate, node.redis_url.as_deref())?);
         let gate = Arc::new(KeyGate {
-            keys: service,
+            keys: service.clone(),
             limiter: limiter.clone(),
         });
         let mut state = AppState::new(&store, runtime.clone(), runner.clone(), gate)
-            .with_task_cache(100_000)
+            .with_task_cache(100_000, Some(service))
             .await;
         state.metrics = Some(prometheus()?);
         if let Some(url) = &node.redis_url {

@@ -31,8 +31,15 @@ pub struct TaskCache {
 
 impl TaskCache {
     /// A cache of up to `capacity` tasks, kept current by a task that follows `log` from its head
-    /// (it stops when the log closes).
-    pub async fn start(log: Arc<dyn EventLog>, capacity: u64) -> Self {
+    /// (it stops when the log closes). The same reader tells `keys` of key changes, so a server
+    /// process reads the log once for both caches. A lost connection is survived: the reader
+    /// starts again where it was, and both caches forget what they hold (they may have missed
+    /// something meanwhile).
+    pub async fn start(
+        log: Arc<dyn EventLog>,
+        capacity: u64,
+        keys: Option<Arc<crate::keys::KeyService>>,
+    ) -> Self {
         let cache = TaskCache {
             views: Cache::builder()
                 .max_capacity(capacity)
@@ -46,9 +53,32 @@ impl TaskCache {
         let head = log.head().await.unwrap_or_default();
         let follower = cache.clone();
         tokio::spawn(async move {
-            let mut subscription = subscribe(log, head, SubscriptionOptions::default());
-            while let Ok(event) = subscription.next().await {
-                follower.apply(&event).await;
+            let mut after = head;
+            loop {
+                let mut subscription =
+                    subscribe(log.clone(), after, SubscriptionOptions::default());
+                loop {
+                    match subscription.next().await {
+                        Ok(event) => {
+                            after = event.position;
+                            follower.apply(&event).await;
+                            if let Some(keys) = &keys {
+                                keys.observe(&event).await;
+                            }
+                        }
+                        Err(stele_engine::LogError::Closed) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "following the log for the caches failed; resuming");
+                            follower.views.invalidate_all();
+                            follower.runs.invalidate_all();
+                            if let Some(keys) = &keys {
+                                keys.forget_all();
+                            }
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            break;
+                        }
+                    }
+                }
             }
         });
         cache

@@ -266,12 +266,30 @@ impl KeyService {
         Err(KeyError::Rejected(ApiKeyError::AlreadyCreated))
     }
 
-    /// Follows the log from now on and drops each key that changes (revoked, changed scopes) from
-    /// this process's cache as soon as the change is committed, whichever process made it: with
-    /// it, a revocation reaches every server process within the log's notification delay
-    /// (milliseconds), not the cache TTL. Runs until the returned task is aborted.
+    /// Drops a key from this process's cache when `event` changes it (revoked, changed scopes):
+    /// called for every event by the process's reader of the log ([`crate::cache::TaskCache`], or
+    /// [`KeyService::follow_changes`]), so a revocation reaches every server process within the
+    /// log's notification delay (milliseconds), not the cache TTL.
+    pub async fn observe(&self, event: &stele_engine::RecordedEvent) {
+        if event.stream.aggregate_type == <ApiKey as cqrs_es::Aggregate>::TYPE
+            && event.event_type != "ApiKeyUsed"
+        {
+            self.inner
+                .cache
+                .invalidate(&event.stream.aggregate_id)
+                .await;
+        }
+    }
+
+    /// Forgets every cached key (after changes may have been missed).
+    pub fn forget_all(&self) {
+        self.inner.cache.invalidate_all();
+    }
+
+    /// A reader of the log that only [observes](KeyService::observe) key changes, from now on,
+    /// for a process that keeps no task cache. Runs until the returned task is aborted.
     pub fn follow_changes(&self, log: Arc<dyn EventLog>) -> tokio::task::JoinHandle<()> {
-        let cache = self.inner.cache.clone();
+        let keys = self.clone();
         tokio::spawn(async move {
             let mut after = None;
             loop {
@@ -286,9 +304,8 @@ impl KeyService {
                         }
                     },
                 };
-                // Whatever changed while this follower was not reading (first start, a lost
-                // connection) may be cached: start from a clean cache.
-                cache.invalidate_all();
+                // Whatever changed while this reader was not reading may be cached.
+                keys.forget_all();
                 let mut changes = stele_engine::log::subscribe(
                     log.clone(),
                     start,
@@ -298,11 +315,7 @@ impl KeyService {
                     match changes.next().await {
                         Ok(event) => {
                             after = Some(event.position);
-                            if event.stream.aggregate_type == <ApiKey as cqrs_es::Aggregate>::TYPE
-                                && event.event_type != "ApiKeyUsed"
-                            {
-                                cache.invalidate(&event.stream.aggregate_id).await;
-                            }
+                            keys.observe(&event).await;
                         }
                         Err(stele_engine::LogError::Closed) => return,
                         Err(e) => {

@@ -38,8 +38,14 @@ pub struct AppState {
 
 impl AppState {
     /// Serves task reads from memory, kept current by following the log.
-    pub async fn with_task_cache(mut self, capacity: u64) -> Self {
-        self.tasks = Some(crate::cache::TaskCache::start(self.log.clone(), capacity).await);
+    /// Serves task reads from memory (see [`crate::cache`]); the same reader of the log keeps
+    /// `keys`' cache current.
+    pub async fn with_task_cache(
+        mut self,
+        capacity: u64,
+        keys: Option<Arc<crate::keys::KeyService>>,
+    ) -> Self {
+        self.tasks = Some(crate::cache::TaskCache::start(self.log.clone(), capacity, keys).await);
         self
     }
 

@@ -41,18 +41,23 @@ impl Waker {
         }
     }
 
-    /// Starts the NOTIFY forwarder and, if `listen`, the listener for `channel`.
+    /// Starts, if `forward`, the NOTIFY forwarder (for channels whose writers do not notify in
+    /// their own transactions) and, if `listen`, the listener for `channel`.
     pub(crate) fn start(
         &self,
         pool: &PgPool,
         channel: &'static str,
+        forward: bool,
         listen: bool,
     ) -> Vec<JoinHandle<()>> {
-        let mut tasks = vec![tokio::spawn(notify(
-            pool.clone(),
-            channel,
-            self.local.subscribe(),
-        ))];
+        let mut tasks = Vec::new();
+        if forward {
+            tasks.push(tokio::spawn(notify(
+                pool.clone(),
+                channel,
+                self.local.subscribe(),
+            )));
+        }
         if listen {
             tasks.push(tokio::spawn(listen_for(
                 pool.clone(),

@@ -15,6 +15,10 @@ $$
 BEGIN
     -- 6013542918676836199 = 'SteleLog' as a big-endian bigint: the log's append lock.
     PERFORM pg_advisory_xact_lock(6013542918676836199);
+    -- Wake the log's readers in every process when this transaction commits (once per
+    -- transaction, however many statements append). A notifying commit holds the notification
+    -- queue's lock until it is flushed, but appends are serialised by the lock above anyway.
+    PERFORM pg_notify('stele_events', '');
     RETURN NULL;
 END
 $$;

@@ -185,11 +185,11 @@ async fn measure(
         burst: u32::MAX,
     })?;
     let gate = Arc::new(KeyGate {
-        keys,
+        keys: keys.clone(),
         limiter: Arc::new(limiter),
     });
     let state = AppState::new(&store, runtime, runner, gate)
-        .with_task_cache(100_000)
+        .with_task_cache(100_000, Some(keys))
         .await;
     let app = stele_api::server::app(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -162,7 +162,7 @@ impl Server {
             }),
         };
         let mut state = AppState::new(&store, runtime.clone(), runner, gate)
-            .with_task_cache(1000)
+            .with_task_cache(1000, Some(keys.clone()))
             .await;
         state.probe = options.probe;
         let app = stele_api::server::app(state);

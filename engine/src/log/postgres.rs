@@ -231,7 +231,9 @@ impl PgEventLog {
             options.readers,
             options.max_group,
         );
-        let tasks = appends.start(&pool, CHANNEL, options.listen);
+        // Appending transactions notify other processes themselves (the append-lock trigger
+        // sends `NOTIFY stele_events`): no forwarder.
+        let tasks = appends.start(&pool, CHANNEL, false, options.listen);
         Self {
             pool,
             writer,

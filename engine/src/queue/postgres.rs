@@ -124,7 +124,7 @@ impl PgJobQueue {
     /// `listen`: wake local workers on enqueues by other processes.
     pub fn new(pool: PgPool, listen: bool) -> Self {
         let wakeups = Waker::new();
-        let tasks = wakeups.start(&pool, CHANNEL, listen);
+        let tasks = wakeups.start(&pool, CHANNEL, true, listen);
         Self {
             pool,
             wakeups,
