@@ -1,5 +1,6 @@
-//! Stele's aggregates: pure decision logic (cqrs-es `Aggregate`s) for tasks, workflow runs and
-//! conversations. Each decides (`handle`: command → events) and folds (`apply`), nothing else.
+//! Stele's aggregates: pure decision logic (cqrs-es `Aggregate`s) for tasks, workflow runs,
+//! conversations, API keys and subjects (people and their consents). Each decides (`handle`:
+//! command → events) and folds (`apply`), nothing else.
 //!
 //! **Invariant**: this crate depends on no IO crate (no database, network or file access).
 
@@ -7,5 +8,6 @@ pub mod api_key;
 pub mod channel;
 pub mod conversation;
 pub mod ids;
+pub mod subject;
 pub mod task;
 pub mod workflow_run;
