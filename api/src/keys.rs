@@ -267,8 +267,7 @@ impl KeyService {
     }
 
     /// Drops a key from this process's cache when `event` changes it (revoked, changed scopes):
-    /// called for every event by the process's reader of the log ([`crate::cache::TaskCache`], or
-    /// [`KeyService::follow_changes`]), so a revocation reaches every server process within the
+    /// called for every event by the process's reader of the log ([`crate::cache::TaskCache`]), so a revocation reaches every server process within the
     /// log's notification delay (milliseconds), not the cache TTL.
     pub async fn observe(&self, event: &stele_engine::RecordedEvent) {
         if event.stream.aggregate_type == <ApiKey as cqrs_es::Aggregate>::TYPE
@@ -286,51 +285,8 @@ impl KeyService {
         self.inner.cache.invalidate_all();
     }
 
-    /// A reader of the log that only [observes](KeyService::observe) key changes, from now on,
-    /// for a process that keeps no task cache. Runs until the returned task is aborted.
-    pub fn follow_changes(&self, log: Arc<dyn EventLog>) -> tokio::task::JoinHandle<()> {
-        let keys = self.clone();
-        tokio::spawn(async move {
-            let mut after = None;
-            loop {
-                let start = match after {
-                    Some(position) => position,
-                    None => match log.head().await {
-                        Ok(head) => head,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot follow key changes; retrying");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            continue;
-                        }
-                    },
-                };
-                // Whatever changed while this reader was not reading may be cached.
-                keys.forget_all();
-                let mut changes = stele_engine::log::subscribe(
-                    log.clone(),
-                    start,
-                    stele_engine::log::SubscriptionOptions::default(),
-                );
-                loop {
-                    match changes.next().await {
-                        Ok(event) => {
-                            after = Some(event.position);
-                            keys.observe(&event).await;
-                        }
-                        Err(stele_engine::LogError::Closed) => return,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "following key changes failed; resuming");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            break;
-                        }
-                    }
-                }
-            }
-        })
-    }
-
     /// Revokes key `id`. This process refuses it at once; others as soon as they see the
-    /// revocation in the log ([`KeyService::follow_changes`]), or at the latest when their cache
+    /// revocation in the log ([`KeyService::observe`]), or at the latest when their cache
     /// entry expires.
     pub async fn revoke(&self, id: &str, reason: &str, meta: CommandMeta) -> Result<(), KeyError> {
         let revoke = ApiKeyCommand::Revoke {

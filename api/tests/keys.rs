@@ -160,9 +160,11 @@ async fn a_revoked_key_is_refused_everywhere_at_once(store: &Store) {
         .create("CI bot", vec![Scope::TasksRead], "user:42", meta())
         .await
         .unwrap();
-    // Another process that trusts its cache for an hour, but follows key changes in the log.
-    let other = service(store, HOUR, HOUR);
-    let follower = other.follow_changes(store.log.clone());
+    // Another process that trusts its cache for an hour, but whose reader of the log (the one
+    // that keeps its task views) tells it of key changes.
+    let other = Arc::new(service(store, HOUR, HOUR));
+    let _reader =
+        stele_api::cache::TaskCache::start(store.log.clone(), 10, Some(other.clone())).await;
     revoker.authenticate(&created.token).await.unwrap();
     other.authenticate(&created.token).await.unwrap();
 
@@ -187,7 +189,6 @@ async fn a_revoked_key_is_refused_everywhere_at_once(store: &Store) {
         other.authenticate(&created.token).await,
         Err(AuthError::Revoked)
     );
-    follower.abort();
     // Revocation is told only to the key's holder.
     let wrong = format!("{TOKEN_PREFIX}{}_{}", created.id, "Z".repeat(SECRET_LEN));
     assert_eq!(other.authenticate(&wrong).await, Err(AuthError::Unknown));
@@ -200,7 +201,7 @@ async fn a_revoked_key_is_refused_everywhere_at_once(store: &Store) {
         revoker.revoke("nosuchkey000", "x", meta()).await,
         Err(KeyError::Rejected(ApiKeyError::NotCreated))
     ));
-    for keys in [&revoker, &other] {
+    for keys in [&revoker, other.as_ref()] {
         keys.flush_usage().await;
     }
     let events = key_events(store, &created.id).await;

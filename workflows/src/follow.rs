@@ -103,11 +103,6 @@ impl TaskFollower {
         }
     }
 
-    /// The streams that make up a task, as far as read.
-    pub fn streams(&self) -> &[StreamId] {
-        &self.streams
-    }
-
     /// Where this follower stands.
     pub fn cursor(&self) -> Cursor {
         Cursor(

@@ -59,11 +59,6 @@ impl HandlerError {
         }
         text
     }
-
-    /// The underlying error.
-    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
-        self.0.as_ref()
-    }
 }
 
 impl std::fmt::Display for HandlerError {
