@@ -81,9 +81,10 @@ pub(crate) fn print(out: &mut impl Write, event: &RecordedEvent) -> anyhow::Resu
 }
 
 pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
-    let store = Store::open(args.store.location()?, Migrate::Require).await?;
-    let result = run(&store, &args).await;
-    store.close().await;
+    // People's data is shown readable (or `[erased]`): the log itself holds it sealed.
+    let private = crate::privacy::open(&args.store, Migrate::Require).await?;
+    let result = run(&private.store, &args).await;
+    private.store.close().await;
     result
 }
 

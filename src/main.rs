@@ -5,6 +5,7 @@ mod bench;
 mod events;
 mod jobs;
 mod node;
+mod privacy;
 mod projections;
 mod serve;
 mod tasks;
@@ -43,6 +44,10 @@ pub struct StoreArgs {
     /// Directory of the embedded store.
     #[arg(long, env = "STELE_DATA_DIR", default_value = ".stele")]
     data_dir: PathBuf,
+    /// A file holding the key-encryption key (64 hexadecimal digits), or STELE_KEK itself; the
+    /// embedded store keeps its own in the data directory.
+    #[arg(long, env = "STELE_KEK_FILE", value_name = "FILE")]
+    kek_file: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -89,6 +94,9 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(serve::KeysCommand),
+    /// The people Stele knows: consents, export, erasure.
+    #[command(subcommand)]
+    Subjects(privacy::SubjectsCommand),
     /// Print the API's OpenAPI document.
     Openapi,
     /// Workflow definitions.
@@ -249,6 +257,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             node_on_postgres(database_url, node, roles).await
         }
         Command::Keys(command) => serve::keys(command).await,
+        Command::Subjects(command) => privacy::subjects(command).await,
         Command::Openapi => {
             println!("{}", stele_api::server::openapi().to_pretty_json()?);
             Ok(())

@@ -51,11 +51,24 @@ impl WorkflowArgs {
 
     /// A runtime on `store`, its definitions recorded in (and completed from) the log.
     pub async fn runtime(&self, store: &Store) -> anyhow::Result<Arc<Runtime>> {
+        self.runtime_with(store, None).await
+    }
+
+    /// [`WorkflowArgs::runtime`], keeping tasks as their requesters' personal data with
+    /// `subjects` (see [`Runtime::with_subjects`]).
+    pub async fn runtime_with(
+        &self,
+        store: &Store,
+        subjects: Option<Arc<stele_privacy::Subjects>>,
+    ) -> anyhow::Result<Arc<Runtime>> {
         let (router, tools, mut catalog) = self.load()?;
         stele_workflows::catalog::publish(store.log.as_ref(), &mut catalog).await?;
         let agents = Arc::new(ModelAgents::new(router, tools.clone()));
-        Ok(Arc::new(
-            Runtime::new(store, catalog, agents, tools).with_default_workflow(DEFAULT_WORKFLOW),
-        ))
+        let mut runtime =
+            Runtime::new(store, catalog, agents, tools).with_default_workflow(DEFAULT_WORKFLOW);
+        if let Some(subjects) = subjects {
+            runtime = runtime.with_subjects(subjects);
+        }
+        Ok(Arc::new(runtime))
     }
 }

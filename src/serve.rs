@@ -28,7 +28,8 @@ use crate::StoreArgs;
 #[derive(Args, Clone, Debug, Default)]
 pub struct NodeArgs {
     /// A TOML configuration file (keys: listen, database_url, redis_url, data_dir, workflows,
-    /// models, concurrency, [rate_limit] per_second and burst).
+    /// models, concurrency, kek_file, [rate_limit] per_second and burst, [privacy] require and
+    /// retention).
     #[arg(long, env = "STELE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address the API listens on.
@@ -46,6 +47,10 @@ pub struct NodeArgs {
     /// Requests an API key may make in a burst.
     #[arg(long, env = "STELE_RATE_BURST")]
     pub rate_burst: Option<u32>,
+    /// A file holding the key-encryption key (64 hexadecimal digits), or STELE_KEK itself;
+    /// `stele up` keeps its own in the data directory.
+    #[arg(long, env = "STELE_KEK_FILE", value_name = "FILE")]
+    pub kek_file: Option<PathBuf>,
     #[command(flatten)]
     pub workflows: WorkflowArgs,
 }
@@ -53,7 +58,7 @@ pub struct NodeArgs {
 /// The configuration file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileConfig {
+pub(crate) struct FileConfig {
     listen: Option<SocketAddr>,
     database_url: Option<String>,
     redis_url: Option<String>,
@@ -62,6 +67,9 @@ struct FileConfig {
     models: Option<PathBuf>,
     concurrency: Option<usize>,
     rate_limit: Option<RateFile>,
+    kek_file: Option<PathBuf>,
+    /// Which purposes each kind of processing needs, and retention per purpose.
+    pub(crate) privacy: Option<stele_privacy::Policy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +89,8 @@ pub struct Node {
     pub workflows: WorkflowArgs,
     pub concurrency: usize,
     pub rate: RateLimit,
+    pub kek_file: Option<PathBuf>,
+    pub policy: stele_privacy::Policy,
 }
 
 impl NodeArgs {
@@ -104,6 +114,8 @@ impl NodeArgs {
                 models: self.workflows.models.clone().or(file.models),
             },
             concurrency: self.concurrency.or(file.concurrency).unwrap_or(16).max(1),
+            kek_file: self.kek_file.clone().or(file.kek_file),
+            policy: file.privacy.unwrap_or_default(),
             rate: RateLimit {
                 per_second: self.rate_limit.or(rate.per_second).unwrap_or(100.0),
                 burst: self.rate_burst.or(rate.burst).unwrap_or(200),
@@ -112,7 +124,7 @@ impl NodeArgs {
     }
 }
 
-fn read_config(path: &Path) -> anyhow::Result<FileConfig> {
+pub(crate) fn read_config(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the configuration {}", path.display()))?;
     toml::from_str(&text).map_err(|e| {
@@ -201,7 +213,26 @@ pub async fn run_node(
     node: Node,
     roles: Roles,
 ) -> anyhow::Result<()> {
-    let runtime = node.workflows.runtime(&store).await?;
+    // From here on the node reads and writes through the sealing layer: a person's data is
+    // sealed with their key before it is stored, and opened when it is read.
+    let private = match crate::privacy::private(
+        &store,
+        node.kek_file.as_deref(),
+        node.policy.clone(),
+    )
+    .await
+    {
+        Ok(private) => private,
+        Err(e) => {
+            store.close().await;
+            return Err(e);
+        }
+    };
+    let store = private.store;
+    let runtime = node
+        .workflows
+        .runtime_with(&store, Some(private.subjects.clone()))
+        .await?;
     let mut projections = stele_projections::all();
     projections.push(as_projection(runtime.manager(), store.queue.clone()));
     let runner = Arc::new(ProjectionRunner::new(&store, projections));

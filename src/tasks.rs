@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use stele_aggregates::channel::Channel;
 use stele_aggregates::task::{Requester, TaskInput};
-use stele_engine::store::{Migrate, Store};
+use stele_engine::store::Migrate;
 use stele_engine::CommandMeta;
 use stele_workflows::catalog;
 use stele_workflows::runtime::{Runtime, TaskView};
@@ -161,12 +161,15 @@ pub async fn tasks(command: TasksCommand) -> anyhow::Result<()> {
             (&task.store, &task.workflow_args)
         }
     };
-    let store = Store::open(store_args.location()?, Migrate::Require).await?;
-    let result = match workflow_args.runtime(&store).await {
+    let private = crate::privacy::open(store_args, Migrate::Require).await?;
+    let result = match workflow_args
+        .runtime_with(&private.store, Some(private.subjects.clone()))
+        .await
+    {
         Ok(runtime) => run(&runtime, command).await,
         Err(e) => Err(e),
     };
-    store.close().await;
+    private.store.close().await;
     result
 }
 
@@ -193,6 +196,7 @@ async fn run(runtime: &Runtime, command: TasksCommand) -> anyhow::Result<()> {
         TasksCommand::Show(args) => {
             let view = runtime.task(&args.id).await?;
             if args.json {
+                let view = stele_privacy::export::plainly(&serde_json::to_value(&view)?);
                 println!("{}", serde_json::to_string(&view)?);
             } else {
                 print!("{}", render(&view));
@@ -269,7 +273,7 @@ fn render(view: &TaskView) -> String {
         view.task_id,
         view.task.status,
         view.task.workflow.as_deref().unwrap_or("-"),
-        view.task.input
+        view.task.input.text()
     );
     if let Some(run) = &view.run {
         text += &format!(
@@ -295,10 +299,10 @@ fn render(view: &TaskView) -> String {
         }
     }
     if let Some(result) = &view.task.result {
-        text += &format!("result    {result}\n");
+        text += &format!("result    {}\n", result.json());
     }
     if let Some(error) = &view.task.error {
-        text += &format!("error     {error}\n");
+        text += &format!("error     {}\n", error.text());
     }
     text
 }

@@ -550,7 +550,7 @@ fn hostile_requests_fail_alone() {
                 let (client, base, key) = (client.clone(), base.clone(), key.clone());
                 tokio::spawn(async move {
                     client
-                        .post(format!("{base}/v1/projections/tasks/rebuild"))
+                        .post(format!("{base}/v1/projections/task_list/rebuild"))
                         .bearer_auth(&key)
                         .send()
                         .await
@@ -585,7 +585,7 @@ fn hostile_requests_fail_alone() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|p| p["name"] == "tasks")
+                .find(|p| p["name"] == "task_list")
                 .unwrap()
                 .clone();
             assert_eq!(tasks["rebuild_error"], Value::Null, "{tasks}");

@@ -38,6 +38,18 @@ pub enum Scope {
     /// Create and change tasks (`tasks:write`). Does not imply `tasks:read`.
     #[serde(rename = "tasks:write")]
     TasksWrite,
+    /// Read subjects: list, show, export (`subjects:read`).
+    #[serde(rename = "subjects:read")]
+    SubjectsRead,
+    /// Register subjects, record consents, merge (`subjects:write`).
+    #[serde(rename = "subjects:write")]
+    SubjectsWrite,
+    /// Erase subjects (`subjects:erase`).
+    #[serde(rename = "subjects:erase")]
+    SubjectsErase,
+    /// Read the audit log and its proofs (`audit:read`).
+    #[serde(rename = "audit:read")]
+    AuditRead,
     /// Everything, including managing keys (`admin`).
     #[serde(rename = "admin")]
     Admin,
@@ -45,13 +57,25 @@ pub enum Scope {
 
 impl Scope {
     /// Every scope, in their stable order.
-    pub const ALL: [Scope; 3] = [Scope::TasksRead, Scope::TasksWrite, Scope::Admin];
+    pub const ALL: [Scope; 7] = [
+        Scope::TasksRead,
+        Scope::TasksWrite,
+        Scope::SubjectsRead,
+        Scope::SubjectsWrite,
+        Scope::SubjectsErase,
+        Scope::AuditRead,
+        Scope::Admin,
+    ];
 
     /// The scope's name, as written in events and shown by the API.
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::TasksRead => "tasks:read",
             Scope::TasksWrite => "tasks:write",
+            Scope::SubjectsRead => "subjects:read",
+            Scope::SubjectsWrite => "subjects:write",
+            Scope::SubjectsErase => "subjects:erase",
+            Scope::AuditRead => "audit:read",
             Scope::Admin => "admin",
         }
     }
@@ -78,7 +102,7 @@ impl fmt::Display for Scope {
 
 /// A scope name that is not one of [`Scope::ALL`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scope {0:?} (expected tasks:read, tasks:write or admin)")]
+#[error("unknown scope {0:?} (expected tasks:read, tasks:write, subjects:read, subjects:write, subjects:erase, audit:read or admin)")]
 pub struct UnknownScope(pub String);
 
 impl FromStr for Scope {

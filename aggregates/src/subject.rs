@@ -34,6 +34,7 @@ use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::channel::Channel;
+use crate::personal::Personal;
 
 /// How a person is reached or named on one channel: `kind:value`, e.g. `telegram:42`,
 /// `email:ana@example.org`, `api:crm-7`.
@@ -71,12 +72,12 @@ impl IdentifierKind {
 pub struct InvalidIdentifier(pub String);
 
 impl Identifier {
-    /// The longest value, in bytes.
-    pub const MAX_VALUE: usize = 320;
+    /// The longest value, in bytes (a requester id of 256 characters fits).
+    pub const MAX_VALUE: usize = 1024;
 
     /// Parses `kind:value`: the kind case-insensitively; a Telegram id is digits; an email address
-    /// has one `@` with text on both sides and is lowercased; an API id is 1 to 320 visible ASCII
-    /// characters.
+    /// has one `@` with text on both sides and is lowercased; an API id is any text without NUL
+    /// (a requester id as the API takes it). A value has at most 1024 bytes.
     ///
     /// ```
     /// use stele_aggregates::subject::Identifier;
@@ -107,9 +108,7 @@ impl Identifier {
                 }
                 (IdentifierKind::Email, value.to_lowercase())
             }
-            "api" if value.bytes().all(|b| b.is_ascii_graphic()) => {
-                (IdentifierKind::Api, value.to_owned())
-            }
+            "api" if !value.contains('\0') => (IdentifierKind::Api, value.to_owned()),
             _ => return Err(invalid()),
         };
         Ok(Identifier { kind, value })
@@ -190,17 +189,31 @@ impl From<Purpose> for String {
 }
 
 /// Who gave or withdrew a consent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "by", rename_all = "snake_case")]
 pub enum ConsentBy {
     /// The person themself.
     Subject,
-    /// A parent or guardian, named as the operator recorded them.
-    Guardian { name: String },
+    /// A parent or guardian, named as the operator recorded them (the name is the subject's
+    /// personal data: it is erased with them).
+    Guardian { name: Personal<String> },
+}
+
+impl ConsentBy {
+    /// Whether two consents were given by the same party (names compared where readable).
+    fn same_party(&self, other: &ConsentBy) -> bool {
+        match (self, other) {
+            (ConsentBy::Subject, ConsentBy::Subject) => true,
+            (ConsentBy::Guardian { name: a }, ConsentBy::Guardian { name: b }) => {
+                a.get() == b.get()
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A consent as recorded: given or withdrawn, by whom, when, through which channel.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Consent {
     pub given: bool,
     #[serde(flatten)]
@@ -209,9 +222,22 @@ pub struct Consent {
     pub channel: Channel,
 }
 
+/// A subject's erasure, as recorded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Erasure {
+    /// The subjects whose data keys were destroyed: this one and those merged into it.
+    pub keys: Vec<String>,
+    /// Who erased (an operator's key, or `retention`).
+    pub by: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum SubjectCommand {
     Register {
+        /// The subject's own id (its stream's id): its data key's name.
+        subject: String,
         identifiers: Vec<Identifier>,
         minor: bool,
     },
@@ -234,9 +260,35 @@ pub enum SubjectCommand {
         at: DateTime<Utc>,
     },
     /// Merge this subject into `into`, which takes over its identifiers and consents. (The
-    /// aggregate does not know its own id: the caller refuses a merge into itself.)
+    /// caller refuses a merge into itself.)
     Merge {
         into: String,
+        at: DateTime<Utc>,
+    },
+    /// Take over a subject merged into this one: its identifiers, and its data key, which is
+    /// destroyed with this subject's.
+    Absorb {
+        from: String,
+        identifiers: Vec<Identifier>,
+        at: DateTime<Utc>,
+    },
+    /// Record that `processing` was refused for want of consent to `missing`.
+    RefuseProcessing {
+        processing: String,
+        missing: Vec<Purpose>,
+        channel: Channel,
+        at: DateTime<Utc>,
+    },
+    /// Record an export of the subject's data.
+    RecordExport {
+        by: String,
+        events: u64,
+        at: DateTime<Utc>,
+    },
+    /// Erase the subject: their data keys were destroyed.
+    Erase {
+        by: String,
+        reason: String,
         at: DateTime<Utc>,
     },
 }
@@ -245,11 +297,12 @@ pub enum SubjectCommand {
 #[serde(tag = "type", content = "data")]
 pub enum SubjectEvent {
     SubjectRegistered {
-        identifiers: Vec<Identifier>,
+        subject: String,
+        identifiers: Vec<Personal<Identifier>>,
         minor: bool,
     },
     IdentifierLinked {
-        identifier: Identifier,
+        identifier: Personal<Identifier>,
     },
     ConsentGiven {
         purpose: Purpose,
@@ -270,9 +323,26 @@ pub enum SubjectEvent {
     },
     SubjectMerged {
         into: String,
-        identifiers: Vec<Identifier>,
+        identifiers: Vec<Personal<Identifier>>,
         at: DateTime<Utc>,
     },
+    SubjectAbsorbed {
+        from: String,
+        identifiers: Vec<Personal<Identifier>>,
+        at: DateTime<Utc>,
+    },
+    ProcessingRefused {
+        processing: String,
+        missing: Vec<Purpose>,
+        channel: Channel,
+        at: DateTime<Utc>,
+    },
+    SubjectExported {
+        by: String,
+        events: u64,
+        at: DateTime<Utc>,
+    },
+    SubjectErased(Erasure),
 }
 
 impl DomainEvent for SubjectEvent {
@@ -284,6 +354,10 @@ impl DomainEvent for SubjectEvent {
             SubjectEvent::ConsentWithdrawn { .. } => "ConsentWithdrawn",
             SubjectEvent::MarkedMinor { .. } => "MarkedMinor",
             SubjectEvent::SubjectMerged { .. } => "SubjectMerged",
+            SubjectEvent::SubjectAbsorbed { .. } => "SubjectAbsorbed",
+            SubjectEvent::ProcessingRefused { .. } => "ProcessingRefused",
+            SubjectEvent::SubjectExported { .. } => "SubjectExported",
+            SubjectEvent::SubjectErased(_) => "SubjectErased",
         }
         .to_owned()
     }
@@ -304,6 +378,8 @@ pub enum SubjectError {
     NoIdentifier,
     #[error("the subject was merged into {0}: use that subject")]
     Merged(String),
+    #[error("the subject was erased")]
+    Erased,
     #[error("the subject is a minor: only a guardian can give consent")]
     NeedsGuardian,
     #[error("no consent to {0} holds: nothing to withdraw")]
@@ -313,31 +389,57 @@ pub enum SubjectError {
 /// The subject's state, folded from its events.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Subject {
+    pub id: String,
     pub registered: bool,
+    /// The identifiers that can still be read (none after erasure).
     pub identifiers: BTreeSet<Identifier>,
     pub minor: bool,
     /// The latest consent recorded for each purpose.
     pub consents: BTreeMap<Purpose, Consent>,
     pub merged_into: Option<String>,
+    /// Subjects merged into this one: their keys are destroyed with this one's.
+    pub absorbed: BTreeSet<String>,
+    pub erased: Option<Erasure>,
 }
 
 impl Subject {
     /// Whether the subject's data may be used for `purpose` now: a consent holds, and for a minor
     /// it was given by a guardian.
     pub fn consents_to(&self, purpose: &Purpose) -> bool {
-        self.consents.get(purpose).is_some_and(|consent| {
-            consent.given && (!self.minor || matches!(consent.by, ConsentBy::Guardian { .. }))
-        })
+        self.erased.is_none()
+            && self.consents.get(purpose).is_some_and(|consent| {
+                consent.given && (!self.minor || matches!(consent.by, ConsentBy::Guardian { .. }))
+            })
+    }
+
+    /// The subjects whose data keys belong to this one: itself and those merged into it.
+    pub fn keys(&self) -> Vec<String> {
+        std::iter::once(self.id.clone())
+            .chain(self.absorbed.iter().cloned())
+            .collect()
     }
 
     fn check_live(&self) -> Result<(), SubjectError> {
         if !self.registered {
             return Err(SubjectError::NotRegistered);
         }
+        if self.erased.is_some() {
+            return Err(SubjectError::Erased);
+        }
         match &self.merged_into {
             Some(into) => Err(SubjectError::Merged(into.clone())),
             None => Ok(()),
         }
+    }
+
+    fn personal(
+        &self,
+        identifiers: impl IntoIterator<Item = Identifier>,
+    ) -> Vec<Personal<Identifier>> {
+        identifiers
+            .into_iter()
+            .map(|identifier| Personal::of(self.id.clone(), identifier))
+            .collect()
     }
 }
 
@@ -358,26 +460,55 @@ impl Aggregate for Subject {
             SubjectCommand::Register { .. } if self.registered => {
                 return Err(SubjectError::AlreadyRegistered)
             }
-            SubjectCommand::Register { identifiers, minor } => {
-                let identifiers: Vec<Identifier> = identifiers
-                    .into_iter()
-                    .collect::<BTreeSet<_>>()
-                    .into_iter()
-                    .collect();
+            SubjectCommand::Register {
+                subject,
+                identifiers,
+                minor,
+            } => {
+                let identifiers: BTreeSet<Identifier> = identifiers.into_iter().collect();
                 if identifiers.is_empty() {
                     return Err(SubjectError::NoIdentifier);
                 }
-                SubjectEvent::SubjectRegistered { identifiers, minor }
+                SubjectEvent::SubjectRegistered {
+                    identifiers: identifiers
+                        .into_iter()
+                        .map(|identifier| Personal::of(subject.clone(), identifier))
+                        .collect(),
+                    subject,
+                    minor,
+                }
+            }
+            SubjectCommand::Erase { .. } if self.erased.is_some() => return Ok(()),
+            SubjectCommand::Erase { by, reason, at } => {
+                if !self.registered {
+                    return Err(SubjectError::NotRegistered);
+                }
+                SubjectEvent::SubjectErased(Erasure {
+                    keys: self.keys(),
+                    by,
+                    reason,
+                    at,
+                })
+            }
+            SubjectCommand::RecordExport { by, events, at } => {
+                if !self.registered {
+                    return Err(SubjectError::NotRegistered);
+                }
+                SubjectEvent::SubjectExported { by, events, at }
             }
             command => {
                 self.check_live()?;
                 match command {
-                    SubjectCommand::Register { .. } => unreachable!("handled above"),
+                    SubjectCommand::Register { .. }
+                    | SubjectCommand::Erase { .. }
+                    | SubjectCommand::RecordExport { .. } => unreachable!("handled above"),
                     SubjectCommand::Link { identifier } => {
                         if self.identifiers.contains(&identifier) {
                             return Ok(());
                         }
-                        SubjectEvent::IdentifierLinked { identifier }
+                        SubjectEvent::IdentifierLinked {
+                            identifier: Personal::of(self.id.clone(), identifier),
+                        }
                     }
                     SubjectCommand::GiveConsent {
                         purpose,
@@ -391,7 +522,7 @@ impl Aggregate for Subject {
                         let same = self
                             .consents
                             .get(&purpose)
-                            .is_some_and(|c| c.given && c.by == by);
+                            .is_some_and(|c| c.given && c.by.same_party(&by));
                         if same {
                             return Ok(());
                         }
@@ -425,8 +556,33 @@ impl Aggregate for Subject {
                         SubjectEvent::MarkedMinor { at }
                     }
                     SubjectCommand::Merge { into, at } => SubjectEvent::SubjectMerged {
-                        identifiers: self.identifiers.iter().cloned().collect(),
+                        identifiers: self.personal(self.identifiers.iter().cloned()),
                         into,
+                        at,
+                    },
+                    SubjectCommand::Absorb {
+                        from,
+                        identifiers,
+                        at,
+                    } => {
+                        if self.absorbed.contains(&from) {
+                            return Ok(());
+                        }
+                        SubjectEvent::SubjectAbsorbed {
+                            identifiers: self.personal(identifiers),
+                            from,
+                            at,
+                        }
+                    }
+                    SubjectCommand::RefuseProcessing {
+                        processing,
+                        missing,
+                        channel,
+                        at,
+                    } => SubjectEvent::ProcessingRefused {
+                        processing,
+                        missing,
+                        channel,
                         at,
                     },
                 }
@@ -437,14 +593,25 @@ impl Aggregate for Subject {
     }
 
     fn apply(&mut self, event: SubjectEvent) {
+        let readable = |identifiers: Vec<Personal<Identifier>>| {
+            identifiers
+                .into_iter()
+                .filter_map(Personal::into_value)
+                .collect::<Vec<_>>()
+        };
         match event {
-            SubjectEvent::SubjectRegistered { identifiers, minor } => {
+            SubjectEvent::SubjectRegistered {
+                subject,
+                identifiers,
+                minor,
+            } => {
+                self.id = subject;
                 self.registered = true;
-                self.identifiers = identifiers.into_iter().collect();
+                self.identifiers = readable(identifiers).into_iter().collect();
                 self.minor = minor;
             }
             SubjectEvent::IdentifierLinked { identifier } => {
-                self.identifiers.insert(identifier);
+                self.identifiers.extend(identifier.into_value());
             }
             SubjectEvent::ConsentGiven {
                 purpose,
@@ -480,6 +647,17 @@ impl Aggregate for Subject {
             }
             SubjectEvent::MarkedMinor { .. } => self.minor = true,
             SubjectEvent::SubjectMerged { into, .. } => self.merged_into = Some(into),
+            SubjectEvent::SubjectAbsorbed {
+                from, identifiers, ..
+            } => {
+                self.absorbed.insert(from);
+                self.identifiers.extend(readable(identifiers));
+            }
+            SubjectEvent::ProcessingRefused { .. } | SubjectEvent::SubjectExported { .. } => {}
+            SubjectEvent::SubjectErased(erasure) => {
+                self.identifiers.clear();
+                self.erased = Some(erasure);
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::channel::Channel;
 use crate::ids::RunId;
+use crate::personal::Personal;
 
 /// What a task is asked to do, as a person or program wrote it: not blank, at most
 /// [`TaskInput::MAX_CHARS`] characters, no NUL character. [`TaskInput::parse`] is the only way in,
@@ -148,6 +149,9 @@ pub enum TaskCommand {
     Create {
         input: TaskInput,
         requester: Requester,
+        /// The person the requester is (their input, result and errors are sealed with their
+        /// key); `None` for a task no person asked for.
+        subject: Option<String>,
         /// A workflow chosen by the requester; otherwise routing chooses one.
         workflow: Option<String>,
     },
@@ -172,8 +176,15 @@ pub enum TaskCommand {
 #[serde(tag = "type", content = "data")]
 pub enum TaskEvent {
     TaskCreated {
-        input: String,
-        requester: Requester,
+        /// Whose task it is (absent in tasks recorded before subjects).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subject: Option<String>,
+        input: Personal<String>,
+        requester: Personal<Requester>,
+        /// The requester's channel, readable without their key (absent before subjects: then
+        /// it is the requester's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        channel: Option<Channel>,
         workflow: Option<String>,
     },
     TaskRoutingStarted,
@@ -182,10 +193,10 @@ pub enum TaskEvent {
         run_id: RunId,
     },
     TaskCompleted {
-        result: Value,
+        result: Personal<Value>,
     },
     TaskFailed {
-        error: String,
+        error: Personal<String>,
     },
     TaskCancelled {
         reason: String,
@@ -228,12 +239,15 @@ pub enum TaskError {
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     pub status: TaskStatus,
-    pub input: String,
+    pub subject: Option<String>,
+    pub input: Personal<String>,
+    /// The requester, while they can be read.
     pub requester: Option<Requester>,
+    pub channel: Option<Channel>,
     pub workflow: Option<String>,
     pub run_id: Option<RunId>,
-    pub result: Option<Value>,
-    pub error: Option<String>,
+    pub result: Option<Personal<Value>>,
+    pub error: Option<Personal<String>>,
 }
 
 impl Task {
@@ -267,12 +281,15 @@ impl Aggregate for Task {
                 TaskCommand::Create {
                     input,
                     requester,
+                    subject,
                     workflow,
                 },
                 _,
             ) => TaskEvent::TaskCreated {
-                input: input.into_inner(),
-                requester,
+                input: Personal::owned_by(subject.as_deref(), input.into_inner()),
+                channel: Some(requester.channel.clone()),
+                requester: Personal::owned_by(subject.as_deref(), requester),
+                subject,
                 workflow,
             },
             (TaskCommand::StartRouting, Pending) => TaskEvent::TaskRoutingStarted,
@@ -281,11 +298,13 @@ impl Aggregate for Task {
                 TaskEvent::TaskRouted { workflow, run_id }
             }
             (TaskCommand::Route { .. }, _) => return Err(self.refuse("be routed")),
-            (TaskCommand::Complete { result }, Executing) => TaskEvent::TaskCompleted { result },
+            (TaskCommand::Complete { result }, Executing) => TaskEvent::TaskCompleted {
+                result: Personal::owned_by(self.subject.as_deref(), result),
+            },
             (TaskCommand::Complete { .. }, _) => return Err(self.refuse("complete")),
-            (TaskCommand::Fail { error }, Pending | Routing | Executing) => {
-                TaskEvent::TaskFailed { error }
-            }
+            (TaskCommand::Fail { error }, Pending | Routing | Executing) => TaskEvent::TaskFailed {
+                error: Personal::owned_by(self.subject.as_deref(), error),
+            },
             (TaskCommand::Fail { .. }, _) => return Err(self.refuse("fail")),
             (TaskCommand::Cancel { reason }, Pending | Routing | Executing) => {
                 TaskEvent::TaskCancelled { reason }
@@ -299,13 +318,18 @@ impl Aggregate for Task {
     fn apply(&mut self, event: TaskEvent) {
         match event {
             TaskEvent::TaskCreated {
+                subject,
                 input,
                 requester,
+                channel,
                 workflow,
             } => {
                 self.status = TaskStatus::Pending;
+                self.subject = subject;
                 self.input = input;
-                self.requester = Some(requester);
+                self.requester = requester.into_value();
+                self.channel =
+                    channel.or_else(|| self.requester.as_ref().map(|r| r.channel.clone()));
                 self.workflow = workflow;
             }
             TaskEvent::TaskRoutingStarted => self.status = TaskStatus::Routing,
@@ -324,7 +348,7 @@ impl Aggregate for Task {
             }
             TaskEvent::TaskCancelled { reason } => {
                 self.status = TaskStatus::Cancelled;
-                self.error = Some(reason);
+                self.error = Some(Personal::plain(reason));
             }
         }
     }
@@ -345,8 +369,10 @@ mod tests {
 
     fn created() -> TaskEvent {
         TaskEvent::TaskCreated {
-            input: "fix the login bug".into(),
-            requester: requester(),
+            subject: Some("s-42".into()),
+            input: Personal::of("s-42", "fix the login bug".into()),
+            requester: Personal::of("s-42", requester()),
+            channel: Some(Channel::TELEGRAM),
             workflow: None,
         }
     }
@@ -365,6 +391,7 @@ mod tests {
             .when(TaskCommand::Create {
                 input: TaskInput::parse("fix the login bug").unwrap(),
                 requester: requester(),
+                subject: Some("s-42".into()),
                 workflow: None,
             })
             .then_expect_events(vec![created()]);
@@ -407,6 +434,7 @@ mod tests {
             .when(TaskCommand::Create {
                 input: TaskInput::parse("again").unwrap(),
                 requester: requester(),
+                subject: Some("s-42".into()),
                 workflow: None,
             })
             .then_expect_error(TaskError::AlreadyCreated);
@@ -431,13 +459,15 @@ mod tests {
                 result: json!({ "url": "https://example.test/pr/1" }),
             })
             .then_expect_events(vec![TaskEvent::TaskCompleted {
-                result: json!({ "url": "https://example.test/pr/1" }),
+                result: Personal::of("s-42", json!({ "url": "https://example.test/pr/1" })),
             }]);
     }
 
     #[test]
     fn finished_tasks_refuse_further_changes() {
-        let completed = TaskEvent::TaskCompleted { result: json!({}) };
+        let completed = TaskEvent::TaskCompleted {
+            result: Personal::of("s-42", json!({})),
+        };
         for command in [
             TaskCommand::Cancel {
                 reason: "late".into(),

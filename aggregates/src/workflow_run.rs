@@ -28,6 +28,7 @@ use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{RunId, StepId, TaskId};
+use crate::personal::Personal;
 use serde_json::Value;
 
 /// How many events one command may record: a definition whose decisions never settle (an inline
@@ -87,6 +88,8 @@ pub struct WorkflowRun {
     pub status: RunStatus,
     pub run_id: RunId,
     pub task_id: Option<TaskId>,
+    /// Whose data the run holds.
+    pub subject: Option<String>,
     pub workflow: String,
     pub version: u32,
     pub input: Value,
@@ -165,6 +168,7 @@ impl WorkflowRun {
             RunCommand::Start {
                 run_id,
                 task_id,
+                subject,
                 workflow,
                 version,
                 input,
@@ -177,9 +181,10 @@ impl WorkflowRun {
                 vec![RunEvent::RunStarted {
                     run_id,
                     task_id,
+                    input: Personal::owned_by(subject.as_deref(), input),
+                    subject,
                     workflow,
                     version,
-                    input,
                     parent,
                 }]
             }
@@ -205,12 +210,14 @@ impl WorkflowRun {
                     attempt,
                     at: started_at,
                 };
+                let input = input.map(|input| self.personal(input));
+                let calls = self.personal(calls);
                 let outcome = match outcome {
                     StepOutcome::Completed { output } => RunEvent::StepCompleted {
                         step,
                         attempt,
                         input,
-                        output,
+                        output: self.personal(output),
                         calls,
                         consumed_signal: None,
                     },
@@ -218,7 +225,7 @@ impl WorkflowRun {
                         step,
                         attempt,
                         input,
-                        error,
+                        error: self.personal(error),
                         calls,
                     },
                 };
@@ -236,7 +243,10 @@ impl WorkflowRun {
                     return Err(RunError::EmptySignal);
                 }
                 self.ensure_running()?;
-                vec![RunEvent::SignalReceived { name, payload }]
+                vec![RunEvent::SignalReceived {
+                    name,
+                    payload: self.personal(payload),
+                }]
             }
             RunCommand::TimeoutWait { step, .. } => {
                 self.ensure_running()?;
@@ -263,7 +273,7 @@ impl WorkflowRun {
                 vec![RunEvent::ChildRunFinished {
                     step,
                     index,
-                    result,
+                    result: self.personal(result),
                 }]
             }
             RunCommand::Cancel { reason, .. } => {
@@ -299,8 +309,8 @@ impl Action {
                 attempt: run.steps.get(&step).map_or(1, |s| s.attempt.max(1)),
                 step,
                 input: None,
-                output,
-                calls: Vec::new(),
+                output: run.personal(output),
+                calls: run.personal(Vec::new()),
                 consumed_signal,
             },
             Action::SkipStep { step, reason } => RunEvent::StepSkipped { step, reason },
@@ -317,9 +327,17 @@ impl Action {
             Action::StartChildren { step, children } => {
                 RunEvent::ChildrenStarted { step, children }
             }
-            Action::RequestReply { step, text } => RunEvent::ReplyRequested { step, text },
-            Action::CompleteRun { output } => RunEvent::RunCompleted { output },
-            Action::FailRun { error, step } => RunEvent::RunFailed { error, step },
+            Action::RequestReply { step, text } => RunEvent::ReplyRequested {
+                step,
+                text: run.personal(text),
+            },
+            Action::CompleteRun { output } => RunEvent::RunCompleted {
+                output: run.personal(output),
+            },
+            Action::FailRun { error, step } => RunEvent::RunFailed {
+                error: run.personal(error),
+                step,
+            },
         }
     }
 }
@@ -369,9 +387,9 @@ impl Aggregate for WorkflowRun {
             if recorded + pending.len() + actions.len() > MAX_EVENTS_PER_COMMAND {
                 pending.clear();
                 pending.push_back(RunEvent::RunFailed {
-                    error: format!(
+                    error: Personal::plain(format!(
                         "the workflow's decisions did not settle within {MAX_EVENTS_PER_COMMAND} events (an endless loop of steps that need no job?)"
-                    ),
+                    )),
                     step: self.current.clone(),
                 });
                 continue;
@@ -386,6 +404,7 @@ impl Aggregate for WorkflowRun {
             RunEvent::RunStarted {
                 run_id,
                 task_id,
+                subject,
                 workflow,
                 version,
                 input,
@@ -394,9 +413,10 @@ impl Aggregate for WorkflowRun {
                 self.status = RunStatus::Running;
                 self.run_id = run_id;
                 self.task_id = task_id;
+                self.subject = subject;
                 self.workflow = workflow;
                 self.version = version;
-                self.input = input;
+                self.input = input.json();
                 self.parent = parent;
             }
             RunEvent::StepScheduled {
@@ -435,8 +455,8 @@ impl Aggregate for WorkflowRun {
                 }
                 let state = self.step_mut(&step, StepStatus::Completed);
                 state.attempt = attempt;
-                state.input = input;
-                state.output = Some(output);
+                state.input = input.map(|input| input.json());
+                state.output = Some(output.json());
                 state.error = None;
                 state.signal = None;
                 state.deadline = None;
@@ -448,9 +468,10 @@ impl Aggregate for WorkflowRun {
                 error,
                 ..
             } => {
+                let error = error.text().to_owned();
                 let state = self.step_mut(&step, StepStatus::Failed);
                 state.attempt = attempt;
-                state.input = input;
+                state.input = input.map(|input| input.json());
                 state.errors.push(error.clone());
                 state.error = Some(error);
             }
@@ -478,7 +499,7 @@ impl Aggregate for WorkflowRun {
                 state.signal = Some(signal);
                 state.deadline = timeout_at;
             }
-            RunEvent::SignalReceived { name, payload } => self.signals.push((name, payload)),
+            RunEvent::SignalReceived { name, payload } => self.signals.push((name, payload.json())),
             RunEvent::WaitTimedOut { step } => {
                 let state = self.step_mut(&step, StepStatus::Failed);
                 state.error = Some("timed out waiting for a signal".into());
@@ -500,17 +521,22 @@ impl Aggregate for WorkflowRun {
                     .get_mut(&step)
                     .and_then(|s| s.results.get_mut(index))
                 {
-                    *slot = Some(result);
+                    *slot = Some(result.into_value().unwrap_or_else(|| ChildResult {
+                        run_id: RunId::from(""),
+                        status: RunStatus::Failed,
+                        output: None,
+                        error: Some(crate::personal::ERASED.to_owned()),
+                    }));
                 }
             }
-            RunEvent::ReplyRequested { text, .. } => self.replies.push(text),
+            RunEvent::ReplyRequested { text, .. } => self.replies.push(text.text().to_owned()),
             RunEvent::RunCompleted { output } => {
                 self.status = RunStatus::Completed;
-                self.output = Some(output);
+                self.output = Some(output.json());
             }
             RunEvent::RunFailed { error, .. } => {
                 self.status = RunStatus::Failed;
-                self.error = Some(error);
+                self.error = Some(error.text().to_owned());
             }
             RunEvent::RunCancelled { reason } => {
                 self.status = RunStatus::Cancelled;
@@ -521,6 +547,11 @@ impl Aggregate for WorkflowRun {
 }
 
 impl WorkflowRun {
+    /// `value`, as the run's subject's personal data.
+    pub fn personal<T>(&self, value: T) -> Personal<T> {
+        Personal::owned_by(self.subject.as_deref(), value)
+    }
+
     /// Marks `step` as the current one; a step entered anew (not a retry of the current one)
     /// goes on the path.
     fn enter(&mut self, step: &str) {

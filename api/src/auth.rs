@@ -13,16 +13,31 @@ pub enum Need {
     Read,
     /// `tasks:write`
     Write,
+    /// `subjects:read`
+    SubjectsRead,
+    /// `subjects:write`
+    SubjectsWrite,
+    /// `subjects:erase`
+    SubjectsErase,
     /// `admin`
     Admin,
 }
 
 impl Need {
     pub fn scope(self) -> &'static str {
+        self.as_scope().as_str()
+    }
+
+    /// The key scope that grants it.
+    pub fn as_scope(self) -> stele_aggregates::api_key::Scope {
+        use stele_aggregates::api_key::Scope;
         match self {
-            Need::Read => "tasks:read",
-            Need::Write => "tasks:write",
-            Need::Admin => "admin",
+            Need::Read => Scope::TasksRead,
+            Need::Write => Scope::TasksWrite,
+            Need::SubjectsRead => Scope::SubjectsRead,
+            Need::SubjectsWrite => Scope::SubjectsWrite,
+            Need::SubjectsErase => Scope::SubjectsErase,
+            Need::Admin => Scope::Admin,
         }
     }
 }

@@ -101,6 +101,13 @@ impl TaskCache {
     }
 
     async fn apply(&self, event: &RecordedEvent) {
+        if event.event_type == stele_privacy::SUBJECT_ERASED {
+            // A person was erased: no view keeps what was theirs (erasures are rare; the next
+            // reads reload, and find it erased).
+            self.views.invalidate_all();
+            self.runs.invalidate_all();
+            return;
+        }
         let id = &event.stream.aggregate_id;
         let task_id = match event.stream.aggregate_type.as_str() {
             TASK_STREAM => id.clone(),

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use stele_aggregates::api_key::Scope;
 
 use crate::auth::{Caller, Gate, Need};
 use crate::keys::{AuthError, KeyService};
@@ -33,11 +32,7 @@ impl Gate for KeyGate {
                 ApiError::new(Code::Unauthorized, "this API key is not valid")
             }
         })?;
-        let scope = match need {
-            Need::Read => Scope::TasksRead,
-            Need::Write => Scope::TasksWrite,
-            Need::Admin => Scope::Admin,
-        };
+        let scope = need.as_scope();
         if !principal.allows(scope) {
             return Err(ApiError::new(
                 Code::Forbidden,

@@ -94,6 +94,20 @@ codes! {
     TaskNotFound = ("task_not_found", NOT_FOUND, "Task not found"),
     JobNotFound = ("job_not_found", NOT_FOUND, "Job not found"),
     ProjectionNotFound = ("projection_not_found", NOT_FOUND, "Projection not found"),
+    SubjectNotFound = ("subject_not_found", NOT_FOUND, "Subject not found"),
+    /// The requester has not consented to what the request needs (the refusal is recorded).
+    ConsentRequired = ("consent_required", FORBIDDEN, "Consent required"),
+    /// The identifier leads to another subject.
+    IdentifierTaken = ("identifier_taken", CONFLICT, "Identifier taken"),
+    /// The subject cannot do that now (erased, merged, a minor's own consent, nothing to
+    /// withdraw).
+    SubjectState = ("subject_state", CONFLICT, "Not possible in the subject's state"),
+    /// Not `telegram:<digits>`, `email:<address>` or `api:<id>`.
+    InvalidIdentifier = ("invalid_identifier", UNPROCESSABLE_ENTITY, "Invalid identifier"),
+    /// Not a purpose name.
+    InvalidPurpose = ("invalid_purpose", UNPROCESSABLE_ENTITY, "Invalid purpose"),
+    /// Not a channel name.
+    InvalidChannel = ("invalid_channel", UNPROCESSABLE_ENTITY, "Invalid channel"),
     RouteNotFound = ("route_not_found", NOT_FOUND, "Route not found"),
     MethodNotAllowed = ("method_not_allowed", METHOD_NOT_ALLOWED, "Method not allowed"),
     /// The task cannot do that now (it is finished).
@@ -217,6 +231,28 @@ impl From<stele_workflows::runtime::RuntimeError> for ApiError {
                 format!("task {id} has no workflow run yet"),
             ),
             E::Log(e) => e.into(),
+            E::Subject(stele_privacy::SubjectsError::Privacy(
+                stele_privacy::PrivacyError::Malformed(why),
+            )) => ApiError::new(Code::InvalidRequester, format!("`requester`: {why}")),
+            E::Subject(e) => e.into(),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<stele_privacy::SubjectsError> for ApiError {
+    fn from(e: stele_privacy::SubjectsError) -> Self {
+        use stele_privacy::SubjectsError as E;
+        match e {
+            e @ E::NotFound(_) => ApiError::new(Code::SubjectNotFound, e.to_string()),
+            e @ E::Refused(_) | e @ E::SelfMerge => {
+                ApiError::new(Code::SubjectState, e.to_string())
+            }
+            e @ E::IdentifierTaken(_) => ApiError::new(Code::IdentifierTaken, e.to_string()),
+            e @ E::ConsentRequired { .. } => ApiError::new(Code::ConsentRequired, e.to_string()),
+            E::Privacy(stele_privacy::PrivacyError::Malformed(why)) => {
+                ApiError::new(Code::InvalidIdentifier, why)
+            }
             other => ApiError::internal(other),
         }
     }

@@ -30,7 +30,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::problem::{ApiError, Code, CHALLENGE};
-use crate::routes::{health, ops, stream, tasks};
+use crate::routes::{health, ops, stream, subjects, tasks};
 use crate::state::AppState;
 
 /// Largest request body accepted.
@@ -50,6 +50,7 @@ Text never holds a NUL character (U+0000), which Stele does not store: it is ref
     modifiers(&Security),
     tags(
         (name = "tasks", description = "Create and follow tasks"),
+        (name = "subjects", description = "People: consents, export and erasure of their data"),
         (name = "operators", description = "The log, jobs, projections and workflows"),
         (name = "health", description = "Liveness, readiness and metrics"),
     )
@@ -324,6 +325,12 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(tasks::signal_task))
         .routes(routes!(stream::sse))
         .routes(routes!(stream::ws))
+        .routes(routes!(subjects::list_subjects, subjects::register_subject))
+        .routes(routes!(subjects::get_subject))
+        .routes(routes!(subjects::record_consent))
+        .routes(routes!(subjects::merge_subject))
+        .routes(routes!(subjects::export_subject))
+        .routes(routes!(subjects::erase_subject))
         .routes(routes!(ops::workflows))
         .routes(routes!(ops::events))
         .routes(routes!(ops::jobs))

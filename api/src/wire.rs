@@ -182,8 +182,10 @@ pub struct TaskListQuery {
     pub status: Option<TaskStatus>,
     /// Only tasks of this workflow.
     pub workflow: Option<String>,
-    /// Only tasks of this requester (user id).
+    /// Only tasks of this requester (user id; with `channel`, or `api`): the person they are.
     pub requester: Option<String>,
+    /// Only tasks of this subject (a person's id).
+    pub subject: Option<String>,
     /// Only tasks from this channel.
     pub channel: Option<String>,
     /// From a previous page's `next_cursor`.
@@ -247,7 +249,8 @@ impl From<&stele_engine::RecordedEvent> for EventBody {
             version: event.event_version.clone(),
             recorded_at: event.recorded_at,
             metadata: serde_json::to_value(&event.metadata).unwrap_or_default(),
-            payload: event.payload.clone(),
+            // A person's values as the values they hold (or `[erased]`).
+            payload: stele_privacy::export::plainly(&event.payload),
         }
     }
 }
@@ -568,4 +571,172 @@ mod tests {
             MAX_INPUT_CHARS
         );
     }
+}
+
+/// A person known to Stele.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubjectBody {
+    /// The subject's id.
+    pub id: String,
+    /// The identifiers that lead to them (`telegram:…`, `email:…`, `api:…`); none once erased.
+    pub identifiers: Vec<String>,
+    /// Only a guardian's consent counts for a minor.
+    pub minor: bool,
+    /// The latest consent recorded for each purpose.
+    pub consents: Vec<ConsentBody>,
+    /// Subjects merged into this one.
+    pub merged_from: Vec<String>,
+    /// The subject this one was merged into, if it was.
+    pub merged_into: Option<String>,
+    /// The erasure, if they were erased.
+    pub erased: Option<ErasureBody>,
+}
+
+/// A consent as recorded.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConsentBody {
+    pub purpose: String,
+    /// Given (`true`) or withdrawn.
+    pub given: bool,
+    /// The guardian who gave it, if not the person themself.
+    pub guardian: Option<String>,
+    /// The channel it came through.
+    pub channel: String,
+    pub at: DateTime<Utc>,
+}
+
+/// An erasure: whose keys were destroyed, when, by whom and why.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErasureBody {
+    /// The subjects whose data keys were destroyed (this one and those merged into it).
+    pub keys: Vec<String>,
+    pub by: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A person to register, by their identifiers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterSubject {
+    /// `telegram:<digits>`, `email:<address>` or `api:<id>`; the first leads (a person it
+    /// already leads to is that person), the others are linked.
+    #[schema(min_items = 1, max_items = 20)]
+    pub identifiers: Vec<IdentifierText>,
+    /// A minor: only a guardian's consent counts.
+    #[serde(default)]
+    pub minor: Option<bool>,
+}
+
+impl Body for RegisterSubject {}
+
+/// An identifier as the API takes it: `telegram:<digits>`, `email:<local>@<domain>` (visible
+/// ASCII; stored lowercased) or `api:<id>` (visible ASCII).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct IdentifierText(pub String);
+
+/// [`IdentifierText`]'s pattern: what [`stele_aggregates::subject::Identifier::parse`] takes,
+/// narrowed to visible ASCII so that a pattern says it exactly.
+pub const IDENTIFIER: &str =
+    r"^(telegram:[0-9]{1,32}|email:[!-?A-~]{1,64}@[!-?A-~]{1,190}|api:[!-~]{1,200})$";
+
+// Written out: utoipa's derive takes no pattern for a newtype's field.
+impl utoipa::PartialSchema for IdentifierText {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(IDENTIFIER))
+            .description(Some(
+                "`telegram:<digits>`, `email:<local>@<domain>` (visible ASCII; stored lowercased) or `api:<id>` (visible ASCII)",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for IdentifierText {}
+
+/// A consent to record.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecordConsent {
+    /// The purpose (`processing`, `memory`, …): a letter, then up to 63 of `a-z`, `0-9`, `-`,
+    /// `_`.
+    #[schema(pattern = r"^[a-z][a-z0-9_-]{0,63}$")]
+    pub purpose: String,
+    /// `true` to give it, `false` to withdraw it.
+    pub given: bool,
+    /// Given by this guardian (a minor's consent is their guardian's): not blank.
+    #[serde(default)]
+    #[schema(
+        max_length = 200,
+        pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$"
+    )]
+    pub guardian: Option<String>,
+    /// The channel it came through (`api` when absent).
+    #[serde(default)]
+    #[schema(
+        pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[A-Za-z][A-Za-z0-9_-]{0,31}[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$"
+    )]
+    pub channel: Option<String>,
+}
+
+impl Body for RecordConsent {}
+
+/// Where to merge a subject.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MergeSubject {
+    /// The subject that takes this one over.
+    #[schema(format = Uuid)]
+    pub into: String,
+}
+
+impl Body for MergeSubject {}
+
+/// Why a subject is erased.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EraseSubject {
+    /// Recorded with the erasure.
+    #[serde(default)]
+    #[schema(max_length = 500, pattern = r"^[^\u0000]*$")]
+    pub reason: Option<String>,
+}
+
+impl Body for EraseSubject {}
+
+/// A subject, as listed.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubjectSummary {
+    pub id: String,
+    pub registered_at: Option<DateTime<Utc>>,
+    pub minor: bool,
+    pub merged_into: Option<String>,
+    pub erased_at: Option<DateTime<Utc>>,
+    /// When an event last held their data.
+    pub last_seen_at: DateTime<Utc>,
+    /// How many events hold their data.
+    pub events: i64,
+}
+
+/// One page of subjects, by id.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubjectPage {
+    pub subjects: Vec<SubjectSummary>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Which subjects to list.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SubjectListQuery {
+    /// Continue after this subject id (a previous page's `next_cursor`).
+    #[param(format = Uuid)]
+    pub after: Option<String>,
+    /// Subjects per page, 1 to 500 (100 by default).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<usize>,
 }

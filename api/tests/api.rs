@@ -466,7 +466,9 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             .map(|p| p["name"].as_str().unwrap())
             .collect();
         assert!(
-            names.contains(&"tasks") && names.contains(&"workflow-runtime"),
+            names.contains(&"task_list")
+                && names.contains(&"subjects")
+                && names.contains(&"workflow-runtime"),
             "{names:?}"
         );
         let rebuild = "/v1/projections/{name}/rebuild";
@@ -494,6 +496,204 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             .0,
             StatusCode::CONFLICT
         );
+
+        // Subjects: register (new, known, taken, invalid), read, consent, merge, export, erase.
+        let subjects = "/v1/subjects";
+        let (status, ana) = s
+            .call(
+                POST,
+                subjects,
+                &[],
+                Some(&admin),
+                Some(json!({ "identifiers": ["email:Ana@Example.org", "telegram:77"] })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{ana}");
+        let ana_id = ana["id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            ana["identifiers"],
+            json!(["telegram:77", "email:ana@example.org"])
+        );
+        let (status, again) = s
+            .call(
+                POST,
+                subjects,
+                &[],
+                Some(&admin),
+                Some(json!({ "identifiers": ["email:ana@example.org"] })),
+            )
+            .await;
+        assert_eq!((status, &again["id"]), (StatusCode::OK, &json!(ana_id)));
+        let (status, problem) = s
+            .call(
+                POST,
+                subjects,
+                &[],
+                Some(&admin),
+                Some(json!({ "identifiers": ["email:bo@example.org", "telegram:77"] })),
+            )
+            .await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::CONFLICT, Some("identifier_taken"))
+        );
+        let bo_id = s
+            .runtime
+            .subjects()
+            .unwrap()
+            .find(&stele_aggregates::subject::Identifier::parse("email:bo@example.org").unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        let (status, problem) = s
+            .call(
+                POST,
+                subjects,
+                &[],
+                Some(&admin),
+                Some(json!({ "identifiers": ["fax:123"] })),
+            )
+            .await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_body"))
+        );
+        let (status, page) = s.call(GET, subjects, &[], Some(&admin), None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let one = "/v1/subjects/{id}";
+        assert_eq!(
+            s.call(GET, one, &[("id", &ana_id)], Some(&admin), None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            s.call(GET, one, &[("id", &missing)], Some(&admin), None)
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+        let consents = "/v1/subjects/{id}/consents";
+        let (status, given) = s
+            .call(
+                POST,
+                consents,
+                &[("id", &ana_id)],
+                Some(&admin),
+                Some(json!({ "purpose": "memory", "given": true, "channel": "telegram" })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{given}");
+        assert_eq!(given["consents"][0]["purpose"], "memory");
+        for (id, body, expected) in [
+            (
+                ana_id.as_str(),
+                json!({ "purpose": "analytics", "given": false }),
+                (StatusCode::CONFLICT, "subject_state"),
+            ),
+            (
+                ana_id.as_str(),
+                json!({ "purpose": "9lives", "given": true }),
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+            ),
+            (
+                missing.as_str(),
+                json!({ "purpose": "memory", "given": true }),
+                (StatusCode::NOT_FOUND, "subject_not_found"),
+            ),
+        ] {
+            let (status, problem) = s
+                .call(POST, consents, &[("id", id)], Some(&admin), Some(body))
+                .await;
+            assert_eq!(
+                (status, problem["code"].as_str().unwrap_or_default()),
+                expected
+            );
+        }
+        let merge = "/v1/subjects/{id}/merge";
+        for (id, into, expected) in [
+            (ana_id.as_str(), ana_id.as_str(), StatusCode::CONFLICT),
+            (missing.as_str(), ana_id.as_str(), StatusCode::NOT_FOUND),
+            (bo_id.as_str(), ana_id.as_str(), StatusCode::OK),
+        ] {
+            let (status, body) = s
+                .call(
+                    POST,
+                    merge,
+                    &[("id", id)],
+                    Some(&admin),
+                    Some(json!({ "into": into })),
+                )
+                .await;
+            assert_eq!(status, expected, "{body}");
+        }
+        let export = "/v1/subjects/{id}/export";
+        let (status, bundle) = s
+            .call(GET, export, &[("id", &ana_id)], Some(&admin), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{bundle}");
+        assert_eq!(bundle["format"], "stele.subject-export/1");
+        assert_eq!(
+            s.call(GET, export, &[("id", &missing)], Some(&admin), None)
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+        let erasure = "/v1/subjects/{id}/erasure";
+        for (id, expected) in [
+            (bo_id.as_str(), StatusCode::CONFLICT),
+            (missing.as_str(), StatusCode::NOT_FOUND),
+            (ana_id.as_str(), StatusCode::OK),
+        ] {
+            let (status, body) = s
+                .call(POST, erasure, &[("id", id)], Some(&admin), None)
+                .await;
+            assert_eq!(status, expected, "{body}");
+        }
+        // Their bodies take exactly what their schemas say.
+        for (route, path) in [
+            (subjects, "/v1/subjects".to_owned()),
+            (consents, format!("/v1/subjects/{ana_id}/consents")),
+            (merge, format!("/v1/subjects/{ana_id}/merge")),
+            (erasure, format!("/v1/subjects/{ana_id}/erasure")),
+        ] {
+            let request = || {
+                s.client
+                    .post(format!("{}{path}", s.base))
+                    .bearer_auth(&admin)
+            };
+            let (status, problem) = s.send(route, request().json(&json!({ "x": 1 }))).await;
+            assert_eq!(
+                (status, problem["code"].as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_body")),
+                "{route}"
+            );
+            let (status, _) = s
+                .send(
+                    route,
+                    request()
+                        .header("content-type", "application/json")
+                        .body("{"),
+                )
+                .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{route}");
+            let (status, _) = s
+                .send(
+                    route,
+                    request()
+                        .header("content-type", "application/json")
+                        .body(format!("{{\"reason\": \"{}\"}}", "x".repeat(70_000))),
+                )
+                .await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{route}");
+            let (status, _) = s
+                .send(
+                    route,
+                    request().header("content-type", "text/plain").body("x"),
+                )
+                .await;
+            assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{route}");
+        }
 
         // Health and metrics.
         assert_eq!(
@@ -550,7 +750,9 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 r
             };
             let key = match scope_of(&document, route, &method) {
-                "admin" => Some(admin.as_str()),
+                "admin" | "subjects:read" | "subjects:write" | "subjects:erase" => {
+                    Some(admin.as_str())
+                }
                 "tasks:write" | "tasks:read" => Some(writer.as_str()),
                 _ => None,
             };
@@ -585,7 +787,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             if codes.contains(&403) {
                 // A key with every scope but the one the route needs, in `X-Api-Key`.
                 let key = match scope_of(&document, route, &method) {
-                    "admin" => &writer,
+                    "admin" | "subjects:read" | "subjects:write" | "subjects:erase" => &writer,
                     "tasks:write" => &reader,
                     _ => &write_only,
                 };
@@ -657,6 +859,12 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 "/v1/jobs/{id}/retry",
                 "/v1/projections",
                 "/v1/projections/{name}/rebuild",
+                "/v1/subjects",
+                "/v1/subjects/{id}",
+                "/v1/subjects/{id}/consents",
+                "/v1/subjects/{id}/erasure",
+                "/v1/subjects/{id}/export",
+                "/v1/subjects/{id}/merge",
                 "/v1/tasks",
                 "/v1/tasks/{id}",
                 "/v1/tasks/{id}/cancel",

@@ -115,7 +115,13 @@ pub enum Migrate {
 /// An open store: the event log, the job queue and the pool behind them.
 pub struct Store {
     pub location: StoreLocation,
+    /// The log as the application reads and writes it: where personal data is sealed (see
+    /// [`Store::with_log`]), values are sealed on the way in and opened on the way out.
     pub log: Arc<dyn EventLog>,
+    /// The log as stored: what projections and process managers read, so that read models and
+    /// job payloads keep sealed values sealed. The same as `log` unless [`Store::with_log`] put
+    /// a layer in front.
+    pub stored: Arc<dyn EventLog>,
     pub queue: Arc<dyn JobQueue>,
     pub pool: StorePool,
 }
@@ -152,10 +158,11 @@ impl Store {
                 let pool = connect_postgres(url, 24).await?;
                 run_migrations(&POSTGRES_MIGRATIONS, &pool, migrate, &location).await?;
                 let listen = pg.listen;
-                let log = Arc::new(PgEventLog::new(pool.clone(), pg));
+                let log: Arc<dyn EventLog> = Arc::new(PgEventLog::new(pool.clone(), pg));
                 let queue = Arc::new(PgJobQueue::new(pool.clone(), listen));
                 Ok(Self {
                     location,
+                    stored: log.clone(),
                     log,
                     queue,
                     pool: StorePool::Postgres(pool),
@@ -178,17 +185,25 @@ impl Store {
                 };
                 let writer = sqlite::writer_pool(&file).await.map_err(embedded)?;
                 run_migrations(&SQLITE_MIGRATIONS, &writer, migrate, &location).await?;
-                let log =
+                let log: Arc<dyn EventLog> =
                     Arc::new(SqliteEventLog::new(&file, writer.clone(), sqlite_options).await?);
                 let queue = Arc::new(SqliteJobQueue::new(writer.clone()));
                 Ok(Self {
                     location,
+                    stored: log.clone(),
                     log,
                     queue,
                     pool: StorePool::Sqlite(writer),
                 })
             }
         }
+    }
+
+    /// Puts `layer` in front of the stored log for the application (e.g. sealing personal data);
+    /// projections and process managers keep reading [`Store::stored`].
+    pub fn with_log(mut self, layer: impl FnOnce(Arc<dyn EventLog>) -> Arc<dyn EventLog>) -> Self {
+        self.log = layer(self.stored.clone());
+        self
     }
 
     /// Closes the log and its connections.

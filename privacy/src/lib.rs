@@ -18,6 +18,16 @@
 //! Written on RustCrypto's `aes-gcm` (no hand-made cryptography); the key table's SQL is written
 //! once for both stores through `stele_engine::store::sql`.
 
+pub mod export;
+pub mod index;
+mod log;
+mod seal;
+pub mod subjects;
+
+pub use log::{erased_keys, open_events, SealedLog, SUBJECT_ERASED};
+pub use seal::{subjects_in, Sealer};
+pub use subjects::{Policy, Subjects, SubjectsError};
+
 use std::path::Path;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -44,11 +54,14 @@ pub enum PrivacyError {
     WrongKek,
     #[error("a sealed value could not be opened (wrong key, or altered)")]
     Unreadable,
+    #[error("{0}")]
+    Malformed(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
 
 /// The deployment's key-encryption key.
+#[derive(Clone)]
 pub struct Kek(Zeroizing<[u8; KEY_BYTES]>);
 
 impl std::fmt::Debug for Kek {
@@ -100,6 +113,56 @@ impl Kek {
     fn cipher(&self) -> Aes256Gcm {
         Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(self.0.as_ref()))
     }
+
+    /// A key for another use, derived from this one (HKDF-SHA-256, `info` naming the use).
+    pub fn derive(&self, info: &[u8]) -> Zeroizing<[u8; KEY_BYTES]> {
+        let mut key = Zeroizing::new([0u8; KEY_BYTES]);
+        hkdf::Hkdf::<sha2::Sha256>::new(None, self.0.as_ref())
+            .expand(info, key.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA-256 output length");
+        key
+    }
+}
+
+/// Puts sealing in front of `store`'s log (see [`SealedLog`]), checked against `kek`: the
+/// store's log then seals personal values on the way in and opens them on the way out, while
+/// projections and process managers read them sealed.
+///
+/// The returned store shares `store`'s connections: close one of them.
+pub async fn seal_store(
+    store: &stele_engine::Store,
+    kek: &Kek,
+) -> Result<(stele_engine::Store, std::sync::Arc<Sealer>), PrivacyError> {
+    let keys = KeyStore::open(store.pool.clone(), kek.clone()).await?;
+    let sealer = std::sync::Arc::new(Sealer::new(keys));
+    let sealed = stele_engine::Store {
+        location: store.location.clone(),
+        log: std::sync::Arc::new(SealedLog::new(store.stored.clone(), sealer.clone())),
+        stored: store.stored.clone(),
+        queue: store.queue.clone(),
+        pool: store.pool.clone(),
+    };
+    Ok((sealed, sealer))
+}
+
+/// A store with personal data sealed, and its subjects service.
+pub struct Private {
+    pub store: stele_engine::Store,
+    pub subjects: std::sync::Arc<Subjects>,
+}
+
+/// [`seal_store`] and the subjects service on it, under `policy`.
+pub async fn private_store(
+    store: &stele_engine::Store,
+    kek: &Kek,
+    policy: Policy,
+) -> Result<Private, PrivacyError> {
+    let (sealed, sealer) = seal_store(store, kek).await?;
+    let subjects = std::sync::Arc::new(Subjects::new(&sealed, sealer, kek, policy));
+    Ok(Private {
+        store: sealed,
+        subjects,
+    })
 }
 
 /// A person's data key.

@@ -24,5 +24,6 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
         Arc::new(StreamsView),
         Arc::new(TasksView),
         Arc::new(ApiKeysView),
+        Arc::new(stele_privacy::index::SubjectIndex),
     ]
 }

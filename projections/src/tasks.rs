@@ -1,6 +1,10 @@
-//! `tasks`: one row per task (status, workflow, run, requester, input, current step, result or
-//! error), so the HTTP API can list tasks by filter, newest first, a page at a time, without
-//! replaying each task's streams.
+//! `task_list`: one row per task (status, workflow, run, subject, requester, input, current
+//! step, result or error), so the HTTP API can list tasks by filter, newest first, a page at a
+//! time, without replaying each task's streams.
+//!
+//! The view reads the log as stored: a person's input, requester, result and error stay in it
+//! as they are in the log, sealed with the person's key (the API opens them when it answers),
+//! and when a person is erased (`SubjectErased`) their rows are rewritten to the erased form.
 //!
 //! It reads the `task` streams, and the events of each task's top-level run (the `workflow_run`
 //! stream named after the task) to follow the step the task is at. Child runs and runs of no known
@@ -30,15 +34,15 @@ use stele_engine::RecordedEvent;
 /// The tasks view.
 pub struct TasksView;
 
-const TABLE: &str = "task_view";
+const TABLE: &str = "task_list";
 
 /// The largest page [`list_tasks`] returns.
 pub const MAX_LIMIT: usize = 500;
 
 /// The columns, in [`TaskRow`]'s order.
-const COLUMNS: &str = "task_id, status, workflow, run_id, requester_user, requester_channel, \
-                       input, current_step, result, error, created_at, updated_at, \
-                       created_position";
+const COLUMNS: &str = "task_id, status, workflow, run_id, subject_id, requester, \
+                       requester_channel, input, current_step, result, error, created_at, \
+                       updated_at, created_position";
 
 /// The view's secondary indexes: a name part (unique to the index) and its columns. Each filter
 /// is an equality on the leading column, and each index then holds the rows in page order.
@@ -46,7 +50,7 @@ const INDEXES: [(&str, &str); 5] = [
     ("by_position", "created_position, task_id"),
     ("by_status", "status, created_position, task_id"),
     ("by_workflow", "workflow, created_position, task_id"),
-    ("by_requester", "requester_user, created_position, task_id"),
+    ("by_subject", "subject_id, created_position, task_id"),
     ("by_channel", "requester_channel, created_position, task_id"),
 ];
 
@@ -60,18 +64,20 @@ pub struct TaskRow {
     pub workflow: Option<String>,
     /// The task's workflow run, once routed.
     pub run_id: Option<String>,
-    /// The requester's user id.
-    pub requester_user: String,
+    /// The person who asked (none for tasks recorded before subjects).
+    pub subject: Option<String>,
+    /// The requester (`user_id`, `channel`), as stored: sealed with the subject's key.
+    pub requester: Value,
     /// The channel the task came through (`api`, `telegram`, `email`, …).
     pub requester_channel: String,
-    /// The task's input, in full.
-    pub input: String,
+    /// The task's input, in full, as stored: sealed with the subject's key.
+    pub input: Value,
     /// The step the task's run is at; none before the run starts and once it ends.
     pub current_step: Option<String>,
-    /// What the task produced, once completed.
+    /// What the task produced, once completed (as stored).
     pub result: Option<Value>,
-    /// Why the task failed, or the reason it was cancelled.
-    pub error: Option<String>,
+    /// Why the task failed, or the reason it was cancelled (as stored).
+    pub error: Option<Value>,
     /// When the task was created (its `TaskCreated` was recorded).
     pub created_at: DateTime<Utc>,
     /// When the last event that changed this row was recorded.
@@ -87,8 +93,8 @@ pub struct TaskQuery {
     pub status: Option<String>,
     /// Only tasks of this workflow.
     pub workflow: Option<String>,
-    /// Only tasks of this requester (user id).
-    pub requester: Option<String>,
+    /// Only tasks of this subject.
+    pub subject: Option<String>,
     /// Only tasks that came through this channel.
     pub channel: Option<String>,
     /// Where to continue: a [`TaskPage::next_cursor`] from the same filters; none for the first
@@ -128,13 +134,15 @@ struct Statements {
     load: &'static str,
     /// Writes a batch of folded rows (see [`Db::execute_rows`]).
     upsert: &'static str,
+    /// Rewrites the rows of an erased subject (`$1`) to the erased form (`$2`).
+    forget: &'static str,
 }
 
 const SQL: Dialects<Statements> = Dialects {
     postgres: Statements {
         create: "CREATE TABLE IF NOT EXISTS {table} ( \
                     task_id text PRIMARY KEY, status text NOT NULL, workflow text, \
-                    run_id text, requester_user text NOT NULL, \
+                    run_id text, subject_id text, requester text NOT NULL, \
                     requester_channel text NOT NULL, input text NOT NULL, \
                     current_step text, result text, error text, \
                     created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL, \
@@ -148,16 +156,17 @@ const SQL: Dialects<Statements> = Dialects {
         upsert: "INSERT INTO {table} ({columns}) \
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
                                       $5::text[], $6::text[], $7::text[], $8::text[], \
-                                      $9::text[], $10::text[], $11::timestamptz[], \
-                                      $12::timestamptz[], $13::int8[]) \
+                                      $9::text[], $10::text[], $11::text[], \
+                                      $12::timestamptz[], $13::timestamptz[], $14::int8[]) \
                  ON CONFLICT (task_id) DO UPDATE SET {update}",
+        forget: FORGET,
     },
     sqlite: Statements {
         // A rowid table, not WITHOUT ROWID: rows hold the task's full input, and SQLite advises
         // WITHOUT ROWID only for small rows.
         create: "CREATE TABLE IF NOT EXISTS {table} ( \
                     task_id TEXT PRIMARY KEY NOT NULL, status TEXT NOT NULL, workflow TEXT, \
-                    run_id TEXT, requester_user TEXT NOT NULL, \
+                    run_id TEXT, subject_id TEXT, requester TEXT NOT NULL, \
                     requester_channel TEXT NOT NULL, input TEXT NOT NULL, \
                     current_step TEXT, result TEXT, error TEXT, \
                     created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, \
@@ -166,14 +175,21 @@ const SQL: Dialects<Statements> = Dialects {
         taken: "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = $1) AS taken",
         load: "SELECT {columns} FROM {table} WHERE task_id IN (SELECT value FROM json_each($1))",
         upsert: "INSERT INTO {table} ({columns}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
                  ON CONFLICT (task_id) DO UPDATE SET {update}",
+        forget: FORGET,
     },
 };
 
+const FORGET: &str = "UPDATE {table} SET requester = $2, input = $2, \
+                      result = CASE WHEN result IS NULL THEN NULL ELSE $2 END, \
+                      error = CASE WHEN error IS NULL THEN NULL ELSE $2 END \
+                      WHERE subject_id = $1";
+
 /// The upsert's update: the folded row replaces the stored one (it was folded from it).
 const UPDATE: &str = "status = excluded.status, workflow = excluded.workflow, \
-                      run_id = excluded.run_id, requester_user = excluded.requester_user, \
+                      run_id = excluded.run_id, subject_id = excluded.subject_id, \
+                      requester = excluded.requester, \
                       requester_channel = excluded.requester_channel, input = excluded.input, \
                       current_step = excluded.current_step, result = excluded.result, \
                       error = excluded.error, created_at = excluded.created_at, \
@@ -193,7 +209,7 @@ fn fill(statement: &str, table: &str) -> String {
 #[async_trait]
 impl Projection for TasksView {
     fn name(&self) -> &'static str {
-        "tasks"
+        "task_list"
     }
 
     fn event_types(&self) -> &'static [&'static str] {
@@ -211,6 +227,7 @@ impl Projection for TasksView {
             "RunCompleted",
             "RunFailed",
             "RunCancelled",
+            "SubjectErased",
         ]
     }
 
@@ -268,25 +285,35 @@ impl Projection for TasksView {
                 .collect::<Result<_, _>>()?
         };
         let rows = fold::fold(known, events)?;
-        let results: Vec<Option<String>> = rows
+        let texts: Vec<[String; 2]> = rows
             .iter()
-            .map(|r| r.result.as_ref().map(Value::to_string))
+            .map(|r| [r.requester.to_string(), r.input.to_string()])
             .collect();
-        let values: Vec<[SqlValue; 13]> = rows
+        let optional: Vec<[Option<String>; 2]> = rows
             .iter()
-            .zip(&results)
-            .map(|(row, result)| {
+            .map(|r| {
+                [
+                    r.result.as_ref().map(Value::to_string),
+                    r.error.as_ref().map(Value::to_string),
+                ]
+            })
+            .collect();
+        let values: Vec<[SqlValue; 14]> = rows
+            .iter()
+            .zip(texts.iter().zip(&optional))
+            .map(|(row, ([requester, input], [result, error]))| {
                 [
                     (&row.task_id).into(),
                     (&row.status).into(),
                     (&row.workflow).into(),
                     (&row.run_id).into(),
-                    (&row.requester_user).into(),
+                    (&row.subject).into(),
+                    requester.into(),
                     (&row.requester_channel).into(),
-                    (&row.input).into(),
+                    input.into(),
                     (&row.current_step).into(),
                     result.into(),
-                    (&row.error).into(),
+                    error.into(),
                     row.created_at.into(),
                     row.updated_at.into(),
                     row.created_position.into(),
@@ -294,6 +321,15 @@ impl Projection for TasksView {
             })
             .collect();
         db.execute_rows(&fill(sql.upsert, &table), &values).await?;
+        // An erased person's rows keep no sealed copy either.
+        for subject in fold::erased_subjects(events) {
+            let erased = serde_json::json!({ "$erased": { "subject": subject } }).to_string();
+            db.execute(
+                &fill(sql.forget, &table),
+                &[subject.as_str().into(), erased.as_str().into()],
+            )
+            .await?;
+        }
         Ok(())
     }
 }
@@ -326,7 +362,7 @@ fn index_name(table: &str, part: &str, attempt: u32) -> String {
     }
 }
 
-fn result_of(text: Option<String>) -> Result<Option<Value>, sqlx::Error> {
+fn json_of(text: Option<String>) -> Result<Option<Value>, sqlx::Error> {
     text.map(|t| serde_json::from_str(&t))
         .transpose()
         .map_err(|e| sqlx::Error::Decode(Box::new(e)))
@@ -338,12 +374,13 @@ fn task_row(row: &Row) -> Result<TaskRow, sqlx::Error> {
         status: row.get("status")?,
         workflow: row.get("workflow")?,
         run_id: row.get("run_id")?,
-        requester_user: row.get("requester_user")?,
+        subject: row.get("subject_id")?,
+        requester: json_of(row.get("requester")?)?.unwrap_or_default(),
         requester_channel: row.get("requester_channel")?,
-        input: row.get("input")?,
+        input: json_of(row.get("input")?)?.unwrap_or_default(),
         current_step: row.get("current_step")?,
-        result: result_of(row.get("result")?)?,
-        error: row.get("error")?,
+        result: json_of(row.get("result")?)?,
+        error: json_of(row.get("error")?)?,
         created_at: row.time("created_at")?,
         updated_at: row.time("updated_at")?,
         created_position: row.get("created_position")?,
@@ -393,7 +430,7 @@ fn page<'a>(
     let filters = [
         ("status", &query.status),
         ("workflow", &query.workflow),
-        ("requester_user", &query.requester),
+        ("subject_id", &query.subject),
         ("requester_channel", &query.channel),
     ];
     let mut values: Vec<SqlValue<'a>> = Vec::new();
@@ -467,9 +504,10 @@ mod tests {
             status: "pending".into(),
             workflow: None,
             run_id: None,
-            requester_user: "u".into(),
+            subject: None,
+            requester: serde_json::json!({ "user_id": "u", "channel": "api" }),
             requester_channel: "api".into(),
-            input: "x".into(),
+            input: serde_json::json!("x"),
             current_step: None,
             result: None,
             error: None,
@@ -515,7 +553,7 @@ mod tests {
             .into_iter()
             .map(|(part, _)| part)
             .collect();
-        assert_eq!(missing, ["by_position", "by_requester", "by_channel"]);
+        assert_eq!(missing, ["by_position", "by_subject", "by_channel"]);
     }
 
     #[test]
@@ -528,9 +566,9 @@ mod tests {
                 "{run_type}"
             );
         }
-        let task_types = read
-            .iter()
-            .filter(|t| !STEP_EVENTS.contains(t) && !RUN_END_EVENTS.contains(t));
+        let task_types = read.iter().filter(|t| {
+            !STEP_EVENTS.contains(t) && !RUN_END_EVENTS.contains(t) && **t != "SubjectErased"
+        });
         assert_eq!(task_types.count(), 6, "the six task events");
     }
 }

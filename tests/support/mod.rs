@@ -8,11 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+/// The key-encryption key the tests' processes share.
+pub const TEST_KEK: &str = "6b1f0c7a93e24d58a1c6f02b8d9e47a35c0b1e2f3a4d5c6b7e8f90a1b2c3d4e5";
+
 pub fn stele() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_stele"));
     command
         .env_remove("STELE_DATABASE_URL")
         .env_remove("STELE_DATA_DIR")
+        .env_remove("STELE_KEK_FILE")
+        // The deployment's key-encryption key (the embedded store would make its own).
+        .env("STELE_KEK", TEST_KEK)
         .env("STELE_LOG", "info");
     command
 }

@@ -118,14 +118,14 @@ pub fn decide(
             let start = definition.start_step().ok_or("the workflow has no steps")?;
             d.enter(start)
         }
-        RunEvent::StepCompleted { step, output, .. } => d.advance(step, output),
+        RunEvent::StepCompleted { step, output, .. } => d.advance(step, &output.json()),
         RunEvent::TimerFired { step } => d.advance(step, &Value::Null),
         RunEvent::StepFailed {
             step,
             attempt,
             error,
             ..
-        } => d.retry_or_fail(step, *attempt, error),
+        } => d.retry_or_fail(step, *attempt, error.text()),
         RunEvent::WaitStarted { step, signal, .. } => Ok(d.resume_wait(step, signal)),
         RunEvent::SignalReceived { name, .. } => {
             let waiting = run.current.as_deref().and_then(|id| {
@@ -158,7 +158,7 @@ pub fn decide(
         RunEvent::ChildRunFinished { step, .. } => d.join(step),
         RunEvent::ReplyRequested { step, text } => Ok(vec![Action::CompleteStep {
             step: step.clone(),
-            output: Value::String(text.clone()),
+            output: Value::String(text.text().to_owned()),
             consumed_signal: None,
         }]),
         _ => Ok(Vec::new()),
@@ -230,7 +230,7 @@ impl Decision<'_> {
                         run_id: format!("{}.{id}{round}.{index}", self.run.run_id).into(),
                         workflow: child.name.clone(),
                         version: child.version,
-                        input: item,
+                        input: self.run.personal(item),
                     })
                     .collect();
                 vec![Action::StartChildren {

@@ -30,7 +30,16 @@ impl Harness {
     /// A runtime with the shipped definitions plus `extra` YAML definitions, and the shipped
     /// agent roles (scripted) plus `extra_rules` (TOML rules for the scripted provider, prepended
     /// so they win).
-    fn new(store: &Store, extra: &[&str], extra_rules: &str) -> Harness {
+    async fn new(store: &Store, extra: &[&str], extra_rules: &str) -> Harness {
+        // Tasks are a person's data: the store seals them, as every node's does.
+        let private = stele_privacy::private_store(
+            store,
+            &stele_privacy::Kek::generate(),
+            stele_privacy::Policy::default(),
+        )
+        .await
+        .unwrap();
+        let store = &private.store;
         let mut config_text = catalog_config();
         if !extra_rules.is_empty() {
             config_text = config_text.replacen(
@@ -56,7 +65,11 @@ impl Harness {
         // timeout shorter than that is due as soon as it is recorded, so tests step the runtime
         // instead of waiting for time to pass (one that must not fire yet is longer).
         let clock = Arc::new(ManualClock::at(Utc::now() - chrono::Duration::hours(1)));
-        let runtime = Arc::new(Runtime::new(store, catalog, agents, tools).with_clock(clock));
+        let runtime = Arc::new(
+            Runtime::new(store, catalog, agents, tools)
+                .with_clock(clock)
+                .with_subjects(private.subjects.clone()),
+        );
         let runner = ProjectionRunner::new(
             store,
             vec![as_projection(runtime.manager(), store.queue.clone())],
@@ -110,6 +123,18 @@ impl Harness {
     }
 }
 
+/// Events with their personal values shown as the values they hold (see
+/// `stele_privacy::export::plainly`).
+fn readable(events: Vec<stele_engine::RecordedEvent>) -> Vec<stele_engine::RecordedEvent> {
+    events
+        .into_iter()
+        .map(|mut event| {
+            event.payload = stele_privacy::export::plainly(&event.payload);
+            event
+        })
+        .collect()
+}
+
 fn catalog_config() -> String {
     include_str!("../../models/agents.toml").to_owned()
 }
@@ -119,7 +144,7 @@ fn finished(view: &stele_workflows::runtime::TaskView) -> bool {
 }
 
 async fn the_dev_pipeline_runs_to_completion_with_replies_and_model_calls(store: &Store) {
-    let h = Harness::new(store, &[], "");
+    let h = Harness::new(store, &[], "").await;
     let task = h.create("dev_pipeline", "add a /health endpoint").await;
     h.settle().await;
     let view = h.runtime.task(&task).await.unwrap();
@@ -132,12 +157,12 @@ async fn the_dev_pipeline_runs_to_completion_with_replies_and_model_calls(store:
     );
     assert_eq!(run.replies.len(), 2);
     assert!(run.replies[1].starts_with("Done. Tests: all tests pass. Review: approve"));
-    let result = view.task.result.unwrap();
+    let result = view.task.result.unwrap().json();
     assert_eq!(result["tests"]["passed"], json!(true));
     assert_eq!(result["review"]["verdict"], json!("approve"));
 
     // Every step's model call is in the history, with its prompt, output and tokens.
-    let history = h.runtime.history(&task).await.unwrap();
+    let history = readable(h.runtime.history(&task).await.unwrap());
     let plan = history
         .iter()
         .find(|e| e.event_type == "StepCompleted" && e.payload["data"]["step"] == "plan")
@@ -171,7 +196,7 @@ async fn the_dev_pipeline_runs_to_completion_with_replies_and_model_calls(store:
 }
 
 async fn neo_core_decomposes_into_child_runs_and_joins_them(store: &Store) {
-    let h = Harness::new(store, &[], "");
+    let h = Harness::new(store, &[], "").await;
     let task = h
         .create("neo_core", "plan the launch step by step please")
         .await;
@@ -186,7 +211,7 @@ async fn neo_core_decomposes_into_child_runs_and_joins_them(store: &Store) {
     assert!(output.iter().all(|r| r["status"] == "completed"));
     assert_eq!(output[0]["run_id"], format!("{task}.epic.0"));
     // The children's events are part of the task's history.
-    let history = h.runtime.history(&task).await.unwrap();
+    let history = readable(h.runtime.history(&task).await.unwrap());
     assert!(history.iter().any(
         |e| e.stream.aggregate_id == format!("{task}.epic.1") && e.event_type == "RunCompleted"
     ));
@@ -227,7 +252,7 @@ agent = "worker"
 fail = "the worker is confused"
 retryable = false
 "#;
-    let h = Harness::new(store, &[ESCALATING], rules);
+    let h = Harness::new(store, &[ESCALATING], rules).await;
     let task = h.create("escalating", "fix it").await;
     h.settle_until(&task, finished).await;
     let view = h.runtime.task(&task).await.unwrap();
@@ -236,7 +261,7 @@ retryable = false
     assert_eq!(work.attempt, 2);
     assert_eq!(work.errors.len(), 1);
     assert!(work.errors[0].contains("the worker is confused"));
-    let history = h.runtime.history(&task).await.unwrap();
+    let history = readable(h.runtime.history(&task).await.unwrap());
     let failed = history
         .iter()
         .find(|e| e.event_type == "StepFailed")
@@ -293,7 +318,7 @@ steps:
 "#;
 
 async fn timers_signals_and_wait_timeouts(store: &Store) {
-    let h = Harness::new(store, &[HUMAN, IMPATIENT], "");
+    let h = Harness::new(store, &[HUMAN, IMPATIENT], "").await;
     let task = h.create("human", "deploy?").await;
     h.settle_until(&task, |v| {
         v.run
@@ -313,12 +338,18 @@ async fn timers_signals_and_wait_timeouts(store: &Store) {
         .unwrap();
     h.settle().await;
     let view = h.runtime.task(&task).await.unwrap();
-    assert_eq!(view.task.result, Some(json!("approved by ana")));
+    assert_eq!(
+        view.task.result.map(|r| r.json()),
+        Some(json!("approved by ana"))
+    );
 
     let late = h.create("impatient", "deploy?").await;
     h.settle_until(&late, finished).await;
     let view = h.runtime.task(&late).await.unwrap();
-    assert_eq!(view.task.result, Some(json!("nobody answered")));
+    assert_eq!(
+        view.task.result.map(|r| r.json()),
+        Some(json!("nobody answered"))
+    );
     assert_eq!(view.run.unwrap().path, ["approve", "expired"]);
 }
 
@@ -359,7 +390,7 @@ agent = "worker"
 fail = "down"
 retryable = false
 "#;
-    let h = Harness::new(store, &[PARENT, WAITER, BACKING_OFF], rules);
+    let h = Harness::new(store, &[PARENT, WAITER, BACKING_OFF], rules).await;
     let task = h.create("parent", "go").await;
     h.settle().await;
     let run = h.runtime.task(&task).await.unwrap().run.unwrap();
@@ -378,7 +409,7 @@ retryable = false
     let view = h.runtime.task(&task).await.unwrap();
     assert_eq!(view.task.status, TaskStatus::Cancelled);
     assert_eq!(view.run.as_ref().unwrap().status, RunStatus::Cancelled);
-    let history = h.runtime.history(&task).await.unwrap();
+    let history = readable(h.runtime.history(&task).await.unwrap());
     for child in &children {
         assert!(
             history
@@ -417,7 +448,7 @@ retryable = false
 }
 
 async fn bad_requests_are_refused_clearly(store: &Store) {
-    let h = Harness::new(store, &[], "");
+    let h = Harness::new(store, &[], "").await;
     let error = h
         .runtime
         .create_task(
@@ -475,12 +506,12 @@ description = "Looks things up with its tools."
 route = ["scripted/helper"]
 tools = ["echo"]
 "#;
-    let h = Harness::new(store, &[TOOLING], extra);
+    let h = Harness::new(store, &[TOOLING], extra).await;
     let task = h.create("tooling", "x").await;
     h.settle().await;
     let view = h.runtime.task(&task).await.unwrap();
     assert_eq!(view.task.status, TaskStatus::Completed, "{view:#?}");
-    let history = h.runtime.history(&task).await.unwrap();
+    let history = readable(h.runtime.history(&task).await.unwrap());
     let step = history
         .iter()
         .find(|e| e.event_type == "StepCompleted")
@@ -528,15 +559,18 @@ type = "object"
 required = ["verdict"]
 properties.verdict = { enum = ["approve", "reject"] }
 "#;
-    let h = Harness::new(store, &[JUDGING], extra);
+    let h = Harness::new(store, &[JUDGING], extra).await;
     let good = h.create("judging", "a good change").await;
     let bad = h.create("judging", "a bad change").await;
     h.settle().await;
     let good = h.runtime.task(&good).await.unwrap();
-    assert_eq!(good.task.result, Some(json!({ "verdict": "approve" })));
+    assert_eq!(
+        good.task.result.map(|r| r.json()),
+        Some(json!({ "verdict": "approve" }))
+    );
     let bad = h.runtime.task(&bad).await.unwrap();
     assert_eq!(bad.task.status, TaskStatus::Failed);
-    let error = bad.task.error.unwrap();
+    let error = bad.task.error.unwrap().text().to_owned();
     assert!(error.contains("does not fit its output schema"), "{error}");
     assert!(error.contains("/verdict"), "{error}");
 }

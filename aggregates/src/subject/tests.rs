@@ -17,9 +17,15 @@ fn purpose(name: &str) -> Purpose {
     Purpose::parse(name).unwrap()
 }
 
+/// The subject's own value.
+fn mine<T>(value: T) -> Personal<T> {
+    Personal::of("s-1", value)
+}
+
 fn registered(minor: bool) -> SubjectEvent {
     SubjectEvent::SubjectRegistered {
-        identifiers: vec![id("telegram:42")],
+        subject: "s-1".into(),
+        identifiers: vec![mine(id("telegram:42"))],
         minor,
     }
 }
@@ -35,7 +41,7 @@ fn given(by: ConsentBy, minute: u32) -> SubjectEvent {
 
 fn guardian() -> ConsentBy {
     ConsentBy::Guardian {
-        name: "parent of 42".into(),
+        name: mine("parent of 42".into()),
     }
 }
 
@@ -55,7 +61,8 @@ fn identifiers_have_one_spelling() {
         "email:@example.org",
         "email:a@b@c",
         "email:a b@c",
-        "api:has space",
+        "api:nul\0",
+        "api:   ",
         "fax:123",
     ] {
         assert!(Identifier::parse(bad).is_err(), "{bad:?}");
@@ -72,6 +79,7 @@ fn a_subject_is_registered_with_its_identifiers_once() {
     Given::with(())
         .given_no_previous_events()
         .when(SubjectCommand::Register {
+            subject: "s-1".into(),
             identifiers: vec![id("telegram:42"), id("TELEGRAM:42")],
             minor: false,
         })
@@ -79,6 +87,7 @@ fn a_subject_is_registered_with_its_identifiers_once() {
     Given::with(())
         .given_no_previous_events()
         .when(SubjectCommand::Register {
+            subject: "s-1".into(),
             identifiers: vec![],
             minor: false,
         })
@@ -86,6 +95,7 @@ fn a_subject_is_registered_with_its_identifiers_once() {
     Given::with(())
         .given(vec![registered(false)])
         .when(SubjectCommand::Register {
+            subject: "s-1".into(),
             identifiers: vec![id("email:a@b.c")],
             minor: false,
         })
@@ -112,7 +122,7 @@ fn linking_a_known_identifier_changes_nothing() {
             identifier: id("email:ana@example.org"),
         })
         .then_expect_events(vec![SubjectEvent::IdentifierLinked {
-            identifier: id("email:ana@example.org"),
+            identifier: mine(id("email:ana@example.org")),
         }]);
 }
 
@@ -212,12 +222,12 @@ fn a_merged_subject_takes_no_more_commands() {
         })
         .then_expect_events(vec![SubjectEvent::SubjectMerged {
             into: "s-2".into(),
-            identifiers: vec![id("telegram:42")],
+            identifiers: vec![mine(id("telegram:42"))],
             at: at(1),
         }]);
     let merged = SubjectEvent::SubjectMerged {
         into: "s-2".into(),
-        identifiers: vec![id("telegram:42")],
+        identifiers: vec![mine(id("telegram:42"))],
         at: at(1),
     };
     Given::with(())
@@ -232,7 +242,77 @@ fn events_keep_their_stored_shape() {
     let json = serde_json::to_value(&event).unwrap();
     assert_eq!(json["type"], "ConsentGiven");
     assert_eq!(json["data"]["by"], "guardian");
-    assert_eq!(json["data"]["name"], "parent of 42");
+    assert_eq!(json["data"]["name"]["$personal"]["value"], "parent of 42");
     assert_eq!(json["data"]["purpose"], "processing");
     assert_eq!(serde_json::from_value::<SubjectEvent>(json).unwrap(), event);
+}
+
+#[test]
+fn erasure_destroys_the_keys_of_the_subject_and_of_those_merged_into_it() {
+    let absorbed = SubjectEvent::SubjectAbsorbed {
+        from: "s-0".into(),
+        identifiers: vec![mine(id("email:old@example.org"))],
+        at: at(1),
+    };
+    let erasure = Erasure {
+        keys: vec!["s-1".into(), "s-0".into()],
+        by: "key:ops".into(),
+        reason: "asked to be forgotten".into(),
+        at: at(2),
+    };
+    Given::with(())
+        .given(vec![registered(false), absorbed.clone()])
+        .when(SubjectCommand::Erase {
+            by: "key:ops".into(),
+            reason: "asked to be forgotten".into(),
+            at: at(2),
+        })
+        .then_expect_events(vec![SubjectEvent::SubjectErased(erasure.clone())]);
+    // Erasing again records nothing; an erased subject takes no other command but an export.
+    let history = vec![
+        registered(false),
+        absorbed,
+        SubjectEvent::SubjectErased(erasure),
+    ];
+    Given::with(())
+        .given(history.clone())
+        .when(SubjectCommand::Erase {
+            by: "retention".into(),
+            reason: "retention".into(),
+            at: at(3),
+        })
+        .then_expect_events(vec![]);
+    Given::with(())
+        .given(history.clone())
+        .when(SubjectCommand::Link {
+            identifier: id("telegram:7"),
+        })
+        .then_expect_error(SubjectError::Erased);
+    Given::with(())
+        .given(history)
+        .when(SubjectCommand::RecordExport {
+            by: "key:ops".into(),
+            events: 3,
+            at: at(4),
+        })
+        .then_expect_events(vec![SubjectEvent::SubjectExported {
+            by: "key:ops".into(),
+            events: 3,
+            at: at(4),
+        }]);
+}
+
+#[test]
+fn erased_identifiers_are_not_part_of_the_state() {
+    let mut subject = Subject::default();
+    subject.apply(SubjectEvent::SubjectRegistered {
+        subject: "s-1".into(),
+        identifiers: vec![Personal::Erased {
+            subject: "s-1".into(),
+        }],
+        minor: false,
+    });
+    assert!(subject.registered);
+    assert!(subject.identifiers.is_empty());
+    assert_eq!(subject.keys(), vec!["s-1".to_owned()]);
 }

@@ -26,17 +26,17 @@ impl Decider for TwoSteps {
             RunEvent::RunStarted { .. } => vec![schedule("a", 1)],
             RunEvent::StepCompleted { step, .. } if step == "a" => vec![schedule("b", 1)],
             RunEvent::StepCompleted { output, .. } => vec![Action::CompleteRun {
-                output: output.clone(),
+                output: output.json(),
             }],
             RunEvent::StepFailed { step, attempt, .. } if *attempt < 2 => {
                 vec![schedule(step, attempt + 1)]
             }
             RunEvent::StepFailed { step, error, .. } => vec![Action::FailRun {
-                error: error.clone(),
+                error: error.text().to_owned(),
                 step: Some(step.clone()),
             }],
             RunEvent::SignalReceived { name, payload } if run.current.is_none() => {
-                return Err(format!("unexpected signal {name}: {payload}"))
+                return Err(format!("unexpected signal {name}: {}", payload.json()))
             }
             _ => vec![],
         })
@@ -73,9 +73,10 @@ fn started() -> RunEvent {
     RunEvent::RunStarted {
         run_id: "run-1".into(),
         task_id: Some("task-1".into()),
+        subject: None,
         workflow: "two".into(),
         version: 1,
-        input: json!("hello"),
+        input: Personal::plain(json!("hello")),
         parent: None,
     }
 }
@@ -107,8 +108,8 @@ fn completed(step: &str, attempt: u32, output: Value) -> RunEvent {
         step: step.into(),
         attempt,
         input: None,
-        output,
-        calls: vec![],
+        output: Personal::plain(output),
+        calls: Personal::plain(vec![]),
         consumed_signal: None,
     }
 }
@@ -128,6 +129,7 @@ fn starting_records_the_start_and_the_first_step() {
         .when(RunCommand::Start {
             run_id: "run-1".into(),
             task_id: Some("task-1".into()),
+            subject: None,
             workflow: "two".into(),
             version: 1,
             input: json!("hello"),
@@ -166,7 +168,9 @@ fn a_step_outcome_and_what_follows_are_one_command() {
         .then_expect_events(vec![
             step_started("b", 1),
             completed("b", 1, json!("B")),
-            RunEvent::RunCompleted { output: json!("B") },
+            RunEvent::RunCompleted {
+                output: Personal::plain(json!("B")),
+            },
         ]);
 }
 
@@ -176,8 +180,8 @@ fn a_failed_step_is_retried_then_fails_the_run() {
         step: "a".into(),
         attempt,
         input: None,
-        error: "boom".into(),
-        calls: vec![],
+        error: Personal::plain("boom".into()),
+        calls: Personal::plain(vec![]),
     };
     let fail = || StepOutcome::Failed {
         error: "boom".into(),
@@ -198,7 +202,7 @@ fn a_failed_step_is_retried_then_fails_the_run() {
             step_started("a", 2),
             failed(2),
             RunEvent::RunFailed {
-                error: "boom".into(),
+                error: Personal::plain("boom".into()),
                 step: Some("a".into()),
             },
         ]);
@@ -289,6 +293,7 @@ fn finished_runs_refuse_commands_and_cancel_once() {
         .when(RunCommand::Start {
             run_id: "run-1".into(),
             task_id: None,
+            subject: None,
             workflow: "two".into(),
             version: 1,
             input: json!(null),
@@ -310,10 +315,10 @@ fn a_decision_error_fails_the_run_and_is_recorded() {
         .then_expect_events(vec![
             RunEvent::SignalReceived {
                 name: "x".into(),
-                payload: json!(1),
+                payload: Personal::plain(json!(1)),
             },
             RunEvent::RunFailed {
-                error: "unexpected signal x: 1".into(),
+                error: Personal::plain("unexpected signal x: 1".into()),
                 step: None,
             },
         ]);
@@ -345,7 +350,7 @@ fn the_state_folds_from_events() {
         scheduled("b", 1),
         RunEvent::SignalReceived {
             name: "approve".into(),
-            payload: json!(true),
+            payload: Personal::plain(json!(true)),
         },
     ] {
         run.apply(event);
@@ -356,4 +361,40 @@ fn the_state_folds_from_events() {
     assert_eq!(run.outputs().get("a"), Some(&&json!("A")));
     assert_eq!(run.scheduled_steps().collect::<Vec<_>>(), vec![("b", 1)]);
     assert_eq!(run.signals, vec![("approve".to_owned(), json!(true))]);
+}
+
+#[test]
+fn a_persons_run_records_their_data_as_theirs() {
+    let mut run = WorkflowRun::default();
+    run.apply(RunEvent::RunStarted {
+        run_id: "run-1".into(),
+        task_id: Some("task-1".into()),
+        subject: Some("s-1".into()),
+        workflow: "two".into(),
+        version: 1,
+        input: Personal::of("s-1", json!("hello")),
+        parent: None,
+    });
+    let recorded = run.facts(record(
+        "a",
+        1,
+        StepOutcome::Completed { output: json!("A") },
+    ));
+    // (Step a was never scheduled in this history: the record is refused, which says nothing.)
+    assert!(recorded.is_err());
+    assert_eq!(run.personal(json!(1)), Personal::of("s-1", json!(1)));
+    // An erased input reads as erased, with its place kept.
+    let mut erased = WorkflowRun::default();
+    erased.apply(RunEvent::RunStarted {
+        run_id: "run-1".into(),
+        task_id: None,
+        subject: Some("s-1".into()),
+        workflow: "two".into(),
+        version: 1,
+        input: Personal::Erased {
+            subject: "s-1".into(),
+        },
+        parent: None,
+    });
+    assert_eq!(erased.input, json!("[erased]"));
 }

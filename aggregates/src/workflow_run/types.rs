@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::WorkflowRun;
 use crate::ids::{RunId, StepId, TaskId};
+use crate::personal::Personal;
 
 /// The parent run and fan-out step that started a child run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,7 +25,7 @@ pub struct ChildSpec {
     pub run_id: RunId,
     pub workflow: String,
     pub version: u32,
-    pub input: Value,
+    pub input: Personal<Value>,
 }
 
 /// Where a run is in its life.
@@ -161,6 +162,9 @@ pub enum RunCommand {
     Start {
         run_id: RunId,
         task_id: Option<TaskId>,
+        /// The person whose task this run performs: its inputs, outputs, prompts and errors are
+        /// sealed with their key.
+        subject: Option<String>,
         workflow: String,
         version: u32,
         input: Value,
@@ -210,9 +214,12 @@ pub enum RunEvent {
     RunStarted {
         run_id: RunId,
         task_id: Option<TaskId>,
+        /// Whose data the run holds (absent for runs no person started, and before subjects).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subject: Option<String>,
         workflow: String,
         version: u32,
-        input: Value,
+        input: Personal<Value>,
         parent: Option<ParentLink>,
     },
     StepScheduled {
@@ -232,17 +239,17 @@ pub enum RunEvent {
     StepCompleted {
         step: StepId,
         attempt: u32,
-        input: Option<Value>,
-        output: Value,
-        calls: Vec<Value>,
+        input: Option<Personal<Value>>,
+        output: Personal<Value>,
+        calls: Personal<Vec<Value>>,
         consumed_signal: Option<String>,
     },
     StepFailed {
         step: StepId,
         attempt: u32,
-        input: Option<Value>,
-        error: String,
-        calls: Vec<Value>,
+        input: Option<Personal<Value>>,
+        error: Personal<String>,
+        calls: Personal<Vec<Value>>,
     },
     StepSkipped {
         step: StepId,
@@ -262,7 +269,7 @@ pub enum RunEvent {
     },
     SignalReceived {
         name: String,
-        payload: Value,
+        payload: Personal<Value>,
     },
     WaitTimedOut {
         step: StepId,
@@ -274,17 +281,17 @@ pub enum RunEvent {
     ChildRunFinished {
         step: StepId,
         index: usize,
-        result: ChildResult,
+        result: Personal<ChildResult>,
     },
     ReplyRequested {
         step: StepId,
-        text: String,
+        text: Personal<String>,
     },
     RunCompleted {
-        output: Value,
+        output: Personal<Value>,
     },
     RunFailed {
-        error: String,
+        error: Personal<String>,
         step: Option<StepId>,
     },
     RunCancelled {

@@ -1,9 +1,13 @@
-//! The task list, from the `tasks` read model.
+//! The task list, from the `task_list` read model. The rows hold people's data sealed, as the
+//! log does: a page is opened in one pass before it is answered.
 
 use crate::problem::{ApiError, Code};
 use crate::routes::ops::bounded;
 use crate::state::AppState;
 use crate::wire::{RequesterBody, TaskListQuery, TaskPage, TaskSummary};
+use serde_json::Value;
+use stele_aggregates::task::Requester;
+use stele_privacy::export::plainly;
 
 pub async fn list(state: &AppState, query: TaskListQuery) -> Result<TaskPage, ApiError> {
     if let Some(cursor) = &query.cursor {
@@ -12,12 +16,34 @@ pub async fn list(state: &AppState, query: TaskListQuery) -> Result<TaskPage, Ap
         }
     }
     let limit = bounded(query.limit, 50, 500)?;
+    let subjects = state.runtime.subjects();
+    // A requester is found by their subject (the rows name no one in the clear).
+    let subject = match (&query.subject, &query.requester, subjects) {
+        (Some(subject), _, _) => Some(subject.clone()),
+        (None, Some(user_id), Some(subjects)) => {
+            let channel = query.channel.as_deref().unwrap_or("api");
+            let found = match Requester::parse(user_id, channel) {
+                Ok(requester) => match stele_privacy::subjects::identifier_of(&requester) {
+                    Ok(identifier) => subjects
+                        .find(&identifier)
+                        .await
+                        .map_err(ApiError::internal)?,
+                    Err(_) => None,
+                },
+                Err(_) => None,
+            };
+            // No such person: no task matches (an id no subject has).
+            Some(found.unwrap_or_else(|| "-".into()))
+        }
+        (None, Some(_), None) => Some("-".into()),
+        (None, None, _) => None,
+    };
     let page = stele_projections::list_tasks(
         &state.pool,
         &stele_projections::TaskQuery {
             status: query.status.map(|s| s.as_str().to_owned()),
             workflow: query.workflow,
-            requester: query.requester,
+            subject,
             channel: query.channel,
             cursor: query.cursor,
             limit,
@@ -25,25 +51,60 @@ pub async fn list(state: &AppState, query: TaskListQuery) -> Result<TaskPage, Ap
     )
     .await
     .map_err(list_error)?;
+    // The page's sealed values, opened at once.
+    let mut sealed = Value::Array(
+        page.tasks
+            .iter()
+            .map(|row| {
+                serde_json::json!([
+                    row.requester,
+                    row.input,
+                    row.result.clone().unwrap_or(Value::Null),
+                    row.error.clone().unwrap_or(Value::Null)
+                ])
+            })
+            .collect(),
+    );
+    if let Some(subjects) = subjects {
+        subjects
+            .sealer()
+            .open(&mut sealed)
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    let opened = match plainly(&sealed) {
+        Value::Array(rows) => rows,
+        _ => Vec::new(),
+    };
     Ok(TaskPage {
         tasks: page
             .tasks
             .into_iter()
-            .map(|row| TaskSummary {
-                id: row.task_id,
-                status: row.status,
-                workflow: row.workflow,
-                run_id: row.run_id,
-                requester: RequesterBody {
-                    user_id: row.requester_user,
-                    channel: row.requester_channel,
-                },
-                input: row.input,
-                current_step: row.current_step,
-                result: row.result,
-                error: row.error,
-                created_at: row.created_at,
-                updated_at: row.updated_at,
+            .zip(opened)
+            .map(|(row, opened)| {
+                let text = |value: &Value| match value {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let requester = &opened[0];
+                TaskSummary {
+                    id: row.task_id,
+                    status: row.status,
+                    workflow: row.workflow,
+                    run_id: row.run_id,
+                    requester: RequesterBody {
+                        user_id: requester
+                            .get("user_id")
+                            .map_or_else(|| text(requester), text),
+                        channel: row.requester_channel,
+                    },
+                    input: text(&opened[1]),
+                    current_step: row.current_step,
+                    result: row.result.map(|_| opened[2].clone()),
+                    error: row.error.map(|_| text(&opened[3])),
+                    created_at: row.created_at,
+                    updated_at: row.updated_at,
+                }
             })
             .collect(),
         next_cursor: page.next_cursor,

@@ -5,6 +5,7 @@ pub mod health;
 mod list;
 pub mod ops;
 pub mod stream;
+pub mod subjects;
 pub mod tasks;
 
 use axum::extract::path::ErrorKind;
@@ -43,6 +44,9 @@ macro_rules! guard {
 guard!(CanRead, Need::Read);
 guard!(CanWrite, Need::Write);
 guard!(IsAdmin, Need::Admin);
+guard!(CanReadSubjects, Need::SubjectsRead);
+guard!(CanWriteSubjects, Need::SubjectsWrite);
+guard!(CanEraseSubjects, Need::SubjectsErase);
 
 /// Query strings refuse unknown parameters and wrong types with a problem.
 pub struct StrictQuery<T>(pub T);

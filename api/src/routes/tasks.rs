@@ -48,14 +48,14 @@ pub fn body(view: &TaskView) -> TaskBody {
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default(),
-        input: view.task.input.clone(),
+        input: view.task.input.text().to_owned(),
         workflow: view.task.workflow.clone(),
         requester: view.task.requester.as_ref().map(|r| RequesterBody {
             user_id: r.user_id.clone(),
             channel: r.channel.to_string(),
         }),
-        result: view.task.result.clone(),
-        error: view.task.error.clone(),
+        result: view.task.result.as_ref().map(|r| r.json()),
+        error: view.task.error.as_ref().map(|e| e.text().to_owned()),
         // A run the task was routed to that has not started yet holds nothing to show.
         run: view
             .run

@@ -69,6 +69,8 @@ pub struct Options {
     pub approval: bool,
     /// Admits requests instead of the server's own key gate.
     pub gate: Option<Arc<dyn Gate>>,
+    /// The deployment's privacy policy.
+    pub policy: stele_privacy::Policy,
 }
 
 impl Default for Options {
@@ -82,6 +84,7 @@ impl Default for Options {
             probe: None,
             approval: true,
             gate: None,
+            policy: stele_privacy::Policy::default(),
         }
     }
 }
@@ -89,7 +92,15 @@ impl Default for Options {
 impl Server {
     pub async fn start(options: Options) -> Server {
         let db = TestDb::postgres().await;
-        let store = db.open().await;
+        // As every node: people's data sealed, tasks kept as their requesters'.
+        let private = stele_privacy::private_store(
+            &db.open().await,
+            &stele_privacy::Kek::generate(),
+            options.policy.clone(),
+        )
+        .await
+        .unwrap();
+        let store = private.store;
         let tools = Tools::builtin();
         let router = ModelRouter::new(ModelsConfig::default()).unwrap();
         let mut sources = catalog::builtin();
@@ -104,7 +115,9 @@ impl Server {
         })
         .unwrap();
         let agents = Arc::new(ModelAgents::new(router, tools.clone()));
-        let runtime = Arc::new(Runtime::new(&store, catalog, agents, tools));
+        let runtime = Arc::new(
+            Runtime::new(&store, catalog, agents, tools).with_subjects(private.subjects.clone()),
+        );
         let mut projections = stele_projections::all();
         projections.push(as_projection(runtime.manager(), store.queue.clone()));
         let runner = Arc::new(ProjectionRunner::new(&store, projections));

@@ -161,7 +161,7 @@ pub struct Stepped {
 impl ProjectionRunner {
     pub fn new(store: &Store, projections: Vec<Arc<dyn Projection>>) -> Self {
         Self {
-            log: store.log.clone(),
+            log: store.stored.clone(),
             pool: store.pool.clone(),
             projections,
             leases: lease::Leases::new(

@@ -39,8 +39,13 @@ impl TaskRow {
 enum TaskEvent {
     #[serde(rename = "TaskCreated")]
     Created {
-        input: String,
-        requester: Requester,
+        #[serde(default)]
+        subject: Option<String>,
+        /// As stored: sealed (or, before subjects, plain).
+        input: Value,
+        requester: Value,
+        #[serde(default)]
+        channel: Option<String>,
         workflow: Option<String>,
     },
     #[serde(rename = "TaskRoutingStarted")]
@@ -50,15 +55,9 @@ enum TaskEvent {
     #[serde(rename = "TaskCompleted")]
     Completed { result: Value },
     #[serde(rename = "TaskFailed")]
-    Failed { error: String },
+    Failed { error: Value },
     #[serde(rename = "TaskCancelled")]
     Cancelled { reason: String },
-}
-
-#[derive(Deserialize)]
-struct Requester {
-    user_id: String,
-    channel: String,
 }
 
 /// The part of a run event that names its step.
@@ -85,6 +84,22 @@ fn task_of(event: &RecordedEvent) -> Option<&str> {
         TASK_STREAM | RUN_STREAM => Some(event.stream.aggregate_id.as_str()),
         _ => None,
     }
+}
+
+/// The subjects a batch erases (`SubjectErased`: the keys it destroyed).
+pub(super) fn erased_subjects(events: &[RecordedEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.event_type == "SubjectErased")
+        .flat_map(|e| {
+            e.payload
+                .pointer("/data/keys")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+        })
+        .collect()
 }
 
 /// The tasks whose rows a batch changes but does not create: their rows are read first.
@@ -121,19 +136,29 @@ pub(super) fn fold(
             match (change, known.get_mut(id)) {
                 (
                     TaskEvent::Created {
+                        subject,
                         input,
                         requester,
+                        channel,
                         workflow,
                     },
                     _,
                 ) => {
+                    // Before subjects, the requester was stored plain, with its channel.
+                    let channel = channel.or_else(|| {
+                        requester
+                            .get("channel")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned)
+                    });
                     created = Some(TaskRow {
                         task_id: id.to_owned(),
                         status: "pending".into(),
                         workflow,
                         run_id: None,
-                        requester_user: requester.user_id,
-                        requester_channel: requester.channel,
+                        subject,
+                        requester,
+                        requester_channel: channel.unwrap_or_default(),
                         input,
                         current_step: None,
                         result: None,
@@ -163,7 +188,7 @@ pub(super) fn fold(
                 }
                 (TaskEvent::Cancelled { reason }, Some(row)) => {
                     row.status = "cancelled".into();
-                    row.error = Some(reason);
+                    row.error = Some(Value::String(reason));
                     row.current_step = None;
                 }
             }
@@ -262,9 +287,10 @@ mod tests {
             status: "pending".into(),
             workflow: None,
             run_id: None,
-            requester_user: "u1".into(),
+            subject: None,
+            requester: json!({ "user_id": "u1", "channel": "api" }),
             requester_channel: "api".into(),
-            input: "summarise this".into(),
+            input: json!("summarise this"),
             current_step: None,
             result: None,
             error: None,
@@ -374,7 +400,7 @@ mod tests {
                     r.task_id.as_str(),
                     r.status.as_str(),
                     r.current_step.as_deref(),
-                    r.error.as_deref(),
+                    r.error.as_ref().and_then(Value::as_str),
                     r.updated_at,
                 )
             })

@@ -31,6 +31,7 @@ impl Sim {
         sim.exec(RunCommand::Start {
             run_id: "r1".into(),
             task_id: Some("t1".into()),
+            subject: Some("s1".into()),
             workflow: definition.name.clone(),
             version: definition.version,
             input,
@@ -210,7 +211,7 @@ fn a_fan_out_starts_children_and_joins_their_results() {
         state
             .children
             .iter()
-            .map(|c| (c.run_id.as_str(), c.version, c.input.clone()))
+            .map(|c| (c.run_id.as_str(), c.version, c.input.json()))
             .collect::<Vec<_>>(),
         [("r1.split.0", 3, json!("a")), ("r1.split.1", 3, json!("b"))]
     );

@@ -117,12 +117,17 @@ impl Runtime {
             .catalog
             .latest(name.as_deref().unwrap_or_default())
             .ok_or_else(|| HandlerError::msg("the task's workflow is gone"))?;
+        let Some(input) = task.input.get() else {
+            // The requester was erased before the run started: there is nothing to run on.
+            return Ok(Done::Complete);
+        };
         let start = RunCommand::Start {
             run_id: run_id.clone(),
             task_id: Some(p.task_id.clone()),
+            subject: task.subject.clone(),
             workflow: definition.name.clone(),
             version: definition.version,
-            input: Value::String(task.input.clone()),
+            input: Value::String(input.clone()),
             parent: None,
             now: self.clock.utc(),
         };
@@ -300,12 +305,18 @@ impl Runtime {
         if parent.status != RunStatus::Running {
             return Ok(Done::Complete);
         }
+        // The child's input as the parent recorded it (the job's copy stays sealed).
+        let input = parent
+            .step(&p.parent.step)
+            .and_then(|step| step.children.get(p.parent.index))
+            .map_or(Value::Null, |spec| spec.input.json());
         let start = RunCommand::Start {
             run_id: p.child.run_id.clone(),
             task_id: parent.task_id.clone(),
+            subject: parent.subject.clone(),
             workflow: p.child.workflow,
             version: p.child.version,
-            input: p.child.input,
+            input,
             parent: Some(p.parent),
             now: self.clock.utc(),
         };
@@ -386,9 +397,10 @@ impl Runtime {
             .map_err(|e| JobError::load(Task::TYPE_NAME, &p.task_id, e))?;
         if let Some(run_id) = task.run_id {
             let cancel = RunCommand::Cancel {
-                reason: task
-                    .error
-                    .unwrap_or_else(|| "the task was cancelled".into()),
+                reason: task.error.map_or_else(
+                    || "the task was cancelled".to_owned(),
+                    |error| error.text().to_owned(),
+                ),
                 now: self.clock.utc(),
             };
             match self.runs.execute(&run_id, cancel, p.cause.meta()).await {

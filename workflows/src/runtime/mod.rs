@@ -102,6 +102,10 @@ pub enum RuntimeError {
     Definitions(String),
     #[error("{0}")]
     Command(String),
+    /// About the person: the requester has not consented to what the task needs (the refusal
+    /// is recorded), their id is no identifier, a subject's state refuses, a store failed.
+    #[error(transparent)]
+    Subject(#[from] stele_privacy::SubjectsError),
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -173,6 +177,7 @@ pub struct Runtime {
     tools: Tools,
     default_workflow: Option<String>,
     clock: Arc<dyn Clock>,
+    subjects: Option<Arc<stele_privacy::Subjects>>,
 }
 
 impl Runtime {
@@ -189,7 +194,21 @@ impl Runtime {
             tools,
             default_workflow: None,
             clock: Arc::new(SystemClock),
+            subjects: None,
         }
+    }
+
+    /// Tasks are then their requester's personal data: the requester is resolved to a subject
+    /// (on first contact, a new one), the deployment's policy is checked (`tasks` processing),
+    /// and the task's input, result and errors are sealed with the subject's key.
+    pub fn with_subjects(mut self, subjects: Arc<stele_privacy::Subjects>) -> Self {
+        self.subjects = Some(subjects);
+        self
+    }
+
+    /// The subjects service, where personal data is handled.
+    pub fn subjects(&self) -> Option<&Arc<stele_privacy::Subjects>> {
+        self.subjects.as_ref()
     }
 
     /// The clock the runtime records times from (timers, backoffs, signals): a

@@ -28,16 +28,21 @@ impl Runtime {
             }
         }
         let task_id = meta.command_id.to_string();
+        let subject = match &self.subjects {
+            Some(subjects) => Some(subjects.admit(&requester, "tasks", &meta).await?),
+            None => None,
+        };
         let command = TaskCommand::Create {
             input: input.clone(),
             requester: requester.clone(),
+            subject,
             workflow: workflow.clone(),
         };
         // The task id is the command id: a new stream, unless the command is a repeat.
         match self.tasks.create(&task_id, command, meta).await {
             Ok(Executed::Duplicate(first)) => {
                 let view = self.task(&first.stream.aggregate_id).await?;
-                let same = view.task.input == input.as_str()
+                let same = view.task.input.get().map(String::as_str) == Some(input.as_str())
                     && view.task.requester.as_ref() == Some(&requester)
                     && (workflow.is_none() || view.task.workflow == workflow);
                 Ok(if same {
@@ -135,5 +140,39 @@ impl Runtime {
             Err(CommandError::Rejected(e)) => Err(RuntimeError::Run(e)),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+impl Runtime {
+    /// Erases a person (see [`stele_privacy::Subjects::erase`]) and cancels their tasks still
+    /// running: nothing more is done with their data, and their queued steps are cancelled.
+    pub async fn erase_subject(
+        &self,
+        subject: &str,
+        by: &str,
+        reason: &str,
+        meta: CommandMeta,
+    ) -> Result<stele_aggregates::subject::Erasure, RuntimeError> {
+        let subjects = self.subjects.as_ref().ok_or_else(|| {
+            RuntimeError::Command("this runtime keeps no personal data to erase".into())
+        })?;
+        let erasure = subjects.erase(subject, by, reason, meta.clone()).await?;
+        for task_id in subjects.tasks_of(&erasure.keys).await? {
+            let Ok(view) = self.task(&task_id).await else {
+                continue;
+            };
+            if view.task.status.is_finished() {
+                continue;
+            }
+            let cancel = meta.clone().with_command_id(uuid::Uuid::now_v7());
+            match self
+                .cancel_task(&task_id, "the requester was erased".into(), cancel)
+                .await
+            {
+                Ok(()) | Err(RuntimeError::Task(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(erasure)
     }
 }
