@@ -235,6 +235,9 @@ pub async fn run_node(
         .await?;
     let mut projections = stele_projections::all();
     projections.push(as_projection(runtime.manager(), store.queue.clone()));
+    if let Some(retention) = runtime.retention_manager() {
+        projections.push(as_projection(retention, store.queue.clone()));
+    }
     let runner = Arc::new(ProjectionRunner::new(&store, projections));
     runner.setup().await?;
     let first_start = roles.api && no_key_yet(&runner, &store).await;

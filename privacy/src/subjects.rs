@@ -554,6 +554,13 @@ impl Subjects {
 }
 
 impl Subjects {
+    /// When an event last held the subject's data (from the subjects index).
+    pub async fn last_seen(&self, subject: &str) -> Result<Option<DateTime<Utc>>, SubjectsError> {
+        Ok(crate::index::subject_row_of(&self.pool, subject)
+            .await?
+            .map(|row| row.last_seen_at))
+    }
+
     /// The tasks that hold the subjects' data (from the subjects index).
     pub async fn tasks_of(&self, subjects: &[String]) -> Result<Vec<String>, SubjectsError> {
         Ok(crate::index::streams_of(&self.pool, subjects, "task").await?)

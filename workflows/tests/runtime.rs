@@ -31,14 +31,22 @@ impl Harness {
     /// agent roles (scripted) plus `extra_rules` (TOML rules for the scripted provider, prepended
     /// so they win).
     async fn new(store: &Store, extra: &[&str], extra_rules: &str) -> Harness {
+        Harness::build(store, extra, extra_rules, stele_privacy::Policy::default(), false).await
+    }
+
+    /// [`Harness::new`] under `policy`, on the real clock if `real_clock`.
+    async fn build(
+        store: &Store,
+        extra: &[&str],
+        extra_rules: &str,
+        policy: stele_privacy::Policy,
+        real_clock: bool,
+    ) -> Harness {
         // Tasks are a person's data: the store seals them, as every node's does.
-        let private = stele_privacy::private_store(
-            store,
-            &stele_privacy::Kek::generate(),
-            stele_privacy::Policy::default(),
-        )
-        .await
-        .unwrap();
+        let private =
+            stele_privacy::private_store(store, &stele_privacy::Kek::generate(), policy)
+                .await
+                .unwrap();
         let store = &private.store;
         let mut config_text = catalog_config();
         if !extra_rules.is_empty() {
@@ -65,15 +73,18 @@ impl Harness {
         // timeout shorter than that is due as soon as it is recorded, so tests step the runtime
         // instead of waiting for time to pass (one that must not fire yet is longer).
         let clock = Arc::new(ManualClock::at(Utc::now() - chrono::Duration::hours(1)));
-        let runtime = Arc::new(
-            Runtime::new(store, catalog, agents, tools)
-                .with_clock(clock)
-                .with_subjects(private.subjects.clone()),
-        );
-        let runner = ProjectionRunner::new(
-            store,
-            vec![as_projection(runtime.manager(), store.queue.clone())],
-        );
+        let mut runtime =
+            Runtime::new(store, catalog, agents, tools).with_subjects(private.subjects.clone());
+        if !real_clock {
+            runtime = runtime.with_clock(clock);
+        }
+        let runtime = Arc::new(runtime);
+        let mut projections = vec![as_projection(runtime.manager(), store.queue.clone())];
+        if let Some(retention) = runtime.retention_manager() {
+            projections.push(as_projection(retention, store.queue.clone()));
+            projections.push(Arc::new(stele_privacy::index::SubjectIndex));
+        }
+        let runner = ProjectionRunner::new(store, projections);
         let worker = runtime.worker(WorkerOptions::new("workflows"));
         Harness {
             runtime,
@@ -83,13 +94,16 @@ impl Harness {
         }
     }
 
-    /// Steps the manager and the worker until neither has anything left to do now.
+    /// Steps the managers and the worker until none has anything left to do now.
     async fn settle(&self) {
         self.runner.setup().await.unwrap();
         for _ in 0..500 {
-            let stepped = self.runner.step(MANAGER).await.unwrap();
+            let mut read = 0;
+            for name in self.runner.names() {
+                read += self.runner.step(name).await.unwrap().read;
+            }
             let ran = self.worker.step().await.unwrap();
-            if stepped.read == 0 && ran == 0 {
+            if read == 0 && ran == 0 {
                 return;
             }
         }
@@ -584,4 +598,37 @@ for_each_backend!(
     timers_signals_and_wait_timeouts,
     cancelling_a_task_cancels_its_run_children_and_queued_steps,
     bad_requests_are_refused_clearly,
+    a_persons_data_is_erased_when_their_retention_ends,
 );
+
+async fn a_persons_data_is_erased_when_their_retention_ends(store: &Store) {
+    let policy: stele_privacy::Policy =
+        toml::from_str("[retention]\nprocessing = \"1s\"\nmemory = \"1h\"").unwrap();
+    let h = Harness::build(store, &[], "", policy, true).await;
+    let task = h.create("assistant", "remember my address: 12 Elm St").await;
+    let subjects = h.runtime.subjects().unwrap().clone();
+    let view = h.runtime.task(&task).await.unwrap();
+    let subject = view.task.subject.clone().unwrap();
+    subjects
+        .consent(
+            &subject,
+            stele_aggregates::subject::Purpose::parse("processing").unwrap(),
+            true,
+            None,
+            stele_aggregates::channel::Channel::TELEGRAM,
+            CommandMeta::new("user:42", "test"),
+        )
+        .await
+        .unwrap();
+    h.settle_until(&task, finished).await;
+    // Not yet: kept for the longest purpose they consented to (processing: 1 s) after they were
+    // last seen.
+    assert!(subjects.get(&subject).await.unwrap().unwrap().erased.is_none());
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    h.settle().await;
+    let erased = subjects.get(&subject).await.unwrap().unwrap().erased;
+    let erasure = erased.expect("erased when the retention ended");
+    assert_eq!(erasure.by, "retention");
+    let view = h.runtime.task(&task).await.unwrap();
+    assert_eq!(view.task.input.text(), "[erased]");
+}

@@ -48,9 +48,11 @@ use stele_models::{Clock, SystemClock};
 
 mod handlers;
 mod manager;
+mod retention;
 mod tasks;
 
 pub use manager::{step_job_key, Manager};
+pub use retention::{RetentionManager, RETENTION_JOB, RETENTION_MANAGER};
 
 /// The queue step jobs and the runtime's own jobs run on.
 pub const QUEUE: &str = "workflows";
@@ -259,6 +261,7 @@ impl Runtime {
             "workflow.start_child" => on_start_child,
             "workflow.run_finished" => on_run_finished,
             "workflow.cancel" => on_cancel,
+            "privacy.retention" => on_retention,
         )
     }
 }
