@@ -31,7 +31,14 @@ impl Harness {
     /// agent roles (scripted) plus `extra_rules` (TOML rules for the scripted provider, prepended
     /// so they win).
     async fn new(store: &Store, extra: &[&str], extra_rules: &str) -> Harness {
-        Harness::build(store, extra, extra_rules, stele_privacy::Policy::default(), false).await
+        Harness::build(
+            store,
+            extra,
+            extra_rules,
+            stele_privacy::Policy::default(),
+            false,
+        )
+        .await
     }
 
     /// [`Harness::new`] under `policy`, on the real clock if `real_clock`.
@@ -43,10 +50,9 @@ impl Harness {
         real_clock: bool,
     ) -> Harness {
         // Tasks are a person's data: the store seals them, as every node's does.
-        let private =
-            stele_privacy::private_store(store, &stele_privacy::Kek::generate(), policy)
-                .await
-                .unwrap();
+        let private = stele_privacy::private_store(store, &stele_privacy::Kek::generate(), policy)
+            .await
+            .unwrap();
         let store = &private.store;
         let mut config_text = catalog_config();
         if !extra_rules.is_empty() {
@@ -605,7 +611,9 @@ async fn a_persons_data_is_erased_when_their_retention_ends(store: &Store) {
     let policy: stele_privacy::Policy =
         toml::from_str("[retention]\nprocessing = \"1s\"\nmemory = \"1h\"").unwrap();
     let h = Harness::build(store, &[], "", policy, true).await;
-    let task = h.create("assistant", "remember my address: 12 Elm St").await;
+    let task = h
+        .create("assistant", "remember my address: 12 Elm St")
+        .await;
     let subjects = h.runtime.subjects().unwrap().clone();
     let view = h.runtime.task(&task).await.unwrap();
     let subject = view.task.subject.clone().unwrap();
@@ -623,7 +631,13 @@ async fn a_persons_data_is_erased_when_their_retention_ends(store: &Store) {
     h.settle_until(&task, finished).await;
     // Not yet: kept for the longest purpose they consented to (processing: 1 s) after they were
     // last seen.
-    assert!(subjects.get(&subject).await.unwrap().unwrap().erased.is_none());
+    assert!(subjects
+        .get(&subject)
+        .await
+        .unwrap()
+        .unwrap()
+        .erased
+        .is_none());
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     h.settle().await;
     let erased = subjects.get(&subject).await.unwrap().unwrap().erased;

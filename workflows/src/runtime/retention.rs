@@ -25,10 +25,16 @@ struct RetentionJob {
 }
 
 fn retention_job(subject: &str, at: chrono::DateTime<chrono::Utc>) -> NewJob {
-    NewJob::new(QUEUE, RETENTION_JOB, json!(RetentionJob { subject: subject.to_owned() }))
-        .run_at(at)
-        .max_attempts(10)
-        .idempotency_key(format!("retention:{subject}:{}", at.timestamp_micros()))
+    NewJob::new(
+        QUEUE,
+        RETENTION_JOB,
+        json!(RetentionJob {
+            subject: subject.to_owned()
+        }),
+    )
+    .run_at(at)
+    .max_attempts(10)
+    .idempotency_key(format!("retention:{subject}:{}", at.timestamp_micros()))
 }
 
 /// Arms the retention timers (pure: the subject's events and the policy).
@@ -55,7 +61,9 @@ impl ProcessManager for RetentionManager {
     }
 
     fn react(&self, event: &RecordedEvent) -> Vec<NewJob> {
-        let Some(shortest) = self.shortest.and_then(|d| chrono::Duration::from_std(d).ok())
+        let Some(shortest) = self
+            .shortest
+            .and_then(|d| chrono::Duration::from_std(d).ok())
         else {
             return Vec::new();
         };
@@ -98,7 +106,9 @@ impl Runtime {
         };
         if deadline > now {
             // Seen since, or a purpose kept longer: check again when it ends.
-            self.queue.enqueue(vec![retention_job(&p.subject, deadline)]).await?;
+            self.queue
+                .enqueue(vec![retention_job(&p.subject, deadline)])
+                .await?;
             return Ok(Done::Complete);
         }
         let meta = CommandMeta::new("retention", "system");
