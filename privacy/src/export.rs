@@ -133,14 +133,20 @@ impl Subjects {
             .filter(|(p, _)| *p <= head)
             .map(|(p, _)| *p)
             .collect();
-        let streams: BTreeSet<StreamId> = concerned.into_iter().map(|(_, s)| s).collect();
+        let streams: BTreeSet<StreamId> = concerned
+            .into_iter()
+            .filter(|(p, _)| *p <= head)
+            .map(|(_, s)| s)
+            .collect();
+        // Every event of a stream that holds their data concerns them (their task's routing as
+        // much as its input), up to the head the export was asked at.
         let mut events: Vec<RecordedEvent> = Vec::with_capacity(positions.len());
         for stream in &streams {
             let read = log
                 .read_stream(stream, 0)
                 .await
                 .map_err(|e| SubjectsError::Store(e.to_string()))?;
-            events.extend(read.into_iter().filter(|e| positions.contains(&e.position)));
+            events.extend(read.into_iter().filter(|e| e.position <= head));
         }
         events.sort_by_key(|e| e.position);
 

@@ -229,7 +229,8 @@ impl Subjects {
         &self.sealer
     }
 
-    pub(crate) fn pool(&self) -> &StorePool {
+    /// The store's pool (for the read models that hold a subject's rows).
+    pub fn pool(&self) -> &StorePool {
         &self.pool
     }
 

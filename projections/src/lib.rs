@@ -15,7 +15,7 @@ use stele_engine::projection::Projection;
 pub use api_keys::{list_keys, ApiKeysView, KeyRow};
 pub use streams::{list_streams, StreamRow, StreamsView};
 pub use tasks::{
-    get_task_row, list_tasks, TaskPage, TaskQuery, TaskRow, TaskViewError, TasksView, MAX_LIMIT,
+    finished_tasks, get_task_row, list_tasks, TaskPage, TaskQuery, TaskRow, TaskViewError, TasksView, MAX_LIMIT,
 };
 
 /// The projections Stele runs.

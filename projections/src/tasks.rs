@@ -481,6 +481,28 @@ pub async fn list_tasks(pool: &StorePool, query: &TaskQuery) -> Result<TaskPage,
     Ok(TaskPage { tasks, next_cursor })
 }
 
+/// Which of `task_ids` the view holds as finished (completed, failed or cancelled).
+pub async fn finished_tasks(
+    pool: &StorePool,
+    task_ids: &[String],
+) -> Result<std::collections::BTreeSet<String>, TaskViewError> {
+    let mut db = Db::from(pool);
+    let sql = db.pick(&SQL);
+    let mut finished = std::collections::BTreeSet::new();
+    for chunk in task_ids.chunks(1000) {
+        let rows = db
+            .fetch_all(&fill(sql.load, TABLE), &[chunk.into()])
+            .await?;
+        for row in rows {
+            let row = task_row(&row)?;
+            if matches!(row.status.as_str(), "completed" | "failed" | "cancelled") {
+                finished.insert(row.task_id);
+            }
+        }
+    }
+    Ok(finished)
+}
+
 /// One task's row, if the view has it.
 pub async fn get_task_row(
     pool: &StorePool,

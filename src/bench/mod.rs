@@ -7,6 +7,7 @@
 
 mod api;
 mod append;
+mod privacy;
 mod probe;
 mod queue;
 mod replay;
@@ -38,6 +39,8 @@ pub enum BenchCommand {
     Workflow(workflow::WorkflowBenchArgs),
     /// Task creations and reads per second through the HTTP API (PostgreSQL).
     Api(api::ApiBenchArgs),
+    /// Sealed against plain appends; a person's export and erasure with 10,000 events.
+    Privacy(privacy::PrivacyArgs),
 }
 
 /// Where a scenario runs.
@@ -62,6 +65,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Latency(args) => serde_json::to_value(queue::latency(args).await?)?,
         BenchCommand::Workflow(args) => serde_json::to_value(workflow::run(args).await?)?,
         BenchCommand::Api(args) => serde_json::to_value(api::run(args).await?)?,
+        BenchCommand::Privacy(args) => serde_json::to_value(privacy::run(args).await?)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

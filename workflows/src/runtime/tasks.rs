@@ -157,7 +157,12 @@ impl Runtime {
             RuntimeError::Command("this runtime keeps no personal data to erase".into())
         })?;
         let erasure = subjects.erase(subject, by, reason, meta.clone()).await?;
-        for task_id in subjects.tasks_of(&erasure.keys).await? {
+        let tasks = subjects.tasks_of(&erasure.keys).await?;
+        // Those the task list holds as finished need no look (it may lag: the others are read).
+        let finished = stele_projections::finished_tasks(subjects.pool(), &tasks)
+            .await
+            .unwrap_or_default();
+        for task_id in tasks.into_iter().filter(|id| !finished.contains(id)) {
             let Ok(view) = self.task(&task_id).await else {
                 continue;
             };
