@@ -195,7 +195,9 @@ async fn appending(
 ) -> anyhow::Result<(f64, Latency)> {
     let opened = Store::open(scratch.location.clone(), Migrate::Apply).await?;
     let store = if sealed {
-        stele_privacy::seal_store(&opened, &Kek::generate()).await?.0
+        stele_privacy::seal_store(&opened, &Kek::generate())
+            .await?
+            .0
     } else {
         Store {
             location: opened.location.clone(),
@@ -205,11 +207,8 @@ async fn appending(
             pool: opened.pool.clone(),
         }
     };
-    let people: Arc<Vec<String>> = Arc::new(
-        (0..100)
-            .map(|_| uuid::Uuid::now_v7().to_string())
-            .collect(),
-    );
+    let people: Arc<Vec<String>> =
+        Arc::new((0..100).map(|_| uuid::Uuid::now_v7().to_string()).collect());
     let bus = Arc::new(CommandBus::<Notebook>::new(store.log.clone(), ()));
     let text = "Please book me a table for two on Friday at eight; my number is 0612345678.";
     let command = |i: usize| Write {
@@ -271,7 +270,8 @@ async fn export_and_erase(
     events: usize,
 ) -> anyhow::Result<SubjectFigure> {
     let opened = Store::open(scratch.location.clone(), Migrate::Apply).await?;
-    let private = stele_privacy::private_store(&opened, &Kek::generate(), Policy::default()).await?;
+    let private =
+        stele_privacy::private_store(&opened, &Kek::generate(), Policy::default()).await?;
     let store = &private.store;
     let subjects = private.subjects.clone();
     let meta = || CommandMeta::new("bench", "bench");
@@ -281,12 +281,18 @@ async fn export_and_erase(
     let requester = Requester::parse("someone@example.org", "email")?;
     let tasks = (events.saturating_sub(1) / 4).max(1);
     let bus = Arc::new(CommandBus::<Task>::new(store.log.clone(), ()));
-    let ids: Vec<String> = (0..tasks).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let ids: Vec<String> = (0..tasks)
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
     let writers = 32;
     let mut handles = Vec::new();
     for chunk in ids.chunks(tasks.div_ceil(writers)) {
-        let (bus, chunk, requester, person) =
-            (bus.clone(), chunk.to_vec(), requester.clone(), person.clone());
+        let (bus, chunk, requester, person) = (
+            bus.clone(),
+            chunk.to_vec(),
+            requester.clone(),
+            person.clone(),
+        );
         handles.push(tokio::spawn(async move {
             for id in chunk {
                 let input = TaskInput::parse(format!("task {id}: call me back on 0612345678"))?;
