@@ -166,8 +166,18 @@ async fn measure(
     args: &ApiBenchArgs,
     use_wrk: bool,
 ) -> anyhow::Result<Vec<Figure>> {
-    let store = Store::open(scratch.location.clone(), Migrate::Apply).await?;
-    let runtime = WorkflowArgs::default().runtime(&store).await?;
+    // As a node runs: people's data sealed, tasks kept as their requesters'.
+    let opened = Store::open(scratch.location.clone(), Migrate::Apply).await?;
+    let private = stele_privacy::private_store(
+        &opened,
+        &stele_privacy::Kek::generate(),
+        stele_privacy::Policy::default(),
+    )
+    .await?;
+    let store = private.store;
+    let runtime = WorkflowArgs::default()
+        .runtime_with(&store, Some(private.subjects.clone()))
+        .await?;
     let runner = Arc::new(ProjectionRunner::new(&store, stele_projections::all()));
     let keys = Arc::new(KeyService::new(&store));
     let key = keys

@@ -92,8 +92,18 @@ async fn measure(
     backend: &'static str,
     args: &WorkflowBenchArgs,
 ) -> anyhow::Result<Figure> {
-    let store = Store::open(scratch.location.clone(), Migrate::Apply).await?;
-    let runtime = WorkflowArgs::default().runtime(&store).await?;
+    // As a node runs: people's data sealed, tasks kept as their requesters'.
+    let opened = Store::open(scratch.location.clone(), Migrate::Apply).await?;
+    let private = stele_privacy::private_store(
+        &opened,
+        &stele_privacy::Kek::generate(),
+        stele_privacy::Policy::default(),
+    )
+    .await?;
+    let store = private.store;
+    let runtime = WorkflowArgs::default()
+        .runtime_with(&store, Some(private.subjects.clone()))
+        .await?;
     let runner = Arc::new(ProjectionRunner::new(
         &store,
         vec![as_projection(runtime.manager(), store.queue.clone())],
