@@ -49,13 +49,8 @@ impl WorkflowArgs {
         Ok((router, tools, catalog))
     }
 
-    /// A runtime on `store`, its definitions recorded in (and completed from) the log.
-    pub async fn runtime(&self, store: &Store) -> anyhow::Result<Arc<Runtime>> {
-        self.runtime_with(store, None).await
-    }
-
-    /// [`WorkflowArgs::runtime`], keeping tasks as their requesters' personal data with
-    /// `subjects` (see [`Runtime::with_subjects`]).
+    /// A runtime on `store`, its definitions recorded in (and completed from) the log, keeping
+    /// tasks as their requesters' personal data with `subjects` (see [`Runtime::with_subjects`]).
     pub async fn runtime_with(
         &self,
         store: &Store,

@@ -28,7 +28,8 @@ fn runtime() -> tokio::runtime::Runtime {
 enum Backend {
     /// The data directory (its key-encryption key made there on first start).
     Embedded(tempfile::TempDir),
-    Postgres(TestDb, String),
+    /// The database (dropped with the test) and its URL.
+    Postgres(#[allow(dead_code)] TestDb, String),
 }
 
 impl Backend {

@@ -16,7 +16,7 @@ use stele_engine::{CommandMeta, Store};
 use stele_models::{ManualClock, ModelRouter, ModelsConfig};
 use stele_workflows::agents::ModelAgents;
 use stele_workflows::catalog::{self, Source};
-use stele_workflows::runtime::{Runtime, MANAGER};
+use stele_workflows::runtime::Runtime;
 use stele_workflows::tools::Tools;
 
 struct Harness {
