@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::types::*;
 use super::Channel;
+use crate::personal::Personal;
 
 /// The conversation's state, folded from its events.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,8 +20,10 @@ pub struct Conversation {
     pub channel: Option<Channel>,
     /// The channel's id of the thread, once opened.
     pub external_id: Option<String>,
-    /// The email subject, if any.
+    /// The email subject, if any (`[erased]` once its person is).
     pub subject: Option<String>,
+    /// The person the conversation is with.
+    pub owner: Option<String>,
     /// Everyone who ever joined, by participant id (including those who left).
     pub participants: BTreeMap<String, Member>,
     /// The messages, in `seq` order.
@@ -105,6 +108,25 @@ impl Conversation {
         }
     }
 
+    /// Whose data a reply is: the sender of the message it answers, else the conversation's
+    /// person, else its first person present.
+    fn reader_of(&self, in_reply_to: Option<&Message>) -> Option<String> {
+        let subject_of = |participant_id: &str| {
+            self.participants
+                .get(participant_id)
+                .and_then(|member| member.participant.subject.clone())
+        };
+        in_reply_to
+            .and_then(|message| subject_of(&message.from))
+            .or_else(|| self.owner.clone())
+            .or_else(|| {
+                self.participants
+                    .values()
+                    .filter(|m| m.present && m.participant.kind == ParticipantKind::Person)
+                    .find_map(|m| m.participant.subject.clone())
+            })
+    }
+
     /// An outbound message, refused if inbound or missing.
     fn reply(&self, message_id: &str) -> Result<&Message, ConversationError> {
         let message =
@@ -133,6 +155,7 @@ impl Conversation {
                 channel,
                 external_id,
                 subject,
+                owner,
                 participants,
             } => {
                 if self.status != ConversationStatus::New {
@@ -151,7 +174,8 @@ impl Conversation {
                 E::ConversationOpened {
                     channel,
                     external_id,
-                    subject,
+                    subject: subject.map(|text| Personal::owned_by(owner.as_deref(), text)),
+                    owner,
                     participants,
                 }
             }
@@ -203,6 +227,7 @@ impl Conversation {
                     });
                 }
                 let from_id = from.id.clone();
+                let sender = from.subject.clone();
                 if !self.is_present(&from.id) {
                     events.push(E::ParticipantJoined { participant: from });
                 }
@@ -214,8 +239,8 @@ impl Conversation {
                     seq: self.last_seq + 1,
                     external_id,
                     from: from_id,
-                    text,
-                    attachments,
+                    text: Personal::owned_by(sender.as_deref(), text),
+                    attachments: Personal::owned_by(sender.as_deref(), attachments),
                     in_reply_to: parent.map(|m| m.message_id.clone()),
                     in_reply_to_external: in_reply_to,
                     sent_at,
@@ -247,12 +272,13 @@ impl Conversation {
                         }
                     })?),
                 };
+                let reader = self.reader_of(parent);
                 E::ReplyQueued {
                     message_id,
                     seq: self.last_seq + 1,
                     from,
-                    text,
-                    attachments,
+                    text: Personal::owned_by(reader.as_deref(), text),
+                    attachments: Personal::owned_by(reader.as_deref(), attachments),
                     in_reply_to_external: parent.and_then(|m| m.external_id.clone()),
                     in_reply_to,
                     task_id,
@@ -302,6 +328,7 @@ impl Conversation {
             }
             C::Quarantine {
                 raw,
+                subject,
                 reason,
                 external_id,
             } => {
@@ -315,7 +342,7 @@ impl Conversation {
                 E::MessageQuarantined {
                     external_id,
                     reason,
-                    raw: cut(raw, MAX_QUARANTINE_RAW_BYTES),
+                    raw: Personal::owned_by(subject.as_deref(), cut(raw, MAX_QUARANTINE_RAW_BYTES)),
                     raw_len,
                 }
             }
@@ -390,12 +417,14 @@ impl Aggregate for Conversation {
                 channel,
                 external_id,
                 subject,
+                owner,
                 participants,
             } => {
                 self.status = ConversationStatus::Open;
                 self.channel = Some(channel);
                 self.external_id = Some(external_id);
-                self.subject = subject;
+                self.subject = subject.map(|s| s.text().to_owned());
+                self.owner = owner;
                 self.participants = participants
                     .into_iter()
                     .map(|participant| {
@@ -439,8 +468,8 @@ impl Aggregate for Conversation {
                     direction: MessageDirection::Inbound,
                     from,
                     external_id: Some(external_id),
-                    text,
-                    attachments,
+                    text: text.text().to_owned(),
+                    attachments: attachments.value_or_default(),
                     in_reply_to,
                     in_reply_to_external,
                     sent_at,
@@ -466,8 +495,8 @@ impl Aggregate for Conversation {
                     direction: MessageDirection::Outbound,
                     from,
                     external_id: None,
-                    text,
-                    attachments,
+                    text: text.text().to_owned(),
+                    attachments: attachments.value_or_default(),
                     in_reply_to,
                     in_reply_to_external,
                     sent_at: None,

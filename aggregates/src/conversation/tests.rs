@@ -5,16 +5,33 @@ use cqrs_es::test::TestFramework;
 use cqrs_es::{Aggregate, DomainEvent};
 
 use super::*;
+use crate::personal::Personal;
 
 type Given = TestFramework<Conversation>;
 use ConversationCommand as C;
 use ConversationEvent as E;
 
+/// Alice is a person known to Stele (subject `s-alice`): her name, address and words are hers.
 fn alice() -> Participant {
-    Participant {
-        display_name: Some("Alice".into()),
-        address: Some("alice@example.test".into()),
-        ..Participant::person("alice")
+    Participant::subject(
+        "alice",
+        "s-alice",
+        Some("Alice".into()),
+        Some("alice@example.test".into()),
+    )
+}
+
+/// `value`, as Alice's data.
+fn hers<T>(value: T) -> Personal<T> {
+    Personal::of("s-alice", value)
+}
+
+/// `value`, as the data of participant `from` (Alice's, or nobody's).
+fn of<T>(from: &str, value: T) -> Personal<T> {
+    if from == "alice" {
+        hers(value)
+    } else {
+        Personal::plain(value)
     }
 }
 
@@ -30,7 +47,8 @@ fn opened() -> E {
     E::ConversationOpened {
         channel: Channel::EMAIL,
         external_id: "<root@example.test>".into(),
-        subject: Some("Login bug".into()),
+        subject: Some(hers("Login bug".into())),
+        owner: Some("s-alice".into()),
         participants: vec![alice(), bot()],
     }
 }
@@ -59,8 +77,8 @@ fn received(message_id: &str, seq: u64, external_id: &str, from: &str) -> E {
         seq,
         external_id: external_id.into(),
         from: from.into(),
-        text: "hello".into(),
-        attachments: vec![],
+        text: of(from, "hello".into()),
+        attachments: of(from, vec![]),
         in_reply_to: None,
         in_reply_to_external: None,
         sent_at: None,
@@ -83,8 +101,8 @@ fn queued(message_id: &str, seq: u64) -> E {
         message_id: message_id.into(),
         seq,
         from: "bot".into(),
-        text: "on it".into(),
-        attachments: vec![],
+        text: hers("on it".into()),
+        attachments: hers(vec![]),
         in_reply_to: None,
         in_reply_to_external: None,
         task_id: None,
@@ -149,6 +167,7 @@ fn opening_records_the_channel_the_thread_and_the_participants() {
             channel: Channel::EMAIL,
             external_id: "<root@example.test>".into(),
             subject: Some("Login bug".into()),
+            owner: Some("s-alice".into()),
             participants: vec![alice(), bot()],
         })
         .then_expect_events(vec![opened()]);
@@ -166,6 +185,7 @@ fn opening_twice_a_blank_thread_id_or_a_repeated_participant_is_refused() {
         channel: Channel::TELEGRAM,
         external_id: external_id.into(),
         subject: None,
+        owner: None,
         participants,
     };
     for history in [vec![opened()], vec![opened(), closed()]] {
@@ -207,7 +227,7 @@ fn a_participant_joins_and_one_who_left_comes_back() {
         reason: None,
     };
     let back = Participant {
-        display_name: Some("Alice B.".into()),
+        display_name: Some(hers("Alice B.".into())),
         ..alice()
     };
     Given::with(())
@@ -224,7 +244,8 @@ fn a_participant_joins_and_one_who_left_comes_back() {
         conversation.participants["alice"]
             .participant
             .display_name
-            .as_deref(),
+            .as_ref()
+            .map(|name| name.text()),
         Some("Alice B.")
     );
 }
@@ -337,8 +358,8 @@ fn an_inbound_message_is_recorded_with_the_next_seq() {
             seq: 1,
             external_id: "<a@example.test>".into(),
             from: "alice".into(),
-            text: "the login page is blank".into(),
-            attachments: vec![attachment()],
+            text: hers("the login page is blank".into()),
+            attachments: hers(vec![attachment()]),
             // The root is the thread, not a message of ours: nothing to resolve it to.
             in_reply_to: None,
             in_reply_to_external: Some("<root@example.test>".into()),
@@ -365,8 +386,8 @@ fn an_answer_to_a_known_message_points_at_our_id_for_it() {
             seq: 3,
             external_id: "<c@example.test>".into(),
             from: "alice".into(),
-            text: "hello".into(),
-            attachments: vec![],
+            text: hers("hello".into()),
+            attachments: hers(vec![]),
             in_reply_to: Some("r2".into()),
             in_reply_to_external: Some("<b@example.test>".into()),
             sent_at: None,
@@ -455,8 +476,8 @@ fn received_with(text: &str, attachments: Vec<Attachment>) -> E {
         seq: 1,
         external_id: "ext-1".into(),
         from: "alice".into(),
-        text: text.into(),
-        attachments,
+        text: hers(text.into()),
+        attachments: hers(attachments),
         in_reply_to: None,
         in_reply_to_external: None,
         sent_at: None,
@@ -547,8 +568,8 @@ fn a_reply_is_queued_after_the_message_it_answers() {
             message_id: "r1".into(),
             seq: 2,
             from: "bot".into(),
-            text: "on it".into(),
-            attachments: vec![attachment()],
+            text: hers("on it".into()),
+            attachments: hers(vec![attachment()]),
             in_reply_to: Some("m1".into()),
             in_reply_to_external: Some("ext-1".into()),
             task_id: Some("task-7".into()),
@@ -831,6 +852,7 @@ fn marking_failed_is_refused_for_delivered_unknown_or_inbound_messages() {
 fn quarantine(external_id: Option<&str>) -> C {
     C::Quarantine {
         raw: "From: ???\n\n\u{0}".into(),
+        subject: Some("s-unknown-1".into()),
         reason: "no sender".into(),
         external_id: external_id.map(Into::into),
     }
@@ -840,7 +862,7 @@ fn quarantined(external_id: Option<&str>) -> E {
     E::MessageQuarantined {
         external_id: external_id.map(Into::into),
         reason: "no sender".into(),
-        raw: "From: ???\n\n\u{0}".into(),
+        raw: Personal::of("s-unknown-1", "From: ???\n\n\u{0}".into()),
         raw_len: 12,
     }
 }
@@ -894,6 +916,7 @@ fn a_huge_raw_message_is_cut_on_a_character_boundary() {
         .given_no_previous_events()
         .when(C::Quarantine {
             raw: raw.clone(),
+            subject: None,
             reason: "too big".into(),
             external_id: None,
         })
@@ -906,9 +929,10 @@ fn a_huge_raw_message_is_cut_on_a_character_boundary() {
         panic!("expected one MessageQuarantined, got {events:?}");
     };
     assert_eq!(*raw_len, raw.len());
+    let kept = kept.text();
     assert!(kept.len() <= MAX_QUARANTINE_RAW_BYTES);
     assert!(kept.len() > MAX_QUARANTINE_RAW_BYTES - 3);
-    assert!(raw.starts_with(kept.as_str()));
+    assert!(raw.starts_with(kept));
 }
 
 // Close and Reopen
@@ -1063,6 +1087,7 @@ fn random_command(rng: &mut Rng, step: u64) -> C {
             channel: Channel::TELEGRAM,
             external_id: "chat-1".into(),
             subject: None,
+            owner: None,
             participants: vec![bot()],
         },
         3..=6 => C::Join {
@@ -1100,6 +1125,7 @@ fn random_command(rng: &mut Rng, step: u64) -> C {
         },
         90..=93 => C::Quarantine {
             raw: "garbage".into(),
+            subject: None,
             reason: "unparsable".into(),
             external_id: (rng.below(2) == 0).then_some(external_id),
         },
@@ -1216,4 +1242,64 @@ async fn a_long_random_run_keeps_the_invariants_and_replays_to_the_same_state() 
         seen_types.extend(log.iter().map(|e| e.event_type()));
     }
     assert_eq!(seen_types.len(), 10, "every event came up: {seen_types:?}");
+}
+
+// Personal data
+
+#[test]
+fn a_persons_words_are_theirs_and_read_erased_once_they_are() {
+    // Bob is known to no one here: his words are nobody's; Alice's are hers, and so is the reply
+    // to her (it is built from her words).
+    let events = Given::with(())
+        .given(vec![opened(), received("m1", 1, "ext-1", "alice")])
+        .when(C::QueueReply {
+            message_id: "r1".into(),
+            from: "bot".into(),
+            text: "noted".into(),
+            attachments: vec![],
+            in_reply_to: Some("m1".into()),
+            task_id: None,
+        })
+        .inspect_result()
+        .unwrap();
+    let [E::ReplyQueued { text, .. }] = events.as_slice() else {
+        panic!("{events:?}");
+    };
+    assert_eq!(text.subject(), Some("s-alice"));
+    let E::MessageReceived { text, .. } = received("m2", 2, "ext-2", "bob") else {
+        unreachable!()
+    };
+    assert_eq!(text.subject(), None);
+    // Erased: the text reads `[erased]`, the attachments are gone, the message keeps its place.
+    let erased = E::MessageReceived {
+        message_id: "m1".into(),
+        seq: 1,
+        external_id: "ext-1".into(),
+        from: "alice".into(),
+        text: Personal::Erased {
+            subject: "s-alice".into(),
+        },
+        attachments: Personal::Erased {
+            subject: "s-alice".into(),
+        },
+        in_reply_to: None,
+        in_reply_to_external: None,
+        sent_at: None,
+    };
+    let conversation = fold([
+        E::ConversationOpened {
+            channel: Channel::EMAIL,
+            external_id: "<root@example.test>".into(),
+            subject: Some(Personal::Erased {
+                subject: "s-alice".into(),
+            }),
+            owner: Some("s-alice".into()),
+            participants: vec![alice(), bot()],
+        },
+        erased,
+    ]);
+    assert_eq!(conversation.subject.as_deref(), Some("[erased]"));
+    assert_eq!(conversation.messages[0].text, "[erased]");
+    assert!(conversation.messages[0].attachments.is_empty());
+    assert_eq!(conversation.messages[0].seq, 1);
 }

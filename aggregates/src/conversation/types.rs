@@ -6,6 +6,7 @@ use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
 use super::Channel;
+use crate::personal::Personal;
 
 /// The longest message text accepted, in bytes of UTF-8: 64 KiB. Telegram's own limit is 4096
 /// characters; an email body beyond this is almost always quoted history or a pasted log, which
@@ -27,16 +28,24 @@ pub enum ParticipantKind {
 }
 
 /// Someone taking part in a conversation.
+///
+/// A person's name, address and words are their personal data: they are recorded as
+/// [`Personal`] values of `subject`, so erasing the person makes them unreadable. Their `id`
+/// names them without saying who they are: the channel adapter uses their subject id (never an
+/// address or a Telegram user id, which go in `address`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Participant {
-    /// Stable id within the conversation (for example the Telegram user id or the email address).
+    /// Stable id within the conversation (a person's subject id, an agent's name).
     pub id: String,
     /// Person or agent.
     pub kind: ParticipantKind,
+    /// The person this is (their subject id); none for agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     /// The name to show, if the channel gives one.
-    pub display_name: Option<String>,
+    pub display_name: Option<Personal<String>>,
     /// Where the channel reaches them: a Telegram chat id, an email address.
-    pub address: Option<String>,
+    pub address: Option<Personal<String>>,
 }
 
 impl Participant {
@@ -45,8 +54,24 @@ impl Participant {
         Participant {
             id: id.into(),
             kind: ParticipantKind::Person,
+            subject: None,
             display_name: None,
             address: None,
+        }
+    }
+
+    /// A person who is `subject`, with their name and address as the channel gives them.
+    pub fn subject(
+        id: impl Into<String>,
+        subject: &str,
+        display_name: Option<String>,
+        address: Option<String>,
+    ) -> Participant {
+        Participant {
+            subject: Some(subject.to_owned()),
+            display_name: display_name.map(|name| Personal::of(subject, name)),
+            address: address.map(|address| Personal::of(subject, address)),
+            ..Participant::person(id)
         }
     }
 
@@ -55,6 +80,7 @@ impl Participant {
         Participant {
             id: id.into(),
             kind: ParticipantKind::Agent,
+            subject: None,
             display_name: None,
             address: None,
         }
@@ -122,8 +148,10 @@ pub enum ConversationCommand {
         channel: Channel,
         /// The channel's id of the thread: a Telegram chat id, the root email's Message-ID.
         external_id: String,
-        /// The email subject, if any.
+        /// The email subject, if any: the personal data of `owner`.
         subject: Option<String>,
+        /// The person the conversation is with (their subject id), when the channel knows.
+        owner: Option<String>,
         /// Who takes part from the start (may be empty: senders join as they write).
         participants: Vec<Participant>,
     },
@@ -191,6 +219,9 @@ pub enum ConversationCommand {
     Quarantine {
         /// The message as received (text, or bytes in base64).
         raw: String,
+        /// Whose data the raw form is: the sender's subject (the channel adapter makes one for a
+        /// sender it cannot tell, so the raw form can be erased with them).
+        subject: Option<String>,
         /// Why it could not be understood.
         reason: String,
         /// The channel's id of the message, if it could be read.
@@ -218,8 +249,11 @@ pub enum ConversationEvent {
         channel: Channel,
         /// The channel's id of the thread.
         external_id: String,
-        /// The email subject, if any.
-        subject: Option<String>,
+        /// The email subject, if any (the conversation's person's data).
+        subject: Option<Personal<String>>,
+        /// The person the conversation is with (their subject id).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
         /// Who took part from the start.
         participants: Vec<Participant>,
     },
@@ -245,10 +279,10 @@ pub enum ConversationEvent {
         external_id: String,
         /// The sender's participant id.
         from: String,
-        /// The text.
-        text: String,
-        /// Attached files.
-        attachments: Vec<Attachment>,
+        /// The text: the sender's data.
+        text: Personal<String>,
+        /// Attached files: the sender's data.
+        attachments: Personal<Vec<Attachment>>,
         /// Our id of the message it answers, when that one is in the conversation.
         in_reply_to: Option<String>,
         /// The channel's id of the message it answers, as the channel gave it.
@@ -264,10 +298,10 @@ pub enum ConversationEvent {
         seq: u64,
         /// The agent's participant id.
         from: String,
-        /// The text.
-        text: String,
-        /// Attached files.
-        attachments: Vec<Attachment>,
+        /// The text: the data of the person it answers.
+        text: Personal<String>,
+        /// Attached files: the data of the person it answers.
+        attachments: Personal<Vec<Attachment>>,
         /// Our id of the message it answers.
         in_reply_to: Option<String>,
         /// The channel's id of that message, if it has one yet (for email's `In-Reply-To`).
@@ -299,8 +333,9 @@ pub enum ConversationEvent {
         external_id: Option<String>,
         /// Why it could not be understood.
         reason: String,
-        /// Its raw form, cut to at most [`MAX_QUARANTINE_RAW_BYTES`] on a character boundary.
-        raw: String,
+        /// Its raw form, cut to at most [`MAX_QUARANTINE_RAW_BYTES`] on a character boundary:
+        /// the sender's data.
+        raw: Personal<String>,
         /// The raw form's length before cutting, in bytes.
         raw_len: usize,
     },
