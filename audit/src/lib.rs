@@ -16,6 +16,7 @@
 //! The format a third party needs is in `docs/audit-log.md`.
 
 pub mod leaf;
+pub mod proof;
 mod sealer;
 pub mod tree;
 mod verify;

@@ -120,16 +120,7 @@ impl Projection for Sealer {
         if size > last_size && (size - last_size >= self.options.every || stale) {
             let root = tlog_tiles::tree_hash(size, &hashes).map_err(failed)?;
             let note = self.key.sign(size, root).map_err(failed)?;
-            let root = tree::encode(&root);
-            db.execute(
-                sql.insert_checkpoint,
-                &[
-                    (size as i64).into(),
-                    root.as_str().into(),
-                    note.as_str().into(),
-                ],
-            )
-            .await?;
+            tree::insert_checkpoint(&mut db, size, &tree::encode(&root), &note).await?;
         }
         Ok(())
     }

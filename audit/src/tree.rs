@@ -168,6 +168,22 @@ pub async fn record_of(db: &mut Db<'_>, position: Position) -> Result<Option<u64
         .transpose()
 }
 
+/// Stores a signed checkpoint (a second one of the same size is no change).
+pub async fn insert_checkpoint(
+    db: &mut Db<'_>,
+    size: u64,
+    root: &str,
+    note: &str,
+) -> Result<(), sqlx::Error> {
+    let sql = db.pick(&SQL);
+    db.execute(
+        sql.insert_checkpoint,
+        &[(size as i64).into(), root.into(), note.into()],
+    )
+    .await?;
+    Ok(())
+}
+
 /// A signed checkpoint as stored.
 #[derive(Clone, Debug)]
 pub struct StoredCheckpoint {

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use serde_json::json;
+use stele_audit::proof::{self, Proof};
 use stele_audit::{verify, Sealer, SealerOptions, SigningKey, AUDIT};
 use stele_engine::projection::ProjectionRunner;
 use stele_engine::store::StorePool;
@@ -205,7 +206,138 @@ async fn a_checkpoint_of_another_key_is_refused(store: &Store) {
     assert!(mismatch.what.contains("signature"), "{mismatch:?}");
 }
 
+async fn proofs_hold_offline_and_forgeries_do_not(store: &Store) {
+    let (key, positions) = sealed(store).await;
+    let vkey = key.verifier_key();
+    // The tail (leaves 21 and 22) is signed by the node's timer.
+    assert_eq!(
+        proof::checkpoint_now(&store.pool, &key).await.unwrap(),
+        Some(EVENTS as u64)
+    );
+    assert_eq!(
+        proof::checkpoint_now(&store.pool, &key).await.unwrap(),
+        None
+    );
+    for (i, position) in positions.iter().enumerate() {
+        let inclusion = proof::prove_inclusion(store.stored.as_ref(), &store.pool, *position, None)
+            .await
+            .unwrap();
+        let checked = proof::check(&inclusion, vkey).unwrap();
+        assert_eq!(checked.sizes, vec![EVENTS as u64]);
+        assert_eq!(checked.leaf_index, Some(i as u64));
+        // Against an older checkpoint, where the event is in it.
+        if i < 14 {
+            let older =
+                proof::prove_inclusion(store.stored.as_ref(), &store.pool, *position, Some(14))
+                    .await
+                    .unwrap();
+            assert_eq!(proof::check(&older, vkey).unwrap().sizes, vec![14]);
+        }
+    }
+    // Sealed after the checkpoint asked for: no proof.
+    assert!(
+        proof::prove_inclusion(store.stored.as_ref(), &store.pool, positions[20], Some(7))
+            .await
+            .is_err()
+    );
+
+    let genuine = proof::prove_inclusion(store.stored.as_ref(), &store.pool, positions[3], None)
+        .await
+        .unwrap();
+    let other = proof::prove_inclusion(store.stored.as_ref(), &store.pool, positions[4], None)
+        .await
+        .unwrap();
+    let Proof::Inclusion {
+        checkpoint,
+        position,
+        leaf_index,
+        event,
+        path,
+        format,
+    } = genuine.clone()
+    else {
+        unreachable!()
+    };
+    let Proof::Inclusion {
+        event: other_event,
+        position: other_position,
+        ..
+    } = other
+    else {
+        unreachable!()
+    };
+    // Another event's bytes on this path, or this event's bytes claimed for another position.
+    let inclusion = |event: &str, position: i64, leaf_index: u64| Proof::Inclusion {
+        format: format.clone(),
+        checkpoint: checkpoint.clone(),
+        position,
+        leaf_index,
+        event: event.to_owned(),
+        path: path.clone(),
+    };
+    assert!(proof::check(&inclusion(&event, position, leaf_index), vkey).is_ok());
+    for forged in [
+        inclusion(&other_event, other_position, leaf_index),
+        inclusion(&event, other_position, leaf_index),
+        inclusion(&event, position, leaf_index + 1),
+    ] {
+        assert!(proof::check(&forged, vkey).is_err(), "{forged:?}");
+    }
+    // A correct path under a forged tree size: the note's signature no longer holds.
+    let forged_size = checkpoint.replacen(
+        &format!("\n{}\n", EVENTS),
+        &format!("\n{}\n", EVENTS + 1),
+        1,
+    );
+    assert_ne!(forged_size, checkpoint);
+    let forged = Proof::Inclusion {
+        format,
+        checkpoint: forged_size,
+        position,
+        leaf_index,
+        event,
+        path,
+    };
+    assert!(proof::check(&forged, vkey).is_err());
+    // Another key's view of the same proof.
+    let stranger = SigningKey::generate("stele.test/audit").unwrap();
+    assert!(proof::check(&genuine, stranger.verifier_key()).is_err());
+
+    // Consistency between checkpoints, and a tampered path.
+    let consistency = proof::prove_consistency(&store.pool, 7, EVENTS as u64)
+        .await
+        .unwrap();
+    assert_eq!(
+        proof::check(&consistency, vkey).unwrap().sizes,
+        vec![7, EVENTS as u64]
+    );
+    let json = serde_json::to_string(&consistency).unwrap();
+    let back: Proof = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, consistency);
+    let Proof::Consistency {
+        older,
+        newer,
+        mut path,
+        format,
+    } = consistency
+    else {
+        unreachable!()
+    };
+    path.swap(0, 1);
+    assert!(proof::check(
+        &Proof::Consistency {
+            older,
+            newer,
+            path,
+            format
+        },
+        vkey
+    )
+    .is_err());
+}
+
 for_each_backend!(
+    proofs_hold_offline_and_forgeries_do_not,
     a_sealed_log_verifies_with_its_checkpoints,
     a_changed_payload_is_found_at_its_position,
     a_deleted_event_is_found_at_its_position,
