@@ -1,6 +1,7 @@
 //! `stele`: the command-line interface. Runs the embedded engine (`stele up`), migrates stores,
 //! reads the event log and runs the benchmarks.
 
+mod audit;
 mod bench;
 mod events;
 mod jobs;
@@ -48,6 +49,10 @@ pub struct StoreArgs {
     /// embedded store keeps its own in the data directory.
     #[arg(long, env = "STELE_KEK_FILE", value_name = "FILE")]
     kek_file: Option<PathBuf>,
+    /// A file holding the audit signing key, or STELE_AUDIT_KEY itself; the embedded store keeps
+    /// its own in the data directory.
+    #[arg(long, env = "STELE_AUDIT_KEY_FILE", value_name = "FILE")]
+    audit_key_file: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -97,6 +102,9 @@ enum Command {
     /// The people Stele knows: consents, export, erasure.
     #[command(subcommand)]
     Subjects(privacy::SubjectsCommand),
+    /// The audit log: its key, verification, checkpoints, proofs.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Print the API's OpenAPI document.
     Openapi,
     /// Workflow definitions.
@@ -258,6 +266,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Keys(command) => serve::keys(command).await,
         Command::Subjects(command) => privacy::subjects(command).await,
+        Command::Audit(command) => audit::run(command).await,
         Command::Openapi => {
             println!("{}", stele_api::server::openapi().to_pretty_json()?);
             Ok(())

@@ -51,6 +51,10 @@ pub struct NodeArgs {
     /// `stele up` keeps its own in the data directory.
     #[arg(long, env = "STELE_KEK_FILE", value_name = "FILE")]
     pub kek_file: Option<PathBuf>,
+    /// A file holding the audit signing key, or STELE_AUDIT_KEY itself; `stele up` keeps its own
+    /// in the data directory.
+    #[arg(long, env = "STELE_AUDIT_KEY_FILE", value_name = "FILE")]
+    pub audit_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub workflows: WorkflowArgs,
 }
@@ -70,6 +74,9 @@ pub(crate) struct FileConfig {
     kek_file: Option<PathBuf>,
     /// Which purposes each kind of processing needs, and retention per purpose.
     pub(crate) privacy: Option<stele_privacy::Policy>,
+    audit_key_file: Option<PathBuf>,
+    /// When audit checkpoints are signed.
+    audit: Option<crate::audit::AuditConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +98,8 @@ pub struct Node {
     pub rate: RateLimit,
     pub kek_file: Option<PathBuf>,
     pub policy: stele_privacy::Policy,
+    pub audit_key_file: Option<PathBuf>,
+    pub audit: stele_audit::SealerOptions,
 }
 
 impl NodeArgs {
@@ -116,6 +125,8 @@ impl NodeArgs {
             concurrency: self.concurrency.or(file.concurrency).unwrap_or(16).max(1),
             kek_file: self.kek_file.clone().or(file.kek_file),
             policy: file.privacy.unwrap_or_default(),
+            audit_key_file: self.audit_key_file.clone().or(file.audit_key_file),
+            audit: file.audit.unwrap_or_default().options(),
             rate: RateLimit {
                 per_second: self.rate_limit.or(rate.per_second).unwrap_or(100.0),
                 burst: self.rate_burst.or(rate.burst).unwrap_or(200),
@@ -229,6 +240,13 @@ pub async fn run_node(
         }
     };
     let store = private.store;
+    let audit_key = match crate::audit::key_for(location, node.audit_key_file.as_deref()) {
+        Ok(key) => Arc::new(key),
+        Err(e) => {
+            store.close().await;
+            return Err(e);
+        }
+    };
     let runtime = node
         .workflows
         .runtime_with(&store, Some(private.subjects.clone()))
@@ -238,6 +256,7 @@ pub async fn run_node(
     if let Some(retention) = runtime.retention_manager() {
         projections.push(as_projection(retention, store.queue.clone()));
     }
+    projections.push(crate::audit::sealer(audit_key.clone(), node.audit));
     let runner = Arc::new(ProjectionRunner::new(&store, projections));
     runner.setup().await?;
     let first_start = roles.api && no_key_yet(&runner, &store).await;
@@ -254,6 +273,14 @@ pub async fn run_node(
         let runner = runner.clone();
         let stopped = until_stopped();
         tasks.spawn(async move { runner.run(stopped).await.map_err(anyhow::Error::from) });
+    }
+    {
+        let (pool, key, interval) = (store.pool.clone(), audit_key.clone(), node.audit.interval);
+        let stopped = until_stopped();
+        tasks.spawn(async move {
+            crate::audit::sign_tail(pool, key, interval, stopped).await;
+            Ok(())
+        });
     }
     {
         // Queue depth as gauges: `stele_queue_jobs{queue, state}`.

@@ -105,6 +105,11 @@ impl SigningKey {
         }
     }
 
+    /// The private signer key's text (`PRIVATE+KEY+…`), to keep secret.
+    pub fn private_text(&self) -> &str {
+        &self.skey
+    }
+
     /// The public verifier key (`<name>+<id>+<key>`), what third parties check notes with.
     pub fn verifier_key(&self) -> &str {
         &self.vkey

@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 /// The key-encryption key the tests' processes share.
 pub const TEST_KEK: &str = "6b1f0c7a93e24d58a1c6f02b8d9e47a35c0b1e2f3a4d5c6b7e8f90a1b2c3d4e5";
 
+/// The audit signing key the tests' processes share.
+pub const TEST_AUDIT_KEY: &str =
+    "PRIVATE+KEY+stele.test/audit+099872a6+AWt6T/hW+HBD1bD4CvLmkhSImdqGtb4BqI9HAVMBfsOr";
+
 pub fn stele() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_stele"));
     command
@@ -19,6 +23,8 @@ pub fn stele() -> Command {
         .env_remove("STELE_KEK_FILE")
         // The deployment's key-encryption key (the embedded store would make its own).
         .env("STELE_KEK", TEST_KEK)
+        .env("STELE_AUDIT_KEY", TEST_AUDIT_KEY)
+        .env_remove("STELE_AUDIT_KEY_FILE")
         .env("STELE_LOG", "info");
     command
 }
