@@ -140,10 +140,14 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             let checked = proof::check(&proof, &key)?;
             match (checked.position, checked.sizes.as_slice()) {
                 (Some(position), [size]) => {
-                    println!("ok: the event at position {position} is in the signed {size}-event log")
+                    println!(
+                        "ok: the event at position {position} is in the signed {size}-event log"
+                    )
                 }
                 (_, [older, newer]) => {
-                    println!("ok: the signed {newer}-event log extends the signed {older}-event log")
+                    println!(
+                        "ok: the signed {newer}-event log extends the signed {older}-event log"
+                    )
                 }
                 _ => println!("ok"),
             }

@@ -329,6 +329,7 @@ pub async fn run_node(
             .with_task_cache(100_000, Some(service))
             .await;
         state.metrics = Some(prometheus()?);
+        state.audit_key = Some(audit_key.verifier_key().to_owned());
         if let Some(url) = &node.redis_url {
             state.probe = Some(Arc::new(
                 stele_api::state::RedisProbe::new(url).map_err(anyhow::Error::msg)?,

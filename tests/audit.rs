@@ -41,7 +41,14 @@ fn a_node_seals_its_log_and_proofs_check_offline() {
     wait_until_up(&mut up);
     for input in ["one", "two", "three"] {
         let created = command()
-            .args(["tasks", "create", "--workflow", "assistant", "--input", input])
+            .args([
+                "tasks",
+                "create",
+                "--workflow",
+                "assistant",
+                "--input",
+                input,
+            ])
             .args(["--data-dir", &data_dir])
             .output()
             .unwrap();
@@ -51,7 +58,9 @@ fn a_node_seals_its_log_and_proofs_check_offline() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     terminate(&mut up);
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(dir.path().join("audit.key")).unwrap().permissions(),
+        &std::fs::metadata(dir.path().join("audit.key"))
+            .unwrap()
+            .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
 
@@ -68,28 +77,59 @@ fn a_node_seals_its_log_and_proofs_check_offline() {
 
     let listed = audit(&data_dir, &["checkpoints", "--json"]);
     let last: Value = serde_json::from_str(
-        String::from_utf8(listed.stdout).unwrap().lines().last().unwrap(),
+        String::from_utf8(listed.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
     )
     .unwrap();
-    assert!(last["note"].as_str().unwrap().starts_with("stele.local/audit\n"));
+    assert!(last["note"]
+        .as_str()
+        .unwrap()
+        .starts_with("stele.local/audit\n"));
 
     let proof_file = dir.path().join("proof.json");
     let proved = audit(
         &data_dir,
-        &["prove", "--position", "2", "--out", &proof_file.display().to_string()],
+        &[
+            "prove",
+            "--position",
+            "2",
+            "--out",
+            &proof_file.display().to_string(),
+        ],
     );
     assert!(proved.status.success(), "{}", stderr(&proved));
     // Offline: no store, only the key.
     let checked = stele()
-        .args(["audit", "check-proof", &proof_file.display().to_string(), "--key", &vkey])
+        .args([
+            "audit",
+            "check-proof",
+            &proof_file.display().to_string(),
+            "--key",
+            &vkey,
+        ])
         .output()
         .unwrap();
     assert!(checked.status.success(), "{}", stderr(&checked));
     assert!(String::from_utf8_lossy(&checked.stdout).contains("position 2"));
-    let stranger = stele().args(["audit", "keygen", "--name", "x.test/log"]).output().unwrap();
-    let stranger = String::from_utf8(stranger.stderr).unwrap().trim().to_owned();
+    let stranger = stele()
+        .args(["audit", "keygen", "--name", "x.test/log"])
+        .output()
+        .unwrap();
+    let stranger = String::from_utf8(stranger.stderr)
+        .unwrap()
+        .trim()
+        .to_owned();
     let refused = stele()
-        .args(["audit", "check-proof", &proof_file.display().to_string(), "--key", &stranger])
+        .args([
+            "audit",
+            "check-proof",
+            &proof_file.display().to_string(),
+            "--key",
+            &stranger,
+        ])
         .output()
         .unwrap();
     assert!(!refused.status.success());

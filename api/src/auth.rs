@@ -19,6 +19,8 @@ pub enum Need {
     SubjectsWrite,
     /// `subjects:erase`
     SubjectsErase,
+    /// `audit:read`
+    AuditRead,
     /// `admin`
     Admin,
 }
@@ -37,6 +39,7 @@ impl Need {
             Need::SubjectsRead => Scope::SubjectsRead,
             Need::SubjectsWrite => Scope::SubjectsWrite,
             Need::SubjectsErase => Scope::SubjectsErase,
+            Need::AuditRead => Scope::AuditRead,
             Need::Admin => Scope::Admin,
         }
     }

@@ -95,6 +95,9 @@ codes! {
     JobNotFound = ("job_not_found", NOT_FOUND, "Job not found"),
     ProjectionNotFound = ("projection_not_found", NOT_FOUND, "Projection not found"),
     SubjectNotFound = ("subject_not_found", NOT_FOUND, "Subject not found"),
+    /// No proof can be made: no sealed event at that position, no checkpoint of that size, or
+    /// the event was sealed after the checkpoint.
+    ProofUnavailable = ("proof_unavailable", NOT_FOUND, "Proof unavailable"),
     /// The requester has not consented to what the request needs (the refusal is recorded).
     ConsentRequired = ("consent_required", FORBIDDEN, "Consent required"),
     /// The identifier leads to another subject.

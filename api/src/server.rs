@@ -30,7 +30,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::problem::{ApiError, Code, CHALLENGE};
-use crate::routes::{health, ops, stream, subjects, tasks};
+use crate::routes::{audit, health, ops, stream, subjects, tasks};
 use crate::state::AppState;
 
 /// Largest request body accepted.
@@ -51,6 +51,7 @@ Text never holds a NUL character (U+0000), which Stele does not store: it is ref
     tags(
         (name = "tasks", description = "Create and follow tasks"),
         (name = "subjects", description = "People: consents, export and erasure of their data"),
+        (name = "audit", description = "The audit log: signed checkpoints and proofs"),
         (name = "operators", description = "The log, jobs, projections and workflows"),
         (name = "health", description = "Liveness, readiness and metrics"),
     )
@@ -331,6 +332,9 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(subjects::merge_subject))
         .routes(routes!(subjects::export_subject))
         .routes(routes!(subjects::erase_subject))
+        .routes(routes!(audit::checkpoints))
+        .routes(routes!(audit::inclusion))
+        .routes(routes!(audit::consistency))
         .routes(routes!(ops::workflows))
         .routes(routes!(ops::events))
         .routes(routes!(ops::jobs))

@@ -23,6 +23,8 @@ pub trait Probe: Send + Sync {
 pub struct AppState {
     pub runtime: Arc<Runtime>,
     pub log: Arc<dyn EventLog>,
+    /// The log as stored (what the audit tree hashes).
+    pub stored: Arc<dyn EventLog>,
     pub queue: Arc<dyn JobQueue>,
     pub pool: StorePool,
     pub runner: Arc<ProjectionRunner>,
@@ -34,6 +36,8 @@ pub struct AppState {
     pub max_lag_seconds: f64,
     /// Task views in memory, for reads (see [`crate::cache`]).
     pub tasks: Option<crate::cache::TaskCache>,
+    /// The audit log's verifier key, shown with its checkpoints.
+    pub audit_key: Option<String>,
 }
 
 impl AppState {
@@ -58,6 +62,7 @@ impl AppState {
         Self {
             runtime,
             log: store.log.clone(),
+            stored: store.stored.clone(),
             queue: store.queue.clone(),
             pool: store.pool.clone(),
             runner,
@@ -66,6 +71,7 @@ impl AppState {
             metrics: None,
             max_lag_seconds: 60.0,
             tasks: None,
+            audit_key: None,
         }
     }
 }

@@ -740,3 +740,59 @@ pub struct SubjectListQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
 }
+
+/// A signed tree head of the audit log.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CheckpointBody {
+    /// How many events the tree holds.
+    pub size: u64,
+    /// The tree's root hash (base64).
+    pub root: String,
+    pub signed_at: DateTime<Utc>,
+    /// The C2SP signed note (`tlog-checkpoint`), as signed.
+    pub note: String,
+}
+
+/// The audit log's checkpoints, oldest first, and the key that signs them.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CheckpointPage {
+    /// The signed-note verifier key (`<name>+<id>+<key>`) to check them with.
+    pub verifier_key: String,
+    pub checkpoints: Vec<CheckpointBody>,
+}
+
+/// Which checkpoints to list.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct CheckpointQuery {
+    /// The newest this many (100 by default, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+}
+
+/// Which event to prove, in which checkpoint.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct InclusionQuery {
+    /// The event's log position.
+    #[param(minimum = 1)]
+    pub position: i64,
+    /// The checkpoint's size (the newest by default).
+    #[param(minimum = 1)]
+    pub size: Option<u64>,
+}
+
+/// Which two checkpoints.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ConsistencyQuery {
+    /// The older checkpoint's size.
+    #[param(minimum = 1)]
+    pub from: u64,
+    /// The newer checkpoint's size.
+    #[param(minimum = 1)]
+    pub to: u64,
+}

@@ -695,6 +695,86 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{route}");
         }
 
+        // The audit log: checkpoints, an inclusion proof of a sealed event, a consistency proof;
+        // what cannot be proved.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let checkpoints = loop {
+            let (status, page) = s
+                .call(GET, "/v1/audit/checkpoints", &[], Some(&admin), None)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            let sizes: Vec<u64> = page["checkpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["size"].as_u64().unwrap())
+                .collect();
+            if sizes.len() >= 2 {
+                assert!(page["verifier_key"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("stele.test/audit+"));
+                break sizes;
+            }
+            assert!(std::time::Instant::now() < deadline, "{page}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (status, inclusion) = s
+            .call(
+                GET,
+                "/v1/audit/proofs/inclusion?position=1",
+                &[],
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{inclusion}");
+        s.record(&GET, "/v1/audit/proofs/inclusion", StatusCode::OK);
+        let key = s
+            .call(GET, "/v1/audit/checkpoints", &[], Some(&admin), None)
+            .await
+            .1["verifier_key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let inclusion: stele_audit::proof::Proof = serde_json::from_value(inclusion).unwrap();
+        stele_audit::proof::check(&inclusion, &key).unwrap();
+        let (status, problem) = s
+            .call(
+                GET,
+                "/v1/audit/proofs/inclusion?position=999999999",
+                &[],
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("proof_unavailable"))
+        );
+        s.record(&GET, "/v1/audit/proofs/inclusion", status);
+        let consistency = format!(
+            "/v1/audit/proofs/consistency?from={}&to={}",
+            checkpoints[0],
+            checkpoints[checkpoints.len() - 1]
+        );
+        let (status, proof) = s.call(GET, &consistency, &[], Some(&admin), None).await;
+        assert_eq!(status, StatusCode::OK, "{proof}");
+        s.record(&GET, "/v1/audit/proofs/consistency", status);
+        let proof: stele_audit::proof::Proof = serde_json::from_value(proof).unwrap();
+        stele_audit::proof::check(&proof, &key).unwrap();
+        let (status, _) = s
+            .call(
+                GET,
+                "/v1/audit/proofs/consistency?from=1&to=999999999",
+                &[],
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        s.record(&GET, "/v1/audit/proofs/consistency", status);
+
         // Health and metrics.
         assert_eq!(
             s.call(GET, "/health/live", &[], None, None).await.0,
@@ -750,7 +830,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 r
             };
             let key = match scope_of(&document, route, &method) {
-                "admin" | "subjects:read" | "subjects:write" | "subjects:erase" => {
+                "admin" | "subjects:read" | "subjects:write" | "subjects:erase" | "audit:read" => {
                     Some(admin.as_str())
                 }
                 "tasks:write" | "tasks:read" => Some(writer.as_str()),
@@ -787,7 +867,8 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             if codes.contains(&403) {
                 // A key with every scope but the one the route needs, in `X-Api-Key`.
                 let key = match scope_of(&document, route, &method) {
-                    "admin" | "subjects:read" | "subjects:write" | "subjects:erase" => &writer,
+                    "admin" | "subjects:read" | "subjects:write" | "subjects:erase"
+                    | "audit:read" => &writer,
                     "tasks:write" => &reader,
                     _ => &write_only,
                 };
@@ -854,6 +935,9 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 "/health/live",
                 "/health/ready",
                 "/metrics",
+                "/v1/audit/checkpoints",
+                "/v1/audit/proofs/consistency",
+                "/v1/audit/proofs/inclusion",
                 "/v1/events",
                 "/v1/jobs",
                 "/v1/jobs/{id}/retry",

@@ -1,6 +1,7 @@
 //! The API's routes, each documented with `#[utoipa::path]`, and the extractors they share: each
 //! refuses what it cannot take with a problem (never axum's plain-text rejections).
 
+pub mod audit;
 pub mod health;
 mod list;
 pub mod ops;
@@ -47,6 +48,7 @@ guard!(IsAdmin, Need::Admin);
 guard!(CanReadSubjects, Need::SubjectsRead);
 guard!(CanWriteSubjects, Need::SubjectsWrite);
 guard!(CanEraseSubjects, Need::SubjectsErase);
+guard!(CanReadAudit, Need::AuditRead);
 
 /// Query strings refuse unknown parameters and wrong types with a problem.
 pub struct StrictQuery<T>(pub T);

@@ -120,6 +120,15 @@ impl Server {
         );
         let mut projections = stele_projections::all();
         projections.push(as_projection(runtime.manager(), store.queue.clone()));
+        // The audit tree, with a checkpoint for every batch.
+        let audit_key = Arc::new(stele_audit::SigningKey::generate("stele.test/audit").unwrap());
+        projections.push(Arc::new(stele_audit::Sealer::new(
+            audit_key.clone(),
+            stele_audit::SealerOptions {
+                every: 1,
+                interval: std::time::Duration::from_secs(3600),
+            },
+        )));
         let runner = Arc::new(ProjectionRunner::new(&store, projections));
         runner.setup().await.unwrap();
         let (stop, stopped) = watch::channel(false);
@@ -178,6 +187,7 @@ impl Server {
             .with_task_cache(1000, Some(keys.clone()))
             .await;
         state.probe = options.probe;
+        state.audit_key = Some(audit_key.verifier_key().to_owned());
         let app = stele_api::server::app(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
