@@ -7,6 +7,7 @@
 
 mod api;
 mod append;
+mod audit;
 mod privacy;
 mod probe;
 mod queue;
@@ -41,6 +42,8 @@ pub enum BenchCommand {
     Api(api::ApiBenchArgs),
     /// Sealed against plain appends; a person's export and erasure with 10,000 events.
     Privacy(privacy::PrivacyArgs),
+    /// The audit tree: sealing and verification rates, proofs, the sealer's lag under load.
+    Audit(audit::AuditArgs),
 }
 
 /// Where a scenario runs.
@@ -66,6 +69,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Workflow(args) => serde_json::to_value(workflow::run(args).await?)?,
         BenchCommand::Api(args) => serde_json::to_value(api::run(args).await?)?,
         BenchCommand::Privacy(args) => serde_json::to_value(privacy::run(args).await?)?,
+        BenchCommand::Audit(args) => serde_json::to_value(audit::run(args).await?)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

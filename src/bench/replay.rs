@@ -119,7 +119,7 @@ async fn measure(
 
 /// Appends `count` events shaped like real ones (a small payload, full metadata), 100 per
 /// command, from 8 concurrent writers.
-async fn fill(store: &Store, count: usize) -> anyhow::Result<()> {
+pub(super) async fn fill(store: &Store, count: usize) -> anyhow::Result<()> {
     let per_command = 100;
     let commands = count.div_ceil(per_command);
     let writers = 8;
