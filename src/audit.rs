@@ -114,6 +114,35 @@ pub enum AuditCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Who did what, when, through which channel: the audit view, in log order.
+    Log {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        actor: Option<String>,
+        /// A subject's id.
+        #[arg(long)]
+        subject: Option<String>,
+        /// A task's id.
+        #[arg(long)]
+        task: Option<String>,
+        /// `type/id`, or `type`.
+        #[arg(long)]
+        stream: Option<String>,
+        /// From this time (RFC 3339).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// After this position.
+        #[arg(long)]
+        after: Option<i64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a proof offline, with nothing but the log's verifier key.
     CheckProof {
         /// The proof (JSON, as `stele audit prove` writes it).
@@ -152,6 +181,66 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                 _ => println!("ok"),
             }
             Ok(())
+        }
+        AuditCommand::Log {
+            store,
+            actor,
+            subject,
+            task,
+            stream,
+            since,
+            until,
+            after,
+            limit,
+            json,
+        } => {
+            let opened = Store::open(store.location()?, Migrate::Require).await?;
+            let result = async {
+                // The view is a projection: bring it up to date first (or wait for the node
+                // that holds it).
+                let runner = stele_engine::projection::ProjectionRunner::new(
+                    &opened,
+                    stele_projections::all(),
+                );
+                runner.setup().await?;
+                crate::privacy::catch_up(
+                    &runner,
+                    opened.stored.as_ref(),
+                    stele_audit::view::AUDIT_VIEW,
+                    Duration::from_secs(30),
+                )
+                .await?;
+                runner.release_all().await?;
+                let filter = stele_audit::view::AuditFilter {
+                    actor,
+                    subject,
+                    task,
+                    stream,
+                    since,
+                    until,
+                    after,
+                    limit,
+                };
+                for row in stele_audit::view::list(&opened.pool, &filter).await? {
+                    if json {
+                        println!("{}", serde_json::to_string(&row)?);
+                    } else {
+                        println!(
+                            "{:>8}  {}  {:<24} {:<8} {:<20} {}",
+                            row.position,
+                            row.recorded_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+                            row.actor,
+                            row.channel,
+                            row.event_type,
+                            row.stream
+                        );
+                    }
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            opened.close().await;
+            result
         }
         AuditCommand::Key { store } => {
             let key = key_for(&store.location()?, store.audit_key_file.as_deref())?;

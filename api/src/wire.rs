@@ -796,3 +796,58 @@ pub struct ConsistencyQuery {
     #[param(minimum = 1)]
     pub to: u64,
 }
+
+/// Which audit rows.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditEventQuery {
+    /// Only what this actor did (`key:<id>`, `user:<name>`, `workflow-runtime`, …).
+    #[param(pattern = r"^[^\u0000]*$")]
+    pub actor: Option<String>,
+    /// Only events holding this subject's data.
+    #[param(pattern = r"^[^\u0000]*$")]
+    pub subject: Option<String>,
+    /// Only events of this task (and its runs).
+    #[param(pattern = r"^[^\u0000]*$")]
+    pub task: Option<String>,
+    /// Only this stream (`type/id`) or streams of this type.
+    #[param(pattern = r"^[^\u0000]*$")]
+    pub stream: Option<String>,
+    /// From this time on.
+    pub since: Option<DateTime<Utc>>,
+    /// Before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// After this position (a previous page's `next_cursor`).
+    #[param(minimum = 0)]
+    pub after: Option<i64>,
+    /// Rows per page, 1 to 1000 (100 by default).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+}
+
+/// One event of the audit view.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditEventBody {
+    pub position: i64,
+    pub recorded_at: DateTime<Utc>,
+    pub actor: String,
+    pub channel: String,
+    /// `type/id`.
+    pub stream: String,
+    pub event_type: String,
+    pub task_id: Option<String>,
+    pub conversation_id: Option<String>,
+    /// The subject whose data it holds.
+    pub subject: Option<String>,
+    pub correlation_id: String,
+    pub causation_id: String,
+}
+
+/// A page of the audit view, in log order.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditEventPage {
+    pub events: Vec<AuditEventBody>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    pub next_cursor: Option<i64>,
+}

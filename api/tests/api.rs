@@ -775,6 +775,24 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
         assert_eq!(status, StatusCode::NOT_FOUND);
         s.record(&GET, "/v1/audit/proofs/consistency", status);
 
+        let (status, page) = s
+            .call(GET, "/v1/audit/events", &[], Some(&admin), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let (status, mine) = s
+            .call(
+                GET,
+                &format!("/v1/audit/events?task={task}&limit=5"),
+                &[],
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{mine}");
+        let rows = mine["events"].as_array().unwrap();
+        assert!(!rows.is_empty() && rows.iter().all(|r| r["task_id"] == task.as_str()));
+        assert_eq!(rows[0]["event_type"], "TaskCreated");
+
         // Health and metrics.
         assert_eq!(
             s.call(GET, "/health/live", &[], None, None).await.0,
@@ -936,6 +954,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 "/health/ready",
                 "/metrics",
                 "/v1/audit/checkpoints",
+                "/v1/audit/events",
                 "/v1/audit/proofs/consistency",
                 "/v1/audit/proofs/inclusion",
                 "/v1/events",

@@ -151,7 +151,7 @@ problem(
 # Operators' views.
 listed = expect(projections.sync(client=header_client), ProjectionList)
 names = {p.name for p in listed.projections}
-assert {"task_list", "subjects", "workflow-runtime"} <= names, names
+assert {"task_list", "subjects", "audit_events", "workflow-runtime"} <= names, names
 assert all(isinstance(p.lag_seconds, float) for p in listed.projections)
 log = expect(events.sync(client=client, limit=5), LogPage)
 assert len(log.events) == 5 and log.next_after == log.events[-1].position

@@ -20,6 +20,7 @@ pub mod proof;
 mod sealer;
 pub mod tree;
 mod verify;
+pub mod view;
 
 use std::path::Path;
 

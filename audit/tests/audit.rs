@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 use stele_audit::proof::{self, Proof};
+use stele_audit::view::{self, AuditFilter, AuditView, AUDIT_VIEW};
 use stele_audit::{verify, Sealer, SealerOptions, SigningKey, AUDIT};
 use stele_engine::projection::ProjectionRunner;
 use stele_engine::store::StorePool;
@@ -336,7 +337,76 @@ async fn proofs_hold_offline_and_forgeries_do_not(store: &Store) {
     .is_err());
 }
 
+async fn the_audit_view_answers_who_did_what(store: &Store) {
+    let positions = append(store, EVENTS).await;
+    let runner = ProjectionRunner::new(store, vec![Arc::new(AuditView)]).with_batch_size(6);
+    runner.setup().await.unwrap();
+    while runner.step(AUDIT_VIEW).await.unwrap().read > 0 {}
+    let all = |filter: AuditFilter| {
+        let pool = store.pool.clone();
+        async move {
+            view::list(
+                &pool,
+                &AuditFilter {
+                    limit: 100,
+                    ..filter
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let rows = all(AuditFilter::default()).await;
+    assert_eq!(rows.len(), EVENTS);
+    assert_eq!(rows[0].position, positions[0].0);
+    assert_eq!(
+        (rows[0].actor.as_str(), rows[0].channel.as_str()),
+        ("user:ana", "test")
+    );
+    assert_eq!(rows[0].stream, "note/n0");
+    let stream = all(AuditFilter {
+        stream: Some("note/n1".into()),
+        ..AuditFilter::default()
+    })
+    .await;
+    assert_eq!(stream.len(), 5);
+    assert!(all(AuditFilter {
+        actor: Some("user:bob".into()),
+        ..AuditFilter::default()
+    })
+    .await
+    .is_empty());
+    let page = all(AuditFilter {
+        after: Some(positions[19].0),
+        ..AuditFilter::default()
+    })
+    .await;
+    assert_eq!(page.len(), 3);
+    let future = all(AuditFilter {
+        since: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+        ..AuditFilter::default()
+    })
+    .await;
+    assert!(future.is_empty());
+    // Write-once.
+    let refused = match &store.pool {
+        StorePool::Postgres(pool) => sqlx::query("DELETE FROM audit_events")
+            .execute(pool)
+            .await
+            .err(),
+        StorePool::Sqlite(pool) => sqlx::query("DELETE FROM audit_events")
+            .execute(pool)
+            .await
+            .err(),
+    };
+    assert!(refused.unwrap().to_string().contains("write-once"));
+    // Rebuilt by replay, the same rows.
+    runner.rebuild(AUDIT_VIEW, |_| {}).await.unwrap();
+    assert_eq!(all(AuditFilter::default()).await, rows);
+}
+
 for_each_backend!(
+    the_audit_view_answers_who_did_what,
     proofs_hold_offline_and_forgeries_do_not,
     a_sealed_log_verifies_with_its_checkpoints,
     a_changed_payload_is_found_at_its_position,

@@ -26,5 +26,6 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
         Arc::new(TasksView),
         Arc::new(ApiKeysView),
         Arc::new(stele_privacy::index::SubjectIndex),
+        Arc::new(stele_audit::view::AuditView),
     ]
 }

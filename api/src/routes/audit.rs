@@ -13,7 +13,8 @@ use crate::routes::ops::bounded;
 use crate::routes::{CanReadAudit, StrictQuery};
 use crate::state::AppState;
 use crate::wire::{
-    CheckpointBody, CheckpointPage, CheckpointQuery, ConsistencyQuery, InclusionQuery,
+    AuditEventBody, AuditEventPage, AuditEventQuery, CheckpointBody, CheckpointPage,
+    CheckpointQuery, ConsistencyQuery, InclusionQuery,
 };
 
 fn unavailable(e: stele_audit::AuditError) -> ApiError {
@@ -31,7 +32,7 @@ fn unavailable(e: stele_audit::AuditError) -> ApiError {
     responses((status = 200, description = "The checkpoints", body = CheckpointPage)),
     security(("api_key" = ["audit:read"]))
 )]
-pub async fn checkpoints(
+pub async fn audit_checkpoints(
     State(state): State<AppState>,
     _caller: CanReadAudit,
     StrictQuery(query): StrictQuery<CheckpointQuery>,
@@ -69,7 +70,7 @@ pub async fn checkpoints(
     ),
     security(("api_key" = ["audit:read"]))
 )]
-pub async fn inclusion(
+pub async fn inclusion_proof(
     State(state): State<AppState>,
     _caller: CanReadAudit,
     StrictQuery(query): StrictQuery<InclusionQuery>,
@@ -97,7 +98,7 @@ pub async fn inclusion(
     ),
     security(("api_key" = ["audit:read"]))
 )]
-pub async fn consistency(
+pub async fn consistency_proof(
     State(state): State<AppState>,
     _caller: CanReadAudit,
     StrictQuery(query): StrictQuery<ConsistencyQuery>,
@@ -108,4 +109,64 @@ pub async fn consistency(
     Ok(Json(
         serde_json::to_value(proof).map_err(ApiError::internal)?,
     ))
+}
+
+/// Who did what, when, through which channel, as part of which task or conversation: the audit
+/// view (write-once, a projection of the log), in log order, filtered.
+#[utoipa::path(
+    get, path = "/v1/audit/events", tag = "audit",
+    params(AuditEventQuery),
+    responses((status = 200, description = "A page of the audit view", body = AuditEventPage)),
+    security(("api_key" = ["audit:read"]))
+)]
+pub async fn audit_events(
+    State(state): State<AppState>,
+    _caller: CanReadAudit,
+    StrictQuery(query): StrictQuery<AuditEventQuery>,
+) -> Result<Json<AuditEventPage>, ApiError> {
+    let limit = bounded(query.limit, 100, 1000)?;
+    if query.after.is_some_and(|after| after < 0) {
+        return Err(ApiError::new(
+            Code::InvalidQuery,
+            "`after` is a position: 0 or more",
+        ));
+    }
+    let filter = stele_audit::view::AuditFilter {
+        actor: query.actor,
+        subject: query.subject,
+        task: query.task,
+        stream: query.stream,
+        since: query.since,
+        until: query.until,
+        after: query.after,
+        limit: limit + 1,
+    };
+    let mut rows = stele_audit::view::list(&state.pool, &filter)
+        .await
+        .map_err(ApiError::internal)?;
+    let next_cursor = if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(|r| r.position)
+    } else {
+        None
+    };
+    Ok(Json(AuditEventPage {
+        events: rows
+            .into_iter()
+            .map(|r| AuditEventBody {
+                position: r.position,
+                recorded_at: r.recorded_at,
+                actor: r.actor,
+                channel: r.channel,
+                stream: r.stream,
+                event_type: r.event_type,
+                task_id: r.task_id,
+                conversation_id: r.conversation_id,
+                subject: r.subject,
+                correlation_id: r.correlation_id,
+                causation_id: r.causation_id,
+            })
+            .collect(),
+        next_cursor,
+    }))
 }
