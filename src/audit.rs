@@ -143,6 +143,18 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The state of an aggregate (task, workflow run, conversation, API key, subject) as it was
+    /// at a position or a time: its events up to then, folded.
+    At {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// A position of the log, or a time (RFC 3339).
+        at: String,
+        /// The aggregate's stream: `task/<id>`, `workflow_run/<id>`, `conversation/<id>`,
+        /// `api_key/<id>`, `subject/<id>`.
+        #[arg(long)]
+        stream: String,
+    },
     /// Check a proof offline, with nothing but the log's verifier key.
     CheckProof {
         /// The proof (JSON, as `stele audit prove` writes it).
@@ -241,6 +253,22 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             .await;
             opened.close().await;
             result
+        }
+        AuditCommand::At { store, at, stream } => {
+            let moment = match at.parse::<Position>() {
+                Ok(position) => Moment::Position(position),
+                Err(_) => Moment::Time(at.parse().map_err(|_| {
+                    anyhow::anyhow!("{at:?} is neither a position nor an RFC 3339 time")
+                })?),
+            };
+            let (kind, id) = stream
+                .split_once('/')
+                .ok_or_else(|| anyhow::anyhow!("--stream is TYPE/ID, e.g. task/<id>"))?;
+            let private = crate::privacy::open(&store, Migrate::Require).await?;
+            let result = state_at(&private.store, kind, id, moment).await;
+            private.store.close().await;
+            println!("{}", serde_json::to_string_pretty(&result?)?);
+            Ok(())
         }
         AuditCommand::Key { store } => {
             let key = key_for(&store.location()?, store.audit_key_file.as_deref())?;
@@ -357,6 +385,73 @@ async fn verify(
             mismatch.what
         ),
     }
+}
+
+/// A moment of the log.
+#[derive(Clone, Copy, Debug)]
+enum Moment {
+    Position(Position),
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+/// The aggregate `kind/id` folded from its events up to `moment`, people's values readable.
+async fn state_at(
+    store: &Store,
+    kind: &str,
+    id: &str,
+    moment: Moment,
+) -> anyhow::Result<serde_json::Value> {
+    use stele_aggregates::api_key::ApiKey;
+    use stele_aggregates::conversation::Conversation;
+    use stele_aggregates::subject::Subject;
+    use stele_aggregates::task::Task;
+    use stele_aggregates::workflow_run::WorkflowRun;
+
+    fn fold<A: cqrs_es::Aggregate + serde::Serialize>(
+        events: &[stele_engine::RecordedEvent],
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut state = A::default();
+        for event in events {
+            let decoded: A::Event = serde_json::from_value(event.payload.clone())
+                .with_context(|| format!("event {} is unreadable", event.position))?;
+            state.apply(decoded);
+        }
+        Ok(serde_json::to_value(state)?)
+    }
+
+    let stream = stele_engine::StreamId::new(kind, id);
+    let events: Vec<_> = store
+        .log
+        .read_stream(&stream, 0)
+        .await?
+        .into_iter()
+        .filter(|e| match moment {
+            Moment::Position(p) => e.position <= p,
+            Moment::Time(t) => e.recorded_at <= t,
+        })
+        .collect();
+    let state = match kind {
+        "task" => fold::<Task>(&events)?,
+        "workflow_run" => fold::<WorkflowRun>(&events)?,
+        "conversation" => fold::<Conversation>(&events)?,
+        "api_key" => fold::<ApiKey>(&events)?,
+        "subject" => fold::<Subject>(&events)?,
+        other => anyhow::bail!(
+            "no aggregate type {other:?}: task, workflow_run, conversation, api_key or subject"
+        ),
+    };
+    let last = events.last();
+    Ok(serde_json::json!({
+        "stream": stream.to_string(),
+        "at": match moment {
+            Moment::Position(p) => serde_json::json!({ "position": p }),
+            Moment::Time(t) => serde_json::json!({ "time": t }),
+        },
+        "events": events.len(),
+        "version": last.map_or(0, |e| e.sequence),
+        "last_position": last.map(|e| e.position),
+        "state": stele_privacy::export::plainly(&state),
+    }))
 }
 
 /// The sealer and its timer for a node: the projection to run, and a task that signs the tail

@@ -46,6 +46,13 @@ pub struct ReplayArgs {
     /// Rebuild every projection.
     #[arg(long)]
     all: bool,
+    /// Replay only up to this position, into scratch tables (`--into`), for inspection: the
+    /// live projection is not touched.
+    #[arg(long, requires_all = ["projection", "into"])]
+    until: Option<stele_engine::Position>,
+    /// The scratch tables' suffix: tables `<table>__<NAME>` (1 to 32 of a-z, 0-9, _).
+    #[arg(long, requires = "until")]
+    into: Option<String>,
 }
 
 #[derive(Args)]
@@ -128,6 +135,16 @@ fn print_status(statuses: &[ProjectionStatus], json: bool) -> anyhow::Result<()>
 
 pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let (store, runner) = open(&args.store).await?;
+    if let (Some(name), Some(until), Some(into)) = (&args.projection, args.until, &args.into) {
+        let result = runner.replay_until(name, until, into).await;
+        store.close().await;
+        let (tables, applied) = result?;
+        println!(
+            "{}",
+            serde_json::json!({ "projection": name, "until": until, "tables": tables, "events_applied": applied })
+        );
+        return Ok(());
+    }
     let names: Vec<String> = match &args.projection {
         Some(name) => vec![name.clone()],
         None => runner.rebuildable().into_iter().map(String::from).collect(),

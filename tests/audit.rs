@@ -39,6 +39,7 @@ fn a_node_seals_its_log_and_proofs_check_offline() {
         .spawn()
         .unwrap();
     wait_until_up(&mut up);
+    let mut tasks = Vec::new();
     for input in ["one", "two", "three"] {
         let created = command()
             .args([
@@ -53,6 +54,7 @@ fn a_node_seals_its_log_and_proofs_check_offline() {
             .output()
             .unwrap();
         assert!(created.status.success(), "{}", stderr(&created));
+        tasks.push(String::from_utf8(created.stdout).unwrap().trim().to_owned());
     }
     // The timer signs the tail within its interval.
     std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -133,6 +135,52 @@ fn a_node_seals_its_log_and_proofs_check_offline() {
         .output()
         .unwrap();
     assert!(!refused.status.success());
+
+    // Who did what: the audit view.
+    let log = audit(&data_dir, &["log", "--task", &tasks[0], "--json"]);
+    assert!(log.status.success(), "{}", stderr(&log));
+    let rows: Vec<Value> = String::from_utf8(log.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows[0]["event_type"], "TaskCreated");
+    assert_eq!(rows[0]["channel"], "cli");
+    let created_at = rows[0]["position"].as_i64().unwrap();
+
+    // The task as it was when created, and the task list as it was then, beside the live one.
+    let then = audit(
+        &data_dir,
+        &[
+            "at",
+            &created_at.to_string(),
+            "--stream",
+            &format!("task/{}", tasks[0]),
+        ],
+    );
+    assert!(then.status.success(), "{}", stderr(&then));
+    let then: Value = serde_json::from_slice(&then.stdout).unwrap();
+    assert_eq!(then["state"]["status"], "pending", "{then}");
+    assert_eq!(then["state"]["input"], "one");
+    assert_eq!(then["events"], 1);
+    let replayed = command()
+        .args([
+            "replay",
+            "--projection",
+            "task_list",
+            "--until",
+            &created_at.to_string(),
+        ])
+        .args(["--into", "inspect", "--data-dir", &data_dir])
+        .output()
+        .unwrap();
+    assert!(replayed.status.success(), "{}", stderr(&replayed));
+    let replayed: Value = serde_json::from_slice(&replayed.stdout).unwrap();
+    assert_eq!(
+        replayed["tables"],
+        serde_json::json!(["task_list__inspect"])
+    );
+    assert_eq!(replayed["events_applied"], 1);
 
     // A superuser's edit, behind the triggers' back.
     let runtime = stele_engine::testing::runtime();

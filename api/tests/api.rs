@@ -100,6 +100,33 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
         // Reading tasks.
         let done = s.wait_for(&task, |t| t["status"] == "completed").await;
         assert_eq!(done["run"]["status"], "completed");
+        // The task as it was when it was created.
+        let history = s
+            .call(
+                GET,
+                "/v1/tasks/{id}/events",
+                &[("id", &task)],
+                Some(&reader),
+                None,
+            )
+            .await
+            .1;
+        let created_at = history["events"][0]["position"].as_i64().unwrap();
+        let (status, then) = s
+            .call(
+                GET,
+                &format!("/v1/tasks/{{id}}?at={created_at}"),
+                &[("id", &task)],
+                Some(&reader),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, &then["status"]),
+            (StatusCode::OK, &json!("pending")),
+            "{then}"
+        );
+        assert!(then["run"].is_null());
         let (status, page) = s.call(GET, "/v1/tasks", &[], Some(&reader), None).await;
         assert_eq!(status, StatusCode::OK);
         assert!(!page["tasks"].as_array().unwrap().is_empty());

@@ -7,7 +7,7 @@ use axum::Json;
 use stele_aggregates::channel::Channel;
 use stele_aggregates::task::{InvalidInput, Requester, TaskInput};
 use stele_aggregates::workflow_run::RunStatus;
-use stele_engine::CommandMeta;
+use stele_engine::{CommandMeta, Position};
 use stele_workflows::runtime::{Created, TaskView};
 use uuid::Uuid;
 
@@ -201,6 +201,9 @@ pub struct ReadQuery {
     /// Read the log itself rather than the server's in-memory view (which may be a few
     /// milliseconds behind).
     pub consistent: Option<bool>,
+    /// The task as it was at this log position (its events up to it, replayed).
+    #[param(minimum = 0)]
+    pub at: Option<i64>,
 }
 
 /// Read a task with its run's progress.
@@ -223,6 +226,16 @@ pub async fn get_task(
     StrictQuery(query): StrictQuery<ReadQuery>,
 ) -> Result<Json<TaskBody>, ApiError> {
     let id = parse_id("task", &id)?.to_string();
+    if let Some(at) = query.at {
+        if at < 0 {
+            return Err(ApiError::new(
+                Code::InvalidQuery,
+                "`at` is a position: 0 or more",
+            ));
+        }
+        let view = state.runtime.task_at(&id, Position(at)).await?;
+        return Ok(Json(body(&view)));
+    }
     if !query.consistent.unwrap_or(false) {
         if let Some(view) = match &state.tasks {
             Some(cache) => cache.get(&id).await,

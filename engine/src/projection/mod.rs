@@ -35,14 +35,29 @@ use crate::store::{Store, StorePool};
 /// The table names a projection writes to: its base names, or fresh copies during a rebuild.
 #[derive(Clone, Debug)]
 pub struct Tables {
-    suffix: &'static str,
+    suffix: std::borrow::Cow<'static, str>,
 }
 
 impl Tables {
-    const LIVE: Tables = Tables { suffix: "" };
-    const REBUILD: Tables = Tables {
-        suffix: "__rebuild",
+    const LIVE: Tables = Tables {
+        suffix: std::borrow::Cow::Borrowed(""),
     };
+    const REBUILD: Tables = Tables {
+        suffix: std::borrow::Cow::Borrowed("__rebuild"),
+    };
+
+    /// Scratch tables for an inspection (`<base>__<into>`): `into` is 1 to 32 of `a-z`, `0-9`
+    /// and `_`, and not `rebuild`.
+    pub fn scratch(into: &str) -> Option<Tables> {
+        let well_formed = (1..=32).contains(&into.len())
+            && into
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && into != "rebuild";
+        well_formed.then(|| Tables {
+            suffix: format!("__{into}").into(),
+        })
+    }
 
     /// The table to use for `base`.
     pub fn name(&self, base: &str) -> String {
@@ -67,6 +82,8 @@ pub enum ProjectionError {
     NotRebuildable(String),
     #[error("another runner holds projection {0}")]
     Busy(String),
+    #[error("{0:?} cannot name scratch tables: 1 to 32 of a-z, 0-9 and _, and not \"rebuild\"")]
+    BadScratchName(String),
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
@@ -593,6 +610,54 @@ impl ProjectionRunner {
 
     /// Applies events after `position` into the rebuild tables; true when caught up.
     #[allow(clippy::too_many_arguments)]
+    /// Replays `name` from the start of the log up to `until` (inclusive) into scratch tables
+    /// (`<base>__<into>`, made anew), for inspection: the live projection, its checkpoint and
+    /// its holder are not touched. Returns the tables and the events applied.
+    pub async fn replay_until(
+        &self,
+        name: &str,
+        until: Position,
+        into: &str,
+    ) -> Result<(Vec<String>, i64), ProjectionError> {
+        let projection = self.find(name)?.clone();
+        if !projection.rebuildable() {
+            return Err(ProjectionError::NotRebuildable(name.to_owned()));
+        }
+        let tables = Tables::scratch(into)
+            .ok_or_else(|| ProjectionError::BadScratchName(into.to_owned()))?;
+        {
+            let mut tx = self.log.begin().await?;
+            drop_tables(tx.as_mut(), projection.tables(), &tables).await?;
+            projection.create(tx.as_mut(), &tables).await?;
+            tx.commit().await?;
+        }
+        let mut position = Position::START;
+        let mut applied = 0i64;
+        'read: loop {
+            let batch = self.log.read_all(position, self.batch_size).await?;
+            let Some(last) = batch.last() else { break };
+            position = last.position;
+            let upto: Vec<RecordedEvent> = batch
+                .iter()
+                .take_while(|e| e.position <= until)
+                .cloned()
+                .collect();
+            let done = upto.len() < batch.len();
+            let relevant = relevant(projection.as_ref(), &upto);
+            if !relevant.is_empty() {
+                let mut tx = self.log.begin().await?;
+                projection.apply(tx.as_mut(), &tables, &relevant).await?;
+                tx.commit().await?;
+                applied += relevant.len() as i64;
+            }
+            if done || position >= until {
+                break 'read;
+            }
+        }
+        let names = projection.tables().iter().map(|t| tables.name(t)).collect();
+        Ok((names, applied))
+    }
+
     async fn replay_into(
         &self,
         projection: &dyn Projection,

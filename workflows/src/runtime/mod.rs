@@ -35,7 +35,8 @@ use stele_engine::process::ProcessManager;
 use stele_engine::queue::worker::{Done, HandlerResult, Worker, WorkerOptions};
 use stele_engine::queue::{Job, JobQueue, NewJob};
 use stele_engine::{
-    CommandBus, CommandError, CommandMeta, EventLog, LogError, RecordedEvent, Store,
+    CommandBus, CommandError, CommandMeta, EventLog, LogError, Position, RecordedEvent, Store,
+    StreamId,
 };
 use uuid::Uuid;
 

@@ -78,6 +78,48 @@ impl Runtime {
         })
     }
 
+    /// The task and its run as they were at `at`: their events up to that position, folded.
+    pub async fn task_at(&self, task_id: &str, at: Position) -> Result<TaskView, RuntimeError> {
+        let upto = |events: Vec<RecordedEvent>| -> Vec<RecordedEvent> {
+            events.into_iter().filter(|e| e.position <= at).collect()
+        };
+        let task_events = upto(
+            self.log
+                .read_stream(&StreamId::new(Task::TYPE_NAME, task_id), 0)
+                .await?,
+        );
+        if task_events.is_empty() {
+            return Err(RuntimeError::UnknownTask(task_id.to_owned()));
+        }
+        let mut task = Task::default();
+        for event in &task_events {
+            cqrs_es::Aggregate::apply(&mut task, self.tasks.decode(event.clone())?);
+        }
+        let mut run = None;
+        let mut run_version = 0;
+        if let Some(run_id) = &task.run_id {
+            let run_events = upto(
+                self.log
+                    .read_stream(&StreamId::new(WorkflowRun::TYPE_NAME, run_id.as_str()), 0)
+                    .await?,
+            );
+            if !run_events.is_empty() {
+                let mut state = WorkflowRun::default();
+                for event in &run_events {
+                    run_version = event.sequence;
+                    cqrs_es::Aggregate::apply(&mut state, self.runs.decode(event.clone())?);
+                }
+                run = Some(state);
+            }
+        }
+        Ok(TaskView {
+            task_id: TaskId::new(task_id),
+            versions: (task_events.last().map_or(0, |e| e.sequence), run_version),
+            task,
+            run,
+        })
+    }
+
     /// The task's events, its run's and its child runs', in the order they were recorded.
     pub async fn history(&self, task_id: &str) -> Result<Vec<RecordedEvent>, RuntimeError> {
         let mut follower = self.follower(task_id, None);
