@@ -358,7 +358,7 @@ async fn verify(
             .verifier_key()
             .to_owned(),
     };
-    let report = stele_audit::verify(opened.stored.as_ref(), &opened.pool, &vkey).await?;
+    let report = stele_audit::verify(opened.stored.clone(), &opened.pool, &vkey).await?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     }

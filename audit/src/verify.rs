@@ -1,6 +1,7 @@
 //! Verification: the tree recomputed from the log, against what the sealer stored and signed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::Serialize;
 use stele_engine::store::sql::Db;
@@ -52,7 +53,7 @@ impl Report {
 /// every stored hash with what `pool` holds, and checks every checkpoint's signature (with
 /// `vkey`) and root. Stops at the first difference.
 pub async fn verify(
-    log: &dyn EventLog,
+    log: Arc<dyn EventLog>,
     pool: &StorePool,
     vkey: &str,
 ) -> Result<Report, AuditError> {
@@ -108,20 +109,18 @@ pub async fn verify(
     // Only the tree's right edge is kept in memory: enough to append and to compute roots.
     let mut hashes = Hashes(HashMap::new());
     let mut n: u64 = 0;
-    let mut after = Position::START;
-    loop {
-        let events = log.read_all(after, PAGE).await?;
-        let Some(last) = events.last() else { break };
-        after = last.position;
-        let records = tree::records(&mut db, n, events.len()).await?;
-        let stored: HashMap<u64, Hash> = tree::range(
-            &mut db,
-            tlog_tiles::stored_hash_count(n),
-            tlog_tiles::stored_hash_count(n + events.len() as u64),
-        )
-        .await?
-        .into_iter()
-        .collect();
+    // A reader task fetches the next pages (events, their leaves' positions, the stored hashes
+    // they should produce) while this one hashes the current page.
+    // (The embedded store has one connection: this task lets go of it first.)
+    drop(db);
+    let (pages, mut incoming) = tokio::sync::mpsc::channel::<Result<Page, AuditError>>(2);
+    let reader = tokio::spawn(read_pages(log, pool.clone(), pages));
+    while let Some(page) = incoming.recv().await {
+        let Page {
+            events,
+            records,
+            stored,
+        } = page?;
         for (i, event) in events.iter().enumerate() {
             report.events += 1;
             let Some(&(_, sealed_position)) = records.get(i) else {
@@ -193,7 +192,9 @@ pub async fn verify(
             }
         }
     }
+    reader.await.map_err(|e| AuditError::Tree(e.to_string()))?;
     if n < sealed {
+        let mut db = Db::from(pool);
         let missing = tree::records(&mut db, n, 1).await?;
         report.mismatch = Some(Mismatch {
             position: missing.first().map(|(_, p)| *p),
@@ -205,6 +206,62 @@ pub async fn verify(
         });
     }
     Ok(finish(report, started))
+}
+
+/// One page of the log with what the tree holds for it.
+struct Page {
+    events: Vec<stele_engine::RecordedEvent>,
+    records: Vec<(u64, Position)>,
+    stored: HashMap<u64, Hash>,
+}
+
+/// Reads the log page by page, with the tree's leaves and stored hashes for each, until the log
+/// ends or the receiver is gone.
+async fn read_pages(
+    log: Arc<dyn EventLog>,
+    pool: StorePool,
+    pages: tokio::sync::mpsc::Sender<Result<Page, AuditError>>,
+) {
+    let mut after = Position::START;
+    let mut n: u64 = 0;
+    loop {
+        let page = async {
+            let events = log.read_all(after, PAGE).await?;
+            let mut db = Db::from(&pool);
+            let records = tree::records(&mut db, n, events.len()).await?;
+            let stored: HashMap<u64, Hash> = tree::range(
+                &mut db,
+                tlog_tiles::stored_hash_count(n),
+                tlog_tiles::stored_hash_count(n + events.len() as u64),
+            )
+            .await?
+            .into_iter()
+            .collect();
+            Ok::<_, AuditError>(Page {
+                events,
+                records,
+                stored,
+            })
+        }
+        .await;
+        let last = match &page {
+            Ok(page) => match page.events.last() {
+                Some(last) => Some(last.position),
+                None => return,
+            },
+            Err(_) => None,
+        };
+        if let Ok(page) = &page {
+            n += page.events.len() as u64;
+        }
+        if pages.send(page).await.is_err() {
+            return;
+        }
+        match last {
+            Some(position) => after = position,
+            None => return,
+        }
+    }
 }
 
 fn finish(mut report: Report, started: std::time::Instant) -> Report {

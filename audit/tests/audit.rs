@@ -85,7 +85,7 @@ async fn tamper(store: &Store, statements: &[&str]) {
 
 async fn a_sealed_log_verifies_with_its_checkpoints(store: &Store) {
     let (key, _) = sealed(store).await;
-    let report = verify(store.stored.as_ref(), &store.pool, key.verifier_key())
+    let report = verify(store.stored.clone(), &store.pool, key.verifier_key())
         .await
         .unwrap();
     assert!(report.ok(), "{report:?}");
@@ -121,7 +121,7 @@ async fn a_changed_payload_is_found_at_its_position(store: &Store) {
         )],
     )
     .await;
-    let report = verify(store.stored.as_ref(), &store.pool, key.verifier_key())
+    let report = verify(store.stored.clone(), &store.pool, key.verifier_key())
         .await
         .unwrap();
     let mismatch = report.mismatch.expect("found");
@@ -143,7 +143,7 @@ async fn a_deleted_event_is_found_at_its_position(store: &Store) {
         )],
     )
     .await;
-    let report = verify(store.stored.as_ref(), &store.pool, key.verifier_key())
+    let report = verify(store.stored.clone(), &store.pool, key.verifier_key())
         .await
         .unwrap();
     let mismatch = report.mismatch.expect("found");
@@ -171,7 +171,7 @@ async fn swapped_events_are_found_at_the_first(store: &Store) {
         ],
     )
     .await;
-    let report = verify(store.stored.as_ref(), &store.pool, key.verifier_key())
+    let report = verify(store.stored.clone(), &store.pool, key.verifier_key())
         .await
         .unwrap();
     assert_eq!(report.mismatch.expect("found").position, Some(a));
@@ -188,7 +188,7 @@ async fn a_truncated_tail_is_found(store: &Store) {
         )],
     )
     .await;
-    let report = verify(store.stored.as_ref(), &store.pool, key.verifier_key())
+    let report = verify(store.stored.clone(), &store.pool, key.verifier_key())
         .await
         .unwrap();
     let mismatch = report.mismatch.expect("found");
@@ -199,7 +199,7 @@ async fn a_truncated_tail_is_found(store: &Store) {
 async fn a_checkpoint_of_another_key_is_refused(store: &Store) {
     let (_, _) = sealed(store).await;
     let other = SigningKey::generate("stele.test/audit").unwrap();
-    let report = verify(store.stored.as_ref(), &store.pool, other.verifier_key())
+    let report = verify(store.stored.clone(), &store.pool, other.verifier_key())
         .await
         .unwrap();
     let mismatch = report.mismatch.expect("found");

@@ -99,8 +99,7 @@ async fn measure(
     runner.release_all().await?;
 
     let started = Instant::now();
-    let report =
-        stele_audit::verify(store.stored.as_ref(), &store.pool, key.verifier_key()).await?;
+    let report = stele_audit::verify(store.stored.clone(), &store.pool, key.verifier_key()).await?;
     let verify_seconds = started.elapsed().as_secs_f64();
     anyhow::ensure!(
         report.ok(),
