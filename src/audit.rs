@@ -454,12 +454,6 @@ async fn state_at(
     }))
 }
 
-/// The sealer and its timer for a node: the projection to run, and a task that signs the tail
-/// of the tree every `interval` when the log has grown.
-pub fn sealer(key: Arc<SigningKey>, options: SealerOptions) -> Arc<stele_audit::Sealer> {
-    Arc::new(stele_audit::Sealer::new(key, options))
-}
-
 /// Signs the tree's tail every `interval` until `stopped` (the sealer signs when events arrive;
 /// this covers a log that went quiet).
 pub async fn sign_tail(

@@ -256,7 +256,10 @@ pub async fn run_node(
     if let Some(retention) = runtime.retention_manager() {
         projections.push(as_projection(retention, store.queue.clone()));
     }
-    projections.push(crate::audit::sealer(audit_key.clone(), node.audit));
+    projections.push(Arc::new(stele_audit::Sealer::new(
+        audit_key.clone(),
+        node.audit,
+    )));
     let runner = Arc::new(ProjectionRunner::new(&store, projections));
     runner.setup().await?;
     let first_start = roles.api && no_key_yet(&runner, &store).await;

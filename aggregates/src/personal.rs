@@ -105,23 +105,6 @@ impl<T> Personal<T> {
         }
     }
 
-    /// Whether the value was erased.
-    pub fn is_erased(&self) -> bool {
-        matches!(self, Personal::Erased { .. })
-    }
-
-    /// The same person's other value.
-    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Personal<U> {
-        match self {
-            Personal::Open { subject, value } => Personal::Open {
-                subject,
-                value: f(value),
-            },
-            Personal::Sealed { subject, data } => Personal::Sealed { subject, data },
-            Personal::Erased { subject } => Personal::Erased { subject },
-        }
-    }
-
     /// What the value reads as where it cannot be read: `[erased]` or `[sealed]`.
     fn placeholder(&self) -> &'static str {
         match self {

@@ -24,7 +24,7 @@ mod log;
 mod seal;
 pub mod subjects;
 
-pub use log::{erased_keys, open_events, SealedLog, SUBJECT_ERASED};
+pub use log::{SealedLog, SUBJECT_ERASED};
 pub use seal::{subjects_in, Sealer};
 pub use subjects::{Policy, Subjects, SubjectsError};
 

@@ -47,7 +47,7 @@ async fn seal(sealer: &Sealer, request: &mut AppendRequest) -> Result<(), LogErr
 
 /// Opens a batch of events read from the log; an erasure among them drops the destroyed keys
 /// from memory first.
-pub async fn open_events(sealer: &Sealer, events: &mut [RecordedEvent]) -> Result<(), LogError> {
+async fn open_events(sealer: &Sealer, events: &mut [RecordedEvent]) -> Result<(), LogError> {
     for event in events.iter() {
         if event.event_type == SUBJECT_ERASED {
             for subject in erased_keys(&event.payload) {
@@ -62,7 +62,7 @@ pub async fn open_events(sealer: &Sealer, events: &mut [RecordedEvent]) -> Resul
 }
 
 /// The subjects whose keys a `SubjectErased` payload destroyed.
-pub fn erased_keys(payload: &serde_json::Value) -> Vec<String> {
+fn erased_keys(payload: &serde_json::Value) -> Vec<String> {
     payload
         .pointer("/data/keys")
         .and_then(serde_json::Value::as_array)

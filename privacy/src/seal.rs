@@ -135,13 +135,15 @@ impl Sealer {
         } else {
             self.keys.key(subject).await?
         };
+        // Only settled answers are kept: a live or destroyed key stays so (a destroyed one never
+        // comes back), while a subject without a key may get one any moment.
+        let settled = !matches!(state, KeyState::None);
         let held = Arc::new(match state {
             KeyState::Live(key) => Held::Live(key),
             // A sealed value whose subject has no key row cannot be opened: erased too.
             KeyState::Shredded | KeyState::None => Held::Shredded,
         });
-        // Only settled answers are kept: a subject without a key may get one any moment.
-        if create || matches!(*held, Held::Live(_)) {
+        if settled {
             self.held.insert(subject.to_owned(), held.clone());
         }
         Ok(held)
