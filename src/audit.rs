@@ -477,3 +477,32 @@ pub async fn sign_tail(
         _ = stopped => {}
     }
 }
+
+/// Inclusion proofs of the events at `positions` for an export: the audit tree is caught up here
+/// (or by the node that holds it) and its tail signed first, so every event is proved.
+pub async fn attest_now(
+    store: &Store,
+    args: &StoreArgs,
+    positions: &[Position],
+) -> anyhow::Result<Option<proof::Attestation>> {
+    let key = Arc::new(key_for(&args.location()?, args.audit_key_file.as_deref())?);
+    let runner = stele_engine::projection::ProjectionRunner::new(
+        store,
+        vec![Arc::new(stele_audit::Sealer::new(
+            key.clone(),
+            SealerOptions::default(),
+        ))],
+    );
+    runner.setup().await?;
+    let caught = crate::privacy::catch_up(
+        &runner,
+        store.stored.as_ref(),
+        stele_audit::AUDIT,
+        Duration::from_secs(30),
+    )
+    .await;
+    runner.release_all().await?;
+    caught?;
+    proof::checkpoint_now(&store.pool, &key).await?;
+    Ok(proof::attest(store.stored.as_ref(), &store.pool, positions).await?)
+}

@@ -395,14 +395,22 @@ async fn subjects_on(private: &Private, command: SubjectsCommand) -> anyhow::Res
             }
             Ok(())
         }
-        SubjectsCommand::Export { subject, out, .. } => {
+        SubjectsCommand::Export {
+            store,
+            subject,
+            out,
+            ..
+        } => {
             let id = subject_id(private, &subject).await?;
             let runner = index(private).await?;
             runner.release_all().await?;
             let head = private.store.log.head().await?;
-            let bundle = subjects
+            let mut bundle = subjects
                 .export(private.store.log.as_ref(), &id, head, &operator(), meta())
                 .await?;
+            let positions: Vec<_> = bundle.events.iter().map(|e| e.position).collect();
+            let attestation = crate::audit::attest_now(&private.store, &store, &positions).await?;
+            bundle.audit = attestation.map(serde_json::to_value).transpose()?;
             let text = serde_json::to_string_pretty(&bundle)?;
             match out {
                 Some(path) => {

@@ -333,6 +333,20 @@ fn lifecycle(backend: Backend) {
     assert!(exported.status.success(), "{}", stderr(&exported));
     let exported: Value = serde_json::from_slice(&exported.stdout).unwrap();
     assert!(exported["erased"].is_object());
+    // Each exported event comes with its inclusion proof in a signed checkpoint, which checks
+    // with the public key alone (the proofs cover the sealed bytes, so erasure leaves them valid).
+    let audit = &exported["audit"];
+    assert_eq!(audit["pending"], json!([]), "{audit}");
+    let events = exported["events"].as_array().unwrap();
+    let proofs = audit["proofs"].as_array().unwrap();
+    assert_eq!(proofs.len(), events.len());
+    let key = stele_audit::SigningKey::from_text(support::TEST_AUDIT_KEY).unwrap();
+    for (proof, event) in proofs.iter().zip(events) {
+        let proof: stele_audit::proof::Proof = serde_json::from_value(proof.clone()).unwrap();
+        let checked = stele_audit::proof::check(&proof, key.verifier_key()).unwrap();
+        assert_eq!(checked.position, event["position"].as_i64());
+        assert_eq!(checked.sizes, vec![audit["tree_size"].as_u64().unwrap()]);
+    }
     let listed = backend.run(&["subjects", "list", "--json"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains("erased_at"));
 

@@ -281,3 +281,50 @@ pub async fn checkpoint_now(
     tree::insert_checkpoint(&mut db, size, &tree::encode(&root), &note).await?;
     Ok(Some(size))
 }
+
+/// Inclusion proofs for a set of events against one signed checkpoint: what an export carries
+/// so that whoever receives it can check, with the log's public key alone, that each of its
+/// events is in the log as it was signed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attestation {
+    pub format: &'static str,
+    /// The newest signed checkpoint, which every proof holds against.
+    pub checkpoint: String,
+    pub tree_size: u64,
+    /// One inclusion proof per event sealed in that tree, in the order asked.
+    pub proofs: Vec<Proof>,
+    /// Events not yet in the signed tree (appended just before the export): the next
+    /// checkpoint covers them.
+    pub pending: Vec<i64>,
+}
+
+/// Inclusion proofs of the events at `positions` in the newest checkpoint; `None` when no
+/// checkpoint was signed yet. `log` is the log as stored.
+pub async fn attest(
+    log: &dyn EventLog,
+    pool: &StorePool,
+    positions: &[Position],
+) -> Result<Option<Attestation>, AuditError> {
+    let newest = match checkpoint(&mut Db::from(pool), None).await {
+        Ok(newest) => newest,
+        Err(AuditError::Tree(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut attestation = Attestation {
+        format: FORMAT,
+        checkpoint: newest.note,
+        tree_size: newest.size,
+        proofs: Vec::with_capacity(positions.len()),
+        pending: Vec::new(),
+    };
+    for &position in positions {
+        let sealed = tree::record_of(&mut Db::from(pool), position).await?;
+        match sealed {
+            Some(leaf) if leaf < newest.size => attestation
+                .proofs
+                .push(prove_inclusion(log, pool, position, Some(newest.size)).await?),
+            _ => attestation.pending.push(position.0),
+        }
+    }
+    Ok(Some(attestation))
+}

@@ -109,57 +109,52 @@ pub async fn verify(
     // Only the tree's right edge is kept in memory: enough to append and to compute roots.
     let mut hashes = Hashes(HashMap::new());
     let mut n: u64 = 0;
-    // A reader task fetches the next pages (events, their leaves' positions, the stored hashes
-    // they should produce) while this one hashes the current page.
-    // (The embedded store has one connection: this task lets go of it first.)
+    // Reader tasks fetch the next pages (events, their leaves' positions, the stored hashes they
+    // should produce) and hash their leaves, several at once, while this one folds the current
+    // page into the tree. (The embedded store has one connection: this task lets go of it first.)
     drop(db);
-    let (pages, mut incoming) = tokio::sync::mpsc::channel::<Result<Page, AuditError>>(2);
-    let reader = tokio::spawn(read_pages(log, pool.clone(), pages));
+    let (pages, mut incoming) = tokio::sync::mpsc::channel::<Result<Page, AuditError>>(READERS);
+    let reader = tokio::spawn(read_pages(log, pool.clone(), sealed, pages));
     while let Some(page) = incoming.recv().await {
         let Page {
-            events,
             records,
+            leaves,
             stored,
         } = page?;
-        for (i, event) in events.iter().enumerate() {
+        for (i, &(position, leaf_hash)) in leaves.iter().enumerate() {
             report.events += 1;
-            let Some(&(_, sealed_position)) = records.get(i) else {
-                // The log is longer than the tree: the sealer has not read the rest yet.
-                return Ok(finish(report, started));
-            };
-            if sealed_position != event.position {
-                let what = if sealed_position < event.position {
+            let sealed_position = records[i].1;
+            if sealed_position != position {
+                let what = if sealed_position < position {
                     format!(
                         "the event sealed as leaf {n} (position {sealed_position}) is not in the log: deleted or moved"
                     )
                 } else {
                     format!(
-                        "the event at position {} was never sealed: inserted afterwards or moved (leaf {n} is position {sealed_position})",
-                        event.position
+                        "the event at position {position} was never sealed: inserted afterwards or moved (leaf {n} is position {sealed_position})"
                     )
                 };
                 report.mismatch = Some(Mismatch {
-                    position: Some(sealed_position.min(event.position)),
+                    position: Some(sealed_position.min(position)),
                     leaf: Some(n),
                     checkpoint: None,
                     what,
                 });
                 return Ok(finish(report, started));
             }
-            let new = tlog_tiles::stored_hashes_for_record_hash(n, leaf::leaf_hash(event), &hashes)
+            let new = tlog_tiles::stored_hashes_for_record_hash(n, leaf_hash, &hashes)
                 .map_err(|e| AuditError::Tree(e.to_string()))?;
             let first = tlog_tiles::stored_hash_count(n);
             for (j, hash) in new.into_iter().enumerate() {
                 let index = first + j as u64;
                 if stored.get(&index) != Some(&hash) {
                     report.mismatch = Some(Mismatch {
-                        position: Some(event.position),
+                        position: Some(position),
                         leaf: Some(n),
                         checkpoint: None,
                         what: if j == 0 {
                             format!(
-                                "the event at position {} is not the one sealed: its stored bytes changed",
-                                event.position
+                                "the event at position {position} is not the one sealed: its stored bytes changed"
                             )
                         } else {
                             format!(
@@ -177,7 +172,7 @@ pub async fn verify(
                     .map_err(|e| AuditError::Tree(e.to_string()))?;
                 if computed != *root {
                     report.mismatch = Some(Mismatch {
-                        position: Some(event.position),
+                        position: Some(position),
                         leaf: Some(n - 1),
                         checkpoint: Some(n),
                         what: format!("the checkpoint of size {n} signs another root"),
@@ -191,7 +186,12 @@ pub async fn verify(
                 hashes.0.retain(|index, _| keep.contains(index));
             }
         }
+        if leaves.len() < records.len() {
+            // The log ended before the page's leaves did.
+            break;
+        }
     }
+    drop(incoming);
     reader.await.map_err(|e| AuditError::Tree(e.to_string()))?;
     if n < sealed {
         let mut db = Db::from(pool);
@@ -208,60 +208,96 @@ pub async fn verify(
     Ok(finish(report, started))
 }
 
+/// Pages read and hashed at once.
+const READERS: usize = 3;
+
 /// One page of the log with what the tree holds for it.
 struct Page {
-    events: Vec<stele_engine::RecordedEvent>,
+    /// The tree's leaves for the page: (leaf index, position sealed).
     records: Vec<(u64, Position)>,
+    /// The log's events read for those leaves (fewer where the log ends): (position, leaf hash).
+    leaves: Vec<(Position, Hash)>,
+    /// The stored hashes the page's leaves should produce, by index.
     stored: HashMap<u64, Hash>,
 }
 
-/// Reads the log page by page, with the tree's leaves and stored hashes for each, until the log
-/// ends or the receiver is gone.
+/// Reads the tree's `sealed` leaves page by page, each with the log's events for them (read
+/// after the previous leaf's position, since positions may have gaps) and the stored hashes they
+/// should produce, [`READERS`] pages at once, and sends them in order until the tree ends or the
+/// receiver is gone.
 async fn read_pages(
     log: Arc<dyn EventLog>,
     pool: StorePool,
+    sealed: u64,
     pages: tokio::sync::mpsc::Sender<Result<Page, AuditError>>,
 ) {
-    let mut after = Position::START;
+    let mut in_flight = std::collections::VecDeque::new();
     let mut n: u64 = 0;
+    let mut after = Position::START;
     loop {
-        let page = async {
-            let events = log.read_all(after, PAGE).await?;
-            let mut db = Db::from(&pool);
-            let records = tree::records(&mut db, n, events.len()).await?;
-            let stored: HashMap<u64, Hash> = tree::range(
-                &mut db,
-                tlog_tiles::stored_hash_count(n),
-                tlog_tiles::stored_hash_count(n + events.len() as u64),
-            )
-            .await?
-            .into_iter()
-            .collect();
-            Ok::<_, AuditError>(Page {
-                events,
+        while in_flight.len() < READERS && n < sealed {
+            let count = PAGE.min((sealed - n) as usize);
+            let records = match tree::records(&mut Db::from(&pool), n, count).await {
+                Ok(records) if records.is_empty() => break,
+                Ok(records) => records,
+                Err(e) => {
+                    in_flight.push_back(tokio::spawn(
+                        async move { Err::<Page, AuditError>(e.into()) },
+                    ));
+                    break;
+                }
+            };
+            let from = after;
+            after = records.last().expect("a page has leaves").1;
+            n += records.len() as u64;
+            in_flight.push_back(tokio::spawn(read_page(
+                log.clone(),
+                pool.clone(),
+                from,
                 records,
-                stored,
-            })
+            )));
         }
-        .await;
-        let last = match &page {
-            Ok(page) => match page.events.last() {
-                Some(last) => Some(last.position),
-                None => return,
-            },
-            Err(_) => None,
+        let Some(next) = in_flight.pop_front() else {
+            return;
         };
-        if let Ok(page) = &page {
-            n += page.events.len() as u64;
-        }
-        if pages.send(page).await.is_err() {
+        let page = next
+            .await
+            .unwrap_or_else(|e| Err(AuditError::Tree(e.to_string())));
+        let failed = page.is_err();
+        if pages.send(page).await.is_err() || failed {
             return;
         }
-        match last {
-            Some(position) => after = position,
-            None => return,
-        }
     }
+}
+
+/// One page: the events after `after` for `records`, hashed, and the stored hashes they should
+/// produce.
+async fn read_page(
+    log: Arc<dyn EventLog>,
+    pool: StorePool,
+    after: Position,
+    records: Vec<(u64, Position)>,
+) -> Result<Page, AuditError> {
+    let first = records.first().map_or(0, |(n, _)| *n);
+    let end = first + records.len() as u64;
+    let events = log.read_all(after, records.len()).await?;
+    let stored: HashMap<u64, Hash> = tree::range(
+        &mut Db::from(&pool),
+        tlog_tiles::stored_hash_count(first),
+        tlog_tiles::stored_hash_count(end),
+    )
+    .await?
+    .into_iter()
+    .collect();
+    let leaves = events
+        .iter()
+        .map(|event| (event.position, leaf::leaf_hash(event)))
+        .collect();
+    Ok(Page {
+        records,
+        leaves,
+        stored,
+    })
 }
 
 fn finish(mut report: Report, started: std::time::Instant) -> Report {

@@ -46,6 +46,9 @@ pub struct Bundle {
     pub events: Vec<ExportedEvent>,
     /// The same as a page for people: a timeline.
     pub timeline_html: String,
+    /// Inclusion proofs of `events` against the newest signed checkpoint of the audit log
+    /// (`stele.audit-proof/1`), added by whoever has the audit log at hand; `null` without one.
+    pub audit: Option<Value>,
 }
 
 /// A consent as recorded.
@@ -214,6 +217,7 @@ impl Subjects {
             memories: Vec::new(),
             events,
             timeline_html: String::new(),
+            audit: None,
         };
         bundle.timeline_html = timeline(&bundle);
         let record = SubjectCommand::RecordExport {

@@ -309,7 +309,7 @@ pub async fn export_subject(
     existing(subjects, &id).await?;
     let head = state.log.head().await?;
     index_caught_up(&state).await?;
-    let bundle = subjects
+    let mut bundle = subjects
         .export(
             state.log.as_ref(),
             &id,
@@ -318,6 +318,14 @@ pub async fn export_subject(
             meta(&caller),
         )
         .await?;
+    let positions: Vec<_> = bundle.events.iter().map(|e| e.position).collect();
+    let attestation = stele_audit::proof::attest(state.stored.as_ref(), &state.pool, &positions)
+        .await
+        .map_err(ApiError::internal)?;
+    bundle.audit = attestation
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(ApiError::internal)?;
     Ok(Json(
         serde_json::to_value(bundle).map_err(ApiError::internal)?,
     ))

@@ -13,7 +13,7 @@
 //! | a time ([`Value::Time`], [`Row::time`]) | `timestamptz` | microseconds since the epoch |
 //! | a span ([`Value::Span`]: a lease, a staleness limit) | seconds, for `make_interval(secs => $n)` | microseconds |
 //! | a list of texts ([`Value::Texts`]) | an array: `= ANY($n)` | one JSON array: `IN (SELECT value FROM json_each($n))` |
-//! | a batch of rows ([`Db::execute_rows`]) | one statement, each column an array: `UNNEST($1::text[], …)` | the statement once per row |
+//! | a batch of rows ([`Db::execute_rows`]) | one statement, each column an array: `UNNEST($1::text[], …)` | `VALUES (…), (…), …` (up to 500 rows a statement) |
 //! | the current time | the statement's `now()` (the transaction's start) | bound by the executor, see below |
 //!
 //! **The time on SQLite.** SQLite's own clock functions give milliseconds at best, while the
@@ -311,8 +311,11 @@ impl Db<'_> {
     }
 
     /// Writes a batch of rows with `sql`: on PostgreSQL once, each column bound as an array (the
-    /// statement reads them with `UNNEST`); on SQLite once per row. Every row has the same kinds
-    /// of values in the same order. Nothing is run for no rows.
+    /// statement reads them with `UNNEST`); on SQLite the statement's one `VALUES (…)` tuple is
+    /// repeated for up to 500 rows a statement (a statement without one runs once per row). Rows
+    /// are written in order, so an upsert that meets a key twice keeps the later row, as a
+    /// statement per row would. Every row has the same kinds of values in the same order. Nothing
+    /// is run for no rows.
     pub async fn execute_rows<'v, R>(&mut self, sql: &str, rows: &[R]) -> Result<(), sqlx::Error>
     where
         R: AsRef<[Value<'v>]> + Sync,
@@ -327,13 +330,110 @@ impl Db<'_> {
             }
             Target::Sqlite(conn) => {
                 let conn = conn.get().await?;
-                for row in rows {
-                    let query = sqlx::query_with(sql, sqlite_arguments(row.as_ref())?);
-                    query.execute(&mut *conn).await?;
+                let width = rows[0].as_ref().len();
+                match sqlite_tuple(sql) {
+                    Some(tuple) if width > 0 => {
+                        let per_statement = (SQLITE_PARAMETERS / width).clamp(1, SQLITE_ROWS);
+                        for chunk in rows.chunks(per_statement) {
+                            let statement = tuple.repeated(chunk.len(), width);
+                            let mut arguments = SqliteArguments::default();
+                            for row in chunk {
+                                add_sqlite_values(&mut arguments, row.as_ref())?;
+                            }
+                            arguments
+                                .add(micros(Utc::now()))
+                                .map_err(sqlx::Error::Encode)?;
+                            sqlx::query_with(&statement, arguments)
+                                .execute(&mut *conn)
+                                .await?;
+                        }
+                    }
+                    _ => {
+                        for row in rows {
+                            let query = sqlx::query_with(sql, sqlite_arguments(row.as_ref())?);
+                            query.execute(&mut *conn).await?;
+                        }
+                    }
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Parameters bound to one SQLite statement at most (SQLite allows 32,766).
+const SQLITE_PARAMETERS: usize = 30_000;
+/// Rows written by one SQLite statement at most.
+const SQLITE_ROWS: usize = 500;
+
+/// An `INSERT … VALUES (…) …` statement cut around its one tuple of values, so that a batch can
+/// write many rows in one statement (`VALUES (…), (…), …`): SQLite has no arrays to `UNNEST`, and
+/// a statement per row costs a round trip to its connection's thread each.
+struct SqliteTuple<'s> {
+    before: &'s str,
+    tuple: &'s str,
+    after: &'s str,
+}
+
+/// `sql` cut around its `VALUES (…)` tuple, if it has exactly one.
+fn sqlite_tuple(sql: &str) -> Option<SqliteTuple<'_>> {
+    let start = sql.find("VALUES (")? + "VALUES ".len();
+    if sql[start..].contains("VALUES (") {
+        return None;
+    }
+    let mut depth = 0usize;
+    for (i, c) in sql[start..].char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    let end = start + i + 1;
+                    return Some(SqliteTuple {
+                        before: &sql[..start],
+                        tuple: &sql[start..end],
+                        after: &sql[end..],
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+impl SqliteTuple<'_> {
+    /// The statement with `rows` tuples: row `r`'s `$k` becomes `$(r × width + k)` and the
+    /// current time (`$(width + 1)`, see the module doc) the parameter after all rows.
+    fn repeated(&self, rows: usize, width: usize) -> String {
+        let mut out = String::with_capacity(self.before.len() + self.after.len() + rows * 40);
+        out.push_str(self.before);
+        let renumber = |out: &mut String, part: &str, row: usize| {
+            let mut chars = part.char_indices().peekable();
+            while let Some((i, c)) = chars.next() {
+                if c != '$' {
+                    out.push(c);
+                    continue;
+                }
+                let digits: String = std::iter::from_fn(|| {
+                    chars.next_if(|(_, d)| d.is_ascii_digit()).map(|(_, d)| d)
+                })
+                .collect();
+                match digits.parse::<usize>() {
+                    Ok(k) if k <= width => out.push_str(&format!("${}", row * width + k)),
+                    Ok(_) => out.push_str(&format!("${}", rows * width + 1)),
+                    Err(_) => out.push_str(&part[i..i + 1]),
+                }
+            }
+        };
+        for row in 0..rows {
+            if row > 0 {
+                out.push_str(", ");
+            }
+            renumber(&mut out, self.tuple, row);
+        }
+        renumber(&mut out, self.after, rows);
+        out
     }
 }
 
@@ -355,6 +455,17 @@ fn postgres_arguments(values: &[Value<'_>]) -> Result<PgArguments, sqlx::Error> 
 /// `values`, then the current time (see the module doc).
 fn sqlite_arguments<'q>(values: &[Value<'q>]) -> Result<SqliteArguments<'q>, sqlx::Error> {
     let mut arguments = SqliteArguments::default();
+    add_sqlite_values(&mut arguments, values)?;
+    arguments
+        .add(micros(Utc::now()))
+        .map_err(sqlx::Error::Encode)?;
+    Ok(arguments)
+}
+
+fn add_sqlite_values<'q>(
+    arguments: &mut SqliteArguments<'q>,
+    values: &[Value<'q>],
+) -> Result<(), sqlx::Error> {
     for value in values {
         match *value {
             Value::Text(text) => arguments.add(text),
@@ -367,10 +478,7 @@ fn sqlite_arguments<'q>(values: &[Value<'q>]) -> Result<SqliteArguments<'q>, sql
         }
         .map_err(sqlx::Error::Encode)?;
     }
-    arguments
-        .add(micros(Utc::now()))
-        .map_err(sqlx::Error::Encode)?;
-    Ok(arguments)
+    Ok(())
 }
 
 /// The rows' columns, each bound as one array.
@@ -438,6 +546,19 @@ mod tests {
         let rows = [[Value::from("a")], [Value::from(1)]];
         let error = postgres_columns(&rows).unwrap_err().to_string();
         assert!(error.contains("column 1"), "{error}");
+    }
+
+    #[test]
+    fn a_sqlite_batch_repeats_the_tuple_and_binds_the_time_last() {
+        let sql = "INSERT INTO t (a, b, at) VALUES ($1, lower($2), $3) \
+                   ON CONFLICT (a) DO UPDATE SET b = excluded.b, at = $3";
+        let tuple = sqlite_tuple(sql).unwrap();
+        assert_eq!(
+            tuple.repeated(3, 2),
+            "INSERT INTO t (a, b, at) VALUES ($1, lower($2), $7), ($3, lower($4), $7), \
+             ($5, lower($6), $7) ON CONFLICT (a) DO UPDATE SET b = excluded.b, at = $7"
+        );
+        assert!(sqlite_tuple("INSERT INTO t SELECT * FROM json_each($1)").is_none());
     }
 
     #[test]
