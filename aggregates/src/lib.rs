@@ -8,6 +8,7 @@ pub mod api_key;
 pub mod channel;
 pub mod conversation;
 pub mod ids;
+pub mod memory;
 pub mod personal;
 pub mod subject;
 pub mod task;

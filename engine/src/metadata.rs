@@ -74,11 +74,42 @@ impl CommandMeta {
 
 /// The metadata stored with each event: its own id and the metadata of the command that appended it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "FlatEventMetadata")]
 pub struct EventMetadata {
     /// UUIDv7, unique across the log.
     pub event_id: Uuid,
     #[serde(flatten)]
     pub command: CommandMeta,
+}
+
+/// The stored form of [`EventMetadata`], read field by field: every event read decodes one, and
+/// `#[serde(flatten)]` would buffer each into an intermediate map first.
+#[derive(Deserialize)]
+struct FlatEventMetadata {
+    event_id: Uuid,
+    command_id: Uuid,
+    correlation_id: Uuid,
+    causation_id: Uuid,
+    actor: String,
+    channel: String,
+    #[serde(default)]
+    trace_id: Option<String>,
+}
+
+impl From<FlatEventMetadata> for EventMetadata {
+    fn from(flat: FlatEventMetadata) -> Self {
+        EventMetadata {
+            event_id: flat.event_id,
+            command: CommandMeta {
+                command_id: flat.command_id,
+                correlation_id: flat.correlation_id,
+                causation_id: flat.causation_id,
+                actor: flat.actor,
+                channel: flat.channel,
+                trace_id: flat.trace_id,
+            },
+        }
+    }
 }
 
 impl EventMetadata {
