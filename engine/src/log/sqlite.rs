@@ -63,9 +63,30 @@ struct SqliteWriter {
     pool: SqlitePool,
 }
 
+/// Makes sqlite-vec (vector search: the memory's index on the embedded store) part of every
+/// SQLite connection opened from now on.
+pub fn register_extensions() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        type Init = unsafe extern "C" fn(
+            *mut libsqlite3_sys::sqlite3,
+            *mut *mut std::os::raw::c_char,
+            *const libsqlite3_sys::sqlite3_api_routines,
+        ) -> std::os::raw::c_int;
+        // SAFETY: `sqlite3_vec_init` is an SQLite extension entry point, which has exactly the
+        // signature `sqlite3_auto_extension` expects of its argument (its binding declares it
+        // without parameters); the SQLite it registers with is the one sqlx links.
+        unsafe {
+            let init: Init = std::mem::transmute(sqlite_vec::sqlite3_vec_init as *const ());
+            libsqlite3_sys::sqlite3_auto_extension(Some(init));
+        }
+    });
+}
+
 /// Options shared by the writer and the readers: WAL, and a commit is durable when it returns
 /// (`synchronous = FULL` syncs the WAL on every commit).
 fn connect_options(path: &Path) -> SqliteConnectOptions {
+    register_extensions();
     SqliteConnectOptions::new()
         .filename(path)
         .journal_mode(SqliteJournalMode::Wal)
