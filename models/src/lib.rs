@@ -1,6 +1,8 @@
 //! The model layer: how Stele talks to language models.
 //!
 //! - [`ChatModel`] is the port: one chat completion, plain or streamed.
+//! - [`EmbeddingModel`] is the embedding port; [`embed`] has its adapters (local models on
+//!   candle or libtorch, OpenAI-compatible servers) and [`load_embedding_model`].
 //! - [`openai`] adapts any OpenAI-compatible server; [`scripted`] is a deterministic offline
 //!   model for tests, demos and benchmarks.
 //! - [`config`] reads providers and agent roles from TOML (`agents.toml`) and the environment.
@@ -15,6 +17,7 @@
 pub mod circuit;
 pub mod clock;
 pub mod config;
+pub mod embed;
 mod error;
 pub mod openai;
 pub mod router;
@@ -30,6 +33,9 @@ pub use config::{
     AgentRole, CircuitConfig, ConfigError, ModelRoute, ModelsConfig, OpenAiConfig, ProviderConfig,
     RetryConfig, ScriptRule, ScriptedConfig,
 };
+#[cfg(any(feature = "candle", feature = "tch"))]
+pub use embed::LocalEmbeddingModel;
+pub use embed::{load_embedding_model, EmbeddingError, EmbeddingModel, OpenAiEmbeddingModel};
 pub use error::ModelError;
 pub use openai::OpenAiModel;
 pub use router::{AgentReply, CallOverrides, ModelRouter, ModelRouterBuilder};

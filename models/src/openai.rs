@@ -59,31 +59,6 @@ impl OpenAiModel {
             None => builder,
         }
     }
-
-    fn transport_error(&self, error: &reqwest::Error) -> ModelError {
-        if error.is_timeout() {
-            ModelError::Timeout {
-                after: self.timeout,
-            }
-        } else {
-            ModelError::Connect(chain(error))
-        }
-    }
-
-    /// Turns a non-success response into the error it stands for.
-    async fn status_error(&self, response: reqwest::Response) -> ModelError {
-        let status = response.status().as_u16();
-        if status == 429 {
-            return ModelError::RateLimited {
-                retry_after: retry_after(response.headers()),
-            };
-        }
-        let body = match response.text().await {
-            Ok(body) => truncate(body),
-            Err(error) => format!("(body unreadable: {})", chain(&error)),
-        };
-        ModelError::Status { status, body }
-    }
 }
 
 #[async_trait]
@@ -100,14 +75,14 @@ impl ChatModel for OpenAiModel {
             .timeout(self.timeout)
             .send()
             .await
-            .map_err(|error| self.transport_error(&error))?;
+            .map_err(|error| transport_error(&error, self.timeout))?;
         if !response.status().is_success() {
-            return Err(self.status_error(response).await);
+            return Err(status_error(response).await);
         }
         let bytes = response
             .bytes()
             .await
-            .map_err(|error| self.transport_error(&error))?;
+            .map_err(|error| transport_error(&error, self.timeout))?;
         let reply: WireResponse = serde_json::from_slice(&bytes).map_err(|error| {
             ModelError::Decode(format!(
                 "{error} in {}",
@@ -130,9 +105,9 @@ impl ChatModel for OpenAiModel {
             .map_err(|_| ModelError::Timeout {
                 after: self.timeout,
             })?
-            .map_err(|error| self.transport_error(&error))?;
+            .map_err(|error| transport_error(&error, self.timeout))?;
         if !response.status().is_success() {
-            return Err(self.status_error(response).await);
+            return Err(status_error(response).await);
         }
         let state = StreamState {
             events: Box::pin(response.bytes_stream().eventsource()),
@@ -349,7 +324,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Duration::try_from_secs_f64(seconds).ok()
 }
 
-fn truncate(mut text: String) -> String {
+pub(crate) fn truncate(mut text: String) -> String {
     if text.len() > ERROR_BODY_LIMIT {
         let mut end = ERROR_BODY_LIMIT;
         while !text.is_char_boundary(end) {
@@ -361,9 +336,34 @@ fn truncate(mut text: String) -> String {
     text
 }
 
+/// A failed send or body read: a timeout when reqwest's timeout expired, else a connection
+/// failure.
+pub(crate) fn transport_error(error: &reqwest::Error, timeout: Duration) -> ModelError {
+    if error.is_timeout() {
+        ModelError::Timeout { after: timeout }
+    } else {
+        ModelError::Connect(chain(error))
+    }
+}
+
+/// Turns a non-success response into the error it stands for.
+pub(crate) async fn status_error(response: reqwest::Response) -> ModelError {
+    let status = response.status().as_u16();
+    if status == 429 {
+        return ModelError::RateLimited {
+            retry_after: retry_after(response.headers()),
+        };
+    }
+    let body = match response.text().await {
+        Ok(body) => truncate(body),
+        Err(error) => format!("(body unreadable: {})", chain(&error)),
+    };
+    ModelError::Status { status, body }
+}
+
 /// An error and its sources on one line: reqwest's own message ("error sending request") says
 /// little without them.
-fn chain(error: &reqwest::Error) -> String {
+pub(crate) fn chain(error: &reqwest::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
