@@ -594,6 +594,7 @@ impl ProjectionRunner {
                     Tables::LIVE.name(base)
                 );
                 execute(tx.as_mut(), &sql).await?;
+                rename_shadow_tables(tx.as_mut(), base).await?;
             }
             checkpoint::reset(tx.connection(), name, position, applied, last_at).await?;
             tx.commit().await?;
@@ -707,6 +708,30 @@ async fn execute(tx: &mut dyn LogTransaction, sql: &str) -> Result<(), sqlx::Err
         .execute(sql, &[])
         .await
         .map(|_| ())
+}
+
+/// On SQLite, the shadow tables of a virtual table (`<name>_chunks`, … of sqlite-vec's `vec0`)
+/// that its module does not rename itself follow it from the rebuild name to the live one, so
+/// that it finds them again.
+async fn rename_shadow_tables(tx: &mut dyn LogTransaction, base: &str) -> Result<(), sqlx::Error> {
+    let mut db = Db::from(tx.connection());
+    if db.dialect() != crate::store::sql::Dialect::Sqlite {
+        return Ok(());
+    }
+    let from = format!("{}_", Tables::REBUILD.name(base));
+    let shadows = db
+        .fetch_all(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, length($1)) = $1",
+            &[from.as_str().into()],
+        )
+        .await?;
+    for shadow in shadows {
+        let name: String = shadow.get("name")?;
+        let to = format!("{}_{}", Tables::LIVE.name(base), &name[from.len()..]);
+        db.execute(&format!("ALTER TABLE \"{name}\" RENAME TO \"{to}\""), &[])
+            .await?;
+    }
+    Ok(())
 }
 
 async fn drop_tables(

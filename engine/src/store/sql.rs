@@ -64,11 +64,19 @@ impl<T> Dialects<T> {
 pub enum Value<'a> {
     Text(Option<&'a str>),
     Int(Option<i64>),
+    /// A float: `float8` on PostgreSQL, `REAL` on SQLite.
+    Float(Option<f64>),
     Time(Option<DateTime<Utc>>),
     /// A length of time: seconds (`float8`) on PostgreSQL, microseconds on SQLite.
     Span(Duration),
     /// Texts: an array on PostgreSQL, one JSON array on SQLite.
     Texts(&'a [String]),
+}
+
+impl From<f64> for Value<'_> {
+    fn from(value: f64) -> Self {
+        Value::Float(Some(value))
+    }
 }
 
 impl<'a> From<&'a str> for Value<'a> {
@@ -443,6 +451,7 @@ fn postgres_arguments(values: &[Value<'_>]) -> Result<PgArguments, sqlx::Error> 
         match *value {
             Value::Text(text) => arguments.add(text),
             Value::Int(int) => arguments.add(int),
+            Value::Float(float) => arguments.add(float),
             Value::Time(time) => arguments.add(time),
             Value::Span(span) => arguments.add(span.as_secs_f64()),
             Value::Texts(texts) => arguments.add(texts),
@@ -470,6 +479,7 @@ fn add_sqlite_values<'q>(
         match *value {
             Value::Text(text) => arguments.add(text),
             Value::Int(int) => arguments.add(int),
+            Value::Float(float) => arguments.add(float),
             Value::Time(time) => arguments.add(time.map(micros)),
             Value::Span(span) => arguments.add(span.as_micros() as i64),
             Value::Texts(texts) => serde_json::to_string(texts)
@@ -510,6 +520,10 @@ fn postgres_columns<'v, R: AsRef<[Value<'v>]>>(rows: &[R]) -> Result<PgArguments
             })?),
             Value::Int(_) => arguments.add(column(rows, index, |v| match v {
                 Value::Int(int) => Some(int),
+                _ => None,
+            })?),
+            Value::Float(_) => arguments.add(column(rows, index, |v| match v {
+                Value::Float(float) => Some(float),
                 _ => None,
             })?),
             Value::Time(_) => arguments.add(column(rows, index, |v| match v {

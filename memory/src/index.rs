@@ -1,0 +1,924 @@
+//! The memory's index: one row per memory with its scope, validity, sealed content, vector and
+//! full-text terms, on PostgreSQL (pgvector HNSW + `tsvector`/GIN) or SQLite (sqlite-vec `vec0` +
+//! contentless FTS5). [`VectorIndex`] is the port; [`for_pool`] picks the adapter.
+//!
+//! Neither index keeps the memory's text: the content column holds it sealed (with the person's
+//! key when it is theirs), the full-text side holds only terms (a `tsvector`, or FTS5 without
+//! content), and a person's rows, vectors and terms are deleted when they are erased.
+//!
+//! **Filters keep recall.** pgvector 0.6's HNSW scan stops after `hnsw.ef_search` candidates and
+//! filters afterwards, so a selective filter would come back short. The PostgreSQL adapter counts
+//! the rows the filter keeps (up to [`EXACT_BELOW`]): below that it searches exactly (the scope
+//! columns' b-tree indexes find the rows; sorting a few thousand distances is cheap), above it
+//! raises `ef_search` in proportion to the filter's selectivity. On SQLite, `vec0`'s search is
+//! exact and applies the scope as metadata columns during the scan.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use stele_engine::projection::Tables;
+use stele_engine::store::sql::{Db, Dialect, Value};
+use stele_engine::store::StorePool;
+
+/// Below this many rows kept by a filter, PostgreSQL searches exactly.
+pub const EXACT_BELOW: i64 = 5_000;
+
+/// The tables' base names.
+pub const MEMORIES: &str = "memories";
+pub const VECTORS: &str = "memory_vectors";
+pub const TERMS: &str = "memory_terms";
+
+/// One memory as indexed.
+#[derive(Clone, Debug)]
+pub struct Doc {
+    pub memory_id: String,
+    /// `fact`, `message` or `reply`, or `step`.
+    pub kind: String,
+    /// The position of the event it came from.
+    pub position: i64,
+    /// The content as recorded (a sealed personal value, or plain JSON text).
+    pub content: String,
+    /// The text, for the terms only (never stored as such).
+    pub text: String,
+    /// sha256 of the text: the key of its cached vector.
+    pub text_sha256: String,
+    pub scope: Scope,
+    pub importance: f64,
+    pub tags: Vec<String>,
+    pub key: Option<String>,
+    pub sources: Vec<String>,
+    pub valid_from: DateTime<Utc>,
+    pub vector: Vec<f32>,
+}
+
+/// Where a memory belongs, as indexed (each part optional).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub agent: Option<String>,
+    pub conversation: Option<String>,
+    pub subject: Option<String>,
+    pub workflow: Option<String>,
+    pub tenant: Option<String>,
+}
+
+impl Scope {
+    fn columns(&self) -> [(&'static str, &Option<String>); 5] {
+        [
+            ("agent", &self.agent),
+            ("conversation", &self.conversation),
+            ("subject_id", &self.subject),
+            ("workflow", &self.workflow),
+            ("tenant", &self.tenant),
+        ]
+    }
+}
+
+/// Which memories a search considers.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Only memories whose scope has these values (unset parts match anything).
+    pub scope: Scope,
+    /// Memories valid at this time (stored by then, not yet superseded or forgotten); `None`:
+    /// valid now.
+    pub at: Option<DateTime<Utc>>,
+}
+
+/// A memory as read back.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub memory_id: String,
+    pub kind: String,
+    pub position: i64,
+    pub content: String,
+    pub scope: Scope,
+    pub importance: f64,
+    pub tags: Vec<String>,
+    pub key: Option<String>,
+    pub sources: Vec<String>,
+    pub valid_from: DateTime<Utc>,
+    pub valid_until: Option<DateTime<Utc>>,
+    pub forgotten: bool,
+}
+
+/// The port: one adapter per store, the same behaviour (`tests/index.rs` runs one suite on both).
+#[async_trait]
+pub trait VectorIndex: Send + Sync {
+    /// Creates the tables for vectors of `dimensions` components, if missing.
+    async fn create(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        dimensions: usize,
+    ) -> Result<(), sqlx::Error>;
+    /// Adds a memory (a memory already there is left as it is).
+    async fn insert(&self, db: &mut Db<'_>, tables: &Tables, doc: &Doc) -> Result<(), sqlx::Error>;
+    /// Ends the validity, at `doc.valid_from`, of the current memories with `doc`'s key in
+    /// `doc`'s exact scope (other than `doc`).
+    async fn supersede(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        doc: &Doc,
+    ) -> Result<(), sqlx::Error>;
+    /// Marks a memory forgotten at `at`.
+    async fn forget(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        memory_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error>;
+    /// Deletes every memory of `subjects` (rows, vectors, terms); returns their texts' hashes.
+    async fn erase(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        subjects: &[String],
+    ) -> Result<Vec<String>, sqlx::Error>;
+    /// Memory ids best matching `query`'s words, best first.
+    async fn text_search(
+        &self,
+        pool: &StorePool,
+        query: &str,
+        filter: &Filter,
+        limit: usize,
+    ) -> Result<Vec<String>, sqlx::Error>;
+    /// Memory ids nearest to `vector` (cosine), best first; `exact` forces an exhaustive search
+    /// (the reference for recall).
+    async fn vector_search(
+        &self,
+        pool: &StorePool,
+        vector: &[f32],
+        filter: &Filter,
+        limit: usize,
+        exact: bool,
+    ) -> Result<Vec<String>, sqlx::Error>;
+    /// The memories with these ids (in no particular order).
+    async fn fetch(&self, pool: &StorePool, ids: &[String]) -> Result<Vec<Row>, sqlx::Error>;
+    /// How many memories there are, and how many are valid now.
+    async fn count(&self, pool: &StorePool) -> Result<(i64, i64), sqlx::Error>;
+}
+
+/// The PostgreSQL adapter.
+pub static POSTGRES: &dyn VectorIndex = &Postgres;
+/// The SQLite adapter.
+pub static SQLITE: &dyn VectorIndex = &Sqlite;
+
+/// The adapter for `pool`'s store.
+pub fn for_pool(pool: &StorePool) -> &'static dyn VectorIndex {
+    match pool {
+        StorePool::Postgres(_) => POSTGRES,
+        StorePool::Sqlite(_) => SQLITE,
+    }
+}
+
+/// A suffix that keeps index names apart: a rebuild creates the tables anew beside the live
+/// ones, then renames the tables but not their indexes.
+fn unique() -> String {
+    uuid::Uuid::now_v7().simple().to_string()[20..].to_owned()
+}
+
+/// A vector as pgvector and sqlite-vec both read it from text: `[0.1,0.2,…]`.
+pub fn vector_text(vector: &[f32]) -> String {
+    let mut out = String::with_capacity(vector.len() * 12 + 2);
+    out.push('[');
+    for (i, x) in vector.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&x.to_string());
+    }
+    out.push(']');
+    out
+}
+
+/// The words of `query`, for an OR of terms (`tsquery` or FTS5), each quoted for FTS5.
+fn words(query: &str) -> Vec<String> {
+    let mut words: Vec<String> = query
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.to_lowercase())
+        .collect();
+    words.sort();
+    words.dedup();
+    words.truncate(64);
+    words
+}
+
+/// A `WHERE` clause under construction: its conditions and their values.
+struct Where<'v> {
+    conditions: Vec<String>,
+    values: Vec<Value<'v>>,
+}
+
+impl<'v> Where<'v> {
+    fn new(values: Vec<Value<'v>>) -> Self {
+        Where {
+            conditions: vec!["TRUE".into()],
+            values,
+        }
+    }
+
+    fn bind(&mut self, value: Value<'v>) -> String {
+        self.values.push(value);
+        format!("${}", self.values.len())
+    }
+
+    /// The filter's conditions on the memories table aliased `m`.
+    fn filter(&mut self, filter: &'v Filter, dialect: Dialect) {
+        for (column, value) in filter.scope.columns() {
+            if let Some(value) = value {
+                let p = self.bind(value.into());
+                self.conditions.push(format!("m.{column} = {p}"));
+            }
+        }
+        match filter.at {
+            None => self
+                .conditions
+                .push("m.valid_until IS NULL AND m.forgotten = FALSE".into()),
+            Some(at) => {
+                let p = self.bind(match dialect {
+                    Dialect::Postgres => Value::Time(Some(at)),
+                    Dialect::Sqlite => Value::Int(Some(at.timestamp_micros())),
+                });
+                self.conditions.push(format!(
+                    "m.valid_from <= {p} AND (m.valid_until IS NULL OR m.valid_until > {p})"
+                ));
+            }
+        }
+    }
+
+    fn sql(&self) -> String {
+        self.conditions.join(" AND ")
+    }
+}
+
+fn tags_json(tags: &[String]) -> String {
+    serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
+}
+
+fn row(row: &stele_engine::store::sql::Row) -> Result<Row, sqlx::Error> {
+    let list = |column: &str| -> Result<Vec<String>, sqlx::Error> {
+        let text: String = row.get(column)?;
+        serde_json::from_str(&text).map_err(|e| sqlx::Error::Decode(e.into()))
+    };
+    Ok(Row {
+        memory_id: row.get("memory_id")?,
+        kind: row.get("kind")?,
+        position: row.get("position")?,
+        content: row.get("content")?,
+        scope: Scope {
+            agent: row.get("agent")?,
+            conversation: row.get("conversation")?,
+            subject: row.get("subject_id")?,
+            workflow: row.get("workflow")?,
+            tenant: row.get("tenant")?,
+        },
+        importance: row.get("importance")?,
+        tags: list("tags")?,
+        key: row.get("fact_key")?,
+        sources: list("sources")?,
+        valid_from: row.time("valid_from")?,
+        valid_until: row.optional_time("valid_until")?,
+        forgotten: row.get::<bool>("forgotten")?,
+    })
+}
+
+const COLUMNS: &str = "memory_id, kind, position, content, text_sha256, agent, conversation, \
+                       subject_id, workflow, tenant, importance, tags, fact_key, sources, \
+                       valid_from";
+
+fn insert_values(doc: &Doc) -> Vec<Value<'_>> {
+    vec![
+        (&doc.memory_id).into(),
+        (&doc.kind).into(),
+        doc.position.into(),
+        (&doc.content).into(),
+        (&doc.text_sha256).into(),
+        (&doc.scope.agent).into(),
+        (&doc.scope.conversation).into(),
+        (&doc.scope.subject).into(),
+        (&doc.scope.workflow).into(),
+        (&doc.scope.tenant).into(),
+        doc.importance.into(),
+    ]
+}
+
+/// pgvector HNSW (cosine) + `tsvector` with a GIN index.
+struct Postgres;
+
+#[async_trait]
+impl VectorIndex for Postgres {
+    async fn create(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        dimensions: usize,
+    ) -> Result<(), sqlx::Error> {
+        let m = tables.name(MEMORIES);
+        db.execute("CREATE EXTENSION IF NOT EXISTS vector", &[])
+            .await?;
+        // Vectors and terms are columns of `memories` here; the other two tables exist (empty)
+        // so that both stores have the projection's tables.
+        for base in [VECTORS, TERMS] {
+            db.execute(
+                &format!(
+                    "CREATE TABLE IF NOT EXISTS {} (unused int)",
+                    tables.name(base)
+                ),
+                &[],
+            )
+            .await?;
+        }
+        let exists = db
+            .fetch_one(
+                "SELECT to_regclass($1) IS NOT NULL AS found",
+                &[m.as_str().into()],
+            )
+            .await?
+            .get::<bool>("found")?;
+        if exists {
+            return Ok(());
+        }
+        db.execute(
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {m} (
+                    memory_id text PRIMARY KEY,
+                    kind text NOT NULL,
+                    position bigint NOT NULL,
+                    content text NOT NULL,
+                    text_sha256 text NOT NULL,
+                    agent text, conversation text, subject_id text, workflow text, tenant text,
+                    importance float8 NOT NULL,
+                    tags text NOT NULL,
+                    fact_key text,
+                    sources text NOT NULL,
+                    valid_from timestamptz NOT NULL,
+                    valid_until timestamptz,
+                    forgotten boolean NOT NULL DEFAULT false,
+                    embedding vector({dimensions}) NOT NULL,
+                    terms tsvector NOT NULL)"
+            ),
+            &[],
+        )
+        .await?;
+        for (suffix, definition) in [
+            ("embedding", "USING hnsw (embedding vector_cosine_ops)"),
+            ("terms", "USING gin (terms)"),
+            ("agent", "(agent)"),
+            ("conversation", "(conversation)"),
+            ("subject", "(subject_id)"),
+            ("workflow", "(workflow)"),
+            ("tenant", "(tenant)"),
+            ("key", "(fact_key) WHERE fact_key IS NOT NULL"),
+        ] {
+            db.execute(
+                &format!("CREATE INDEX {m}_{suffix}_{} ON {m} {definition}", unique()),
+                &[],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn insert(&self, db: &mut Db<'_>, tables: &Tables, doc: &Doc) -> Result<(), sqlx::Error> {
+        let m = tables.name(MEMORIES);
+        let tags = tags_json(&doc.tags);
+        let sources = tags_json(&doc.sources);
+        let vector = vector_text(&doc.vector);
+        let mut values = insert_values(doc);
+        values.extend([
+            Value::from(&tags),
+            (&doc.key).into(),
+            (&sources).into(),
+            Value::Time(Some(doc.valid_from)),
+            (&vector).into(),
+            (&doc.text).into(),
+        ]);
+        db.execute(
+            &format!(
+                "INSERT INTO {m} ({COLUMNS}, embedding, terms) VALUES ($1, $2, $3, $4, $5, $6, \
+                 $7, $8, $9, $10, $11, $12, $13, $14, $15, $16::vector, \
+                 to_tsvector('english', $17)) ON CONFLICT (memory_id) DO NOTHING"
+            ),
+            &values,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn supersede(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        doc: &Doc,
+    ) -> Result<(), sqlx::Error> {
+        supersede(
+            db,
+            tables,
+            doc,
+            "IS NOT DISTINCT FROM",
+            Value::Time(Some(doc.valid_from)),
+            "position",
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn forget(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        memory_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        let m = tables.name(MEMORIES);
+        db.execute(
+            &format!(
+                "UPDATE {m} SET forgotten = true, valid_until = COALESCE(valid_until, $2) \
+                 WHERE memory_id = $1"
+            ),
+            &[memory_id.into(), Value::Time(Some(at))],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn erase(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        subjects: &[String],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let m = tables.name(MEMORIES);
+        db.fetch_all(
+            &format!("DELETE FROM {m} WHERE subject_id = ANY($1) RETURNING text_sha256"),
+            &[Value::Texts(subjects)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get("text_sha256"))
+        .collect()
+    }
+
+    async fn text_search(
+        &self,
+        pool: &StorePool,
+        query: &str,
+        filter: &Filter,
+        limit: usize,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let words = words(query).join(" ");
+        if words.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut w = Where::new(vec![(&words).into(), (limit as i64).into()]);
+        w.filter(filter, Dialect::Postgres);
+        // Any of the words (an OR of terms): a question shares few of its words with its answer.
+        let sql = format!(
+            "WITH q AS (SELECT replace(plainto_tsquery('english', $1)::text, '&', '|')::tsquery AS q) \
+             SELECT m.memory_id FROM {MEMORIES} m, q WHERE m.terms @@ q.q AND {} \
+             ORDER BY ts_rank_cd(m.terms, q.q) DESC, m.memory_id LIMIT $2",
+            w.sql()
+        );
+        ids(Db::from(pool).fetch_all(&sql, &w.values).await?)
+    }
+
+    async fn vector_search(
+        &self,
+        pool: &StorePool,
+        vector: &[f32],
+        filter: &Filter,
+        limit: usize,
+        exact: bool,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let text = vector_text(vector);
+        let mut db = Db::from(pool);
+        let mut w = Where::new(vec![(&text).into(), (limit as i64).into()]);
+        w.filter(filter, Dialect::Postgres);
+        let (total, _) = counts(&mut db).await?;
+        let kept = if exact {
+            0
+        } else {
+            let mut only = Where::new(Vec::new());
+            only.filter(filter, Dialect::Postgres);
+            let sql = format!(
+                "SELECT count(*) AS n FROM (SELECT 1 FROM {MEMORIES} m WHERE {} LIMIT {EXACT_BELOW}) t",
+                only.sql()
+            );
+            db.fetch_one(&sql, &only.values).await?.get::<i64>("n")?
+        };
+        if exact || kept < EXACT_BELOW {
+            // Exact: no index on the distance, so every kept row is compared.
+            let sql = format!(
+                "SELECT m.memory_id FROM {MEMORIES} m WHERE {} \
+                 ORDER BY (m.embedding <=> $1::vector) + 0, m.memory_id LIMIT $2",
+                w.sql()
+            );
+            return ids(db.fetch_all(&sql, &w.values).await?);
+        }
+        // Approximate: enough candidates that the filter leaves `limit` of them.
+        let selectivity = (kept as f64 / total.max(1) as f64).clamp(0.001, 1.0);
+        let candidates = ((limit as f64 / selectivity) * 2.0)
+            .ceil()
+            .clamp(40.0, 1_000.0) as i64;
+        db.execute(&format!("SET hnsw.ef_search = {candidates}"), &[])
+            .await?;
+        let sql = format!(
+            "SELECT m.memory_id FROM (SELECT * FROM {MEMORIES} \
+               ORDER BY embedding <=> $1::vector LIMIT {candidates}) m \
+             WHERE {} ORDER BY m.embedding <=> $1::vector, m.memory_id LIMIT $2",
+            w.sql()
+        );
+        let found = db.fetch_all(&sql, &w.values).await;
+        db.execute("RESET hnsw.ef_search", &[]).await?;
+        ids(found?)
+    }
+
+    async fn fetch(&self, pool: &StorePool, ids: &[String]) -> Result<Vec<Row>, sqlx::Error> {
+        Db::from(pool)
+            .fetch_all(
+                &format!("SELECT {COLUMNS}, valid_until, forgotten FROM {MEMORIES} WHERE memory_id = ANY($1)"),
+                &[Value::Texts(ids)],
+            )
+            .await?
+            .iter()
+            .map(row)
+            .collect()
+    }
+
+    async fn count(&self, pool: &StorePool) -> Result<(i64, i64), sqlx::Error> {
+        counts(&mut Db::from(pool)).await
+    }
+}
+
+async fn counts(db: &mut Db<'_>) -> Result<(i64, i64), sqlx::Error> {
+    let row = db
+        .fetch_one(
+            &format!(
+                "SELECT count(*) AS total, \
+                 count(*) FILTER (WHERE valid_until IS NULL AND forgotten = FALSE) AS valid \
+                 FROM {MEMORIES}"
+            )
+            .replace(
+                "count(*) FILTER (WHERE valid_until IS NULL AND forgotten = FALSE)",
+                match db.dialect() {
+                    Dialect::Postgres => {
+                        "count(*) FILTER (WHERE valid_until IS NULL AND forgotten = FALSE)"
+                    }
+                    Dialect::Sqlite => "COALESCE(SUM(valid_until IS NULL AND forgotten = 0), 0)",
+                },
+            ),
+            &[],
+        )
+        .await?;
+    Ok((row.get("total")?, row.get("valid")?))
+}
+
+fn ids(rows: Vec<stele_engine::store::sql::Row>) -> Result<Vec<String>, sqlx::Error> {
+    rows.iter().map(|r| r.get("memory_id")).collect()
+}
+
+/// Ends the validity of the memories `doc` supersedes; returns their row ids (`id` on SQLite).
+async fn supersede(
+    db: &mut Db<'_>,
+    tables: &Tables,
+    doc: &Doc,
+    same: &str,
+    at: Value<'_>,
+    returning: &str,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let Some(key) = &doc.key else {
+        return Ok(Vec::new());
+    };
+    let m = tables.name(MEMORIES);
+    let mut values = vec![key.into(), (&doc.memory_id).into(), at];
+    let mut conditions = Vec::new();
+    for (column, value) in doc.scope.columns() {
+        values.push(value.into());
+        conditions.push(format!("{column} {same} ${}", values.len()));
+    }
+    db.fetch_all(
+        &format!(
+            "UPDATE {m} SET valid_until = $3 WHERE fact_key = $1 AND memory_id <> $2 \
+             AND valid_until IS NULL AND {} RETURNING {returning} AS id",
+            conditions.join(" AND ")
+        ),
+        &values,
+    )
+    .await?
+    .iter()
+    .map(|r| r.get("id"))
+    .collect()
+}
+
+/// sqlite-vec `vec0` (exact, cosine, the scope as metadata columns) + FTS5 without content.
+struct Sqlite;
+
+/// The scope as `vec0` metadata columns hold it (they hold no NULL: none is "").
+fn meta(value: &Option<String>) -> &str {
+    value.as_deref().unwrap_or("")
+}
+
+#[async_trait]
+impl VectorIndex for Sqlite {
+    async fn create(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        dimensions: usize,
+    ) -> Result<(), sqlx::Error> {
+        let (m, v, t) = (
+            tables.name(MEMORIES),
+            tables.name(VECTORS),
+            tables.name(TERMS),
+        );
+        let exists = db
+            .fetch_one(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = $1) AS found",
+                &[m.as_str().into()],
+            )
+            .await?
+            .get::<bool>("found")?;
+        if exists {
+            return Ok(());
+        }
+        db.execute(
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {m} (
+                    id INTEGER PRIMARY KEY,
+                    memory_id TEXT NOT NULL UNIQUE,
+                    kind TEXT NOT NULL,
+                    position INTEGER NOT NULL,
+                    content TEXT NOT NULL,
+                    text_sha256 TEXT NOT NULL,
+                    agent TEXT, conversation TEXT, subject_id TEXT, workflow TEXT, tenant TEXT,
+                    importance REAL NOT NULL,
+                    tags TEXT NOT NULL,
+                    fact_key TEXT,
+                    sources TEXT NOT NULL,
+                    valid_from INTEGER NOT NULL,
+                    valid_until INTEGER,
+                    forgotten INTEGER NOT NULL DEFAULT 0)"
+            ),
+            &[],
+        )
+        .await?;
+        for (suffix, column) in [
+            ("agent", "agent"),
+            ("conversation", "conversation"),
+            ("subject", "subject_id"),
+            ("workflow", "workflow"),
+            ("tenant", "tenant"),
+            ("key", "fact_key"),
+        ] {
+            db.execute(
+                &format!("CREATE INDEX {m}_{suffix}_{} ON {m} ({column})", unique()),
+                &[],
+            )
+            .await?;
+        }
+        db.execute(
+            &format!(
+                "CREATE VIRTUAL TABLE IF NOT EXISTS {v} USING vec0(
+                    embedding float[{dimensions}] distance_metric=cosine,
+                    agent text, conversation text, subject_id text, workflow text, tenant text,
+                    current integer)"
+            ),
+            &[],
+        )
+        .await?;
+        db.execute(
+            &format!(
+                "CREATE VIRTUAL TABLE IF NOT EXISTS {t} USING fts5(text, content='', \
+                 contentless_delete=1, tokenize='porter unicode61 remove_diacritics 2')"
+            ),
+            &[],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn insert(&self, db: &mut Db<'_>, tables: &Tables, doc: &Doc) -> Result<(), sqlx::Error> {
+        let (m, v, t) = (
+            tables.name(MEMORIES),
+            tables.name(VECTORS),
+            tables.name(TERMS),
+        );
+        let tags = tags_json(&doc.tags);
+        let sources = tags_json(&doc.sources);
+        let mut values = insert_values(doc);
+        values.extend([
+            Value::from(&tags),
+            (&doc.key).into(),
+            (&sources).into(),
+            Value::Int(Some(doc.valid_from.timestamp_micros())),
+        ]);
+        let inserted = db
+            .fetch_optional(
+                &format!(
+                    "INSERT INTO {m} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+                     $10, $11, $12, $13, $14, $15) ON CONFLICT (memory_id) DO NOTHING \
+                     RETURNING id"
+                ),
+                &values,
+            )
+            .await?;
+        let Some(inserted) = inserted else {
+            return Ok(());
+        };
+        let id: i64 = inserted.get("id")?;
+        let vector = vector_text(&doc.vector);
+        let s = &doc.scope;
+        db.execute(
+            &format!(
+                "INSERT INTO {v} (rowid, embedding, agent, conversation, subject_id, workflow, \
+                 tenant, current) VALUES ($1, $2, $3, $4, $5, $6, $7, 1)"
+            ),
+            &[
+                id.into(),
+                (&vector).into(),
+                meta(&s.agent).into(),
+                meta(&s.conversation).into(),
+                meta(&s.subject).into(),
+                meta(&s.workflow).into(),
+                meta(&s.tenant).into(),
+            ],
+        )
+        .await?;
+        db.execute(
+            &format!("INSERT INTO {t} (rowid, text) VALUES ($1, $2)"),
+            &[id.into(), (&doc.text).into()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn supersede(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        doc: &Doc,
+    ) -> Result<(), sqlx::Error> {
+        let ended = supersede(
+            db,
+            tables,
+            doc,
+            "IS",
+            Value::Int(Some(doc.valid_from.timestamp_micros())),
+            "id",
+        )
+        .await?;
+        not_current(db, tables, &ended).await
+    }
+
+    async fn forget(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        memory_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        let m = tables.name(MEMORIES);
+        let ended: Vec<i64> = db
+            .fetch_all(
+                &format!(
+                    "UPDATE {m} SET forgotten = 1, valid_until = COALESCE(valid_until, $2) \
+                     WHERE memory_id = $1 RETURNING id"
+                ),
+                &[memory_id.into(), Value::Int(Some(at.timestamp_micros()))],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get("id"))
+            .collect::<Result<_, _>>()?;
+        not_current(db, tables, &ended).await
+    }
+
+    async fn erase(
+        &self,
+        db: &mut Db<'_>,
+        tables: &Tables,
+        subjects: &[String],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let (m, v, t) = (
+            tables.name(MEMORIES),
+            tables.name(VECTORS),
+            tables.name(TERMS),
+        );
+        let gone = db
+            .fetch_all(
+                &format!(
+                    "DELETE FROM {m} WHERE subject_id IN (SELECT value FROM json_each($1)) \
+                     RETURNING id, text_sha256"
+                ),
+                &[Value::Texts(subjects)],
+            )
+            .await?;
+        let mut hashes = Vec::with_capacity(gone.len());
+        for row in &gone {
+            let id: i64 = row.get("id")?;
+            db.execute(&format!("DELETE FROM {v} WHERE rowid = $1"), &[id.into()])
+                .await?;
+            db.execute(&format!("DELETE FROM {t} WHERE rowid = $1"), &[id.into()])
+                .await?;
+            hashes.push(row.get("text_sha256")?);
+        }
+        Ok(hashes)
+    }
+
+    async fn text_search(
+        &self,
+        pool: &StorePool,
+        query: &str,
+        filter: &Filter,
+        limit: usize,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let words = words(query);
+        if words.is_empty() {
+            return Ok(Vec::new());
+        }
+        let any: String = words
+            .iter()
+            .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let mut w = Where::new(vec![(&any).into(), (limit as i64).into()]);
+        w.filter(filter, Dialect::Sqlite);
+        let sql = format!(
+            "SELECT m.memory_id FROM {TERMS} t JOIN {MEMORIES} m ON m.id = t.rowid \
+             WHERE {TERMS} MATCH $1 AND {} ORDER BY bm25({TERMS}), m.memory_id LIMIT $2",
+            w.sql()
+        );
+        ids(Db::from(pool).fetch_all(&sql, &w.values).await?)
+    }
+
+    async fn vector_search(
+        &self,
+        pool: &StorePool,
+        vector: &[f32],
+        filter: &Filter,
+        limit: usize,
+        _exact: bool,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let text = vector_text(vector);
+        let mut db = Db::from(pool);
+        if filter.at.is_some() {
+            // Another moment: the validity is in the memories table, compare them all.
+            let mut w = Where::new(vec![(&text).into(), (limit as i64).into()]);
+            w.filter(filter, Dialect::Sqlite);
+            let sql = format!(
+                "SELECT m.memory_id FROM {VECTORS} v JOIN {MEMORIES} m ON m.id = v.rowid \
+                 WHERE {} ORDER BY vec_distance_cosine(v.embedding, $1), m.memory_id LIMIT $2",
+                w.sql()
+            );
+            return ids(db.fetch_all(&sql, &w.values).await?);
+        }
+        // `vec0` scans every vector (exact) and applies the metadata conditions as it goes.
+        let mut values: Vec<Value<'_>> = vec![(&text).into(), (limit as i64).into()];
+        let mut conditions = vec!["v.current = 1".to_owned()];
+        for (column, value) in filter.scope.columns() {
+            if let Some(value) = value {
+                values.push(value.into());
+                conditions.push(format!("v.{column} = ${}", values.len()));
+            }
+        }
+        let sql = format!(
+            "SELECT m.memory_id FROM {VECTORS} v JOIN {MEMORIES} m ON m.id = v.rowid \
+             WHERE v.embedding MATCH $1 AND v.k = $2 AND {} ORDER BY v.distance, m.memory_id",
+            conditions.join(" AND ")
+        );
+        ids(db.fetch_all(&sql, &values).await?)
+    }
+
+    async fn fetch(&self, pool: &StorePool, ids: &[String]) -> Result<Vec<Row>, sqlx::Error> {
+        Db::from(pool)
+            .fetch_all(
+                &format!(
+                    "SELECT {COLUMNS}, valid_until, forgotten FROM {MEMORIES} \
+                     WHERE memory_id IN (SELECT value FROM json_each($1))"
+                ),
+                &[Value::Texts(ids)],
+            )
+            .await?
+            .iter()
+            .map(row)
+            .collect()
+    }
+
+    async fn count(&self, pool: &StorePool) -> Result<(i64, i64), sqlx::Error> {
+        counts(&mut Db::from(pool)).await
+    }
+}
+
+/// Takes these rows out of `vec0`'s current vectors.
+async fn not_current(db: &mut Db<'_>, tables: &Tables, ids: &[i64]) -> Result<(), sqlx::Error> {
+    let v = tables.name(VECTORS);
+    for id in ids {
+        db.execute(
+            &format!("UPDATE {v} SET current = 0 WHERE rowid = $1"),
+            &[(*id).into()],
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,318 @@
+//! The memory: what Stele remembers, as a projection of the log.
+//!
+//! - **What is remembered.** Explicit facts (`MemoryStored`, the [`Memory`] aggregate: content,
+//!   importance, tags, scope, an optional key), and conversation messages in and out
+//!   (`MessageReceived`, `ReplyQueued`). Each memory cites the event it came from (its position
+//!   and event id) and is valid from that event's time until a later fact with the same key in
+//!   the same scope supersedes it, or it is forgotten: "what was true then" stays answerable.
+//! - **The index** ([`index`]): vectors (pgvector HNSW or sqlite-vec) and full-text terms
+//!   (`tsvector` or FTS5), searched together ([`Memories::search`]) and fused by Reciprocal Rank
+//!   Fusion, with filters by scope that keep recall.
+//! - **Vectors are cached** by (model, sha256 of the text) in `embedding_cache`, so a rebuild
+//!   never embeds the same text twice.
+//! - **Erasure.** A person's memories, vectors, terms and cached vectors are deleted when they
+//!   are erased (`SubjectErased`); since their content in the log is sealed with their destroyed
+//!   key, a rebuild after erasure has none of them.
+//!
+//! [`Memory`]: stele_aggregates::memory::Memory
+
+pub mod index;
+mod projection;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use stele_aggregates::memory::{Memory, MemoryCommand, MemoryScope};
+use stele_aggregates::personal::Personal;
+use stele_engine::store::{Store, StorePool};
+use stele_engine::{CommandBus, CommandMeta};
+use stele_models::embed::EmbeddingModel;
+use stele_privacy::Sealer;
+
+pub use index::{Filter, Scope, VectorIndex};
+pub use projection::{MemoryProjection, MEMORY};
+
+/// Reciprocal Rank Fusion's constant: a result at rank r of one list adds 1 / (k + r).
+pub const RRF_K: f64 = 60.0;
+
+/// Errors of the memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("{0}")]
+    Refused(#[from] stele_aggregates::memory::MemoryError),
+    #[error("embedding failed: {0}")]
+    Embedding(#[from] stele_models::embed::EmbeddingError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Store(String),
+}
+
+/// How to search.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Vectors and full text, fused.
+    #[default]
+    Hybrid,
+    /// Vectors only.
+    Dense,
+    /// Full text only.
+    Text,
+}
+
+/// A search.
+#[derive(Clone, Debug)]
+pub struct Search {
+    pub query: String,
+    pub filter: Filter,
+    pub limit: usize,
+    pub mode: Mode,
+}
+
+/// A memory found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Hit {
+    pub memory_id: String,
+    pub kind: String,
+    /// Its content (`[erased]` if its person was erased since).
+    pub content: String,
+    /// The fused score (higher is better).
+    pub score: f64,
+    pub importance: f64,
+    pub tags: Vec<String>,
+    pub key: Option<String>,
+    pub agent: Option<String>,
+    pub conversation: Option<String>,
+    pub subject: Option<String>,
+    pub workflow: Option<String>,
+    pub tenant: Option<String>,
+    /// The log position of the event it came from, and the events' ids it cites.
+    pub position: i64,
+    pub sources: Vec<String>,
+    pub valid_from: DateTime<Utc>,
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+/// A fact to remember.
+#[derive(Clone, Debug, Default)]
+pub struct NewMemory {
+    pub content: String,
+    pub importance: f32,
+    pub tags: Vec<String>,
+    pub scope: MemoryScope,
+    pub key: Option<String>,
+    pub sources: Vec<String>,
+}
+
+/// Counts of the memory.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub memories: i64,
+    pub valid: i64,
+    pub cached_vectors: i64,
+    pub model: String,
+    pub dimensions: usize,
+}
+
+/// The memory's service: remember facts and search.
+pub struct Memories {
+    pool: StorePool,
+    bus: CommandBus<Memory>,
+    embedder: Arc<dyn EmbeddingModel>,
+    sealer: Arc<Sealer>,
+}
+
+impl Memories {
+    /// The memory of `store` (its `log` seals personal values), embedding with `embedder`, opening
+    /// sealed content with `sealer`.
+    pub fn new(store: &Store, embedder: Arc<dyn EmbeddingModel>, sealer: Arc<Sealer>) -> Self {
+        Memories {
+            pool: store.pool.clone(),
+            bus: CommandBus::new(store.log.clone(), ()),
+            embedder,
+            sealer,
+        }
+    }
+
+    /// The projection that keeps this memory's index.
+    pub fn projection(&self) -> Arc<MemoryProjection> {
+        Arc::new(MemoryProjection::new(
+            self.embedder.clone(),
+            self.sealer.clone(),
+        ))
+    }
+
+    /// Records a fact (`MemoryStored`); the projection indexes it. Returns its id.
+    pub async fn store(&self, memory: NewMemory, meta: CommandMeta) -> Result<String, MemoryError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let content = match &memory.scope.subject {
+            Some(subject) => Personal::of(subject.clone(), memory.content),
+            None => Personal::plain(memory.content),
+        };
+        self.bus
+            .create(
+                &id,
+                MemoryCommand::Store {
+                    content,
+                    importance: memory.importance,
+                    tags: memory.tags,
+                    scope: memory.scope,
+                    key: memory.key,
+                    sources: memory.sources,
+                },
+                meta,
+            )
+            .await
+            .map_err(|e| match e {
+                stele_engine::CommandError::Rejected(refused) => MemoryError::Refused(refused),
+                other => MemoryError::Store(other.to_string()),
+            })?;
+        Ok(id)
+    }
+
+    /// Forgets a memory (`MemoryForgotten`).
+    pub async fn forget(
+        &self,
+        id: &str,
+        reason: &str,
+        meta: CommandMeta,
+    ) -> Result<(), MemoryError> {
+        self.bus
+            .execute(
+                id,
+                MemoryCommand::Forget {
+                    reason: reason.to_owned(),
+                },
+                meta,
+            )
+            .await
+            .map_err(|e| match e {
+                stele_engine::CommandError::Rejected(refused) => MemoryError::Refused(refused),
+                other => MemoryError::Store(other.to_string()),
+            })?;
+        Ok(())
+    }
+
+    /// The memories best matching `search`, best first.
+    pub async fn search(&self, search: &Search) -> Result<Vec<Hit>, MemoryError> {
+        let index = index::for_pool(&self.pool);
+        let limit = search.limit.clamp(1, 100);
+        let candidates = (limit * 4).max(50);
+        let mut lists = Vec::new();
+        if search.mode != Mode::Text {
+            let vector = self
+                .embedder
+                .embed(std::slice::from_ref(&search.query))
+                .await?
+                .pop()
+                .unwrap_or_default();
+            lists.push(
+                index
+                    .vector_search(&self.pool, &vector, &search.filter, candidates, false)
+                    .await?,
+            );
+        }
+        if search.mode != Mode::Dense {
+            lists.push(
+                index
+                    .text_search(&self.pool, &search.query, &search.filter, candidates)
+                    .await?,
+            );
+        }
+        let ranked = fuse(&lists, RRF_K);
+        let top: Vec<(String, f64)> = ranked.into_iter().take(limit).collect();
+        let ids: Vec<String> = top.iter().map(|(id, _)| id.clone()).collect();
+        let mut rows: HashMap<String, index::Row> = index
+            .fetch(&self.pool, &ids)
+            .await?
+            .into_iter()
+            .map(|r| (r.memory_id.clone(), r))
+            .collect();
+        let mut hits = Vec::with_capacity(top.len());
+        for (id, score) in top {
+            let Some(row) = rows.remove(&id) else {
+                continue;
+            };
+            hits.push(Hit {
+                content: self.open(&row.content).await,
+                memory_id: row.memory_id,
+                kind: row.kind,
+                score,
+                importance: row.importance,
+                tags: row.tags,
+                key: row.key,
+                agent: row.scope.agent,
+                conversation: row.scope.conversation,
+                subject: row.scope.subject,
+                workflow: row.scope.workflow,
+                tenant: row.scope.tenant,
+                position: row.position,
+                sources: row.sources,
+                valid_from: row.valid_from,
+                valid_until: row.valid_until,
+            });
+        }
+        Ok(hits)
+    }
+
+    /// The text of a stored content (a sealed personal value as JSON).
+    async fn open(&self, content: &str) -> String {
+        let Ok(mut value) = serde_json::from_str::<serde_json::Value>(content) else {
+            return content.to_owned();
+        };
+        if self.sealer.open(&mut value).await.is_err() {
+            return stele_aggregates::personal::SEALED.to_owned();
+        }
+        serde_json::from_value::<Personal<String>>(value)
+            .map(|p| p.text().to_owned())
+            .unwrap_or_else(|_| stele_aggregates::personal::SEALED.to_owned())
+    }
+
+    /// Counts.
+    pub async fn stats(&self) -> Result<Stats, MemoryError> {
+        let (memories, valid) = index::for_pool(&self.pool).count(&self.pool).await?;
+        let cached_vectors = projection::cached(&self.pool, self.embedder.name()).await?;
+        Ok(Stats {
+            memories,
+            valid,
+            cached_vectors,
+            model: self.embedder.name().to_owned(),
+            dimensions: self.embedder.dimensions(),
+        })
+    }
+}
+
+/// Reciprocal Rank Fusion of ranked lists: each id scores Σ 1 / (k + rank), rank from 1; best
+/// first (ties by id, for stable results).
+pub fn fuse(lists: &[Vec<String>], k: f64) -> Vec<(String, f64)> {
+    let mut scores: HashMap<&str, f64> = HashMap::new();
+    for list in lists {
+        for (rank, id) in list.iter().enumerate() {
+            *scores.entry(id).or_default() += 1.0 / (k + rank as f64 + 1.0);
+        }
+    }
+    let mut fused: Vec<(String, f64)> = scores
+        .into_iter()
+        .map(|(id, score)| (id.to_owned(), score))
+        .collect();
+    fused.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    fused
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fusion_rewards_agreement() {
+        let ids = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let fused = fuse(&[ids(&["a", "b", "c"]), ids(&["c", "b", "d"])], 60.0);
+        let order: Vec<&str> = fused.iter().map(|(id, _)| id.as_str()).collect();
+        // c: 1/63 + 1/61 edges out b: 2/62.
+        assert_eq!(order, ["c", "b", "a", "d"]);
+        assert!((fused[0].1 - (1.0 / 61.0 + 1.0 / 63.0)).abs() < 1e-12);
+    }
+}

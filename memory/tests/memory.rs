@@ -1,0 +1,241 @@
+//! The memory on both stores, one suite: facts stored and found by meaning and by words, scope
+//! filters, superseding and forgetting, time travel, erasure (and a rebuild after it), the
+//! vector cache. Embeddings come from all-MiniLM-L6-v2 run locally (`STELE_EMBEDDING_MODEL`).
+
+use std::sync::{Arc, OnceLock};
+
+use stele_aggregates::memory::MemoryScope;
+use stele_aggregates::subject::Identifier;
+use stele_engine::projection::ProjectionRunner;
+use stele_engine::store::Store;
+use stele_engine::CommandMeta;
+use stele_memory::{Filter, Memories, Mode, NewMemory, Scope, Search, MEMORY};
+use stele_models::embed::{load_embedding_model, EmbeddingModel};
+use stele_privacy::{private_store, Kek, Policy};
+
+fn model() -> Arc<dyn EmbeddingModel> {
+    static MODEL: OnceLock<Arc<dyn EmbeddingModel>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let dir = std::env::var("STELE_EMBEDDING_MODEL").expect(
+                "STELE_EMBEDDING_MODEL names the all-MiniLM-L6-v2 folder (scripts/services.sh up)",
+            );
+            load_embedding_model(&dir).expect("the model loads")
+        })
+        .clone()
+}
+
+fn meta() -> CommandMeta {
+    CommandMeta::new("user:test", "api")
+}
+
+fn fact(content: &str, scope: MemoryScope, key: Option<&str>) -> NewMemory {
+    NewMemory {
+        content: content.to_owned(),
+        importance: 0.5,
+        tags: vec!["test".into()],
+        scope,
+        key: key.map(str::to_owned),
+        sources: vec![],
+    }
+}
+
+async fn catch_up(runner: &ProjectionRunner) {
+    while runner.step(MEMORY).await.unwrap().read > 0 {}
+}
+
+fn search(query: &str, filter: Filter, mode: Mode) -> Search {
+    Search {
+        query: query.to_owned(),
+        filter,
+        limit: 5,
+        mode,
+    }
+}
+
+async fn remembers_finds_supersedes_forgets_and_erases(store: &Store) {
+    let private = private_store(store, &Kek::generate(), Policy::default())
+        .await
+        .unwrap();
+    let memories = Memories::new(&private.store, model(), private.subjects.sealer().clone());
+    let runner = ProjectionRunner::new(&private.store, vec![memories.projection()]);
+    runner.setup().await.unwrap();
+
+    let alice = private
+        .subjects
+        .register(
+            &[Identifier::parse("email:alice@example.com").unwrap()],
+            false,
+            meta(),
+        )
+        .await
+        .unwrap();
+    let of_alice = MemoryScope {
+        subject: Some(alice.clone()),
+        tenant: Some("family".into()),
+        ..MemoryScope::default()
+    };
+    let global = MemoryScope {
+        agent: Some("planner".into()),
+        ..MemoryScope::default()
+    };
+    let lyon = memories
+        .store(
+            fact("Alice lives in Lyon", of_alice.clone(), Some("home_city")),
+            meta(),
+        )
+        .await
+        .unwrap();
+    memories
+        .store(
+            fact("Alice is allergic to peanuts", of_alice.clone(), None),
+            meta(),
+        )
+        .await
+        .unwrap();
+    memories
+        .store(
+            fact(
+                "Deployments happen on Tuesdays after the E-4021 incident",
+                global.clone(),
+                None,
+            ),
+            meta(),
+        )
+        .await
+        .unwrap();
+    let forgotten = memories
+        .store(
+            fact("The wifi password is on the fridge", global.clone(), None),
+            meta(),
+        )
+        .await
+        .unwrap();
+    catch_up(&runner).await;
+
+    // By meaning: no word in common with the fact.
+    let found = memories
+        .search(&search(
+            "which food must she avoid?",
+            Filter::default(),
+            Mode::Dense,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        found[0].content, "Alice is allergic to peanuts",
+        "{found:?}"
+    );
+    // By a rare word.
+    let found = memories
+        .search(&search("E-4021", Filter::default(), Mode::Text))
+        .await
+        .unwrap();
+    assert!(found[0].content.contains("E-4021"), "{found:?}");
+    // Hybrid, filtered by scope: only the planner's memories.
+    let planner = Filter {
+        scope: Scope {
+            agent: Some("planner".into()),
+            ..Scope::default()
+        },
+        at: None,
+    };
+    let found = memories
+        .search(&search("where does Alice live", planner, Mode::Hybrid))
+        .await
+        .unwrap();
+    assert!(!found.is_empty());
+    assert!(
+        found.iter().all(|h| h.agent.as_deref() == Some("planner")),
+        "{found:?}"
+    );
+    // Each memory cites its event.
+    let found = memories
+        .search(&search(
+            "where does Alice live",
+            Filter::default(),
+            Mode::Dense,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(found[0].memory_id, lyon);
+    assert!(found[0].position > 0 && !found[0].sources.is_empty());
+
+    // A later fact with the same key supersedes; the earlier one stays answerable for its time.
+    let before_move = chrono::Utc::now();
+    memories
+        .store(
+            fact("Alice moved to Nantes", of_alice.clone(), Some("home_city")),
+            meta(),
+        )
+        .await
+        .unwrap();
+    memories
+        .forget(&forgotten, "no longer true", meta())
+        .await
+        .unwrap();
+    catch_up(&runner).await;
+    let now = memories
+        .search(&search(
+            "where does Alice live",
+            Filter::default(),
+            Mode::Dense,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(now[0].content, "Alice moved to Nantes", "{now:?}");
+    assert!(now
+        .iter()
+        .all(|h| h.memory_id != lyon && h.memory_id != forgotten));
+    let then = memories
+        .search(&search(
+            "where does Alice live",
+            Filter {
+                scope: Scope::default(),
+                at: Some(before_move),
+            },
+            Mode::Dense,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(then[0].memory_id, lyon, "{then:?}");
+    let stats = memories.stats().await.unwrap();
+    assert_eq!((stats.memories, stats.valid), (5, 3));
+    assert_eq!(stats.cached_vectors, 5);
+
+    // Erased: her memories, vectors and terms go, and a rebuild brings none back.
+    private
+        .subjects
+        .erase(&alice, "operator", "art. 17", meta())
+        .await
+        .unwrap();
+    catch_up(&runner).await;
+    for mode in [Mode::Dense, Mode::Text, Mode::Hybrid] {
+        let found = memories
+            .search(&search(
+                "Alice peanuts Lyon Nantes",
+                Filter::default(),
+                mode,
+            ))
+            .await
+            .unwrap();
+        assert!(
+            found
+                .iter()
+                .all(|h| h.subject.is_none() && !h.content.contains("Alice")),
+            "{mode:?}: {found:?}"
+        );
+    }
+    let stats = memories.stats().await.unwrap();
+    assert_eq!((stats.memories, stats.cached_vectors), (2, 2));
+    runner.rebuild(MEMORY, |_| {}).await.unwrap();
+    let stats = memories.stats().await.unwrap();
+    assert_eq!(stats.memories, 2, "{stats:?}");
+    let found = memories
+        .search(&search("deployments", Filter::default(), Mode::Hybrid))
+        .await
+        .unwrap();
+    assert!(found[0].content.contains("Tuesdays"), "{found:?}");
+}
+
+stele_engine::for_each_backend!(remembers_finds_supersedes_forgets_and_erases);
