@@ -5,6 +5,7 @@ mod audit;
 mod bench;
 mod events;
 mod jobs;
+mod memory;
 mod node;
 mod privacy;
 mod projections;
@@ -105,6 +106,9 @@ enum Command {
     /// The audit log: its key, verification, checkpoints, proofs.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// The memory: remember facts, search (vectors and full text), rebuild, count.
+    #[command(subcommand)]
+    Memory(memory::MemoryCommand),
     /// Print the API's OpenAPI document.
     Openapi,
     /// Workflow definitions.
@@ -272,6 +276,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Keys(command) => serve::keys(command).await,
         Command::Subjects(command) => privacy::subjects(command).await,
         Command::Audit(command) => audit::run(command).await,
+        Command::Memory(command) => memory::run(command).await,
         Command::Openapi => {
             println!("{}", stele_api::server::openapi().to_pretty_json()?);
             Ok(())

@@ -55,6 +55,10 @@ pub struct NodeArgs {
     /// in the data directory.
     #[arg(long, env = "STELE_AUDIT_KEY_FILE", value_name = "FILE")]
     pub audit_key_file: Option<PathBuf>,
+    /// The memory's embedding model (a model folder, `openai:<url>#<model>` or `hf:<repo>`);
+    /// without one, nothing is remembered.
+    #[arg(long, env = "STELE_EMBEDDING_MODEL", value_name = "SPEC")]
+    pub embedding_model: Option<String>,
     #[command(flatten)]
     pub workflows: WorkflowArgs,
 }
@@ -77,6 +81,8 @@ pub(crate) struct FileConfig {
     audit_key_file: Option<PathBuf>,
     /// When audit checkpoints are signed.
     audit: Option<crate::audit::AuditConfig>,
+    /// The memory's embedding model.
+    embedding_model: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -100,6 +106,7 @@ pub struct Node {
     pub policy: stele_privacy::Policy,
     pub audit_key_file: Option<PathBuf>,
     pub audit: stele_audit::SealerOptions,
+    pub embedding_model: Option<String>,
 }
 
 impl NodeArgs {
@@ -127,6 +134,7 @@ impl NodeArgs {
             policy: file.privacy.unwrap_or_default(),
             audit_key_file: self.audit_key_file.clone().or(file.audit_key_file),
             audit: file.audit.unwrap_or_default().options(),
+            embedding_model: self.embedding_model.clone().or(file.embedding_model),
             rate: RateLimit {
                 per_second: self.rate_limit.or(rate.per_second).unwrap_or(100.0),
                 burst: self.rate_burst.or(rate.burst).unwrap_or(200),
@@ -260,6 +268,18 @@ pub async fn run_node(
         audit_key.clone(),
         node.audit,
     )));
+    if let Some(spec) = &node.embedding_model {
+        let embedder = match crate::memory::model(Some(spec)) {
+            Ok(embedder) => embedder,
+            Err(e) => {
+                store.close().await;
+                return Err(e);
+            }
+        };
+        let memories =
+            stele_memory::Memories::new(&store, embedder, private.subjects.sealer().clone());
+        projections.push(memories.projection());
+    }
     let runner = Arc::new(ProjectionRunner::new(&store, projections));
     runner.setup().await?;
     let first_start = roles.api && no_key_yet(&runner, &store).await;
