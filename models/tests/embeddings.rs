@@ -281,7 +281,7 @@ async fn openai_errors_carry_the_status_and_the_body() {
     ))
     .await;
     let model = OpenAiEmbeddingModel::new(&server.base_url, "m", 8, None).unwrap();
-    let error = model.embed(&["x".to_owned()]).await.err().expect("401");
+    let error = model.embed(&["x".to_owned()]).await.expect_err("401");
     assert!(
         matches!(&error, EmbeddingError::Provider(ModelError::Status { status: 401, body })
             if body.contains("Incorrect API key")),
@@ -292,7 +292,7 @@ async fn openai_errors_carry_the_status_and_the_body() {
 
     let server = FakeEmbeddings::start(Answer::Status(503, "overloaded")).await;
     let model = OpenAiEmbeddingModel::new(&server.base_url, "m", 8, None).unwrap();
-    let error = model.embed(&["x".to_owned()]).await.err().expect("503");
+    let error = model.embed(&["x".to_owned()]).await.expect_err("503");
     assert!(error.is_retryable(), "{error}");
 }
 
@@ -300,7 +300,7 @@ async fn openai_errors_carry_the_status_and_the_body() {
 async fn openai_vectors_of_the_wrong_size_are_refused() {
     let server = FakeEmbeddings::start(Answer::Vectors { dimensions: 3 }).await;
     let model = OpenAiEmbeddingModel::new(&server.base_url, "m", 8, None).unwrap();
-    let error = model.embed(&["x".to_owned()]).await.err().expect("3 != 8");
+    let error = model.embed(&["x".to_owned()]).await.expect_err("3 != 8");
     assert!(
         matches!(
             error,
@@ -320,7 +320,7 @@ async fn openai_connection_failures_are_retryable() {
     let address = listener.local_addr().unwrap();
     drop(listener);
     let model = OpenAiEmbeddingModel::new(&format!("http://{address}"), "m", 8, None).unwrap();
-    let error = model.embed(&["x".to_owned()]).await.err().expect("refused");
+    let error = model.embed(&["x".to_owned()]).await.expect_err("refused");
     assert!(
         matches!(error, EmbeddingError::Provider(ModelError::Connect(_))),
         "{error}"
@@ -384,7 +384,6 @@ async fn hf_downloads_the_folder_into_the_cache_and_loads_it() {
     })
     .await
     .unwrap()
-    .err()
-    .expect("no such repository");
+    .expect_err("no such repository");
     assert!(matches!(error, EmbeddingError::Download { .. }), "{error}");
 }

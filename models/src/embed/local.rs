@@ -259,7 +259,11 @@ impl Folder {
     pub(super) fn open(path: &Path, label: Option<&str>) -> Result<Self, EmbeddingError> {
         let config_path = path.join("config.json");
         let config: BertConfig = read_json(&config_path)?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             return Err(EmbeddingError::InvalidFile {
                 path: config_path,
                 message: format!(
