@@ -8,7 +8,7 @@ use stele_aggregates::memory::MemoryScope;
 use stele_engine::projection::ProjectionRunner;
 use stele_engine::store::Migrate;
 use stele_engine::CommandMeta;
-use stele_memory::{Filter, Memories, Mode, NewMemory, Scope, Search, MEMORY};
+use stele_memory::{Filter, Memories, Mode, NewMemory, Search, MEMORY};
 use stele_models::embed::EmbeddingModel;
 
 use crate::privacy::{catch_up, open};
@@ -47,6 +47,18 @@ pub struct ScopeArgs {
     workflow: Option<String>,
     #[arg(long)]
     tenant: Option<String>,
+}
+
+impl From<ScopeArgs> for MemoryScope {
+    fn from(scope: ScopeArgs) -> Self {
+        MemoryScope {
+            agent: scope.agent,
+            conversation: scope.conversation,
+            subject: scope.subject,
+            workflow: scope.workflow,
+            tenant: scope.tenant,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -165,13 +177,7 @@ async fn run_on(
                         content: text,
                         importance,
                         tags,
-                        scope: MemoryScope {
-                            agent: scope.agent,
-                            conversation: scope.conversation,
-                            subject: scope.subject,
-                            workflow: scope.workflow,
-                            tenant: scope.tenant,
-                        },
+                        scope: scope.into(),
                         key,
                         sources: Vec::new(),
                     },
@@ -203,13 +209,7 @@ async fn run_on(
                 .search(&Search {
                     query,
                     filter: Filter {
-                        scope: Scope {
-                            agent: scope.agent,
-                            conversation: scope.conversation,
-                            subject: scope.subject,
-                            workflow: scope.workflow,
-                            tenant: scope.tenant,
-                        },
+                        scope: scope.into(),
                         at,
                     },
                     limit,

@@ -121,6 +121,17 @@ pub async fn prove_inclusion(
         .await?
         .ok_or_else(|| AuditError::Tree(format!("no sealed event at position {position}")))?;
     let checkpoint = checkpoint(&mut db, size).await?;
+    prove_leaf(log, &mut db, position, leaf_index, &checkpoint).await
+}
+
+/// The inclusion proof of the event at `position`, sealed as leaf `leaf_index`, in `checkpoint`.
+async fn prove_leaf(
+    log: &dyn EventLog,
+    db: &mut Db<'_>,
+    position: Position,
+    leaf_index: u64,
+    checkpoint: &tree::StoredCheckpoint,
+) -> Result<Proof, AuditError> {
     if leaf_index >= checkpoint.size {
         return Err(AuditError::Tree(format!(
             "the event at position {position} was sealed after the checkpoint of size {}",
@@ -130,7 +141,7 @@ pub async fn prove_inclusion(
     // The log is read after the previous leaf's event (positions may have gaps).
     let before = match leaf_index {
         0 => Position::START,
-        n => tree::records(&mut db, n - 1, 1)
+        n => tree::records(db, n - 1, 1)
             .await?
             .first()
             .map_or(Position::START, |(_, p)| *p),
@@ -143,13 +154,10 @@ pub async fn prove_inclusion(
         .filter(|e| e.position == position)
         .ok_or_else(|| AuditError::Tree(format!("no event at position {position} in the log")))?;
     let t = checkpoint.size;
-    let path = with_hashes(&mut db, |r| {
-        tlog_tiles::prove_record(t, leaf_index, &Dyn(r))
-    })
-    .await?;
+    let path = with_hashes(db, |r| tlog_tiles::prove_record(t, leaf_index, &Dyn(r))).await?;
     Ok(Proof::Inclusion {
         format: FORMAT.into(),
-        checkpoint: checkpoint.note,
+        checkpoint: checkpoint.note.clone(),
         position: position.0,
         leaf_index,
         event: BASE64.encode(leaf::leaf_bytes(&event)),
@@ -305,26 +313,27 @@ pub async fn attest(
     pool: &StorePool,
     positions: &[Position],
 ) -> Result<Option<Attestation>, AuditError> {
-    let newest = match checkpoint(&mut Db::from(pool), None).await {
+    let mut db = Db::from(pool);
+    let newest = match checkpoint(&mut db, None).await {
         Ok(newest) => newest,
         Err(AuditError::Tree(_)) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mut attestation = Attestation {
+    let mut proofs = Vec::with_capacity(positions.len());
+    let mut pending = Vec::new();
+    for &position in positions {
+        match tree::record_of(&mut db, position).await? {
+            Some(leaf) if leaf < newest.size => {
+                proofs.push(prove_leaf(log, &mut db, position, leaf, &newest).await?)
+            }
+            _ => pending.push(position.0),
+        }
+    }
+    Ok(Some(Attestation {
         format: FORMAT,
         checkpoint: newest.note,
         tree_size: newest.size,
-        proofs: Vec::with_capacity(positions.len()),
-        pending: Vec::new(),
-    };
-    for &position in positions {
-        let sealed = tree::record_of(&mut Db::from(pool), position).await?;
-        match sealed {
-            Some(leaf) if leaf < newest.size => attestation
-                .proofs
-                .push(prove_inclusion(log, pool, position, Some(newest.size)).await?),
-            _ => attestation.pending.push(position.0),
-        }
-    }
-    Ok(Some(attestation))
+        proofs,
+        pending,
+    }))
 }

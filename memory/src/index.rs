@@ -50,26 +50,18 @@ pub struct Doc {
     pub vector: Vec<f32>,
 }
 
-/// Where a memory belongs, as indexed (each part optional).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Scope {
-    pub agent: Option<String>,
-    pub conversation: Option<String>,
-    pub subject: Option<String>,
-    pub workflow: Option<String>,
-    pub tenant: Option<String>,
-}
+/// Where a memory belongs (each part optional): the aggregate's scope.
+pub use stele_aggregates::memory::MemoryScope as Scope;
 
-impl Scope {
-    fn columns(&self) -> [(&'static str, &Option<String>); 5] {
-        [
-            ("agent", &self.agent),
-            ("conversation", &self.conversation),
-            ("subject_id", &self.subject),
-            ("workflow", &self.workflow),
-            ("tenant", &self.tenant),
-        ]
-    }
+/// The scope's columns and values.
+fn columns(scope: &Scope) -> [(&'static str, &Option<String>); 5] {
+    [
+        ("agent", &scope.agent),
+        ("conversation", &scope.conversation),
+        ("subject_id", &scope.subject),
+        ("workflow", &scope.workflow),
+        ("tenant", &scope.tenant),
+    ]
 }
 
 /// Which memories a search considers.
@@ -225,7 +217,7 @@ impl<'v> Where<'v> {
 
     /// The filter's conditions on the memories table aliased `m`.
     fn filter(&mut self, filter: &'v Filter, dialect: Dialect) {
-        for (column, value) in filter.scope.columns() {
+        for (column, value) in columns(&filter.scope) {
             if let Some(value) = value {
                 let p = self.bind(value.into());
                 self.conditions.push(format!("m.{column} = {p}"));
@@ -495,7 +487,6 @@ impl VectorIndex for Postgres {
         let mut db = Db::from(pool);
         let mut w = Where::new(vec![(&text).into(), (limit as i64).into()]);
         w.filter(filter, Dialect::Postgres);
-        let (total, _) = counts(&mut db).await?;
         let kept = if exact {
             0
         } else {
@@ -516,8 +507,22 @@ impl VectorIndex for Postgres {
             );
             return ids(db.fetch_all(&sql, &w.values).await?);
         }
-        // Approximate: enough candidates that the filter leaves `limit` of them.
-        let selectivity = (kept as f64 / total.max(1) as f64).clamp(0.001, 1.0);
+        // Approximate: enough candidates that the filter leaves `limit` of them. The count
+        // stopped at EXACT_BELOW, so this selectivity errs low (more candidates); the table's
+        // size is the planner's estimate (counted only while the table was never analysed), not
+        // a count on every search.
+        let total: f64 = db
+            .fetch_one(
+                &format!(
+                    "SELECT GREATEST(CASE WHEN reltuples < 0 \
+                       THEN (SELECT count(*) FROM {MEMORIES}) ELSE reltuples END, 1)::float8 \
+                     AS total FROM pg_class WHERE oid = '{MEMORIES}'::regclass"
+                ),
+                &[],
+            )
+            .await?
+            .get("total")?;
+        let selectivity = (kept as f64 / total).clamp(0.001, 1.0);
         let candidates = ((limit as f64 / selectivity) * 2.0)
             .ceil()
             .clamp(40.0, 1_000.0) as i64;
@@ -593,7 +598,7 @@ async fn supersede(
     let m = tables.name(MEMORIES);
     let mut values = vec![key.into(), (&doc.memory_id).into(), at];
     let mut conditions = Vec::new();
-    for (column, value) in doc.scope.columns() {
+    for (column, value) in columns(&doc.scope) {
         values.push(value.into());
         conditions.push(format!("{column} {same} ${}", values.len()));
     }
@@ -876,7 +881,7 @@ impl VectorIndex for Sqlite {
         // `vec0` scans every vector (exact) and applies the metadata conditions as it goes.
         let mut values: Vec<Value<'_>> = vec![(&text).into(), (limit as i64).into()];
         let mut conditions = vec!["v.current = 1".to_owned()];
-        for (column, value) in filter.scope.columns() {
+        for (column, value) in columns(&filter.scope) {
             if let Some(value) = value {
                 values.push(value.into());
                 conditions.push(format!("v.{column} = ${}", values.len()));

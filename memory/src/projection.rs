@@ -59,13 +59,6 @@ impl MemoryProjection {
                         return Ok(None);
                     };
                     sources.insert(0, event_id);
-                    let scope = Scope {
-                        agent: scope.agent,
-                        conversation: scope.conversation,
-                        subject: scope.subject,
-                        workflow: scope.workflow,
-                        tenant: scope.tenant,
-                    };
                     (
                         stream_id.clone(),
                         "fact",
@@ -189,6 +182,16 @@ impl MemoryProjection {
     }
 }
 
+/// The most of a text its terms are drawn from (a `tsvector` holds at most 1 MB).
+const MAX_TERMS_BYTES: usize = 64 * 1024;
+
+/// The part of `text` the full-text index reads: without NUL (which PostgreSQL's text refuses:
+/// one sender's message must not stop the projection for everyone), at most
+/// [`MAX_TERMS_BYTES`], cut on a character boundary.
+fn terms_text(text: &str) -> String {
+    text[..text.floor_char_boundary(MAX_TERMS_BYTES)].replace('\0', " ")
+}
+
 /// How many vectors of `model` are cached.
 pub(crate) async fn cached(pool: &StorePool, model: &str) -> Result<i64, sqlx::Error> {
     Db::from(pool)
@@ -249,7 +252,7 @@ impl Projection for MemoryProjection {
             if let Some((doc, text)) = self.doc(event).await? {
                 texts.push((doc.text_sha256.clone(), text.clone()));
                 let mut doc = doc;
-                doc.text = text;
+                doc.text = terms_text(&text);
                 docs.insert(i, doc);
             }
         }
