@@ -211,6 +211,7 @@ async fn run_on(
                     filter: Filter {
                         scope: scope.into(),
                         at,
+                        no_subject: false,
                     },
                     limit,
                     mode,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use stele_engine::store::Store;
+use stele_memory::Memories;
 use stele_models::{ModelRouter, ModelsConfig};
 use stele_workflows::agents::ModelAgents;
 use stele_workflows::catalog;
@@ -32,13 +33,24 @@ pub struct WorkflowArgs {
 impl WorkflowArgs {
     /// The model router and the validated catalog (shipped definitions plus the folder's).
     pub fn load(&self) -> anyhow::Result<(ModelRouter, Tools, Catalog)> {
+        self.load_with(None)
+    }
+
+    /// [`Self::load`], with the memory's tools when there is a memory.
+    fn load_with(
+        &self,
+        memory: Option<Arc<Memories>>,
+    ) -> anyhow::Result<(ModelRouter, Tools, Catalog)> {
         let config = match &self.models {
             Some(path) => ModelsConfig::load(path)?,
             None => ModelsConfig::default(),
         }
         .with_process_env()?;
         let router = ModelRouter::new(config)?;
-        let tools = Tools::builtin();
+        let mut tools = Tools::builtin();
+        if let Some(memory) = memory {
+            tools = stele_memory::agents::register(tools, memory);
+        }
         let mut sources = catalog::builtin();
         if let Some(dir) = &self.workflows {
             sources.extend(catalog::read(dir)?);
@@ -56,13 +68,27 @@ impl WorkflowArgs {
         store: &Store,
         subjects: Option<Arc<stele_privacy::Subjects>>,
     ) -> anyhow::Result<Arc<Runtime>> {
-        let (router, tools, mut catalog) = self.load()?;
+        self.runtime_with_memory(store, subjects, None).await
+    }
+
+    /// [`Self::runtime_with`], with a memory: agents get the `memory.*` tools their roles list,
+    /// and steps the context they ask for.
+    pub async fn runtime_with_memory(
+        &self,
+        store: &Store,
+        subjects: Option<Arc<stele_privacy::Subjects>>,
+        memory: Option<Arc<Memories>>,
+    ) -> anyhow::Result<Arc<Runtime>> {
+        let (router, tools, mut catalog) = self.load_with(memory.clone())?;
         stele_workflows::catalog::publish(store.log.as_ref(), &mut catalog).await?;
         let agents = Arc::new(ModelAgents::new(router, tools.clone()));
         let mut runtime =
             Runtime::new(store, catalog, agents, tools).with_default_workflow(DEFAULT_WORKFLOW);
         if let Some(subjects) = subjects {
             runtime = runtime.with_subjects(subjects);
+        }
+        if let Some(memory) = memory {
+            runtime = runtime.with_recall(memory);
         }
         Ok(Arc::new(runtime))
     }

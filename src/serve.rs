@@ -255,9 +255,23 @@ pub async fn run_node(
             return Err(e);
         }
     };
+    let memory = match &node.embedding_model {
+        Some(spec) => match crate::memory::model(Some(spec)) {
+            Ok(embedder) => Some(Arc::new(stele_memory::Memories::new(
+                &store,
+                embedder,
+                private.subjects.sealer().clone(),
+            ))),
+            Err(e) => {
+                store.close().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let runtime = node
         .workflows
-        .runtime_with(&store, Some(private.subjects.clone()))
+        .runtime_with_memory(&store, Some(private.subjects.clone()), memory.clone())
         .await?;
     let mut projections = stele_projections::all();
     projections.push(as_projection(runtime.manager(), store.queue.clone()));
@@ -268,17 +282,8 @@ pub async fn run_node(
         audit_key.clone(),
         node.audit,
     )));
-    if let Some(spec) = &node.embedding_model {
-        let embedder = match crate::memory::model(Some(spec)) {
-            Ok(embedder) => embedder,
-            Err(e) => {
-                store.close().await;
-                return Err(e);
-            }
-        };
-        let memories =
-            stele_memory::Memories::new(&store, embedder, private.subjects.sealer().clone());
-        projections.push(memories.projection());
+    if let Some(memory) = &memory {
+        projections.push(memory.projection());
     }
     let runner = Arc::new(ProjectionRunner::new(&store, projections));
     runner.setup().await?;
@@ -353,6 +358,7 @@ pub async fn run_node(
             .await;
         state.metrics = Some(prometheus()?);
         state.audit_key = Some(audit_key.verifier_key().to_owned());
+        state.memory = memory.clone();
         if let Some(url) = &node.redis_url {
             state.probe = Some(Arc::new(
                 stele_api::state::RedisProbe::new(url).map_err(anyhow::Error::msg)?,
@@ -521,7 +527,8 @@ pub enum KeysCommand {
         /// A name for the key (who or what uses it).
         #[arg(long)]
         name: String,
-        /// Scopes: tasks:read, tasks:write, admin (repeat, or separate with commas).
+        /// Scopes: tasks:read, tasks:write, subjects:read, subjects:write, subjects:erase,
+        /// audit:read, memory:read, memory:write, admin (repeat, or separate with commas).
         #[arg(long = "scope", required = true, value_delimiter = ',')]
         scopes: Vec<String>,
         #[arg(long)]

@@ -124,3 +124,42 @@ fn facts_are_remembered_found_superseded_and_rebuilt() {
     assert!(line.contains("no embedding model"), "{line}");
     assert_eq!(line.trim().lines().count(), 1, "{line}");
 }
+
+/// `stele bench memory` at a small scale on PostgreSQL (the memory's own suite covers both
+/// stores): every figure is there, and the searches find the labelled passages.
+#[test]
+fn the_memory_benchmark_prints_json() {
+    let url = stele_engine::testing::admin_url();
+    let output = stele()
+        .env_remove("STELE_SENTENCE_TRANSFORMERS")
+        .args([
+            "bench",
+            "memory",
+            "--memories",
+            "600",
+            "--searches",
+            "20",
+            "--no-sqlite",
+            "--database-url",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{report:#}");
+    for figure in results {
+        assert_eq!(figure["memories"], 600);
+        assert!(figure["ingest_memories_per_sec"].as_f64().unwrap() > 0.0);
+        assert!(figure["hybrid_search"]["p95_ms"].as_f64().unwrap() > 0.0);
+        for mode in ["dense", "text", "hybrid"] {
+            let ndcg = figure["ndcg_at_10"][mode].as_f64().unwrap();
+            assert!(ndcg > 0.3 && ndcg <= 1.0, "{mode}: {figure:#}");
+        }
+        for filter in ["unfiltered", "filter_1_percent", "filter_10_percent"] {
+            let recall = figure["recall_at_10"][filter].as_f64().unwrap();
+            assert!(recall > 0.8, "{filter}: {figure:#}");
+        }
+    }
+}

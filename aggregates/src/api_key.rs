@@ -50,6 +50,12 @@ pub enum Scope {
     /// Read the audit log and its proofs (`audit:read`).
     #[serde(rename = "audit:read")]
     AuditRead,
+    /// Search the memory, which opens people's data (`memory:read`).
+    #[serde(rename = "memory:read")]
+    MemoryRead,
+    /// Remember and forget facts (`memory:write`).
+    #[serde(rename = "memory:write")]
+    MemoryWrite,
     /// Everything, including managing keys (`admin`).
     #[serde(rename = "admin")]
     Admin,
@@ -57,13 +63,15 @@ pub enum Scope {
 
 impl Scope {
     /// Every scope, in their stable order.
-    pub const ALL: [Scope; 7] = [
+    pub const ALL: [Scope; 9] = [
         Scope::TasksRead,
         Scope::TasksWrite,
         Scope::SubjectsRead,
         Scope::SubjectsWrite,
         Scope::SubjectsErase,
         Scope::AuditRead,
+        Scope::MemoryRead,
+        Scope::MemoryWrite,
         Scope::Admin,
     ];
 
@@ -76,6 +84,8 @@ impl Scope {
             Scope::SubjectsWrite => "subjects:write",
             Scope::SubjectsErase => "subjects:erase",
             Scope::AuditRead => "audit:read",
+            Scope::MemoryRead => "memory:read",
+            Scope::MemoryWrite => "memory:write",
             Scope::Admin => "admin",
         }
     }
@@ -102,7 +112,7 @@ impl fmt::Display for Scope {
 
 /// A scope name that is not one of [`Scope::ALL`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scope {0:?} (expected tasks:read, tasks:write, subjects:read, subjects:write, subjects:erase, audit:read or admin)")]
+#[error("unknown scope {0:?} (expected tasks:read, tasks:write, subjects:read, subjects:write, subjects:erase, audit:read, memory:read, memory:write or admin)")]
 pub struct UnknownScope(pub String);
 
 impl FromStr for Scope {

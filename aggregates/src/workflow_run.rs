@@ -195,6 +195,7 @@ impl WorkflowRun {
                 input,
                 outcome,
                 calls,
+                remember,
                 ..
             } => {
                 self.ensure_running()?;
@@ -220,6 +221,7 @@ impl WorkflowRun {
                         output: self.personal(output),
                         calls,
                         consumed_signal: None,
+                        remember,
                     },
                     StepOutcome::Failed { error } => RunEvent::StepFailed {
                         step,
@@ -312,6 +314,7 @@ impl Action {
                 output: run.personal(output),
                 calls: run.personal(Vec::new()),
                 consumed_signal,
+                remember: None,
             },
             Action::SkipStep { step, reason } => RunEvent::StepSkipped { step, reason },
             Action::ArmTimer { step, fire_at } => RunEvent::TimerArmed { step, fire_at },

@@ -21,6 +21,10 @@ pub enum Need {
     SubjectsErase,
     /// `audit:read`
     AuditRead,
+    /// `memory:read`
+    MemoryRead,
+    /// `memory:write`
+    MemoryWrite,
     /// `admin`
     Admin,
 }
@@ -40,6 +44,8 @@ impl Need {
             Need::SubjectsWrite => Scope::SubjectsWrite,
             Need::SubjectsErase => Scope::SubjectsErase,
             Need::AuditRead => Scope::AuditRead,
+            Need::MemoryRead => Scope::MemoryRead,
+            Need::MemoryWrite => Scope::MemoryWrite,
             Need::Admin => Scope::Admin,
         }
     }

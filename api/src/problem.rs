@@ -111,6 +111,12 @@ codes! {
     InvalidPurpose = ("invalid_purpose", UNPROCESSABLE_ENTITY, "Invalid purpose"),
     /// Not a channel name.
     InvalidChannel = ("invalid_channel", UNPROCESSABLE_ENTITY, "Invalid channel"),
+    /// No embedding model is configured, or it failed to answer.
+    MemoryUnavailable = ("memory_unavailable", SERVICE_UNAVAILABLE, "Memory unavailable"),
+    /// A fact the memory refuses: empty, too long, importance out of range, bad tags or key.
+    InvalidMemory = ("invalid_memory", UNPROCESSABLE_ENTITY, "Invalid memory"),
+    /// No stored fact with that id (messages and step outputs are forgotten with their person).
+    MemoryNotFound = ("memory_not_found", NOT_FOUND, "Memory not found"),
     RouteNotFound = ("route_not_found", NOT_FOUND, "Route not found"),
     MethodNotAllowed = ("method_not_allowed", METHOD_NOT_ALLOWED, "Method not allowed"),
     /// The task cannot do that now (it is finished).

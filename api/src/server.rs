@@ -30,7 +30,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::problem::{ApiError, Code, CHALLENGE};
-use crate::routes::{audit, health, ops, stream, subjects, tasks};
+use crate::routes::{audit, health, memory, ops, stream, subjects, tasks};
 use crate::state::AppState;
 
 /// Largest request body accepted.
@@ -52,6 +52,7 @@ Text never holds a NUL character (U+0000), which Stele does not store: it is ref
         (name = "tasks", description = "Create and follow tasks"),
         (name = "subjects", description = "People: consents, export and erasure of their data"),
         (name = "audit", description = "The audit log: signed checkpoints and proofs"),
+        (name = "memory", description = "The memory: remember facts, search by meaning and words, forget"),
         (name = "operators", description = "The log, jobs, projections and workflows"),
         (name = "health", description = "Liveness, readiness and metrics"),
     )
@@ -336,6 +337,9 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(audit::audit_events))
         .routes(routes!(audit::inclusion_proof))
         .routes(routes!(audit::consistency_proof))
+        .routes(routes!(memory::store_memory))
+        .routes(routes!(memory::search_memory))
+        .routes(routes!(memory::forget_memory))
         .routes(routes!(ops::workflows))
         .routes(routes!(ops::events))
         .routes(routes!(ops::jobs))

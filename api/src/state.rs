@@ -38,6 +38,8 @@ pub struct AppState {
     pub tasks: Option<crate::cache::TaskCache>,
     /// The audit log's verifier key, shown with its checkpoints.
     pub audit_key: Option<String>,
+    /// The memory, when the server has an embedding model.
+    pub memory: Option<Arc<stele_memory::Memories>>,
 }
 
 impl AppState {
@@ -72,6 +74,7 @@ impl AppState {
             max_lag_seconds: 60.0,
             tasks: None,
             audit_key: None,
+            memory: None,
         }
     }
 }

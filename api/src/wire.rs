@@ -485,6 +485,235 @@ pub struct Liveness {
     pub status: String,
 }
 
+/// Longest part of a memory's scope, tag or key, in characters.
+pub const MAX_MEMORY_LABEL_CHARS: usize = 200;
+
+/// Where a memory belongs; every part is optional (a memory with none is everyone's).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryScopeBody {
+    /// The agent role it belongs to.
+    #[serde(default)]
+    #[schema(max_length = 200, pattern = r"^[^\u0000]*$")]
+    pub agent: Option<String>,
+    /// The conversation it belongs to.
+    #[serde(default)]
+    #[schema(max_length = 200, pattern = r"^[^\u0000]*$")]
+    pub conversation: Option<String>,
+    /// A subject's id: the memory is theirs (sealed with their key, erased with them).
+    #[serde(default)]
+    #[schema(format = Uuid)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    #[schema(max_length = 200, pattern = r"^[^\u0000]*$")]
+    pub workflow: Option<String>,
+    #[serde(default)]
+    #[schema(max_length = 200, pattern = r"^[^\u0000]*$")]
+    pub tenant: Option<String>,
+}
+
+/// A fact to remember.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StoreMemory {
+    /// The fact: 1 to 8,000 characters, not all white space.
+    #[schema(
+        min_length = 1,
+        max_length = 8000,
+        pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$"
+    )]
+    pub content: String,
+    /// 0 (trivia) to 1 (never forget); 0.5 when absent.
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub importance: Option<f32>,
+    /// Up to 16 labels, each 1 to 200 characters.
+    #[serde(default)]
+    #[schema(max_items = 16)]
+    pub tags: Vec<TagText>,
+    /// A name for the fact: a later fact with the same key in the same scope supersedes it
+    /// (the earlier stays answerable with `at`).
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000]*$")]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub scope: Option<MemoryScopeBody>,
+}
+
+impl Body for StoreMemory {
+    fn check(&self) -> Result<(), ApiError> {
+        let invalid = |why: String| Err(ApiError::new(Code::InvalidMemory, why));
+        if self.content.trim().is_empty() {
+            return invalid("`content` is empty".into());
+        }
+        let chars = self.content.chars().count();
+        if chars > stele_aggregates::memory::MAX_CONTENT_CHARS {
+            return invalid(format!(
+                "`content` has {chars} characters; at most {} are accepted",
+                stele_aggregates::memory::MAX_CONTENT_CHARS
+            ));
+        }
+        if self.importance.is_some_and(|i| !(0.0..=1.0).contains(&i)) {
+            return invalid("`importance` is from 0 to 1".into());
+        }
+        if self.tags.len() > stele_aggregates::memory::MAX_TAGS {
+            return invalid(format!(
+                "at most {} tags",
+                stele_aggregates::memory::MAX_TAGS
+            ));
+        }
+        let long = |text: &str| text.chars().count() > MAX_MEMORY_LABEL_CHARS;
+        if self.tags.iter().any(|t| t.0.is_empty() || long(&t.0)) {
+            return invalid(format!(
+                "a tag has 1 to {MAX_MEMORY_LABEL_CHARS} characters"
+            ));
+        }
+        if self.key.as_deref().is_some_and(|k| k.is_empty() || long(k)) {
+            return invalid(format!(
+                "`key` has 1 to {MAX_MEMORY_LABEL_CHARS} characters"
+            ));
+        }
+        if let Some(scope) = &self.scope {
+            for (name, part) in [
+                ("agent", &scope.agent),
+                ("conversation", &scope.conversation),
+                ("workflow", &scope.workflow),
+                ("tenant", &scope.tenant),
+            ] {
+                if part.as_deref().is_some_and(long) {
+                    return invalid(format!(
+                        "`scope.{name}` has at most {MAX_MEMORY_LABEL_CHARS} characters"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A memory's tag: 1 to 200 characters, no NUL.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TagText(pub String);
+
+// Written out: utoipa's derive takes no pattern for a newtype's field.
+impl utoipa::PartialSchema for TagText {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .min_length(Some(1))
+            .max_length(Some(MAX_MEMORY_LABEL_CHARS))
+            .pattern(Some(NO_NUL))
+            .into()
+    }
+}
+
+impl ToSchema for TagText {}
+
+/// A remembered fact's id.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MemoryStored {
+    #[schema(format = Uuid)]
+    pub memory_id: String,
+}
+
+/// How to search the memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryMode {
+    /// Vectors and full text, fused by Reciprocal Rank Fusion.
+    #[default]
+    Hybrid,
+    /// Vectors only.
+    Dense,
+    /// Full text only.
+    Text,
+}
+
+/// A search of the memory.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct MemorySearchQuery {
+    /// What to look for: 1 to 2,000 characters, not all white space.
+    #[param(min_length = 1, max_length = 2000)]
+    pub q: String,
+    /// Only memories of this agent role.
+    pub agent: Option<String>,
+    /// Only memories of this conversation.
+    pub conversation: Option<String>,
+    /// Only memories of this subject (a person's id).
+    #[param(format = Uuid)]
+    pub subject: Option<String>,
+    /// Only memories of this workflow.
+    pub workflow: Option<String>,
+    /// Only memories of this tenant.
+    pub tenant: Option<String>,
+    /// Memories valid at this time (RFC 3339; now when absent).
+    pub at: Option<DateTime<Utc>>,
+    /// How to search (`hybrid` by default).
+    #[param(inline)]
+    pub mode: Option<MemoryMode>,
+    /// How many, 1 to 100 (10 by default).
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<usize>,
+}
+
+/// A memory found.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MemoryHit {
+    pub memory_id: String,
+    /// `fact`, `message`, `reply` or `step`.
+    pub kind: String,
+    /// Its content (`[erased]` if its person was erased since).
+    pub content: String,
+    /// The fused score (higher is better).
+    pub score: f64,
+    pub importance: f64,
+    pub tags: Vec<String>,
+    pub key: Option<String>,
+    pub scope: MemoryScopeBody,
+    /// The log position of the event it came from.
+    pub position: i64,
+    /// The ids of the events it cites.
+    pub sources: Vec<String>,
+    pub valid_from: DateTime<Utc>,
+    /// When a later fact superseded it, or it was forgotten.
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+/// The memories found, best first.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MemoryHits {
+    pub hits: Vec<MemoryHit>,
+}
+
+/// Why a fact is forgotten.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForgetMemory {
+    /// For the audit trail (at most 2,000 characters).
+    #[serde(default)]
+    #[schema(max_length = 2000, pattern = r"^[^\u0000]*$")]
+    pub reason: Option<String>,
+}
+
+impl Body for ForgetMemory {
+    fn check(&self) -> Result<(), ApiError> {
+        if self
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.chars().count() > 2000)
+        {
+            return Err(ApiError::new(
+                Code::InvalidBody,
+                "`reason` has at most 2,000 characters",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

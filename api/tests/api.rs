@@ -25,6 +25,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
+const DELETE: Method = Method::DELETE;
 
 /// Every documented (method, path, status) must have been seen, and the document must list
 /// exactly the routes the server has.
@@ -722,6 +723,162 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{route}");
         }
 
+        // The memory: remember (a fact, a person's fact; refusals), search, forget.
+        let memories = "/v1/memories";
+        let remember = |body: Value| s.call(POST, memories, &[], Some(&admin), Some(body));
+        let (status, fact) = remember(json!({
+            "content": "The team's standup is at 9:30 in the Orion room",
+            "importance": 0.8,
+            "tags": ["meetings"],
+            "key": "standup",
+            "scope": { "workflow": "assistant" }
+        }))
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{fact}");
+        let fact_id = fact["memory_id"].as_str().unwrap().to_owned();
+        for (body, expected, code) in [
+            (
+                json!({ "content": "x", "scope": { "subject": missing } }),
+                StatusCode::NOT_FOUND,
+                "subject_not_found",
+            ),
+            (
+                json!({ "content": "x", "scope": { "subject": ana_id } }),
+                StatusCode::CONFLICT,
+                "subject_state",
+            ),
+            (
+                json!({ "content": "   " }),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_memory",
+            ),
+            (
+                json!({ "content": "x", "importance": 2 }),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_memory",
+            ),
+            (
+                json!({ "content": "x", "scope": { "subject": "not-a-uuid" } }),
+                StatusCode::BAD_REQUEST,
+                "invalid_id",
+            ),
+        ] {
+            let (status, problem) = remember(body.clone()).await;
+            assert_eq!(
+                (status, problem["code"].as_str()),
+                (expected, Some(code)),
+                "{body}: {problem}"
+            );
+        }
+        let search = "/v1/memories/search";
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, found) = s
+                .call(
+                    GET,
+                    &format!("{search}?q=when%20is%20the%20standup%3F&workflow=assistant"),
+                    &[],
+                    Some(&admin),
+                    None,
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{found}");
+            if let Some(hit) = found["hits"].as_array().unwrap().first() {
+                assert_eq!(hit["memory_id"], fact_id.as_str());
+                assert_eq!(hit["kind"], "fact");
+                assert_eq!(hit["key"], "standup");
+                assert_eq!(hit["scope"]["workflow"], "assistant");
+                s.record(&GET, search, StatusCode::OK);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never indexed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (status, problem) = s
+            .call(GET, &format!("{search}?q=%20%20"), &[], Some(&admin), None)
+            .await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_query"))
+        );
+        let forget = "/v1/memories/{id}";
+        // Forgetting is idempotent; an id that names no fact is not found.
+        for (id, expected) in [
+            (fact_id.as_str(), StatusCode::NO_CONTENT),
+            (fact_id.as_str(), StatusCode::NO_CONTENT),
+            (missing.as_str(), StatusCode::NOT_FOUND),
+        ] {
+            let (status, body) = s
+                .call(
+                    DELETE,
+                    forget,
+                    &[("id", id)],
+                    Some(&admin),
+                    Some(json!({ "reason": "moved to the wiki" })),
+                )
+                .await;
+            assert_eq!(status, expected, "{body}");
+        }
+        // A server without an embedding model has no memory, and says so.
+        let amnesic = Server::start(Options {
+            memory: false,
+            ..Options::default()
+        })
+        .await;
+        for (method, route, path, body) in [
+            (
+                POST,
+                memories,
+                memories.to_owned(),
+                Some(json!({ "content": "x" })),
+            ),
+            (GET, search, format!("{search}?q=x"), None),
+            (DELETE, forget, format!("/v1/memories/{fact_id}"), None),
+        ] {
+            let (status, problem) = amnesic
+                .call(method.clone(), &path, &[], Some(&amnesic.admin), body)
+                .await;
+            assert_eq!(
+                (status, problem["code"].as_str()),
+                (StatusCode::SERVICE_UNAVAILABLE, Some("memory_unavailable")),
+                "{method} {route}"
+            );
+            s.record(&method, route, status);
+        }
+        amnesic.stop().await;
+        for (method, route, path) in [
+            (POST, memories, memories.to_owned()),
+            (DELETE, forget, format!("/v1/memories/{fact_id}")),
+        ] {
+            let request = || {
+                s.client
+                    .request(method.clone(), format!("{}{path}", s.base))
+                    .bearer_auth(&admin)
+            };
+            let (status, problem) = s.send(route, request().json(&json!({ "x": 1 }))).await;
+            assert_eq!(
+                (status, problem["code"].as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_body")),
+                "{route}"
+            );
+            let (status, _) = s
+                .send(
+                    route,
+                    request()
+                        .header("content-type", "application/json")
+                        .body(format!("{{\"content\": \"{}\"}}", "x".repeat(70_000))),
+                )
+                .await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{route}");
+            let (status, _) = s
+                .send(
+                    route,
+                    request().header("content-type", "text/plain").body("x"),
+                )
+                .await;
+            assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{route}");
+        }
+
         // The audit log: checkpoints, an inclusion proof of a sealed event, a consistency proof;
         // what cannot be proved.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -875,9 +1032,8 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 r
             };
             let key = match scope_of(&document, route, &method) {
-                "admin" | "subjects:read" | "subjects:write" | "subjects:erase" | "audit:read" => {
-                    Some(admin.as_str())
-                }
+                "admin" | "subjects:read" | "subjects:write" | "subjects:erase" | "audit:read"
+                | "memory:read" | "memory:write" => Some(admin.as_str()),
                 "tasks:write" | "tasks:read" => Some(writer.as_str()),
                 _ => None,
             };
@@ -913,7 +1069,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 // A key with every scope but the one the route needs, in `X-Api-Key`.
                 let key = match scope_of(&document, route, &method) {
                     "admin" | "subjects:read" | "subjects:write" | "subjects:erase"
-                    | "audit:read" => &writer,
+                    | "audit:read" | "memory:read" | "memory:write" => &writer,
                     "tasks:write" => &reader,
                     _ => &write_only,
                 };
@@ -987,6 +1143,9 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 "/v1/events",
                 "/v1/jobs",
                 "/v1/jobs/{id}/retry",
+                "/v1/memories",
+                "/v1/memories/search",
+                "/v1/memories/{id}",
                 "/v1/projections",
                 "/v1/projections/{name}/rebuild",
                 "/v1/subjects",

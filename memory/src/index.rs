@@ -69,6 +69,8 @@ fn columns(scope: &Scope) -> [(&'static str, &Option<String>); 5] {
 pub struct Filter {
     /// Only memories whose scope has these values (unset parts match anything).
     pub scope: Scope,
+    /// Only memories of no person (the scope's subject unset): what a run for no one may see.
+    pub no_subject: bool,
     /// Memories valid at this time (stored by then, not yet superseded or forgotten); `None`:
     /// valid now.
     pub at: Option<DateTime<Utc>>,
@@ -126,13 +128,15 @@ pub trait VectorIndex: Send + Sync {
         tables: &Tables,
         subjects: &[String],
     ) -> Result<Vec<String>, sqlx::Error>;
-    /// Memory ids best matching `query`'s words, best first.
+    /// Memory ids best matching `query`'s words, best first: those holding at least
+    /// `min_match` (0 to 1) of its distinct terms (stop words aside), at least one.
     async fn text_search(
         &self,
         pool: &StorePool,
         query: &str,
         filter: &Filter,
         limit: usize,
+        min_match: f64,
     ) -> Result<Vec<String>, sqlx::Error>;
     /// Memory ids nearest to `vector` (cosine), best first; `exact` forces an exhaustive search
     /// (the reference for recall).
@@ -183,12 +187,145 @@ pub fn vector_text(vector: &[f32]) -> String {
     out
 }
 
-/// The words of `query`, for an OR of terms (`tsquery` or FTS5), each quoted for FTS5.
+/// English stop words: PostgreSQL's `english` list (Snowball's), so that SQLite leaves out the
+/// same words PostgreSQL does when it counts a query's terms.
+const STOP_WORDS: &[&str] = &[
+    "i",
+    "me",
+    "my",
+    "myself",
+    "we",
+    "our",
+    "ours",
+    "ourselves",
+    "you",
+    "your",
+    "yours",
+    "yourself",
+    "yourselves",
+    "he",
+    "him",
+    "his",
+    "himself",
+    "she",
+    "her",
+    "hers",
+    "herself",
+    "it",
+    "its",
+    "itself",
+    "they",
+    "them",
+    "their",
+    "theirs",
+    "themselves",
+    "what",
+    "which",
+    "who",
+    "whom",
+    "this",
+    "that",
+    "these",
+    "those",
+    "am",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "been",
+    "being",
+    "have",
+    "has",
+    "had",
+    "having",
+    "do",
+    "does",
+    "did",
+    "doing",
+    "a",
+    "an",
+    "the",
+    "and",
+    "but",
+    "if",
+    "or",
+    "because",
+    "as",
+    "until",
+    "while",
+    "of",
+    "at",
+    "by",
+    "for",
+    "with",
+    "about",
+    "against",
+    "between",
+    "into",
+    "through",
+    "during",
+    "before",
+    "after",
+    "above",
+    "below",
+    "to",
+    "from",
+    "up",
+    "down",
+    "in",
+    "out",
+    "on",
+    "off",
+    "over",
+    "under",
+    "again",
+    "further",
+    "then",
+    "once",
+    "here",
+    "there",
+    "when",
+    "where",
+    "why",
+    "how",
+    "all",
+    "any",
+    "both",
+    "each",
+    "few",
+    "more",
+    "most",
+    "other",
+    "some",
+    "such",
+    "no",
+    "nor",
+    "not",
+    "only",
+    "own",
+    "same",
+    "so",
+    "than",
+    "too",
+    "very",
+    "s",
+    "t",
+    "can",
+    "will",
+    "just",
+    "don",
+    "should",
+    "now",
+];
+
+/// The words of `query` that count (no stop words), for an OR of terms (`tsquery` or FTS5).
 fn words(query: &str) -> Vec<String> {
     let mut words: Vec<String> = query
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
         .map(|w| w.to_lowercase())
+        .filter(|w| !STOP_WORDS.contains(&w.as_str()))
         .collect();
     words.sort();
     words.dedup();
@@ -223,6 +360,9 @@ impl<'v> Where<'v> {
                 self.conditions.push(format!("m.{column} = {p}"));
             }
         }
+        if filter.no_subject {
+            self.conditions.push("m.subject_id IS NULL".into());
+        }
         match filter.at {
             None => self
                 .conditions
@@ -242,6 +382,40 @@ impl<'v> Where<'v> {
     fn sql(&self) -> String {
         self.conditions.join(" AND ")
     }
+}
+
+/// How [`list`] orders memories.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Most important first (then newest).
+    Importance,
+    /// Newest first.
+    Recent,
+}
+
+/// The ids of the first `limit` memories `filter` keeps, in `order` (the same SQL on both
+/// stores: the scope and validity columns are the memories table's).
+pub async fn list(
+    pool: &StorePool,
+    filter: &Filter,
+    order: Order,
+    limit: usize,
+) -> Result<Vec<String>, sqlx::Error> {
+    let dialect = match pool {
+        StorePool::Postgres(_) => Dialect::Postgres,
+        StorePool::Sqlite(_) => Dialect::Sqlite,
+    };
+    let mut w = Where::new(vec![(limit as i64).into()]);
+    w.filter(filter, dialect);
+    let order = match order {
+        Order::Importance => "m.importance DESC, m.position DESC",
+        Order::Recent => "m.position DESC",
+    };
+    let sql = format!(
+        "SELECT m.memory_id FROM {MEMORIES} m WHERE {} ORDER BY {order} LIMIT $1",
+        w.sql()
+    );
+    ids(Db::from(pool).fetch_all(&sql, &w.values).await?)
 }
 
 fn tags_json(tags: &[String]) -> String {
@@ -458,18 +632,29 @@ impl VectorIndex for Postgres {
         query: &str,
         filter: &Filter,
         limit: usize,
+        min_match: f64,
     ) -> Result<Vec<String>, sqlx::Error> {
         let words = words(query).join(" ");
         if words.is_empty() {
             return Ok(Vec::new());
         }
-        let mut w = Where::new(vec![(&words).into(), (limit as i64).into()]);
+        let mut w = Where::new(vec![
+            (&words).into(),
+            (limit as i64).into(),
+            min_match.clamp(0.0, 1.0).into(),
+        ]);
         w.filter(filter, Dialect::Postgres);
-        // Any of the words (an OR of terms): a question shares few of its words with its answer.
+        // Any of the words (an OR of terms), in rows holding at least `min_match` of the query's
+        // lexemes (`ts_delete` takes them out: the row's lexemes that go are those it holds),
+        // ranked by frequency over the log of the memory's length (normalisation 1, as BM25
+        // weighs long texts down).
         let sql = format!(
-            "WITH q AS (SELECT replace(plainto_tsquery('english', $1)::text, '&', '|')::tsquery AS q) \
+            "WITH q AS (SELECT replace(plainto_tsquery('english', $1)::text, '&', '|')::tsquery AS q, \
+                               tsvector_to_array(to_tsvector('english', $1)) AS lexemes) \
              SELECT m.memory_id FROM {MEMORIES} m, q WHERE m.terms @@ q.q AND {} \
-             ORDER BY ts_rank_cd(m.terms, q.q) DESC, m.memory_id LIMIT $2",
+               AND length(m.terms) - length(ts_delete(m.terms, q.lexemes)) \
+                   >= ceil($3 * cardinality(q.lexemes)) \
+             ORDER BY ts_rank(m.terms, q.q, 1) DESC, m.memory_id LIMIT $2",
             w.sql()
         );
         ids(Db::from(pool).fetch_all(&sql, &w.values).await?)
@@ -837,6 +1022,7 @@ impl VectorIndex for Sqlite {
         query: &str,
         filter: &Filter,
         limit: usize,
+        min_match: f64,
     ) -> Result<Vec<String>, sqlx::Error> {
         let words = words(query);
         if words.is_empty() {
@@ -847,8 +1033,25 @@ impl VectorIndex for Sqlite {
             .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
             .collect::<Vec<_>>()
             .join(" OR ");
+        let quoted: Vec<String> = words
+            .iter()
+            .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
+            .collect();
         let mut w = Where::new(vec![(&any).into(), (limit as i64).into()]);
         w.filter(filter, Dialect::Sqlite);
+        let need = (min_match.clamp(0.0, 1.0) * quoted.len() as f64).ceil() as usize;
+        if need > 1 {
+            // How many of the terms a row holds: one set of rows per term (SQLite evaluates each
+            // `IN (SELECT …)` once).
+            let held: Vec<String> = quoted
+                .iter()
+                .map(|term| {
+                    let p = w.bind(term.into());
+                    format!("(m.id IN (SELECT rowid FROM {TERMS} WHERE {TERMS} MATCH {p}))")
+                })
+                .collect();
+            w.conditions.push(format!("{} >= {need}", held.join(" + ")));
+        }
         let sql = format!(
             "SELECT m.memory_id FROM {TERMS} t JOIN {MEMORIES} m ON m.id = t.rowid \
              WHERE {TERMS} MATCH $1 AND {} ORDER BY bm25({TERMS}), m.memory_id LIMIT $2",
@@ -886,6 +1089,10 @@ impl VectorIndex for Sqlite {
                 values.push(value.into());
                 conditions.push(format!("v.{column} = ${}", values.len()));
             }
+        }
+        if filter.no_subject {
+            // Metadata columns hold '' for an unset part.
+            conditions.push("v.subject_id = ''".to_owned());
         }
         let sql = format!(
             "SELECT m.memory_id FROM {VECTORS} v JOIN {MEMORIES} m ON m.id = v.rowid \

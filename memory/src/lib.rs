@@ -16,6 +16,7 @@
 //!
 //! [`Memory`]: stele_aggregates::memory::Memory
 
+pub mod agents;
 pub mod index;
 mod projection;
 
@@ -36,6 +37,13 @@ pub use projection::{MemoryProjection, MEMORY};
 
 /// Reciprocal Rank Fusion's constant: a result at rank r of one list adds 1 / (k + r).
 pub const RRF_K: f64 = 60.0;
+
+/// In hybrid search, the full-text list holds only memories with at least this share of the
+/// query's terms (Elasticsearch's `minimum_should_match: 75%`): a memory that shares one or two
+/// common words with a question would otherwise rank in both lists and push the vector
+/// search's best answer down (on `bench/data/retrieval-qa.json`, fusion with any-word matches
+/// fell below the vector search alone; see `bench/RESULTS.md`).
+pub const HYBRID_MIN_MATCH: f64 = 0.75;
 
 /// Errors of the memory.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +115,45 @@ pub struct NewMemory {
     pub sources: Vec<String>,
 }
 
+/// Candidates weighed for a context: this many relevant, half as many important and recent.
+const CONTEXT_CANDIDATES: usize = 20;
+/// A memory's recency weight halves every this many days.
+pub const RECENCY_HALF_LIFE_DAYS: f64 = 7.0;
+/// The first line of a context.
+const CONTEXT_HEADER: &str = "What you remember that may bear on this (most relevant first):";
+
+/// An estimate of the tokens `text` takes: a quarter of its characters, rounded up (the rule
+/// of thumb for English with BPE tokenizers; the models behind a role differ, and a budget
+/// needs a bound, not an exact count).
+pub fn tokens(text: &str) -> u32 {
+    (text.chars().count() as u32).div_ceil(4)
+}
+
+/// What a prompt's context is drawn from.
+#[derive(Clone, Debug, Default)]
+pub struct ContextRequest {
+    pub query: String,
+    pub filter: Filter,
+    /// At most this many tokens ([`tokens`]).
+    pub tokens: u32,
+    /// The time recency is measured from (now when absent).
+    pub now: Option<DateTime<Utc>>,
+}
+
+/// Remembered context for a prompt.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Context {
+    /// The text to put before the prompt (empty when nothing fits or bears on it).
+    pub text: String,
+    /// Its estimated tokens.
+    pub tokens: u32,
+    /// One line per memory, in the text's order.
+    #[serde(skip)]
+    pub lines: Vec<String>,
+    /// The memories it holds, in the text's order.
+    pub memories: Vec<Hit>,
+}
+
 /// Counts of the memory.
 #[derive(Clone, Debug, Serialize)]
 pub struct Stats {
@@ -135,6 +182,16 @@ impl Memories {
             embedder,
             sealer,
         }
+    }
+
+    /// The embedding model.
+    pub fn embedder(&self) -> &Arc<dyn EmbeddingModel> {
+        &self.embedder
+    }
+
+    /// The store's pool the index lives in.
+    pub fn pool(&self) -> &StorePool {
+        &self.pool
     }
 
     /// The projection that keeps this memory's index.
@@ -198,32 +255,61 @@ impl Memories {
 
     /// The memories best matching `search`, best first.
     pub async fn search(&self, search: &Search) -> Result<Vec<Hit>, MemoryError> {
+        let vector = match search.mode {
+            Mode::Text => None,
+            Mode::Dense | Mode::Hybrid => Some(
+                self.embedder
+                    .embed(std::slice::from_ref(&search.query))
+                    .await?
+                    .pop()
+                    .unwrap_or_default(),
+            ),
+        };
+        self.search_embedded(search, vector.as_deref()).await
+    }
+
+    /// [`Self::search`] with the query's vector given (`None` in text mode): what the index
+    /// does, without the embedding.
+    pub async fn search_embedded(
+        &self,
+        search: &Search,
+        vector: Option<&[f32]>,
+    ) -> Result<Vec<Hit>, MemoryError> {
         let index = index::for_pool(&self.pool);
         let limit = search.limit.clamp(1, 100);
         let candidates = (limit * 4).max(50);
         let mut lists = Vec::new();
-        if search.mode != Mode::Text {
-            let vector = self
-                .embedder
-                .embed(std::slice::from_ref(&search.query))
-                .await?
-                .pop()
-                .unwrap_or_default();
+        if let (Some(vector), true) = (vector, search.mode != Mode::Text) {
             lists.push(
                 index
-                    .vector_search(&self.pool, &vector, &search.filter, candidates, false)
+                    .vector_search(&self.pool, vector, &search.filter, candidates, false)
                     .await?,
             );
         }
         if search.mode != Mode::Dense {
             lists.push(
                 index
-                    .text_search(&self.pool, &search.query, &search.filter, candidates)
+                    .text_search(
+                        &self.pool,
+                        &search.query,
+                        &search.filter,
+                        candidates,
+                        match search.mode {
+                            Mode::Hybrid => HYBRID_MIN_MATCH,
+                            Mode::Text | Mode::Dense => 0.0,
+                        },
+                    )
                     .await?,
             );
         }
         let ranked = fuse(&lists, RRF_K);
         let top: Vec<(String, f64)> = ranked.into_iter().take(limit).collect();
+        self.hits(top).await
+    }
+
+    /// The memories `top` names (with their scores), in that order, their contents opened.
+    async fn hits(&self, top: Vec<(String, f64)>) -> Result<Vec<Hit>, MemoryError> {
+        let index = index::for_pool(&self.pool);
         let ids: Vec<String> = top.iter().map(|(id, _)| id.clone()).collect();
         let mut rows: HashMap<String, index::Row> = index
             .fetch(&self.pool, &ids)
@@ -258,6 +344,84 @@ impl Memories {
         Ok(hits)
     }
 
+    /// Remembered context for a prompt, at most `request.tokens` long: candidates are the
+    /// memories most relevant to the query (hybrid search), the most important and the most
+    /// recent in the filter's scope; each is weighed by relevance (its fused score over the
+    /// best one's), importance and recency (halved every [`RECENCY_HALF_LIFE_DAYS`]), and the
+    /// heaviest are taken while they fit, best first.
+    pub async fn context(&self, request: &ContextRequest) -> Result<Context, MemoryError> {
+        let empty = Context::default();
+        if request.tokens == 0 {
+            return Ok(empty);
+        }
+        let relevant = self
+            .search(&Search {
+                query: request.query.clone(),
+                filter: request.filter.clone(),
+                limit: CONTEXT_CANDIDATES,
+                mode: Mode::Hybrid,
+            })
+            .await?;
+        let mut others = Vec::new();
+        for order in [index::Order::Importance, index::Order::Recent] {
+            others.extend(
+                index::list(&self.pool, &request.filter, order, CONTEXT_CANDIDATES / 2).await?,
+            );
+        }
+        let best = relevant
+            .first()
+            .map_or(1.0, |hit| hit.score)
+            .max(f64::EPSILON);
+        let mut weighed: HashMap<String, (f64, Hit)> = HashMap::new();
+        let now = request.now.unwrap_or_else(Utc::now);
+        let weigh = |hit: &Hit, relevance: f64| {
+            let age_days = (now - hit.valid_from).num_seconds().max(0) as f64 / 86_400.0;
+            let recency = 0.5f64.powf(age_days / RECENCY_HALF_LIFE_DAYS);
+            0.6 * relevance + 0.25 * hit.importance.clamp(0.0, 1.0) + 0.15 * recency
+        };
+        for hit in relevant {
+            let weight = weigh(&hit, hit.score / best);
+            weighed.insert(hit.memory_id.clone(), (weight, hit));
+        }
+        others.retain(|id| !weighed.contains_key(id));
+        others.sort();
+        others.dedup();
+        for hit in self
+            .hits(others.into_iter().map(|id| (id, 0.0)).collect())
+            .await?
+        {
+            let weight = weigh(&hit, 0.0);
+            weighed.insert(hit.memory_id.clone(), (weight, hit));
+        }
+        let mut ranked: Vec<(f64, Hit)> = weighed.into_values().collect();
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.memory_id.cmp(&b.1.memory_id)));
+        let mut context = empty;
+        let mut used = tokens(CONTEXT_HEADER);
+        for (_, hit) in ranked {
+            if hit.content == stele_aggregates::personal::SEALED {
+                continue;
+            }
+            let line = format!(
+                "- ({}, {}) {}",
+                hit.valid_from.format("%Y-%m-%d"),
+                hit.kind,
+                hit.content.replace('\n', " ")
+            );
+            let cost = tokens(&line);
+            if used + cost > request.tokens {
+                continue;
+            }
+            used += cost;
+            context.lines.push(line);
+            context.memories.push(hit);
+        }
+        if !context.lines.is_empty() {
+            context.tokens = used;
+            context.text = format!("{CONTEXT_HEADER}\n{}", context.lines.join("\n"));
+        }
+        Ok(context)
+    }
+
     /// The text of a stored content (a sealed personal value as JSON).
     async fn open(&self, content: &str) -> String {
         let Ok(mut value) = serde_json::from_str::<serde_json::Value>(content) else {
@@ -266,9 +430,17 @@ impl Memories {
         if self.sealer.open(&mut value).await.is_err() {
             return stele_aggregates::personal::SEALED.to_owned();
         }
-        serde_json::from_value::<Personal<String>>(value)
-            .map(|p| p.text().to_owned())
-            .unwrap_or_else(|_| stele_aggregates::personal::SEALED.to_owned())
+        match serde_json::from_value::<Personal<serde_json::Value>>(value) {
+            Ok(personal) => match personal.get() {
+                Some(serde_json::Value::String(text)) => text.clone(),
+                Some(other) => other.to_string(),
+                None if matches!(personal, Personal::Erased { .. }) => {
+                    stele_aggregates::personal::ERASED.to_owned()
+                }
+                None => stele_aggregates::personal::SEALED.to_owned(),
+            },
+            Err(_) => stele_aggregates::personal::SEALED.to_owned(),
+        }
     }
 
     /// Counts.

@@ -9,6 +9,7 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use stele_aggregates::memory::MemoryEvent;
 use stele_aggregates::personal::Personal;
+use stele_aggregates::workflow_run::RunEvent;
 use stele_engine::log::LogTransaction;
 use stele_engine::projection::{Projection, ProjectionError, Tables};
 use stele_engine::store::sql::{Db, Value};
@@ -35,6 +36,15 @@ impl MemoryProjection {
 
     /// The memory an event adds, with its text, if it adds one (and its text can be read).
     async fn doc(&self, event: &RecordedEvent) -> Result<Option<(Doc, String)>, ProjectionError> {
+        if event.event_type == "StepCompleted"
+            && event
+                .payload
+                .pointer("/data/remember")
+                .is_none_or(Json::is_null)
+        {
+            // Most steps' outputs are not to be remembered: not even opened.
+            return Ok(None);
+        }
         let stored = event.payload.get("data").cloned().unwrap_or_default();
         let mut opened = event.payload.clone();
         self.sealer
@@ -98,13 +108,38 @@ impl MemoryProjection {
                         vec![event_id],
                     )
                 }
+                "StepCompleted" => {
+                    let Ok(RunEvent::StepCompleted {
+                        step,
+                        attempt,
+                        remember: Some(remember),
+                        ..
+                    }) = serde_json::from_value::<RunEvent>(opened.clone())
+                    else {
+                        return Ok(None);
+                    };
+                    (
+                        format!("{stream_id}/{step}/{attempt}"),
+                        "step",
+                        "output",
+                        remember.scope,
+                        f64::from(remember.importance),
+                        remember.tags,
+                        None,
+                        vec![event_id],
+                    )
+                }
                 _ => return Ok(None),
             };
-        let Ok(text) = serde_json::from_value::<Personal<String>>(data[content_field].clone())
-        else {
+        // A message's text, a fact's content, a step's output (its text, or its JSON).
+        let Ok(text) = serde_json::from_value::<Personal<Json>>(data[content_field].clone()) else {
             return Ok(None);
         };
-        let Some(text) = text.get().filter(|t| !t.trim().is_empty()).cloned() else {
+        let text = text.get().map(|value| match value {
+            Json::String(text) => text.clone(),
+            other => other.to_string(),
+        });
+        let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
             // Erased (or unreadable): nothing of it is remembered.
             return Ok(None);
         };
@@ -185,11 +220,17 @@ impl MemoryProjection {
 /// The most of a text its terms are drawn from (a `tsvector` holds at most 1 MB).
 const MAX_TERMS_BYTES: usize = 64 * 1024;
 
-/// The part of `text` the full-text index reads: without NUL (which PostgreSQL's text refuses:
-/// one sender's message must not stop the projection for everyone), at most
-/// [`MAX_TERMS_BYTES`], cut on a character boundary.
+/// The part of `text` the full-text index reads: at most [`MAX_TERMS_BYTES`], cut on a
+/// character boundary, in words as queries are split (`index::words`): every character that is
+/// neither a letter nor a digit becomes a space. So "E-4021" is the terms `e` and `4021` in a
+/// memory as in a query (PostgreSQL's parser would read `-4021`, a signed number, which the
+/// query's `4021` never matches), and no NUL reaches PostgreSQL's text (which refuses it: one
+/// sender's message must not stop the projection for everyone).
 fn terms_text(text: &str) -> String {
-    text[..text.floor_char_boundary(MAX_TERMS_BYTES)].replace('\0', " ")
+    text[..text.floor_char_boundary(MAX_TERMS_BYTES)]
+        .chars()
+        .map(|c| if c.is_alphanumeric() { c } else { ' ' })
+        .collect()
 }
 
 /// How many vectors of `model` are cached.
@@ -215,6 +256,7 @@ impl Projection for MemoryProjection {
             "MemoryForgotten",
             "MessageReceived",
             "ReplyQueued",
+            "StepCompleted",
             "SubjectErased",
         ]
     }

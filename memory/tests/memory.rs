@@ -138,7 +138,7 @@ async fn remembers_finds_supersedes_forgets_and_erases(store: &Store) {
             agent: Some("planner".into()),
             ..Scope::default()
         },
-        at: None,
+        ..Filter::default()
     };
     let found = memories
         .search(&search("where does Alice live", planner, Mode::Hybrid))
@@ -191,8 +191,8 @@ async fn remembers_finds_supersedes_forgets_and_erases(store: &Store) {
         .search(&search(
             "where does Alice live",
             Filter {
-                scope: Scope::default(),
                 at: Some(before_move),
+                ..Filter::default()
             },
             Mode::Dense,
         ))

@@ -8,6 +8,7 @@
 mod api;
 mod append;
 mod audit;
+mod memory;
 mod privacy;
 mod probe;
 mod queue;
@@ -44,6 +45,9 @@ pub enum BenchCommand {
     Privacy(privacy::PrivacyArgs),
     /// The audit tree: sealing and verification rates, proofs, the sealer's lag under load.
     Audit(audit::AuditArgs),
+    /// The memory: embedding throughput against Python, nDCG@10 of each search mode, and at
+    /// 100,000 memories ingest rate, search latency and recall against exact search.
+    Memory(memory::MemoryArgs),
 }
 
 /// Where a scenario runs.
@@ -70,6 +74,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Api(args) => serde_json::to_value(api::run(args).await?)?,
         BenchCommand::Privacy(args) => serde_json::to_value(privacy::run(args).await?)?,
         BenchCommand::Audit(args) => serde_json::to_value(audit::run(args).await?)?,
+        BenchCommand::Memory(args) => serde_json::to_value(memory::run(args).await?)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

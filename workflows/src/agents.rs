@@ -105,7 +105,7 @@ impl Agents for ModelAgents {
             .filter_map(|name| self.tools.spec(name))
             .collect();
         let schema = role.output_schema.clone();
-        let mut messages = vec![ChatMessage::user(request.prompt)];
+        let mut messages = vec![ChatMessage::user(request.prompt.clone())];
         for _ in 0..MAX_TOOL_ROUNDS {
             let reply = self
                 .router
@@ -161,7 +161,9 @@ impl Agents for ModelAgents {
             for call in response.tool_calls {
                 let offered = overrides.tools.iter().any(|t| t.name == call.name);
                 let result = if offered {
-                    self.tools.call(&call.name, call.arguments.clone()).await
+                    self.tools
+                        .call(&call.name, call.arguments.clone(), &request.caller)
+                        .await
                 } else {
                     Err(format!(
                         "tool {} is not available to {role_name}",

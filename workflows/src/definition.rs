@@ -86,6 +86,49 @@ pub struct Step {
     /// Where the run goes when the step fails for good (the run fails when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_error: Option<String>,
+    /// What the step takes from the memory and gives to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<StepMemory>,
+}
+
+/// A step and the memory: remembered context put before an agent's prompt, and the step's
+/// output remembered.
+///
+/// ```yaml
+/// memory:
+///   context: 600          # tokens of context: relevant, important and recent memories
+///   query: "{{ input }}"  # what the context is searched with (the prompt when absent)
+///   remember: true        # the step's output becomes a memory
+///   importance: 0.7
+///   tags: [decision]
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepMemory {
+    /// At most this many tokens of remembered context go before the prompt (0: none).
+    #[serde(default)]
+    pub context: u32,
+    /// A template for the search the context comes from (the rendered prompt when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// The step's output, when it completes, becomes a memory of the run's person, agent and
+    /// workflow.
+    #[serde(default)]
+    pub remember: bool,
+    /// 0 (trivia) to 1 (never forget), of the remembered output.
+    #[serde(default = "StepMemory::default_importance")]
+    pub importance: f32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+impl StepMemory {
+    /// Most context a step may ask for.
+    pub const MAX_CONTEXT: u32 = 32_000;
+
+    fn default_importance() -> f32 {
+        0.5
+    }
 }
 
 /// What a step does.
@@ -138,6 +181,15 @@ pub enum StepKind {
 }
 
 impl StepKind {
+    /// The agent role the step calls, if it calls one.
+    pub fn agent(&self) -> Option<&str> {
+        match self {
+            StepKind::Agent { agent, .. } => Some(agent),
+            StepKind::Route { agent, .. } => agent.as_deref(),
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             StepKind::Agent { .. } => "agent",
@@ -276,7 +328,9 @@ impl DefinitionError {
 }
 
 /// Fields every step may have.
-const COMMON_FIELDS: [&str; 6] = ["id", "kind", "next", "retry", "timeout", "on_error"];
+const COMMON_FIELDS: [&str; 7] = [
+    "id", "kind", "next", "retry", "timeout", "on_error", "memory",
+];
 
 /// The fields of each step kind, besides the common ones (serde cannot refuse unknown fields
 /// of a flattened enum, so they are checked here).
@@ -566,6 +620,39 @@ pub fn validate(definition: &Definition, known: &Known<'_>, file: Option<&Path>)
                 }
             }
             StepKind::Reply { text } => templates.push(("text", text)),
+        }
+        if let Some(memory) = &step.memory {
+            let agent = matches!(
+                step.kind,
+                StepKind::Agent { .. } | StepKind::Route { agent: Some(_), .. }
+            );
+            if (memory.context > 0 || memory.query.is_some()) && !agent {
+                report(
+                    id,
+                    "memory context goes before an agent's prompt: only agent steps take it".into(),
+                );
+            }
+            if memory.remember && !step.kind.is_job() {
+                report(
+                    id,
+                    "memory.remember keeps a job step's output: agent and tool steps only".into(),
+                );
+            }
+            if memory.context > StepMemory::MAX_CONTEXT {
+                report(
+                    id,
+                    format!(
+                        "memory.context is at most {} tokens",
+                        StepMemory::MAX_CONTEXT
+                    ),
+                );
+            }
+            if !(0.0..=1.0).contains(&memory.importance) {
+                report(id, "memory.importance is from 0 to 1".into());
+            }
+            if let Some(query) = &memory.query {
+                templates.push(("memory.query", query));
+            }
         }
         let waits = matches!(step.kind, StepKind::Wait { .. });
         let fans_out = matches!(step.kind, StepKind::FanOut { .. });

@@ -18,5 +18,6 @@ pub mod decide;
 pub mod definition;
 pub mod expr;
 pub mod follow;
+pub mod recall;
 pub mod runtime;
 pub mod tools;

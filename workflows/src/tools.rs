@@ -1,4 +1,6 @@
-//! Tools: registered Rust functions that `tool` steps call, with typed input and output.
+//! Tools: registered Rust functions that `tool` steps and agents call, with typed input and
+//! output. A tool is told who calls it ([`Caller`]: the run, its step, the agent and the person
+//! the run is for), so that tools like `memory.search` keep to that person's data.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -9,10 +11,25 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use stele_aggregates::ids::{RunId, StepId, TaskId};
 use stele_models::ToolSpec;
 
 type ToolFuture = Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>;
-type ToolFn = Arc<dyn Fn(Value) -> ToolFuture + Send + Sync>;
+type ToolFn = Arc<dyn Fn(Value, Caller) -> ToolFuture + Send + Sync>;
+
+/// Who calls a tool: a step of a run, as an agent role (for agents' tool calls), on behalf of
+/// the run's person (its subject) when it has one.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Caller {
+    pub run_id: RunId,
+    pub task_id: Option<TaskId>,
+    pub workflow: String,
+    pub step: StepId,
+    /// The agent role calling (none for a `tool` step).
+    pub agent: Option<String>,
+    /// The person the run is for.
+    pub subject: Option<String>,
+}
 
 /// The tools steps may call, by name.
 #[derive(Clone, Default)]
@@ -71,22 +88,33 @@ impl Tools {
 
     /// Registers `tool`: its input is deserialized from the step's rendered `input` (a mismatch
     /// fails the step with serde's message), its output serialized as the step's output.
-    pub fn register<I, O, F, Fut>(mut self, name: impl Into<String>, tool: F) -> Self
+    pub fn register<I, O, F, Fut>(self, name: impl Into<String>, tool: F) -> Self
     where
         I: DeserializeOwned + Send + 'static,
         O: Serialize + 'static,
         F: Fn(I) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O, String>> + Send + 'static,
     {
+        self.register_for_caller(name, move |input: I, _: Caller| tool(input))
+    }
+
+    /// Registers `tool`, which is also told who calls it.
+    pub fn register_for_caller<I, O, F, Fut>(mut self, name: impl Into<String>, tool: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + 'static,
+        F: Fn(I, Caller) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, String>> + Send + 'static,
+    {
         let tool = Arc::new(tool);
         self.tools.insert(
             name.into(),
-            Arc::new(move |input: Value| {
+            Arc::new(move |input: Value, caller: Caller| {
                 let tool = tool.clone();
                 Box::pin(async move {
                     let input: I = serde_json::from_value(input)
                         .map_err(|e| format!("the tool's input does not fit: {e}"))?;
-                    let output = tool(input).await?;
+                    let output = tool(input, caller).await?;
                     serde_json::to_value(output).map_err(|e| e.to_string())
                 })
             }),
@@ -102,12 +130,12 @@ impl Tools {
         self.tools.keys().map(String::as_str)
     }
 
-    /// Calls `name` with `input`.
-    pub async fn call(&self, name: &str, input: Value) -> Result<Value, String> {
+    /// Calls `name` with `input` for `caller`.
+    pub async fn call(&self, name: &str, input: Value, caller: &Caller) -> Result<Value, String> {
         let tool = self
             .tools
             .get(name)
             .ok_or_else(|| format!("unknown tool {name}"))?;
-        tool(input).await
+        tool(input, caller.clone()).await
     }
 }

@@ -99,6 +99,7 @@ fn record(step: &str, attempt: u32, outcome: StepOutcome) -> RunCommand {
         input: None,
         outcome,
         calls: vec![],
+        remember: None,
         now: now(),
     }
 }
@@ -111,6 +112,7 @@ fn completed(step: &str, attempt: u32, output: Value) -> RunEvent {
         output: Personal::plain(output),
         calls: Personal::plain(vec![]),
         consumed_signal: None,
+        remember: None,
     }
 }
 

@@ -85,6 +85,15 @@ pub enum StepOutcome {
     Failed { error: String },
 }
 
+/// A step's output to remember: where the memory belongs and how much it weighs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Remember {
+    pub scope: crate::memory::MemoryScope,
+    pub importance: f32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
 /// How a child run ended.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChildResult {
@@ -181,6 +190,8 @@ pub enum RunCommand {
         outcome: StepOutcome,
         /// Model calls made by the attempt, in order (`workflows::model::ModelCall` as JSON).
         calls: Vec<Value>,
+        /// The output, if the step completes, becomes a memory (the definition says so).
+        remember: Option<Remember>,
         now: DateTime<Utc>,
     },
     FireTimer {
@@ -243,6 +254,9 @@ pub enum RunEvent {
         output: Personal<Value>,
         calls: Personal<Vec<Value>>,
         consumed_signal: Option<String>,
+        /// The output is to be remembered (the memory projection indexes it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remember: Option<Remember>,
     },
     StepFailed {
         step: StepId,

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod health;
 mod list;
+pub mod memory;
 pub mod ops;
 pub mod stream;
 pub mod subjects;
@@ -49,6 +50,8 @@ guard!(CanReadSubjects, Need::SubjectsRead);
 guard!(CanWriteSubjects, Need::SubjectsWrite);
 guard!(CanEraseSubjects, Need::SubjectsErase);
 guard!(CanReadAudit, Need::AuditRead);
+guard!(CanReadMemory, Need::MemoryRead);
+guard!(CanWriteMemory, Need::MemoryWrite);
 
 /// Query strings refuse unknown parameters and wrong types with a problem.
 pub struct StrictQuery<T>(pub T);

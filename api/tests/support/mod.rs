@@ -71,6 +71,8 @@ pub struct Options {
     pub gate: Option<Arc<dyn Gate>>,
     /// The deployment's privacy policy.
     pub policy: stele_privacy::Policy,
+    /// A memory on the embedding model `STELE_EMBEDDING_MODEL` names.
+    pub memory: bool,
 }
 
 impl Default for Options {
@@ -85,6 +87,7 @@ impl Default for Options {
             approval: true,
             gate: None,
             policy: stele_privacy::Policy::default(),
+            memory: true,
         }
     }
 }
@@ -101,6 +104,16 @@ impl Server {
         .await
         .unwrap();
         let store = private.store;
+        let memory = options.memory.then(|| {
+            let spec = std::env::var("STELE_EMBEDDING_MODEL")
+                .expect("STELE_EMBEDDING_MODEL (scripts/services.sh provisions the model)");
+            let embedder = stele_models::embed::load_embedding_model(&spec).unwrap();
+            Arc::new(stele_memory::Memories::new(
+                &store,
+                embedder,
+                private.subjects.sealer().clone(),
+            ))
+        });
         let tools = Tools::builtin();
         let router = ModelRouter::new(ModelsConfig::default()).unwrap();
         let mut sources = catalog::builtin();
@@ -119,6 +132,9 @@ impl Server {
             Runtime::new(&store, catalog, agents, tools).with_subjects(private.subjects.clone()),
         );
         let mut projections = stele_projections::all();
+        if let Some(memory) = &memory {
+            projections.push(memory.projection());
+        }
         projections.push(as_projection(runtime.manager(), store.queue.clone()));
         // The audit tree, with a checkpoint for every batch.
         let audit_key = Arc::new(stele_audit::SigningKey::generate("stele.test/audit").unwrap());
@@ -188,6 +204,7 @@ impl Server {
             .await;
         state.probe = options.probe;
         state.audit_key = Some(audit_key.verifier_key().to_owned());
+        state.memory = memory;
         let app = stele_api::server::app(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());

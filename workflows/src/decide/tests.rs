@@ -74,6 +74,7 @@ impl Sim {
             input: None,
             outcome,
             calls: vec![],
+            remember: None,
             now: t0(),
         })
         .unwrap()
@@ -438,6 +439,7 @@ fn workflow_strategy() -> impl Strategy<Value = Definition> {
                 },
                 timeout: None,
                 on_error: skip_on_error.then(|| next.clone()),
+                memory: None,
             });
             if i == n / 2 {
                 steps.push(crate::definition::Step {
@@ -453,6 +455,7 @@ fn workflow_strategy() -> impl Strategy<Value = Definition> {
                     retry: RetryPolicy::default(),
                     timeout: None,
                     on_error: None,
+                    memory: None,
                 });
                 let before_route = steps.len() - 2;
                 steps[before_route].next = Some(format!("r{i}"));

@@ -108,6 +108,7 @@ fn the_same_model_is_buildable_in_rust_and_round_trips() {
             retry: RetryPolicy::default(),
             timeout: None,
             on_error: None,
+            memory: None,
         }],
     };
     assert!(validate(&definition, &known(), None).is_empty());
@@ -233,4 +234,32 @@ fn ids_names_versions_and_misplaced_options_are_checked() {
         "name: x\nversion: 1\nsteps:\n  - id: a\n    kind: reply\n    text: '{{ input'\n",
         "text is not a valid template",
     );
+}
+
+#[test]
+fn memory_options_are_checked() {
+    let step = |kind: &str, memory: &str| {
+        format!("name: m\nversion: 1\nsteps:\n  - id: s\n{kind}\n    memory: {memory}\n")
+    };
+    let agent = "    kind: agent\n    agent: brain\n    prompt: \"{{ input }}\"";
+    let tool = "    kind: tool\n    tool: echo\n    input: \"{{ input }}\"";
+    let wait = "    kind: wait\n    signal: ok";
+    assert!(check(&step(
+        agent,
+        "{ context: 500, query: \"{{ input }}\", remember: true, importance: 0.9, tags: [a] }"
+    ))
+    .is_empty());
+    assert!(check(&step(tool, "{ remember: true }")).is_empty());
+    assert_problem(&step(tool, "{ context: 100 }"), "only agent steps take it");
+    assert_problem(
+        &step(wait, "{ remember: true }"),
+        "agent and tool steps only",
+    );
+    assert_problem(&step(agent, "{ context: 100000 }"), "at most 32000 tokens");
+    assert_problem(&step(agent, "{ importance: 2 }"), "from 0 to 1");
+    assert_problem(
+        &step(agent, "{ context: 10, query: \"{{ steps.nope.output }}\" }"),
+        "memory.query",
+    );
+    assert_problem(&step(agent, "{ contxt: 10 }"), "unknown field `contxt`");
 }

@@ -175,6 +175,19 @@ impl Runtime {
                 Vec::new(),
             ),
         };
+        let remember = definition
+            .step(&p.step)
+            .and_then(|step| Some((step, step.memory.as_ref().filter(|m| m.remember)?)))
+            .map(|(step, memory)| Remember {
+                scope: MemoryScope {
+                    agent: step.kind.agent().map(str::to_owned),
+                    subject: run.subject.clone(),
+                    workflow: Some(run.workflow.clone()),
+                    ..MemoryScope::default()
+                },
+                importance: memory.importance,
+                tags: memory.tags.clone(),
+            });
         let record = RunCommand::RecordStep {
             step: p.step,
             attempt: p.attempt,
@@ -182,6 +195,7 @@ impl Runtime {
             input,
             outcome,
             calls,
+            remember,
             now: self.clock.utc(),
         };
         self.run_command(&p.run_id, record, p.cause.meta()).await?;
@@ -209,6 +223,14 @@ impl Runtime {
             .then(|| step.retry.escalation(attempt).cloned())
             .flatten();
         let context = expr::context(run);
+        let caller = Caller {
+            run_id: run.run_id.clone(),
+            task_id: run.task_id.clone(),
+            workflow: run.workflow.clone(),
+            step: StepId::new(step_id),
+            agent: None,
+            subject: run.subject.clone(),
+        };
         let (agent, prompt) = match &step.kind {
             StepKind::Agent { agent, prompt } => (agent, prompt),
             StepKind::Route {
@@ -219,7 +241,7 @@ impl Runtime {
             StepKind::Tool { tool, input } => {
                 return match expr::render_value(input, &context) {
                     Ok(input) => {
-                        let outcome = match self.tools.call(tool, input.clone()).await {
+                        let outcome = match self.tools.call(tool, input.clone(), &caller).await {
                             Ok(output) => StepOutcome::Completed { output },
                             Err(error) => failed(error),
                         };
@@ -254,12 +276,26 @@ impl Runtime {
                 )
             }
         };
+        let caller = Caller {
+            agent: Some(
+                escalation
+                    .as_ref()
+                    .and_then(|e| e.agent.clone())
+                    .unwrap_or_else(|| agent.clone()),
+            ),
+            ..caller
+        };
+        let prompt = match self.recalled(step, &prompt, &context, &caller).await {
+            Ok(prompt) => prompt,
+            Err(error) => return (None, failed(error), Vec::new()),
+        };
         let result = self
             .agents
             .run(AgentRequest {
                 agent: agent.clone(),
                 prompt: prompt.clone(),
                 escalation,
+                caller,
             })
             .await;
         let outcome = match result.output {
@@ -267,6 +303,49 @@ impl Runtime {
             Err(error) => failed(error),
         };
         (Some(Value::String(prompt)), outcome, result.calls)
+    }
+
+    /// `prompt` with the remembered context the step asks for before it: as is when it asks
+    /// for none, when no memory is configured (said once in the log), or when nothing bears on
+    /// it. A failing memory fails the attempt (it is retried like a failing model).
+    async fn recalled(
+        &self,
+        step: &crate::definition::Step,
+        prompt: &str,
+        context: &Value,
+        caller: &Caller,
+    ) -> Result<String, String> {
+        let Some(memory) = step.memory.as_ref().filter(|m| m.context > 0) else {
+            return Ok(prompt.to_owned());
+        };
+        let Some(recall) = &self.recall else {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    step = %step.id,
+                    "a step asks for memory context but no memory is configured (set an embedding model); steps run on their prompts alone"
+                )
+            });
+            return Ok(prompt.to_owned());
+        };
+        let query = match &memory.query {
+            Some(template) => expr::render(template, context)
+                .map_err(|e| format!("memory.query could not be rendered: {e}"))?,
+            None => prompt.to_owned(),
+        };
+        let recalled = recall
+            .recall(RecallRequest {
+                query,
+                tokens: memory.context,
+                caller: caller.clone(),
+            })
+            .await
+            .map_err(|e| format!("recalling memory context failed: {e}"))?;
+        Ok(if recalled.trim().is_empty() {
+            prompt.to_owned()
+        } else {
+            format!("{recalled}\n\n{prompt}")
+        })
     }
 
     pub(super) async fn on_timer(self: Arc<Self>, job: Job) -> HandlerResult {

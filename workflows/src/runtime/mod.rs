@@ -25,10 +25,11 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use stele_aggregates::ids::{RunId, StepId, TaskId};
+use stele_aggregates::memory::MemoryScope;
 use stele_aggregates::task::{Requester, Task, TaskCommand, TaskError, TaskInput, TaskStatus};
 use stele_aggregates::workflow_run::{
-    ChildResult, ChildSpec, Decider, ParentLink, RunCommand, RunError, RunEvent, RunStatus,
-    StepOutcome, StepStatus, WorkflowRun,
+    ChildResult, ChildSpec, Decider, ParentLink, Remember, RunCommand, RunError, RunEvent,
+    RunStatus, StepOutcome, StepStatus, WorkflowRun,
 };
 use stele_engine::command::Executed;
 use stele_engine::process::ProcessManager;
@@ -44,7 +45,8 @@ use crate::decide::{Catalog, CatalogDecider};
 use crate::definition::{Definition, Escalation, StepKind};
 use crate::expr;
 use crate::follow::{Cursor, TaskFollower};
-use crate::tools::Tools;
+use crate::recall::{Recall, RecallRequest};
+use crate::tools::{Caller, Tools};
 use stele_models::{Clock, SystemClock};
 
 mod handlers;
@@ -71,6 +73,8 @@ pub struct AgentRequest {
     pub prompt: String,
     /// What this attempt changes (another agent or model, a simpler prompt), on a retry.
     pub escalation: Option<Escalation>,
+    /// The step asking (its tools are called for it).
+    pub caller: Caller,
 }
 
 /// What an agent call gave: its output (JSON when the role has an output schema, text
@@ -181,6 +185,7 @@ pub struct Runtime {
     default_workflow: Option<String>,
     clock: Arc<dyn Clock>,
     subjects: Option<Arc<stele_privacy::Subjects>>,
+    recall: Option<Arc<dyn Recall>>,
 }
 
 impl Runtime {
@@ -198,7 +203,15 @@ impl Runtime {
             default_workflow: None,
             clock: Arc::new(SystemClock),
             subjects: None,
+            recall: None,
         }
+    }
+
+    /// Where steps' remembered context comes from (`memory.context`); without it such steps
+    /// run on their prompt alone.
+    pub fn with_recall(mut self, recall: Arc<dyn Recall>) -> Self {
+        self.recall = Some(recall);
+        self
     }
 
     /// Tasks are then their requester's personal data: the requester is resolved to a subject
