@@ -421,24 +421,29 @@ async fn cache(store: &Store, model: &str, entries: &[(String, Vec<f32>)]) -> an
             .map(|(text, _)| hex::encode(Sha256::digest(text.as_bytes())))
             .collect();
         let vectors: Vec<String> = chunk.iter().map(|(_, v)| index::vector_text(v)).collect();
-        let sql = match db.dialect() {
+        match db.dialect() {
             Dialect::Postgres => {
-                "INSERT INTO embedding_cache (model, text_sha256, vector) \
-                 SELECT $1, h, v FROM unnest($2::text[], $3::text[]) AS t(h, v) \
-                 ON CONFLICT DO NOTHING"
+                db.execute(
+                    "INSERT INTO embedding_cache (model, text_sha256, vector) \
+                     SELECT $1, h, v FROM unnest($2::text[], $3::text[]) AS t(h, v) \
+                     ON CONFLICT DO NOTHING",
+                    &[model.into(), Value::Texts(&hashes), Value::Texts(&vectors)],
+                )
+                .await?;
             }
             Dialect::Sqlite => {
-                "INSERT INTO embedding_cache (model, text_sha256, vector) \
-                 SELECT $1, h.value, v.value FROM json_each($2) h JOIN json_each($3) v \
-                   ON h.key = v.key \
-                 ON CONFLICT DO NOTHING"
+                // One array of [hash, vector] pairs: json_each reads it once.
+                let pairs =
+                    serde_json::to_string(&hashes.iter().zip(&vectors).collect::<Vec<_>>())?;
+                db.execute(
+                    "INSERT INTO embedding_cache (model, text_sha256, vector) \
+                     SELECT $1, value ->> 0, value ->> 1 FROM json_each($2) WHERE true \
+                     ON CONFLICT DO NOTHING",
+                    &[model.into(), (&pairs).into()],
+                )
+                .await?;
             }
-        };
-        db.execute(
-            sql,
-            &[model.into(), Value::Texts(&hashes), Value::Texts(&vectors)],
-        )
-        .await?;
+        }
     }
     Ok(())
 }

@@ -321,9 +321,9 @@ impl Runtime {
         let Some(recall) = &self.recall else {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
-                tracing::warn!(
+                tracing::info!(
                     step = %step.id,
-                    "a step asks for memory context but no memory is configured (set an embedding model); steps run on their prompts alone"
+                    "a step asks for memory context but this node has no memory (no embedding model): such steps run on their prompts alone"
                 )
             });
             return Ok(prompt.to_owned());
