@@ -163,6 +163,9 @@ async fn remembers_finds_supersedes_forgets_and_erases(store: &Store) {
 
     // A later fact with the same key supersedes; the earlier one stays answerable for its time.
     let before_move = chrono::Utc::now();
+    // The embedded log records times to the millisecond: a move recorded within the same
+    // millisecond would read as before `before_move`.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     memories
         .store(
             fact("Alice moved to Nantes", of_alice.clone(), Some("home_city")),
