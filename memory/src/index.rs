@@ -1028,15 +1028,11 @@ impl VectorIndex for Sqlite {
         if words.is_empty() {
             return Ok(Vec::new());
         }
-        let any: String = words
-            .iter()
-            .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
-            .collect::<Vec<_>>()
-            .join(" OR ");
         let quoted: Vec<String> = words
             .iter()
             .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
             .collect();
+        let any = quoted.join(" OR ");
         let mut w = Where::new(vec![(&any).into(), (limit as i64).into()]);
         w.filter(filter, Dialect::Sqlite);
         let need = (min_match.clamp(0.0, 1.0) * quoted.len() as f64).ceil() as usize;

@@ -279,7 +279,7 @@ impl Memories {
         let limit = search.limit.clamp(1, 100);
         let candidates = (limit * 4).max(50);
         let mut lists = Vec::new();
-        if let (Some(vector), true) = (vector, search.mode != Mode::Text) {
+        if let Some(vector) = vector.filter(|_| search.mode != Mode::Text) {
             lists.push(
                 index
                     .vector_search(&self.pool, vector, &search.filter, candidates, false)

@@ -3,7 +3,9 @@
 //! remembered context within its token budget, a step whose output is remembered; another
 //! person's run recalls none of it, and an erasure forgets all of it.
 
-use std::sync::{Arc, OnceLock};
+mod support;
+
+use std::sync::Arc;
 
 use chrono::Utc;
 use serde_json::Value;
@@ -14,24 +16,12 @@ use stele_engine::projection::ProjectionRunner;
 use stele_engine::queue::worker::{Worker, WorkerOptions};
 use stele_engine::{CommandMeta, Store};
 use stele_memory::{Filter, Memories, Mode, Scope, Search};
-use stele_models::embed::{load_embedding_model, EmbeddingModel};
 use stele_models::{ManualClock, ModelRouter, ModelsConfig};
 use stele_workflows::agents::ModelAgents;
 use stele_workflows::catalog::{self, Source};
 use stele_workflows::runtime::Runtime;
 use stele_workflows::tools::Tools;
-
-fn model() -> Arc<dyn EmbeddingModel> {
-    static MODEL: OnceLock<Arc<dyn EmbeddingModel>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let dir = std::env::var("STELE_EMBEDDING_MODEL").expect(
-                "STELE_EMBEDDING_MODEL names the all-MiniLM-L6-v2 folder (scripts/services.sh up)",
-            );
-            load_embedding_model(&dir).expect("the model loads")
-        })
-        .clone()
-}
+use support::model;
 
 /// The memory agent stores what it is told to remember, and searches when asked to recall;
 /// Vox answers with the context it is given (the scripted model echoes its prompt).

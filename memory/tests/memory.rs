@@ -2,7 +2,7 @@
 //! filters, superseding and forgetting, time travel, erasure (and a rebuild after it), the
 //! vector cache. Embeddings come from all-MiniLM-L6-v2 run locally (`STELE_EMBEDDING_MODEL`).
 
-use std::sync::{Arc, OnceLock};
+mod support;
 
 use stele_aggregates::memory::MemoryScope;
 use stele_aggregates::subject::Identifier;
@@ -10,20 +10,8 @@ use stele_engine::projection::ProjectionRunner;
 use stele_engine::store::Store;
 use stele_engine::CommandMeta;
 use stele_memory::{Filter, Memories, Mode, NewMemory, Scope, Search, MEMORY};
-use stele_models::embed::{load_embedding_model, EmbeddingModel};
 use stele_privacy::{private_store, Kek, Policy};
-
-fn model() -> Arc<dyn EmbeddingModel> {
-    static MODEL: OnceLock<Arc<dyn EmbeddingModel>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let dir = std::env::var("STELE_EMBEDDING_MODEL").expect(
-                "STELE_EMBEDDING_MODEL names the all-MiniLM-L6-v2 folder (scripts/services.sh up)",
-            );
-            load_embedding_model(&dir).expect("the model loads")
-        })
-        .clone()
-}
+use support::model;
 
 fn meta() -> CommandMeta {
     CommandMeta::new("user:test", "api")
@@ -162,10 +150,6 @@ async fn remembers_finds_supersedes_forgets_and_erases(store: &Store) {
     assert!(found[0].position > 0 && !found[0].sources.is_empty());
 
     // A later fact with the same key supersedes; the earlier one stays answerable for its time.
-    let before_move = chrono::Utc::now();
-    // The embedded log records times to the millisecond: a move recorded within the same
-    // millisecond would read as before `before_move`.
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     memories
         .store(
             fact("Alice moved to Nantes", of_alice.clone(), Some("home_city")),
@@ -187,6 +171,8 @@ async fn remembers_finds_supersedes_forgets_and_erases(store: &Store) {
         .await
         .unwrap();
     assert_eq!(now[0].content, "Alice moved to Nantes", "{now:?}");
+    // Just before the move was recorded (the embedded log keeps milliseconds).
+    let before_move = now[0].valid_from - chrono::Duration::milliseconds(1);
     assert!(now
         .iter()
         .all(|h| h.memory_id != lyon && h.memory_id != forgotten));

@@ -12,6 +12,7 @@ use stele_memory::{Filter, Memories, MemoryError, Mode, NewMemory, Search};
 
 use crate::json::{OptionalJson, StrictJson};
 use crate::problem::{ApiError, Code, Problem};
+use crate::routes::subjects::{existing, service};
 use crate::routes::{parse_id, ApiPath, CanReadMemory, CanWriteMemory, NoQuery, StrictQuery};
 use crate::state::AppState;
 use crate::wire::{
@@ -71,13 +72,7 @@ pub async fn store_memory(
     let scope = request.scope.unwrap_or_default();
     if let Some(subject) = &scope.subject {
         parse_id("subject", subject)?;
-        let subjects = state.runtime.subjects().ok_or_else(|| {
-            ApiError::internal("this server keeps no personal data (no subjects service)")
-        })?;
-        let found = subjects
-            .get(subject)
-            .await?
-            .ok_or_else(|| ApiError::new(Code::SubjectNotFound, format!("no subject {subject}")))?;
+        let found = existing(service(&state)?, subject).await?;
         if found.erased.is_some() || found.merged_into.is_some() {
             return Err(ApiError::new(
                 Code::SubjectState,

@@ -33,7 +33,7 @@ fn meta(caller: &crate::auth::Caller) -> CommandMeta {
     CommandMeta::new(format!("key:{}", caller.key_id), "api")
 }
 
-fn service(state: &AppState) -> Result<&Arc<Subjects>, ApiError> {
+pub(crate) fn service(state: &AppState) -> Result<&Arc<Subjects>, ApiError> {
     state.runtime.subjects().ok_or_else(|| {
         ApiError::internal("this server keeps no personal data (no subjects service)")
     })
@@ -72,7 +72,7 @@ pub fn subject_body(id: &str, subject: &Subject) -> SubjectBody {
     }
 }
 
-async fn existing(subjects: &Subjects, id: &str) -> Result<Subject, ApiError> {
+pub(crate) async fn existing(subjects: &Subjects, id: &str) -> Result<Subject, ApiError> {
     subjects
         .get(id)
         .await?
