@@ -11,6 +11,7 @@ mod privacy;
 mod projections;
 mod serve;
 mod tasks;
+mod telegram;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -109,6 +110,9 @@ enum Command {
     /// The memory: remember facts, search (vectors and full text), rebuild, count.
     #[command(subcommand)]
     Memory(memory::MemoryCommand),
+    /// The Telegram channel: who may use the bot.
+    #[command(subcommand)]
+    Telegram(telegram::TelegramCommand),
     /// Print the API's OpenAPI document.
     Openapi,
     /// Workflow definitions.
@@ -277,6 +281,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Subjects(command) => privacy::subjects(command).await,
         Command::Audit(command) => audit::run(command).await,
         Command::Memory(command) => memory::run(command).await,
+        Command::Telegram(command) => telegram::run(command).await,
         Command::Openapi => {
             println!("{}", stele_api::server::openapi().to_pretty_json()?);
             Ok(())

@@ -16,7 +16,7 @@ use stele_api::ratelimit::{RateLimit, RateLimiter};
 use stele_api::state::AppState;
 use stele_engine::process::as_projection;
 use stele_engine::projection::ProjectionRunner;
-use stele_engine::queue::worker::WorkerOptions;
+use stele_engine::queue::worker::{Worker, WorkerOptions};
 use stele_engine::store::{Migrate, Store, StoreLocation};
 use stele_workflows::runtime::QUEUE;
 
@@ -61,6 +61,8 @@ pub struct NodeArgs {
     pub embedding_model: Option<String>,
     #[command(flatten)]
     pub workflows: WorkflowArgs,
+    #[command(flatten)]
+    pub telegram: crate::telegram::TelegramArgs,
 }
 
 /// The configuration file.
@@ -83,6 +85,8 @@ pub(crate) struct FileConfig {
     audit: Option<crate::audit::AuditConfig>,
     /// The memory's embedding model.
     embedding_model: Option<String>,
+    /// The Telegram channel.
+    telegram: Option<stele_channels::telegram::TelegramConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +111,7 @@ pub struct Node {
     pub audit_key_file: Option<PathBuf>,
     pub audit: stele_audit::SealerOptions,
     pub embedding_model: Option<String>,
+    pub telegram: Option<stele_channels::telegram::TelegramConfig>,
 }
 
 impl NodeArgs {
@@ -135,6 +140,7 @@ impl NodeArgs {
             audit_key_file: self.audit_key_file.clone().or(file.audit_key_file),
             audit: file.audit.unwrap_or_default().options(),
             embedding_model: self.embedding_model.clone().or(file.embedding_model),
+            telegram: self.telegram.resolve(file.telegram),
             rate: RateLimit {
                 per_second: self.rate_limit.or(rate.per_second).unwrap_or(100.0),
                 burst: self.rate_burst.or(rate.burst).unwrap_or(200),
@@ -285,6 +291,21 @@ pub async fn run_node(
     if let Some(memory) = &memory {
         projections.push(memory.projection());
     }
+    let telegram = match node.telegram.clone() {
+        Some(config) => {
+            let (router, _, _) = node.workflows.load()?;
+            let telegram = Arc::new(stele_channels::telegram::Telegram::new(
+                config,
+                &store,
+                runtime.clone(),
+                private.subjects.clone(),
+                crate::telegram::roles(&router),
+            )?);
+            projections.push(as_projection(telegram.manager(), store.queue.clone()));
+            Some(telegram)
+        }
+        None => None,
+    };
     let runner = Arc::new(ProjectionRunner::new(&store, projections));
     runner.setup().await?;
     let first_start = roles.api && no_key_yet(&runner, &store).await;
@@ -344,6 +365,21 @@ pub async fn run_node(
         });
         let stopped = until_stopped();
         tasks.spawn(async move { worker.run(stopped).await.map_err(anyhow::Error::from) });
+        if let Some(telegram) = &telegram {
+            // Channel jobs wait on the network and on Telegram's throttle, not on the CPU.
+            let worker = telegram.register(Worker::new(
+                store.queue.clone(),
+                WorkerOptions {
+                    concurrency: 64,
+                    ..WorkerOptions::new(stele_channels::telegram::QUEUE)
+                },
+            ));
+            let stopped = until_stopped();
+            tasks.spawn(async move { worker.run(stopped).await.map_err(anyhow::Error::from) });
+            let telegram = telegram.clone();
+            let stopped = until_stopped();
+            tasks.spawn(async move { telegram.poll(stopped).await });
+        }
     }
     if roles.api {
         let service = Arc::new(KeyService::new(&store));

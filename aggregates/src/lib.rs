@@ -4,6 +4,7 @@
 //!
 //! **Invariant**: this crate depends on no IO crate (no database, network or file access).
 
+pub mod access;
 pub mod api_key;
 pub mod channel;
 pub mod conversation;

@@ -144,6 +144,15 @@ impl TaskStatus {
     }
 }
 
+/// Where in a conversation a task was asked for: its replies go back there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The conversation's id.
+    pub conversation: String,
+    /// Our id of the message that asked.
+    pub message: String,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskCommand {
     Create {
@@ -154,6 +163,9 @@ pub enum TaskCommand {
         subject: Option<String>,
         /// A workflow chosen by the requester; otherwise routing chooses one.
         workflow: Option<String>,
+        /// The conversation message the task answers, when it came from a channel: the run's
+        /// replies go back to that conversation.
+        origin: Option<Origin>,
     },
     StartRouting,
     /// The workflow that will run it, and the run.
@@ -186,6 +198,9 @@ pub enum TaskEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         channel: Option<Channel>,
         workflow: Option<String>,
+        /// The conversation message it answers (absent for tasks not asked for in one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<Origin>,
     },
     TaskRoutingStarted,
     TaskRouted {
@@ -245,6 +260,9 @@ pub struct Task {
     pub requester: Option<Requester>,
     pub channel: Option<Channel>,
     pub workflow: Option<String>,
+    /// The conversation message the task answers, if it came from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
     pub run_id: Option<RunId>,
     pub result: Option<Personal<Value>>,
     pub error: Option<Personal<String>>,
@@ -283,6 +301,7 @@ impl Aggregate for Task {
                     requester,
                     subject,
                     workflow,
+                    origin,
                 },
                 _,
             ) => TaskEvent::TaskCreated {
@@ -291,6 +310,7 @@ impl Aggregate for Task {
                 requester: Personal::owned_by(subject.as_deref(), requester),
                 subject,
                 workflow,
+                origin,
             },
             (TaskCommand::StartRouting, Pending) => TaskEvent::TaskRoutingStarted,
             (TaskCommand::StartRouting, _) => return Err(self.refuse("start routing")),
@@ -323,8 +343,10 @@ impl Aggregate for Task {
                 requester,
                 channel,
                 workflow,
+                origin,
             } => {
                 self.status = TaskStatus::Pending;
+                self.origin = origin;
                 self.subject = subject;
                 self.input = input;
                 self.requester = requester.into_value();
@@ -374,6 +396,7 @@ mod tests {
             requester: Personal::of("s-42", requester()),
             channel: Some(Channel::TELEGRAM),
             workflow: None,
+            origin: None,
         }
     }
 
@@ -393,6 +416,7 @@ mod tests {
                 requester: requester(),
                 subject: Some("s-42".into()),
                 workflow: None,
+                origin: None,
             })
             .then_expect_events(vec![created()]);
     }
@@ -436,6 +460,7 @@ mod tests {
                 requester: requester(),
                 subject: Some("s-42".into()),
                 workflow: None,
+                origin: None,
             })
             .then_expect_error(TaskError::AlreadyCreated);
     }

@@ -1,2 +1,3 @@
-//! Channel adapters (Telegram, email): messages in, replies out. Not written yet: this crate
-//! holds their place in the workspace.
+//! Channel adapters: messages in, replies out. Telegram (`telegram`) for now; email to come.
+
+pub mod telegram;

@@ -85,6 +85,7 @@ fn the_bundle_keeps_its_format() {
                 requester: Requester::parse("ana@example.org", "email").unwrap(),
                 subject: Some(ana.clone()),
                 workflow: Some("assistant".into()),
+                origin: None,
             },
             TaskCommand::Route {
                 workflow: "assistant".into(),

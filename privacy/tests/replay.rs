@@ -56,6 +56,7 @@ async fn replayed(store: &Store, subject: Option<&str>, input: &str, steps: &[St
         requester: Requester::parse("ana", "api").unwrap(),
         subject: subject.map(str::to_owned),
         workflow: None,
+        origin: None,
     };
     bus.execute(&id, create, CommandMeta::new("t", "t"))
         .await

@@ -53,6 +53,7 @@ async fn create(store: &Store, task_id: &str, user: &str, channel: &str, workflo
         requester: Requester::parse(user, channel).unwrap(),
         subject: Some(format!("subject-{user}")),
         workflow: workflow.map(str::to_owned),
+        origin: None,
     };
     command(store, task_id, create).await;
 }

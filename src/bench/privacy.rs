@@ -302,6 +302,7 @@ async fn export_and_erase(
                         requester: requester.clone(),
                         subject: Some(person.clone()),
                         workflow: None,
+                        origin: None,
                     },
                     TaskCommand::StartRouting,
                     TaskCommand::Route {

@@ -39,6 +39,10 @@ pub struct Conversation {
     pub last_seq: u64,
     /// Why it was closed, while it is closed.
     pub close_reason: Option<String>,
+    /// The `seq` of the last message before the current session: messages after it were said
+    /// since the conversation was last closed (0 in its first session).
+    #[serde(default)]
+    pub session_start: u64,
 }
 
 impl Conversation {
@@ -535,6 +539,7 @@ impl Aggregate for Conversation {
             ConversationEvent::ConversationClosed { reason } => {
                 self.status = ConversationStatus::Closed;
                 self.close_reason = Some(reason);
+                self.session_start = self.last_seq;
             }
             ConversationEvent::ConversationReopened { .. } => {
                 self.status = ConversationStatus::Open;

@@ -147,3 +147,38 @@ impl Leases {
         Ok(())
     }
 }
+
+/// One holder at a time across processes for a named piece of work that must run on a single
+/// node, such as a channel's poller (Telegram serves one poller per bot), held as projections
+/// are: a session advisory lock on PostgreSQL, a renewed lease on the embedded store.
+pub struct Hold {
+    leases: Leases,
+    name: String,
+}
+
+impl Hold {
+    /// A hold on `name` for `owner` (not yet taken: see [`Hold::acquire`]).
+    pub async fn new(
+        pool: &StorePool,
+        name: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Hold, sqlx::Error> {
+        checkpoint::ensure(pool, name).await?;
+        Ok(Hold {
+            leases: Leases::new(pool.clone(), owner.to_owned(), lease),
+            name: name.to_owned(),
+        })
+    }
+
+    /// Takes or keeps the hold (call it at least once per lease); false while another live
+    /// process has it.
+    pub async fn acquire(&self) -> Result<bool, sqlx::Error> {
+        self.leases.acquire(&self.name).await
+    }
+
+    /// Gives the hold up, so another process takes over at once.
+    pub async fn release(&self) -> Result<(), sqlx::Error> {
+        self.leases.release_all(&[&self.name]).await
+    }
+}

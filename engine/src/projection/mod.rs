@@ -13,6 +13,7 @@
 
 pub mod checkpoint;
 mod lease;
+pub use lease::Hold;
 
 use std::sync::Arc;
 use std::time::Duration;

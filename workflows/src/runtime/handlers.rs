@@ -491,6 +491,91 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// A reply step's text goes to the conversation its task came from, as a queued reply (the
+    /// channel's outbox delivers it). Its message id is the `ReplyRequested` event's, so a
+    /// repeated job queues nothing twice. A task from no conversation has nowhere to reply:
+    /// its replies stay in the run (the API and the CLI show them).
+    pub(super) async fn on_reply(self: Arc<Self>, job: Job) -> HandlerResult {
+        let p: RunJob = payload(&job)?;
+        let (run, _) = self
+            .runs
+            .load(&p.run_id)
+            .await
+            .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e))?;
+        let Some(task_id) = &run.task_id else {
+            return Ok(Done::Complete);
+        };
+        let (task, _) = self
+            .tasks
+            .load(task_id)
+            .await
+            .map_err(|e| JobError::load(Task::TYPE_NAME, task_id, e))?;
+        let Some(origin) = task.origin else {
+            return Ok(Done::Complete);
+        };
+        let stream = StreamId::new(WorkflowRun::TYPE_NAME, p.run_id.as_str());
+        let events = self.log.read_stream(&stream, 0).await?;
+        let Some(text) = events
+            .iter()
+            .find(|event| event.metadata.event_id == p.cause.cause)
+            .and_then(|event| serde_json::from_value::<RunEvent>(event.payload.clone()).ok())
+            .and_then(|event| match event {
+                RunEvent::ReplyRequested { text, .. } => text.into_value(),
+                _ => None,
+            })
+        else {
+            // Unreadable: its person was erased since; there is no one to answer.
+            return Ok(Done::Complete);
+        };
+        let (conversation, _) = self
+            .conversations
+            .load(&origin.conversation)
+            .await
+            .map_err(|e| JobError::load("conversation", &origin.conversation, e))?;
+        let Some(agent) = conversation
+            .participants
+            .values()
+            .find(|m| m.present && m.participant.kind == ParticipantKind::Agent)
+            .map(|m| m.participant.id.clone())
+        else {
+            return Err(HandlerError::msg(format!(
+                "conversation {} has no agent to reply as",
+                origin.conversation
+            )));
+        };
+        let command = ConversationCommand::QueueReply {
+            message_id: format!("reply-{}", p.cause.cause),
+            from: agent,
+            text,
+            attachments: Vec::new(),
+            in_reply_to: conversation
+                .message(&origin.message)
+                .map(|m| m.message_id.clone()),
+            task_id: Some(task_id.to_string()),
+        };
+        match self
+            .conversations
+            .execute(&origin.conversation, command, p.cause.meta())
+            .await
+        {
+            Ok(_) | Err(CommandError::Rejected(ConversationError::DuplicateMessageId { .. })) => {}
+            Err(CommandError::Rejected(refused)) => {
+                // Closed since (the person started over): the answer belongs to a session
+                // they ended.
+                tracing::info!(
+                    conversation = %origin.conversation,
+                    task = %task_id,
+                    reason = %refused,
+                    "a reply was not queued"
+                );
+            }
+            Err(e) => return Err(JobError::record("conversation", &origin.conversation, e).into()),
+        }
+        Ok(Done::Complete)
+    }
+}
+
 fn payload<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, JobError> {
     serde_json::from_value(job.payload.clone()).map_err(|source| JobError::Payload {
         job: job.id,

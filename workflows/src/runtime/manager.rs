@@ -78,6 +78,7 @@ impl ProcessManager for Manager {
             "TimerArmed",
             "WaitStarted",
             "ChildrenStarted",
+            "ReplyRequested",
             "RunCompleted",
             "RunFailed",
             "RunCancelled",
@@ -169,6 +170,9 @@ impl ProcessManager for Manager {
                     )
                 })
                 .collect(),
+            RunEvent::ReplyRequested { step, .. } => {
+                vec![job("workflow.reply", json!(run_job(Some(step))))]
+            }
             RunEvent::RunCompleted { .. }
             | RunEvent::RunFailed { .. }
             | RunEvent::RunCancelled { .. } => {

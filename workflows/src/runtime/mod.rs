@@ -5,8 +5,8 @@
 //!  StepScheduled ─► [manager] ──► job workflow.step ──► model / tool ──► StepCompleted + next StepScheduled
 //!  TimerArmed / WaitStarted ──► delayed jobs workflow.timer / workflow.wait_timeout
 //!  ChildrenStarted ──► jobs workflow.start_child (one per child run)
-//!  ReplyRequested: recorded in the run (the API and the CLI show it); no job until a channel
-//!                  adapter delivers replies from its own outbox
+//!  ReplyRequested ──► job workflow.reply ──► when the task came from a conversation: the reply
+//!                  queued on it (ReplyQueued), which its channel's outbox delivers
 //!  RunCompleted / RunFailed / RunCancelled ──► job workflow.run_finished ──► task finished,
 //!                                  parent told, children and queued steps cancelled
 //!  TaskCancelled ──► job workflow.cancel ──► RunCancelled
@@ -24,9 +24,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use stele_aggregates::conversation::{
+    Conversation, ConversationCommand, ConversationError, ParticipantKind,
+};
 use stele_aggregates::ids::{RunId, StepId, TaskId};
 use stele_aggregates::memory::MemoryScope;
-use stele_aggregates::task::{Requester, Task, TaskCommand, TaskError, TaskInput, TaskStatus};
+use stele_aggregates::task::{
+    Origin, Requester, Task, TaskCommand, TaskError, TaskInput, TaskStatus,
+};
 use stele_aggregates::workflow_run::{
     ChildResult, ChildSpec, Decider, ParentLink, Remember, RunCommand, RunError, RunEvent,
     RunStatus, StepOutcome, StepStatus, WorkflowRun,
@@ -180,6 +185,7 @@ pub struct Runtime {
     catalog: Arc<Catalog>,
     tasks: CommandBus<Task>,
     runs: CommandBus<WorkflowRun>,
+    conversations: CommandBus<Conversation>,
     agents: Arc<dyn Agents>,
     tools: Tools,
     default_workflow: Option<String>,
@@ -197,6 +203,7 @@ impl Runtime {
             queue: store.queue.clone(),
             tasks: CommandBus::new(store.log.clone(), ()),
             runs: CommandBus::new(store.log.clone(), decider),
+            conversations: CommandBus::new(store.log.clone(), ()),
             catalog,
             agents,
             tools,
@@ -275,6 +282,7 @@ impl Runtime {
             "workflow.start_child" => on_start_child,
             "workflow.run_finished" => on_run_finished,
             "workflow.cancel" => on_cancel,
+            "workflow.reply" => on_reply,
             "privacy.retention" => on_retention,
         )
     }

@@ -16,6 +16,20 @@ impl Runtime {
         workflow: Option<String>,
         meta: CommandMeta,
     ) -> Result<Created, RuntimeError> {
+        self.create_task_from(input, requester, workflow, None, meta)
+            .await
+    }
+
+    /// Records a new task asked for in a conversation (`origin`): the run's replies are queued
+    /// on that conversation, for its channel to deliver. Otherwise as [`Runtime::create_task`].
+    pub async fn create_task_from(
+        &self,
+        input: TaskInput,
+        requester: Requester,
+        workflow: Option<String>,
+        origin: Option<Origin>,
+        meta: CommandMeta,
+    ) -> Result<Created, RuntimeError> {
         if let Some(name) = workflow.as_ref().or(self.default_workflow.as_ref()) {
             if !self.catalog.contains(name) {
                 let mut known: Vec<String> = self.catalog.all().map(|d| d.name.clone()).collect();
@@ -37,6 +51,7 @@ impl Runtime {
             requester: requester.clone(),
             subject,
             workflow: workflow.clone(),
+            origin,
         };
         // The task id is the command id: a new stream, unless the command is a repeat.
         match self.tasks.create(&task_id, command, meta).await {

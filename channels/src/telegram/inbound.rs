@@ -1,0 +1,447 @@
+//! A recorded message becomes work (`telegram.inbound`): the access list and the per-user limit
+//! first, then a command answered in the conversation, or a task on the chat's workflow whose
+//! replies come back here. Every answer is a queued reply (recorded, delivered by the outbox);
+//! every id is derived from the message, so a repeated job does nothing twice.
+
+use stele_aggregates::channel::Channel;
+use stele_aggregates::conversation::{ConversationCommand, ConversationError, MessageDirection};
+use stele_aggregates::task::{Origin, Requester, TaskInput};
+use stele_engine::queue::worker::{Done, HandlerError, HandlerResult};
+use stele_engine::queue::{Job, JobState};
+use stele_engine::{CommandError, CommandMeta};
+use stele_privacy::SubjectsError;
+use stele_workflows::runtime::RuntimeError;
+use teloxide::prelude::Requester as _;
+use teloxide::types::{ChatId, InputFile};
+use uuid::Uuid;
+
+use super::outbox::MessageJob;
+use super::poller::AGENT;
+use super::text::{command_of, help, Command};
+use super::{Telegram, ACCESS_LIST};
+
+/// Names the tasks messages start, so a repeated job starts none twice.
+const TASK_NAMESPACE: Uuid = Uuid::from_u128(0x7a41_0e5c_93b8_4d2f_a6e1_58c4_0d9b_3f72);
+
+/// How many earlier messages of the session go with a plain message to its workflow.
+const HISTORY_MESSAGES: usize = 6;
+/// At most this many characters of them.
+const HISTORY_CHARS: usize = 2_000;
+
+impl Telegram {
+    pub(super) async fn on_inbound(&self, job: Job) -> HandlerResult {
+        self.inbound(job)
+            .await
+            .map_err(|e| HandlerError::msg(format!("{e:#}")))
+    }
+
+    async fn inbound(&self, job: Job) -> anyhow::Result<Done> {
+        let p: MessageJob = serde_json::from_value(job.payload.clone())?;
+        let (conversation, _) = self.conversations.load(&p.conversation).await?;
+        let Some(message) = conversation.message(&p.message_id).cloned() else {
+            return Ok(Done::Complete);
+        };
+        if message.direction != MessageDirection::Inbound {
+            return Ok(Done::Complete);
+        }
+        let Some(chat) = self.chat_of(&p.conversation) else {
+            return Ok(Done::Complete);
+        };
+        let member = conversation.participants.get(&message.from).cloned();
+        let subject = member
+            .as_ref()
+            .and_then(|m| m.participant.subject.clone())
+            .unwrap_or_default();
+        let user = member
+            .as_ref()
+            .and_then(|m| m.participant.address.as_ref())
+            .and_then(|a| a.get().cloned())
+            .unwrap_or_default();
+        let reply = |text: String| Answer {
+            telegram: self,
+            conversation: &p.conversation,
+            message_id: &p.message_id,
+            text,
+        };
+        let access = self.access.load(ACCESS_LIST).await?.0;
+        let chat_id = chat.to_string();
+        if !access.admits([user.as_str(), chat_id.as_str()], &self.configured) {
+            reply(format!(
+                "Sorry, this bot is private. Ask its operator to let you in (your id is {user})."
+            ))
+            .send()
+            .await?;
+            return Ok(Done::Complete);
+        }
+        if !self.users.admit(&user) {
+            reply(format!(
+                "You are writing faster than I can follow (at most {} messages a minute). \
+                 Please wait a moment and send it again.",
+                self.config.per_user_per_minute
+            ))
+            .send()
+            .await?;
+            return Ok(Done::Complete);
+        }
+        let username = self.username.get().map(String::as_str);
+        let requester = Requester {
+            user_id: user.clone(),
+            channel: Channel::TELEGRAM,
+        };
+        let origin = Origin {
+            conversation: p.conversation.clone(),
+            message: p.message_id.clone(),
+        };
+        let task_meta = CommandMeta::new("telegram", &user).with_command_id(Uuid::new_v5(
+            &TASK_NAMESPACE,
+            format!("{}:{}", p.conversation, p.message_id).as_bytes(),
+        ));
+        let answer = match command_of(&message.text, username) {
+            None if message.text.trim().is_empty() => {
+                "I can only read text for now: please write your message.".to_owned()
+            }
+            None => {
+                let input = with_history(&conversation, &message);
+                return self
+                    .start_task(input, requester, None, origin, task_meta)
+                    .await;
+            }
+            Some(Command::NewTask(what)) if what.trim().is_empty() => {
+                "Tell me what to do: /new_task followed by the task.".to_owned()
+            }
+            Some(Command::NewTask(what)) => {
+                let pipeline = Some(self.config.pipeline.clone());
+                return self
+                    .start_task(what, requester, pipeline, origin, task_meta)
+                    .await;
+            }
+            Some(Command::Start) => {
+                let mut text = "Hello! I am Stele's assistant. Write to me and I answer; \
+                                /help lists what else I can do."
+                    .to_owned();
+                if let Some(consent) = &self.config.consent_text {
+                    text.push_str("\n\n");
+                    text.push_str(consent);
+                }
+                text
+            }
+            Some(Command::Help) => help(),
+            Some(Command::WhoAmI) => format!(
+                "Telegram user id: {user}\nChat id: {chat}\nYour id here: {subject}\nConversation: {}",
+                p.conversation
+            ),
+            Some(Command::Status) => self.status(&subject, &p.conversation).await?,
+            Some(Command::Cancel) => self.cancel_latest(&subject, &p.conversation, &user).await?,
+            Some(Command::Models) => self.models(),
+            Some(Command::Reset) => {
+                reply("Done: we start afresh. What can I do for you?".into())
+                    .send()
+                    .await?;
+                let close = ConversationCommand::Close {
+                    reason: "/reset by the person".into(),
+                };
+                let meta = CommandMeta::new("telegram", &user)
+                    .with_command_id(derived(&p.conversation, &p.message_id, "reset"));
+                match self.conversations.execute(&p.conversation, close, meta).await {
+                    Ok(_) | Err(CommandError::Rejected(ConversationError::Closed { .. })) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                return Ok(Done::Complete);
+            }
+            Some(Command::Export) => {
+                self.export(chat, &subject, &user).await?;
+                "Here is everything I hold about you (the file above).".to_owned()
+            }
+            Some(Command::Forget { confirmed: false }) => {
+                "This erases everything I hold about you: our conversations, your tasks and what \
+                 I remember. It cannot be undone. To go ahead, send: /forget yes"
+                    .to_owned()
+            }
+            Some(Command::Forget { confirmed: true }) => {
+                // Said before the erasure, and not through the outbox: once the person's key is
+                // gone, a queued reply could no longer be read to be sent.
+                self.throttle.ready(chat).await;
+                self.bot
+                    .send_message(ChatId(chat), "Erasing everything I hold about you. Goodbye.")
+                    .await?;
+                let meta = CommandMeta::new("telegram", &user)
+                    .with_command_id(derived(&p.conversation, &p.message_id, "forget"));
+                self.runtime
+                    .erase_subject(&subject, &user, "asked for with /forget on Telegram", meta)
+                    .await?;
+                return Ok(Done::Complete);
+            }
+            Some(Command::Unknown(name)) => {
+                format!("I do not know /{name}. /help lists what I understand.")
+            }
+        };
+        reply(answer).send().await?;
+        Ok(Done::Complete)
+    }
+
+    async fn start_task(
+        &self,
+        input: String,
+        requester: Requester,
+        workflow: Option<String>,
+        origin: Origin,
+        meta: CommandMeta,
+    ) -> anyhow::Result<Done> {
+        let reply = |text: String| Answer {
+            telegram: self,
+            conversation: &origin.conversation,
+            message_id: &origin.message,
+            text,
+        };
+        let input = match TaskInput::parse(&input) {
+            Ok(input) => input,
+            Err(e) => {
+                reply(format!("I cannot take this message: {e}."))
+                    .send()
+                    .await?;
+                return Ok(Done::Complete);
+            }
+        };
+        let workflow = workflow.or_else(|| Some(self.config.workflow.clone()));
+        match self
+            .runtime
+            .create_task_from(input, requester, workflow, Some(origin.clone()), meta)
+            .await
+        {
+            Ok(_) => Ok(Done::Complete),
+            Err(RuntimeError::Subject(SubjectsError::ConsentRequired { missing, .. })) => {
+                let text = format!(
+                    "Before I can help, I need your consent to: {}. {}",
+                    missing.join(", "),
+                    self.config
+                        .consent_text
+                        .clone()
+                        .unwrap_or_else(|| "Please ask the operator how to give it.".into())
+                );
+                reply(text).send().await?;
+                Ok(Done::Complete)
+            }
+            Err(RuntimeError::UnknownWorkflow { name, .. }) => {
+                reply(format!(
+                    "This bot is not set up for that (no workflow {name})."
+                ))
+                .send()
+                .await?;
+                Ok(Done::Complete)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The chat's tasks in progress, newest first, and how the node is.
+    async fn in_flight(
+        &self,
+        subject: &str,
+        conversation: &str,
+    ) -> anyhow::Result<Vec<stele_workflows::runtime::TaskView>> {
+        let mut tasks = Vec::new();
+        for id in self.subjects.tasks_of(&[subject.to_owned()]).await? {
+            let Ok(view) = self.runtime.task(&id).await else {
+                continue;
+            };
+            let here = view
+                .task
+                .origin
+                .as_ref()
+                .is_some_and(|o| o.conversation == conversation);
+            if here && !view.task.status.is_finished() {
+                tasks.push(view);
+            }
+        }
+        tasks.sort_by(|a, b| b.task_id.as_str().cmp(a.task_id.as_str()));
+        Ok(tasks)
+    }
+
+    async fn status(&self, subject: &str, conversation: &str) -> anyhow::Result<String> {
+        let tasks = self.in_flight(subject, conversation).await?;
+        let mut text = if tasks.is_empty() {
+            "No task of yours is in progress.".to_owned()
+        } else {
+            let mut text = format!("{} task(s) in progress:\n", tasks.len());
+            for view in &tasks {
+                let step = view
+                    .run
+                    .as_ref()
+                    .and_then(|run| run.scheduled_steps().next().map(|(s, _)| s.to_owned()))
+                    .unwrap_or_else(|| "starting".into());
+                text.push_str(&format!(
+                    "• {} ({}, {})\n",
+                    view.task_id,
+                    view.task.workflow.as_deref().unwrap_or("routing"),
+                    step
+                ));
+            }
+            text
+        };
+        let waiting = self
+            .queue
+            .depth()
+            .await
+            .map(|depth| {
+                depth
+                    .iter()
+                    .filter(|(_, state, _)| *state == JobState::Available)
+                    .map(|(_, _, n)| *n)
+                    .sum::<i64>()
+            })
+            .unwrap_or(-1);
+        text.push_str(&format!("\nSystem: up; {waiting} job(s) waiting."));
+        Ok(text)
+    }
+
+    async fn cancel_latest(
+        &self,
+        subject: &str,
+        conversation: &str,
+        user: &str,
+    ) -> anyhow::Result<String> {
+        let tasks = self.in_flight(subject, conversation).await?;
+        let Some(latest) = tasks.first() else {
+            return Ok("You have no task in progress to cancel.".into());
+        };
+        let meta = CommandMeta::new("telegram", user);
+        match self
+            .runtime
+            .cancel_task(
+                latest.task_id.as_str(),
+                "cancelled with /cancel".into(),
+                meta,
+            )
+            .await
+        {
+            Ok(()) => Ok(format!("Cancelled task {}.", latest.task_id)),
+            Err(RuntimeError::Task(e)) => Ok(format!(
+                "Task {} could not be cancelled: {e}.",
+                latest.task_id
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn models(&self) -> String {
+        if self.roles.is_empty() {
+            return "No assistant is configured.".into();
+        }
+        let mut text = String::from("The assistants you can use, and their models:\n");
+        for role in &self.roles {
+            text.push_str(&format!(
+                "• {} — {} ({})\n",
+                role.role,
+                role.description,
+                role.models.join(" → ")
+            ));
+        }
+        text
+    }
+
+    /// Sends the person their export bundle as a JSON document.
+    async fn export(&self, chat: i64, subject: &str, user: &str) -> anyhow::Result<()> {
+        let head = self.log.head().await?;
+        let meta = CommandMeta::new("telegram", user);
+        let bundle = self
+            .subjects
+            .export(self.log.as_ref(), subject, head, user, meta)
+            .await?;
+        let bytes = serde_json::to_vec_pretty(&bundle)?;
+        self.throttle.ready(chat).await;
+        self.bot
+            .send_document(
+                ChatId(chat),
+                InputFile::memory(bytes).file_name("stele-export.json"),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// A plain message with the session's last few messages before it, so the workflow sees what
+/// was said (the memory adds what bears on it from further back).
+fn with_history(
+    conversation: &stele_aggregates::conversation::Conversation,
+    message: &stele_aggregates::conversation::Message,
+) -> String {
+    let earlier: Vec<String> = conversation
+        .messages
+        .iter()
+        .filter(|m| m.seq < message.seq && m.seq > conversation.session_start)
+        .rev()
+        .take(HISTORY_MESSAGES)
+        .map(|m| {
+            let who = match m.direction {
+                MessageDirection::Inbound => "Person",
+                MessageDirection::Outbound => "Assistant",
+            };
+            format!("{who}: {}", m.text)
+        })
+        .collect();
+    if earlier.is_empty() {
+        return message.text.clone();
+    }
+    let mut history: Vec<String> = Vec::new();
+    let mut size = 0;
+    for line in earlier {
+        size += line.chars().count();
+        if size > HISTORY_CHARS {
+            break;
+        }
+        history.push(line);
+    }
+    history.reverse();
+    if history.is_empty() {
+        return message.text.clone();
+    }
+    format!(
+        "Earlier in this conversation:\n{}\n\nMessage: {}",
+        history.join("\n"),
+        message.text
+    )
+}
+
+fn derived(conversation: &str, message: &str, what: &str) -> Uuid {
+    Uuid::new_v5(
+        &TASK_NAMESPACE,
+        format!("{conversation}:{message}:{what}").as_bytes(),
+    )
+}
+
+/// An answer to one inbound message, queued as a reply with an id derived from it.
+struct Answer<'a> {
+    telegram: &'a Telegram,
+    conversation: &'a str,
+    message_id: &'a str,
+    text: String,
+}
+
+impl Answer<'_> {
+    async fn send(self) -> anyhow::Result<()> {
+        let command = ConversationCommand::QueueReply {
+            message_id: format!("{}-answer", self.message_id),
+            from: AGENT.to_owned(),
+            text: self.text,
+            attachments: Vec::new(),
+            in_reply_to: Some(self.message_id.to_owned()),
+            task_id: None,
+        };
+        let meta = CommandMeta::new("telegram", "system").with_command_id(derived(
+            self.conversation,
+            self.message_id,
+            "answer",
+        ));
+        match self
+            .telegram
+            .conversations
+            .execute(self.conversation, command, meta)
+            .await
+        {
+            Ok(_) | Err(CommandError::Rejected(ConversationError::DuplicateMessageId { .. })) => {
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The Telegram channel: updates in (long polling under a hold, one poller per bot across all
+//! nodes), each recorded in its chat's `Conversation` before its offset is confirmed; messages
+//! turned into work (commands, or a task on the chat's workflow); replies out through the
+//! conversation's outbox, throttled to Telegram's limits.
+//!
+//! ```text
+//!  getUpdates ──► [poller] record: Conversation.ReceiveMessage / Join / Quarantine
+//!                     └► next getUpdates with offset = last + 1 (confirms only what is recorded)
+//!  MessageReceived ──► [manager] job telegram.inbound ──► access list, per-user limit,
+//!                     command (answer queued as a reply) or task on the workflow (origin = message)
+//!  ReplyRequested (a task's reply step) ──► workflow.reply ──► Conversation.QueueReply
+//!  ReplyQueued ──► [manager] job telegram.send (one at a time per chat) ──► throttle ──►
+//!                     sendMessage (split at 4096) ──► ReplyDelivered | ReplyDeliveryFailed
+//! ```
+//!
+//! The one window where a reply can go out twice: Telegram accepted `sendMessage` and the process
+//! died before `ReplyDelivered` was recorded; the job runs again after its lease and sends again.
+//! Telegram offers no idempotency key to close it. It lasts one append (milliseconds).
+
+mod inbound;
+mod outbox;
+mod poller;
+mod text;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+use stele_aggregates::access::{AccessCommand, AccessList};
+use stele_aggregates::conversation::Conversation;
+use stele_engine::process::ProcessManager;
+use stele_engine::queue::worker::Worker;
+use stele_engine::queue::{JobQueue, NewJob};
+use stele_engine::store::StorePool;
+use stele_engine::{CommandBus, CommandMeta, EventLog, RecordedEvent, Store};
+use stele_privacy::Subjects;
+use stele_workflows::runtime::Runtime;
+use teloxide::prelude::Requester;
+use teloxide::Bot;
+
+pub use outbox::{split, Throttle};
+pub use text::{command_of, Command};
+
+/// The queue channel jobs run on.
+pub const QUEUE: &str = "channels";
+/// The process manager's name (its checkpoint).
+pub const MANAGER: &str = "telegram-channel";
+/// The access list's stream id for Telegram.
+pub const ACCESS_LIST: &str = "telegram";
+
+/// The Telegram channel's settings (`[telegram]` in the configuration file, `STELE_TELEGRAM_*`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramConfig {
+    /// The bot's token, from @BotFather (or `STELE_TELEGRAM_TOKEN`).
+    #[serde(default)]
+    pub token: String,
+    /// The Bot API's base URL (Telegram's by default; a local Bot API server, or a fake in tests).
+    #[serde(default)]
+    pub api_url: Option<String>,
+    /// The workflow plain messages go to.
+    #[serde(default = "default_workflow")]
+    pub workflow: String,
+    /// The workflow `/new_task` starts.
+    #[serde(default = "default_pipeline")]
+    pub pipeline: String,
+    /// User and chat ids allowed (deny-by-default once any is); more with `stele telegram allow`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Messages a person may send per minute before being asked to slow down.
+    #[serde(default = "default_user_limit")]
+    pub per_user_per_minute: u32,
+    /// How long one getUpdates waits for news (Telegram allows up to 50 s).
+    #[serde(default = "default_poll_timeout", with = "humantime_serde")]
+    pub poll_timeout: Duration,
+    /// Whether `/start` asks for consent (the deployment's policy requires it for tasks).
+    #[serde(default)]
+    pub consent_text: Option<String>,
+}
+
+fn default_workflow() -> String {
+    "assistant".into()
+}
+
+fn default_pipeline() -> String {
+    "dev_pipeline".into()
+}
+
+fn default_user_limit() -> u32 {
+    20
+}
+
+fn default_poll_timeout() -> Duration {
+    Duration::from_secs(25)
+}
+
+impl TelegramConfig {
+    /// Settings with the defaults for a bot `token`.
+    pub fn new(token: impl Into<String>) -> Self {
+        TelegramConfig {
+            token: token.into(),
+            api_url: None,
+            workflow: default_workflow(),
+            pipeline: default_pipeline(),
+            allow: Vec::new(),
+            per_user_per_minute: default_user_limit(),
+            poll_timeout: default_poll_timeout(),
+            consent_text: None,
+        }
+    }
+
+    /// The bot client these settings describe.
+    pub fn bot(&self) -> anyhow::Result<Bot> {
+        let bot = Bot::new(&self.token);
+        Ok(match &self.api_url {
+            None => bot,
+            Some(url) => bot.set_api_url(
+                url.trim_end_matches('/')
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("STELE_TELEGRAM_API_URL {url:?}: {e}"))?,
+            ),
+        })
+    }
+}
+
+/// What `/models` lists: the roles a chat may use and the models each goes through.
+#[derive(Clone, Debug, Default)]
+pub struct RoleSummary {
+    pub role: String,
+    pub description: String,
+    pub models: Vec<String>,
+}
+
+/// The Telegram channel of one bot.
+pub struct Telegram {
+    config: TelegramConfig,
+    bot: Bot,
+    /// The bot's own id: conversations are `telegram:<bot id>:<chat id>`.
+    bot_id: String,
+    runtime: Arc<Runtime>,
+    subjects: Arc<Subjects>,
+    conversations: CommandBus<Conversation>,
+    access: CommandBus<AccessList>,
+    configured: BTreeSet<String>,
+    pool: StorePool,
+    log: Arc<dyn EventLog>,
+    queue: Arc<dyn JobQueue>,
+    throttle: Throttle,
+    users: outbox::UserLimit,
+    roles: Vec<RoleSummary>,
+    /// The bot's username, once known (commands addressed `/help@name`).
+    username: OnceLock<String>,
+    /// Parts of split replies sent so far (and the first part's message id), so a reply
+    /// interrupted by a 429 goes on where it stopped.
+    progress: Mutex<HashMap<String, (usize, Option<i32>)>>,
+}
+
+impl Telegram {
+    /// The channel for `config` on `store` (read and written through its sealing log). The bot's
+    /// id is the token's first part, as Telegram issues tokens (`<bot id>:<secret>`).
+    pub fn new(
+        config: TelegramConfig,
+        store: &Store,
+        runtime: Arc<Runtime>,
+        subjects: Arc<Subjects>,
+        roles: Vec<RoleSummary>,
+    ) -> anyhow::Result<Telegram> {
+        let bot = config.bot()?;
+        let bot_id = config
+            .token
+            .split_once(':')
+            .map(|(id, _)| id.to_owned())
+            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| {
+                anyhow::anyhow!("the Telegram token is not a bot token (<bot id>:<secret>)")
+            })?;
+        Ok(Telegram {
+            configured: config.allow.iter().map(|id| id.trim().to_owned()).collect(),
+            users: outbox::UserLimit::new(config.per_user_per_minute),
+            bot,
+            bot_id,
+            runtime,
+            subjects,
+            conversations: CommandBus::new(store.log.clone(), ()),
+            access: CommandBus::new(store.log.clone(), ()),
+            pool: store.pool.clone(),
+            log: store.log.clone(),
+            queue: store.queue.clone(),
+            throttle: Throttle::telegram(),
+            roles,
+            config,
+            username: OnceLock::new(),
+            progress: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The conversation id of a chat.
+    pub fn conversation_id(&self, chat_id: i64) -> String {
+        format!("telegram:{}:{chat_id}", self.bot_id)
+    }
+
+    /// The chat of one of this bot's conversations.
+    fn chat_of(&self, conversation: &str) -> Option<i64> {
+        conversation
+            .strip_prefix("telegram:")?
+            .strip_prefix(self.bot_id.as_str())?
+            .strip_prefix(':')?
+            .parse()
+            .ok()
+    }
+
+    /// The process manager that turns this bot's messages and replies into jobs.
+    pub fn manager(self: &Arc<Self>) -> Arc<dyn ProcessManager> {
+        Arc::new(ChannelManager {
+            prefix: format!("telegram:{}:", self.bot_id),
+        })
+    }
+
+    /// Adds the channel's job handlers to a worker of [`QUEUE`].
+    pub fn register(self: &Arc<Self>, worker: Worker) -> Worker {
+        let inbound = self.clone();
+        let send = self.clone();
+        worker
+            .handle("telegram.inbound", move |job| {
+                let telegram = inbound.clone();
+                async move { telegram.on_inbound(job).await }
+            })
+            .handle("telegram.send", move |job| {
+                let telegram = send.clone();
+                async move { telegram.on_send(job).await }
+            })
+    }
+
+    /// Lets `id` (a Telegram user or chat id) use the bot; recorded.
+    pub async fn allow(store: &Store, id: &str, by: &str) -> anyhow::Result<()> {
+        access_command(
+            store,
+            AccessCommand::Allow {
+                id: id.into(),
+                by: by.into(),
+            },
+        )
+        .await
+    }
+
+    /// Shuts `id` out; recorded.
+    pub async fn deny(store: &Store, id: &str, by: &str) -> anyhow::Result<()> {
+        access_command(
+            store,
+            AccessCommand::Deny {
+                id: id.into(),
+                by: by.into(),
+            },
+        )
+        .await
+    }
+
+    /// The recorded access list.
+    pub async fn access_list(store: &Store) -> anyhow::Result<AccessList> {
+        let bus: CommandBus<AccessList> = CommandBus::new(store.log.clone(), ());
+        Ok(bus.load(ACCESS_LIST).await?.0)
+    }
+
+    /// Registers the bot's commands with Telegram (`setMyCommands`), so clients offer them.
+    pub async fn register_commands(&self) -> Result<(), teloxide::RequestError> {
+        let commands = text::COMMANDS
+            .iter()
+            .map(|(name, about)| teloxide::types::BotCommand::new(*name, *about))
+            .collect::<Vec<_>>();
+        self.bot.set_my_commands(commands).await?;
+        Ok(())
+    }
+}
+
+async fn access_command(store: &Store, command: AccessCommand) -> anyhow::Result<()> {
+    let bus: CommandBus<AccessList> = CommandBus::new(store.log.clone(), ());
+    bus.execute(
+        ACCESS_LIST,
+        command,
+        CommandMeta::new("stele telegram", "operator"),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Turns a bot's recorded messages and queued replies into jobs. Pure.
+struct ChannelManager {
+    prefix: String,
+}
+
+impl ProcessManager for ChannelManager {
+    fn name(&self) -> &'static str {
+        MANAGER
+    }
+
+    fn event_types(&self) -> &'static [&'static str] {
+        &["MessageReceived", "ReplyQueued"]
+    }
+
+    fn react(&self, event: &RecordedEvent) -> Vec<NewJob> {
+        let conversation = &event.stream.aggregate_id;
+        if event.stream.aggregate_type != "conversation" || !conversation.starts_with(&self.prefix)
+        {
+            return Vec::new();
+        }
+        let Some(message_id) = event
+            .payload
+            .pointer("/data/message_id")
+            .and_then(|id| id.as_str())
+        else {
+            return Vec::new();
+        };
+        let payload = serde_json::json!({ "conversation": conversation, "message_id": message_id });
+        // One message at a time per chat each way, in the order they were recorded.
+        let job = match event.event_type.as_str() {
+            "MessageReceived" => NewJob::new(QUEUE, "telegram.inbound", payload)
+                .ordering_key(format!("in:{conversation}"))
+                .idempotency_key(format!("tg-in:{conversation}:{message_id}"))
+                .max_attempts(10),
+            _ => NewJob::new(QUEUE, "telegram.send", payload)
+                .ordering_key(format!("out:{conversation}"))
+                .idempotency_key(format!("tg-out:{conversation}:{message_id}"))
+                .max_attempts(50),
+        };
+        vec![job.timeout(Duration::from_secs(120))]
+    }
+}

@@ -1,0 +1,444 @@
+//! The Telegram channel end to end: the binary against a fake Bot API that speaks Telegram's JSON
+//! (`support/fake_telegram.py`): messages answered through the workflow, commands, long answers
+//! split, flood limits (429) obeyed, malformed updates quarantined, the allow-list and per-user
+//! limits, `kill -9` mid-conversation, fifty chats at once.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stele_engine::testing::TestDb;
+
+mod support;
+use support::{free_port, run, stderr, stele, terminate, wait_until_up_keeping, Drained};
+
+const TOKEN: &str = "123456:TEST-TOKEN";
+
+/// The fake Bot API, on a port of its own.
+struct FakeBot {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+    rt: tokio::runtime::Runtime,
+}
+
+impl FakeBot {
+    fn start() -> FakeBot {
+        let port = free_port();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/fake_telegram.py"
+        );
+        let mut child = Command::new("python3")
+            .args([script, &port.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the fake Bot API");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        FakeBot {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    fn post(&self, path: &str, body: Value) -> Value {
+        self.rt.block_on(async {
+            self.http
+                .post(format!("{}{path}", self.url))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    }
+
+    fn get(&self, path: &str) -> Value {
+        self.rt.block_on(async {
+            self.http
+                .get(format!("{}{path}", self.url))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    }
+
+    /// A text message from `user` in `chat`.
+    fn say(&self, chat: i64, user: i64, text: &str) {
+        self.post(
+            "/_test/update",
+            json!({ "chat_id": chat, "user_id": user, "text": text,
+                    "chat_type": if chat < 0 { "group" } else { "private" } }),
+        );
+    }
+
+    fn calls(&self, method: &str) -> Vec<Value> {
+        self.get("/_test/calls")
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|call| {
+                call["method"]
+                    .as_str()
+                    .unwrap()
+                    .eq_ignore_ascii_case(method)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// The texts sent to `chat`, in order.
+    fn sent(&self, chat: i64) -> Vec<String> {
+        self.calls("sendMessage")
+            .iter()
+            .filter(|call| call["params"]["chat_id"].as_i64() == Some(chat))
+            .map(|call| call["params"]["text"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Waits until some text sent to `chat` contains `needle`; returns it.
+    fn wait_for(&self, chat: i64, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(text) = self.sent(chat).into_iter().find(|t| t.contains(needle)) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing with {needle:?} was sent to {chat}; sent: {:?}",
+                self.sent(chat)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for FakeBot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node with the Telegram channel on, pointed at the fake.
+fn node(bot: &FakeBot, args: &[&str], env: &[(&str, &str)]) -> (Child, Drained) {
+    let mut command = stele();
+    command
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("STELE_TELEGRAM_TOKEN", TOKEN)
+        .env("STELE_TELEGRAM_API_URL", &bot.url)
+        .env_remove("STELE_TELEGRAM_ALLOW")
+        .env_remove("STELE_TELEGRAM_WORKFLOW")
+        .env_remove("STELE_EMBEDDING_MODEL")
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let (_, output) = wait_until_up_keeping(&mut child);
+    (child, output)
+}
+
+fn postgres(rt: &tokio::runtime::Runtime) -> (TestDb, String) {
+    let db = rt.block_on(TestDb::postgres());
+    let url = db.url().unwrap().to_owned();
+    (db, url)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn messages_are_answered_commands_work_and_bad_input_is_kept_aside() {
+    let bot = FakeBot::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stele.toml");
+    std::fs::write(
+        &config,
+        "[telegram]\nper_user_per_minute = 12\npoll_timeout = \"2s\"\n",
+    )
+    .unwrap();
+    let data_dir = dir.path().join("data").display().to_string();
+    let (mut child, output) = node(
+        &bot,
+        &[
+            "up",
+            "--data-dir",
+            &data_dir,
+            "--config",
+            &config.display().to_string(),
+        ],
+        &[],
+    );
+
+    bot.say(42, 42, "/start");
+    assert!(bot.wait_for(42, "Hello").contains("/help"));
+    assert!(
+        !bot.calls("setMyCommands").is_empty(),
+        "the commands are registered"
+    );
+
+    bot.say(42, 42, "hello there");
+    let answer = bot.wait_for(42, "[vox]");
+    assert!(answer.ends_with("hello there"), "{answer}");
+    let reply = bot
+        .calls("sendMessage")
+        .into_iter()
+        .find(|c| c["params"]["text"].as_str() == Some(answer.as_str()))
+        .unwrap();
+    assert!(
+        reply["params"]["reply_parameters"]["message_id"].is_i64(),
+        "the answer replies to the message: {reply}"
+    );
+
+    // The next message carries the session's history to the workflow.
+    bot.say(42, 42, "and again");
+    let second = bot.wait_for(42, "Message: and again");
+    assert!(second.contains("Person: hello there"), "{second}");
+
+    bot.say(42, 42, "/whoami");
+    assert!(bot.wait_for(42, "Telegram user id").contains("42"));
+    bot.say(42, 42, "/frobnicate now");
+    bot.wait_for(42, "I do not know /frobnicate");
+    bot.say(42, 42, "/status");
+    bot.wait_for(42, "System: up");
+
+    // A malformed update is kept aside; the adapter goes on.
+    bot.post(
+        "/_test/update",
+        json!({ "raw": { "message": { "message_id": "not a number", "chat": { "id": 42 } } } }),
+    );
+    // An answer longer than Telegram's limit goes out in parts, each within it.
+    let long = "word ".repeat(900);
+    bot.say(7, 7, &long);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bot.sent(7).len() < 2 {
+        assert!(Instant::now() < deadline, "the long answer was not sent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let parts = bot.sent(7);
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert!(parts.iter().all(|p| p.encode_utf16().count() <= 4096));
+
+    // Telegram's flood control: a 429 freezes the chat for retry_after, then the answer goes.
+    bot.post(
+        "/_test/fail",
+        json!({ "method": "sendMessage", "chat_id": 9, "times": 1, "error_code": 429,
+                "description": "Too Many Requests: retry after 1", "retry_after": 1 }),
+    );
+    bot.say(9, 9, "through the flood");
+    // (The fake logs every call, the refused one too.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bot.sent(9).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the answer never went out after the 429"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let attempts: Vec<f64> = bot
+        .calls("sendMessage")
+        .iter()
+        .filter(|c| c["params"]["chat_id"].as_i64() == Some(9))
+        .map(|c| c["t"].as_f64().unwrap())
+        .collect();
+    assert_eq!(attempts.len(), 2, "refused once, then sent");
+    assert!(attempts[1] - attempts[0] >= 0.9, "{attempts:?}");
+
+    // Per-user limit: the 13th message within a minute is answered with a polite refusal.
+    for i in 0..13 {
+        bot.say(11, 11, &format!("burst {i}"));
+    }
+    bot.wait_for(11, "faster than I can follow");
+
+    terminate(&mut child);
+    drop(output);
+    let events = run(&["events", "tail", "--data-dir", &data_dir]);
+    assert!(events.status.success(), "{}", stderr(&events));
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains("MessageQuarantined"),
+        "the malformed update is recorded"
+    );
+    assert!(events.contains("ReplyDelivered"));
+}
+
+#[test]
+fn the_allow_list_is_configured_and_changed_at_run_time() {
+    let rt = runtime();
+    let (_db, url) = postgres(&rt);
+    let bot = FakeBot::start();
+    let (mut child, _output) = node(
+        &bot,
+        &["serve", "--database-url", &url],
+        &[("STELE_TELEGRAM_ALLOW", "111")],
+    );
+    bot.say(222, 222, "let me in");
+    bot.wait_for(222, "this bot is private");
+    bot.say(111, 111, "I am allowed");
+    bot.wait_for(111, "[vox] I am allowed");
+
+    let allowed = run(&["telegram", "allow", "222", "--database-url", &url]);
+    assert!(allowed.status.success(), "{}", stderr(&allowed));
+    let denied = run(&["telegram", "deny", "111", "--database-url", &url]);
+    assert!(denied.status.success(), "{}", stderr(&denied));
+    bot.say(222, 222, "now?");
+    assert!(bot.wait_for(222, "Message: now?").starts_with("[vox]"));
+    bot.say(111, 111, "and me?");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bot.sent(111).len() < 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(bot.sent(111)[1].contains("this bot is private"));
+
+    let bad = run(&["telegram", "allow", "someone", "--database-url", &url]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("not a Telegram id"),
+        "{}",
+        stderr(&bad)
+    );
+    let list = run(&["telegram", "list", "--database-url", &url]);
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list, json!({ "allowed": ["222"], "denied": ["111"] }));
+    terminate(&mut child);
+}
+
+/// How many texts sent to `chat` end with `marker`.
+fn answers(sent: &HashMap<i64, Vec<String>>, chat: i64, marker: &str) -> usize {
+    sent.get(&chat).map_or(0, |texts| {
+        texts.iter().filter(|t| t.ends_with(marker)).count()
+    })
+}
+
+fn sent_by_chat(bot: &FakeBot) -> HashMap<i64, Vec<String>> {
+    let mut sent: HashMap<i64, Vec<String>> = HashMap::new();
+    for call in bot.calls("sendMessage") {
+        let chat = call["params"]["chat_id"].as_i64().unwrap();
+        let text = call["params"]["text"].as_str().unwrap().to_owned();
+        sent.entry(chat).or_default().push(text);
+    }
+    sent
+}
+
+#[test]
+fn a_node_killed_mid_conversation_loses_nothing_and_doubles_nothing() {
+    let rt = runtime();
+    let (_db, url) = postgres(&rt);
+    let bot = FakeBot::start();
+    let args = ["serve", "--database-url", url.as_str()];
+    let (mut child, _output) = node(&bot, &args, &[]);
+    let chats: Vec<i64> = (1..=5).map(|c| 500 + c).collect();
+    let marker = |chat: i64, i: usize| format!("note {chat}/{i}.");
+    for i in 0..4 {
+        for &chat in &chats {
+            bot.say(chat, chat, &marker(chat, i));
+        }
+    }
+    // Kill it while the conversation is in full flow.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bot.calls("sendMessage").len() < 3 {
+        assert!(Instant::now() < deadline, "nothing was answered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // People go on writing while it is down.
+    for i in 4..6 {
+        for &chat in &chats {
+            bot.say(chat, chat, &marker(chat, i));
+        }
+    }
+    let (mut child, _output) = node(&bot, &args, &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let sent = sent_by_chat(&bot);
+        let missing: Vec<String> = chats
+            .iter()
+            .flat_map(|&chat| (0..6).map(move |i| (chat, i)))
+            .filter(|&(chat, i)| answers(&sent, chat, &marker(chat, i)) == 0)
+            .map(|(chat, i)| marker(chat, i))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never answered: {missing:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = sent_by_chat(&bot);
+    for &chat in &chats {
+        for i in 0..6 {
+            assert_eq!(
+                answers(&sent, chat, &marker(chat, i)),
+                1,
+                "{} answered more than once: {:?}",
+                marker(chat, i),
+                sent[&chat]
+            );
+        }
+    }
+    terminate(&mut child);
+    // Every update was recorded once: 30 messages, 30 received.
+    let events = run(&["events", "tail", "--database-url", &url]);
+    let received = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .filter(|line| line.contains("\"MessageReceived\""))
+        .count();
+    assert_eq!(received, 30);
+}
+
+#[test]
+fn fifty_chats_at_once_are_all_answered_once() {
+    let rt = runtime();
+    let (_db, url) = postgres(&rt);
+    let bot = FakeBot::start();
+    let (mut child, _output) = node(&bot, &["serve", "--database-url", &url], &[]);
+    let chats: Vec<i64> = (0..50).map(|c| 9000 + c).collect();
+    for round in 0..2 {
+        for &chat in &chats {
+            bot.say(chat, chat, &format!("question {chat}-{round}?"));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let sent = sent_by_chat(&bot);
+        let done = chats
+            .iter()
+            .flat_map(|&chat| (0..2).map(move |round| (chat, round)))
+            .filter(|&(chat, round)| answers(&sent, chat, &format!("question {chat}-{round}?")) > 0)
+            .count();
+        if done == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{done} of 100 answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = sent_by_chat(&bot);
+    for &chat in &chats {
+        assert_eq!(sent[&chat].len(), 2, "{:?}", sent[&chat]);
+    }
+    terminate(&mut child);
+}
