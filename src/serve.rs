@@ -378,7 +378,7 @@ pub async fn run_node(
             tasks.spawn(async move { worker.run(stopped).await.map_err(anyhow::Error::from) });
             let telegram = telegram.clone();
             let stopped = until_stopped();
-            tasks.spawn(async move { telegram.poll(stopped).await });
+            tasks.spawn(async move { telegram.receive(stopped).await });
         }
     }
     if roles.api {
@@ -417,7 +417,16 @@ pub async fn run_node(
                 }
             );
         }
-        let app = stele_api::server::app(state);
+        let mut app = stele_api::server::app(state);
+        // Telegram's webhook posts carry its secret header, not an API key.
+        if let Some(webhook) = telegram
+            .as_ref()
+            .map(|t| t.webhook_router())
+            .transpose()?
+            .flatten()
+        {
+            app = app.merge(webhook);
+        }
         let stopped = until_stopped();
         tasks.spawn(async move {
             stele_api::server::serve(listener, app, stopped)

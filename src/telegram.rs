@@ -32,6 +32,21 @@ pub struct TelegramArgs {
         value_name = "NAME"
     )]
     pub workflow: Option<String>,
+    /// The public URL Telegram posts updates to (webhooks, served by the API); polling without.
+    #[arg(
+        long = "telegram-webhook-url",
+        env = "STELE_TELEGRAM_WEBHOOK_URL",
+        value_name = "URL"
+    )]
+    pub webhook_url: Option<String>,
+    /// The secret Telegram sends with each webhook post (derived from the token by default).
+    #[arg(
+        long = "telegram-webhook-secret",
+        env = "STELE_TELEGRAM_WEBHOOK_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<String>,
     /// User and chat ids allowed, comma-separated (once any is, others are refused).
     #[arg(
         long = "telegram-allow",
@@ -62,6 +77,12 @@ impl TelegramArgs {
         };
         if let Some(url) = &self.api_url {
             config.api_url = Some(url.clone());
+        }
+        if let Some(url) = &self.webhook_url {
+            config.webhook_url = Some(url.clone());
+        }
+        if let Some(secret) = &self.webhook_secret {
+            config.webhook_secret = Some(secret.clone());
         }
         if let Some(workflow) = &self.workflow {
             config.workflow = workflow.clone();

@@ -138,10 +138,14 @@ impl Drop for FakeBot {
 
 /// A node with the Telegram channel on, pointed at the fake.
 fn node(bot: &FakeBot, args: &[&str], env: &[(&str, &str)]) -> (Child, Drained) {
+    node_on(bot, args, env, "127.0.0.1:0")
+}
+
+fn node_on(bot: &FakeBot, args: &[&str], env: &[(&str, &str)], listen: &str) -> (Child, Drained) {
     let mut command = stele();
     command
         .args(args)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", listen])
         .env("STELE_TELEGRAM_TOKEN", TOKEN)
         .env("STELE_TELEGRAM_API_URL", &bot.url)
         .env_remove("STELE_TELEGRAM_ALLOW")
@@ -440,5 +444,103 @@ fn fifty_chats_at_once_are_all_answered_once() {
     for &chat in &chats {
         assert_eq!(sent[&chat].len(), 2, "{:?}", sent[&chat]);
     }
+    terminate(&mut child);
+}
+
+#[test]
+fn a_pipeline_task_shows_its_progress_in_one_edited_message() {
+    let bot = FakeBot::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().display().to_string();
+    let (mut child, _output) = node(&bot, &["up", "--data-dir", &data_dir], &[]);
+    bot.say(77, 77, "/new_task write a greeting program");
+    let status = bot.wait_for(77, "(dev_pipeline)");
+    assert!(status.starts_with("⏳"), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let edits: Vec<Value> = bot
+            .calls("editMessageText")
+            .into_iter()
+            .filter(|c| c["params"]["chat_id"].as_i64() == Some(77))
+            .collect();
+        if let Some(last) = edits.last() {
+            if last["params"]["text"].as_str().unwrap().starts_with("✅") {
+                // At most one edit every two seconds.
+                let times: Vec<f64> = edits.iter().map(|c| c["t"].as_f64().unwrap()).collect();
+                assert!(times.windows(2).all(|w| w[1] - w[0] >= 1.9), "{times:?}");
+                assert!(last["params"]["text"]
+                    .as_str()
+                    .unwrap()
+                    .contains("✓ review"));
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "never done: {edits:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !bot.calls("sendChatAction").is_empty(),
+        "typing while it ran"
+    );
+    // The pipeline's own replies came as messages of their own.
+    bot.wait_for(77, "Plan ready");
+    // A status message is sent once.
+    assert_eq!(
+        bot.sent(77)
+            .iter()
+            .filter(|t| t.contains("(dev_pipeline)"))
+            .count(),
+        1
+    );
+    terminate(&mut child);
+}
+
+#[test]
+fn webhook_updates_need_the_secret_and_are_recorded_once() {
+    let bot = FakeBot::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().display().to_string();
+    let port = free_port();
+    let hook = format!("http://127.0.0.1:{port}/telegram/hook");
+    let (mut child, _output) = node_on(
+        &bot,
+        &["up", "--data-dir", &data_dir],
+        &[("STELE_TELEGRAM_WEBHOOK_URL", &hook)],
+        &format!("127.0.0.1:{port}"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let secret = loop {
+        if let Some(call) = bot.calls("setWebhook").first() {
+            assert_eq!(call["params"]["url"].as_str(), Some(hook.as_str()));
+            break call["params"]["secret_token"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "setWebhook was not called");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let update = json!({ "update_id": 5, "message": {
+        "message_id": 50, "date": 1_700_000_000,
+        "chat": { "id": 31, "type": "private", "first_name": "W" },
+        "from": { "id": 31, "is_bot": false, "first_name": "W" }, "text": "via the hook" } });
+    let post = |secret: Option<&str>| {
+        bot.rt.block_on(async {
+            let mut request = bot.http.post(&hook).json(&update);
+            if let Some(secret) = secret {
+                request = request.header("X-Telegram-Bot-Api-Secret-Token", secret);
+            }
+            request.send().await.unwrap().status().as_u16()
+        })
+    };
+    assert_eq!(post(None), 401);
+    assert_eq!(post(Some("wrong")), 401);
+    assert_eq!(post(Some(&secret)), 200);
+    bot.wait_for(31, "[vox] via the hook");
+    // Telegram posting it again (it did not see our 200) answers nothing twice.
+    assert_eq!(post(Some(&secret)), 200);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(bot.sent(31).len(), 1, "{:?}", bot.sent(31));
+    assert!(
+        bot.calls("getUpdates").is_empty(),
+        "no polling with a webhook"
+    );
     terminate(&mut child);
 }

@@ -20,7 +20,9 @@
 mod inbound;
 mod outbox;
 mod poller;
+mod progress;
 mod text;
+mod webhook;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -40,6 +42,8 @@ use teloxide::prelude::Requester;
 use teloxide::Bot;
 
 pub use outbox::{split, Throttle};
+pub use poller::Incoming;
+pub use progress::status_text;
 pub use text::{command_of, Command};
 
 /// The queue channel jobs run on.
@@ -74,9 +78,15 @@ pub struct TelegramConfig {
     /// How long one getUpdates waits for news (Telegram allows up to 50 s).
     #[serde(default = "default_poll_timeout", with = "humantime_serde")]
     pub poll_timeout: Duration,
-    /// Whether `/start` asks for consent (the deployment's policy requires it for tasks).
+    /// What `/start` and a refusal for want of consent say about giving it.
     #[serde(default)]
     pub consent_text: Option<String>,
+    /// The public URL Telegram posts updates to (webhooks); polling without one.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    /// The secret Telegram sends with each webhook post (derived from the token without one).
+    #[serde(default)]
+    pub webhook_secret: Option<String>,
 }
 
 fn default_workflow() -> String {
@@ -107,6 +117,8 @@ impl TelegramConfig {
             per_user_per_minute: default_user_limit(),
             poll_timeout: default_poll_timeout(),
             consent_text: None,
+            webhook_url: None,
+            webhook_secret: None,
         }
     }
 
@@ -214,6 +226,7 @@ impl Telegram {
     pub fn manager(self: &Arc<Self>) -> Arc<dyn ProcessManager> {
         Arc::new(ChannelManager {
             prefix: format!("telegram:{}:", self.bot_id),
+            pipeline: self.config.pipeline.clone(),
         })
     }
 
@@ -221,6 +234,7 @@ impl Telegram {
     pub fn register(self: &Arc<Self>, worker: Worker) -> Worker {
         let inbound = self.clone();
         let send = self.clone();
+        let progress = self.clone();
         worker
             .handle("telegram.inbound", move |job| {
                 let telegram = inbound.clone();
@@ -229,6 +243,10 @@ impl Telegram {
             .handle("telegram.send", move |job| {
                 let telegram = send.clone();
                 async move { telegram.on_send(job).await }
+            })
+            .handle("telegram.progress", move |job| {
+                let telegram = progress.clone();
+                async move { telegram.on_progress(job).await }
             })
     }
 
@@ -288,6 +306,8 @@ async fn access_command(store: &Store, command: AccessCommand) -> anyhow::Result
 /// Turns a bot's recorded messages and queued replies into jobs. Pure.
 struct ChannelManager {
     prefix: String,
+    /// Tasks on this workflow get a status message.
+    pipeline: String,
 }
 
 impl ProcessManager for ChannelManager {
@@ -296,10 +316,30 @@ impl ProcessManager for ChannelManager {
     }
 
     fn event_types(&self) -> &'static [&'static str] {
-        &["MessageReceived", "ReplyQueued"]
+        &["MessageReceived", "ReplyQueued", "TaskCreated"]
     }
 
     fn react(&self, event: &RecordedEvent) -> Vec<NewJob> {
+        if event.event_type == "TaskCreated" {
+            let data = &event.payload["data"];
+            let Some(conversation) = data
+                .pointer("/origin/conversation")
+                .and_then(|c| c.as_str())
+                .filter(|c| c.starts_with(&self.prefix))
+            else {
+                return Vec::new();
+            };
+            let task = &event.stream.aggregate_id;
+            let status = data["workflow"].as_str() == Some(self.pipeline.as_str());
+            let payload = serde_json::json!({
+                "conversation": conversation, "task_id": task, "status": status,
+            });
+            // It follows the task to its end: as long as a task may take.
+            return vec![NewJob::new(QUEUE, "telegram.progress", payload)
+                .idempotency_key(format!("tg-progress:{task}"))
+                .max_attempts(20)
+                .timeout(Duration::from_secs(24 * 3600))];
+        }
         let conversation = &event.stream.aggregate_id;
         if event.stream.aggregate_type != "conversation" || !conversation.starts_with(&self.prefix)
         {
@@ -312,6 +352,10 @@ impl ProcessManager for ChannelManager {
         else {
             return Vec::new();
         };
+        // Status messages are sent (and edited) by the progress job itself.
+        if message_id.starts_with("status-") {
+            return Vec::new();
+        }
         let payload = serde_json::json!({ "conversation": conversation, "message_id": message_id });
         // One message at a time per chat each way, in the order they were recorded.
         let job = match event.event_type.as_str() {

@@ -82,6 +82,7 @@ pub struct Throttle {
     bot: DefaultDirectRateLimiter,
     chats: DefaultKeyedRateLimiter<i64>,
     groups: DefaultKeyedRateLimiter<i64>,
+    edits: DefaultKeyedRateLimiter<i64>,
     frozen: Mutex<HashMap<i64, Instant>>,
 }
 
@@ -96,12 +97,32 @@ impl Throttle {
             bot: RateLimiter::direct(per_second(30)),
             chats: RateLimiter::keyed(per_second(1)),
             groups: RateLimiter::keyed(Quota::per_minute(NonZeroU32::new(20).expect("20"))),
+            edits: RateLimiter::keyed(
+                Quota::with_period(Duration::from_secs(2)).expect("a period above zero"),
+            ),
             frozen: Mutex::new(HashMap::new()),
         }
     }
 
     /// Waits until a message to `chat` may go (group chats have negative ids).
     pub async fn ready(&self, chat: i64) {
+        self.unfrozen(chat).await;
+        if chat < 0 {
+            self.groups.until_key_ready(&chat).await;
+        }
+        self.chats.until_key_ready(&chat).await;
+        self.bot.until_ready().await;
+    }
+
+    /// Waits until a message of `chat` may be edited: at most one edit every two seconds.
+    pub async fn edit_ready(&self, chat: i64) {
+        self.unfrozen(chat).await;
+        self.edits.until_key_ready(&chat).await;
+        self.chats.until_key_ready(&chat).await;
+        self.bot.until_ready().await;
+    }
+
+    async fn unfrozen(&self, chat: i64) {
         loop {
             let until = self
                 .frozen
@@ -116,11 +137,6 @@ impl Throttle {
                 _ => break,
             }
         }
-        if chat < 0 {
-            self.groups.until_key_ready(&chat).await;
-        }
-        self.chats.until_key_ready(&chat).await;
-        self.bot.until_ready().await;
     }
 
     /// Telegram asked to wait `retry_after` before writing to `chat` again.

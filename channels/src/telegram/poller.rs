@@ -53,6 +53,23 @@ enum Read {
 }
 
 impl Telegram {
+    /// Receives updates until `stopped`: sets the webhook when one is configured (the API
+    /// server's route receives them), else polls.
+    pub async fn receive(&self, stopped: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        match self.config.webhook_url.clone() {
+            Some(url) => {
+                tokio::pin!(stopped);
+                tokio::select! {
+                    _ = &mut stopped => return Ok(()),
+                    set = self.set_webhook(&url) => set?,
+                }
+                stopped.await;
+                Ok(())
+            }
+            None => self.poll(stopped).await,
+        }
+    }
+
     /// Polls for updates until `stopped`: only while this process holds the bot's hold, so only
     /// one node polls a bot at a time; the others wait and take over when it dies.
     pub async fn poll(&self, stopped: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
@@ -183,8 +200,18 @@ impl Telegram {
 
     /// Records one update in its chat's conversation.
     pub async fn record(&self, update: Update) -> anyhow::Result<()> {
-        let raw = serde_json::to_value(&update).unwrap_or(Value::Null);
         let id = update.id.0 as i64;
+        let raw = match &update.kind {
+            // What teloxide could not read, with its id put back.
+            UpdateKind::Error(unread) => {
+                let mut raw = unread.clone();
+                if let Some(fields) = raw.as_object_mut() {
+                    fields.insert("update_id".into(), id.into());
+                }
+                raw
+            }
+            _ => serde_json::to_value(&update).unwrap_or(Value::Null),
+        };
         let read = match update.kind {
             UpdateKind::Message(message) => Read::Message(Box::new(message)),
             UpdateKind::Error(raw) => Read::Quarantine {
@@ -450,7 +477,10 @@ fn one_by_one(raw: &str) -> anyhow::Result<Vec<Incoming>> {
         .iter()
         .filter_map(|item| {
             let id = item.get("update_id").and_then(Value::as_i64)?;
-            Some(serde_json::from_value::<Update>(item.clone()).map_err(|_| (id, item.clone())))
+            // From text: teloxide reads an update's kind by borrowing its key, which a `Value`
+            // cannot lend.
+            let read = serde_json::from_str::<Update>(&item.to_string());
+            Some(read.map_err(|_| (id, item.clone())))
         })
         .collect())
 }
