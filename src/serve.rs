@@ -376,6 +376,16 @@ pub async fn run_node(
             ));
             let stopped = until_stopped();
             tasks.spawn(async move { worker.run(stopped).await.map_err(anyhow::Error::from) });
+            // Progress jobs mostly wait: many at once cost little.
+            let worker = telegram.register_progress(Worker::new(
+                store.queue.clone(),
+                WorkerOptions {
+                    concurrency: 256,
+                    ..WorkerOptions::new(stele_channels::telegram::PROGRESS_QUEUE)
+                },
+            ));
+            let stopped = until_stopped();
+            tasks.spawn(async move { worker.run(stopped).await.map_err(anyhow::Error::from) });
             let telegram = telegram.clone();
             let stopped = until_stopped();
             tasks.spawn(async move { telegram.receive(stopped).await });

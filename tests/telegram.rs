@@ -544,3 +544,69 @@ fn webhook_updates_need_the_secret_and_are_recorded_once() {
     );
     terminate(&mut child);
 }
+
+#[test]
+fn the_telegram_benchmark_prints_json() {
+    let rt = runtime();
+    let db = rt.block_on(TestDb::postgres());
+    let output = stele()
+        .args(["bench", "telegram", "--database-url", db.url().unwrap()])
+        .args([
+            "--chats",
+            "3",
+            "--per-chat",
+            "2",
+            "--rate",
+            "10",
+            "--seconds",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["scenario"], "telegram");
+    assert_eq!(report["burst"]["messages"], 6);
+    assert_eq!(report["steady"]["answered"], 10);
+    assert!(report["steady"]["latency"]["p95_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn dropped_connections_and_server_errors_are_retried_and_recorded() {
+    let bot = FakeBot::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().display().to_string();
+    // The next poll fails with a 502, the first answer's connection is dropped.
+    bot.post(
+        "/_test/fail",
+        json!({ "method": "getUpdates", "times": 1, "error_code": 502,
+                "description": "Bad Gateway" }),
+    );
+    bot.post(
+        "/_test/fail",
+        json!({ "method": "sendMessage", "chat_id": 55, "times": 1, "drop": true }),
+    );
+    let (mut child, _output) = node(&bot, &["up", "--data-dir", &data_dir], &[]);
+    bot.say(55, 55, "are you there");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while bot.sent(55).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "not answered after the dropped connection"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(bot.sent(55).iter().all(|t| t == "[vox] are you there"));
+    terminate(&mut child);
+    let events = run(&["events", "tail", "--data-dir", &data_dir]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains("ReplyDeliveryFailed"),
+        "the failed attempt is recorded"
+    );
+    let delivered = events
+        .lines()
+        .filter(|line| line.contains("\"ReplyDelivered\""))
+        .count();
+    assert_eq!(delivered, 1);
+}

@@ -13,6 +13,7 @@ mod privacy;
 mod probe;
 mod queue;
 mod replay;
+mod telegram;
 mod workflow;
 
 use std::path::PathBuf;
@@ -48,6 +49,9 @@ pub enum BenchCommand {
     /// The memory: embedding throughput against Python, nDCG@10 of each search mode, and at
     /// 100,000 memories ingest rate, search latency and recall against exact search.
     Memory(memory::MemoryArgs),
+    /// The Telegram channel end to end against a Bot API on loopback: messages answered per
+    /// second from 100 chats, and delivery-to-answer latency at 100 messages/s.
+    Telegram(telegram::TelegramBenchArgs),
 }
 
 /// Where a scenario runs.
@@ -75,6 +79,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Privacy(args) => serde_json::to_value(privacy::run(args).await?)?,
         BenchCommand::Audit(args) => serde_json::to_value(audit::run(args).await?)?,
         BenchCommand::Memory(args) => serde_json::to_value(memory::run(args).await?)?,
+        BenchCommand::Telegram(args) => serde_json::to_value(telegram::run(args).await?)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -101,6 +101,11 @@ impl Telegram {
                 "I can only read text for now: please write your message.".to_owned()
             }
             None => {
+                // Typing while the answer is prepared (it shows for five seconds).
+                let _ = self
+                    .bot
+                    .send_chat_action(ChatId(chat), teloxide::types::ChatAction::Typing)
+                    .await;
                 let input = with_history(&conversation, &message);
                 return self
                     .start_task(input, requester, None, origin, task_meta)

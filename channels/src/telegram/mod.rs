@@ -48,6 +48,9 @@ pub use text::{command_of, Command};
 
 /// The queue channel jobs run on.
 pub const QUEUE: &str = "channels";
+/// The queue of the jobs that follow pipeline tasks to their end (long, mostly idle): apart, so
+/// they never hold up messages and replies.
+pub const PROGRESS_QUEUE: &str = "channels-progress";
 /// The process manager's name (its checkpoint).
 pub const MANAGER: &str = "telegram-channel";
 /// The access list's stream id for Telegram.
@@ -81,12 +84,20 @@ pub struct TelegramConfig {
     /// What `/start` and a refusal for want of consent say about giving it.
     #[serde(default)]
     pub consent_text: Option<String>,
+    /// Whether sends keep to Telegram's flood limits (on by default; off only against a local
+    /// fake, as benchmarks do: Telegram itself enforces them).
+    #[serde(default = "default_true")]
+    pub flood_limits: bool,
     /// The public URL Telegram posts updates to (webhooks); polling without one.
     #[serde(default)]
     pub webhook_url: Option<String>,
     /// The secret Telegram sends with each webhook post (derived from the token without one).
     #[serde(default)]
     pub webhook_secret: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_workflow() -> String {
@@ -117,6 +128,7 @@ impl TelegramConfig {
             per_user_per_minute: default_user_limit(),
             poll_timeout: default_poll_timeout(),
             consent_text: None,
+            flood_limits: true,
             webhook_url: None,
             webhook_secret: None,
         }
@@ -124,7 +136,13 @@ impl TelegramConfig {
 
     /// The bot client these settings describe.
     pub fn bot(&self) -> anyhow::Result<Bot> {
-        let bot = Bot::new(&self.token);
+        // A long poll holds its request for `poll_timeout`: the client waits longer than that
+        // (teloxide's default client gives up after 17 s).
+        let client = teloxide::net::default_reqwest_settings()
+            .timeout(self.poll_timeout.min(Duration::from_secs(50)) + Duration::from_secs(15))
+            .build()
+            .map_err(|e| anyhow::anyhow!("the Telegram client: {e}"))?;
+        let bot = Bot::with_client(&self.token, client);
         Ok(match &self.api_url {
             None => bot,
             Some(url) => bot.set_api_url(
@@ -199,7 +217,11 @@ impl Telegram {
             pool: store.pool.clone(),
             log: store.log.clone(),
             queue: store.queue.clone(),
-            throttle: Throttle::telegram(),
+            throttle: if config.flood_limits {
+                Throttle::telegram()
+            } else {
+                Throttle::off()
+            },
             roles,
             config,
             username: OnceLock::new(),
@@ -234,7 +256,6 @@ impl Telegram {
     pub fn register(self: &Arc<Self>, worker: Worker) -> Worker {
         let inbound = self.clone();
         let send = self.clone();
-        let progress = self.clone();
         worker
             .handle("telegram.inbound", move |job| {
                 let telegram = inbound.clone();
@@ -244,10 +265,15 @@ impl Telegram {
                 let telegram = send.clone();
                 async move { telegram.on_send(job).await }
             })
-            .handle("telegram.progress", move |job| {
-                let telegram = progress.clone();
-                async move { telegram.on_progress(job).await }
-            })
+    }
+
+    /// Adds the progress handler to a worker of [`PROGRESS_QUEUE`].
+    pub fn register_progress(self: &Arc<Self>, worker: Worker) -> Worker {
+        let progress = self.clone();
+        worker.handle("telegram.progress", move |job| {
+            let telegram = progress.clone();
+            async move { telegram.on_progress(job).await }
+        })
     }
 
     /// Lets `id` (a Telegram user or chat id) use the bot; recorded.
@@ -329,13 +355,17 @@ impl ProcessManager for ChannelManager {
             else {
                 return Vec::new();
             };
+            // Pipeline tasks get a status message; a chat answer, only the typing action its
+            // message was met with.
+            if data["workflow"].as_str() != Some(self.pipeline.as_str()) {
+                return Vec::new();
+            }
             let task = &event.stream.aggregate_id;
-            let status = data["workflow"].as_str() == Some(self.pipeline.as_str());
             let payload = serde_json::json!({
-                "conversation": conversation, "task_id": task, "status": status,
+                "conversation": conversation, "task_id": task, "status": true,
             });
             // It follows the task to its end: as long as a task may take.
-            return vec![NewJob::new(QUEUE, "telegram.progress", payload)
+            return vec![NewJob::new(PROGRESS_QUEUE, "telegram.progress", payload)
                 .idempotency_key(format!("tg-progress:{task}"))
                 .max_attempts(20)
                 .timeout(Duration::from_secs(24 * 3600))];

@@ -142,7 +142,8 @@ impl Telegram {
                     tracing::debug!(chat, error = %e, "the typing action failed");
                 }
             }
-            // Woken by the log's appends (a step finished), or once a second anyway.
+            // Woken by the log's appends (a step finished), at most once a second.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), appends.changed()).await;
         }
     }
