@@ -30,7 +30,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::problem::{ApiError, Code, CHALLENGE};
-use crate::routes::{audit, health, memory, ops, stream, subjects, tasks};
+use crate::routes::{audit, channels, health, memory, ops, stream, subjects, tasks};
 use crate::state::AppState;
 
 /// Largest request body accepted.
@@ -340,6 +340,8 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(memory::store_memory))
         .routes(routes!(memory::search_memory))
         .routes(routes!(memory::forget_memory))
+        .routes(routes!(channels::telegram_access))
+        .routes(routes!(channels::change_telegram_access))
         .routes(routes!(ops::workflows))
         .routes(routes!(ops::events))
         .routes(routes!(ops::jobs))

@@ -1080,3 +1080,29 @@ pub struct AuditEventPage {
     /// Pass as `after` for the next page; `null` on the last page.
     pub next_cursor: Option<i64>,
 }
+
+/// A channel's recorded access list.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct AccessListBody {
+    /// Ids allowed at run time (once any id is allowed, others are refused).
+    pub allowed: Vec<String>,
+    /// Ids refused, whatever else allows them.
+    pub denied: Vec<String>,
+}
+
+/// Whether an id may use the channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessRule {
+    Allow,
+    Deny,
+}
+
+/// A change to a channel's access list.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessChange {
+    pub access: AccessRule,
+}
+
+impl Body for AccessChange {}

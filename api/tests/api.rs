@@ -991,6 +991,64 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             StatusCode::OK
         );
 
+        // The Telegram bot's access list: read, an id allowed then denied, a bad id.
+        let access = "/v1/channels/telegram/access";
+        let change = "/v1/channels/telegram/access/{id}";
+        let (status, list) = s.call(GET, access, &[], Some(&admin), None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(list, json!({ "allowed": [], "denied": [] }));
+        let put = |id: &str, body: Value| {
+            s.client
+                .put(format!("{}/v1/channels/telegram/access/{id}", s.base))
+                .bearer_auth(&admin)
+                .json(&body)
+        };
+        let (status, list) = s
+            .send(change, put("42", json!({ "access": "allow" })))
+            .await;
+        assert_eq!(
+            (status, list.clone()),
+            (StatusCode::OK, json!({ "allowed": ["42"], "denied": [] }))
+        );
+        let (status, list) = s.send(change, put("42", json!({ "access": "deny" }))).await;
+        assert_eq!(
+            (status, list.clone()),
+            (StatusCode::OK, json!({ "allowed": [], "denied": ["42"] }))
+        );
+        let (status, problem) = s
+            .send(change, put("ana", json!({ "access": "allow" })))
+            .await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_id"))
+        );
+        let (status, problem) = s
+            .send(change, put("42", json!({ "access": "maybe" })))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+        let (status, _) = s
+            .send(
+                change,
+                s.client
+                    .put(format!("{}/v1/channels/telegram/access/42", s.base))
+                    .bearer_auth(&admin)
+                    .header("content-type", "application/json")
+                    .body(format!("{{\"access\": \"{}\"}}", "x".repeat(70_000))),
+            )
+            .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        let (status, _) = s
+            .send(
+                change,
+                s.client
+                    .put(format!("{}/v1/channels/telegram/access/42", s.base))
+                    .bearer_auth(&admin)
+                    .header("content-type", "text/plain")
+                    .body("x"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
         // On every route: an unknown query parameter (400); 401 and 403 where a key is needed,
         // with either way of presenting it; 429 from a server with a tiny limit; 500 from a
         // server whose keys cannot be read.
@@ -1140,6 +1198,8 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 "/v1/audit/events",
                 "/v1/audit/proofs/consistency",
                 "/v1/audit/proofs/inclusion",
+                "/v1/channels/telegram/access",
+                "/v1/channels/telegram/access/{id}",
                 "/v1/events",
                 "/v1/jobs",
                 "/v1/jobs/{id}/retry",

@@ -13,7 +13,8 @@ Test control (JSON bodies):
   POST /_test/fail    {"method": "sendMessage", "chat_id": 9, "times": 2, "error_code": 429,
                        "description": "Too Many Requests: retry after 1", "retry_after": 1}
                       or {"method": "sendMessage", "times": 1, "drop": true} (connection closed)
-  GET  /_test/calls   every API call so far: [{"method", "params", "t"}]
+  POST /_test/clear   no more failures
+  GET  /_test/calls   every API call so far: [{"method", "params", "t", "ok"}] (ok: answered ok)
   GET  /_test/pending updates not confirmed yet
 Usage: fake_telegram.py PORT   (prints "ready" once listening)
 """
@@ -204,6 +205,10 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/_test/calls":
             with lock:
                 return self.reply(200, calls)
+        if path == "/_test/clear":
+            with lock:
+                failures.clear()
+            return self.reply(200, {"ok": True})
         if path == "/_test/failures":
             with lock:
                 return self.reply(200, failures)
@@ -220,10 +225,13 @@ class Handler(BaseHTTPRequestHandler):
         if not path.startswith("/bot") or path.count("/") != 2:
             return self.reply(404, {"ok": False, "error_code": 404, "description": "Not Found"})
         method = path.rsplit("/", 1)[1]
+        call = {"method": method, "params": p, "t": time.time(), "ok": False}
         with lock:
-            calls.append({"method": method, "params": p, "t": time.time()})
+            calls.append(call)
         try:
-            return self.reply(200, {"ok": True, "result": api(method, p)})
+            result = api(method, p)
+            call["ok"] = True
+            return self.reply(200, {"ok": True, "result": result})
         except Drop:
             self.close_connection = True
             self.connection.shutdown(2)

@@ -2,6 +2,7 @@
 //! refuses what it cannot take with a problem (never axum's plain-text rejections).
 
 pub mod audit;
+pub mod channels;
 pub mod health;
 mod list;
 pub mod memory;
