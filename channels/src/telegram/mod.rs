@@ -401,3 +401,96 @@ impl ProcessManager for ChannelManager {
         vec![job.timeout(Duration::from_secs(120))]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+    use stele_engine::{EventMetadata, Position, StreamId};
+
+    use super::*;
+
+    fn event(kind: &str, id: &str, event_type: &str, data: Value) -> RecordedEvent {
+        RecordedEvent {
+            position: Position(1),
+            stream: StreamId::new(kind, id),
+            sequence: 1,
+            event_type: event_type.into(),
+            event_version: "1.0".into(),
+            recorded_at: chrono::Utc::now(),
+            metadata: EventMetadata {
+                event_id: uuid::Uuid::now_v7(),
+                command: CommandMeta::new("test", "test"),
+            },
+            payload: json!({ "type": event_type, "data": data }),
+        }
+    }
+
+    fn manager() -> ChannelManager {
+        ChannelManager {
+            prefix: "telegram:1:".into(),
+            pipeline: "dev_pipeline".into(),
+        }
+    }
+
+    #[test]
+    fn messages_and_replies_of_this_bot_become_jobs_ordered_per_chat() {
+        let m = manager();
+        let inbound = m.react(&event(
+            "conversation",
+            "telegram:1:42",
+            "MessageReceived",
+            json!({ "message_id": "tg-7" }),
+        ));
+        assert_eq!(inbound.len(), 1);
+        assert_eq!(inbound[0].kind, "telegram.inbound");
+        assert_eq!(inbound[0].ordering_key.as_deref(), Some("in:telegram:1:42"));
+        let out = m.react(&event(
+            "conversation",
+            "telegram:1:42",
+            "ReplyQueued",
+            json!({ "message_id": "reply-1" }),
+        ));
+        assert_eq!(out[0].kind, "telegram.send");
+        assert_eq!(out[0].ordering_key.as_deref(), Some("out:telegram:1:42"));
+        // Another bot's chat, an email thread, and status messages (sent by the progress job).
+        for (id, message) in [
+            ("telegram:2:42", "tg-7"),
+            ("email:<a@b>", "m-1"),
+            ("telegram:1:42", "status-t1"),
+        ] {
+            let reply = event(
+                "conversation",
+                id,
+                "ReplyQueued",
+                json!({ "message_id": message }),
+            );
+            assert!(m.react(&reply).is_empty(), "{id} {message}");
+        }
+    }
+
+    #[test]
+    fn only_pipeline_tasks_from_this_bot_get_a_progress_job() {
+        let m = manager();
+        let task = |workflow: &str, conversation: &str| {
+            event(
+                "task",
+                "t-1",
+                "TaskCreated",
+                json!({ "workflow": workflow, "origin": { "conversation": conversation, "message": "tg-7" } }),
+            )
+        };
+        let jobs = m.react(&task("dev_pipeline", "telegram:1:42"));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].queue, PROGRESS_QUEUE);
+        assert_eq!(jobs[0].payload["task_id"], "t-1");
+        assert!(m.react(&task("assistant", "telegram:1:42")).is_empty());
+        assert!(m.react(&task("dev_pipeline", "telegram:2:42")).is_empty());
+        let no_origin = event(
+            "task",
+            "t-2",
+            "TaskCreated",
+            json!({ "workflow": "dev_pipeline" }),
+        );
+        assert!(m.react(&no_origin).is_empty());
+    }
+}
