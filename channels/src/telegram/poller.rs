@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde_json::Value;
 use stele_aggregates::conversation::{
-    Attachment, Channel, ConversationCommand, ConversationError, ConversationStatus, Participant,
+    Attachment, Channel, ConversationCommand, ConversationError, Participant,
 };
 use stele_aggregates::subject::Identifier;
 use stele_engine::projection::Hold;
@@ -295,24 +295,13 @@ impl Telegram {
         let subject = self
             .subject_of_user(sender.map(|u| u.id.0), update_id, &meta("subject"))
             .await?;
-        let (state, _) = self.conversations.load(&conversation).await?;
-        if state.status == ConversationStatus::New {
-            let open = ConversationCommand::Open {
-                channel: Channel::TELEGRAM,
-                external_id: chat.to_string(),
-                subject: None,
-                owner: message.chat.is_private().then(|| subject.clone()),
-                participants: vec![Participant::agent(AGENT)],
-            };
-            match self
-                .conversations
-                .execute(&conversation, open, meta("open"))
-                .await
-            {
-                Ok(_) | Err(CommandError::Rejected(ConversationError::AlreadyOpened)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let open = ConversationCommand::Open {
+            channel: Channel::TELEGRAM,
+            external_id: chat.to_string(),
+            subject: None,
+            owner: message.chat.is_private().then(|| subject.clone()),
+            participants: vec![Participant::agent(AGENT)],
+        };
         for member in message.new_chat_members().unwrap_or_default() {
             if member.is_bot {
                 continue;
@@ -323,9 +312,9 @@ impl Telegram {
             let join = ConversationCommand::Join {
                 participant: participant(&who, member),
             };
+            let join_meta = meta(&format!("join:{}", member.id.0));
             match self
-                .conversations
-                .execute(&conversation, join, meta(&format!("join:{}", member.id.0)))
+                .opened(&conversation, join, &open, join_meta, meta("open"))
                 .await
             {
                 Ok(_) | Err(CommandError::Rejected(ConversationError::AlreadyJoined { .. })) => {}
@@ -362,11 +351,10 @@ impl Telegram {
             sent_at: Some(message.date),
         };
         match self
-            .conversations
-            .execute(&conversation, receive, meta("receive"))
+            .opened(&conversation, receive, &open, meta("receive"), meta("open"))
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(()) => Ok(()),
             // Refused for its content (empty, too long, no id): kept aside, never dropped.
             Err(CommandError::Rejected(refused)) => {
                 let reason = refused.to_string();
@@ -375,6 +363,39 @@ impl Telegram {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Runs `command` on the conversation, opening it first when it is not yet: trying the
+    /// command first spares every later message a second load of the chat's whole stream.
+    async fn opened(
+        &self,
+        conversation: &str,
+        command: ConversationCommand,
+        open: &ConversationCommand,
+        meta: CommandMeta,
+        open_meta: CommandMeta,
+    ) -> Result<(), CommandError<ConversationError>> {
+        match self
+            .conversations
+            .execute(conversation, command.clone(), meta.clone())
+            .await
+        {
+            Err(CommandError::Rejected(ConversationError::NotOpened)) => {}
+            other => return other.map(|_| ()),
+        }
+        match self
+            .conversations
+            .execute(conversation, open.clone(), open_meta)
+            .await
+        {
+            Ok(_) | Err(CommandError::Rejected(ConversationError::AlreadyOpened)) => {}
+            Err(e) => return Err(e),
+        }
+        // The refused attempt recorded nothing: its command id is free for this one.
+        self.conversations
+            .execute(conversation, command, meta)
+            .await
+            .map(|_| ())
     }
 
     async fn quarantine(
