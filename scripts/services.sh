@@ -29,6 +29,9 @@
 #                 PyPI torch wheel
 #   STELE_LIBTORCH_LIB     $LIBTORCH/lib: binaries linked against that libtorch need it on
 #                 LD_LIBRARY_PATH at run time (tch sets no rpath)
+#   STELE_MAIL_BASE        folder of a Dovecot + Postfix pair on loopback (scripts/mail-env.sh):
+#                 IMAP 11143, IMAPS 11993, SMTP 11025, SMTPS 11465; certs/ca.pem to trust,
+#                 dovecot/users to add test users to
 #
 # Settings (environment variables, all optional):
 #   STELE_CACHE       where the PG bundle, the cluster, the private redis, the venvs, the
@@ -795,6 +798,15 @@ _stele_openapi_tools() {
 
 # Serialise concurrent runs (e.g. two test jobs starting at once) on one lock file;
 # _stele_close_lock releases it.
+# The mail server of the email tests (Dovecot + Postfix on loopback, see scripts/mail-env.sh).
+_stele_mail_up() {
+    STELE_MAIL_BASE=${STELE_MAIL_BASE:-$_STELE_CACHE/mail}
+    STELE_MAIL_BASE=$STELE_MAIL_BASE bash "$(dirname "${BASH_SOURCE[0]}")/mail-env.sh" up || {
+        _stele_err "the mail server (dovecot + postfix) did not start; see $STELE_MAIL_BASE/*/startup.log"
+        return 1
+    }
+}
+
 _stele_lock() {
     _STELE_LOCKFD=
     if command -v flock >/dev/null 2>&1 && exec {_STELE_LOCKFD}>"$_STELE_CACHE/.lock"; then
@@ -829,13 +841,14 @@ _stele_services_up() {
     ((rc == 0)) && { _stele_openapi_tools || rc=1; }
     ((rc == 0)) && { _stele_embedding_model || rc=1; }
     ((rc == 0)) && { _stele_libtorch || rc=1; }
+    ((rc == 0)) && { _stele_mail_up || rc=1; }
 
     _stele_close_lock
     unset _STELE_LOCKFD
     if ((rc == 0)); then
         STELE_PG_BIN=$_STELE_PG_BINDIR
         export DATABASE_URL REDIS_URL STELE_PG_BIN STELE_OPENAPI_VALIDATOR STELE_SCHEMATHESIS \
-            STELE_OPENAPI_CLIENT STELE_EMBEDDING_MODEL LIBTORCH STELE_LIBTORCH_LIB
+            STELE_OPENAPI_CLIENT STELE_EMBEDDING_MODEL LIBTORCH STELE_LIBTORCH_LIB STELE_MAIL_BASE
     fi
     return "$rc"
 }
@@ -918,6 +931,7 @@ if [[ ${1:-up} == up || ${1:-} == start ]]; then
     printf 'export STELE_EMBEDDING_MODEL=%q\n' "$STELE_EMBEDDING_MODEL"
     printf 'export LIBTORCH=%q\n' "$LIBTORCH"
     printf 'export STELE_LIBTORCH_LIB=%q\n' "$STELE_LIBTORCH_LIB"
+    printf 'export STELE_MAIL_BASE=%q\n' "$STELE_MAIL_BASE"
 elif [[ $1 == sentence-transformers ]]; then
     printf 'export STELE_SENTENCE_TRANSFORMERS=%q\n' "$STELE_SENTENCE_TRANSFORMERS"
 fi

@@ -3,6 +3,7 @@
 
 mod audit;
 mod bench;
+mod email;
 mod events;
 mod jobs;
 mod memory;

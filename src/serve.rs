@@ -63,6 +63,8 @@ pub struct NodeArgs {
     pub workflows: WorkflowArgs,
     #[command(flatten)]
     pub telegram: crate::telegram::TelegramArgs,
+    #[command(flatten)]
+    pub email: crate::email::EmailArgs,
 }
 
 /// The configuration file.
@@ -87,6 +89,8 @@ pub(crate) struct FileConfig {
     embedding_model: Option<String>,
     /// The Telegram channel.
     telegram: Option<stele_channels::telegram::TelegramConfig>,
+    /// The email channel.
+    email: Option<stele_channels::email::EmailConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +116,7 @@ pub struct Node {
     pub audit: stele_audit::SealerOptions,
     pub embedding_model: Option<String>,
     pub telegram: Option<stele_channels::telegram::TelegramConfig>,
+    pub email: Option<stele_channels::email::EmailConfig>,
 }
 
 impl NodeArgs {
@@ -141,6 +146,7 @@ impl NodeArgs {
             audit: file.audit.unwrap_or_default().options(),
             embedding_model: self.embedding_model.clone().or(file.embedding_model),
             telegram: self.telegram.resolve(file.telegram),
+            email: self.email.resolve(file.email)?,
             rate: RateLimit {
                 per_second: self.rate_limit.or(rate.per_second).unwrap_or(100.0),
                 burst: self.rate_burst.or(rate.burst).unwrap_or(200),
@@ -306,6 +312,19 @@ pub async fn run_node(
         }
         None => None,
     };
+    let email = match node.email.clone() {
+        Some(config) => {
+            let email = Arc::new(stele_channels::email::Email::new(
+                config,
+                &store,
+                runtime.clone(),
+                private.subjects.clone(),
+            )?);
+            projections.push(as_projection(email.manager(), store.queue.clone()));
+            Some(email)
+        }
+        None => None,
+    };
     let runner = Arc::new(ProjectionRunner::new(&store, projections));
     runner.setup().await?;
     let first_start = roles.api && no_key_yet(&runner, &store).await;
@@ -365,17 +384,26 @@ pub async fn run_node(
         });
         let stopped = until_stopped();
         tasks.spawn(async move { worker.run(stopped).await.map_err(anyhow::Error::from) });
-        if let Some(telegram) = &telegram {
-            // Channel jobs wait on the network and on Telegram's throttle, not on the CPU.
-            let worker = telegram.register(Worker::new(
+        if telegram.is_some() || email.is_some() {
+            // Channel jobs wait on the network (Telegram's throttle, SMTP servers), not on the
+            // CPU. One worker takes every channel's jobs: they share the queue.
+            let mut worker = Worker::new(
                 store.queue.clone(),
                 WorkerOptions {
                     concurrency: 64,
                     ..WorkerOptions::new(stele_channels::telegram::QUEUE)
                 },
-            ));
+            );
+            if let Some(telegram) = &telegram {
+                worker = telegram.register(worker);
+            }
+            if let Some(email) = &email {
+                worker = email.register(worker);
+            }
             let stopped = until_stopped();
             tasks.spawn(async move { worker.run(stopped).await.map_err(anyhow::Error::from) });
+        }
+        if let Some(telegram) = &telegram {
             // Progress jobs mostly wait: many at once cost little.
             let worker = telegram.register_progress(Worker::new(
                 store.queue.clone(),
@@ -389,6 +417,12 @@ pub async fn run_node(
             let telegram = telegram.clone();
             let stopped = until_stopped();
             tasks.spawn(async move { telegram.receive(stopped).await });
+        }
+        if let Some(email) = &email {
+            tracing::info!(mailboxes = ?email.mailboxes(), "email channel on");
+            let email = email.clone();
+            let stopped = until_stopped();
+            tasks.spawn(async move { email.receive(stopped).await });
         }
     }
     if roles.api {

@@ -84,8 +84,17 @@ impl Node {
     }
 
     fn stop(mut self) -> Vec<String> {
-        terminate(&mut self.child);
+        let stopped =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| terminate(&mut self.child)));
         let output = self.output.lock().unwrap().clone();
+        if let Err(why) = stopped {
+            let why = why
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| why.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("{why}; the node said:\n{}", output.concat());
+        }
         output
     }
 }
@@ -462,8 +471,14 @@ fn hostile_requests_fail_alone() {
     let flows = flows();
     let serve = Node::start("serve", &url, flows.path(), &[]);
     let base = serve.base();
-    runtime.block_on(async {
-        let client = reqwest::Client::new();
+    let output = serve.output.clone();
+    // Every request has a deadline, and so has the whole exchange: a hang fails with the node's
+    // log instead of holding the suite.
+    let exchange = async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
         let hostile = [
             json!({ "input": "a\u{0}b", "workflow": "assistant" }),
             json!({ "input": "x".repeat(40_000), "workflow": "assistant" }),
@@ -594,6 +609,17 @@ fn hostile_requests_fail_alone() {
             }
             assert!(Instant::now() < deadline, "{tasks}");
             tokio::task::yield_now().await;
+        }
+    };
+    runtime.block_on(async {
+        if tokio::time::timeout(Duration::from_secs(120), exchange)
+            .await
+            .is_err()
+        {
+            panic!(
+                "no end within 120 s; the node said:\n{}",
+                output.lock().unwrap().concat()
+            );
         }
     });
     let output = serve.stop();

@@ -1,5 +1,5 @@
 //! Stele's aggregates: pure decision logic (cqrs-es `Aggregate`s) for tasks, workflow runs,
-//! conversations, API keys and subjects (people and their consents). Each decides (`handle`:
+//! conversations, mailbox cursors, API keys and subjects (people and their consents). Each decides (`handle`:
 //! command → events) and folds (`apply`), nothing else.
 //!
 //! **Invariant**: this crate depends on no IO crate (no database, network or file access).
@@ -9,6 +9,7 @@ pub mod api_key;
 pub mod channel;
 pub mod conversation;
 pub mod ids;
+pub mod mailbox;
 pub mod memory;
 pub mod personal;
 pub mod subject;

@@ -71,12 +71,25 @@ pub fn wait_until_up_keeping(child: &mut std::process::Child) -> (Option<String>
     (address, drained)
 }
 
+/// Stops `child` with SIGTERM and expects a clean exit within a minute; a process that does not
+/// stop by then is killed and the test fails saying so (instead of waiting for it forever).
 pub fn terminate(child: &mut std::process::Child) {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
-    let status = child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the process did not stop within 60 s of SIGTERM (killed)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(status.success(), "{status:?}");
 }
 

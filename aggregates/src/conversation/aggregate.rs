@@ -212,6 +212,7 @@ impl Conversation {
                 attachments,
                 in_reply_to,
                 sent_at,
+                no_reply,
             } => {
                 require_id("message_id", &message_id)?;
                 require_id("external_id", &external_id)?;
@@ -248,6 +249,7 @@ impl Conversation {
                     in_reply_to: parent.map(|m| m.message_id.clone()),
                     in_reply_to_external: in_reply_to,
                     sent_at,
+                    no_reply,
                 });
                 return Ok(events);
             }
@@ -328,6 +330,31 @@ impl Conversation {
                     message_id,
                     error,
                     will_retry,
+                }
+            }
+            C::MarkBounced {
+                message_id,
+                recipient,
+                status,
+                diagnostic,
+            } => {
+                require_id("message_id", &message_id)?;
+                self.require_opened()?;
+                let reply = self.reply(&message_id)?;
+                if matches!(reply.delivery, Delivery::Bounced { .. }) {
+                    return Ok(Vec::new());
+                }
+                // The address is that of the person the reply answers.
+                let answered = reply
+                    .in_reply_to
+                    .as_deref()
+                    .and_then(|id| self.messages.iter().find(|m| m.message_id == id));
+                let reader = self.reader_of(answered);
+                E::ReplyBounced {
+                    message_id,
+                    recipient: Personal::owned_by(reader.as_deref(), recipient),
+                    status,
+                    diagnostic,
                 }
             }
             C::Quarantine {
@@ -463,6 +490,7 @@ impl Aggregate for Conversation {
                 in_reply_to,
                 in_reply_to_external,
                 sent_at,
+                no_reply,
             } => {
                 self.last_seq = seq;
                 self.seen_external_ids.insert(external_id.clone());
@@ -480,6 +508,7 @@ impl Aggregate for Conversation {
                     task_id: None,
                     delivery: Delivery::Received,
                     failed_attempts: 0,
+                    no_reply,
                 });
             }
             ConversationEvent::ReplyQueued {
@@ -507,6 +536,7 @@ impl Aggregate for Conversation {
                     task_id,
                     delivery: Delivery::Queued,
                     failed_attempts: 0,
+                    no_reply: None,
                 });
             }
             ConversationEvent::ReplyDelivered {
@@ -528,6 +558,18 @@ impl Aggregate for Conversation {
                 if let Some(message) = self.message_mut(&message_id) {
                     message.failed_attempts = attempt;
                     message.delivery = Delivery::Failed { error, will_retry };
+                }
+            }
+            ConversationEvent::ReplyBounced {
+                message_id,
+                status,
+                diagnostic,
+                ..
+            } => {
+                if let Some(message) = self.message_mut(&message_id) {
+                    message.delivery = Delivery::Bounced {
+                        reason: format!("{status} {diagnostic}").trim().to_owned(),
+                    };
                 }
             }
             ConversationEvent::MessageQuarantined { external_id, .. } => {

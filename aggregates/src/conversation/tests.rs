@@ -68,6 +68,7 @@ fn receive(message_id: &str, external_id: &str, from: Participant) -> C {
         attachments: vec![],
         in_reply_to: None,
         sent_at: None,
+        no_reply: None,
     }
 }
 
@@ -82,6 +83,7 @@ fn received(message_id: &str, seq: u64, external_id: &str, from: &str) -> E {
         in_reply_to: None,
         in_reply_to_external: None,
         sent_at: None,
+        no_reply: None,
     }
 }
 
@@ -352,6 +354,7 @@ fn an_inbound_message_is_recorded_with_the_next_seq() {
             attachments: vec![attachment()],
             in_reply_to: Some("<root@example.test>".into()),
             sent_at: Some(sent_at),
+            no_reply: None,
         })
         .then_expect_events(vec![E::MessageReceived {
             message_id: "m1".into(),
@@ -364,6 +367,7 @@ fn an_inbound_message_is_recorded_with_the_next_seq() {
             in_reply_to: None,
             in_reply_to_external: Some("<root@example.test>".into()),
             sent_at: Some(sent_at),
+            no_reply: None,
         }]);
 }
 
@@ -391,6 +395,7 @@ fn an_answer_to_a_known_message_points_at_our_id_for_it() {
             in_reply_to: Some("r2".into()),
             in_reply_to_external: Some("<b@example.test>".into()),
             sent_at: None,
+            no_reply: None,
         }]);
 }
 
@@ -481,6 +486,7 @@ fn received_with(text: &str, attachments: Vec<Attachment>) -> E {
         in_reply_to: None,
         in_reply_to_external: None,
         sent_at: None,
+        no_reply: None,
     }
 }
 
@@ -494,6 +500,7 @@ fn an_inbound_message_without_content_or_too_long_is_refused() {
         attachments,
         in_reply_to: None,
         sent_at: None,
+        no_reply: None,
     };
     for blank in ["", " \n\t"] {
         Given::with(())
@@ -1105,6 +1112,7 @@ fn random_command(rng: &mut Rng, step: u64) -> C {
             attachments: vec![],
             in_reply_to: Some(format!("ext-{}", rng.below(step / 2 + 3))),
             sent_at: None,
+            no_reply: None,
         },
         40..=64 => C::QueueReply {
             message_id,
@@ -1285,6 +1293,7 @@ fn a_persons_words_are_theirs_and_read_erased_once_they_are() {
         in_reply_to: None,
         in_reply_to_external: None,
         sent_at: None,
+        no_reply: None,
     };
     let conversation = fold([
         E::ConversationOpened {

@@ -183,6 +183,10 @@ pub enum ConversationCommand {
         in_reply_to: Option<String>,
         /// When the channel says it was sent.
         sent_at: Option<DateTime<Utc>>,
+        /// Why no automatic answer may go to this message, if none may: it was itself sent by a
+        /// machine (an auto-reply, a mailing list, a bounce), or the sender is us. It is recorded
+        /// like any other message; only the channel's answering is held back.
+        no_reply: Option<String>,
     },
     /// Records a reply for the channel adapter to deliver.
     QueueReply {
@@ -214,6 +218,18 @@ pub enum ConversationCommand {
         error: String,
         /// Whether the adapter will try again.
         will_retry: bool,
+    },
+    /// A reply the channel accepted came back undeliverable (an email bounce). A second report
+    /// for the same reply and recipient is a no-op.
+    MarkBounced {
+        /// Our id of the reply.
+        message_id: String,
+        /// The recipient it could not reach: the data of the person the reply answers.
+        recipient: String,
+        /// The delivery status code, for example `5.1.1`.
+        status: String,
+        /// What the receiving server said.
+        diagnostic: String,
     },
     /// Records an inbound message that could not be understood. Never refused.
     Quarantine {
@@ -289,6 +305,9 @@ pub enum ConversationEvent {
         in_reply_to_external: Option<String>,
         /// When the channel says it was sent.
         sent_at: Option<DateTime<Utc>>,
+        /// Why no automatic answer may go to it, if none may.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        no_reply: Option<String>,
     },
     /// A reply was recorded, for the channel adapter to deliver.
     ReplyQueued {
@@ -327,6 +346,17 @@ pub enum ConversationEvent {
         /// Which failed attempt this is (1, 2, …).
         attempt: u32,
     },
+    /// A delivered reply came back undeliverable.
+    ReplyBounced {
+        /// Our id of the reply.
+        message_id: String,
+        /// The recipient it could not reach: the data of the person the reply answers.
+        recipient: Personal<String>,
+        /// The delivery status code.
+        status: String,
+        /// What the receiving server said.
+        diagnostic: String,
+    },
     /// An inbound message that could not be understood was kept aside.
     MessageQuarantined {
         /// The channel's id of it, if it could be read.
@@ -361,6 +391,7 @@ impl DomainEvent for ConversationEvent {
             ConversationEvent::ReplyQueued { .. } => "ReplyQueued",
             ConversationEvent::ReplyDelivered { .. } => "ReplyDelivered",
             ConversationEvent::ReplyDeliveryFailed { .. } => "ReplyDeliveryFailed",
+            ConversationEvent::ReplyBounced { .. } => "ReplyBounced",
             ConversationEvent::MessageQuarantined { .. } => "MessageQuarantined",
             ConversationEvent::ConversationClosed { .. } => "ConversationClosed",
             ConversationEvent::ConversationReopened { .. } => "ConversationReopened",
@@ -490,6 +521,11 @@ pub enum Delivery {
         /// Whether the adapter will try again.
         will_retry: bool,
     },
+    /// A reply the channel accepted that came back undeliverable.
+    Bounced {
+        /// The delivery status code and what the receiving server said.
+        reason: String,
+    },
 }
 
 /// One message of the conversation, inbound or outbound.
@@ -521,4 +557,7 @@ pub struct Message {
     pub delivery: Delivery,
     /// How many delivery attempts failed.
     pub failed_attempts: u32,
+    /// Why no automatic answer may go to this (inbound) message, if none may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_reply: Option<String>,
 }

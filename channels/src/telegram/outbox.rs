@@ -215,7 +215,7 @@ impl Telegram {
         let pending = match &message.delivery {
             Delivery::Queued => true,
             Delivery::Failed { will_retry, .. } => *will_retry,
-            Delivery::Received | Delivery::Delivered => false,
+            Delivery::Received | Delivery::Delivered | Delivery::Bounced { .. } => false,
         };
         if message.direction != MessageDirection::Outbound || !pending {
             return Ok(Done::Complete);

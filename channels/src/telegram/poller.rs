@@ -349,6 +349,7 @@ impl Telegram {
             attachments: attachments_of(message),
             in_reply_to: message.reply_to_message().map(|m| m.id.0.to_string()),
             sent_at: Some(message.date),
+            no_reply: None,
         };
         match self
             .opened(&conversation, receive, &open, meta("receive"), meta("open"))
