@@ -109,22 +109,26 @@ def append(args):
     print(json.dumps({"appended": len(args.files)}))
 
 
-def kick(args):
-    subprocess.run(["doveadm", "-c", CONF, "kick", args.user], check=False,
+def drop_connections(user):
+    subprocess.run(["doveadm", "-c", CONF, "kick", user], check=False,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kick(args):
+    drop_connections(args.user)
     print(json.dumps({"kicked": args.user}))
 
 
 def reset_uidvalidity(args):
     maildir = f"{BASE}/mail/{args.user}/Maildir"
-    kick(args)
+    drop_connections(args.user)
     # Dovecot numbers a maildir's messages in dovecot-uidlist: without it, it numbers them again
     # under a new UIDVALIDITY, as after a restore.
     for name in os.listdir(maildir):
         if name.startswith("dovecot-uidlist") or name.startswith("dovecot.index"):
             os.remove(os.path.join(maildir, name))
     time.sleep(1.1)  # a new UIDVALIDITY is the time in seconds: make sure it differs
-    kick(args)
+    drop_connections(args.user)
     m = retrying(lambda: imap(args.user))
     m.select("INBOX")
     validity = m.response("UIDVALIDITY")[1]

@@ -1,0 +1,441 @@
+//! The email channel end to end: the binary against a real Dovecot (IMAP, IDLE) and Postfix
+//! (SMTP, AUTH) on loopback (`scripts/mail-env.sh`, provisioned by the test command), driven by
+//! a mail client (`support/mail_client.py`): answers threaded in the sender's mailbox, replies
+//! kept in their thread, dropped connections, a restarted server and a new UIDVALIDITY without a
+//! mail lost or doubled, two mailboxes that stop answering each other, a bounce marked on its
+//! reply, spam and malformed mail quarantined.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stele_engine::testing::TestDb;
+
+mod support;
+use support::{run, stele, terminate, wait_until_up_keeping, Drained};
+
+fn base() -> String {
+    std::env::var("STELE_MAIL_BASE")
+        .expect("STELE_MAIL_BASE is not set: run the test suite with scripts/test (see README)")
+}
+
+/// Runs the mail client; its JSON answer.
+fn mail(args: &[&str]) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/mail_client.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .env("STELE_MAIL_BASE", base())
+        .output()
+        .expect("python3 runs the mail client");
+    assert!(
+        output.status.success(),
+        "mail_client {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// A new mail user of this test's own (password `secret`).
+fn user(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let name = format!(
+        "{prefix}{}n{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    mail(&["adduser", &name]);
+    name
+}
+
+fn address(user: &str) -> String {
+    format!("{user}@localhost")
+}
+
+/// Sends a mail; its Message-ID.
+fn send(from: &str, to: &str, subject: &str, body: &str, extra: &[&str]) -> String {
+    let mut args = vec!["send", from, to, subject, body];
+    args.extend_from_slice(extra);
+    mail(&args)["message_id"].as_str().unwrap().to_owned()
+}
+
+fn inbox(user: &str) -> Vec<Value> {
+    mail(&["fetch", user]).as_array().unwrap().clone()
+}
+
+/// The inbox of `user` once it holds at least `count` mails.
+fn wait_for(user: &str, count: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mails = inbox(user);
+        if mails.len() >= count {
+            return mails;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{user} got {} of {count} mails: {mails:#?}",
+            mails.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The settings of a mailbox read as `user` (IMAPS) and answered through SMTP with STARTTLS.
+fn mailbox_env(user: &str) -> Vec<(String, String)> {
+    vec![
+        (
+            "STELE_EMAIL_IMAP_URL".into(),
+            format!("imaps://{user}:secret@localhost:11993/INBOX"),
+        ),
+        (
+            "STELE_EMAIL_SMTP_URL".into(),
+            format!("smtp://{user}:secret@localhost:11025"),
+        ),
+        (
+            "STELE_EMAIL_FROM".into(),
+            format!("Help <{user}@localhost>"),
+        ),
+        (
+            "STELE_EMAIL_CA_FILE".into(),
+            format!("{}/certs/ca.pem", base()),
+        ),
+    ]
+}
+
+fn node(args: &[&str], env: &[(String, String)]) -> (Child, Drained) {
+    let mut command = stele();
+    command
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("STELE_TELEGRAM_TOKEN")
+        .env_remove("STELE_EMBEDDING_MODEL")
+        .env_remove("STELE_EMAIL_IMAP_URL")
+        .env_remove("STELE_EMAIL_SMTP_URL")
+        .env_remove("STELE_EMAIL_FROM")
+        .env_remove("STELE_EMAIL_WORKFLOW")
+        .env_remove("STELE_EMAIL_CA_FILE")
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let (_, output) = wait_until_up_keeping(&mut child);
+    (child, output)
+}
+
+fn postgres(rt: &tokio::runtime::Runtime) -> (TestDb, String) {
+    let db = rt.block_on(TestDb::postgres());
+    let url = db.url().unwrap().to_owned();
+    (db, url)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The recorded events' lines (`stele events tail`).
+fn events(store: &[&str]) -> Vec<String> {
+    let mut args = vec!["events", "tail"];
+    args.extend_from_slice(store);
+    let output = run(&args);
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn count(lines: &[String], event_type: &str) -> usize {
+    let needle = format!("\"{event_type}\"");
+    lines.iter().filter(|l| l.contains(&needle)).count()
+}
+
+/// Mails in `mails` answering `message_id`.
+fn answers_to(mails: &[Value], message_id: &str) -> usize {
+    mails
+        .iter()
+        .filter(|m| m["in_reply_to"].as_str() == Some(message_id))
+        .count()
+}
+
+#[test]
+fn a_question_gets_a_threaded_answer_and_a_reply_to_it_stays_in_the_thread() {
+    let rt = runtime();
+    let (_db, url) = postgres(&rt);
+    let help = user("help");
+    let ana = user("ana");
+    let (mut child, output) = node(&["serve", "--database-url", &url], &mailbox_env(&help));
+
+    let question = send(
+        &format!("Ana Lima <{}>", address(&ana)),
+        &address(&help),
+        "Opening hours",
+        "When are you open on Saturdays?\n\nOn Monday, Bo wrote:\n> an old quote",
+        &[],
+    );
+    let mails = wait_for(&ana, 1);
+    let answer = &mails[0];
+    assert_eq!(answer["in_reply_to"].as_str(), Some(question.as_str()));
+    assert_eq!(answer["references"].as_str(), Some(question.as_str()));
+    assert_eq!(answer["auto_submitted"], "auto-replied");
+    let subject = answer["subject"].as_str().unwrap();
+    assert!(subject.starts_with("Re: Opening hours [#"), "{subject}");
+    let text = answer["text"].as_str().unwrap();
+    assert!(text.contains("When are you open on Saturdays?"), "{text}");
+    assert!(
+        !text.contains("an old quote"),
+        "quoted history is cut: {text}"
+    );
+    assert!(answer["html"].as_str().unwrap().contains("<p"), "{answer}");
+    let answer_id = answer["message_id"].as_str().unwrap().to_owned();
+    let thread = answer_id.split('.').nth(1).unwrap().to_owned();
+
+    // Ana answers the answer: the same thread, answered again.
+    send(
+        &address(&ana),
+        &address(&help),
+        subject,
+        "And on Sundays?",
+        &[
+            "--in-reply-to",
+            &answer_id,
+            "--references",
+            &format!("{question} {answer_id}"),
+        ],
+    );
+    let mails = wait_for(&ana, 2);
+    let second = mails
+        .iter()
+        .find(|m| m["in_reply_to"].as_str() != Some(question.as_str()))
+        .unwrap();
+    let second_id = second["message_id"].as_str().unwrap();
+    assert!(
+        second_id.starts_with(&format!("<stele.{thread}.")),
+        "{second_id} is not in thread {thread}"
+    );
+    let references = second["references"].as_str().unwrap();
+    assert!(references.starts_with(&question), "{references}");
+    assert!(second["text"]
+        .as_str()
+        .unwrap()
+        .contains("Earlier in this thread"));
+
+    terminate(&mut child);
+    let lines = events(&["--database-url", &url]);
+    assert_eq!(count(&lines, "MessageReceived"), 2);
+    assert_eq!(count(&lines, "ConversationOpened"), 1);
+    assert_eq!(count(&lines, "ReplyDelivered"), 2);
+    let output = output.lock().unwrap().concat();
+    assert!(!output.contains("Saturdays"), "no mail text in the log");
+    assert!(!output.contains(&address(&ana)), "no address in the log");
+}
+
+#[test]
+fn dropped_connections_a_restarted_server_and_a_new_uidvalidity_lose_and_double_nothing() {
+    let rt = runtime();
+    let (_db, url) = postgres(&rt);
+    let help = user("help");
+    let bo = user("bo");
+    let (mut child, _output) = node(&["serve", "--database-url", &url], &mailbox_env(&help));
+    let mut questions = Vec::new();
+    let mut ask = |n: usize| {
+        let id = send(
+            &address(&bo),
+            &address(&help),
+            &format!("question {n}"),
+            &format!("question number {n}"),
+            &[],
+        );
+        questions.push(id);
+    };
+    for n in 0..3 {
+        ask(n);
+    }
+    wait_for(&bo, 3);
+    // The IMAP connection dropped in the middle of IDLE.
+    mail(&["kick", &help]);
+    for n in 3..5 {
+        ask(n);
+    }
+    wait_for(&bo, 5);
+    // The server restarted.
+    mail(&["restart"]);
+    for n in 5..7 {
+        ask(n);
+    }
+    wait_for(&bo, 7);
+    // The folder renumbered: every mail is read again, none answered again.
+    mail(&["reset-uidvalidity", &help]);
+    ask(7);
+    let mails = wait_for(&bo, 8);
+    // Anything doubled would arrive about now.
+    std::thread::sleep(Duration::from_secs(3));
+    let mails = if inbox(&bo).len() > mails.len() {
+        inbox(&bo)
+    } else {
+        mails
+    };
+    assert_eq!(mails.len(), 8, "{mails:#?}");
+    for question in &questions {
+        assert_eq!(answers_to(&mails, question), 1, "{question}");
+    }
+    terminate(&mut child);
+    let lines = events(&["--database-url", &url]);
+    assert_eq!(count(&lines, "MessageReceived"), 8);
+    assert!(
+        count(&lines, "UidValidityChanged") >= 2,
+        "the first, then the reset"
+    );
+}
+
+#[test]
+fn mailboxes_that_would_answer_each_other_stop_and_bounces_and_spam_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, carla) = (user("boxa"), user("boxb"), user("carla"));
+    let ca = format!("{}/certs/ca.pem", base());
+    // Two deployments, each answering its own mailbox (SMTPS for one, STARTTLS for the other).
+    let start = |name: &str, smtp: &str| {
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[[email.mailboxes]]\nimap_url = \"imaps://{name}:secret@localhost:11993/INBOX\"\n\
+                 smtp_url = \"{smtp}\"\nfrom = \"{name}@localhost\"\n\
+                 ca_file = \"{ca}\"\nidle_timeout = \"5s\"\n"
+            ),
+        )
+        .unwrap();
+        let data_dir = dir.path().join(name).display().to_string();
+        let config = config.display().to_string();
+        let (child, output) = node(&["up", "--data-dir", &data_dir, "--config", &config], &[]);
+        (child, output, data_dir)
+    };
+    let (mut node_a, _out_a, data_dir) = start(&a, &format!("smtps://{a}:secret@localhost:11465"));
+    let (mut node_b, _out_b, _) = start(&b, &format!("smtp://{b}:secret@localhost:11025"));
+
+    // B writes to A (as an autoresponder would): A answers once, marked as automatic, and B
+    // records that answer without answering it.
+    send(&address(&b), &address(&a), "ping", "are you there?", &[]);
+    let answered = wait_for(&b, 1);
+    assert_eq!(answered[0]["auto_submitted"], "auto-replied");
+    // Mail to someone who does not exist: the answer bounces back to A.
+    let ghost = format!("ghost{}@localhost", std::process::id());
+    send(&ghost, &address(&a), "hello", "please answer", &[]);
+    // Spam, and a machine's notice, from a person's address.
+    send(
+        &address(&carla),
+        &address(&a),
+        "win",
+        "cheap watches",
+        &["--header", "X-Spam-Score: 9.5"],
+    );
+    send(
+        &address(&carla),
+        &address(&a),
+        "Out of office",
+        "I am away",
+        &["--header", "Auto-Submitted: auto-replied"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let lines = loop {
+        let lines = events(&["--data-dir", &data_dir]);
+        if count(&lines, "ReplyBounced") >= 1 && count(&lines, "MessageQuarantined") >= 1 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "no bounce recorded: {lines:#?}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    // A: B's ping, the ghost's mail, its bounce, the spam and the notice. B: A's one answer.
+    assert_eq!(inbox(&b).len(), 1, "B answered A's automatic answer");
+    assert_eq!(inbox(&a).len(), 5, "{:#?}", inbox(&a));
+    assert!(inbox(&carla).is_empty(), "spam and notices get no answer");
+    let bounced = lines
+        .iter()
+        .find(|l| l.contains("\"ReplyBounced\""))
+        .unwrap();
+    assert!(bounced.contains("5.1.1"), "{bounced}");
+    let spam = lines
+        .iter()
+        .find(|l| l.contains("\"MessageQuarantined\""))
+        .unwrap();
+    assert!(spam.contains("spam"), "{spam}");
+    terminate(&mut node_a);
+    terminate(&mut node_b);
+}
+
+#[test]
+fn malformed_mail_is_quarantined_and_the_reader_goes_on() {
+    let rt = runtime();
+    let (_db, url) = postgres(&rt);
+    let help = user("help");
+    let dan = user("dan");
+    let dir = tempfile::tempdir().unwrap();
+    let from = address(&dan);
+    let mut nested = String::new();
+    for depth in 0..60 {
+        nested.push_str(&format!(
+            "Content-Type: multipart/mixed; boundary=\"b{depth}\"\r\n\r\n--b{depth}\r\n"
+        ));
+    }
+    nested.push_str("Content-Type: text/plain\r\n\r\ndeep inside\r\n");
+    let huge_headers: String = (0..3000)
+        .map(|i| format!("X-Pad-{i}: {}\r\n", "x".repeat(40)))
+        .collect();
+    let corpus: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "truncated",
+            b"Subject: cut short\r\nFrom: someone@exa".to_vec(),
+        ),
+        (
+            "wrong charset",
+            [
+                format!("From: {from}\r\nMessage-ID: <cs-{from}>\r\nSubject: charset\r\nContent-Type: text/plain; charset=x-no-such\r\n\r\n").as_bytes(),
+                b"caf\xe9 cr\xe8me \xff\xfe\r\n",
+            ]
+            .concat(),
+        ),
+        (
+            "huge headers",
+            format!("From: {from}\r\nMessage-ID: <hh-{from}>\r\n{huge_headers}\r\nhi\r\n").into_bytes(),
+        ),
+        (
+            "nested",
+            format!("From: {from}\r\nMessage-ID: <nest-{from}>\r\nSubject: nested\r\n{nested}").into_bytes(),
+        ),
+        ("garbage", (1u8..=255).cycle().take(4000).collect()),
+        ("no sender", b"Subject: who?\r\n\r\nno From at all\r\n".to_vec()),
+    ];
+    let mut files = Vec::new();
+    for (name, bytes) in &corpus {
+        let path = dir.path().join(name.replace(' ', "-"));
+        std::fs::write(&path, bytes).unwrap();
+        files.push(path.display().to_string());
+    }
+    let mut args = vec!["append", help.as_str()];
+    args.extend(files.iter().map(String::as_str));
+    mail(&args);
+    let (mut child, _output) = node(&["serve", "--database-url", &url], &mailbox_env(&help));
+    // After the corpus, a good mail is still answered.
+    let question = send(&from, &address(&help), "still there?", "a fine mail", &[]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while answers_to(&inbox(&dan), &question) == 0 {
+        assert!(Instant::now() < deadline, "the good mail was not answered");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    terminate(&mut child);
+    let lines = events(&["--database-url", &url]);
+    let received = count(&lines, "MessageReceived");
+    let quarantined = count(&lines, "MessageQuarantined");
+    assert_eq!(
+        received + quarantined,
+        corpus.len() + 1,
+        "each mail recorded once: {lines:#?}"
+    );
+    assert!(quarantined >= 3, "{lines:#?}");
+}
