@@ -8,6 +8,7 @@
 mod api;
 mod append;
 mod audit;
+mod email;
 mod memory;
 mod privacy;
 mod probe;
@@ -52,6 +53,10 @@ pub enum BenchCommand {
     /// The Telegram channel end to end against a Bot API on loopback: messages answered per
     /// second from 100 chats, and delivery-to-answer latency at 100 messages/s.
     Telegram(telegram::TelegramBenchArgs),
+    /// The email channel end to end against an IMAP and SMTP server: a mailbox's backlog
+    /// read into threads (mails/s), and the time from a question's submission to its answer in
+    /// the person's mailbox.
+    Email(email::EmailBenchArgs),
 }
 
 /// Where a scenario runs.
@@ -80,6 +85,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Audit(args) => serde_json::to_value(audit::run(args).await?)?,
         BenchCommand::Memory(args) => serde_json::to_value(memory::run(args).await?)?,
         BenchCommand::Telegram(args) => serde_json::to_value(telegram::run(args).await?)?,
+        BenchCommand::Email(args) => serde_json::to_value(email::run(args).await?)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

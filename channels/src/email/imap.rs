@@ -167,7 +167,8 @@ impl Email {
             .uid_validity
             .ok_or_else(|| anyhow::anyhow!("the server gave the folder no UIDVALIDITY"))?;
         let stream = mailbox.config.name.as_str();
-        let meta = CommandMeta::new("email", "system");
+        // Each command its own id (a repeated id is taken for a retry and records nothing).
+        let meta = || CommandMeta::new("email", "system");
         let (mut cursor, _) = self.cursors.load(stream).await?;
         if cursor.uid_validity != Some(validity) {
             if let Some(old) = cursor.uid_validity {
@@ -179,7 +180,7 @@ impl Email {
                     MailboxCommand::Validate {
                         uid_validity: validity,
                     },
-                    meta.clone(),
+                    meta(),
                 )
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -240,7 +241,7 @@ impl Email {
                         uid_validity: validity,
                         last_uid: last,
                     },
-                    meta.clone(),
+                    meta(),
                 )
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;

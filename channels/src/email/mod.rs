@@ -51,6 +51,7 @@ use stele_workflows::runtime::Runtime;
 use url::Url;
 
 pub use parse::{parse, Mail, Malformed, Own, Report};
+pub use send::tls_config;
 
 /// The process manager's name (its checkpoint).
 pub const MANAGER: &str = "email-channel";
