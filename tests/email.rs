@@ -170,13 +170,16 @@ fn a_question_gets_a_threaded_answer_and_a_reply_to_it_stays_in_the_thread() {
     let help = user("help");
     let ana = user("ana");
     let (mut child, output) = node(&["serve", "--database-url", &url], &mailbox_env(&help));
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("floor-plan.bin");
+    std::fs::write(&plan, b"\x00\x01 a floor plan \xff").unwrap();
 
     let question = send(
         &format!("Ana Lima <{}>", address(&ana)),
         &address(&help),
         "Opening hours",
         "When are you open on Saturdays?\n\nOn Monday, Bo wrote:\n> an old quote",
-        &[],
+        &["--attach", &plan.display().to_string()],
     );
     let mails = wait_for(&ana, 1);
     let answer = &mails[0];
@@ -226,6 +229,23 @@ fn a_question_gets_a_threaded_answer_and_a_reply_to_it_stays_in_the_thread() {
         .contains("Earlier in this thread"));
 
     terminate(&mut child);
+    // The raw mail and its attachment are kept, sealed with Ana's key, and exported to her.
+    let export = run(&[
+        "subjects",
+        "export",
+        &format!("email:{}", address(&ana)),
+        "--database-url",
+        &url,
+    ]);
+    assert!(export.status.success(), "{export:?}");
+    let bundle: Value = serde_json::from_slice(&export.stdout).unwrap();
+    let files = bundle["files"].as_array().unwrap();
+    let types: Vec<&str> = files
+        .iter()
+        .map(|f| f["content_type"].as_str().unwrap())
+        .collect();
+    assert!(types.contains(&"message/rfc822"), "{types:?}");
+    assert!(types.contains(&"application/octet-stream"), "{types:?}");
     let lines = events(&["--database-url", &url]);
     assert_eq!(count(&lines, "MessageReceived"), 2);
     assert_eq!(count(&lines, "ConversationOpened"), 1);

@@ -44,11 +44,24 @@ pub struct Bundle {
     pub memories: Vec<Value>,
     /// Every event that concerns them, in log order, with their data readable (or `[erased]`).
     pub events: Vec<ExportedEvent>,
+    /// Their files (raw mails, attachments), named by the digests the events refer to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileEntry>,
     /// The same as a page for people: a timeline.
     pub timeline_html: String,
     /// Inclusion proofs of `events` against the newest signed checkpoint of the audit log
     /// (`stele.audit-proof/1`), added by whoever has the audit log at hand; `null` without one.
     pub audit: Option<Value>,
+}
+
+/// A file of the person's.
+#[derive(Clone, Debug, Serialize)]
+pub struct FileEntry {
+    pub digest: String,
+    pub content_type: String,
+    pub size: usize,
+    /// The bytes, in base64.
+    pub content_base64: String,
 }
 
 /// A consent as recorded.
@@ -216,9 +229,26 @@ impl Subjects {
             conversations: Vec::new(),
             memories: Vec::new(),
             events,
+            files: Vec::new(),
             timeline_html: String::new(),
             audit: None,
         };
+        for key in &keys {
+            let blobs = self.blobs();
+            for digest in blobs.list(key).await? {
+                if let Some((content_type, bytes)) = blobs.get(key, &digest).await? {
+                    bundle.files.push(FileEntry {
+                        digest,
+                        content_type,
+                        size: bytes.len(),
+                        content_base64: base64::Engine::encode(
+                            &base64::engine::general_purpose::STANDARD,
+                            &bytes,
+                        ),
+                    });
+                }
+            }
+        }
         bundle.timeline_html = timeline(&bundle);
         let record = SubjectCommand::RecordExport {
             by: by.to_owned(),

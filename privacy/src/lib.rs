@@ -18,6 +18,7 @@
 //! Written on RustCrypto's `aes-gcm` (no hand-made cryptography); the key table's SQL is written
 //! once for both stores through `stele_engine::store::sql`.
 
+pub mod blobs;
 pub mod export;
 pub mod index;
 mod log;

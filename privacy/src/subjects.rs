@@ -225,6 +225,11 @@ impl Subjects {
         &self.policy
     }
 
+    /// The people's files (sealed with their keys).
+    pub fn blobs(&self) -> crate::blobs::Blobs<'_> {
+        crate::blobs::Blobs::new(&self.pool, self.sealer.keys())
+    }
+
     pub fn sealer(&self) -> &Arc<Sealer> {
         &self.sealer
     }
@@ -539,6 +544,7 @@ impl Subjects {
             let mut db = Db::from(&self.pool);
             let sql = db.pick(&SQL);
             db.execute(sql.forget, &[key.as_str().into()]).await?;
+            crate::blobs::forget(&self.pool, &key).await?;
         }
         self.known.invalidate_all();
         let command = SubjectCommand::Erase {

@@ -3,6 +3,7 @@
 
 use stele_engine::for_each_backend;
 use stele_engine::Store;
+use stele_privacy::blobs::Blobs;
 use stele_privacy::{Kek, KeyState, KeyStore, PrivacyError};
 
 const KEK: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
@@ -79,10 +80,40 @@ async fn another_key_encryption_key_is_refused(store: &Store) {
     ));
 }
 
+async fn a_persons_files_are_sealed_kept_once_and_unreadable_after_erasure(store: &Store) {
+    let keys = KeyStore::open(store.pool.clone(), Kek::from_hex(KEK).unwrap())
+        .await
+        .unwrap();
+    let blobs = Blobs::new(&store.pool, &keys);
+    let mail = b"From: ana@example.org\r\n\r\nAna, 12 rue des Lilas";
+    let digest = blobs.put("s-1", mail, "message/rfc822").await.unwrap();
+    assert_eq!(digest, stele_privacy::blobs::digest_of(mail));
+    // The same file again is the same file.
+    assert_eq!(
+        blobs.put("s-1", mail, "message/rfc822").await.unwrap(),
+        digest
+    );
+    assert_eq!(blobs.list("s-1").await.unwrap(), vec![digest.clone()]);
+    let (kind, bytes) = blobs.get("s-1", &digest).await.unwrap().unwrap();
+    assert_eq!(
+        (kind.as_str(), bytes.as_slice()),
+        ("message/rfc822", &mail[..])
+    );
+    // Another person does not read it under their id.
+    assert!(blobs.get("s-2", &digest).await.unwrap().is_none());
+    let too_big = vec![0u8; stele_privacy::blobs::MAX_BLOB_BYTES + 1];
+    assert!(blobs.put("s-1", &too_big, "x/y").await.is_err());
+    // Shredded: unreadable at once, and nothing new is kept of them.
+    keys.shred("s-1").await.unwrap();
+    assert!(blobs.get("s-1", &digest).await.unwrap().is_none());
+    assert!(blobs.put("s-1", b"more", "text/plain").await.is_err());
+}
+
 for_each_backend!(
     a_subjects_key_seals_and_opens_their_data,
     erasure_shreds_the_key_for_good,
     another_key_encryption_key_is_refused,
+    a_persons_files_are_sealed_kept_once_and_unreadable_after_erasure,
 );
 
 #[test]

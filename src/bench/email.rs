@@ -109,8 +109,8 @@ impl Account {
     ) -> anyhow::Result<async_imap::Session<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>
     {
         let host = self.url.host_str().unwrap_or("localhost").to_owned();
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), self.url.port().unwrap_or(993)))
-            .await?;
+        let tcp =
+            tokio::net::TcpStream::connect((host.as_str(), self.url.port().unwrap_or(993))).await?;
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host)?;
         let tls = tokio_rustls::TlsConnector::from(tls.clone())
             .connect(name, tcp)

@@ -63,6 +63,10 @@ def send(args):
         name, value = header.split(":", 1)
         msg[name.strip()] = value.strip()
     msg.set_content(args.body)
+    for path in args.attach or []:
+        with open(path, "rb") as f:
+            msg.add_attachment(f.read(), maintype="application", subtype="octet-stream",
+                               filename=os.path.basename(path))
     envelope_from = email.utils.parseaddr(args.sender)[1]
 
     def go():
@@ -157,6 +161,7 @@ def main():
     s.add_argument("sender"); s.add_argument("to"); s.add_argument("subject"); s.add_argument("body")
     s.add_argument("--header", action="append"); s.add_argument("--id")
     s.add_argument("--in-reply-to"); s.add_argument("--references")
+    s.add_argument("--attach", action="append")
     s.set_defaults(run=send)
     f = sub.add_parser("fetch"); f.add_argument("user"); f.set_defaults(run=fetch)
     ap = sub.add_parser("append"); ap.add_argument("user"); ap.add_argument("files", nargs="+")

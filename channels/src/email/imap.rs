@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_imap::extensions::idle::IdleResponse;
 use futures::TryStreamExt;
 use stele_aggregates::conversation::{
-    Channel, ConversationCommand, ConversationError, ConversationStatus, Participant,
+    Attachment, Channel, ConversationCommand, ConversationError, ConversationStatus, Participant,
 };
 use stele_aggregates::mailbox::MailboxCommand;
 use stele_aggregates::subject::Identifier;
@@ -360,6 +360,20 @@ impl Email {
             owner: Some(sender.to_owned()),
             participants: vec![Participant::agent(AGENT)],
         };
+        // The raw mail and its files are kept sealed with the sender's key; the message refers
+        // to them by digest.
+        let mut attachments = mail.attachments.clone();
+        for (attachment, bytes) in attachments.iter_mut().zip(&mail.files) {
+            attachment.digest = self.keep(sender, bytes, &attachment.content_type).await?;
+        }
+        if !raw.is_empty() {
+            attachments.push(Attachment {
+                name: "original.eml".into(),
+                content_type: "message/rfc822".into(),
+                size: raw.len() as u64,
+                digest: self.keep(sender, raw, "message/rfc822").await?,
+            });
+        }
         let receive = ConversationCommand::ReceiveMessage {
             message_id: format!("mail-{}", parse::digest(id.to_lowercase().as_bytes(), 24)),
             external_id: id.clone(),
@@ -370,7 +384,7 @@ impl Email {
                 Some(mail.reply_to.clone()),
             ),
             text: mail.text.clone(),
-            attachments: mail.attachments.clone(),
+            attachments,
             in_reply_to: mail.in_reply_to.clone(),
             sent_at: mail.sent_at,
             no_reply: mail.automated.clone(),
@@ -508,6 +522,26 @@ impl Email {
             .map(|_| ())
     }
 
+    /// Keeps a file of `subject`'s; its digest, or none when it is over the size limit (the
+    /// message still records its name, type and size).
+    async fn keep(
+        &self,
+        subject: &str,
+        bytes: &[u8],
+        content_type: &str,
+    ) -> anyhow::Result<Option<String>> {
+        if bytes.len() > stele_privacy::blobs::MAX_BLOB_BYTES {
+            tracing::info!(size = bytes.len(), "a file over the size limit is not kept");
+            return Ok(None);
+        }
+        Ok(Some(
+            self.subjects
+                .blobs()
+                .put(subject, bytes, content_type)
+                .await?,
+        ))
+    }
+
     async fn quarantine(
         &self,
         conversation: &str,
@@ -517,8 +551,16 @@ impl Email {
         message_id: &str,
         meta: CommandMeta,
     ) -> anyhow::Result<()> {
+        // Text as it came; bytes that are not UTF-8, in base64, so none is lost.
+        let raw = match std::str::from_utf8(raw) {
+            Ok(text) => text.to_owned(),
+            Err(_) => format!(
+                "base64:{}",
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, raw)
+            ),
+        };
         let command = ConversationCommand::Quarantine {
-            raw: String::from_utf8_lossy(raw).into_owned(),
+            raw,
             subject: Some(subject.to_owned()),
             reason: reason.to_owned(),
             external_id: Some(message_id.to_owned()),

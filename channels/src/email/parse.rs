@@ -33,6 +33,8 @@ pub struct Mail {
     pub text: String,
     /// What is known of the attached files.
     pub attachments: Vec<Attachment>,
+    /// The attached files' bytes, in the order of `attachments`.
+    pub files: Vec<Vec<u8>>,
     /// The `Date` header.
     pub sent_at: Option<DateTime<Utc>>,
     /// Why no automatic answer may go to it, if none may.
@@ -179,6 +181,10 @@ pub fn parse(raw: &[u8], own: &Own) -> Result<Mail, Malformed> {
             digest: Some(format!("sha256:{}", digest(part.contents(), 64))),
         })
         .collect();
+    let files = message
+        .attachments()
+        .map(|part| part.contents().to_vec())
+        .collect();
     let sent_at = message
         .date()
         .and_then(|date| DateTime::from_timestamp(date.to_timestamp(), 0));
@@ -201,6 +207,7 @@ pub fn parse(raw: &[u8], own: &Own) -> Result<Mail, Malformed> {
         subject,
         text: trim_quoted(&text),
         attachments,
+        files,
         sent_at,
         automated,
         spam_score,

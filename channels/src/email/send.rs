@@ -35,9 +35,7 @@ pub(super) struct MessageJob {
 }
 
 /// The rustls settings for a mailbox's servers: the web's roots, and `ca_file` when given.
-pub fn tls_config(
-    ca_file: Option<&Path>,
-) -> anyhow::Result<tokio_rustls::rustls::ClientConfig> {
+pub fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<tokio_rustls::rustls::ClientConfig> {
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
