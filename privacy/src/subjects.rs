@@ -541,9 +541,12 @@ impl Subjects {
         for key in state.keys() {
             self.sealer.keys().shred(&key).await?;
             self.sealer.forget(&key);
-            let mut db = Db::from(&self.pool);
-            let sql = db.pick(&SQL);
-            db.execute(sql.forget, &[key.as_str().into()]).await?;
+            {
+                // (Its connection goes back before the next: the embedded store has one.)
+                let mut db = Db::from(&self.pool);
+                let sql = db.pick(&SQL);
+                db.execute(sql.forget, &[key.as_str().into()]).await?;
+            }
             crate::blobs::forget(&self.pool, &key).await?;
         }
         self.known.invalidate_all();
