@@ -324,10 +324,20 @@ impl Email {
             }
         }
         let conversation = self.thread_of(mailbox, &mail).await?;
-        if mail.spam_score >= mailbox.config.spam_threshold && mail.automated.is_none() {
+        let score = match &mailbox.config.rspamd_url {
+            Some(url) => match rspamd_score(&self.http, url, raw).await {
+                Ok(score) => score,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "rspamd did not answer: the mail's own score is used");
+                    mail.spam_score
+                }
+            },
+            None => mail.spam_score,
+        };
+        if score >= mailbox.config.spam_threshold && mail.automated.is_none() {
             let reason = format!(
-                "spam: score {:.1} is at or above the threshold {:.1}",
-                mail.spam_score, mailbox.config.spam_threshold
+                "spam: score {score:.1} is at or above the threshold {:.1}",
+                mailbox.config.spam_threshold
             );
             return self
                 .quarantine(
@@ -595,6 +605,23 @@ impl Email {
     }
 }
 
+/// rspamd's score of a mail (its `/checkv2` endpoint).
+pub async fn rspamd_score(http: &reqwest::Client, url: &str, raw: &[u8]) -> anyhow::Result<f64> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        score: f64,
+    }
+    let answer: Answer = http
+        .post(format!("{}/checkv2", url.trim_end_matches('/')))
+        .body(raw.to_vec())
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(answer.score)
+}
+
 /// The `[#token]` in a subject, if any (hex digits only).
 fn subject_token(subject: &str) -> Option<&str> {
     let start = subject.rfind("[#")? + 2;
@@ -606,6 +633,37 @@ fn subject_token(subject: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn rspamd_scores_the_raw_mail() {
+        use axum::routing::post;
+        let app = axum::Router::new().route(
+            "/checkv2",
+            post(|body: axum::body::Bytes| async move {
+                let score = if body.windows(4).any(|w| w == b"SPAM") { 15.0 } else { 0.5 };
+                axum::Json(serde_json::json!({ "score": score, "required_score": 15.0, "action": "no action" }))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+        assert_eq!(
+            rspamd_score(&http, &url, b"From: a@b\r\n\r\nSPAM")
+                .await
+                .unwrap(),
+            15.0
+        );
+        assert_eq!(
+            rspamd_score(&http, &format!("{url}/"), b"hello")
+                .await
+                .unwrap(),
+            0.5
+        );
+        assert!(rspamd_score(&http, "http://127.0.0.1:1", b"x")
+            .await
+            .is_err());
+    }
 
     #[test]
     fn subject_tokens_are_hex_in_brackets() {

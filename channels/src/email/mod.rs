@@ -123,6 +123,10 @@ pub struct MailboxConfig {
     /// Mail scoring at least this is quarantined as spam, not answered.
     #[serde(default = "default_spam_threshold")]
     pub spam_threshold: f64,
+    /// An rspamd worker to score each mail (`http://127.0.0.1:11333`); without one, the
+    /// receiving server's spam headers, else a built-in guess.
+    #[serde(default)]
+    pub rspamd_url: Option<String>,
     /// A folder of templates (`reply.txt`, `reply.html`) replacing the built-in ones.
     #[serde(default)]
     pub templates: Option<PathBuf>,
@@ -176,6 +180,7 @@ impl MailboxConfig {
             idle_timeout: default_idle(),
             replies_per_sender_per_hour: default_per_sender(),
             spam_threshold: default_spam_threshold(),
+            rspamd_url: None,
             templates: None,
             subject_token: true,
         }
@@ -252,6 +257,7 @@ pub struct Email {
     cursors: CommandBus<Mailbox>,
     pool: StorePool,
     own: Own,
+    http: reqwest::Client,
 }
 
 impl Email {
@@ -318,6 +324,9 @@ impl Email {
             cursors: CommandBus::new(store.log.clone(), ()),
             pool: store.pool.clone(),
             own,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
         })
     }
 
