@@ -248,6 +248,50 @@ pub(crate) struct Configured {
     pub(crate) senders: DefaultKeyedRateLimiter<String>,
 }
 
+impl Configured {
+    /// A mailbox's settings, checked and made ready (nothing is connected yet).
+    pub(crate) fn new(mut mailbox: MailboxConfig) -> anyhow::Result<Configured> {
+        let imap = ImapTarget::parse(&mailbox.imap_url)?;
+        if mailbox.name.trim().is_empty() {
+            mailbox.name = imap.user.clone();
+        }
+        let name = mailbox.name.trim().to_lowercase();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            anyhow::bail!("mailbox name {name:?}: use letters, digits, '-', '_', '.' or '@'");
+        }
+        mailbox.name = name.clone();
+        let from: lettre::message::Mailbox = mailbox
+            .from
+            .parse()
+            .map_err(|e| anyhow::anyhow!("mailbox {name}: from {:?}: {e}", mailbox.from))?;
+        let tls = Arc::new(send::tls_config(mailbox.ca_file.as_deref())?);
+        let smtp = send::Smtp::new(&mailbox.smtp_url, mailbox.ca_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("mailbox {name}: {e}"))?;
+        let templates = send::Templates::load(mailbox.templates.as_deref())
+            .map_err(|e| anyhow::anyhow!("mailbox {name}: {e}"))?;
+        let per_hour =
+            NonZeroU32::new(mailbox.replies_per_sender_per_hour.max(1)).unwrap_or(NonZeroU32::MIN);
+        let senders = RateLimiter::keyed(
+            Quota::with_period(Duration::from_secs(3600) / per_hour.get())
+                .unwrap_or_else(|| Quota::per_hour(per_hour))
+                .allow_burst(per_hour),
+        );
+        Ok(Configured {
+            config: mailbox,
+            imap,
+            smtp,
+            from,
+            templates,
+            tls,
+            senders,
+        })
+    }
+}
+
 /// The email channel: every configured mailbox.
 pub struct Email {
     boxes: HashMap<String, Arc<Configured>>,
@@ -271,49 +315,14 @@ impl Email {
     ) -> anyhow::Result<Email> {
         let mut boxes = HashMap::new();
         let mut own = Own::default();
-        for mut mailbox in config.mailboxes {
-            let imap = ImapTarget::parse(&mailbox.imap_url)?;
-            if mailbox.name.trim().is_empty() {
-                mailbox.name = imap.user.clone();
-            }
-            let name = mailbox.name.trim().to_lowercase();
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-            {
-                anyhow::bail!("mailbox name {name:?}: use letters, digits, '-', '_', '.' or '@'");
-            }
-            mailbox.name = name.clone();
+        for mailbox in config.mailboxes {
+            let ready = Configured::new(mailbox)?;
+            let name = ready.config.name.clone();
             if boxes.contains_key(&name) {
                 anyhow::bail!("two mailboxes are named {name:?}: give each its own name");
             }
-            let from: lettre::message::Mailbox = mailbox
-                .from
-                .parse()
-                .map_err(|e| anyhow::anyhow!("mailbox {name}: from {:?}: {e}", mailbox.from))?;
-            own.addresses.push(from.email.to_string().to_lowercase());
-            let tls = Arc::new(send::tls_config(mailbox.ca_file.as_deref())?);
-            let smtp = send::Smtp::new(&mailbox.smtp_url, mailbox.ca_file.as_deref())
-                .map_err(|e| anyhow::anyhow!("mailbox {name}: {e}"))?;
-            let templates = send::Templates::load(mailbox.templates.as_deref())
-                .map_err(|e| anyhow::anyhow!("mailbox {name}: {e}"))?;
-            let per_hour = NonZeroU32::new(mailbox.replies_per_sender_per_hour.max(1))
-                .unwrap_or(NonZeroU32::MIN);
-            let senders = RateLimiter::keyed(
-                Quota::with_period(Duration::from_secs(3600) / per_hour.get())
-                    .unwrap_or_else(|| Quota::per_hour(per_hour))
-                    .allow_burst(per_hour),
-            );
-            let ready = Configured {
-                config: mailbox,
-                imap,
-                smtp,
-                from,
-                templates,
-                tls,
-                senders,
-            };
+            own.addresses
+                .push(ready.from.email.to_string().to_lowercase());
             boxes.insert(name, Arc::new(ready));
         }
         Ok(Email {

@@ -225,9 +225,9 @@ impl Email {
                     .display_name
                     .as_ref()
                     .and_then(|n| n.get().cloned());
-                Some((name, address))
+                Some((name, address, m.participant.subject.clone()))
             });
-        let Some((name, address)) = recipient else {
+        let Some((name, address, reader)) = recipient else {
             let failed = fail("no one to send it to (the person was erased)".into(), false);
             self.conversations
                 .execute(&p.conversation, failed, meta())
@@ -250,9 +250,32 @@ impl Email {
             &token,
             mailbox.config.subject_token,
         );
-        let built = self
-            .build(&mailbox, &conversation, &message, to, &message_id, &subject)
-            .map_err(|e| HandlerError::msg(format!("{e:#}")))?;
+        // Files the reply carries are the reader's (kept sealed with their key).
+        let mut files = Vec::new();
+        for attachment in &message.attachments {
+            let (Some(digest), Some(reader)) = (&attachment.digest, &reader) else {
+                continue;
+            };
+            match self.subjects.blobs().get(reader, digest).await {
+                Ok(Some((content_type, bytes))) => {
+                    files.push((attachment.name.clone(), content_type, bytes))
+                }
+                Ok(None) => {
+                    tracing::warn!(digest = %digest, "a reply's file is not kept (or its person erased): sent without it")
+                }
+                Err(e) => return Err(HandlerError::msg(format!("reading a reply's file: {e}"))),
+            }
+        }
+        let built = Self::build(
+            &mailbox,
+            &conversation,
+            &message,
+            to,
+            &message_id,
+            &subject,
+            files,
+        )
+        .map_err(|e| HandlerError::msg(format!("{e:#}")))?;
         match mailbox.smtp.transport.send(built).await {
             Ok(_) => {
                 let delivered = ConversationCommand::MarkDelivered {
@@ -286,13 +309,13 @@ impl Email {
     }
 
     fn build(
-        &self,
         mailbox: &Configured,
         conversation: &stele_aggregates::conversation::Conversation,
         message: &stele_aggregates::conversation::Message,
         to: Address,
         message_id: &str,
         subject: &str,
+        files: Vec<(String, String, Vec<u8>)>,
     ) -> anyhow::Result<lettre::Message> {
         let from_name = mailbox
             .from
@@ -324,7 +347,19 @@ impl Email {
         if !references.is_empty() {
             builder = builder.references(references.join(" "));
         }
-        let mut built = builder.multipart(MultiPart::alternative_plain_html(plain, html))?;
+        let body = MultiPart::alternative_plain_html(plain, html);
+        let mut built = if files.is_empty() {
+            builder.multipart(body)?
+        } else {
+            let mut mixed = MultiPart::mixed().multipart(body);
+            for (name, content_type, bytes) in files {
+                let content_type = ContentType::parse(&content_type)
+                    .unwrap_or_else(|_| ContentType::parse("application/octet-stream").unwrap());
+                mixed = mixed
+                    .singlepart(lettre::message::Attachment::new(name).body(bytes, content_type));
+            }
+            builder.multipart(mixed)?
+        };
         // RFC 3834: an automatic answer says so, and asks Exchange-style servers for no
         // auto-replies of their own.
         for Raw(name, value) in [
@@ -333,7 +368,6 @@ impl Email {
         ] {
             built.headers_mut().insert_raw(raw_header(name, value));
         }
-        let _ = ContentType::TEXT_PLAIN;
         Ok(built)
     }
 }
@@ -368,6 +402,71 @@ mod tests {
             super::super::parse::own_parts(&id),
             Some(("t0k", "reply-01_x"))
         );
+    }
+
+    // (On a runtime: the mailbox's SMTP pool needs one, even unused.)
+    #[tokio::test]
+    async fn a_reply_is_threaded_automatic_and_carries_its_files() {
+        use stele_aggregates::conversation::{Conversation, ConversationEvent, MessageDirection};
+        let mailbox = Configured::new(super::super::MailboxConfig::new(
+            "imaps://help:pw@localhost/INBOX",
+            "smtps://help:pw@localhost",
+            "Help <help@stele.test>",
+        ))
+        .unwrap();
+        let mut conversation = Conversation::default();
+        cqrs_es::Aggregate::apply(
+            &mut conversation,
+            ConversationEvent::ConversationOpened {
+                channel: stele_aggregates::conversation::Channel::EMAIL,
+                external_id: "<root@x.org>".into(),
+                subject: None,
+                owner: None,
+                participants: vec![],
+            },
+        );
+        let message = stele_aggregates::conversation::Message {
+            message_id: "reply-1".into(),
+            seq: 2,
+            direction: MessageDirection::Outbound,
+            from: "stele".into(),
+            external_id: None,
+            text: "Here it is.".into(),
+            attachments: vec![],
+            in_reply_to: Some("mail-1".into()),
+            in_reply_to_external: Some("<q@x.org>".into()),
+            sent_at: None,
+            task_id: None,
+            delivery: Delivery::Queued,
+            failed_attempts: 0,
+            no_reply: None,
+        };
+        let built = Email::build(
+            &mailbox,
+            &conversation,
+            &message,
+            "ana@x.org".parse().unwrap(),
+            "<stele.t.reply-1@stele.test>",
+            "Re: plan [#t]",
+            vec![(
+                "plan.pdf".into(),
+                "application/pdf".into(),
+                b"%PDF-1.4".to_vec(),
+            )],
+        )
+        .unwrap();
+        let text = String::from_utf8(built.formatted()).unwrap();
+        for needle in [
+            "In-Reply-To: <q@x.org>",
+            "References: <root@x.org> <q@x.org>",
+            "Auto-Submitted: auto-replied",
+            "Message-ID: <stele.t.reply-1@stele.test>",
+            "multipart/mixed",
+            "multipart/alternative",
+            "filename=\"plan.pdf\"",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in:\n{text}");
+        }
     }
 
     #[test]
