@@ -459,3 +459,27 @@ fn malformed_mail_is_quarantined_and_the_reader_goes_on() {
     );
     assert!(quarantined >= 3, "{lines:#?}");
 }
+
+#[test]
+fn the_email_benchmark_prints_json() {
+    let rt = runtime();
+    let db = rt.block_on(TestDb::postgres());
+    let (mailbox, person) = (user("benchbox"), user("benchperson"));
+    let url = |name: &str| format!("imaps://{name}:secret@localhost:11993/INBOX");
+    let output = stele()
+        .args(["bench", "email", "--database-url", db.url().unwrap()])
+        .args(["--mailbox", &url(&mailbox), "--person", &url(&person)])
+        .args(["--smtp", "smtp://localhost:11025"])
+        .args(["--ca-file", &format!("{}/certs/ca.pem", base())])
+        .args(["--mails", "20", "--questions", "2"])
+        .env_remove("STELE_EMAIL_IMAP_URL")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", support::stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["scenario"], "email");
+    assert_eq!(report["ingest"]["mails"], 20);
+    assert_eq!(report["ingest"]["threads"], 4);
+    assert_eq!(report["answer"]["answered"], 2);
+    assert!(report["answer"]["latency"]["p95_ms"].as_f64().unwrap() > 0.0);
+}

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_imap::extensions::idle::IdleResponse;
-use futures::TryStreamExt;
+use std::collections::BTreeMap;
+
+use futures::{StreamExt, TryStreamExt};
 use stele_aggregates::conversation::{
     Attachment, Channel, ConversationCommand, ConversationError, ConversationStatus, Participant,
 };
@@ -35,6 +37,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Mails fetched per round trip.
 const BATCH: usize = 100;
+
+/// Threads recorded at once.
+const THREADS_AT_ONCE: usize = 16;
 
 type Session = async_imap::Session<TlsStream<TcpStream>>;
 
@@ -217,9 +222,27 @@ impl Email {
                 .filter_map(|f| Some((f.uid?, f.body().unwrap_or_default().to_vec())))
                 .collect();
             mails.sort_by_key(|(uid, _)| *uid);
-            for (uid, raw) in &mails {
-                self.record(mailbox, *uid, raw).await?;
+            // Threads are recorded concurrently, each thread's mails in order. (Two groups that
+            // turn out to be one thread only race for its stream, which the command bus
+            // retries.)
+            let mut threads: BTreeMap<String, Vec<(u32, Vec<u8>)>> = BTreeMap::new();
+            for (uid, raw) in mails {
+                threads
+                    .entry(thread_key(&raw))
+                    .or_default()
+                    .push((uid, raw));
             }
+            let results: Vec<anyhow::Result<()>> = futures::stream::iter(threads.into_values())
+                .map(|mails| async move {
+                    for (uid, raw) in &mails {
+                        self.record(mailbox, *uid, raw).await?;
+                    }
+                    Ok(())
+                })
+                .buffer_unordered(THREADS_AT_ONCE)
+                .collect()
+                .await;
+            results.into_iter().collect::<anyhow::Result<()>>()?;
             let last = *uids.last().unwrap_or(&cursor.last_uid);
             match (&mailbox.config.after, mailbox.config.move_to.as_deref()) {
                 (super::AfterRecording::Seen, _) => {
@@ -602,6 +625,20 @@ impl Email {
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         };
         Ok(self.subjects.resolve(&identifier, meta).await?)
+    }
+}
+
+/// What groups a mail with the others of its thread within a batch: the first id it refers to
+/// (the thread's first mail, for clients that keep `References`), else its own.
+fn thread_key(raw: &[u8]) -> String {
+    match parse::parse(raw, &parse::Own::default()) {
+        Ok(mail) => mail
+            .references
+            .first()
+            .cloned()
+            .unwrap_or(mail.message_id)
+            .to_lowercase(),
+        Err(_) => String::new(),
     }
 }
 

@@ -153,7 +153,7 @@ fn default_idle() -> Duration {
 }
 
 fn default_per_sender() -> u32 {
-    10
+    30
 }
 
 fn default_spam_threshold() -> f64 {
