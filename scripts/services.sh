@@ -769,6 +769,7 @@ _STELE_PY_TOOLS=(
     "openapi-spec-validator==0.7.*"
     "schemathesis==4.32.5"
     "openapi-python-client==0.29.1"
+    "dkimpy==1.1.8" # the email tests check replies' DKIM signatures with it
 )
 
 # A Python venv (in the cache, kept between runs) with _STELE_PY_TOOLS.

@@ -318,15 +318,34 @@ fn mailboxes_that_would_answer_each_other_stop_and_bounces_and_spam_are_recorded
     let dir = tempfile::tempdir().unwrap();
     let (a, b, carla) = (user("boxa"), user("boxb"), user("carla"));
     let ca = format!("{}/certs/ca.pem", base());
+    // A's replies are signed with DKIM.
+    let key = dir.path().join("dkim.pem");
+    let made = Command::new("openssl")
+        .args(["genrsa", "-traditional", "-out"])
+        .arg(&key)
+        .arg("2048")
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let public = Command::new("openssl")
+        .args(["rsa", "-pubout", "-outform", "DER", "-in"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(public.status.success(), "{public:?}");
+    let dkim = format!(
+        "[email.mailboxes.dkim]\nselector = \"s1\"\nkey_file = \"{}\"\n",
+        key.display()
+    );
     // Two deployments, each answering its own mailbox (SMTPS for one, STARTTLS for the other).
-    let start = |name: &str, smtp: &str| {
+    let start = |name: &str, smtp: &str, extra: &str| {
         let config = dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[[email.mailboxes]]\nimap_url = \"imaps://{name}:secret@localhost:11993/INBOX\"\n\
                  smtp_url = \"{smtp}\"\nfrom = \"{name}@localhost\"\n\
-                 ca_file = \"{ca}\"\nidle_timeout = \"5s\"\n"
+                 ca_file = \"{ca}\"\nidle_timeout = \"5s\"\n{extra}"
             ),
         )
         .unwrap();
@@ -335,14 +354,47 @@ fn mailboxes_that_would_answer_each_other_stop_and_bounces_and_spam_are_recorded
         let (child, output) = node(&["up", "--data-dir", &data_dir, "--config", &config], &[]);
         (child, output, data_dir)
     };
-    let (mut node_a, _out_a, data_dir) = start(&a, &format!("smtps://{a}:secret@localhost:11465"));
-    let (mut node_b, _out_b, _) = start(&b, &format!("smtp://{b}:secret@localhost:11025"));
+    let (mut node_a, _out_a, data_dir) =
+        start(&a, &format!("smtps://{a}:secret@localhost:11465"), &dkim);
+    let (mut node_b, _out_b, _) = start(&b, &format!("smtp://{b}:secret@localhost:11025"), "");
 
     // B writes to A (as an autoresponder would): A answers once, marked as automatic, and B
     // records that answer without answering it.
     send(&address(&b), &address(&a), "ping", "are you there?", &[]);
     let answered = wait_for(&b, 1);
     assert_eq!(answered[0]["auto_submitted"], "auto-replied");
+    // Its DKIM signature verifies (dkimpy, the key's DNS record given by hand).
+    let raw = dir.path().join("answer.eml");
+    let bytes = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        answered[0]["raw"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(&raw, bytes).unwrap();
+    let record = format!(
+        "v=DKIM1; k=rsa; p={}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &public.stdout)
+    );
+    let python = std::env::var("STELE_OPENAPI_VALIDATOR")
+        .expect("STELE_OPENAPI_VALIDATOR is not set: run the test suite with scripts/test");
+    let verified = Command::new(python)
+        .args([
+            "-c",
+            "import dkim, sys\n\
+             raw = open(sys.argv[1], 'rb').read()\n\
+             dns = lambda name, timeout=5: sys.argv[2].encode() if name == b's1._domainkey.localhost.' else None\n\
+             print(dkim.verify(raw, dnsfunc=dns))",
+        ])
+        .arg(&raw)
+        .arg(&record)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&verified.stdout).trim(),
+        "True",
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
     // Mail to someone who does not exist: the answer bounces back to A.
     let ghost = format!("ghost{}@localhost", std::process::id());
     send(&ghost, &address(&a), "hello", "please answer", &[]);

@@ -13,7 +13,7 @@ Dovecot. Prints JSON. The server's folder is $STELE_MAIL_BASE.
   mail_client.py reset-uidvalidity USER
   mail_client.py restart
 """
-import argparse, email, email.policy, email.utils, imaplib, json, os, shutil, smtplib, ssl
+import argparse, base64, email, email.policy, email.utils, imaplib, json, os, shutil, smtplib, ssl
 import subprocess, sys, time
 
 BASE = os.environ["STELE_MAIL_BASE"]
@@ -93,6 +93,7 @@ def fetch(args):
                 "to": msg["To"], "auto_submitted": msg["Auto-Submitted"],
                 "text": text.get_content() if text else "",
                 "html": html.get_content() if html else "",
+                "raw": base64.b64encode(raw).decode(),
             })
         m.logout()
         return out

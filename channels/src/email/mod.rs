@@ -134,6 +134,25 @@ pub struct MailboxConfig {
     /// threading headers.
     #[serde(default = "default_true")]
     pub subject_token: bool,
+    /// Signs replies with DKIM when set.
+    #[serde(default)]
+    pub dkim: Option<DkimSettings>,
+}
+
+/// DKIM signing of replies (`[email.mailboxes.dkim]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimSettings {
+    /// The selector the public key is published under (`<selector>._domainkey.<domain>`).
+    pub selector: String,
+    /// The private key: an RSA key in PKCS#1 PEM, or an Ed25519 key as 32 bytes in base64.
+    pub key_file: PathBuf,
+    /// `rsa` (the default) or `ed25519`.
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// The signing domain (the `from` address's by default).
+    #[serde(default)]
+    pub domain: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -183,6 +202,7 @@ impl MailboxConfig {
             rspamd_url: None,
             templates: None,
             subject_token: true,
+            dkim: None,
         }
     }
 }
@@ -246,6 +266,7 @@ pub(crate) struct Configured {
     pub(crate) templates: send::Templates,
     pub(crate) tls: Arc<tokio_rustls::rustls::ClientConfig>,
     pub(crate) senders: DefaultKeyedRateLimiter<String>,
+    pub(crate) dkim: Option<lettre::message::dkim::DkimConfig>,
 }
 
 impl Configured {
@@ -280,6 +301,12 @@ impl Configured {
                 .unwrap_or_else(|| Quota::per_hour(per_hour))
                 .allow_burst(per_hour),
         );
+        let dkim = mailbox
+            .dkim
+            .as_ref()
+            .map(|settings| send::dkim_config(settings, &from))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("mailbox {name}: DKIM: {e}"))?;
         Ok(Configured {
             config: mailbox,
             imap,
@@ -288,6 +315,7 @@ impl Configured {
             templates,
             tls,
             senders,
+            dkim,
         })
     }
 }

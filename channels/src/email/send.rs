@@ -143,6 +143,53 @@ impl Templates {
     }
 }
 
+/// The DKIM signer of a mailbox: relaxed canonicalization, and the headers that make a reply
+/// what it is (sender, recipient, subject, date, its ids and its automatic nature).
+pub(crate) fn dkim_config(
+    settings: &super::DkimSettings,
+    from: &Address,
+) -> anyhow::Result<lettre::message::dkim::DkimConfig> {
+    use lettre::message::dkim::{
+        DkimCanonicalization, DkimCanonicalizationType, DkimConfig, DkimSigningAlgorithm,
+        DkimSigningKey,
+    };
+    let algorithm = match settings.algorithm.as_deref().unwrap_or("rsa") {
+        "rsa" => DkimSigningAlgorithm::Rsa,
+        "ed25519" => DkimSigningAlgorithm::Ed25519,
+        other => anyhow::bail!("algorithm {other:?}: expected rsa or ed25519"),
+    };
+    let text = std::fs::read_to_string(&settings.key_file)
+        .map_err(|e| anyhow::anyhow!("the key {}: {e}", settings.key_file.display()))?;
+    let key = DkimSigningKey::new(text.trim(), algorithm)
+        .map_err(|e| anyhow::anyhow!("the key {}: {e}", settings.key_file.display()))?;
+    let headers = [
+        "From",
+        "To",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "In-Reply-To",
+        "References",
+        "Auto-Submitted",
+    ]
+    .into_iter()
+    .map(HeaderName::new_from_ascii_str)
+    .collect();
+    Ok(DkimConfig::new(
+        settings.selector.clone(),
+        settings
+            .domain
+            .clone()
+            .unwrap_or_else(|| from.email.domain().to_owned()),
+        key,
+        headers,
+        DkimCanonicalization {
+            header: DkimCanonicalizationType::Relaxed,
+            body: DkimCanonicalizationType::Relaxed,
+        },
+    ))
+}
+
 /// A header lettre has no type for, with its value as given.
 #[derive(Clone)]
 struct Raw(&'static str, String);
@@ -367,6 +414,9 @@ impl Email {
             Raw("X-Auto-Response-Suppress", "All".into()),
         ] {
             built.headers_mut().insert_raw(raw_header(name, value));
+        }
+        if let Some(dkim) = &mailbox.dkim {
+            built.sign(dkim);
         }
         Ok(built)
     }
