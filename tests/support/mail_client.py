@@ -7,7 +7,7 @@ Dovecot. Prints JSON. The server's folder is $STELE_MAIL_BASE.
   mail_client.py adduser NAME
   mail_client.py send FROM TO SUBJECT BODY [--header 'Name: value']... [--id ID]
                       [--in-reply-to ID] [--references 'ID ID']
-  mail_client.py fetch USER
+  mail_client.py fetch USER [FOLDER]
   mail_client.py append USER FILE...
   mail_client.py kick USER
   mail_client.py reset-uidvalidity USER
@@ -80,7 +80,9 @@ def send(args):
 def fetch(args):
     def go():
         m = imap(args.user)
-        m.select("INBOX", readonly=True)
+        if m.select(args.folder, readonly=True)[0] != "OK":
+            m.logout()
+            return []  # no such folder (yet)
         out = []
         for num in m.search(None, "ALL")[1][0].split():
             raw = m.fetch(num, "(BODY.PEEK[])")[1][0][1]
@@ -164,7 +166,8 @@ def main():
     s.add_argument("--in-reply-to"); s.add_argument("--references")
     s.add_argument("--attach", action="append")
     s.set_defaults(run=send)
-    f = sub.add_parser("fetch"); f.add_argument("user"); f.set_defaults(run=fetch)
+    f = sub.add_parser("fetch"); f.add_argument("user"); f.add_argument("folder", nargs="?", default="INBOX")
+    f.set_defaults(run=fetch)
     ap = sub.add_parser("append"); ap.add_argument("user"); ap.add_argument("files", nargs="+")
     ap.set_defaults(run=append)
     k = sub.add_parser("kick"); k.add_argument("user"); k.set_defaults(run=kick)

@@ -161,6 +161,12 @@ impl Email {
             .login(&target.user, &target.password)
             .await
             .map_err(|(e, _)| anyhow::anyhow!("IMAP login as {}: {e}", target.user))?;
+        if let (super::AfterRecording::Move, Some(folder)) =
+            (&mailbox.config.after, mailbox.config.move_to.as_deref())
+        {
+            // The folder recorded mail moves to; "already exists" is the usual answer.
+            let _ = session.create(folder).await;
+        }
         session.select(&target.folder).await?;
         Ok(session)
     }

@@ -285,6 +285,9 @@ impl Configured {
             anyhow::bail!("mailbox name {name:?}: use letters, digits, '-', '_', '.' or '@'");
         }
         mailbox.name = name.clone();
+        if mailbox.after == AfterRecording::Move && mailbox.move_to.is_none() {
+            anyhow::bail!("mailbox {name}: after = \"move\" needs move_to (a folder)");
+        }
         let from: lettre::message::Mailbox = mailbox
             .from
             .parse()
