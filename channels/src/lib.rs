@@ -3,5 +3,6 @@
 //! messages into work through a process manager, and delivers replies from the conversation's
 //! outbox.
 
+mod conversation;
 pub mod email;
 pub mod telegram;

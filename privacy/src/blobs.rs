@@ -24,21 +24,18 @@ struct Statements {
     forget: &'static str,
 }
 
+/// The same SQL on both stores.
+const STATEMENTS: Statements = Statements {
+    insert: "INSERT INTO blobs (subject_id, digest, content_type, size, sealed, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (subject_id, digest) DO NOTHING",
+    read: "SELECT content_type, sealed FROM blobs WHERE subject_id = $1 AND digest = $2",
+    list: "SELECT digest FROM blobs WHERE subject_id = $1 ORDER BY created_at, digest",
+    forget: "DELETE FROM blobs WHERE subject_id = $1",
+};
+
 const SQL: Dialects<Statements> = Dialects {
-    postgres: Statements {
-        insert: "INSERT INTO blobs (subject_id, digest, content_type, size, sealed, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (subject_id, digest) DO NOTHING",
-        read: "SELECT content_type, sealed FROM blobs WHERE subject_id = $1 AND digest = $2",
-        list: "SELECT digest FROM blobs WHERE subject_id = $1 ORDER BY created_at, digest",
-        forget: "DELETE FROM blobs WHERE subject_id = $1",
-    },
-    sqlite: Statements {
-        insert: "INSERT INTO blobs (subject_id, digest, content_type, size, sealed, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (subject_id, digest) DO NOTHING",
-        read: "SELECT content_type, sealed FROM blobs WHERE subject_id = $1 AND digest = $2",
-        list: "SELECT digest FROM blobs WHERE subject_id = $1 ORDER BY created_at, digest",
-        forget: "DELETE FROM blobs WHERE subject_id = $1",
-    },
+    postgres: STATEMENTS,
+    sqlite: STATEMENTS,
 };
 
 /// The digest files are named by: `sha256:<hex>`.

@@ -528,6 +528,19 @@ pub enum Delivery {
     },
 }
 
+impl Message {
+    /// Whether this is a reply the channel should (still) deliver: queued, or failed with a
+    /// retry to come.
+    pub fn awaits_delivery(&self) -> bool {
+        self.direction == MessageDirection::Outbound
+            && match &self.delivery {
+                Delivery::Queued => true,
+                Delivery::Failed { will_retry, .. } => *will_retry,
+                Delivery::Received | Delivery::Delivered | Delivery::Bounced { .. } => false,
+            }
+    }
+}
+
 /// One message of the conversation, inbound or outbound.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {

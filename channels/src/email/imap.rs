@@ -428,15 +428,15 @@ impl Email {
             sent_at: mail.sent_at,
             no_reply: mail.automated.clone(),
         };
-        match self
-            .opened(
-                conversation,
-                receive,
-                &open,
-                meta(id, "receive"),
-                meta(id, "open"),
-            )
-            .await
+        match crate::conversation::opened(
+            &self.conversations,
+            conversation,
+            receive,
+            &open,
+            meta(id, "receive"),
+            meta(id, "open"),
+        )
+        .await
         {
             Ok(()) => Ok(()),
             // Refused for its content (empty, too long): kept aside, never dropped.
@@ -528,37 +528,6 @@ impl Email {
     async fn exists(&self, conversation: &str) -> anyhow::Result<bool> {
         let (state, _) = self.conversations.load(conversation).await?;
         Ok(state.status != ConversationStatus::New)
-    }
-
-    /// Runs `command` on the conversation, opening it first when it is not yet.
-    async fn opened(
-        &self,
-        conversation: &str,
-        command: ConversationCommand,
-        open: &ConversationCommand,
-        meta: CommandMeta,
-        open_meta: CommandMeta,
-    ) -> Result<(), CommandError<ConversationError>> {
-        match self
-            .conversations
-            .execute(conversation, command.clone(), meta.clone())
-            .await
-        {
-            Err(CommandError::Rejected(ConversationError::NotOpened)) => {}
-            other => return other.map(|_| ()),
-        }
-        match self
-            .conversations
-            .execute(conversation, open.clone(), open_meta)
-            .await
-        {
-            Ok(_) | Err(CommandError::Rejected(ConversationError::AlreadyOpened)) => {}
-            Err(e) => return Err(e),
-        }
-        self.conversations
-            .execute(conversation, command, meta)
-            .await
-            .map(|_| ())
     }
 
     /// Keeps a file of `subject`'s; its digest, or none when it is over the size limit (the

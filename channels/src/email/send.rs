@@ -12,9 +12,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use minijinja::{context, Environment};
-use stele_aggregates::conversation::{
-    ConversationCommand, ConversationError, Delivery, MessageDirection,
-};
+use stele_aggregates::conversation::{ConversationCommand, ConversationError};
 use stele_engine::queue::worker::{Done, HandlerError, HandlerResult};
 use stele_engine::queue::Job;
 use stele_engine::{CommandError, CommandMeta};
@@ -239,12 +237,7 @@ impl Email {
         let Some(message) = conversation.message(&p.message_id).cloned() else {
             return Ok(Done::Complete);
         };
-        let pending = match &message.delivery {
-            Delivery::Queued => true,
-            Delivery::Failed { will_retry, .. } => *will_retry,
-            Delivery::Received | Delivery::Delivered | Delivery::Bounced { .. } => false,
-        };
-        if message.direction != MessageDirection::Outbound || !pending {
+        if !message.awaits_delivery() {
             return Ok(Done::Complete);
         }
         let meta = || CommandMeta::new("email", "system");
@@ -457,7 +450,9 @@ mod tests {
     // (On a runtime: the mailbox's SMTP pool needs one, even unused.)
     #[tokio::test]
     async fn a_reply_is_threaded_automatic_and_carries_its_files() {
-        use stele_aggregates::conversation::{Conversation, ConversationEvent, MessageDirection};
+        use stele_aggregates::conversation::{
+            Conversation, ConversationEvent, Delivery, MessageDirection,
+        };
         let mailbox = Configured::new(super::super::MailboxConfig::new(
             "imaps://help:pw@localhost/INBOX",
             "smtps://help:pw@localhost",

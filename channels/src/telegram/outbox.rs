@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
-use stele_aggregates::conversation::{
-    ConversationCommand, ConversationError, Delivery, MessageDirection,
-};
+use stele_aggregates::conversation::{ConversationCommand, ConversationError};
 use stele_engine::queue::worker::{Done, HandlerError, HandlerResult};
 use stele_engine::queue::Job;
 use stele_engine::{CommandError, CommandMeta};
@@ -212,12 +210,7 @@ impl Telegram {
         let Some(message) = conversation.message(&p.message_id) else {
             return Ok(Done::Complete);
         };
-        let pending = match &message.delivery {
-            Delivery::Queued => true,
-            Delivery::Failed { will_retry, .. } => *will_retry,
-            Delivery::Received | Delivery::Delivered | Delivery::Bounced { .. } => false,
-        };
-        if message.direction != MessageDirection::Outbound || !pending {
+        if !message.awaits_delivery() {
             return Ok(Done::Complete);
         }
         let chat = self

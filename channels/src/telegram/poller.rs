@@ -313,9 +313,15 @@ impl Telegram {
                 participant: participant(&who, member),
             };
             let join_meta = meta(&format!("join:{}", member.id.0));
-            match self
-                .opened(&conversation, join, &open, join_meta, meta("open"))
-                .await
+            match crate::conversation::opened(
+                &self.conversations,
+                &conversation,
+                join,
+                &open,
+                join_meta,
+                meta("open"),
+            )
+            .await
             {
                 Ok(_) | Err(CommandError::Rejected(ConversationError::AlreadyJoined { .. })) => {}
                 Err(e) => return Err(e.into()),
@@ -351,9 +357,15 @@ impl Telegram {
             sent_at: Some(message.date),
             no_reply: None,
         };
-        match self
-            .opened(&conversation, receive, &open, meta("receive"), meta("open"))
-            .await
+        match crate::conversation::opened(
+            &self.conversations,
+            &conversation,
+            receive,
+            &open,
+            meta("receive"),
+            meta("open"),
+        )
+        .await
         {
             Ok(()) => Ok(()),
             // Refused for its content (empty, too long, no id): kept aside, never dropped.
@@ -364,39 +376,6 @@ impl Telegram {
             }
             Err(e) => Err(e.into()),
         }
-    }
-
-    /// Runs `command` on the conversation, opening it first when it is not yet: trying the
-    /// command first spares every later message a second load of the chat's whole stream.
-    async fn opened(
-        &self,
-        conversation: &str,
-        command: ConversationCommand,
-        open: &ConversationCommand,
-        meta: CommandMeta,
-        open_meta: CommandMeta,
-    ) -> Result<(), CommandError<ConversationError>> {
-        match self
-            .conversations
-            .execute(conversation, command.clone(), meta.clone())
-            .await
-        {
-            Err(CommandError::Rejected(ConversationError::NotOpened)) => {}
-            other => return other.map(|_| ()),
-        }
-        match self
-            .conversations
-            .execute(conversation, open.clone(), open_meta)
-            .await
-        {
-            Ok(_) | Err(CommandError::Rejected(ConversationError::AlreadyOpened)) => {}
-            Err(e) => return Err(e),
-        }
-        // The refused attempt recorded nothing: its command id is free for this one.
-        self.conversations
-            .execute(conversation, command, meta)
-            .await
-            .map(|_| ())
     }
 
     async fn quarantine(
