@@ -484,7 +484,7 @@ impl Email {
             message_id: reply,
             recipient: report.recipient.clone(),
             status: report.status.clone(),
-            diagnostic: report.diagnostic.clone(),
+            diagnostic: parse::redact_addresses(&report.diagnostic),
         };
         match self
             .conversations

@@ -88,6 +88,22 @@ pub fn normalise_id(id: &str) -> String {
     format!("<{id}>")
 }
 
+/// `text` with every word that holds an `@` (an address, bracketed or not) replaced by
+/// `[address]`: servers' diagnostics and SMTP errors name recipients, and these texts are kept
+/// in plain event fields.
+pub fn redact_addresses(text: &str) -> String {
+    text.split(' ')
+        .map(|word| {
+            if word.contains('@') {
+                "[address]"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The first `len` hex digits of the SHA-256 of `bytes`.
 pub fn digest(bytes: &[u8], len: usize) -> String {
     let hash = Sha256::digest(bytes);
@@ -585,6 +601,14 @@ Claim your prize: click here and act now\r\n";
         let first = parse(raw, &own()).unwrap();
         assert!(first.synthetic_id);
         assert_eq!(first.message_id, parse(raw, &own()).unwrap().message_id);
+    }
+
+    #[test]
+    fn addresses_are_taken_out_of_diagnostics() {
+        assert_eq!(
+            redact_addresses("550 5.1.1 <ghost@localhost>: User unknown"),
+            "550 5.1.1 [address] User unknown"
+        );
     }
 
     #[test]

@@ -277,7 +277,10 @@ impl Email {
         let to = match address.parse() {
             Ok(email) => Address::new(name, email),
             Err(e) => {
-                let failed = fail(format!("the address {address:?}: {e}"), false);
+                let failed = fail(
+                    format!("the recipient's address does not parse: {e}"),
+                    false,
+                );
                 self.conversations
                     .execute(&p.conversation, failed, meta())
                     .await?;
@@ -336,12 +339,19 @@ impl Email {
             Err(error) => {
                 // A permanent refusal (5xx: no such user, refused as spam…) will not change.
                 let will_retry = !error.is_permanent();
-                let failed = fail(error.to_string(), will_retry);
+                // (Servers' answers name recipients: kept without their addresses.)
+                let failed = fail(
+                    super::parse::redact_addresses(&error.to_string()),
+                    will_retry,
+                );
                 self.conversations
                     .execute(&p.conversation, failed, meta())
                     .await?;
                 if will_retry {
-                    return Err(HandlerError::msg(format!("SMTP: {error}")));
+                    return Err(HandlerError::msg(format!(
+                        "SMTP: {}",
+                        super::parse::redact_addresses(&error.to_string())
+                    )));
                 }
                 Ok(Done::Complete)
             }
