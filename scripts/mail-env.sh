@@ -15,7 +15,7 @@
 # are there from the start. Any domain reaches the same user (`alice@localhost`,
 # `alice@example.com`). Unknown users are refused by LMTP (550), so Postfix bounces the mail.
 # Clients trust $STELE_MAIL_BASE/certs/ca.pem (the server's certificate names localhost,
-# 127.0.0.1 and ::1).
+# 127.0.0.1, 127.0.0.2 and ::1). On 127.0.0.2 Dovecot does not offer IDLE (clients must poll).
 set -euo pipefail
 BASE=${STELE_MAIL_BASE:-/var/cache/stele/mail}
 IMAP_PORT=${STELE_MAIL_IMAP_PORT:-11143}
@@ -24,6 +24,9 @@ LMTP_PORT=${STELE_MAIL_LMTP_PORT:-11024}
 SMTP_PORT=${STELE_MAIL_SMTP_PORT:-11025}
 SMTPS_PORT=${STELE_MAIL_SMTPS_PORT:-11465}
 MAIL_UID=${STELE_MAIL_UID:-5000}
+# Bumped whenever the certificates or configuration change: a server set up by an older version
+# is stopped and set up again.
+VERSION=2
 
 log() { printf 'mail-env: %s\n' "$*" >&2; }
 
@@ -55,7 +58,8 @@ install_packages() {
 
 certificates() {
     mkdir -p "$BASE/certs"
-    [[ -s $BASE/certs/server.pem ]] && return 0
+    [[ -s $BASE/certs/server.pem && $(cat "$BASE/certs/version" 2>/dev/null) == "$VERSION" ]] &&
+        return 0
     (
         cd "$BASE/certs"
         # A small CA and a leaf that is not a CA: webpki refuses a self-signed CA certificate
@@ -67,12 +71,13 @@ certificates() {
             -out server.csr 2>/dev/null
         printf '%s\n' "basicConstraints=critical,CA:FALSE" \
             "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" \
-            "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1" >leaf.ext
+            "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2,IP:::1" >leaf.ext
         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
             -extfile leaf.ext -out server.pem 2>/dev/null
         rm -f server.csr leaf.ext ca.srl
         chmod 600 ca.key server.key
         chmod 644 ca.pem server.pem
+        echo "$VERSION" >version
     )
 }
 
@@ -89,7 +94,7 @@ base_dir = $BASE/dovecot/run
 state_dir = $BASE/dovecot/state
 log_path = $BASE/dovecot/dovecot.log
 protocols = imap lmtp
-listen = 127.0.0.1, ::1
+listen = 127.0.0.1, 127.0.0.2, ::1
 ssl = yes
 ssl_cert = <$BASE/certs/server.pem
 ssl_key = <$BASE/certs/server.key
@@ -134,6 +139,12 @@ protocol lmtp {
 service auth {
   unix_listener auth-client {
     mode = 0666
+  }
+}
+# A server without IDLE, for clients' polling.
+local 127.0.0.2 {
+  protocol imap {
+    imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE LITERAL+ UIDPLUS MOVE
   }
 }
 EOF
@@ -225,9 +236,20 @@ up() {
         log "must run as root (Postfix and Dovecot switch users)"
         return 1
     }
-    if running && [[ -s $BASE/certs/ca.pem ]]; then
+    local version
+    version=$(cat "$BASE/version" 2>/dev/null || true)
+    if running && [[ -s $BASE/certs/ca.pem && $version == "$VERSION" ]]; then
         log "dovecot and postfix answer on 127.0.0.1:$IMAP_PORT/$IMAPS_PORT/$SMTP_PORT/$SMTPS_PORT"
         return 0
+    fi
+    if running || port_open "$IMAP_PORT" || port_open "$SMTP_PORT"; then
+        log "stopping a server set up by an older version of this script"
+        down
+        local _
+        for _ in $(seq 1 200); do
+            port_open "$IMAP_PORT" || port_open "$SMTP_PORT" || break
+            sleep 0.05
+        done
     fi
     install_packages
     mkdir -p "$BASE"
@@ -245,6 +267,7 @@ up() {
     for port in "$IMAP_PORT" "$IMAPS_PORT" "$LMTP_PORT" "$SMTP_PORT" "$SMTPS_PORT"; do
         wait_port "$port"
     done
+    echo "$VERSION" >"$BASE/version"
     log "dovecot and postfix started (IMAP $IMAP_PORT, IMAPS $IMAPS_PORT, SMTP $SMTP_PORT, SMTPS $SMTPS_PORT)"
 }
 

@@ -552,3 +552,44 @@ fn the_email_benchmark_prints_json() {
     assert_eq!(report["answer"]["answered"], 2);
     assert!(report["answer"]["latency"]["p95_ms"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn a_server_without_idle_is_polled() {
+    let help = user("poll");
+    let ana = user("ana");
+    let dir = tempfile::tempdir().unwrap();
+    // On 127.0.0.2 the test server offers no IDLE; STARTTLS on the plain port.
+    let config = dir.path().join("stele.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[email.mailboxes]]\nimap_url = \"imap://{help}:secret@127.0.0.2:11143/INBOX\"\n\
+             smtp_url = \"smtp://{help}:secret@localhost:11025\"\nfrom = \"{help}@localhost\"\n\
+             ca_file = \"{}/certs/ca.pem\"\npoll_interval = \"1s\"\n",
+            base()
+        ),
+    )
+    .unwrap();
+    let data_dir = dir.path().join("data").display().to_string();
+    let config = config.display().to_string();
+    let (mut child, output) = node(&["up", "--data-dir", &data_dir, "--config", &config], &[]);
+    for n in 0..3 {
+        send(
+            &address(&ana),
+            &address(&help),
+            &format!("question {n}"),
+            "Are you open?",
+            &[],
+        );
+        wait_for(&ana, n + 1);
+    }
+    terminate(&mut child);
+    let log = output.lock().unwrap().concat();
+    assert!(
+        log.contains("the IMAP server has no IDLE: polling"),
+        "{log}"
+    );
+    let lines = events(&["--data-dir", &data_dir]);
+    assert_eq!(count(&lines, "MessageReceived"), 3);
+    assert_eq!(count(&lines, "ReplyDelivered"), 3);
+}

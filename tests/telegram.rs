@@ -623,3 +623,179 @@ fn dropped_connections_and_server_errors_are_retried_and_recorded() {
         .count();
     assert_eq!(delivered, 1);
 }
+
+/// A message with a document, as Telegram sends it.
+fn document(
+    chat: i64,
+    message_id: i64,
+    file_id: &str,
+    name: &str,
+    size: u64,
+    caption: &str,
+) -> Value {
+    json!({ "raw": { "message": {
+        "message_id": message_id, "date": 1_700_000_000,
+        "chat": { "id": chat, "type": "private", "first_name": "Tester" },
+        "from": { "id": chat, "is_bot": false, "first_name": "Tester" },
+        "caption": caption,
+        "document": { "file_id": file_id, "file_unique_id": format!("u-{file_id}"),
+                      "file_name": name, "mime_type": "text/plain", "file_size": size }
+    } } })
+}
+
+#[test]
+fn files_are_fetched_kept_sealed_and_exported_and_those_too_big_are_refused_politely() {
+    use base64::Engine;
+    let bot = FakeBot::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().display().to_string();
+    let (mut child, output) = node(&bot, &["up", "--data-dir", &data_dir], &[]);
+    let notes = "Meeting notes: the blue heron budget is 4,200 euros.";
+    let encoded = base64::engine::general_purpose::STANDARD.encode(notes);
+    bot.post(
+        "/_test/file",
+        json!({ "file_id": "notes-1", "base64": encoded }),
+    );
+
+    // A text file goes to the workflow with its content; the answer (an echo) shows it.
+    bot.post(
+        "/_test/update",
+        document(
+            31,
+            501,
+            "notes-1",
+            "notes.txt",
+            notes.len() as u64,
+            "What does it say?",
+        ),
+    );
+    let answer = bot.wait_for(31, "blue heron");
+    assert!(
+        answer.contains("Attached: notes.txt (text/plain"),
+        "{answer}"
+    );
+    assert!(!bot.calls("getFile").is_empty());
+
+    // Over Telegram's 20 MB: not fetched, recorded with why, and the person is told.
+    bot.post(
+        "/_test/update",
+        document(
+            31,
+            502,
+            "huge-1",
+            "huge.txt",
+            30 * 1024 * 1024,
+            "and this one?",
+        ),
+    );
+    let told = bot.wait_for(31, "I could not keep what you sent");
+    assert!(
+        told.contains("huge.txt: over Telegram's limit of 20 MB"),
+        "{told}"
+    );
+    // A file Telegram will not give (an unknown id): the same, and the caption is still answered.
+    bot.post(
+        "/_test/update",
+        document(31, 503, "gone-1", "gone.txt", 10, "the last one"),
+    );
+    let told = bot.wait_for(31, "gone.txt: Telegram did not give it");
+    assert!(told.contains("I could not keep"), "{told}");
+    bot.wait_for(31, "the last one");
+    let fetched: Vec<Value> = bot
+        .calls("getFile")
+        .into_iter()
+        .filter(|c| c["params"]["file_id"] == "huge-1")
+        .collect();
+    assert!(fetched.is_empty(), "a file over the limit is not asked for");
+
+    terminate(&mut child);
+    // Kept sealed: the file's text is nowhere in the store's files nor in the log, but it is in
+    // the person's export.
+    let mut folders = vec![dir.path().to_path_buf()];
+    let mut files = 0;
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                folders.push(path);
+                continue;
+            }
+            files += 1;
+            let bytes = std::fs::read(&path).unwrap();
+            let plain = bytes.windows(10).any(|w| w == b"blue heron");
+            assert!(!plain, "{} holds the file's text", path.display());
+        }
+    }
+    assert!(files > 0);
+    assert!(!output.lock().unwrap().concat().contains("blue heron"));
+    let export = run(&["subjects", "export", "telegram:31", "--data-dir", &data_dir]);
+    assert!(export.status.success(), "{}", stderr(&export));
+    let bundle: Value = serde_json::from_slice(&export.stdout).unwrap();
+    let files = bundle["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files[0]["content_base64"], encoded);
+    let received = bundle.to_string();
+    assert!(
+        received.contains("over Telegram's limit of 20 MB"),
+        "the reason is recorded"
+    );
+}
+
+#[test]
+fn a_chat_switches_between_the_models_its_roles_allow() {
+    let bot = FakeBot::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The shipped roles, with a second model for vox.
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/agents.toml"))
+            .unwrap();
+    let two = r#"route = ["scripted/vox", "scripted/vox-large"]"#;
+    let models = shipped.replace(r#"route = ["scripted/vox"]"#, two);
+    assert!(models.contains(two));
+    let models_file = dir.path().join("agents.toml");
+    std::fs::write(&models_file, models).unwrap();
+    let data_dir = dir.path().join("data").display().to_string();
+    let models_path = models_file.display().to_string();
+    let (mut child, _output) = node(
+        &bot,
+        &["up", "--data-dir", &data_dir],
+        &[("STELE_MODELS", &models_path)],
+    );
+
+    bot.say(55, 55, "/models");
+    let list = bot.wait_for(55, "The assistants you can use");
+    assert!(
+        list.contains("vox — ") && list.contains("scripted/vox → scripted/vox-large"),
+        "{list}"
+    );
+    bot.say(55, 55, "/models vox openai/gpt-4o");
+    bot.wait_for(55, "vox cannot use openai/gpt-4o");
+    bot.say(55, 55, "/models nobody scripted/vox");
+    bot.wait_for(55, "There is no assistant nobody");
+    bot.say(55, 55, "/models vox scripted/vox-large");
+    bot.wait_for(
+        55,
+        "From now on vox answers you with scripted/vox-large first",
+    );
+    bot.say(55, 55, "which model are you?");
+    let answer = bot.wait_for(55, "which model are you?");
+    assert!(answer.starts_with("[vox-large]"), "{answer}");
+    bot.say(55, 55, "/models");
+    bot.wait_for(55, "scripted/vox-large (chosen)");
+    // Another chat keeps the role's own order.
+    bot.say(56, 56, "and you?");
+    assert!(bot.wait_for(56, "and you?").starts_with("[vox]"));
+    bot.say(55, 55, "/models vox default");
+    bot.wait_for(55, "vox is back to its own models");
+    bot.say(55, 55, "and now?");
+    assert!(bot.wait_for(55, "and now?").starts_with("[vox]"));
+
+    terminate(&mut child);
+    let events = run(&["events", "tail", "--data-dir", &data_dir]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    let chosen = events
+        .lines()
+        .filter(|l| l.contains("\"ModelChosen\""))
+        .count();
+    assert_eq!(chosen, 2, "the switch and the switch back are recorded");
+}

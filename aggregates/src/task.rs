@@ -7,6 +7,7 @@
 //!     └── Cancel (pending, routing, executing) ─────────────────────────► cancelled
 //! ```
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use cqrs_es::event_sink::EventSink;
@@ -166,6 +167,8 @@ pub enum TaskCommand {
         /// The conversation message the task answers, when it came from a channel: the run's
         /// replies go back to that conversation.
         origin: Option<Origin>,
+        /// Models the requester chose, by agent role (`provider/model`), tried first for it.
+        models: BTreeMap<String, String>,
     },
     StartRouting,
     /// The workflow that will run it, and the run.
@@ -184,6 +187,9 @@ pub enum TaskCommand {
     },
 }
 
+// Events are made once, moved into the log and dropped: boxing the large variant would save
+// nothing worth its indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum TaskEvent {
@@ -201,6 +207,9 @@ pub enum TaskEvent {
         /// The conversation message it answers (absent for tasks not asked for in one).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         origin: Option<Origin>,
+        /// Models the requester chose, by agent role (absent when none).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        models: BTreeMap<String, String>,
     },
     TaskRoutingStarted,
     TaskRouted {
@@ -263,6 +272,9 @@ pub struct Task {
     /// The conversation message the task answers, if it came from one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// Models the requester chose, by agent role.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, String>,
     pub run_id: Option<RunId>,
     pub result: Option<Personal<Value>>,
     pub error: Option<Personal<String>>,
@@ -302,6 +314,7 @@ impl Aggregate for Task {
                     subject,
                     workflow,
                     origin,
+                    models,
                 },
                 _,
             ) => TaskEvent::TaskCreated {
@@ -311,6 +324,7 @@ impl Aggregate for Task {
                 subject,
                 workflow,
                 origin,
+                models,
             },
             (TaskCommand::StartRouting, Pending) => TaskEvent::TaskRoutingStarted,
             (TaskCommand::StartRouting, _) => return Err(self.refuse("start routing")),
@@ -344,9 +358,11 @@ impl Aggregate for Task {
                 channel,
                 workflow,
                 origin,
+                models,
             } => {
                 self.status = TaskStatus::Pending;
                 self.origin = origin;
+                self.models = models;
                 self.subject = subject;
                 self.input = input;
                 self.requester = requester.into_value();
@@ -397,6 +413,7 @@ mod tests {
             channel: Some(Channel::TELEGRAM),
             workflow: None,
             origin: None,
+            models: BTreeMap::new(),
         }
     }
 
@@ -417,6 +434,7 @@ mod tests {
                 subject: Some("s-42".into()),
                 workflow: None,
                 origin: None,
+                models: BTreeMap::new(),
             })
             .then_expect_events(vec![created()]);
     }
@@ -461,6 +479,7 @@ mod tests {
                 subject: Some("s-42".into()),
                 workflow: None,
                 origin: None,
+                models: BTreeMap::new(),
             })
             .then_expect_error(TaskError::AlreadyCreated);
     }

@@ -94,6 +94,9 @@ pub struct WorkflowRun {
     pub version: u32,
     pub input: Value,
     pub parent: Option<ParentLink>,
+    /// Models chosen for the run, by agent role.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, String>,
     pub steps: BTreeMap<StepId, StepState>,
     /// Steps in the order they were entered (a step entered again, by a loop, appears again).
     pub path: Vec<StepId>,
@@ -173,6 +176,7 @@ impl WorkflowRun {
                 version,
                 input,
                 parent,
+                models,
                 ..
             } => {
                 if self.status != RunStatus::New {
@@ -186,6 +190,7 @@ impl WorkflowRun {
                     workflow,
                     version,
                     parent,
+                    models,
                 }]
             }
             RunCommand::RecordStep {
@@ -412,8 +417,10 @@ impl Aggregate for WorkflowRun {
                 version,
                 input,
                 parent,
+                models,
             } => {
                 self.status = RunStatus::Running;
+                self.models = models;
                 self.run_id = run_id;
                 self.task_id = task_id;
                 self.subject = subject;

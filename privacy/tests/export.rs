@@ -86,6 +86,7 @@ fn the_bundle_keeps_its_format() {
                 subject: Some(ana.clone()),
                 workflow: Some("assistant".into()),
                 origin: None,
+                models: Default::default(),
             },
             TaskCommand::Route {
                 workflow: "assistant".into(),

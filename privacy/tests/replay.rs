@@ -57,6 +57,7 @@ async fn replayed(store: &Store, subject: Option<&str>, input: &str, steps: &[St
         subject: subject.map(str::to_owned),
         workflow: None,
         origin: None,
+        models: Default::default(),
     };
     bus.execute(&id, create, CommandMeta::new("t", "t"))
         .await

@@ -54,6 +54,7 @@ async fn create(store: &Store, task_id: &str, user: &str, channel: &str, workflo
         subject: Some(format!("subject-{user}")),
         workflow: workflow.map(str::to_owned),
         origin: None,
+        models: Default::default(),
     };
     command(store, task_id, create).await;
 }

@@ -303,6 +303,7 @@ async fn export_and_erase(
                         subject: Some(person.clone()),
                         workflow: None,
                         origin: None,
+                        models: Default::default(),
                     },
                     TaskCommand::StartRouting,
                     TaskCommand::Route {

@@ -13,11 +13,13 @@ Test control (JSON bodies):
   POST /_test/fail    {"method": "sendMessage", "chat_id": 9, "times": 2, "error_code": 429,
                        "description": "Too Many Requests: retry after 1", "retry_after": 1}
                       or {"method": "sendMessage", "times": 1, "drop": true} (connection closed)
+  POST /_test/file    {"file_id": "f1", "base64": "..."}: a file getFile and downloads serve
   POST /_test/clear   no more failures
   GET  /_test/calls   every API call so far: [{"method", "params", "t", "ok"}] (ok: answered ok)
   GET  /_test/pending updates not confirmed yet
 Usage: fake_telegram.py PORT   (prints "ready" once listening)
 """
+import base64
 import email.parser
 import email.policy
 import json
@@ -198,6 +200,10 @@ class Handler(BaseHTTPRequestHandler):
                 updates.append(raw)
                 lock.notify_all()
             return self.reply(200, {"ok": True, "update_id": raw["update_id"]})
+        if path == "/_test/file":
+            with lock:
+                files[p["file_id"]] = base64.b64decode(p["base64"])
+            return self.reply(200, {"ok": True})
         if path == "/_test/fail":
             with lock:
                 failures.append(dict(p, times=int(p.get("times", 1))))
@@ -216,7 +222,8 @@ class Handler(BaseHTTPRequestHandler):
             with lock:
                 return self.reply(200, updates)
         if path.startswith("/file/bot"):
-            fid = path.rsplit("/", 1)[1]
+            # (teloxide sends the file path as one segment: its slashes come as %2F.)
+            fid = urllib.parse.unquote(path).rsplit("/", 1)[1]
             with lock:
                 content = files.get(fid)
             if content is None:

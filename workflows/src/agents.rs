@@ -98,6 +98,11 @@ impl Agents for ModelAgents {
         let Some(role) = self.router.agent(&role_name) else {
             return fail(format!("unknown agent {role_name}"), calls);
         };
+        if overrides.route.is_none() {
+            if let Some(chosen) = request.models.get(&role_name) {
+                overrides.route = chosen_first(&role.route, chosen);
+            }
+        }
         // Tools the role lists but no runtime registered are not offered.
         overrides.tools = role
             .tools
@@ -196,4 +201,19 @@ fn truncate(text: &str, max: usize) -> &str {
         Some((i, _)) => &text[..i],
         None => text,
     }
+}
+/// The role's route with the model its requester chose first, the others after it as fallbacks;
+/// `None` (the route as configured) when the choice is not one of the route's models.
+fn chosen_first(route: &[ModelRoute], chosen: &str) -> Option<Vec<ModelRoute>> {
+    let at = route.iter().position(|entry| entry.to_string() == chosen);
+    if at.is_none() {
+        tracing::warn!(
+            chosen,
+            "a chosen model is not in its role's route: not used"
+        );
+    }
+    let mut route = route.to_vec();
+    let entry = route.remove(at?);
+    route.insert(0, entry);
+    Some(route)
 }

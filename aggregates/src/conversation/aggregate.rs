@@ -43,6 +43,9 @@ pub struct Conversation {
     /// since the conversation was last closed (0 in its first session).
     #[serde(default)]
     pub session_start: u64,
+    /// The models chosen for its tasks, by agent role (`provider/model`).
+    #[serde(default)]
+    pub models: BTreeMap<String, String>,
 }
 
 impl Conversation {
@@ -388,6 +391,15 @@ impl Conversation {
                     cause: ReopenCause::Requested { reason },
                 },
             },
+            C::ChooseModel { role, model } => {
+                require_id("role", &role)?;
+                self.require_opened()?;
+                let model = model.filter(|m| !m.trim().is_empty());
+                if self.models.get(&role) == model.as_ref() {
+                    return Ok(Vec::new());
+                }
+                E::ModelChosen { role, model }
+            }
         };
         Ok(vec![event])
     }
@@ -587,6 +599,14 @@ impl Aggregate for Conversation {
                 self.status = ConversationStatus::Open;
                 self.close_reason = None;
             }
+            ConversationEvent::ModelChosen { role, model } => match model {
+                Some(model) => {
+                    self.models.insert(role, model);
+                }
+                None => {
+                    self.models.remove(&role);
+                }
+            },
         }
     }
 }

@@ -148,6 +148,7 @@ fn attachment() -> Attachment {
         content_type: "image/png".into(),
         size: 48_213,
         digest: Some("sha256:ab12".into()),
+        not_kept: None,
     }
 }
 
@@ -1311,4 +1312,41 @@ fn a_persons_words_are_theirs_and_read_erased_once_they_are() {
     assert_eq!(conversation.messages[0].text, "[erased]");
     assert!(conversation.messages[0].attachments.is_empty());
     assert_eq!(conversation.messages[0].seq, 1);
+}
+
+#[test]
+fn a_model_is_chosen_per_role_once_and_unchosen() {
+    let choose = |model: Option<&str>| C::ChooseModel {
+        role: "vox".into(),
+        model: model.map(str::to_owned),
+    };
+    let chosen = |model: Option<&str>| E::ModelChosen {
+        role: "vox".into(),
+        model: model.map(str::to_owned),
+    };
+    Given::with(())
+        .given_no_previous_events()
+        .when(choose(Some("local/small")))
+        .then_expect_error(ConversationError::NotOpened);
+    Given::with(())
+        .given(vec![opened()])
+        .when(choose(Some("local/small")))
+        .then_expect_events(vec![chosen(Some("local/small"))]);
+    Given::with(())
+        .given(vec![opened(), chosen(Some("local/small"))])
+        .when(choose(Some("local/small")))
+        .then_expect_events(vec![]);
+    Given::with(())
+        .given(vec![opened()])
+        .when(choose(None))
+        .then_expect_events(vec![]);
+    let conversation = fold([opened(), chosen(Some("local/small"))]);
+    assert_eq!(conversation.models["vox"], "local/small");
+    let conversation = fold([
+        opened(),
+        chosen(Some("local/small")),
+        closed(),
+        chosen(None),
+    ]);
+    assert!(conversation.models.is_empty());
 }

@@ -108,6 +108,9 @@ pub struct Attachment {
     pub size: u64,
     /// A content digest such as `sha256:…`, when the adapter computed one.
     pub digest: Option<String>,
+    /// Why the file's bytes were not kept (over a size limit, could not be fetched), when so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_kept: Option<String>,
 }
 
 /// Why a closed conversation was reopened.
@@ -253,6 +256,14 @@ pub enum ConversationCommand {
         /// Why.
         reason: String,
     },
+    /// The model the conversation's tasks try first for an agent role (`provider/model`), or
+    /// (`None`) the role's own route again. Choosing what is chosen already is a no-op.
+    ChooseModel {
+        /// The agent role.
+        role: String,
+        /// The model, `provider/model`.
+        model: Option<String>,
+    },
 }
 
 /// What happened to a conversation.
@@ -379,6 +390,13 @@ pub enum ConversationEvent {
         /// What reopened it.
         cause: ReopenCause,
     },
+    /// A model was chosen for an agent role (or, `None`, the role's own route again).
+    ModelChosen {
+        /// The agent role.
+        role: String,
+        /// The model, `provider/model`.
+        model: Option<String>,
+    },
 }
 
 impl DomainEvent for ConversationEvent {
@@ -395,6 +413,7 @@ impl DomainEvent for ConversationEvent {
             ConversationEvent::MessageQuarantined { .. } => "MessageQuarantined",
             ConversationEvent::ConversationClosed { .. } => "ConversationClosed",
             ConversationEvent::ConversationReopened { .. } => "ConversationReopened",
+            ConversationEvent::ModelChosen { .. } => "ModelChosen",
         }
         .to_owned()
     }

@@ -78,6 +78,7 @@ fn started() -> RunEvent {
         version: 1,
         input: Personal::plain(json!("hello")),
         parent: None,
+        models: Default::default(),
     }
 }
 
@@ -136,6 +137,7 @@ fn starting_records_the_start_and_the_first_step() {
             version: 1,
             input: json!("hello"),
             parent: None,
+            models: Default::default(),
             now: now(),
         })
         .then_expect_events(vec![started(), scheduled("a", 1)]);
@@ -300,6 +302,7 @@ fn finished_runs_refuse_commands_and_cancel_once() {
             version: 1,
             input: json!(null),
             parent: None,
+            models: Default::default(),
             now: now(),
         })
         .then_expect_error(RunError::AlreadyStarted);
@@ -376,6 +379,7 @@ fn a_persons_run_records_their_data_as_theirs() {
         version: 1,
         input: Personal::of("s-1", json!("hello")),
         parent: None,
+        models: Default::default(),
     });
     let recorded = run.facts(record(
         "a",
@@ -397,6 +401,7 @@ fn a_persons_run_records_their_data_as_theirs() {
             subject: "s-1".into(),
         },
         parent: None,
+        models: Default::default(),
     });
     assert_eq!(erased.input, json!("[erased]"));
 }

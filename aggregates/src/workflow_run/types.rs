@@ -1,6 +1,8 @@
 //! The workflow run's vocabulary: its commands, events, statuses, the actions a [`Decider`]
 //! returns, and its errors. The aggregate (state, `handle`, `apply`) is in the parent module.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
@@ -178,6 +180,8 @@ pub enum RunCommand {
         version: u32,
         input: Value,
         parent: Option<ParentLink>,
+        /// Models chosen for the run, by agent role (`provider/model`), tried first for it.
+        models: BTreeMap<String, String>,
         now: DateTime<Utc>,
     },
     /// A step worker reports an attempt.
@@ -232,6 +236,9 @@ pub enum RunEvent {
         version: u32,
         input: Personal<Value>,
         parent: Option<ParentLink>,
+        /// Models chosen for the run, by agent role (absent when none).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        models: BTreeMap<String, String>,
     },
     StepScheduled {
         step: StepId,

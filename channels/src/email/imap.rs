@@ -79,7 +79,8 @@ impl Email {
         let hold = Hold::new(&self.pool, &name, &owner, Duration::from_secs(60)).await?;
         tokio::pin!(stopped);
         let mut backoff = Duration::from_millis(500);
-        let mut session: Option<Session> = None;
+        // The session, and whether its server offers IDLE.
+        let mut session: Option<(Session, bool)> = None;
         loop {
             let step = async {
                 match hold.acquire().await {
@@ -91,12 +92,12 @@ impl Email {
                     }
                     Err(e) => anyhow::bail!("taking the mailbox's hold: {e}"),
                 }
-                let mut current = match session.take() {
+                let (mut current, idle) = match session.take() {
                     Some(current) => current,
                     None => self.connect(mailbox).await?,
                 };
                 self.sync(mailbox, &mut current).await?;
-                session = Some(self.wait(mailbox, current).await?);
+                session = Some((self.wait(mailbox, current, idle).await?, idle));
                 Ok(())
             };
             tokio::select! {
@@ -115,7 +116,7 @@ impl Email {
                 }
             }
         }
-        if let Some(mut session) = session {
+        if let Some((mut session, _)) = session {
             let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
         }
         if let Err(e) = hold.release().await {
@@ -124,8 +125,9 @@ impl Email {
         Ok(())
     }
 
-    /// Logs in over TLS (IMAPS, or STARTTLS on a plain connection) and selects the folder.
-    async fn connect(&self, mailbox: &Configured) -> anyhow::Result<Session> {
+    /// Logs in over TLS (IMAPS, or STARTTLS on a plain connection) and selects the folder; the
+    /// session, and whether the server offers IDLE.
+    async fn connect(&self, mailbox: &Configured) -> anyhow::Result<(Session, bool)> {
         let target = &mailbox.imap;
         let tcp = tokio::time::timeout(
             Duration::from_secs(30),
@@ -168,7 +170,15 @@ impl Email {
             let _ = session.create(folder).await;
         }
         session.select(&target.folder).await?;
-        Ok(session)
+        let idle = session.capabilities().await?.has_str("IDLE");
+        if !idle {
+            tracing::info!(
+                mailbox = %mailbox.config.name,
+                every = ?mailbox.config.poll_interval,
+                "the IMAP server has no IDLE: polling"
+            );
+        }
+        Ok((session, idle))
     }
 
     /// Records what is new since the cursor.
@@ -280,8 +290,12 @@ impl Email {
 
     /// Waits for news: IDLE for up to `idle_timeout` where the server has it, else a poll
     /// interval. Returns the session for the next round.
-    async fn wait(&self, mailbox: &Configured, mut session: Session) -> anyhow::Result<Session> {
-        let idle = session.capabilities().await?.has_str("IDLE");
+    async fn wait(
+        &self,
+        mailbox: &Configured,
+        session: Session,
+        idle: bool,
+    ) -> anyhow::Result<Session> {
         if !idle {
             tokio::time::sleep(mailbox.config.poll_interval).await;
             return Ok(session);
@@ -404,13 +418,16 @@ impl Email {
         let mut attachments = mail.attachments.clone();
         for (attachment, bytes) in attachments.iter_mut().zip(&mail.files) {
             attachment.digest = self.keep(sender, bytes, &attachment.content_type).await?;
+            attachment.not_kept = attachment.digest.is_none().then(over_the_limit);
         }
         if !raw.is_empty() {
+            let digest = self.keep(sender, raw, "message/rfc822").await?;
             attachments.push(Attachment {
                 name: "original.eml".into(),
                 content_type: "message/rfc822".into(),
                 size: raw.len() as u64,
-                digest: self.keep(sender, raw, "message/rfc822").await?,
+                not_kept: digest.is_none().then(over_the_limit),
+                digest,
             });
         }
         let receive = ConversationCommand::ReceiveMessage {
@@ -640,6 +657,14 @@ fn subject_token(subject: &str) -> Option<&str> {
     let end = start + subject[start..].find(']')?;
     let token = &subject[start..end];
     (token.len() == 16 && token.bytes().all(|b| b.is_ascii_hexdigit())).then_some(token)
+}
+
+/// Why a file over [`stele_privacy::blobs::MAX_BLOB_BYTES`] has no digest.
+fn over_the_limit() -> String {
+    format!(
+        "over the limit of {} MiB for a kept file",
+        stele_privacy::blobs::MAX_BLOB_BYTES / (1024 * 1024)
+    )
 }
 
 #[cfg(test)]

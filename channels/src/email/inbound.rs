@@ -78,7 +78,14 @@ impl Email {
         let workflow = Some(mailbox.config.workflow.clone());
         match self
             .runtime
-            .create_task_from(input, requester, workflow, Some(origin), meta)
+            .create_task_from(
+                input,
+                requester,
+                workflow,
+                Some(origin),
+                Default::default(),
+                meta,
+            )
             .await
         {
             Ok(_) => Ok(Done::Complete),

@@ -195,6 +195,7 @@ pub fn parse(raw: &[u8], own: &Own) -> Result<Mail, Malformed> {
                 .unwrap_or_else(|| "application/octet-stream".into()),
             size: part.contents().len() as u64,
             digest: Some(format!("sha256:{}", digest(part.contents(), 64))),
+            not_kept: None,
         })
         .collect();
     let files = message

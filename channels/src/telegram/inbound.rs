@@ -3,8 +3,12 @@
 //! replies come back here. Every answer is a queued reply (recorded, delivered by the outbox);
 //! every id is derived from the message, so a repeated job does nothing twice.
 
+use std::collections::BTreeMap;
 use stele_aggregates::channel::Channel;
-use stele_aggregates::conversation::{ConversationCommand, ConversationError, MessageDirection};
+
+use stele_aggregates::conversation::{
+    Conversation, ConversationCommand, ConversationError, MessageDirection,
+};
 use stele_aggregates::task::{Origin, Requester, TaskInput};
 use stele_engine::queue::worker::{Done, HandlerError, HandlerResult};
 use stele_engine::queue::{Job, JobState};
@@ -27,6 +31,8 @@ const TASK_NAMESPACE: Uuid = Uuid::from_u128(0x7a41_0e5c_93b8_4d2f_a6e1_58c4_0d9
 const HISTORY_MESSAGES: usize = 6;
 /// At most this many characters of them.
 const HISTORY_CHARS: usize = 2_000;
+/// At most this many characters of a message's text files go with it to its workflow.
+const FILE_TEXT_CHARS: usize = 8_000;
 
 impl Telegram {
     pub(super) async fn on_inbound(&self, job: Job) -> HandlerResult {
@@ -61,6 +67,7 @@ impl Telegram {
             telegram: self,
             conversation: &p.conversation,
             message_id: &p.message_id,
+            kind: "answer",
             text,
         };
         let access = self.access.load(ACCESS_LIST).await?.0;
@@ -83,6 +90,20 @@ impl Telegram {
             .await?;
             return Ok(Done::Complete);
         }
+        let not_kept: Vec<String> = message
+            .attachments
+            .iter()
+            .filter_map(|a| Some(format!("{}: {}", a.name, a.not_kept.as_ref()?)))
+            .collect();
+        if !not_kept.is_empty() {
+            let text = format!("I could not keep what you sent:\n{}", not_kept.join("\n"));
+            Answer {
+                kind: "files",
+                ..reply(text)
+            }
+            .send()
+            .await?;
+        }
         let username = self.username.get().map(String::as_str);
         let requester = Requester {
             user_id: user.clone(),
@@ -97,8 +118,11 @@ impl Telegram {
             format!("{}:{}", p.conversation, p.message_id).as_bytes(),
         ));
         let answer = match command_of(&message.text, username) {
-            None if message.text.trim().is_empty() => {
+            None if message.text.trim().is_empty() && message.attachments.is_empty() => {
                 "I can only read text for now: please write your message.".to_owned()
+            }
+            None if message.text.trim().is_empty() && not_kept.len() == message.attachments.len() => {
+                return Ok(Done::Complete);
             }
             None => {
                 // Typing while the answer is prepared (it shows for five seconds).
@@ -106,9 +130,11 @@ impl Telegram {
                     .bot
                     .send_chat_action(ChatId(chat), teloxide::types::ChatAction::Typing)
                     .await;
-                let input = with_history(&conversation, &message);
+                let mut input = with_history(&conversation, &message);
+                input.push_str(&self.files_text(&subject, &message).await);
+                let models = conversation.models.clone();
                 return self
-                    .start_task(input, requester, None, origin, task_meta)
+                    .start_task(input, requester, None, origin, models, task_meta)
                     .await;
             }
             Some(Command::NewTask(what)) if what.trim().is_empty() => {
@@ -116,8 +142,9 @@ impl Telegram {
             }
             Some(Command::NewTask(what)) => {
                 let pipeline = Some(self.config.pipeline.clone());
+                let models = conversation.models.clone();
                 return self
-                    .start_task(what, requester, pipeline, origin, task_meta)
+                    .start_task(what, requester, pipeline, origin, models, task_meta)
                     .await;
             }
             Some(Command::Start) => {
@@ -137,7 +164,10 @@ impl Telegram {
             ),
             Some(Command::Status) => self.status(&subject, &p.conversation).await?,
             Some(Command::Cancel) => self.cancel_latest(&subject, &p.conversation, &user).await?,
-            Some(Command::Models) => self.models(),
+            Some(Command::Models(arguments)) => {
+                self.models(&conversation, &p.conversation, &p.message_id, &arguments, &user)
+                    .await?
+            }
             Some(Command::Reset) => {
                 reply("Done: we start afresh. What can I do for you?".into())
                     .send()
@@ -190,12 +220,14 @@ impl Telegram {
         requester: Requester,
         workflow: Option<String>,
         origin: Origin,
+        models: BTreeMap<String, String>,
         meta: CommandMeta,
     ) -> anyhow::Result<Done> {
         let reply = |text: String| Answer {
             telegram: self,
             conversation: &origin.conversation,
             message_id: &origin.message,
+            kind: "answer",
             text,
         };
         let input = match TaskInput::parse(&input) {
@@ -210,7 +242,14 @@ impl Telegram {
         let workflow = workflow.or_else(|| Some(self.config.workflow.clone()));
         match self
             .runtime
-            .create_task_from(input, requester, workflow, Some(origin.clone()), meta)
+            .create_task_from(
+                input,
+                requester,
+                workflow,
+                Some(origin.clone()),
+                models,
+                meta,
+            )
             .await
         {
             Ok(_) => Ok(Done::Complete),
@@ -328,18 +367,120 @@ impl Telegram {
         }
     }
 
-    fn models(&self) -> String {
+    /// `/models`: the roles this chat may use with their models (the chosen one marked); with
+    /// `ROLE MODEL`, that model first for the role in this chat's tasks from now on (recorded);
+    /// with `ROLE default`, the role's own order again.
+    async fn models(
+        &self,
+        conversation: &Conversation,
+        conversation_id: &str,
+        message_id: &str,
+        arguments: &str,
+        user: &str,
+    ) -> anyhow::Result<String> {
         if self.roles.is_empty() {
-            return "No assistant is configured.".into();
+            return Ok("No assistant is configured.".into());
         }
-        let mut text = String::from("The assistants you can use, and their models:\n");
-        for role in &self.roles {
-            text.push_str(&format!(
-                "• {} — {} ({})\n",
-                role.role,
-                role.description,
-                role.models.join(" → ")
+        let words: Vec<&str> = arguments.split_whitespace().collect();
+        let (role, model) = match words[..] {
+            [] => {
+                let mut text = String::from("The assistants you can use, and their models:\n");
+                for role in &self.roles {
+                    let chosen = conversation.models.get(&role.role);
+                    let models: Vec<String> = role
+                        .models
+                        .iter()
+                        .map(|m| match chosen {
+                            Some(c) if c == m => format!("{m} (chosen)"),
+                            _ => m.clone(),
+                        })
+                        .collect();
+                    text.push_str(&format!(
+                        "• {} — {} ({})\n",
+                        role.role,
+                        role.description,
+                        models.join(" → ")
+                    ));
+                }
+                text.push_str("\nTo switch: /models ROLE MODEL (back with /models ROLE default).");
+                return Ok(text);
+            }
+            [role, model] => (role, model),
+            _ => {
+                return Ok("Write /models ROLE MODEL, for example /models vox local/small.".into())
+            }
+        };
+        let Some(known) = self.roles.iter().find(|r| r.role == role) else {
+            let names: Vec<&str> = self.roles.iter().map(|r| r.role.as_str()).collect();
+            return Ok(format!(
+                "There is no assistant {role}. The assistants: {}.",
+                names.join(", ")
             ));
+        };
+        let model = if model.eq_ignore_ascii_case("default") {
+            None
+        } else if known.models.iter().any(|m| m == model) {
+            Some(model.to_owned())
+        } else {
+            return Ok(format!(
+                "{role} cannot use {model}. Its models: {}.",
+                known.models.join(", ")
+            ));
+        };
+        let answer = match &model {
+            Some(model) => format!("From now on {role} answers you with {model} first."),
+            None => format!(
+                "{role} is back to its own models ({}).",
+                known.models.join(" → ")
+            ),
+        };
+        let choose = ConversationCommand::ChooseModel {
+            role: role.to_owned(),
+            model,
+        };
+        let meta = CommandMeta::new("telegram", user).with_command_id(derived(
+            conversation_id,
+            message_id,
+            "models",
+        ));
+        self.conversations
+            .execute(conversation_id, choose, meta)
+            .await?;
+        Ok(answer)
+    }
+
+    /// What the task learns of a message's files: each one's name, type and size, and the
+    /// content of text files (at most [`FILE_TEXT_CHARS`] characters in all).
+    async fn files_text(
+        &self,
+        subject: &str,
+        message: &stele_aggregates::conversation::Message,
+    ) -> String {
+        let mut text = String::new();
+        let mut budget = FILE_TEXT_CHARS;
+        for file in &message.attachments {
+            text.push_str(&format!(
+                "\n\nAttached: {} ({}, {} bytes)",
+                file.name, file.content_type, file.size
+            ));
+            let readable =
+                file.content_type.starts_with("text/") || file.content_type == "application/json";
+            let Some(digest) = file.digest.as_deref().filter(|_| readable && budget > 0) else {
+                continue;
+            };
+            match self.subjects.blobs().get(subject, digest).await {
+                Ok(Some((_, bytes))) => {
+                    let content: String = String::from_utf8_lossy(&bytes)
+                        .chars()
+                        .take(budget)
+                        .collect();
+                    budget -= content.chars().count();
+                    text.push_str(":\n");
+                    text.push_str(&content);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "an attached file could not be read"),
+            }
         }
         text
     }
@@ -414,18 +555,20 @@ fn derived(conversation: &str, message: &str, what: &str) -> Uuid {
     )
 }
 
-/// An answer to one inbound message, queued as a reply with an id derived from it.
+/// An answer to one inbound message, queued as a reply with an id derived from it and its kind
+/// (one of each kind per message).
 struct Answer<'a> {
     telegram: &'a Telegram,
     conversation: &'a str,
     message_id: &'a str,
+    kind: &'static str,
     text: String,
 }
 
 impl Answer<'_> {
     async fn send(self) -> anyhow::Result<()> {
         let command = ConversationCommand::QueueReply {
-            message_id: format!("{}-answer", self.message_id),
+            message_id: format!("{}-{}", self.message_id, self.kind),
             from: AGENT.to_owned(),
             text: self.text,
             attachments: Vec::new(),
@@ -435,7 +578,7 @@ impl Answer<'_> {
         let meta = CommandMeta::new("telegram", "system").with_command_id(derived(
             self.conversation,
             self.message_id,
-            "answer",
+            self.kind,
         ));
         match self
             .telegram

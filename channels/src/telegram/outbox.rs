@@ -81,9 +81,14 @@ pub struct Throttle {
     bot: DefaultDirectRateLimiter,
     chats: DefaultKeyedRateLimiter<i64>,
     groups: DefaultKeyedRateLimiter<i64>,
-    edits: DefaultKeyedRateLimiter<i64>,
+    /// When each chat's next edit may start: two seconds after the last one started and after it
+    /// was answered, so that a slow request cannot bring two edits closer at Telegram's end.
+    edits: Mutex<HashMap<i64, Instant>>,
     frozen: Mutex<HashMap<i64, Instant>>,
 }
+
+/// At most one edit per chat this often.
+const EDIT_EVERY: Duration = Duration::from_secs(2);
 
 fn per_second(n: u32) -> Quota {
     Quota::per_second(NonZeroU32::new(n.max(1)).expect("at least one"))
@@ -97,9 +102,7 @@ impl Throttle {
             bot: RateLimiter::direct(per_second(30)),
             chats: RateLimiter::keyed(per_second(1)),
             groups: RateLimiter::keyed(Quota::per_minute(NonZeroU32::new(20).expect("20"))),
-            edits: RateLimiter::keyed(
-                Quota::with_period(Duration::from_secs(2)).expect("a period above zero"),
-            ),
+            edits: Mutex::new(HashMap::new()),
             frozen: Mutex::new(HashMap::new()),
         }
     }
@@ -131,9 +134,33 @@ impl Throttle {
         if !self.on {
             return;
         }
-        self.edits.until_key_ready(&chat).await;
+        loop {
+            let wait = {
+                let mut edits = self.edits.lock().expect("not poisoned");
+                let now = Instant::now();
+                match edits.get(&chat) {
+                    Some(&next) if next > now => next,
+                    _ => {
+                        edits.retain(|_, next| *next > now);
+                        edits.insert(chat, now + EDIT_EVERY);
+                        break;
+                    }
+                }
+            };
+            tokio::time::sleep_until(wait.into()).await;
+        }
         self.chats.until_key_ready(&chat).await;
         self.bot.until_ready().await;
+    }
+
+    /// An edit of `chat` was answered: the next waits two seconds from now.
+    pub fn edited(&self, chat: i64) {
+        if self.on {
+            let next = Instant::now() + EDIT_EVERY;
+            let mut edits = self.edits.lock().expect("not poisoned");
+            let at = edits.entry(chat).or_insert(next);
+            *at = (*at).max(next);
+        }
     }
 
     async fn unfrozen(&self, chat: i64) {

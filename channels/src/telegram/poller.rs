@@ -10,9 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use futures::StreamExt;
 use serde_json::Value;
 use stele_aggregates::conversation::{
     Attachment, Channel, ConversationCommand, ConversationError, Participant,
@@ -20,9 +22,11 @@ use stele_aggregates::conversation::{
 use stele_aggregates::subject::Identifier;
 use stele_engine::projection::Hold;
 use stele_engine::{CommandError, CommandMeta};
+use stele_privacy::PrivacyError;
+use teloxide::net::Download;
 use teloxide::payloads::GetUpdatesSetters;
 use teloxide::prelude::Requester;
-use teloxide::types::{Message, Update, UpdateKind, User};
+use teloxide::types::{FileMeta, Message, Update, UpdateKind, User};
 use teloxide::RequestError;
 use uuid::Uuid;
 
@@ -34,8 +38,23 @@ pub(super) const AGENT: &str = "stele";
 /// Names the commands an update leads to, so a redelivered update repeats the same ids.
 const UPDATE_NAMESPACE: Uuid = Uuid::from_u128(0x5d8e_4c1a_7b2f_4e6a_9c3d_1f0b_2a4e_6c8d);
 
+/// The largest file a bot may fetch from Telegram: 20 MB.
+pub(super) const MAX_DOWNLOAD: u64 = 20 * 1024 * 1024;
+
+fn too_big() -> String {
+    "over Telegram's limit of 20 MB for the files a bot may fetch".into()
+}
+
 /// How long a poller waits before trying again after an error, at most.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What fetching a file gave.
+enum Fetched {
+    Bytes(Vec<u8>),
+    TooBig,
+    /// Telegram would not give it (why).
+    Refused(String),
+}
 
 /// An update as it came: read, or (its id and raw form) when Telegram's types do not read it.
 pub type Incoming = Result<Update, (i64, Value)>;
@@ -352,7 +371,7 @@ impl Telegram {
             external_id: message.id.0.to_string(),
             from: participant(&subject, from),
             text,
-            attachments: attachments_of(message),
+            attachments: self.fetch_files(message, &subject).await?,
             in_reply_to: message.reply_to_message().map(|m| m.id.0.to_string()),
             sent_at: Some(message.date),
             no_reply: None,
@@ -376,6 +395,74 @@ impl Telegram {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A message's files, each fetched and kept sealed with the sender's key (its digest
+    /// recorded), or recorded with why it was not: over Telegram's 20 MB limit for bots, refused
+    /// by Telegram, or not to be kept for that person. A network or server failure fails the
+    /// update, which is then read again.
+    async fn fetch_files(
+        &self,
+        message: &Message,
+        subject: &str,
+    ) -> anyhow::Result<Vec<Attachment>> {
+        let mut kept = Vec::new();
+        for (mut attachment, file) in files_of(message) {
+            let fetched = if attachment.size > MAX_DOWNLOAD {
+                Fetched::TooBig
+            } else {
+                self.download(&file)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("fetching a file from Telegram: {e}"))?
+            };
+            match fetched {
+                Fetched::Bytes(bytes) => {
+                    attachment.size = bytes.len() as u64;
+                    let blobs = self.subjects.blobs();
+                    match blobs.put(subject, &bytes, &attachment.content_type).await {
+                        Ok(digest) => attachment.digest = Some(digest),
+                        Err(PrivacyError::Malformed(why)) => attachment.not_kept = Some(why),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Fetched::TooBig => attachment.not_kept = Some(too_big()),
+                Fetched::Refused(why) => {
+                    attachment.not_kept = Some(format!("Telegram did not give it: {why}"))
+                }
+            }
+            kept.push(attachment);
+        }
+        Ok(kept)
+    }
+
+    /// A file's bytes, read up to [`MAX_DOWNLOAD`].
+    async fn download(&self, file: &FileMeta) -> Result<Fetched, RequestError> {
+        let found = match self.bot.get_file(file.id.clone()).await {
+            Ok(found) => found,
+            Err(RequestError::Api(refused)) => return Ok(Fetched::Refused(refused.to_string())),
+            Err(e) => return Err(e),
+        };
+        if u64::from(found.size) > MAX_DOWNLOAD {
+            return Ok(Fetched::TooBig);
+        }
+        let mut chunks = self.bot.download_file_stream(&found.path);
+        let mut bytes = Vec::with_capacity(found.size as usize);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => match e.status().filter(|s| s.is_client_error()) {
+                    Some(status) => {
+                        return Ok(Fetched::Refused(format!("the download answered {status}")))
+                    }
+                    None => return Err(RequestError::Network(Arc::new(e))),
+                },
+            };
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() as u64 > MAX_DOWNLOAD {
+                return Ok(Fetched::TooBig);
+            }
+        }
+        Ok(Fetched::Bytes(bytes))
     }
 
     async fn quarantine(
@@ -425,45 +512,47 @@ fn participant(subject: &str, user: &User) -> Participant {
     Participant::subject(subject, subject, Some(name), Some(user.id.0.to_string()))
 }
 
-/// What is known of a message's files (their bytes are not fetched here).
-fn attachments_of(message: &Message) -> Vec<Attachment> {
+/// What is known of a message's files, each with the id to fetch it by.
+fn files_of(message: &Message) -> Vec<(Attachment, FileMeta)> {
+    let file = |name: String, content_type: Option<String>, default: &str, meta: &FileMeta| {
+        let attachment = Attachment {
+            name,
+            content_type: content_type.unwrap_or_else(|| default.to_owned()),
+            size: u64::from(meta.size),
+            digest: None,
+            not_kept: None,
+        };
+        (attachment, meta.clone())
+    };
     let mut files = Vec::new();
-    if let Some(document) = message.document() {
-        files.push(Attachment {
-            name: document
-                .file_name
-                .clone()
-                .unwrap_or_else(|| "document".into()),
-            content_type: document
-                .mime_type
-                .as_ref()
-                .map(|m| m.to_string())
-                .unwrap_or_else(|| "application/octet-stream".into()),
-            size: document.file.size as u64,
-            digest: None,
-        });
+    if let Some(d) = message.document() {
+        let name = d.file_name.clone().unwrap_or_else(|| "document".into());
+        let kind = mime_of(d.mime_type.as_ref());
+        files.push(file(name, kind, "application/octet-stream", &d.file));
     }
-    if let Some(photo) = message.photo().and_then(|sizes| sizes.last()) {
-        files.push(Attachment {
-            name: "photo.jpg".into(),
-            content_type: "image/jpeg".into(),
-            size: photo.file.size as u64,
-            digest: None,
-        });
+    // The largest size of a photo.
+    if let Some(p) = message.photo().and_then(|sizes| sizes.last()) {
+        files.push(file("photo.jpg".into(), None, "image/jpeg", &p.file));
     }
-    if let Some(voice) = message.voice() {
-        files.push(Attachment {
-            name: "voice.ogg".into(),
-            content_type: voice
-                .mime_type
-                .as_ref()
-                .map(|m| m.to_string())
-                .unwrap_or_else(|| "audio/ogg".into()),
-            size: voice.file.size as u64,
-            digest: None,
-        });
+    if let Some(v) = message.voice() {
+        let kind = mime_of(v.mime_type.as_ref());
+        files.push(file("voice.ogg".into(), kind, "audio/ogg", &v.file));
+    }
+    if let Some(a) = message.audio() {
+        let name = a.file_name.clone().unwrap_or_else(|| "audio".into());
+        let kind = mime_of(a.mime_type.as_ref());
+        files.push(file(name, kind, "audio/mpeg", &a.file));
+    }
+    if let Some(v) = message.video() {
+        let name = v.file_name.clone().unwrap_or_else(|| "video.mp4".into());
+        let kind = mime_of(v.mime_type.as_ref());
+        files.push(file(name, kind, "video/mp4", &v.file));
     }
     files
+}
+
+fn mime_of(mime: Option<&impl ToString>) -> Option<String> {
+    mime.map(ToString::to_string)
 }
 
 /// A `getUpdates` answer teloxide could not read as a whole, read update by update: those that

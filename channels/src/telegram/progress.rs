@@ -110,11 +110,12 @@ impl Telegram {
                     Some((id, last)) if *last != text => {
                         let id = *id;
                         self.throttle.edit_ready(chat).await;
-                        match self
+                        let edit = self
                             .bot
                             .edit_message_text(ChatId(chat), MessageId(id), &text)
-                            .await
-                        {
+                            .await;
+                        self.throttle.edited(chat);
+                        match edit {
                             Ok(_) | Err(RequestError::Api(ApiError::MessageNotModified)) => {
                                 shown = Some((id, text));
                             }

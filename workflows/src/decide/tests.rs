@@ -36,6 +36,7 @@ impl Sim {
             version: definition.version,
             input,
             parent: None,
+            models: Default::default(),
             now: t0(),
         })
         .unwrap();

@@ -129,6 +129,7 @@ impl Runtime {
             version: definition.version,
             input: Value::String(input.clone()),
             parent: None,
+            models: task.models.clone(),
             now: self.clock.utc(),
         };
         self.run_command(&run_id, start, p.cause.meta()).await?;
@@ -296,6 +297,7 @@ impl Runtime {
                 prompt: prompt.clone(),
                 escalation,
                 caller,
+                models: run.models.clone(),
             })
             .await;
         let outcome = match result.output {
@@ -397,6 +399,7 @@ impl Runtime {
             version: p.child.version,
             input,
             parent: Some(p.parent),
+            models: parent.models.clone(),
             now: self.clock.utc(),
         };
         self.run_command(&p.child.run_id, start, p.cause.meta())

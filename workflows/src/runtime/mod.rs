@@ -18,6 +18,7 @@
 //! the aggregate and does nothing when the work is already done (a late or repeated job). So a
 //! crash of any process at any point resumes every run.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +81,8 @@ pub struct AgentRequest {
     pub escalation: Option<Escalation>,
     /// The step asking (its tools are called for it).
     pub caller: Caller,
+    /// Models the run's requester chose, by agent role (`provider/model`): tried first.
+    pub models: BTreeMap<String, String>,
 }
 
 /// What an agent call gave: its output (JSON when the role has an output schema, text

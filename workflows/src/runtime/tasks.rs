@@ -16,18 +16,21 @@ impl Runtime {
         workflow: Option<String>,
         meta: CommandMeta,
     ) -> Result<Created, RuntimeError> {
-        self.create_task_from(input, requester, workflow, None, meta)
+        self.create_task_from(input, requester, workflow, None, BTreeMap::new(), meta)
             .await
     }
 
     /// Records a new task asked for in a conversation (`origin`): the run's replies are queued
-    /// on that conversation, for its channel to deliver. Otherwise as [`Runtime::create_task`].
+    /// on that conversation, for its channel to deliver; `models` are the requester's choices
+    /// of model by agent role (`provider/model`), tried first for that role (a model outside
+    /// the role's route is not used). Otherwise as [`Runtime::create_task`].
     pub async fn create_task_from(
         &self,
         input: TaskInput,
         requester: Requester,
         workflow: Option<String>,
         origin: Option<Origin>,
+        models: BTreeMap<String, String>,
         meta: CommandMeta,
     ) -> Result<Created, RuntimeError> {
         if let Some(name) = workflow.as_ref().or(self.default_workflow.as_ref()) {
@@ -52,6 +55,7 @@ impl Runtime {
             subject,
             workflow: workflow.clone(),
             origin,
+            models,
         };
         // The task id is the command id: a new stream, unless the command is a repeat.
         match self.tasks.create(&task_id, command, meta).await {
