@@ -16,6 +16,7 @@
 # `alice@example.com`). Unknown users are refused by LMTP (550), so Postfix bounces the mail.
 # Clients trust $STELE_MAIL_BASE/certs/ca.pem (the server's certificate names localhost,
 # 127.0.0.1, 127.0.0.2 and ::1). On 127.0.0.2 Dovecot does not offer IDLE (clients must poll).
+# SpamAssassin's spamd answers on 127.0.0.1:11783 (its shipped rules, no network checks).
 set -euo pipefail
 BASE=${STELE_MAIL_BASE:-/var/cache/stele/mail}
 IMAP_PORT=${STELE_MAIL_IMAP_PORT:-11143}
@@ -23,18 +24,20 @@ IMAPS_PORT=${STELE_MAIL_IMAPS_PORT:-11993}
 LMTP_PORT=${STELE_MAIL_LMTP_PORT:-11024}
 SMTP_PORT=${STELE_MAIL_SMTP_PORT:-11025}
 SMTPS_PORT=${STELE_MAIL_SMTPS_PORT:-11465}
+SPAMD_PORT=${STELE_MAIL_SPAMD_PORT:-11783}
 MAIL_UID=${STELE_MAIL_UID:-5000}
 # Bumped whenever the certificates or configuration change: a server set up by an older version
 # is stopped and set up again.
-VERSION=2
+VERSION=3
 
 log() { printf 'mail-env: %s\n' "$*" >&2; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Waits up to 60 s (spamd compiles its rules first).
 wait_port() {
     local _
-    for _ in $(seq 1 200); do
+    for _ in $(seq 1 1200); do
         port_open "$1" && return 0
         sleep 0.05
     done
@@ -46,6 +49,7 @@ install_packages() {
     local need=()
     command -v dovecot >/dev/null || need+=(dovecot-imapd dovecot-lmtpd)
     command -v postfix >/dev/null || need+=(postfix)
+    [[ -x /usr/sbin/spamd ]] || need+=(spamd)
     command -v openssl >/dev/null || need+=(openssl)
     ((${#need[@]})) || return 0
     log "installing ${need[*]} (Debian)"
@@ -228,7 +232,7 @@ EOF
 
 running() {
     port_open "$IMAP_PORT" && port_open "$IMAPS_PORT" && port_open "$LMTP_PORT" &&
-        port_open "$SMTP_PORT" && port_open "$SMTPS_PORT"
+        port_open "$SMTP_PORT" && port_open "$SMTPS_PORT" && port_open "$SPAMD_PORT"
 }
 
 up() {
@@ -263,17 +267,24 @@ up() {
         postfix -c "$BASE/postfix/etc" check
         postfix -c "$BASE/postfix/etc" start </dev/null >>"$BASE/postfix/startup.log" 2>&1
     fi
+    if ! port_open "$SPAMD_PORT"; then
+        # Local tests only: no network lookups (-L), no learning database to keep.
+        /usr/sbin/spamd --listen="127.0.0.1:$SPAMD_PORT" --allowed-ips=127.0.0.1 -L \
+            -u debian-spamd -d --pidfile="$BASE/spamd.pid" -s "$BASE/spamd.log" \
+            </dev/null >>"$BASE/spamd-startup.log" 2>&1
+    fi
     local port
-    for port in "$IMAP_PORT" "$IMAPS_PORT" "$LMTP_PORT" "$SMTP_PORT" "$SMTPS_PORT"; do
+    for port in "$IMAP_PORT" "$IMAPS_PORT" "$LMTP_PORT" "$SMTP_PORT" "$SMTPS_PORT" "$SPAMD_PORT"; do
         wait_port "$port"
     done
     echo "$VERSION" >"$BASE/version"
-    log "dovecot and postfix started (IMAP $IMAP_PORT, IMAPS $IMAPS_PORT, SMTP $SMTP_PORT, SMTPS $SMTPS_PORT)"
+    log "dovecot, postfix and spamd started (IMAP $IMAP_PORT, IMAPS $IMAPS_PORT, SMTP $SMTP_PORT, SMTPS $SMTPS_PORT, spamd $SPAMD_PORT)"
 }
 
 down() {
     postfix -c "$BASE/postfix/etc" stop 2>/dev/null || true
     [[ -s $BASE/dovecot/run/master.pid ]] && doveadm -c "$BASE/dovecot/dovecot.conf" stop 2>/dev/null || true
+    [[ -s $BASE/spamd.pid ]] && kill "$(cat "$BASE/spamd.pid")" 2>/dev/null || true
 }
 
 status() {

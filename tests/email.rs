@@ -593,3 +593,57 @@ fn a_server_without_idle_is_polled() {
     assert_eq!(count(&lines, "MessageReceived"), 3);
     assert_eq!(count(&lines, "ReplyDelivered"), 3);
 }
+
+#[test]
+fn spamassassin_scores_each_mail_and_spam_is_kept_aside() {
+    let help = user("sa");
+    let ana = user("ana");
+    let dir = tempfile::tempdir().unwrap();
+    let spamd = std::env::var("STELE_MAIL_SPAMD_PORT").unwrap_or_else(|_| "11783".into());
+    let config = dir.path().join("stele.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[email.mailboxes]]\nimap_url = \"imaps://{help}:secret@localhost:11993/INBOX\"\n\
+             smtp_url = \"smtp://{help}:secret@localhost:11025\"\nfrom = \"{help}@localhost\"\n\
+             ca_file = \"{}/certs/ca.pem\"\nspamd_addr = \"127.0.0.1:{spamd}\"\n",
+            base()
+        ),
+    )
+    .unwrap();
+    let data_dir = dir.path().join("data").display().to_string();
+    let config = config.display().to_string();
+    let (mut child, _output) = node(&["up", "--data-dir", &data_dir, "--config", &config], &[]);
+    // The GTUBE line: every SpamAssassin scores it 1,000.
+    let gtube = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
+    send(&address(&ana), &address(&help), "offer", gtube, &[]);
+    send(
+        &address(&ana),
+        &address(&help),
+        "Opening hours",
+        "Are you open on Saturdays?",
+        &[],
+    );
+    // Read in order: once the question is answered, the spam before it is recorded.
+    let mails = wait_for(&ana, 1);
+    assert!(mails[0]["subject"]
+        .as_str()
+        .unwrap()
+        .contains("Opening hours"));
+    terminate(&mut child);
+    let lines = events(&["--data-dir", &data_dir]);
+    assert_eq!(count(&lines, "MessageQuarantined"), 1);
+    let quarantined = lines
+        .iter()
+        .find(|l| l.contains("\"MessageQuarantined\""))
+        .unwrap();
+    // (GTUBE scores 1,000, less what the message's other rules take off.)
+    let score: f64 = quarantined
+        .split("spam: score ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{quarantined}"));
+    assert!(score > 900.0, "{quarantined}");
+    assert_eq!(inbox(&ana).len(), 1, "the spam is not answered");
+}

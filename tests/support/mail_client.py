@@ -45,6 +45,8 @@ def adduser(args):
     line = f"{args.name}:{{PLAIN}}secret::::::\n"
     with open(f"{BASE}/dovecot/users", "a") as users:
         users.write(line)
+    # Dovecot looks at the file at most once a second: the user exists once it can log in.
+    retrying(lambda: imap(args.name).logout())
     print(json.dumps({"user": args.name}))
 
 

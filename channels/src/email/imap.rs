@@ -367,16 +367,7 @@ impl Email {
             }
         }
         let conversation = self.thread_of(mailbox, &mail).await?;
-        let score = match &mailbox.config.rspamd_url {
-            Some(url) => match rspamd_score(&self.http, url, raw).await {
-                Ok(score) => score,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "rspamd did not answer: the mail's own score is used");
-                    mail.spam_score
-                }
-            },
-            None => mail.spam_score,
-        };
+        let score = self.spam_score(mailbox, &mail, raw).await;
         if score >= mailbox.config.spam_threshold && mail.automated.is_none() {
             let reason = format!(
                 "spam: score {score:.1} is at or above the threshold {:.1}",
@@ -542,6 +533,28 @@ impl Email {
         Ok(own)
     }
 
+    /// A mail's spam score: rspamd's, else spamd's, where configured and answering; else the
+    /// one read from the mail (the receiving server's headers, or the built-in guess).
+    async fn spam_score(&self, mailbox: &Configured, mail: &Mail, raw: &[u8]) -> f64 {
+        if let Some(url) = &mailbox.config.rspamd_url {
+            match rspamd_score(&self.http, url, raw).await {
+                Ok(score) => return score,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "rspamd did not answer: the next source is used")
+                }
+            }
+        }
+        if let Some(addr) = &mailbox.config.spamd_addr {
+            match spamd_score(addr, raw).await {
+                Ok(score) => return score,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "spamd did not answer: the mail's own score is used")
+                }
+            }
+        }
+        mail.spam_score
+    }
+
     async fn exists(&self, conversation: &str) -> anyhow::Result<bool> {
         let (state, _) = self.conversations.load(conversation).await?;
         Ok(state.status != ConversationStatus::New)
@@ -651,6 +664,41 @@ pub async fn rspamd_score(http: &reqwest::Client, url: &str, raw: &[u8]) -> anyh
     Ok(answer.score)
 }
 
+/// SpamAssassin's score of a mail, asked of `spamd` at `addr` with its `CHECK` command.
+///
+/// Written here: no maintained crate speaks the spamc protocol, and a check is one request (a
+/// command line, `Content-length`, the mail) and one `Spam: <bool> ; <score> / <threshold>`
+/// header back.
+pub async fn spamd_score(addr: &str, raw: &[u8]) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let head = format!("CHECK SPAMC/1.5\r\nContent-length: {}\r\n\r\n", raw.len());
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(raw).await?;
+        stream.shutdown().await?;
+        let mut answer = Vec::new();
+        stream.take(64 * 1024).read_to_end(&mut answer).await?;
+        anyhow::Ok(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("spamd at {addr} took over 30 s"))??;
+    let answer = String::from_utf8_lossy(&answer);
+    let mut lines = answer.lines();
+    let status = lines.next().unwrap_or_default();
+    if !status.starts_with("SPAMD/") || !status.contains(" 0 ") {
+        anyhow::bail!("spamd answered {status:?}");
+    }
+    lines
+        .find_map(|line| {
+            let value = line.strip_prefix("Spam:")?;
+            let (_, scores) = value.split_once(';')?;
+            scores.split('/').next()?.trim().parse::<f64>().ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("spamd's answer has no score"))
+}
+
 /// The `[#token]` in a subject, if any (hex digits only).
 fn subject_token(subject: &str) -> Option<&str> {
     let start = subject.rfind("[#")? + 2;
@@ -700,6 +748,37 @@ mod tests {
         assert!(rspamd_score(&http, "http://127.0.0.1:1", b"x")
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn spamd_scores_the_raw_mail_and_refusals_are_errors() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A spamd that reads the request to its end and answers as SpamAssassin 4 does.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut request = Vec::new();
+                socket.read_to_end(&mut request).await.unwrap();
+                let request = String::from_utf8_lossy(&request).into_owned();
+                let answer = if !request.starts_with("CHECK SPAMC/1.5\r\nContent-length: ") {
+                    "SPAMD/1.5 76 Bad header line\r\n\r\n"
+                } else if request.contains("GTUBE") {
+                    "SPAMD/1.1 0 EX_OK\r\nSpam: True ; 1002.3 / 5.0\r\n\r\n"
+                } else if request.contains("broken") {
+                    "SPAMD/1.1 0 EX_OK\r\n\r\n"
+                } else {
+                    "SPAMD/1.1 0 EX_OK\r\nSpam: False ; 0.9 / 5.0\r\n\r\n"
+                };
+                socket.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        let score = |raw: &'static [u8]| spamd_score(&addr, raw);
+        assert_eq!(score(b"Subject: x\r\n\r\nGTUBE").await.unwrap(), 1002.3);
+        assert_eq!(score(b"Subject: x\r\n\r\nhello").await.unwrap(), 0.9);
+        assert!(score(b"Subject: broken\r\n\r\n").await.is_err());
+        assert!(spamd_score("127.0.0.1:1", b"x").await.is_err());
     }
 
     #[test]

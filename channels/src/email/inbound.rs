@@ -48,7 +48,9 @@ impl Email {
             .and_then(|m| m.participant.subject.clone())
             .unwrap_or_default();
         // Loops with autoresponders that set none of the usual headers end here.
-        if mailbox.senders.check_key(&subject).is_err() {
+        let per_hour = mailbox.config.replies_per_sender_per_hour;
+        let name = &mailbox.config.name;
+        if !super::quota::admit(&self.pool, name, &subject, &p.message_id, per_hour).await? {
             tracing::warn!(
                 mailbox = %mailbox.config.name,
                 conversation = %p.conversation,

@@ -29,15 +29,14 @@
 mod imap;
 mod inbound;
 pub mod parse;
+mod quota;
 mod send;
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use stele_aggregates::conversation::Conversation;
 use stele_aggregates::mailbox::Mailbox;
@@ -117,16 +116,20 @@ pub struct MailboxConfig {
     #[serde(default = "default_idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Automatic answers one sender gets per hour at most (a guard against loops with
-    /// autoresponders that set none of the usual headers).
+    /// autoresponders that set none of the usual headers), counted in the store by every node.
     #[serde(default = "default_per_sender")]
     pub replies_per_sender_per_hour: u32,
     /// Mail scoring at least this is quarantined as spam, not answered.
     #[serde(default = "default_spam_threshold")]
     pub spam_threshold: f64,
-    /// An rspamd worker to score each mail (`http://127.0.0.1:11333`); without one, the
-    /// receiving server's spam headers, else a built-in guess.
+    /// An rspamd worker to score each mail (`http://127.0.0.1:11333`); without one (or when
+    /// it does not answer), SpamAssassin's `spamd` if set, else the receiving server's spam
+    /// headers, else a built-in guess.
     #[serde(default)]
     pub rspamd_url: Option<String>,
+    /// A SpamAssassin `spamd` to score each mail (`127.0.0.1:783`).
+    #[serde(default)]
+    pub spamd_addr: Option<String>,
     /// A folder of templates (`reply.txt`, `reply.html`) replacing the built-in ones.
     #[serde(default)]
     pub templates: Option<PathBuf>,
@@ -200,6 +203,7 @@ impl MailboxConfig {
             replies_per_sender_per_hour: default_per_sender(),
             spam_threshold: default_spam_threshold(),
             rspamd_url: None,
+            spamd_addr: None,
             templates: None,
             subject_token: true,
             dkim: None,
@@ -265,7 +269,6 @@ pub(crate) struct Configured {
     pub(crate) from: lettre::message::Mailbox,
     pub(crate) templates: send::Templates,
     pub(crate) tls: Arc<tokio_rustls::rustls::ClientConfig>,
-    pub(crate) senders: DefaultKeyedRateLimiter<String>,
     pub(crate) dkim: Option<lettre::message::dkim::DkimConfig>,
 }
 
@@ -297,13 +300,6 @@ impl Configured {
             .map_err(|e| anyhow::anyhow!("mailbox {name}: {e}"))?;
         let templates = send::Templates::load(mailbox.templates.as_deref())
             .map_err(|e| anyhow::anyhow!("mailbox {name}: {e}"))?;
-        let per_hour =
-            NonZeroU32::new(mailbox.replies_per_sender_per_hour.max(1)).unwrap_or(NonZeroU32::MIN);
-        let senders = RateLimiter::keyed(
-            Quota::with_period(Duration::from_secs(3600) / per_hour.get())
-                .unwrap_or_else(|| Quota::per_hour(per_hour))
-                .allow_burst(per_hour),
-        );
         let dkim = mailbox
             .dkim
             .as_ref()
@@ -317,7 +313,6 @@ impl Configured {
             from,
             templates,
             tls,
-            senders,
             dkim,
         })
     }
