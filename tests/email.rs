@@ -40,8 +40,13 @@ fn mail(args: &[&str]) -> Value {
 /// A new mail user of this test's own (password `secret`).
 fn user(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
+    // The mail server outlives test runs and process ids come round again: the time too.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
     let name = format!(
-        "{prefix}{}n{}",
+        "{prefix}{}t{now}n{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
@@ -591,7 +596,8 @@ fn a_server_without_idle_is_polled() {
     );
     let lines = events(&["--data-dir", &data_dir]);
     assert_eq!(count(&lines, "MessageReceived"), 3);
-    assert_eq!(count(&lines, "ReplyDelivered"), 3);
+    // (The last answer can reach the inbox before its delivery is recorded: the mails count.)
+    assert_eq!(inbox(&ana).len(), 3, "each question answered once");
 }
 
 #[test]
