@@ -43,15 +43,16 @@ pub fn wait_until_up(child: &mut std::process::Child) -> Option<String> {
     wait_until_up_keeping(child).0
 }
 
-/// The lines a process printed after its start-up line.
+/// The lines a process printed (its start-up lines included).
 pub type Drained = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
-/// [`wait_until_up`], also returning what the process prints afterwards.
+/// [`wait_until_up`], also returning what the process printed and prints.
 pub fn wait_until_up_keeping(child: &mut std::process::Child) -> (Option<String>, Drained) {
     let mut reader = BufReader::new(child.stderr.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut address = None;
     let mut line = String::new();
+    let drained = Drained::default();
     while !line.contains("stele is up") {
         assert!(Instant::now() < deadline, "no start-up line");
         line.clear();
@@ -59,8 +60,9 @@ pub fn wait_until_up_keeping(child: &mut std::process::Child) -> (Option<String>
         if let Some(rest) = line.split("listening on http://").nth(1) {
             address = rest.split(';').next().map(str::to_owned);
         }
+        // Kept too: adapters may log before the start-up line.
+        drained.lock().unwrap().push(line.clone());
     }
-    let drained = Drained::default();
     let keep = drained.clone();
     std::thread::spawn(move || {
         let mut line = String::new();
