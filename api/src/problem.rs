@@ -142,6 +142,7 @@ codes! {
     /// An empty requester user id or channel.
     InvalidRequester = ("invalid_requester", UNPROCESSABLE_ENTITY, "Invalid requester"),
     UnknownWorkflow = ("unknown_workflow", UNPROCESSABLE_ENTITY, "Unknown workflow"),
+    UnknownModel = ("unknown_model", UNPROCESSABLE_ENTITY, "Unknown agent role or model"),
     /// The log refuses to store the request's data.
     UnstorableInput = ("unstorable_input", UNPROCESSABLE_ENTITY, "Unstorable input"),
     /// An `Idempotency-Key` used before with another body.
@@ -233,6 +234,7 @@ impl From<stele_workflows::runtime::RuntimeError> for ApiError {
         match e {
             E::UnknownTask(id) => ApiError::new(Code::TaskNotFound, format!("no task {id}")),
             e @ E::UnknownWorkflow { .. } => ApiError::new(Code::UnknownWorkflow, e.to_string()),
+            E::UnknownModel(why) => ApiError::new(Code::UnknownModel, why),
             E::Task(e) => ApiError::new(Code::TaskState, e.to_string()),
             E::Run(e) => ApiError::new(Code::RunState, e.to_string()),
             E::NotStarted(id) => ApiError::new(

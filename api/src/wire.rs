@@ -1,6 +1,8 @@
 //! Wire types: what the API accepts and answers, as the OpenAPI document describes them. They
 //! map to and from domain types; they are not the domain types.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -48,6 +50,13 @@ pub struct CreateTask {
     /// Who asks, and through which channel (the key's name and `api` when absent).
     #[serde(default)]
     pub requester: Option<RequesterBody>,
+    /// Models chosen by agent role (`{"vox": "local/small"}`): each role's chosen model is
+    /// tried first, the rest of its route after it as fallbacks. A model must be one of its
+    /// role's route (`unknown_model` otherwise); the task's runs, child runs included, keep the
+    /// choice.
+    #[serde(default)]
+    #[schema(value_type = Option<BTreeMap<String, String>>)]
+    pub models: Option<BTreeMap<String, String>>,
 }
 
 impl Body for CreateTask {

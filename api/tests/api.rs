@@ -97,6 +97,30 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             (status, body["code"].as_str()),
             (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_body"))
         );
+        // A choice of model: one of the role's, else refused with the role's models.
+        for (models, code) in [
+            (json!({ "nope": "scripted/noop" }), "unknown_model"),
+            (json!({ "noop": "openai/gpt-4o" }), "unknown_model"),
+        ] {
+            let chosen =
+                post(&writer).json(&json!({ "input": "x", "workflow": "bench", "models": models }));
+            let (status, body) = s.send("/v1/tasks", chosen).await;
+            assert_eq!(
+                (status, body["code"].as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, Some(code)),
+                "{body}"
+            );
+        }
+        let chosen = post(&writer).json(
+            &json!({ "input": "x", "workflow": "bench", "models": { "noop": "scripted/noop" } }),
+        );
+        let (status, body) = s.send("/v1/tasks", chosen).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let chosen_task = body["id"].as_str().unwrap().to_owned();
+        let done = s
+            .wait_for(&chosen_task, |t| t["status"] == "completed")
+            .await;
+        assert_eq!(done["result"], "ok");
 
         // Reading tasks.
         let done = s.wait_for(&task, |t| t["status"] == "completed").await;

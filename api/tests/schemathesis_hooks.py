@@ -3,7 +3,7 @@
 What the document cannot say, and only that, is let through:
 
 - refusals that depend on the server's state: a workflow that does not exist
-  (`unknown_workflow`), an `Idempotency-Key` used before with another body
+  (`unknown_workflow`), a model its agent role does not have (`unknown_model`), an `Idempotency-Key` used before with another body
   (`idempotency_key_reused`), a log position that holds no event (`unknown_position`);
 - a NUL character inside a signal's payload (`invalid_character`): the payload is free-form JSON,
   whose nested strings no schema of the document patterns (every other string has a pattern that
@@ -18,7 +18,7 @@ import json
 
 import schemathesis
 
-STATE_DEPENDENT = {"unknown_workflow", "idempotency_key_reused", "unknown_position"}
+STATE_DEPENDENT = {"unknown_workflow", "unknown_model", "idempotency_key_reused", "unknown_position"}
 
 
 def _nul_in_payload(case):

@@ -59,6 +59,13 @@ impl Projection for Managed {
         false
     }
 
+    /// A lost batch (with a crash of the database) is read again and enqueues its jobs again:
+    /// its jobs were lost with it, and no job of it can have run to a durable end, since that
+    /// end's commit would have flushed this one first.
+    fn deferred_flush(&self) -> bool {
+        true
+    }
+
     async fn create(&self, _: &mut dyn LogTransaction, _: &Tables) -> Result<(), ProjectionError> {
         Ok(())
     }

@@ -261,6 +261,11 @@ impl Projection for MemoryProjection {
         ]
     }
 
+    /// Derived from the log alone: a batch lost with the database is applied again.
+    fn deferred_flush(&self) -> bool {
+        true
+    }
+
     fn tables(&self) -> &'static [&'static str] {
         &[index::MEMORIES, index::VECTORS, index::TERMS]
     }

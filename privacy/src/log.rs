@@ -154,4 +154,8 @@ impl LogTransaction for SealedTransaction {
     fn after_commit(&mut self, hook: Box<dyn FnOnce() + Send>) {
         self.inner.after_commit(hook)
     }
+
+    async fn defer_flush(&mut self) -> Result<(), LogError> {
+        self.inner.defer_flush().await
+    }
 }

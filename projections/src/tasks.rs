@@ -231,6 +231,11 @@ impl Projection for TasksView {
         ]
     }
 
+    /// Derived from the log alone: a batch lost with the database is applied again.
+    fn deferred_flush(&self) -> bool {
+        true
+    }
+
     fn tables(&self) -> &'static [&'static str] {
         &[TABLE]
     }

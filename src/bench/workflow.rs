@@ -3,6 +3,7 @@
 //! events → run completed → task completed. Reports steps per second and task latency.
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,33 @@ pub struct Figure {
     events: i64,
     /// Task created → task completed.
     task_latency: Latency,
+    /// PostgreSQL only: the server's write-ahead-log flushes (`pg_stat_wal.wal_sync`, the
+    /// fsyncs a commit waits for) and the scratch database's commits (`xact_commit`, reads
+    /// included) during the runs, per run. The server's other databases count too: measure on
+    /// a quiet server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flushes_per_run: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    commits_per_run: Option<f64>,
+}
+
+/// The server's WAL flushes and the database's commits so far (PostgreSQL's statistics, which
+/// backends report at most once a second, and when they end).
+async fn flushes_and_commits(url: &str) -> anyhow::Result<(i64, i64)> {
+    use sqlx::{ConnectOptions, Connection};
+    let mut conn = sqlx::postgres::PgConnectOptions::from_str(url)?
+        .connect()
+        .await?;
+    let flushes: i64 = sqlx::query_scalar("SELECT wal_sync FROM pg_stat_wal")
+        .fetch_one(&mut conn)
+        .await?;
+    let commits: i64 = sqlx::query_scalar(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    conn.close().await?;
+    Ok((flushes, commits))
 }
 
 pub async fn run(args: WorkflowBenchArgs) -> anyhow::Result<Report> {
@@ -124,6 +152,14 @@ async fn measure(
         ..WorkerOptions::new(QUEUE)
     });
     let workers = tokio::spawn(worker.run(until_stopped()));
+    let counted = match scratch.url() {
+        Some(url) => {
+            // Let the set-up's statistics reach the server first.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Some(flushes_and_commits(url).await?)
+        }
+        None => None,
+    };
 
     // Completions are read from the log: each TaskCompleted frees a slot for a new task.
     let slots = Arc::new(Semaphore::new(args.in_flight));
@@ -196,6 +232,19 @@ async fn measure(
     manager.await??;
     let events = store.log.head().await?.0;
     store.close().await;
+    let (flushes_per_run, commits_per_run) = match (scratch.url(), counted) {
+        (Some(url), Some((flushes, commits))) => {
+            // Closed connections have reported their statistics.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (flushes_after, commits_after) = flushes_and_commits(url).await?;
+            let per_run = |n: i64| Some((n as f64 / args.runs as f64 * 10.0).round() / 10.0);
+            (
+                per_run(flushes_after - flushes),
+                per_run(commits_after - commits),
+            )
+        }
+        _ => (None, None),
+    };
     Ok(Figure {
         backend,
         runs: args.runs,
@@ -207,5 +256,7 @@ async fn measure(
         steps_per_sec: ((args.runs * STEPS) as f64 / seconds).round(),
         events,
         task_latency: Latency::of(latencies),
+        flushes_per_run,
+        commits_per_run,
     })
 }

@@ -75,6 +75,11 @@ impl Agents for ModelAgents {
         self.router.agent(agent).is_some()
     }
 
+    fn models_of(&self, agent: &str) -> Option<Vec<String>> {
+        let role = self.router.agent(agent)?;
+        Some(role.route.iter().map(ToString::to_string).collect())
+    }
+
     async fn run(&self, request: AgentRequest) -> AgentResult {
         let mut calls: Vec<Value> = Vec::new();
         let fail = |error: String, calls: Vec<Value>| AgentResult {

@@ -119,7 +119,7 @@ fn meta(caller: &crate::auth::Caller) -> CommandMeta {
         (status = 400, description = "`malformed_json`, `json_too_deep`, `unreadable_body`: the body is not JSON; `invalid_idempotency_key`; `invalid_query`, `invalid_character`", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`body_too_large`: the body is over 64 KiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_body`, `invalid_input`, `input_too_long`, `invalid_requester`, `invalid_character`: the body breaks its schema; `unknown_workflow`; `idempotency_key_reused`: the key was used with another body; `unstorable_input`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_body`, `invalid_input`, `input_too_long`, `invalid_requester`, `invalid_character`: the body breaks its schema; `unknown_workflow`; `unknown_model`: a chosen model is not one of its agent role's; `idempotency_key_reused`: the key was used with another body; `unstorable_input`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:write"]))
 )]
@@ -155,7 +155,14 @@ pub async fn create_task(
     }
     let created = state
         .runtime
-        .create_task(input, requester.clone(), request.workflow.clone(), meta)
+        .create_task_from(
+            input,
+            requester.clone(),
+            request.workflow.clone(),
+            None,
+            request.models.clone().unwrap_or_default(),
+            meta,
+        )
         .await?;
     let task_id = created.task_id().to_owned();
     let (status, answer) = match created {

@@ -295,6 +295,13 @@ pub trait LogTransaction: Send {
 
     /// Runs `hook` after a successful commit (e.g. wake workers for jobs enqueued in it).
     fn after_commit(&mut self, hook: Box<dyn FnOnce() + Send>);
+
+    /// Lets the commit return before the database has flushed it to disk, for writes that can be
+    /// derived again from the log (a projection's rows, a process manager's checkpoint and jobs).
+    /// A crash of the database itself may lose such a commit, but never without every commit
+    /// after it: the write-ahead log is flushed in order, so any durable commit (an append) makes
+    /// all earlier ones durable too. Appends in this transaction keep it durable.
+    async fn defer_flush(&mut self) -> Result<(), LogError>;
 }
 
 /// The connection of a [`LogTransaction`].

@@ -511,6 +511,7 @@ impl EventLog for PgEventLog {
         Ok(Box::new(PgLogTransaction {
             tx: self.pool.begin().await?,
             appended: false,
+            deferred: false,
             hooks: Vec::new(),
             appends: self.appends.sender(),
         }))
@@ -580,6 +581,7 @@ struct PgLogTransaction {
     hooks: Vec<Box<dyn FnOnce() + Send>>,
     tx: Transaction<'static, Postgres>,
     appended: bool,
+    deferred: bool,
     appends: WakeHandle,
 }
 
@@ -616,7 +618,13 @@ impl LogTransaction for PgLogTransaction {
         }
     }
 
-    async fn commit(self: Box<Self>) -> Result<(), LogError> {
+    async fn commit(mut self: Box<Self>) -> Result<(), LogError> {
+        if self.appended && self.deferred {
+            // Events are durable when their append returns: flush this commit after all.
+            sqlx::query("SET LOCAL synchronous_commit = on")
+                .execute(&mut *self.tx)
+                .await?;
+        }
         self.tx.commit().await?;
         if self.appended {
             self.appends.wake();
@@ -633,5 +641,13 @@ impl LogTransaction for PgLogTransaction {
 
     fn after_commit(&mut self, hook: Box<dyn FnOnce() + Send>) {
         self.hooks.push(hook);
+    }
+
+    async fn defer_flush(&mut self) -> Result<(), LogError> {
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *self.tx)
+            .await?;
+        self.deferred = true;
+        Ok(())
     }
 }

@@ -111,6 +111,14 @@ pub trait Projection: Send + Sync + 'static {
         true
     }
 
+    /// Whether its batches may commit without waiting for the disk flush (see
+    /// [`LogTransaction::defer_flush`]): true when all it writes can be derived from the log
+    /// again, so a batch lost with a crash of the database is simply applied again. False for
+    /// records others may have been shown for good (the audit's seals).
+    fn deferred_flush(&self) -> bool {
+        false
+    }
+
     /// Creates its tables, named by `tables`, if missing.
     async fn create(
         &self,
@@ -300,6 +308,9 @@ impl ProjectionRunner {
         through: Position,
     ) -> Result<(), ProjectionError> {
         let mut tx = self.log.begin().await?;
+        if projection.deferred_flush() {
+            tx.defer_flush().await?;
+        }
         if !events.is_empty() {
             projection.apply(tx.as_mut(), &Tables::LIVE, events).await?;
         }

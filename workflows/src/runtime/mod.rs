@@ -98,6 +98,12 @@ pub struct AgentResult {
 pub trait Agents: Send + Sync {
     fn knows(&self, agent: &str) -> bool;
     async fn run(&self, request: AgentRequest) -> AgentResult;
+
+    /// The models (`provider/model`) a requester may choose for `agent` (its route), `None`
+    /// when the agents offer no choice of model.
+    fn models_of(&self, _agent: &str) -> Option<Vec<String>> {
+        None
+    }
 }
 
 /// Errors of runtime operations asked for by people and programs.
@@ -107,6 +113,10 @@ pub enum RuntimeError {
     UnknownTask(String),
     #[error("unknown workflow {name} (there are: {})", known.join(", "))]
     UnknownWorkflow { name: String, known: Vec<String> },
+    /// A requester's choice of model names an agent role that is not there, or a model outside
+    /// the role's route.
+    #[error("{0}")]
+    UnknownModel(String),
     #[error("{0}")]
     Task(TaskError),
     #[error("{0}")]

@@ -20,6 +20,25 @@ impl Runtime {
             .await
     }
 
+    /// Refuses a choice of model for a role that is not there, or of a model outside the role's
+    /// route (the models a role may use are its route's).
+    fn check_models(&self, models: &BTreeMap<String, String>) -> Result<(), RuntimeError> {
+        for (role, model) in models {
+            let Some(known) = self.agents.models_of(role) else {
+                return Err(RuntimeError::UnknownModel(format!(
+                    "there is no agent role {role:?} whose model can be chosen"
+                )));
+            };
+            if !known.iter().any(|m| m == model) {
+                return Err(RuntimeError::UnknownModel(format!(
+                    "agent role {role} cannot use {model:?}; its models: {}",
+                    known.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Records a new task asked for in a conversation (`origin`): the run's replies are queued
     /// on that conversation, for its channel to deliver; `models` are the requester's choices
     /// of model by agent role (`provider/model`), tried first for that role (a model outside
@@ -44,6 +63,7 @@ impl Runtime {
                 });
             }
         }
+        self.check_models(&models)?;
         let task_id = meta.command_id.to_string();
         let subject = match &self.subjects {
             Some(subjects) => Some(subjects.admit(&requester, "tasks", &meta).await?),
