@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqlitePool, SqliteRow};
-use sqlx::{Row, SqliteConnection};
+use sqlx::{Connection, Row, Sqlite, SqliteConnection};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -33,6 +34,45 @@ impl SqliteJobQueue {
         Self {
             pool,
             wakeups: watch::channel(0).0,
+        }
+    }
+}
+
+/// The writer connection with commits that do not wait for the disk flush, for a worker's
+/// claims, lease extensions and outcomes (why that loses no guarantee: `ARCHITECTURE.md`, "Which
+/// commits wait for the disk"). In WAL mode a `synchronous = NORMAL` commit is flushed with the
+/// next `FULL` one, in order. SQLite changes the setting only outside transactions, per
+/// connection: [`Unflushed::done`] sets `FULL` again, and a connection dropped before that (an
+/// error, a cancelled call) is closed, never handed to a durable writer with `NORMAL`.
+struct Unflushed(Option<PoolConnection<Sqlite>>);
+
+impl Unflushed {
+    async fn acquire(pool: &SqlitePool) -> Result<Self, sqlx::Error> {
+        let mut conn = Unflushed(Some(pool.acquire().await?));
+        sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(conn.connection())
+            .await?;
+        Ok(conn)
+    }
+
+    fn connection(&mut self) -> &mut SqliteConnection {
+        self.0.as_mut().expect("held until done")
+    }
+
+    async fn done(mut self) -> Result<(), sqlx::Error> {
+        sqlx::query("PRAGMA synchronous = FULL")
+            .execute(self.connection())
+            .await?;
+        // Back to the pool as it came.
+        drop(self.0.take());
+        Ok(())
+    }
+}
+
+impl Drop for Unflushed {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.as_mut() {
+            conn.close_on_drop();
         }
     }
 }
@@ -177,14 +217,16 @@ impl JobQueue for SqliteJobQueue {
                 ORDER BY j.priority DESC, j.run_at, j.seq LIMIT ?2) \
              RETURNING {JOB_COLUMNS}"
         );
+        let mut unflushed = Unflushed::acquire(&self.pool).await?;
         let rows = sqlx::query(&sql)
             .bind(queue)
             .bind(limit as i64)
             .bind(worker)
             .bind(now + lease.as_micros() as i64)
             .bind(now)
-            .fetch_all(&self.pool)
+            .fetch_all(unflushed.connection())
             .await?;
+        unflushed.done().await?;
         let mut jobs = rows
             .iter()
             .map(job_from_row)
@@ -201,7 +243,8 @@ impl JobQueue for SqliteJobQueue {
     ) -> Result<Vec<Uuid>, QueueError> {
         let now = micros(Utc::now());
         let mut lost = Vec::new();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut unflushed = Unflushed::acquire(&self.pool).await?;
+        let mut tx = unflushed.connection().begin_with("BEGIN IMMEDIATE").await?;
         for id in ids {
             let extended = sqlx::query(
                 "UPDATE jobs SET lease_expires_at = ?, updated_at = ? \
@@ -219,6 +262,7 @@ impl JobQueue for SqliteJobQueue {
             }
         }
         tx.commit().await?;
+        unflushed.done().await?;
         Ok(lost)
     }
 
@@ -226,7 +270,8 @@ impl JobQueue for SqliteJobQueue {
         let now = micros(Utc::now());
         let at = Utc::now().to_rfc3339();
         let mut wake = false;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut unflushed = Unflushed::acquire(&self.pool).await?;
+        let mut tx = unflushed.connection().begin_with("BEGIN IMMEDIATE").await?;
         // Completions, the common case, in one statement.
         let (completed, outcomes): (Vec<_>, Vec<_>) = outcomes
             .into_iter()
@@ -300,6 +345,7 @@ impl JobQueue for SqliteJobQueue {
             query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
+        unflushed.done().await?;
         if wake {
             bump(&self.wakeups);
         }
