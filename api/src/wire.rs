@@ -55,8 +55,29 @@ pub struct CreateTask {
     /// role's route (`unknown_model` otherwise); the task's runs, child runs included, keep the
     /// choice.
     #[serde(default)]
-    #[schema(value_type = Option<BTreeMap<String, String>>)]
+    #[schema(schema_with = model_choices)]
     pub models: Option<BTreeMap<String, String>>,
+}
+
+/// `{role: model}`, or null: role and model names without NUL (which the log cannot store).
+fn model_choices() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{SchemaType, Type};
+    let name = || {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(NO_NUL))
+    };
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
+        .description(Some(
+            "Models chosen by agent role (`{\"vox\": \"local/small\"}`): each role's chosen model \
+             is tried first, the rest of its route after it as fallbacks. A model must be one of \
+             its role's route (`unknown_model` otherwise); the task's runs, child runs included, \
+             keep the choice.",
+        ))
+        .property_names(Some(name()))
+        .additional_properties(Some(name()))
+        .build()
 }
 
 impl Body for CreateTask {

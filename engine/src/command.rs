@@ -18,6 +18,8 @@ use crate::log::{
     StreamId,
 };
 use crate::metadata::CommandMeta;
+use crate::process::{jobs_of, ProcessManager};
+use crate::queue::NewJob;
 
 /// Why a command did not go through.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,32 @@ pub struct CommandBus<A: Aggregate> {
     services: A::Services,
     upcasters: Vec<Box<dyn EventUpcaster>>,
     max_attempts: usize,
+    reactor: Option<Arc<dyn ProcessManager>>,
+    states: Option<Arc<dyn StateCache<A>>>,
+}
+
+/// Recent aggregate states with their versions (see [`CommandBus::with_state_cache`]).
+trait StateCache<A>: Send + Sync {
+    fn get(&self, id: &str) -> Option<(A, i64)>;
+    fn put(&self, id: &str, aggregate: &A, version: i64);
+    fn forget(&self, id: &str);
+}
+
+struct Recent<A: Clone + Send + Sync + 'static>(moka::sync::Cache<String, Arc<(A, i64)>>);
+
+impl<A: Clone + Send + Sync + 'static> StateCache<A> for Recent<A> {
+    fn get(&self, id: &str) -> Option<(A, i64)> {
+        self.0.get(id).map(|state| state.as_ref().clone())
+    }
+
+    fn put(&self, id: &str, aggregate: &A, version: i64) {
+        self.0
+            .insert(id.to_owned(), Arc::new((aggregate.clone(), version)));
+    }
+
+    fn forget(&self, id: &str) {
+        self.0.invalidate(id);
+    }
 }
 
 impl<A: Aggregate> CommandBus<A> {
@@ -79,7 +107,21 @@ impl<A: Aggregate> CommandBus<A> {
             services,
             upcasters: Vec::new(),
             max_attempts: 25,
+            reactor: None,
+            states: None,
         }
+    }
+
+    /// Enqueues the jobs `manager` reacts to this bus's events with in the same transaction as
+    /// the events (instead of the manager's next checkpoint), and marks the events as reacted to
+    /// by it, so that the manager itself passes them by. Each event still leads to its jobs
+    /// exactly once, and one hop (the manager reading the log and committing) is saved between
+    /// a decision and its job. `react` sees the events as the command made them, before any
+    /// sealing of personal data: a manager used here puts only ids in its jobs (as the workflow
+    /// runtime's does).
+    pub fn with_reactor(mut self, manager: Arc<dyn ProcessManager>) -> Self {
+        self.reactor = Some(manager);
+        self
     }
 
     /// Upcasters applied to stored events before they are deserialized.
@@ -98,7 +140,38 @@ impl<A: Aggregate> CommandBus<A> {
         StreamId::new(A::TYPE, aggregate_id)
     }
 
+    /// Appends a command's events, with the reactor's jobs when there is one.
+    async fn append(&self, mut request: AppendRequest) -> Result<AppendOutcome, LogError> {
+        let Some(manager) = &self.reactor else {
+            return self.log.append(request).await;
+        };
+        let mut jobs: Vec<NewJob> = Vec::new();
+        let now = chrono::Utc::now();
+        for (offset, event) in request.events.iter_mut().enumerate() {
+            event.metadata.reacted = Some(manager.name().to_owned());
+            let types = manager.event_types();
+            if !types.is_empty() && !types.contains(&event.event_type.as_str()) {
+                continue;
+            }
+            // The event as the manager would read it from the log (no position yet).
+            let recorded = RecordedEvent {
+                position: crate::Position::START,
+                stream: request.stream.clone(),
+                sequence: request.expected_sequence + 1 + offset as i64,
+                event_type: event.event_type.clone(),
+                event_version: event.event_version.clone(),
+                recorded_at: now,
+                metadata: event.metadata.clone(),
+                payload: event.payload.clone(),
+            };
+            jobs.extend(jobs_of(manager.as_ref(), &recorded));
+        }
+        self.log.append_with_jobs(request, jobs).await
+    }
+
     /// Rebuilds an aggregate from its stream; returns it with its version (last sequence).
+    /// Always from the stored stream, so that what a person's erasure took is gone from it; a
+    /// state cache keeps the result for the next command.
     pub async fn load(&self, aggregate_id: &str) -> Result<(A, i64), CommandError<A::Error>> {
         let events = self.log.read_stream(&Self::stream(aggregate_id), 0).await?;
         let mut aggregate = A::default();
@@ -106,6 +179,9 @@ impl<A: Aggregate> CommandBus<A> {
         for event in events {
             version = event.sequence;
             aggregate.apply(self.decode(event)?);
+        }
+        if let Some(states) = &self.states {
+            states.put(aggregate_id, &aggregate, version);
         }
         Ok((aggregate, version))
     }
@@ -140,19 +216,31 @@ impl<A: Aggregate> CommandBus<A> {
         A::Command: Clone,
     {
         let stream = Self::stream(aggregate_id);
-        for attempt in 0..self.max_attempts {
-            if attempt > 0 {
+        // First decided on the cached state as is, when there is one: an append on a state
+        // another writer has moved past conflicts, and a refusal or no change is checked against
+        // the stored stream before it is answered.
+        let mut cached = self.states.as_ref().and_then(|s| s.get(aggregate_id));
+        let mut conflicts = 0;
+        while conflicts < self.max_attempts {
+            if conflicts > 0 && cached.is_none() {
                 // Spread the retries of writers that keep colliding on one stream.
-                let cap_ms = 1u64 << attempt.min(6);
+                let cap_ms = 1u64 << conflicts.min(6);
                 let wait = rand::random_range(0..=cap_ms * 1000);
                 tokio::time::sleep(std::time::Duration::from_micros(wait)).await;
             }
-            let (mut aggregate, version) = self.load(aggregate_id).await?;
+            let unchecked = cached.is_some();
+            let (mut aggregate, version) = match cached.take() {
+                Some(state) => state,
+                None => self.load(aggregate_id).await?,
+            };
             let sink = EventSink::default();
             if let Err(rejection) = aggregate
                 .handle(command.clone(), &self.services, &sink)
                 .await
             {
+                if unchecked {
+                    continue;
+                }
                 // A repeated command may be refused by the state its first run created: answer
                 // with the first outcome then. The lookup happens only on this rare path.
                 if let Some(first) = self.log.command_outcome(meta.command_id).await? {
@@ -162,6 +250,9 @@ impl<A: Aggregate> CommandBus<A> {
             }
             let events = sink.collect().await;
             if events.is_empty() {
+                if unchecked {
+                    continue;
+                }
                 return Ok(Executed::NoChange);
             }
             let request = AppendRequest {
@@ -173,14 +264,28 @@ impl<A: Aggregate> CommandBus<A> {
                     .map(|event| new_event(&event, &meta))
                     .collect::<Result<_, _>>()?,
             };
-            match self.log.append(request).await {
-                Ok(AppendOutcome::Appended(outcome)) => return Ok(Executed::Appended(outcome)),
+            match self.append(request).await {
+                Ok(AppendOutcome::Appended(outcome)) => {
+                    // `handle` applied its events: the state at the new version.
+                    if let Some(states) = &self.states {
+                        states.put(aggregate_id, &aggregate, outcome.last_sequence);
+                    }
+                    return Ok(Executed::Appended(outcome));
+                }
                 Ok(AppendOutcome::Duplicate(first)) => return Ok(Executed::Duplicate(first)),
                 Err(LogError::Conflict { .. }) => {
                     tracing::debug!(%stream, command_id = %meta.command_id, "conflict, retrying");
+                    if !unchecked {
+                        conflicts += 1;
+                    }
                     continue;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    if let Some(states) = &self.states {
+                        states.forget(aggregate_id);
+                    }
+                    return Err(e.into());
+                }
             }
         }
         Err(CommandError::Conflict {
@@ -188,6 +293,24 @@ impl<A: Aggregate> CommandBus<A> {
             stream,
             attempts: self.max_attempts,
         })
+    }
+}
+
+impl<A: Aggregate + Clone + 'static> CommandBus<A> {
+    /// Keeps the states of up to `capacity` recently loaded or changed aggregates in memory,
+    /// each for at most `ttl`, and decides a command first on the cached state without reading
+    /// the stream. Always correct: an append on a state another writer has moved past conflicts
+    /// and is decided again on the stored stream, and so is a refusal or "no change". Loads
+    /// still read the stored stream (what an erasure took is gone from them). States hold
+    /// people's data in the clear, so `ttl` stays short.
+    pub fn with_state_cache(mut self, capacity: u64, ttl: std::time::Duration) -> Self {
+        self.states = Some(Arc::new(Recent(
+            moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+        )));
+        self
     }
 }
 
@@ -229,8 +352,13 @@ where
                 .map(|event| new_event(&event, &meta))
                 .collect::<Result<_, _>>()?,
         };
-        match self.log.append(request).await {
-            Ok(AppendOutcome::Appended(outcome)) => Ok(Executed::Appended(outcome)),
+        match self.append(request).await {
+            Ok(AppendOutcome::Appended(outcome)) => {
+                if let Some(states) = &self.states {
+                    states.put(aggregate_id, &aggregate, outcome.last_sequence);
+                }
+                Ok(Executed::Appended(outcome))
+            }
             Ok(AppendOutcome::Duplicate(first)) => Ok(Executed::Duplicate(first)),
             Err(LogError::Conflict { .. }) => self.execute(aggregate_id, command, meta).await,
             Err(e) => Err(e.into()),

@@ -68,6 +68,7 @@ impl CommandMeta {
         EventMetadata {
             event_id,
             command: self.clone(),
+            reacted: None,
         }
     }
 }
@@ -80,6 +81,10 @@ pub struct EventMetadata {
     pub event_id: Uuid,
     #[serde(flatten)]
     pub command: CommandMeta,
+    /// The process manager whose jobs for this event were enqueued with it, in its append's
+    /// transaction (see [`crate::command::CommandBus::with_reactor`]): that manager passes it by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reacted: Option<String>,
 }
 
 /// The stored form of [`EventMetadata`], read field by field: every event read decodes one, and
@@ -94,6 +99,8 @@ struct FlatEventMetadata {
     channel: String,
     #[serde(default)]
     trace_id: Option<String>,
+    #[serde(default)]
+    reacted: Option<String>,
 }
 
 impl From<FlatEventMetadata> for EventMetadata {
@@ -108,6 +115,7 @@ impl From<FlatEventMetadata> for EventMetadata {
                 channel: flat.channel,
                 trace_id: flat.trace_id,
             },
+            reacted: flat.reacted,
         }
     }
 }
@@ -131,6 +139,9 @@ impl EventMetadata {
         ]);
         if let Some(trace_id) = &self.command.trace_id {
             map.insert("trace_id".to_owned(), trace_id.clone());
+        }
+        if let Some(reacted) = &self.reacted {
+            map.insert("reacted".to_owned(), reacted.clone());
         }
         map
     }

@@ -5,6 +5,11 @@
 //! so each event leads to its jobs exactly once, across crashes and concurrent runner processes.
 //! Each job also carries the idempotency key `manager:event id:index`, so even a checkpoint moved
 //! back by hand does not enqueue a job that is still unfinished a second time.
+//!
+//! A command bus can also run a manager's reaction itself
+//! ([`crate::command::CommandBus::with_reactor`]): the jobs are enqueued in the append's own
+//! transaction and the events marked, and the manager, following the log, passes marked events
+//! by. Either way, an event's jobs are enqueued once.
 
 use std::sync::Arc;
 
@@ -26,6 +31,18 @@ pub trait ProcessManager: Send + Sync + 'static {
 
     /// The jobs `event` leads to.
     fn react(&self, event: &RecordedEvent) -> Vec<NewJob>;
+}
+
+/// The jobs `manager` reacts to `event` with, each keyed `manager:event id:index` unless it has a
+/// key of its own.
+pub(crate) fn jobs_of(manager: &dyn ProcessManager, event: &RecordedEvent) -> Vec<NewJob> {
+    let mut jobs = manager.react(event);
+    for (index, job) in jobs.iter_mut().enumerate() {
+        job.idempotency_key.get_or_insert_with(|| {
+            format!("{}:{}:{index}", manager.name(), event.metadata.event_id)
+        });
+    }
+    jobs
 }
 
 /// A process manager as something the projection runner drives.
@@ -78,16 +95,11 @@ impl Projection for Managed {
     ) -> Result<(), ProjectionError> {
         let mut jobs = Vec::new();
         for event in events {
-            for (index, mut job) in self.manager.react(event).into_iter().enumerate() {
-                job.idempotency_key.get_or_insert_with(|| {
-                    format!(
-                        "{}:{}:{index}",
-                        self.manager.name(),
-                        event.metadata.event_id
-                    )
-                });
-                jobs.push(job);
+            // Its jobs went in with it (a command bus with this manager as its reactor).
+            if event.metadata.reacted.as_deref() == Some(self.manager.name()) {
+                continue;
             }
+            jobs.extend(jobs_of(self.manager.as_ref(), event));
         }
         if !jobs.is_empty() {
             self.queue

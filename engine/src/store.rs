@@ -158,8 +158,10 @@ impl Store {
                 let pool = connect_postgres(url, 24).await?;
                 run_migrations(&POSTGRES_MIGRATIONS, &pool, migrate, &location).await?;
                 let listen = pg.listen;
-                let log: Arc<dyn EventLog> = Arc::new(PgEventLog::new(pool.clone(), pg));
                 let queue = Arc::new(PgJobQueue::new(pool.clone(), listen));
+                let log = PgEventLog::new(pool.clone(), pg);
+                log.on_jobs(queue.wake_hook());
+                let log: Arc<dyn EventLog> = Arc::new(log);
                 Ok(Self {
                     location,
                     stored: log.clone(),
@@ -185,9 +187,10 @@ impl Store {
                 };
                 let writer = sqlite::writer_pool(&file).await.map_err(embedded)?;
                 run_migrations(&SQLITE_MIGRATIONS, &writer, migrate, &location).await?;
-                let log: Arc<dyn EventLog> =
-                    Arc::new(SqliteEventLog::new(&file, writer.clone(), sqlite_options).await?);
                 let queue = Arc::new(SqliteJobQueue::new(writer.clone()));
+                let log = SqliteEventLog::new(&file, writer.clone(), sqlite_options).await?;
+                log.on_jobs(queue.wake_hook());
+                let log: Arc<dyn EventLog> = Arc::new(log);
                 Ok(Self {
                     location,
                     stored: log.clone(),

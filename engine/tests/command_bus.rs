@@ -14,14 +14,17 @@ use cqrs_es::{Aggregate, CqrsFramework, DomainEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use stele_engine::command::Executed;
+use stele_engine::process::{as_projection, ProcessManager};
+use stele_engine::projection::{ProjectionRunner, Stepped};
+use stele_engine::queue::{JobFilter, NewJob};
 use stele_engine::repository::LogRepository;
 use stele_engine::{
-    AppendRequest, CommandBus, CommandError, CommandMeta, NewEvent, Store, StreamId,
+    AppendRequest, CommandBus, CommandError, CommandMeta, NewEvent, RecordedEvent, Store, StreamId,
 };
 use uuid::Uuid;
 
 /// A small aggregate whose first event has two versions: v1 had no priority.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Note {
     title: Option<String>,
     priority: Option<String>,
@@ -391,7 +394,152 @@ async fn cqrs_es_framework_runs_on_the_log(store: &Store) {
     assert_eq!(note.lines, vec!["x"]);
 }
 
+/// One job per line added: what a reactor enqueues with the events.
+struct LineWatcher;
+
+impl ProcessManager for LineWatcher {
+    fn name(&self) -> &'static str {
+        "line-watcher"
+    }
+
+    fn event_types(&self) -> &'static [&'static str] {
+        &["LineAdded"]
+    }
+
+    fn react(&self, event: &RecordedEvent) -> Vec<NewJob> {
+        vec![NewJob::new(
+            "lines",
+            "line",
+            json!({ "line": event.payload["LineAdded"]["line"] }),
+        )]
+    }
+}
+
+async fn lines(store: &Store) -> Vec<String> {
+    let mut lines: Vec<String> = store
+        .queue
+        .list(JobFilter {
+            queue: Some("lines".into()),
+            limit: 1000,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|job| job.payload["line"].as_str().unwrap().to_owned())
+        .collect();
+    lines.sort();
+    lines
+}
+
+async fn a_reactor_enqueues_jobs_with_the_events_and_its_manager_passes_them_by(store: &Store) {
+    let reacting = Arc::new(bus(store).with_reactor(Arc::new(LineWatcher)));
+    reacting
+        .execute("r", NoteCommand::Create { title: "r".into() }, new_meta())
+        .await
+        .unwrap();
+    // Racing commands: the losers' jobs go with their rolled-back appends, the retries' with
+    // theirs; a repeated command enqueues nothing.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let bus = reacting.clone();
+            tokio::spawn(async move {
+                let line = NoteCommand::AddLine {
+                    line: format!("l{i}"),
+                };
+                let meta = new_meta();
+                bus.execute("r", line.clone(), meta.clone()).await.unwrap();
+                bus.execute("r", line, meta).await.unwrap()
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert!(matches!(task.await.unwrap(), Executed::Duplicate(_)));
+    }
+    let expected: Vec<String> = (0..8).map(|i| format!("l{i}")).collect();
+    assert_eq!(lines(store).await, expected);
+    let events = store
+        .log
+        .read_stream(&StreamId::new("note", "r"), 0)
+        .await
+        .unwrap();
+    assert!(events
+        .iter()
+        .all(|e| e.metadata.reacted.as_deref() == Some("line-watcher")));
+    let job = &store
+        .queue
+        .list(JobFilter {
+            queue: Some("lines".into()),
+            limit: 1,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap()[0];
+    assert!(job
+        .idempotency_key
+        .as_deref()
+        .unwrap()
+        .starts_with("line-watcher:"));
+
+    // A line added by a bus without the reactor: the manager, following the log, enqueues its
+    // job, and only that one.
+    bus(store)
+        .execute("r", NoteCommand::AddLine { line: "m".into() }, new_meta())
+        .await
+        .unwrap();
+    let runner = ProjectionRunner::new(
+        store,
+        vec![as_projection(Arc::new(LineWatcher), store.queue.clone())],
+    );
+    runner.setup().await.unwrap();
+    while runner.step("line-watcher").await.unwrap() != (Stepped { read: 0 }) {}
+    let mut expected = expected;
+    expected.push("m".into());
+    assert_eq!(lines(store).await, expected);
+}
+
+async fn a_cached_state_that_fell_behind_is_caught_up(store: &Store) {
+    let cached = bus(store).with_state_cache(100, std::time::Duration::from_secs(60));
+    let plain = bus(store);
+    let add = |line: &str| NoteCommand::AddLine { line: line.into() };
+    cached
+        .execute("c", NoteCommand::Create { title: "c".into() }, new_meta())
+        .await
+        .unwrap();
+    // Another writer moves the note on behind the cache's back.
+    plain.execute("c", add("other"), new_meta()).await.unwrap();
+    // Decided on the cached state, the append conflicts, and is decided again on the stored one.
+    let mine = cached.execute("c", add("mine"), new_meta()).await.unwrap();
+    assert_eq!(mine.outcome().unwrap().last_sequence, 3);
+    let (note, version) = plain.load("c").await.unwrap();
+    assert_eq!(
+        (note.lines, version),
+        (vec!["other".into(), "mine".into()], 3)
+    );
+    // A load reads the stored stream.
+    plain.execute("c", add("third"), new_meta()).await.unwrap();
+    let (note, version) = cached.load("c").await.unwrap();
+    assert_eq!((note.lines.len(), version), (3, 4));
+
+    // A refusal decided on a cached state is checked against the stored stream first.
+    let (_, version) = cached.load("d").await.unwrap();
+    assert_eq!(version, 0);
+    plain
+        .execute("d", NoteCommand::Create { title: "d".into() }, new_meta())
+        .await
+        .unwrap();
+    let added = cached.execute("d", add("x"), new_meta()).await.unwrap();
+    assert!(matches!(added, Executed::Appended(_)));
+    // And a real refusal is still one.
+    assert!(matches!(
+        cached.execute("e", add("x"), new_meta()).await,
+        Err(CommandError::Rejected(NoteError::Missing))
+    ));
+}
+
 for_each_backend!(
+    a_cached_state_that_fell_behind_is_caught_up,
+    a_reactor_enqueues_jobs_with_the_events_and_its_manager_passes_them_by,
     creations_skip_the_read_and_fall_back_when_the_stream_exists,
     commands_append_events_with_their_metadata,
     racing_commands_are_retried_until_all_apply,

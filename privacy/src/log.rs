@@ -10,6 +10,7 @@ use stele_engine::log::{
     AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogError, LogTransaction,
     Position, RecordedEvent, StreamId, TxConnection,
 };
+use stele_engine::queue::NewJob;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -83,6 +84,15 @@ impl EventLog for SealedLog {
     async fn append(&self, mut request: AppendRequest) -> Result<AppendOutcome, LogError> {
         seal(&self.sealer, &mut request).await?;
         self.inner.append(request).await
+    }
+
+    async fn append_with_jobs(
+        &self,
+        mut request: AppendRequest,
+        jobs: Vec<NewJob>,
+    ) -> Result<AppendOutcome, LogError> {
+        seal(&self.sealer, &mut request).await?;
+        self.inner.append_with_jobs(request, jobs).await
     }
 
     async fn begin(&self) -> Result<Box<dyn LogTransaction>, LogError> {

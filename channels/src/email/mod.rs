@@ -469,7 +469,7 @@ impl ProcessManager for EmailManager {
 #[cfg(test)]
 mod tests {
     use serde_json::{json, Value};
-    use stele_engine::{CommandMeta, EventMetadata, Position, StreamId};
+    use stele_engine::{CommandMeta, Position, StreamId};
 
     use super::*;
 
@@ -481,10 +481,7 @@ mod tests {
             event_type: event_type.into(),
             event_version: "1.0".into(),
             recorded_at: chrono::Utc::now(),
-            metadata: EventMetadata {
-                event_id: uuid::Uuid::now_v7(),
-                command: CommandMeta::new("test", "test"),
-            },
+            metadata: CommandMeta::new("test", "test").for_event(uuid::Uuid::now_v7()),
             payload: json!({ "type": event_type, "data": data }),
         }
     }

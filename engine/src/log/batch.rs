@@ -113,16 +113,16 @@ pub(crate) type OnCommit = Arc<dyn Fn() + Send + Sync>;
 /// What an adapter provides for group commit.
 #[async_trait]
 pub(crate) trait GroupWriter: Send + Sync + 'static {
-    /// Writes `requests` in one transaction. A request that conflicts is left out (its writes are
-    /// rolled back) and reported as [`Written::Conflict`]; the others are committed. The result has
-    /// one entry per request, in order.
-    async fn write_group(&self, requests: &[AppendRequest]) -> Result<Vec<Written>, LogError>;
+    /// Writes `appends` in one transaction, each with its jobs. A request that conflicts is left
+    /// out (its writes and jobs are rolled back) and reported as [`Written::Conflict`]; the
+    /// others are committed. The result has one entry per request, in order.
+    async fn write_group(&self, appends: &[Append]) -> Result<Vec<Written>, LogError>;
 
     /// The first outcome of an accepted command.
     async fn outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>, LogError>;
 }
 
-use super::{AppendOutcome, AppendRequest, CommandOutcome, Written};
+use super::{Append, AppendOutcome, CommandOutcome, Written};
 use uuid::Uuid;
 
 impl<W: GroupWriter> GroupCommit<W> {
@@ -133,7 +133,7 @@ impl<W: GroupWriter> GroupCommit<W> {
     /// database as a whole fails every command of the group.
     fn write_isolating<'a>(
         &'a self,
-        requests: &'a [AppendRequest],
+        requests: &'a [Append],
     ) -> futures::future::BoxFuture<'a, Vec<Result<Written, LogError>>> {
         Box::pin(async move {
             match self.writer.write_group(requests).await {
@@ -164,10 +164,10 @@ impl<W: GroupWriter> GroupCommit<W> {
 
 #[async_trait]
 impl<W: GroupWriter> BatchHandler for GroupCommit<W> {
-    type Request = AppendRequest;
+    type Request = Append;
     type Response = Result<AppendOutcome, LogError>;
 
-    async fn handle(&self, requests: Vec<AppendRequest>) -> Vec<Self::Response> {
+    async fn handle(&self, requests: Vec<Append>) -> Vec<Self::Response> {
         let written = self.write_isolating(&requests).await;
         if written
             .iter()
@@ -176,7 +176,7 @@ impl<W: GroupWriter> BatchHandler for GroupCommit<W> {
             (self.on_commit)();
         }
         let mut responses = Vec::with_capacity(requests.len());
-        for (request, written) in requests.into_iter().zip(written) {
+        for (Append { request, .. }, written) in requests.into_iter().zip(written) {
             let written = match written {
                 Ok(written) => written,
                 Err(e) => {

@@ -11,6 +11,7 @@ mod subscribe;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::metadata::EventMetadata;
+use crate::queue::NewJob;
 
 pub use subscribe::{subscribe, Subscription, SubscriptionOptions};
 
@@ -246,6 +248,15 @@ pub trait EventLog: Send + Sync + 'static {
     /// before appends nothing and returns [`AppendOutcome::Duplicate`] with the first outcome.
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, LogError>;
 
+    /// [`EventLog::append`], and enqueues `jobs` in the same transaction: they exist if and only
+    /// if the events were appended (not for a duplicate or a conflict). The store's workers are
+    /// woken as by any enqueue. Group commit applies as for appends.
+    async fn append_with_jobs(
+        &self,
+        request: AppendRequest,
+        jobs: Vec<NewJob>,
+    ) -> Result<AppendOutcome, LogError>;
+
     /// Starts a transaction in which the caller appends, and later commits, atomically.
     async fn begin(&self) -> Result<Box<dyn LogTransaction>, LogError>;
 
@@ -309,6 +320,21 @@ pub enum TxConnection<'a> {
     Postgres(&'a mut sqlx::PgConnection),
     Sqlite(&'a mut sqlx::SqliteConnection),
 }
+
+/// An append and the jobs to enqueue with it, as the group writer takes them.
+#[derive(Clone, Debug)]
+pub(crate) struct Append {
+    pub(crate) request: AppendRequest,
+    pub(crate) jobs: Vec<NewJob>,
+}
+
+/// Checks the jobs of an append before it reaches a database.
+pub(crate) fn validate_jobs(jobs: &[NewJob]) -> Result<(), LogError> {
+    crate::queue::validate(jobs).map_err(|e| LogError::InvalidAppend(e.to_string()))
+}
+
+/// Called after a commit that enqueued jobs (wakes the store's workers).
+pub(crate) type JobsHook = std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>;
 
 /// Checks the shape of a request before it reaches a database.
 pub(crate) fn validate(request: &AppendRequest) -> Result<(), LogError> {

@@ -26,11 +26,13 @@ use uuid::Uuid;
 
 use super::batch::{BatchHandler, Batcher, GroupCommit, GroupWriter};
 use super::{
-    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogError,
-    LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
+    json_text, validate, validate_jobs, Append, AppendOutcome, AppendRequest, Backend,
+    CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
+    StreamId, TxConnection, Written,
 };
 use crate::metadata::EventMetadata;
 use crate::notify::{WakeHandle, Waker};
+use crate::queue::NewJob;
 
 /// The LISTEN/NOTIFY channel the events table's trigger notifies.
 const CHANNEL: &str = "stele_events";
@@ -55,6 +57,9 @@ const READ_LOG: &str = "\
 /// what a taken event sequence does.
 macro_rules! write_group_sql {
     ($commands_on_conflict:literal, $on_conflict:literal) => {
+        write_group_sql!($commands_on_conflict, $on_conflict, "")
+    };
+    ($commands_on_conflict:literal, $on_conflict:literal, $more:literal) => {
         concat!(
             "WITH accepted AS (",
             "  INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence,",
@@ -71,6 +76,7 @@ macro_rules! write_group_sql {
             "  WHERE u.c IN (SELECT command_id FROM accepted) ",
             $on_conflict,
             "  RETURNING aggregate_type, aggregate_id, sequence, global_position)",
+            $more,
             " SELECT 'c' AS kind, command_id, NULL::text AS aggregate_type, NULL::text AS aggregate_id,",
             "        NULL::int8 AS sequence, NULL::int8 AS global_position FROM accepted",
             " UNION ALL",
@@ -83,6 +89,27 @@ macro_rules! write_group_sql {
 /// unique violation, and the group is then written again with [`WRITE_GROUP_TOLERANT`]. (Plain
 /// inserts: `ON CONFLICT` costs a speculative insertion per row, paid on every append.)
 const WRITE_GROUP: &str = write_group_sql!("", "");
+
+/// [`WRITE_GROUP`] with the jobs of the group's commands (`$15` the command each job comes
+/// with, `$16`… as in the queue's `ENQUEUE`), inserted in the same statement: one round trip and
+/// one commit for a step's events and its next job. A job whose idempotency key an unfinished job
+/// holds is skipped, as an enqueue would.
+const WRITE_GROUP_WITH_JOBS: &str = write_group_sql!(
+    "",
+    "",
+    ", jobs_in AS (\
+      INSERT INTO jobs (id, queue, kind, payload, priority, run_at, max_attempts, timeout_ms, \
+                        ordering_key, idempotency_key) \
+      SELECT j.id, j.queue, j.kind, j.payload::jsonb, j.priority, COALESCE(j.run_at, now()), \
+             j.max_attempts, j.timeout_ms, j.ordering_key, j.idempotency_key \
+      FROM UNNEST($15::uuid[], $16::uuid[], $17::text[], $18::text[], $19::text[], $20::int2[], \
+                  $21::timestamptz[], $22::int4[], $23::int8[], $24::text[], $25::text[]) \
+           AS j(c, id, queue, kind, payload, priority, run_at, max_attempts, timeout_ms, \
+                ordering_key, idempotency_key) \
+      WHERE j.c IN (SELECT command_id FROM accepted) \
+      ON CONFLICT (idempotency_key) \
+          WHERE idempotency_key IS NOT NULL AND state IN ('available', 'running') DO NOTHING)"
+);
 
 /// Skips events whose sequence is taken instead of failing; the caller finds the conflicting
 /// commands by their missing events and rolls back.
@@ -149,6 +176,15 @@ pub struct PgEventLog {
 
 struct PgWriter {
     pool: PgPool,
+    jobs: JobsHook,
+}
+
+impl PgWriter {
+    fn jobs_enqueued(&self) {
+        if let Some(hook) = self.jobs.get() {
+            hook();
+        }
+    }
 }
 
 /// Loads the streams of concurrent commands with one query per batch.
@@ -213,7 +249,10 @@ impl BatchHandler for PgLoader {
 impl PgEventLog {
     pub fn new(pool: PgPool, options: PgLogOptions) -> Self {
         let appends = Waker::new();
-        let writer = Arc::new(PgWriter { pool: pool.clone() });
+        let writer = Arc::new(PgWriter {
+            pool: pool.clone(),
+            jobs: JobsHook::new(),
+        });
         let on_commit = {
             let appends = appends.sender();
             Arc::new(move || appends.wake())
@@ -242,6 +281,12 @@ impl PgEventLog {
             appends,
             tasks: std::sync::Mutex::new(tasks),
         }
+    }
+
+    /// Calls `hook` after each commit that enqueued jobs with an append (the store wakes its
+    /// workers with it). Set once.
+    pub(crate) fn on_jobs(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        let _ = self.writer.jobs.set(hook);
     }
 
     /// The connection pool (the same database holds other Stele tables).
@@ -329,8 +374,57 @@ async fn write_with(
     sql: &'static str,
     requests: &[&AppendRequest],
 ) -> Result<Vec<Written>, LogError> {
+    write_with_jobs(conn, sql, requests, None).await
+}
+
+/// The jobs of a group as the columns of [`WRITE_GROUP_WITH_JOBS`].
+#[derive(Default)]
+struct JobColumns {
+    commands: Vec<Uuid>,
+    ids: Vec<Uuid>,
+    queues: Vec<String>,
+    kinds: Vec<String>,
+    payloads: Vec<String>,
+    priorities: Vec<i16>,
+    run_ats: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    max_attempts: Vec<i32>,
+    timeouts: Vec<i64>,
+    ordering_keys: Vec<Option<String>>,
+    idempotency_keys: Vec<Option<String>>,
+}
+
+impl JobColumns {
+    fn new(appends: &[&Append]) -> Result<Self, LogError> {
+        let mut c = JobColumns::default();
+        for append in appends {
+            for job in &append.jobs {
+                c.commands.push(append.request.command_id);
+                c.ids.push(Uuid::now_v7());
+                c.queues.push(job.queue.clone());
+                c.kinds.push(job.kind.clone());
+                c.payloads.push(json_text(&job.payload)?);
+                c.priorities.push(job.priority);
+                c.run_ats.push(job.run_at);
+                c.max_attempts.push(job.max_attempts);
+                c.timeouts
+                    .push(job.timeout.as_millis().min(i64::MAX as u128) as i64);
+                c.ordering_keys.push(job.ordering_key.clone());
+                c.idempotency_keys.push(job.idempotency_key.clone());
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// [`write_with`], with the group's jobs bound too (for [`WRITE_GROUP_WITH_JOBS`]).
+async fn write_with_jobs(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    requests: &[&AppendRequest],
+    jobs: Option<&JobColumns>,
+) -> Result<Vec<Written>, LogError> {
     let c = GroupColumns::new(requests)?;
-    let rows = sqlx::query(sql)
+    let mut query = sqlx::query(sql)
         .bind(&c.command_ids)
         .bind(&c.types)
         .bind(&c.ids)
@@ -344,9 +438,22 @@ async fn write_with(
         .bind(&c.event_versions)
         .bind(&c.payloads)
         .bind(&c.metadata)
-        .bind(&c.event_ids)
-        .fetch_all(&mut *conn)
-        .await?;
+        .bind(&c.event_ids);
+    if let Some(j) = jobs {
+        query = query
+            .bind(&j.commands)
+            .bind(&j.ids)
+            .bind(&j.queues)
+            .bind(&j.kinds)
+            .bind(&j.payloads)
+            .bind(&j.priorities)
+            .bind(&j.run_ats)
+            .bind(&j.max_attempts)
+            .bind(&j.timeouts)
+            .bind(&j.ordering_keys)
+            .bind(&j.idempotency_keys);
+    }
+    let rows = query.fetch_all(&mut *conn).await?;
 
     let mut accepted = HashSet::new();
     let mut written: HashMap<(String, String, i64), Position> = HashMap::new();
@@ -423,28 +530,67 @@ async fn command_outcome(
     }))
 }
 
+/// Enqueues the jobs of the appends that were written, in their transaction.
+async fn enqueue_written(
+    conn: &mut PgConnection,
+    appends: &[&Append],
+    written: &[Written],
+) -> Result<bool, LogError> {
+    let jobs: Vec<NewJob> = appends
+        .iter()
+        .zip(written)
+        .filter(|(_, w)| matches!(w, Written::Appended(_)))
+        .flat_map(|(append, _)| append.jobs.iter().cloned())
+        .collect();
+    if jobs.is_empty() {
+        return Ok(false);
+    }
+    crate::queue::postgres::enqueue_on(conn, jobs)
+        .await
+        .map_err(|e| match e {
+            crate::queue::QueueError::Database(e) => LogError::Database(e),
+            other => LogError::InvalidAppend(other.to_string()),
+        })?;
+    Ok(true)
+}
+
 #[async_trait]
 impl GroupWriter for PgWriter {
-    async fn write_group(&self, requests: &[AppendRequest]) -> Result<Vec<Written>, LogError> {
-        let mut results: Vec<Option<Written>> = requests.iter().map(|_| None).collect();
+    async fn write_group(&self, appends: &[Append]) -> Result<Vec<Written>, LogError> {
+        let mut results: Vec<Option<Written>> = appends.iter().map(|_| None).collect();
         // A command id twice in one group: the later ones are duplicates of the first.
         let mut seen = HashSet::new();
-        for (result, request) in results.iter_mut().zip(requests) {
-            if !seen.insert(request.command_id) {
+        for (result, append) in results.iter_mut().zip(appends) {
+            if !seen.insert(append.request.command_id) {
                 *result = Some(Written::Duplicate);
             }
         }
-        let pending: Vec<&AppendRequest> = requests
+        let pending: Vec<&Append> = appends
             .iter()
             .zip(&results)
             .filter(|(_, r)| r.is_none())
-            .map(|(request, _)| request)
+            .map(|(append, _)| append)
             .collect();
+        let requests: Vec<&AppendRequest> = pending.iter().map(|a| &a.request).collect();
+        let mut enqueued = false;
 
-        // Fast path: one statement, committed on its own (one round trip, one flush).
+        // Fast path: one statement, committed on its own (one round trip, one flush); with
+        // jobs, the statement and their enqueue in one transaction.
         let mut conn = self.pool.acquire().await?;
-        match write_with(&mut conn, WRITE_GROUP, &pending).await {
+        let fast = if pending.iter().all(|a| a.jobs.is_empty()) {
+            write_with(&mut conn, WRITE_GROUP, &requests).await
+        } else {
+            let jobs = JobColumns::new(&pending)?;
+            let written =
+                write_with_jobs(&mut conn, WRITE_GROUP_WITH_JOBS, &requests, Some(&jobs)).await;
+            enqueued = written.is_ok();
+            written
+        };
+        match fast {
             Ok(written) => {
+                if enqueued {
+                    self.jobs_enqueued();
+                }
                 let mut written = written.into_iter();
                 for result in results.iter_mut().filter(|r| r.is_none()) {
                     *result = written.next();
@@ -460,15 +606,16 @@ impl GroupWriter for PgWriter {
 
         // Some command is stale. Find which, in a transaction, and write the others.
         loop {
-            let pending: Vec<usize> = (0..requests.len())
+            let pending: Vec<usize> = (0..appends.len())
                 .filter(|&i| results[i].is_none())
                 .collect();
             if pending.is_empty() {
                 break;
             }
-            let batch: Vec<&AppendRequest> = pending.iter().map(|&i| &requests[i]).collect();
+            let batch: Vec<&Append> = pending.iter().map(|&i| &appends[i]).collect();
+            let requests: Vec<&AppendRequest> = batch.iter().map(|a| &a.request).collect();
             let mut tx = conn.begin().await?;
-            let written = write_with(&mut tx, WRITE_GROUP_TOLERANT, &batch).await?;
+            let written = write_with(&mut tx, WRITE_GROUP_TOLERANT, &requests).await?;
             if written.iter().any(|w| matches!(w, Written::Conflict(_))) {
                 // Roll back the partial writes and write the rest again without the losers.
                 tx.rollback().await?;
@@ -479,10 +626,14 @@ impl GroupWriter for PgWriter {
                 }
                 continue;
             }
+            enqueued |= enqueue_written(&mut tx, &batch, &written).await?;
             tx.commit().await?;
             for (&i, w) in pending.iter().zip(written) {
                 results[i] = Some(w);
             }
+        }
+        if enqueued {
+            self.jobs_enqueued();
         }
         Ok(results
             .into_iter()
@@ -503,8 +654,17 @@ impl EventLog for PgEventLog {
     }
 
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, LogError> {
+        self.append_with_jobs(request, Vec::new()).await
+    }
+
+    async fn append_with_jobs(
+        &self,
+        request: AppendRequest,
+        jobs: Vec<NewJob>,
+    ) -> Result<AppendOutcome, LogError> {
         validate(&request)?;
-        self.committer.call(request).await?
+        validate_jobs(&jobs)?;
+        self.committer.call(Append { request, jobs }).await?
     }
 
     async fn begin(&self) -> Result<Box<dyn LogTransaction>, LogError> {

@@ -26,9 +26,11 @@ use uuid::Uuid;
 
 use super::batch::{Batcher, GroupCommit, GroupWriter};
 use super::{
-    json_text, validate, AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, LogError,
-    LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
+    json_text, validate, validate_jobs, Append, AppendOutcome, AppendRequest, Backend,
+    CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
+    StreamId, TxConnection, Written,
 };
+use crate::queue::NewJob;
 
 const EVENT_COLUMNS: &str = "global_position, aggregate_type, aggregate_id, sequence, event_type, \
                              event_version, recorded_at, metadata, payload";
@@ -61,6 +63,7 @@ pub struct SqliteEventLog {
 
 struct SqliteWriter {
     pool: SqlitePool,
+    jobs: JobsHook,
 }
 
 /// Makes sqlite-vec (vector search: the memory's index on the embedded store) part of every
@@ -117,7 +120,10 @@ impl SqliteEventLog {
             .connect_with(connect_options(path).read_only(true))
             .await?;
         let (appends, _) = watch::channel(0);
-        let writer = Arc::new(SqliteWriter { pool: writer });
+        let writer = Arc::new(SqliteWriter {
+            pool: writer,
+            jobs: JobsHook::new(),
+        });
         let bump = appends.clone();
         let committer = Batcher::start(
             Arc::new(GroupCommit {
@@ -133,6 +139,12 @@ impl SqliteEventLog {
             committer,
             appends,
         })
+    }
+
+    /// Calls `hook` after each commit that enqueued jobs with an append (the store wakes its
+    /// workers with it). Set once.
+    pub(crate) fn on_jobs(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        let _ = self.writer.jobs.set(hook);
     }
 
     /// The writer pool (one connection), for other tables of the embedded store.
@@ -331,7 +343,7 @@ const INSERT_EVENTS: &str = "\
 /// group is kept; the caller rolls back).
 async fn write_fast(
     conn: &mut SqliteConnection,
-    requests: &[AppendRequest],
+    requests: &[&AppendRequest],
 ) -> Result<Option<Vec<Written>>, LogError> {
     let mut seen = HashSet::new();
     let commands: Vec<CommandRow> = requests
@@ -426,22 +438,55 @@ async fn write_fast(
     Ok(Some(written))
 }
 
+/// Enqueues the jobs of the appends that were written, in their transaction; whether any were.
+async fn enqueue_written(
+    conn: &mut SqliteConnection,
+    appends: &[Append],
+    written: &[Written],
+) -> Result<bool, LogError> {
+    let jobs: Vec<NewJob> = appends
+        .iter()
+        .zip(written)
+        .filter(|(_, w)| matches!(w, Written::Appended(_)))
+        .flat_map(|(append, _)| append.jobs.iter().cloned())
+        .collect();
+    if jobs.is_empty() {
+        return Ok(false);
+    }
+    crate::queue::sqlite::enqueue_on(conn, jobs)
+        .await
+        .map_err(|e| match e {
+            crate::queue::QueueError::Database(e) => LogError::Database(e),
+            other => LogError::InvalidAppend(other.to_string()),
+        })?;
+    Ok(true)
+}
+
 #[async_trait]
 impl GroupWriter for SqliteWriter {
-    async fn write_group(&self, requests: &[AppendRequest]) -> Result<Vec<Written>, LogError> {
+    async fn write_group(&self, appends: &[Append]) -> Result<Vec<Written>, LogError> {
+        let requests: Vec<&AppendRequest> = appends.iter().map(|a| &a.request).collect();
         let mut tx = self.begin().await?;
-        if let Some(written) = write_fast(&mut tx, requests).await? {
-            tx.commit().await?;
-            return Ok(written);
-        }
-        // Some command is stale: write them one by one, each in a savepoint.
-        tx.rollback().await?;
-        let mut tx = self.begin().await?;
-        let mut written = Vec::with_capacity(requests.len());
-        for request in requests {
-            written.push(insert_request(&mut tx, request).await?);
-        }
+        let written = match write_fast(&mut tx, &requests).await? {
+            Some(written) => written,
+            None => {
+                // Some command is stale: write them one by one, each in a savepoint.
+                tx.rollback().await?;
+                tx = self.begin().await?;
+                let mut written = Vec::with_capacity(requests.len());
+                for request in &requests {
+                    written.push(insert_request(&mut tx, request).await?);
+                }
+                written
+            }
+        };
+        let enqueued = enqueue_written(&mut tx, appends, &written).await?;
         tx.commit().await?;
+        if enqueued {
+            if let Some(hook) = self.jobs.get() {
+                hook();
+            }
+        }
         Ok(written)
     }
 
@@ -458,8 +503,17 @@ impl EventLog for SqliteEventLog {
     }
 
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, LogError> {
+        self.append_with_jobs(request, Vec::new()).await
+    }
+
+    async fn append_with_jobs(
+        &self,
+        request: AppendRequest,
+        jobs: Vec<NewJob>,
+    ) -> Result<AppendOutcome, LogError> {
         validate(&request)?;
-        self.committer.call(request).await?
+        validate_jobs(&jobs)?;
+        self.committer.call(Append { request, jobs }).await?
     }
 
     async fn begin(&self) -> Result<Box<dyn LogTransaction>, LogError> {

@@ -357,7 +357,9 @@ impl ProjectionRunner {
         loop {
             appends.borrow_and_update();
             match self.step(name).await {
-                Ok(Stepped { read }) if read > 0 => continue,
+                // A full batch: there may be more. A shorter one read up to the head as it was
+                // (an append since then has changed `appends`, so the wait below returns at once).
+                Ok(Stepped { read }) if read >= self.batch_size => continue,
                 Ok(_) => {}
                 Err(ProjectionError::Busy(_)) => {}
                 Err(e) => tracing::warn!(projection = name, error = %e, "projection step failed"),

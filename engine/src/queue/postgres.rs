@@ -2,6 +2,7 @@
 //! written in batches, and enqueues wake workers in other processes with `NOTIFY stele_jobs`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -41,10 +42,16 @@ const ENQUEUE: &str = "\
 /// Runnable = available, due, and the oldest unfinished job of its ordering key. The picked ids
 /// go through `ANY(ARRAY(…))` so the update finds them by primary key (a join with the CTE is
 /// planned as a hash join over the whole table).
+///
+/// Like [`EXTEND`] and [`COMPLETE`], it commits without waiting for the flush (see
+/// [`unflushed`]): `set_config(…, true)` sets `synchronous_commit` for the statement's own
+/// transaction, whose commit reads it, in one round trip instead of three (`BEGIN; SET LOCAL`,
+/// the statement, `COMMIT`).
 const CLAIM: &str = "\
+    WITH unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)) \
     UPDATE jobs SET state = 'running', attempt = attempt + 1, locked_by = $3, \
            lease_expires_at = now() + make_interval(secs => $4), updated_at = now() \
-    WHERE id = ANY(ARRAY( \
+    WHERE EXISTS (SELECT FROM unflushed) AND id = ANY(ARRAY( \
         SELECT j.id FROM jobs j \
         WHERE j.state = 'available' AND j.queue = $1 AND j.run_at <= now() \
           AND (j.ordering_key IS NULL OR NOT EXISTS ( \
@@ -57,18 +64,22 @@ const CLAIM: &str = "\
     RETURNING *";
 
 const EXTEND: &str = "\
-    WITH mine AS ( \
+    WITH unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
+    mine AS ( \
         UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3), updated_at = now() \
-        WHERE id = ANY($1) AND state = 'running' AND locked_by = $2 \
+        WHERE EXISTS (SELECT FROM unflushed) AND id = ANY($1) AND state = 'running' \
+          AND locked_by = $2 \
         RETURNING id) \
     SELECT u.id FROM UNNEST($1::uuid[]) AS u(id) WHERE u.id NOT IN (SELECT id FROM mine)";
 
 /// Returns whether any completed job had an ordering key (its successor may now run).
 const COMPLETE: &str = "\
-    WITH done AS ( \
+    WITH unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
+    done AS ( \
         UPDATE jobs SET state = 'completed', finished_at = now(), updated_at = now(), \
                lease_expires_at = NULL, locked_by = NULL \
-        WHERE id = ANY($1) AND state = 'running' AND locked_by = $2 \
+        WHERE EXISTS (SELECT FROM unflushed) AND id = ANY($1) AND state = 'running' \
+          AND locked_by = $2 \
         RETURNING ordering_key) \
     SELECT COALESCE(bool_or(ordering_key IS NOT NULL), false) FROM done";
 
@@ -131,6 +142,13 @@ impl PgJobQueue {
             tasks: std::sync::Mutex::new(tasks),
         }
     }
+
+    /// Wakes this queue's workers (here and, by `NOTIFY`, elsewhere): for jobs another writer
+    /// enqueued (see [`crate::EventLog::append_with_jobs`]).
+    pub(crate) fn wake_hook(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let wake = self.wakeups.sender();
+        Arc::new(move || wake.wake())
+    }
 }
 
 fn job_from_row(row: &PgRow) -> Result<Job, QueueError> {
@@ -167,7 +185,7 @@ fn job_from_row(row: &PgRow) -> Result<Job, QueueError> {
 }
 
 /// Enqueues on `conn` (a pool connection or an open transaction).
-async fn enqueue_on(
+pub(crate) async fn enqueue_on(
     conn: &mut PgConnection,
     jobs: Vec<NewJob>,
 ) -> Result<Vec<Enqueued>, QueueError> {
@@ -278,15 +296,13 @@ impl JobQueue for PgJobQueue {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<Job>, QueueError> {
-        let mut tx = unflushed(&self.pool).await?;
         let rows = sqlx::query(CLAIM)
             .bind(queue)
             .bind(limit as i64)
             .bind(worker)
             .bind(lease.as_secs_f64())
-            .fetch_all(&mut *tx)
+            .fetch_all(&self.pool)
             .await?;
-        tx.commit().await?;
         let mut jobs = rows
             .iter()
             .map(job_from_row)
@@ -304,15 +320,12 @@ impl JobQueue for PgJobQueue {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = unflushed(&self.pool).await?;
-        let lost = sqlx::query_scalar(EXTEND)
+        Ok(sqlx::query_scalar(EXTEND)
             .bind(ids)
             .bind(worker)
             .bind(lease.as_secs_f64())
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(lost)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn finish(&self, worker: &str, outcomes: Vec<(Uuid, Outcome)>) -> Result<(), QueueError> {
@@ -336,6 +349,20 @@ impl JobQueue for PgJobQueue {
                     reasons.push(reason);
                 }
             }
+        }
+        if failed.is_empty() && snoozed.is_empty() && cancelled.is_empty() {
+            // The common case: completions only, one statement.
+            if !completed.is_empty() {
+                let ordered: bool = sqlx::query_scalar(COMPLETE)
+                    .bind(&completed)
+                    .bind(worker)
+                    .fetch_one(&self.pool)
+                    .await?;
+                if ordered {
+                    self.wakeups.wake();
+                }
+            }
+            return Ok(());
         }
         let mut conn = unflushed(&self.pool).await?;
         let mut successors = !cancelled.is_empty();

@@ -36,6 +36,13 @@ impl SqliteJobQueue {
             wakeups: watch::channel(0).0,
         }
     }
+
+    /// Wakes this queue's workers: for jobs another writer enqueued (see
+    /// [`crate::EventLog::append_with_jobs`]).
+    pub(crate) fn wake_hook(&self) -> std::sync::Arc<dyn Fn() + Send + Sync> {
+        let wakeups = self.wakeups.clone();
+        std::sync::Arc::new(move || bump(&wakeups))
+    }
 }
 
 /// The writer connection with commits that do not wait for the disk flush, for a worker's
@@ -121,7 +128,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, QueueError> {
     })
 }
 
-async fn enqueue_on(
+pub(crate) async fn enqueue_on(
     conn: &mut SqliteConnection,
     jobs: Vec<NewJob>,
 ) -> Result<Vec<Enqueued>, QueueError> {

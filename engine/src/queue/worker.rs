@@ -312,8 +312,9 @@ async fn claim_ahead(
             continue;
         }
         wakeups.borrow_and_update();
+        let asked = room.min(batch);
         let jobs = match queue
-            .claim(&options.queue, &options.id, room.min(batch), options.lease)
+            .claim(&options.queue, &options.id, asked, options.lease)
             .await
         {
             Ok(jobs) => jobs,
@@ -335,9 +336,18 @@ async fn claim_ahead(
                 running.insert(job.id, None);
             }
         }
+        // Fewer than asked: nothing else was runnable, as after an empty claim. Claiming again
+        // at once would find nothing; wait for a wake-up (one that came during the claim counts).
+        let exhausted = jobs.len() < asked;
         for job in jobs {
             if ready.send(job).await.is_err() {
                 return;
+            }
+        }
+        if exhausted {
+            tokio::select! {
+                _ = wakeups.changed() => {}
+                _ = tokio::time::sleep(options.poll_interval) => {}
             }
         }
     }

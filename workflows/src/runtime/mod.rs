@@ -12,9 +12,11 @@
 //!  TaskCancelled ──► job workflow.cancel ──► RunCancelled
 //! ```
 //!
-//! The manager is a process manager ([`stele_engine::process`]): it follows the log with a
-//! checkpoint and enqueues jobs in the checkpoint's transaction, so every recorded decision
-//! becomes its job exactly once, whatever crashes. Jobs are idempotent: each handler first loads
+//! The manager is a process manager ([`stele_engine::process`]). The runtime's own commands run
+//! it as their reactor: a decision's jobs are enqueued in the transaction that records it. For
+//! events recorded otherwise (by an older node, or another bus), it follows the log with a
+//! checkpoint and enqueues jobs in the checkpoint's transaction. Either way every recorded
+//! decision becomes its job exactly once, whatever crashes. Jobs are idempotent: each handler first loads
 //! the aggregate and does nothing when the work is already done (a late or repeated job). So a
 //! crash of any process at any point resumes every run.
 
@@ -67,6 +69,11 @@ pub use retention::{RetentionManager, RETENTION_JOB, RETENTION_MANAGER};
 pub const QUEUE: &str = "workflows";
 /// The process manager's name (its checkpoint).
 pub const MANAGER: &str = "workflow-runtime";
+
+/// Task and run states kept in memory between one step and the next (see
+/// [`CommandBus::with_state_cache`]): enough for the runs in flight, briefly.
+const STATES: u64 = 10_000;
+const STATES_TTL: Duration = Duration::from_secs(5);
 
 /// Time a step job may run beyond its step's own timeout before the queue gives up on it (the
 /// handler records the step's timeout itself; this covers a handler stuck recording).
@@ -214,8 +221,13 @@ impl Runtime {
         Self {
             log: store.log.clone(),
             queue: store.queue.clone(),
-            tasks: CommandBus::new(store.log.clone(), ()),
-            runs: CommandBus::new(store.log.clone(), decider),
+            // Decisions become their jobs in their own commits (the manager passes them by).
+            tasks: CommandBus::new(store.log.clone(), ())
+                .with_reactor(Arc::new(Manager))
+                .with_state_cache(STATES, STATES_TTL),
+            runs: CommandBus::new(store.log.clone(), decider)
+                .with_reactor(Arc::new(Manager))
+                .with_state_cache(STATES, STATES_TTL),
             conversations: CommandBus::new(store.log.clone(), ()),
             catalog,
             agents,
