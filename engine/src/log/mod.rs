@@ -328,6 +328,29 @@ pub(crate) struct Append {
     pub(crate) jobs: Vec<NewJob>,
 }
 
+/// The jobs of the appends that were written (not refused as duplicates or conflicts).
+pub(crate) fn written_jobs<'a>(
+    appends: impl IntoIterator<Item = &'a Append>,
+    written: &[Written],
+) -> Vec<NewJob> {
+    appends
+        .into_iter()
+        .zip(written)
+        .filter(|(_, w)| matches!(w, Written::Appended(_)))
+        .flat_map(|(append, _)| append.jobs.iter().cloned())
+        .collect()
+}
+
+impl LogError {
+    /// A queue's refusal of an append's jobs, as the append's error.
+    pub(crate) fn from_queue(error: crate::queue::QueueError) -> Self {
+        match error {
+            crate::queue::QueueError::Database(e) => LogError::Database(e),
+            other => LogError::InvalidAppend(other.to_string()),
+        }
+    }
+}
+
 /// Checks the jobs of an append before it reaches a database.
 pub(crate) fn validate_jobs(jobs: &[NewJob]) -> Result<(), LogError> {
     crate::queue::validate(jobs).map_err(|e| LogError::InvalidAppend(e.to_string()))

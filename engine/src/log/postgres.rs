@@ -26,8 +26,8 @@ use uuid::Uuid;
 
 use super::batch::{BatchHandler, Batcher, GroupCommit, GroupWriter};
 use super::{
-    json_text, validate, validate_jobs, Append, AppendOutcome, AppendRequest, Backend,
-    CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
+    json_text, validate, validate_jobs, written_jobs, Append, AppendOutcome, AppendRequest,
+    Backend, CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
     StreamId, TxConnection, Written,
 };
 use crate::metadata::EventMetadata;
@@ -536,21 +536,13 @@ async fn enqueue_written(
     appends: &[&Append],
     written: &[Written],
 ) -> Result<bool, LogError> {
-    let jobs: Vec<NewJob> = appends
-        .iter()
-        .zip(written)
-        .filter(|(_, w)| matches!(w, Written::Appended(_)))
-        .flat_map(|(append, _)| append.jobs.iter().cloned())
-        .collect();
+    let jobs = written_jobs(appends.iter().copied(), written);
     if jobs.is_empty() {
         return Ok(false);
     }
     crate::queue::postgres::enqueue_on(conn, jobs)
         .await
-        .map_err(|e| match e {
-            crate::queue::QueueError::Database(e) => LogError::Database(e),
-            other => LogError::InvalidAppend(other.to_string()),
-        })?;
+        .map_err(LogError::from_queue)?;
     Ok(true)
 }
 
