@@ -95,7 +95,9 @@ pub(crate) fn bump(counter: &watch::Sender<u64>) {
 /// group commit across concurrent writers.
 async fn notify(pool: PgPool, channel: &'static str, mut local: watch::Receiver<u64>) {
     while local.changed().await.is_ok() {
-        if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+        // Named by the sender (the pool's unique `application_name`), as the appends' trigger
+        // does, so that this process skips its own notifications.
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, current_setting('application_name'))")
             .bind(channel)
             .execute(&pool)
             .await
@@ -108,9 +110,15 @@ async fn notify(pool: PgPool, channel: &'static str, mut local: watch::Receiver<
     }
 }
 
-/// Bumps `all` on every notification on `channel`. On a lost connection it bumps too
-/// (notifications may have been missed) and reconnects with a capped backoff.
+/// Bumps `all` on every notification on `channel` sent by another process (this process woke
+/// its own waiters when it committed: a notification whose payload is this pool's
+/// `application_name` is its own). On a lost connection it bumps too (notifications may have
+/// been missed) and reconnects with a capped backoff.
 async fn listen_for(pool: PgPool, channel: &'static str, all: watch::Sender<u64>) {
+    let own = pool
+        .connect_options()
+        .get_application_name()
+        .map(str::to_owned);
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
@@ -135,6 +143,8 @@ async fn listen_for(pool: PgPool, channel: &'static str, all: watch::Sender<u64>
         bump(&all);
         loop {
             match listener.try_recv().await {
+                Ok(Some(notification))
+                    if own.is_some() && Some(notification.payload()) == own.as_deref() => {}
                 // Ok(None): the connection dropped and sqlx reconnected; notifications may be lost.
                 Ok(_) => bump(&all),
                 Err(_) if pool.is_closed() => return,

@@ -228,6 +228,21 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool,
         })?
         // Every statement at debug level costs time on the hot path; slow ones still warn.
         .log_statements(tracing::log::LevelFilter::Trace);
+    // A name of its own for each pool (the one the URL gives, if any, with an id): its
+    // notifications carry it, so that it skips its own (`notify.rs`).
+    // (PostgreSQL keeps 63 bytes of a name: the given part is cut to leave room for the id.)
+    let given: String = options
+        .get_application_name()
+        .unwrap_or("stele")
+        .chars()
+        .filter(char::is_ascii_graphic)
+        .take(40)
+        .collect();
+    let name = format!(
+        "{given}#{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let options = options.application_name(&name);
     let target = format!("{}:{}", options.get_host(), options.get_port());
     let unreachable = |reason: String| StoreError::Unreachable {
         target: target.clone(),
