@@ -254,8 +254,9 @@ pub(crate) async fn enqueue_on(
     Ok(results)
 }
 
-/// A transaction whose commit does not wait for the disk flush: for a worker's claims, lease
-/// extensions and outcomes. A crash of the database may lose such a commit, and then the job is
+/// A transaction whose commit does not wait for the disk flush, for a worker's outcomes other
+/// than completions (claims, lease extensions and completions do the same in one statement each:
+/// see [`CLAIM`]). A crash of the database may lose such a commit, and then the job is
 /// runnable again (a lost claim), or running on an expired lease and rescued (a lost outcome):
 /// it runs again, as after a worker's crash, which jobs are built for. Anything durable a job
 /// did after its claim (an append) flushed the claim first, the write-ahead log being flushed
