@@ -29,6 +29,8 @@
 #                 PyPI torch wheel
 #   STELE_LIBTORCH_LIB     $LIBTORCH/lib: binaries linked against that libtorch need it on
 #                 LD_LIBRARY_PATH at run time (tch sets no rpath)
+#   STELE_S3_ENDPOINT      an S3-compatible server on loopback (moto's, from PyPI) for the blob
+#                          store tests: any bucket may be created there, any credentials pass
 #   STELE_MAIL_BASE        folder of a Dovecot + Postfix pair on loopback (scripts/mail-env.sh):
 #                 IMAP 11143, IMAPS 11993, SMTP 11025, SMTPS 11465; certs/ca.pem to trust,
 #                 dovecot/users to add test users to
@@ -41,6 +43,7 @@
 #                     unprivileged user that must be able to reach the binaries and data.
 #   STELE_PG_PORT     port of the provisioned PostgreSQL (default 55432, 127.0.0.1 only)
 #   STELE_REDIS_PORT  port of the private redis (default 56379, 127.0.0.1 only)
+#   STELE_S3_PORT     port of the S3-compatible test server (default 55490, 127.0.0.1 only)
 #   STELE_REDIS_PRIVATE=1  do not use a redis on 127.0.0.1:6379, always use the private one
 #   STELE_ST_TORCH    torch of the sentence-transformers venv: cpu (default: ~750 MB fetched,
 #                     1.5 GB venv) or full (torch with all its nvidia-* wheels, ~2.7 GB more)
@@ -73,6 +76,8 @@ _stele_init_vars() {
     fi
     _STELE_PG_PORT=${STELE_PG_PORT:-55432}
     _STELE_REDIS_PORT=${STELE_REDIS_PORT:-56379}
+    _STELE_S3_PORT=${STELE_S3_PORT:-55490}
+    _STELE_S3_DIR=$_STELE_CACHE/s3
     _STELE_PG_ROOT=$_STELE_CACHE/pg16                        # extracted wheel
     _STELE_PG_BINDIR=$_STELE_PG_ROOT/pgserver/pginstall/bin
     _STELE_PG_DATA=$_STELE_CACHE/pg16-data                   # cluster (also socket dir + log)
@@ -770,6 +775,7 @@ _STELE_PY_TOOLS=(
     "schemathesis==4.32.5"
     "openapi-python-client==0.29.1"
     "dkimpy==1.1.8" # the email tests check replies' DKIM signatures with it
+    "moto[server]==5.2.5" # an S3-compatible server for the blob store tests
 )
 
 # A Python venv (in the cache, kept between runs) with _STELE_PY_TOOLS.
@@ -778,7 +784,7 @@ _stele_openapi_tools() {
     sum=$(printf '%s\n' "${_STELE_PY_TOOLS[@]}" | cksum | cut -d' ' -f1)
     local marker=$venv/.stele-tools-$sum
     if [[ ! -f $marker || ! -x $venv/bin/schemathesis || ! -x $venv/bin/openapi-python-client ]] ||
-        ! "$venv/bin/python" -c 'import openapi_spec_validator, schemathesis, openapi_python_client' 2>/dev/null; then
+        ! "$venv/bin/python" -c 'import openapi_spec_validator, schemathesis, openapi_python_client, moto.server' 2>/dev/null; then
         _stele_log "installing ${_STELE_PY_TOOLS[*]} (PyPI) into $venv"
         local py
         py=$(command -v python3 || command -v python) || { _stele_err "python3 not found (needed for the OpenAPI tools)"; return 1; }
@@ -795,6 +801,46 @@ _stele_openapi_tools() {
     STELE_OPENAPI_VALIDATOR=$venv/bin/python
     STELE_SCHEMATHESIS=$venv/bin/schemathesis
     STELE_OPENAPI_CLIENT=$venv/bin/openapi-python-client
+    _STELE_MOTO=$venv/bin/moto_server
+}
+
+# pid of our S3-compatible server if it is running, else fails.
+_stele_s3_pid() {
+    local pid
+    pid=$(cat "$_STELE_S3_DIR/moto.pid" 2>/dev/null) || return 1
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+    printf '%s\n' "$pid"
+}
+
+_stele_s3_answers() {
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1" 2>/dev/null
+}
+
+# moto's S3-compatible server on loopback (in memory: nothing survives a restart).
+_stele_s3_up() {
+    local url=http://127.0.0.1:$_STELE_S3_PORT state=reused
+    if ! { _stele_s3_pid >/dev/null && _stele_s3_answers "$url/"; }; then
+        if _stele_port_in_use "$_STELE_S3_PORT"; then
+            _stele_err "port 127.0.0.1:$_STELE_S3_PORT is already in use by another process; set STELE_S3_PORT to a free port"
+            return 1
+        fi
+        mkdir -p "$_STELE_S3_DIR" || { _stele_err "cannot create $_STELE_S3_DIR"; return 1; }
+        (_stele_close_lock && cd "$_STELE_S3_DIR" && exec nohup "$_STELE_MOTO" -H 127.0.0.1 -p "$_STELE_S3_PORT" \
+            >"$_STELE_S3_DIR/moto.log" 2>&1 </dev/null) &
+        echo $! >"$_STELE_S3_DIR/moto.pid"
+        local i
+        for ((i = 0; i < 100; i++)); do
+            _stele_s3_answers "$url/" && break
+            sleep 0.2
+        done
+        if ((i == 100)); then
+            _stele_err "the S3-compatible server on $url does not answer (see $_STELE_S3_DIR/moto.log)"
+            return 1
+        fi
+        state=started
+    fi
+    STELE_S3_ENDPOINT=$url
+    _stele_log "S3-compatible server (moto) at $url ($state)"
 }
 
 # Serialise concurrent runs (e.g. two test jobs starting at once) on one lock file;
@@ -843,13 +889,15 @@ _stele_services_up() {
     ((rc == 0)) && { _stele_embedding_model || rc=1; }
     ((rc == 0)) && { _stele_libtorch || rc=1; }
     ((rc == 0)) && { _stele_mail_up || rc=1; }
+    ((rc == 0)) && { _stele_s3_up || rc=1; }
 
     _stele_close_lock
     unset _STELE_LOCKFD
     if ((rc == 0)); then
         STELE_PG_BIN=$_STELE_PG_BINDIR
         export DATABASE_URL REDIS_URL STELE_PG_BIN STELE_OPENAPI_VALIDATOR STELE_SCHEMATHESIS \
-            STELE_OPENAPI_CLIENT STELE_EMBEDDING_MODEL LIBTORCH STELE_LIBTORCH_LIB STELE_MAIL_BASE
+            STELE_OPENAPI_CLIENT STELE_EMBEDDING_MODEL LIBTORCH STELE_LIBTORCH_LIB STELE_MAIL_BASE \
+            STELE_S3_ENDPOINT
     fi
     return "$rc"
 }
@@ -892,6 +940,11 @@ _stele_services_stop() {
     else
         _stele_log "private redis not running"
     fi
+    if pid=$(_stele_s3_pid); then
+        kill "$pid" 2>/dev/null
+        rm -f "$_STELE_S3_DIR/moto.pid"
+        _stele_log "stopped the S3-compatible server (port $_STELE_S3_PORT)"
+    fi
 }
 
 # Runs the requested command with the caller's shell options saved and restored, so that
@@ -933,6 +986,7 @@ if [[ ${1:-up} == up || ${1:-} == start ]]; then
     printf 'export LIBTORCH=%q\n' "$LIBTORCH"
     printf 'export STELE_LIBTORCH_LIB=%q\n' "$STELE_LIBTORCH_LIB"
     printf 'export STELE_MAIL_BASE=%q\n' "$STELE_MAIL_BASE"
+    printf 'export STELE_S3_ENDPOINT=%q\n' "$STELE_S3_ENDPOINT"
 elif [[ $1 == sentence-transformers ]]; then
     printf 'export STELE_SENTENCE_TRANSFORMERS=%q\n' "$STELE_SENTENCE_TRANSFORMERS"
 fi

@@ -10,6 +10,7 @@ mod memory;
 mod node;
 mod privacy;
 mod projections;
+mod schedules;
 mod serve;
 mod tasks;
 mod telegram;
@@ -56,6 +57,10 @@ pub struct StoreArgs {
     /// its own in the data directory.
     #[arg(long, env = "STELE_AUDIT_KEY_FILE", value_name = "FILE")]
     audit_key_file: Option<PathBuf>,
+    /// Where people's files are kept: `database`, `file:///path` or `s3://bucket[/prefix]` (the
+    /// node's setting; default: `blobs/` in the data directory, or the PostgreSQL database).
+    #[arg(long, env = "STELE_BLOB_STORE", value_name = "URL")]
+    blob_store: Option<String>,
 }
 
 impl StoreArgs {
@@ -114,6 +119,9 @@ enum Command {
     /// The Telegram channel: who may use the bot.
     #[command(subcommand)]
     Telegram(telegram::TelegramCommand),
+    /// Schedules: workflows started on a timetable (cron patterns, intervals).
+    #[command(subcommand)]
+    Schedules(schedules::SchedulesCommand),
     /// Print the API's OpenAPI document.
     Openapi,
     /// Workflow definitions.
@@ -282,6 +290,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Subjects(command) => privacy::subjects(command).await,
         Command::Audit(command) => audit::run(command).await,
         Command::Memory(command) => memory::run(command).await,
+        Command::Schedules(command) => schedules::run(command).await,
         Command::Telegram(command) => telegram::run(command).await,
         Command::Openapi => {
             println!("{}", stele_api::server::openapi().to_pretty_json()?);

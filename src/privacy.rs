@@ -4,6 +4,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,6 +14,7 @@ use stele_aggregates::subject::{Identifier, Purpose};
 use stele_engine::projection::ProjectionRunner;
 use stele_engine::store::{Migrate, Store, StoreLocation};
 use stele_engine::CommandMeta;
+use stele_privacy::blobs::BlobStore;
 use stele_privacy::{Kek, Policy, Private};
 
 use crate::node::WorkflowArgs;
@@ -59,10 +61,33 @@ pub fn kek_for(location: &StoreLocation, file: Option<&Path>) -> anyhow::Result<
 pub async fn private(
     store: &Store,
     kek_file: Option<&Path>,
+    blob_store: Option<&str>,
     policy: Policy,
 ) -> anyhow::Result<Private> {
     let kek = kek_for(&store.location, kek_file)?;
-    Ok(stele_privacy::private_store(store, &kek, policy).await?)
+    let blobs = match (blob_store, &store.location) {
+        (Some(url), _) => Some(stele_privacy::blobs::blob_store(url, &store.pool)?),
+        (None, StoreLocation::Embedded(dir)) => Some(Arc::new(
+            stele_privacy::blobs::ObjectBlobs::folder(&dir.join(BLOBS_DIR))?,
+        ) as Arc<dyn BlobStore>),
+        (None, StoreLocation::Postgres(_)) => None,
+    };
+    Ok(stele_privacy::private_store_with_blobs(store, &kek, policy, blobs).await?)
+}
+
+/// The folder of the embedded store's files, in its data directory.
+const BLOBS_DIR: &str = "blobs";
+
+/// The blob store of `--blob-store` / `STELE_BLOB_STORE`, or else of the configuration file
+/// named by `STELE_CONFIG`, for the commands that are not a node.
+fn blob_store_for(args: &StoreArgs) -> anyhow::Result<Option<String>> {
+    if let Some(url) = args.blob_store.clone().filter(|u| !u.is_empty()) {
+        return Ok(Some(url));
+    }
+    let Ok(path) = std::env::var("STELE_CONFIG") else {
+        return Ok(None);
+    };
+    Ok(crate::serve::read_config(Path::new(&path))?.blob_store)
 }
 
 /// The policy of the configuration file named by `STELE_CONFIG` (its `[privacy]` table), for the
@@ -79,7 +104,14 @@ pub fn policy_from_env() -> anyhow::Result<Policy> {
 /// Opens a store for a command, sealed, with the policy of `STELE_CONFIG`.
 pub async fn open(args: &StoreArgs, migrate: Migrate) -> anyhow::Result<Private> {
     let store = Store::open(args.location()?, migrate).await?;
-    match private(&store, args.kek_file.as_deref(), policy_from_env()?).await {
+    let opened = match blob_store_for(args) {
+        Ok(blobs) => match policy_from_env() {
+            Ok(policy) => private(&store, args.kek_file.as_deref(), blobs.as_deref(), policy).await,
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    match opened {
         Ok(private) => Ok(private),
         Err(e) => {
             store.close().await;

@@ -28,7 +28,7 @@ use crate::StoreArgs;
 #[derive(Args, Clone, Debug, Default)]
 pub struct NodeArgs {
     /// A TOML configuration file (keys: listen, database_url, redis_url, data_dir, workflows,
-    /// models, concurrency, kek_file, [rate_limit] per_second and burst, [privacy] require and
+    /// models, concurrency, kek_file, blob_store, [rate_limit] per_second and burst, [privacy] require and
     /// retention).
     #[arg(long, env = "STELE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -55,6 +55,12 @@ pub struct NodeArgs {
     /// in the data directory.
     #[arg(long, env = "STELE_AUDIT_KEY_FILE", value_name = "FILE")]
     pub audit_key_file: Option<PathBuf>,
+    /// Where people's files (attachments, raw mails) are kept, sealed: `database`, a folder
+    /// (`file:///path`) or an S3-compatible bucket (`s3://bucket[/prefix]`, configured by the
+    /// `AWS_*` variables). Default: `blobs/` in the data directory for the embedded store, the
+    /// database for PostgreSQL.
+    #[arg(long, env = "STELE_BLOB_STORE", value_name = "URL")]
+    pub blob_store: Option<String>,
     /// The memory's embedding model (a model folder, `openai:<url>#<model>` or `hf:<repo>`);
     /// without one, nothing is remembered.
     #[arg(long, env = "STELE_EMBEDDING_MODEL", value_name = "SPEC")]
@@ -80,6 +86,8 @@ pub(crate) struct FileConfig {
     concurrency: Option<usize>,
     rate_limit: Option<RateFile>,
     kek_file: Option<PathBuf>,
+    /// Where people's files are kept (see `--blob-store`).
+    pub(crate) blob_store: Option<String>,
     /// Which purposes each kind of processing needs, and retention per purpose.
     pub(crate) privacy: Option<stele_privacy::Policy>,
     audit_key_file: Option<PathBuf>,
@@ -111,6 +119,7 @@ pub struct Node {
     pub concurrency: usize,
     pub rate: RateLimit,
     pub kek_file: Option<PathBuf>,
+    pub blob_store: Option<String>,
     pub policy: stele_privacy::Policy,
     pub audit_key_file: Option<PathBuf>,
     pub audit: stele_audit::SealerOptions,
@@ -141,6 +150,7 @@ impl NodeArgs {
             },
             concurrency: self.concurrency.or(file.concurrency).unwrap_or(16).max(1),
             kek_file: self.kek_file.clone().or(file.kek_file),
+            blob_store: self.blob_store.clone().or(file.blob_store),
             policy: file.privacy.unwrap_or_default(),
             audit_key_file: self.audit_key_file.clone().or(file.audit_key_file),
             audit: file.audit.unwrap_or_default().options(),
@@ -249,6 +259,7 @@ pub async fn run_node(
     let private = match crate::privacy::private(
         &store,
         node.kek_file.as_deref(),
+        node.blob_store.as_deref(),
         node.policy.clone(),
     )
     .await
@@ -259,6 +270,7 @@ pub async fn run_node(
             return Err(e);
         }
     };
+    tracing::info!(files = %private.subjects.blob_store(), "people's files are kept sealed");
     let store = private.store;
     let audit_key = match crate::audit::key_for(location, node.audit_key_file.as_deref()) {
         Ok(key) => Arc::new(key),
@@ -287,6 +299,10 @@ pub async fn run_node(
         .await?;
     let mut projections = stele_projections::all();
     projections.push(as_projection(runtime.manager(), store.queue.clone()));
+    projections.push(as_projection(
+        runtime.schedule_manager(),
+        store.queue.clone(),
+    ));
     if let Some(retention) = runtime.retention_manager() {
         projections.push(as_projection(retention, store.queue.clone()));
     }

@@ -799,3 +799,54 @@ fn a_chat_switches_between_the_models_its_roles_allow() {
         .count();
     assert_eq!(chosen, 2, "the switch and the switch back are recorded");
 }
+
+/// Every file of `dir` that holds `needle`, with the bytes around it.
+fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut folders = vec![dir.to_path_buf()];
+    let mut found = Vec::new();
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                folders.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+                    let context = &bytes[at.saturating_sub(100)..(at + 60).min(bytes.len())];
+                    let context = String::from_utf8_lossy(context);
+                    found.push(format!("{}: …{context:?}…", path.display()));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_private_chat_id_is_never_stored_readable() {
+    // A private chat's id is its person's Telegram user id: it names no stream, no job and no
+    // log line; the conversation keeps it sealed with the person's key, before and after the
+    // person's erasure.
+    const USER: i64 = 8_406_112_393;
+    let bot = FakeBot::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data").display().to_string();
+    let (mut child, output) = node(&bot, &["up", "--data-dir", &data_dir], &[]);
+    bot.say(USER, USER, "remember the lighthouse");
+    bot.wait_for(USER, "remember the lighthouse");
+    terminate(&mut child);
+    let id = USER.to_string();
+    assert_eq!(
+        files_holding(dir.path(), id.as_bytes()),
+        Vec::<String>::new()
+    );
+    assert!(!output.lock().unwrap().concat().contains(&id));
+
+    let subject = format!("telegram:{USER}");
+    let erased = run(&["subjects", "erase", &subject, "--data-dir", &data_dir]);
+    assert!(erased.status.success(), "{}", stderr(&erased));
+    assert_eq!(
+        files_holding(dir.path(), id.as_bytes()),
+        Vec::<String>::new()
+    );
+}

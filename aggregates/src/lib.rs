@@ -12,6 +12,7 @@ pub mod ids;
 pub mod mailbox;
 pub mod memory;
 pub mod personal;
+pub mod schedule;
 pub mod subject;
 pub mod task;
 pub mod workflow_run;

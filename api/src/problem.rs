@@ -117,6 +117,7 @@ codes! {
     InvalidMemory = ("invalid_memory", UNPROCESSABLE_ENTITY, "Invalid memory"),
     /// No stored fact with that id (messages and step outputs are forgotten with their person).
     MemoryNotFound = ("memory_not_found", NOT_FOUND, "Memory not found"),
+    ScheduleNotFound = ("schedule_not_found", NOT_FOUND, "Schedule not found"),
     RouteNotFound = ("route_not_found", NOT_FOUND, "Route not found"),
     MethodNotAllowed = ("method_not_allowed", METHOD_NOT_ALLOWED, "Method not allowed"),
     /// The task cannot do that now (it is finished).
@@ -131,6 +132,10 @@ codes! {
     NotRebuildable = ("not_rebuildable", CONFLICT, "Not rebuildable"),
     /// A rebuild of that projection is under way.
     ProjectionBusy = ("projection_busy", CONFLICT, "Projection busy"),
+    /// A schedule of that name exists (or existed: removed ones keep their name).
+    ScheduleExists = ("schedule_exists", CONFLICT, "Schedule exists"),
+    /// The schedule cannot do that now (removed; resuming one that is not paused).
+    ScheduleState = ("schedule_state", CONFLICT, "Not possible in the schedule's state"),
     BodyTooLarge = ("body_too_large", PAYLOAD_TOO_LARGE, "Payload too large"),
     UnsupportedMediaType = ("unsupported_media_type", UNSUPPORTED_MEDIA_TYPE, "Unsupported media type"),
     /// The body does not match its schema: unknown fields, wrong types, a wrong shape.
@@ -143,6 +148,9 @@ codes! {
     InvalidRequester = ("invalid_requester", UNPROCESSABLE_ENTITY, "Invalid requester"),
     UnknownWorkflow = ("unknown_workflow", UNPROCESSABLE_ENTITY, "Unknown workflow"),
     UnknownModel = ("unknown_model", UNPROCESSABLE_ENTITY, "Unknown agent role or model"),
+    /// A cron pattern, time zone or interval that does not parse; both or neither of `cron`
+    /// and `every`.
+    InvalidSchedule = ("invalid_schedule", UNPROCESSABLE_ENTITY, "Invalid schedule"),
     /// The log refuses to store the request's data.
     UnstorableInput = ("unstorable_input", UNPROCESSABLE_ENTITY, "Unstorable input"),
     /// An `Idempotency-Key` used before with another body.

@@ -30,7 +30,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::problem::{ApiError, Code, CHALLENGE};
-use crate::routes::{audit, channels, health, memory, ops, stream, subjects, tasks};
+use crate::routes::{audit, channels, health, memory, ops, schedules, stream, subjects, tasks};
 use crate::state::AppState;
 
 /// Largest request body accepted.
@@ -53,6 +53,7 @@ Text never holds a NUL character (U+0000), which Stele does not store: it is ref
         (name = "subjects", description = "People: consents, export and erasure of their data"),
         (name = "audit", description = "The audit log: signed checkpoints and proofs"),
         (name = "memory", description = "The memory: remember facts, search by meaning and words, forget"),
+        (name = "schedules", description = "Workflows started on a timetable"),
         (name = "operators", description = "The log, jobs, projections and workflows"),
         (name = "health", description = "Liveness, readiness and metrics"),
     )
@@ -340,6 +341,13 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(memory::store_memory))
         .routes(routes!(memory::search_memory))
         .routes(routes!(memory::forget_memory))
+        .routes(routes!(
+            schedules::list_schedules,
+            schedules::create_schedule
+        ))
+        .routes(routes!(schedules::get_schedule, schedules::remove_schedule))
+        .routes(routes!(schedules::pause_schedule))
+        .routes(routes!(schedules::resume_schedule))
         .routes(routes!(channels::telegram_access))
         .routes(routes!(channels::change_telegram_access))
         .routes(routes!(ops::workflows))

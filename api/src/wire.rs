@@ -1136,3 +1136,136 @@ pub struct AccessChange {
 }
 
 impl Body for AccessChange {}
+
+/// When missed moments are fired (see `docs/schedules.md`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CatchUpBody {
+    /// Each missed moment, oldest first (at most 100).
+    All,
+    /// The latest missed moment; the others are recorded as skipped.
+    #[default]
+    Latest,
+    /// None: a moment over a minute late is recorded as skipped.
+    Skip,
+}
+
+/// What a moment does while the last one's task still runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OverlapBody {
+    /// It is recorded as skipped.
+    #[default]
+    Skip,
+    /// It starts its task anyway.
+    Allow,
+}
+
+/// A schedule to create: exactly one of `cron` and `every`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSchedule {
+    /// Its name, also its id: 1 to 64 lowercase letters, digits, `-` and `_`, starting with a
+    /// letter or digit.
+    #[schema(pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+    pub name: String,
+    /// A cron pattern: 5 fields (minute hour day-of-month month day-of-week), 6 with seconds
+    /// first, or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000]*$")]
+    pub cron: Option<String>,
+    /// The time zone of `cron` (an IANA name such as `Europe/Paris`); UTC when absent.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[^\u0000]*$")]
+    pub timezone: Option<String>,
+    /// An interval instead of a pattern, as `90s`, `15m`, `1h 30m`, `1d` (at least one second).
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[^\u0000]*$")]
+    pub every: Option<String>,
+    /// The workflow each moment starts (`GET /v1/workflows` lists them).
+    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000]*$")]
+    pub workflow: String,
+    /// The input of each moment's task: 1 to 32,768 characters, not all white space.
+    #[schema(
+        min_length = 1,
+        max_length = 32_768,
+        pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$"
+    )]
+    pub input: String,
+    #[serde(default)]
+    pub catch_up: Option<CatchUpBody>,
+    #[serde(default)]
+    pub overlap: Option<OverlapBody>,
+}
+
+impl Body for CreateSchedule {
+    fn check(&self) -> Result<(), ApiError> {
+        match (&self.cron, &self.every) {
+            (Some(_), Some(_)) | (None, None) => Err(ApiError::new(
+                Code::InvalidSchedule,
+                "give exactly one of `cron` and `every`",
+            )),
+            (None, Some(_)) if self.timezone.is_some() => Err(ApiError::new(
+                Code::InvalidSchedule,
+                "`timezone` goes with `cron`, not with `every`",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A schedule.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ScheduleBody {
+    pub name: String,
+    pub status: ScheduleStatusBody,
+    /// The cron pattern, for a pattern's schedule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// The pattern's time zone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// The interval in seconds, for an interval's schedule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub every_seconds: Option<u64>,
+    pub workflow: String,
+    pub input: String,
+    pub catch_up: CatchUpBody,
+    pub overlap: OverlapBody,
+    /// The moment it fires next (while active).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_due: Option<DateTime<Utc>>,
+    /// The last moment it fired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_fired: Option<DateTime<Utc>>,
+    /// The id of the task of `last_fired`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_task_id: Option<String>,
+    /// Moments fired.
+    pub fired: u64,
+    /// Moments skipped (missed while down, or overlapping).
+    pub skipped: u64,
+}
+
+/// Whether a schedule fires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleStatusBody {
+    Active,
+    Paused,
+    Removed,
+}
+
+/// Schedules, by name.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ScheduleList {
+    pub schedules: Vec<ScheduleBody>,
+}
+
+/// A schedule's name in a path.
+#[derive(Clone, Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ScheduleName {
+    /// The schedule's name.
+    pub name: String,
+}

@@ -57,6 +57,8 @@ pub enum PrivacyError {
     Unreadable,
     #[error("{0}")]
     Malformed(String),
+    #[error("the file store: {0}")]
+    Blobs(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -158,8 +160,23 @@ pub async fn private_store(
     kek: &Kek,
     policy: Policy,
 ) -> Result<Private, PrivacyError> {
+    private_store_with_blobs(store, kek, policy, None).await
+}
+
+/// [`private_store`] with people's files kept in `blobs` (the database's `blobs` table without
+/// one).
+pub async fn private_store_with_blobs(
+    store: &stele_engine::Store,
+    kek: &Kek,
+    policy: Policy,
+    blobs: Option<std::sync::Arc<dyn blobs::BlobStore>>,
+) -> Result<Private, PrivacyError> {
     let (sealed, sealer) = seal_store(store, kek).await?;
-    let subjects = std::sync::Arc::new(Subjects::new(&sealed, sealer, kek, policy));
+    let mut subjects = Subjects::new(&sealed, sealer, kek, policy);
+    if let Some(blobs) = blobs {
+        subjects = subjects.with_blob_store(blobs);
+    }
+    let subjects = std::sync::Arc::new(subjects);
     Ok(Private {
         store: sealed,
         subjects,

@@ -184,6 +184,9 @@ pub struct Subjects {
     bus: CommandBus<Subject>,
     sealer: Arc<Sealer>,
     lookup_key: Zeroizing<[u8; 32]>,
+    pseudonym_key: Zeroizing<[u8; 32]>,
+    /// Where people's files are kept: new ones in the first, the others still read.
+    blob_stores: Vec<Arc<dyn crate::blobs::BlobStore>>,
     /// Identifier lookups already resolved (lookup → subject), dropped on erasure and merge.
     known: moka::sync::Cache<String, String>,
     policy: Policy,
@@ -216,6 +219,8 @@ impl Subjects {
             bus: CommandBus::new(store.log.clone(), ()),
             sealer,
             lookup_key: kek.derive(b"stele identifier lookup"),
+            pseudonym_key: kek.derive(b"stele stream pseudonym"),
+            blob_stores: vec![Arc::new(crate::blobs::TableBlobs::new(store.pool.clone()))],
             known: moka::sync::Cache::builder().max_capacity(100_000).build(),
             policy,
         }
@@ -225,9 +230,21 @@ impl Subjects {
         &self.policy
     }
 
+    /// Keeps new files in `store`; those kept in the database before stay readable (and are
+    /// erased with their person).
+    pub fn with_blob_store(mut self, store: Arc<dyn crate::blobs::BlobStore>) -> Subjects {
+        self.blob_stores.insert(0, store);
+        self
+    }
+
     /// The people's files (sealed with their keys).
     pub fn blobs(&self) -> crate::blobs::Blobs<'_> {
-        crate::blobs::Blobs::new(&self.pool, self.sealer.keys())
+        crate::blobs::Blobs::new(&self.blob_stores, self.sealer.keys())
+    }
+
+    /// Where new files are kept.
+    pub fn blob_store(&self) -> String {
+        self.blob_stores[0].describe()
     }
 
     pub fn sealer(&self) -> &Arc<Sealer> {
@@ -241,6 +258,18 @@ impl Subjects {
 
     pub(crate) fn log(&self) -> &CommandBus<Subject> {
         &self.bus
+    }
+
+    /// A stable stand-in for `value` (a chat id, an address) where a name must not show it: a
+    /// stream's or a job's. Keyed, so that the small space of chat ids cannot be searched for the
+    /// one that gives a pseudonym; 128 bits of an HMAC-SHA256 over `kind` and `value`.
+    pub fn pseudonym(&self, kind: &str, value: &str) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.pseudonym_key.as_ref())
+            .expect("HMAC takes a key of any length");
+        mac.update(kind.as_bytes());
+        mac.update(&[0]);
+        mac.update(value.as_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..16])
     }
 
     fn lookup(&self, identifier: &Identifier) -> String {
@@ -547,7 +576,7 @@ impl Subjects {
                 let sql = db.pick(&SQL);
                 db.execute(sql.forget, &[key.as_str().into()]).await?;
             }
-            crate::blobs::forget(&self.pool, &key).await?;
+            self.blobs().forget(&key).await?;
         }
         self.known.invalidate_all();
         let command = SubjectCommand::Erase {

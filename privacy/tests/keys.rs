@@ -3,7 +3,7 @@
 
 use stele_engine::for_each_backend;
 use stele_engine::Store;
-use stele_privacy::blobs::Blobs;
+use stele_privacy::blobs::{BlobStore, Blobs, TableBlobs};
 use stele_privacy::{Kek, KeyState, KeyStore, PrivacyError};
 
 const KEK: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
@@ -84,7 +84,9 @@ async fn a_persons_files_are_sealed_kept_once_and_unreadable_after_erasure(store
     let keys = KeyStore::open(store.pool.clone(), Kek::from_hex(KEK).unwrap())
         .await
         .unwrap();
-    let blobs = Blobs::new(&store.pool, &keys);
+    let stores: [std::sync::Arc<dyn BlobStore>; 1] =
+        [std::sync::Arc::new(TableBlobs::new(store.pool.clone()))];
+    let blobs = Blobs::new(&stores, &keys);
     let mail = b"From: ana@example.org\r\n\r\nAna, 12 rue des Lilas";
     let digest = blobs.put("s-1", mail, "message/rfc822").await.unwrap();
     assert_eq!(digest, stele_privacy::blobs::digest_of(mail));

@@ -22,6 +22,10 @@ pub struct Conversation {
     pub external_id: Option<String>,
     /// The email subject, if any (`[erased]` once its person is).
     pub subject: Option<String>,
+    /// Where the channel sends to, when the external id does not say (`[erased]` once its
+    /// person is).
+    #[serde(default)]
+    pub address: Option<String>,
     /// The person the conversation is with.
     pub owner: Option<String>,
     /// Everyone who ever joined, by participant id (including those who left).
@@ -94,6 +98,14 @@ impl Conversation {
         }
     }
 
+    /// The message `reply` answers, if it is in this conversation.
+    fn answered_by(&self, reply: &Message) -> Option<&Message> {
+        reply
+            .in_reply_to
+            .as_deref()
+            .and_then(|id| self.messages.iter().find(|m| m.message_id == id))
+    }
+
     fn require_present(&self, participant_id: &str) -> Result<&Member, ConversationError> {
         match self.participants.get(participant_id) {
             None => Err(ConversationError::UnknownParticipant {
@@ -162,6 +174,7 @@ impl Conversation {
                 channel,
                 external_id,
                 subject,
+                address,
                 owner,
                 participants,
             } => {
@@ -182,6 +195,7 @@ impl Conversation {
                     channel,
                     external_id,
                     subject: subject.map(|text| Personal::owned_by(owner.as_deref(), text)),
+                    address: address.map(|text| Personal::owned_by(owner.as_deref(), text)),
                     owner,
                     participants,
                 }
@@ -328,10 +342,13 @@ impl Conversation {
                 if reply.delivery == Delivery::Delivered {
                     return Err(ConversationError::AlreadyDelivered { message_id });
                 }
+                // A server's error can name the recipient ("550 <bob@…>: no such user"): it is
+                // the data of the person the reply answers.
+                let reader = self.reader_of(self.answered_by(reply));
                 E::ReplyDeliveryFailed {
                     attempt: reply.failed_attempts + 1,
                     message_id,
-                    error,
+                    error: Personal::owned_by(reader.as_deref(), error),
                     will_retry,
                 }
             }
@@ -347,17 +364,14 @@ impl Conversation {
                 if matches!(reply.delivery, Delivery::Bounced { .. }) {
                     return Ok(Vec::new());
                 }
-                // The address is that of the person the reply answers.
-                let answered = reply
-                    .in_reply_to
-                    .as_deref()
-                    .and_then(|id| self.messages.iter().find(|m| m.message_id == id));
-                let reader = self.reader_of(answered);
+                // The address, and the diagnostic that names it, are the data of the person the
+                // reply answers.
+                let reader = self.reader_of(self.answered_by(reply));
                 E::ReplyBounced {
                     message_id,
                     recipient: Personal::owned_by(reader.as_deref(), recipient),
                     status,
-                    diagnostic,
+                    diagnostic: Personal::owned_by(reader.as_deref(), diagnostic),
                 }
             }
             C::Quarantine {
@@ -460,6 +474,7 @@ impl Aggregate for Conversation {
                 channel,
                 external_id,
                 subject,
+                address,
                 owner,
                 participants,
             } => {
@@ -467,6 +482,7 @@ impl Aggregate for Conversation {
                 self.channel = Some(channel);
                 self.external_id = Some(external_id);
                 self.subject = subject.map(|s| s.text().to_owned());
+                self.address = address.map(|a| a.text().to_owned());
                 self.owner = owner;
                 self.participants = participants
                     .into_iter()
@@ -569,7 +585,10 @@ impl Aggregate for Conversation {
             } => {
                 if let Some(message) = self.message_mut(&message_id) {
                     message.failed_attempts = attempt;
-                    message.delivery = Delivery::Failed { error, will_retry };
+                    message.delivery = Delivery::Failed {
+                        error: error.text().to_owned(),
+                        will_retry,
+                    };
                 }
             }
             ConversationEvent::ReplyBounced {
@@ -580,7 +599,7 @@ impl Aggregate for Conversation {
             } => {
                 if let Some(message) = self.message_mut(&message_id) {
                     message.delivery = Delivery::Bounced {
-                        reason: format!("{status} {diagnostic}").trim().to_owned(),
+                        reason: format!("{status} {}", diagnostic.text()).trim().to_owned(),
                     };
                 }
             }

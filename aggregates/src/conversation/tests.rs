@@ -48,6 +48,7 @@ fn opened() -> E {
         channel: Channel::EMAIL,
         external_id: "<root@example.test>".into(),
         subject: Some(hers("Login bug".into())),
+        address: None,
         owner: Some("s-alice".into()),
         participants: vec![alice(), bot()],
     }
@@ -121,7 +122,7 @@ fn delivered(message_id: &str, external_id: &str) -> E {
 fn failed(message_id: &str, attempt: u32) -> E {
     E::ReplyDeliveryFailed {
         message_id: message_id.into(),
-        error: "timeout".into(),
+        error: hers("timeout".into()),
         will_retry: true,
         attempt,
     }
@@ -170,6 +171,7 @@ fn opening_records_the_channel_the_thread_and_the_participants() {
             channel: Channel::EMAIL,
             external_id: "<root@example.test>".into(),
             subject: Some("Login bug".into()),
+            address: None,
             owner: Some("s-alice".into()),
             participants: vec![alice(), bot()],
         })
@@ -188,6 +190,7 @@ fn opening_twice_a_blank_thread_id_or_a_repeated_participant_is_refused() {
         channel: Channel::TELEGRAM,
         external_id: external_id.into(),
         subject: None,
+        address: None,
         owner: None,
         participants,
     };
@@ -807,7 +810,7 @@ fn failed_deliveries_are_counted_until_delivered() {
         })
         .then_expect_events(vec![E::ReplyDeliveryFailed {
             message_id: "r1".into(),
-            error: "chat not found".into(),
+            error: hers("chat not found".into()),
             will_retry: false,
             attempt: 2,
         }]);
@@ -1095,6 +1098,7 @@ fn random_command(rng: &mut Rng, step: u64) -> C {
             channel: Channel::TELEGRAM,
             external_id: "chat-1".into(),
             subject: None,
+            address: None,
             owner: None,
             participants: vec![bot()],
         },
@@ -1303,6 +1307,7 @@ fn a_persons_words_are_theirs_and_read_erased_once_they_are() {
             subject: Some(Personal::Erased {
                 subject: "s-alice".into(),
             }),
+            address: None,
             owner: Some("s-alice".into()),
             participants: vec![alice(), bot()],
         },

@@ -153,6 +153,9 @@ pub enum ConversationCommand {
         external_id: String,
         /// The email subject, if any: the personal data of `owner`.
         subject: Option<String>,
+        /// Where the channel sends to, when `external_id` does not say (a Telegram chat id, kept
+        /// out of the stream's name): the personal data of `owner`.
+        address: Option<String>,
         /// The person the conversation is with (their subject id), when the channel knows.
         owner: Option<String>,
         /// Who takes part from the start (may be empty: senders join as they write).
@@ -217,7 +220,8 @@ pub enum ConversationCommand {
     MarkDeliveryFailed {
         /// Our id of the reply.
         message_id: String,
-        /// What went wrong.
+        /// What went wrong: the data of the person the reply answers (a server's answer can
+        /// name them).
         error: String,
         /// Whether the adapter will try again.
         will_retry: bool,
@@ -231,7 +235,8 @@ pub enum ConversationCommand {
         recipient: String,
         /// The delivery status code, for example `5.1.1`.
         status: String,
-        /// What the receiving server said.
+        /// What the receiving server said (it names the recipient): the data of the person
+        /// the reply answers.
         diagnostic: String,
     },
     /// Records an inbound message that could not be understood. Never refused.
@@ -278,6 +283,9 @@ pub enum ConversationEvent {
         external_id: String,
         /// The email subject, if any (the conversation's person's data).
         subject: Option<Personal<String>>,
+        /// Where the channel sends to, when `external_id` does not say (the person's data).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<Personal<String>>,
         /// The person the conversation is with (their subject id).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         owner: Option<String>,
@@ -350,8 +358,9 @@ pub enum ConversationEvent {
     ReplyDeliveryFailed {
         /// Our id of the reply.
         message_id: String,
-        /// What went wrong.
-        error: String,
+        /// What went wrong: the data of the person the reply answers (a server's answer can
+        /// name them).
+        error: Personal<String>,
         /// Whether the adapter will try again.
         will_retry: bool,
         /// Which failed attempt this is (1, 2, …).
@@ -365,8 +374,9 @@ pub enum ConversationEvent {
         recipient: Personal<String>,
         /// The delivery status code.
         status: String,
-        /// What the receiving server said.
-        diagnostic: String,
+        /// What the receiving server said (it names the recipient): the data of the person
+        /// the reply answers.
+        diagnostic: Personal<String>,
     },
     /// An inbound message that could not be understood was kept aside.
     MessageQuarantined {
@@ -535,7 +545,8 @@ pub enum Delivery {
     Delivered,
     /// A reply whose last delivery attempt failed.
     Failed {
-        /// What went wrong.
+        /// What went wrong: the data of the person the reply answers (a server's answer can
+        /// name them).
         error: String,
         /// Whether the adapter will try again.
         will_retry: bool,

@@ -401,6 +401,7 @@ impl Email {
             channel: Channel::EMAIL,
             external_id: id.clone(),
             subject: mail.subject.clone(),
+            address: None,
             owner: Some(sender.to_owned()),
             participants: vec![Participant::agent(AGENT)],
         };

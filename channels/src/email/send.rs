@@ -476,6 +476,7 @@ mod tests {
                 channel: stele_aggregates::conversation::Channel::EMAIL,
                 external_id: "<root@x.org>".into(),
                 subject: None,
+                address: None,
                 owner: None,
                 participants: vec![],
             },

@@ -50,7 +50,7 @@ impl Telegram {
         if message.direction != MessageDirection::Inbound {
             return Ok(Done::Complete);
         }
-        let Some(chat) = self.chat_of(&p.conversation) else {
+        let Some(chat) = Self::chat_of(&conversation) else {
             return Ok(Done::Complete);
         };
         let member = conversation.participants.get(&message.from).cloned();
@@ -63,6 +63,13 @@ impl Telegram {
             .and_then(|m| m.participant.address.as_ref())
             .and_then(|a| a.get().cloned())
             .unwrap_or_default();
+        // Commands are recorded as the person's subject id, never their Telegram id (which is
+        // theirs to erase, and event metadata is not sealed).
+        let actor = if subject.is_empty() {
+            "telegram"
+        } else {
+            subject.as_str()
+        };
         let reply = |text: String| Answer {
             telegram: self,
             conversation: &p.conversation,
@@ -113,7 +120,7 @@ impl Telegram {
             conversation: p.conversation.clone(),
             message: p.message_id.clone(),
         };
-        let task_meta = CommandMeta::new("telegram", &user).with_command_id(Uuid::new_v5(
+        let task_meta = CommandMeta::new("telegram", actor).with_command_id(Uuid::new_v5(
             &TASK_NAMESPACE,
             format!("{}:{}", p.conversation, p.message_id).as_bytes(),
         ));
@@ -163,9 +170,9 @@ impl Telegram {
                 p.conversation
             ),
             Some(Command::Status) => self.status(&subject, &p.conversation).await?,
-            Some(Command::Cancel) => self.cancel_latest(&subject, &p.conversation, &user).await?,
+            Some(Command::Cancel) => self.cancel_latest(&subject, &p.conversation, actor).await?,
             Some(Command::Models(arguments)) => {
-                self.models(&conversation, &p.conversation, &p.message_id, &arguments, &user)
+                self.models(&conversation, &p.conversation, &p.message_id, &arguments, actor)
                     .await?
             }
             Some(Command::Reset) => {
@@ -175,7 +182,7 @@ impl Telegram {
                 let close = ConversationCommand::Close {
                     reason: "/reset by the person".into(),
                 };
-                let meta = CommandMeta::new("telegram", &user)
+                let meta = CommandMeta::new("telegram", actor)
                     .with_command_id(derived(&p.conversation, &p.message_id, "reset"));
                 match self.conversations.execute(&p.conversation, close, meta).await {
                     Ok(_) | Err(CommandError::Rejected(ConversationError::Closed { .. })) => {}
@@ -184,7 +191,7 @@ impl Telegram {
                 return Ok(Done::Complete);
             }
             Some(Command::Export) => {
-                self.export(chat, &subject, &user).await?;
+                self.export(chat, &subject, actor).await?;
                 "Here is everything I hold about you (the file above).".to_owned()
             }
             Some(Command::Forget { confirmed: false }) => {
@@ -199,10 +206,10 @@ impl Telegram {
                 self.bot
                     .send_message(ChatId(chat), "Erasing everything I hold about you. Goodbye.")
                     .await?;
-                let meta = CommandMeta::new("telegram", &user)
+                let meta = CommandMeta::new("telegram", actor)
                     .with_command_id(derived(&p.conversation, &p.message_id, "forget"));
                 self.runtime
-                    .erase_subject(&subject, &user, "asked for with /forget on Telegram", meta)
+                    .erase_subject(&subject, actor, "asked for with /forget on Telegram", meta)
                     .await?;
                 return Ok(Done::Complete);
             }
@@ -342,13 +349,13 @@ impl Telegram {
         &self,
         subject: &str,
         conversation: &str,
-        user: &str,
+        actor: &str,
     ) -> anyhow::Result<String> {
         let tasks = self.in_flight(subject, conversation).await?;
         let Some(latest) = tasks.first() else {
             return Ok("You have no task in progress to cancel.".into());
         };
-        let meta = CommandMeta::new("telegram", user);
+        let meta = CommandMeta::new("telegram", actor);
         match self
             .runtime
             .cancel_task(
@@ -376,7 +383,7 @@ impl Telegram {
         conversation_id: &str,
         message_id: &str,
         arguments: &str,
-        user: &str,
+        actor: &str,
     ) -> anyhow::Result<String> {
         if self.roles.is_empty() {
             return Ok("No assistant is configured.".into());
@@ -438,7 +445,7 @@ impl Telegram {
             role: role.to_owned(),
             model,
         };
-        let meta = CommandMeta::new("telegram", user).with_command_id(derived(
+        let meta = CommandMeta::new("telegram", actor).with_command_id(derived(
             conversation_id,
             message_id,
             "models",
@@ -486,12 +493,12 @@ impl Telegram {
     }
 
     /// Sends the person their export bundle as a JSON document.
-    async fn export(&self, chat: i64, subject: &str, user: &str) -> anyhow::Result<()> {
+    async fn export(&self, chat: i64, subject: &str, actor: &str) -> anyhow::Result<()> {
         let head = self.log.head().await?;
-        let meta = CommandMeta::new("telegram", user);
+        let meta = CommandMeta::new("telegram", actor);
         let bundle = self
             .subjects
-            .export(self.log.as_ref(), subject, head, user, meta)
+            .export(self.log.as_ref(), subject, head, actor, meta)
             .await?;
         let bytes = serde_json::to_vec_pretty(&bundle)?;
         self.throttle.ready(chat).await;

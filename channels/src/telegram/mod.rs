@@ -229,17 +229,23 @@ impl Telegram {
         })
     }
 
-    /// The conversation id of a chat.
+    /// The conversation id of a chat: a keyed pseudonym of the chat's id, so that no stream's
+    /// or job's name holds the id (a private chat's id is its person's Telegram user id). The
+    /// chat id itself is kept sealed in the conversation (`address`).
     pub fn conversation_id(&self, chat_id: i64) -> String {
-        format!("telegram:{}:{chat_id}", self.bot_id)
+        let chat = self
+            .subjects
+            .pseudonym("telegram-chat", &format!("{}:{chat_id}", self.bot_id));
+        format!("telegram:{}:{chat}", self.bot_id)
     }
 
-    /// The chat of one of this bot's conversations.
-    fn chat_of(&self, conversation: &str) -> Option<i64> {
+    /// The chat of one of this bot's conversations: its sealed address (none once its person is
+    /// erased), or the external id of a conversation opened before chats had an address.
+    fn chat_of(conversation: &Conversation) -> Option<i64> {
         conversation
-            .strip_prefix("telegram:")?
-            .strip_prefix(self.bot_id.as_str())?
-            .strip_prefix(':')?
+            .address
+            .as_deref()
+            .or(conversation.external_id.as_deref())?
             .parse()
             .ok()
     }

@@ -240,8 +240,7 @@ impl Telegram {
         if !message.awaits_delivery() {
             return Ok(Done::Complete);
         }
-        let chat = self
-            .chat_of(&p.conversation)
+        let chat = Self::chat_of(&conversation)
             .ok_or_else(|| HandlerError::msg(format!("{} is no chat", p.conversation)))?;
         let parts = split(&message.text, MAX_MESSAGE_LEN);
         let meta = || CommandMeta::new("telegram", "system");
@@ -275,7 +274,7 @@ impl Telegram {
                         .insert(p.message_id.clone(), (index + 1, first));
                 }
                 Err(RequestError::RetryAfter(wait)) => {
-                    tracing::info!(chat, retry_after = wait.seconds(), "Telegram asked to wait");
+                    tracing::info!(conversation = %p.conversation, retry_after = wait.seconds(), "Telegram asked to wait");
                     self.throttle.freeze(chat, wait.duration());
                     return Ok(Done::Snooze(wait.duration()));
                 }

@@ -316,8 +316,13 @@ impl Telegram {
             .await?;
         let open = ConversationCommand::Open {
             channel: Channel::TELEGRAM,
-            external_id: chat.to_string(),
+            external_id: conversation
+                .rsplit(':')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
             subject: None,
+            address: Some(chat.to_string()),
             owner: message.chat.is_private().then(|| subject.clone()),
             participants: vec![Participant::agent(AGENT)],
         };

@@ -81,11 +81,11 @@ impl Telegram {
 
     async fn progress_of(&self, job: Job) -> anyhow::Result<Done> {
         let p: ProgressJob = serde_json::from_value(job.payload.clone())?;
-        let Some(chat) = self.chat_of(&p.conversation) else {
-            return Ok(Done::Complete);
-        };
         let status_id = format!("status-{}", p.task_id);
         let (conversation, _) = self.conversations.load(&p.conversation).await?;
+        let Some(chat) = Self::chat_of(&conversation) else {
+            return Ok(Done::Complete);
+        };
         let mut shown = conversation.message(&status_id).and_then(|m| {
             Some((
                 m.external_id.as_deref()?.parse::<i32>().ok()?,
@@ -140,7 +140,7 @@ impl Telegram {
                     .send_chat_action(ChatId(chat), ChatAction::Typing)
                     .await
                 {
-                    tracing::debug!(chat, error = %e, "the typing action failed");
+                    tracing::debug!(conversation = %p.conversation, error = %e, "the typing action failed");
                 }
             }
             // Woken by the log's appends (a step finished), at most once a second.

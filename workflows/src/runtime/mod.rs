@@ -10,6 +10,7 @@
 //!  RunCompleted / RunFailed / RunCancelled ──► job workflow.run_finished ──► task finished,
 //!                                  parent told, children and queued steps cancelled
 //!  TaskCancelled ──► job workflow.cancel ──► RunCancelled
+//!  ScheduleCreated / ScheduleFired ──► jobs schedule.tick / schedule.start (`schedules.rs`)
 //! ```
 //!
 //! The manager is a process manager ([`stele_engine::process`]). The runtime's own commands run
@@ -60,10 +61,15 @@ use stele_models::{Clock, SystemClock};
 mod handlers;
 mod manager;
 mod retention;
+mod schedules;
 mod tasks;
 
 pub use manager::{step_job_key, Manager};
 pub use retention::{RetentionManager, RETENTION_JOB, RETENTION_MANAGER};
+pub use schedules::{
+    scheduled_task_id, ScheduleManager, SCHEDULE_CHANNEL, SCHEDULE_MANAGER, SCHEDULE_START_JOB,
+    SCHEDULE_TICK_JOB,
+};
 
 /// The queue step jobs and the runtime's own jobs run on.
 pub const QUEUE: &str = "workflows";
@@ -136,6 +142,8 @@ pub enum RuntimeError {
     Command(String),
     /// About the person: the requester has not consented to what the task needs (the refusal
     /// is recorded), their id is no identifier, a subject's state refuses, a store failed.
+    #[error("{0}")]
+    Schedule(stele_aggregates::schedule::ScheduleError),
     #[error(transparent)]
     Subject(#[from] stele_privacy::SubjectsError),
     #[error(transparent)]
@@ -206,6 +214,7 @@ pub struct Runtime {
     tasks: CommandBus<Task>,
     runs: CommandBus<WorkflowRun>,
     conversations: CommandBus<Conversation>,
+    schedules: CommandBus<stele_aggregates::schedule::Schedule>,
     agents: Arc<dyn Agents>,
     tools: Tools,
     default_workflow: Option<String>,
@@ -229,6 +238,8 @@ impl Runtime {
                 .with_reactor(Arc::new(Manager))
                 .with_state_cache(STATES, STATES_TTL),
             conversations: CommandBus::new(store.log.clone(), ()),
+            schedules: CommandBus::new(store.log.clone(), ())
+                .with_reactor(Arc::new(ScheduleManager)),
             catalog,
             agents,
             tools,
@@ -309,6 +320,8 @@ impl Runtime {
             "workflow.cancel" => on_cancel,
             "workflow.reply" => on_reply,
             "privacy.retention" => on_retention,
+            "schedule.tick" => on_schedule_tick,
+            "schedule.start" => on_schedule_start,
         )
     }
 }

@@ -52,6 +52,23 @@ impl Runtime {
         models: BTreeMap<String, String>,
         meta: CommandMeta,
     ) -> Result<Created, RuntimeError> {
+        self.create(input, requester, workflow, origin, models, meta, true)
+            .await
+    }
+
+    /// Records a new task; `personal`: asked for by a person (resolved to a subject, checked
+    /// against the policy, their data sealed), else by Stele itself (a schedule).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn create(
+        &self,
+        input: TaskInput,
+        requester: Requester,
+        workflow: Option<String>,
+        origin: Option<Origin>,
+        models: BTreeMap<String, String>,
+        meta: CommandMeta,
+        personal: bool,
+    ) -> Result<Created, RuntimeError> {
         if let Some(name) = workflow.as_ref().or(self.default_workflow.as_ref()) {
             if !self.catalog.contains(name) {
                 let mut known: Vec<String> = self.catalog.all().map(|d| d.name.clone()).collect();
@@ -66,8 +83,8 @@ impl Runtime {
         self.check_models(&models)?;
         let task_id = meta.command_id.to_string();
         let subject = match &self.subjects {
-            Some(subjects) => Some(subjects.admit(&requester, "tasks", &meta).await?),
-            None => None,
+            Some(subjects) if personal => Some(subjects.admit(&requester, "tasks", &meta).await?),
+            _ => None,
         };
         let command = TaskCommand::Create {
             input: input.clone(),
