@@ -805,3 +805,155 @@ fn serve_and_worker_run_on_postgres_and_stop_cleanly() {
     assert_one_line_error(&bad, 1, "stele.toml");
     drop(db);
 }
+
+fn schedule_json(data_dir: &str, name: &str) -> Value {
+    let output = run(&["schedules", "show", name, "--json", "--data-dir", data_dir]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn wait_for_schedule(data_dir: &str, name: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let schedule = schedule_json(data_dir, name);
+        if done(&schedule) {
+            return schedule;
+        }
+        assert!(Instant::now() < deadline, "never got there: {schedule:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn schedules_fire_under_up_catch_up_after_a_kill_and_are_managed_from_the_cli() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let data_dir = data.display().to_string();
+    let schedules = |args: &[&str]| {
+        let mut all = vec!["schedules"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--data-dir", &data_dir]);
+        run(&all)
+    };
+    let migrated = run(&["migrate", "--data-dir", &data_dir]);
+    assert!(migrated.status.success(), "{}", stderr(&migrated));
+    // Refusals, each in one readable line.
+    for (args, expected) in [
+        (
+            vec![
+                "add",
+                "beat",
+                "--every",
+                "0s",
+                "--workflow",
+                "assistant",
+                "--input",
+                "x",
+            ],
+            "not a whole number of seconds",
+        ),
+        (
+            vec![
+                "add",
+                "beat",
+                "--cron",
+                "61 * * * *",
+                "--workflow",
+                "assistant",
+                "--input",
+                "x",
+            ],
+            "is not a cron pattern",
+        ),
+        (
+            vec![
+                "add",
+                "beat",
+                "--every",
+                "1s",
+                "--workflow",
+                "nope",
+                "--input",
+                "x",
+            ],
+            "unknown workflow nope",
+        ),
+        (
+            vec![
+                "add",
+                "Beat",
+                "--every",
+                "1s",
+                "--workflow",
+                "assistant",
+                "--input",
+                "x",
+            ],
+            "a schedule's name is",
+        ),
+        (vec!["pause", "nope"], "there is no schedule \"nope\""),
+    ] {
+        assert_one_line_error(&schedules(&args), 1, expected);
+    }
+    let added = schedules(&[
+        "add",
+        "beat",
+        "--every",
+        "1s",
+        "--workflow",
+        "assistant",
+        "--input",
+        "check in",
+        "--json",
+    ]);
+    assert!(added.status.success(), "{}", stderr(&added));
+    let added: Value = serde_json::from_slice(&added.stdout).unwrap();
+    assert_eq!(
+        (added["status"].as_str(), added["every_seconds"].as_u64()),
+        (Some("active"), Some(1))
+    );
+
+    let mut up = start_up(&data, &[]);
+    let fired = wait_for_schedule(&data_dir, "beat", |s| s["fired"].as_u64() >= Some(2));
+    let task = fired["last_task_id"].as_str().unwrap().to_owned();
+    let task = wait_for_task(&data_dir, &task, |t| t["status"] == "completed");
+    assert_eq!(task["input"], "check in");
+    // Killed for a while: the moments missed are caught up by the policy (latest: the last
+    // fires, the others are recorded as skipped) once a node runs again.
+    up.kill().unwrap();
+    up.wait().unwrap();
+    let before = schedule_json(&data_dir, "beat");
+    std::thread::sleep(Duration::from_millis(3500));
+    let mut up = start_up(&data, &[]);
+    let after = wait_for_schedule(&data_dir, "beat", |s| {
+        s["fired"].as_u64() > before["fired"].as_u64() && s["skipped"].as_u64() >= Some(1)
+    });
+    assert!(after["skipped"].as_u64().unwrap() >= 2, "{after:#}");
+
+    let list = schedules(&["list"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    assert!(stderr(&list).is_empty());
+    let text = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(
+        text.starts_with("beat  active  every 1s → assistant"),
+        "{text}"
+    );
+    let paused = schedules(&["pause", "beat"]);
+    assert!(paused.status.success(), "{}", stderr(&paused));
+    let count = schedule_json(&data_dir, "beat")["fired"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    let still = schedule_json(&data_dir, "beat");
+    assert_eq!(
+        (still["status"].as_str(), still["fired"].as_u64()),
+        (Some("paused"), Some(count))
+    );
+    assert!(schedules(&["resume", "beat"]).status.success());
+    wait_for_schedule(&data_dir, "beat", |s| s["fired"].as_u64() > Some(count));
+    assert!(schedules(&["remove", "beat"]).status.success());
+    assert_one_line_error(
+        &schedules(&["resume", "beat"]),
+        1,
+        "the schedule was removed",
+    );
+    terminate(&mut up);
+}

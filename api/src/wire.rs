@@ -1161,27 +1161,46 @@ pub enum OverlapBody {
     Allow,
 }
 
-/// A schedule to create: exactly one of `cron` and `every`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+/// When a schedule fires: a cron pattern in a time zone, or an interval.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum TimingBody {
+    Cron(CronTiming),
+    Every(EveryTiming),
+}
+
+/// A cron pattern in a time zone.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CronTiming {
+    /// 5 fields (minute hour day-of-month month day-of-week), 6 with seconds first, or
+    /// `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
+    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000]*$")]
+    pub cron: String,
+    /// An IANA time zone such as `Europe/Paris`; UTC when absent.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[^\u0000]*$")]
+    pub timezone: Option<String>,
+}
+
+/// An interval.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EveryTiming {
+    /// As `90s`, `15m`, `1h 30m`, `1d`: a whole number of seconds, at least one.
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[^\u0000]*$")]
+    pub every: String,
+}
+
+/// A schedule to create.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSchedule {
     /// Its name, also its id: 1 to 64 lowercase letters, digits, `-` and `_`, starting with a
     /// letter or digit.
     #[schema(pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$")]
     pub name: String,
-    /// A cron pattern: 5 fields (minute hour day-of-month month day-of-week), 6 with seconds
-    /// first, or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
-    #[serde(default)]
-    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000]*$")]
-    pub cron: Option<String>,
-    /// The time zone of `cron` (an IANA name such as `Europe/Paris`); UTC when absent.
-    #[serde(default)]
-    #[schema(min_length = 1, max_length = 64, pattern = r"^[^\u0000]*$")]
-    pub timezone: Option<String>,
-    /// An interval instead of a pattern, as `90s`, `15m`, `1h 30m`, `1d` (at least one second).
-    #[serde(default)]
-    #[schema(min_length = 1, max_length = 64, pattern = r"^[^\u0000]*$")]
-    pub every: Option<String>,
+    pub timing: TimingBody,
     /// The workflow each moment starts (`GET /v1/workflows` lists them).
     #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000]*$")]
     pub workflow: String,
@@ -1198,21 +1217,7 @@ pub struct CreateSchedule {
     pub overlap: Option<OverlapBody>,
 }
 
-impl Body for CreateSchedule {
-    fn check(&self) -> Result<(), ApiError> {
-        match (&self.cron, &self.every) {
-            (Some(_), Some(_)) | (None, None) => Err(ApiError::new(
-                Code::InvalidSchedule,
-                "give exactly one of `cron` and `every`",
-            )),
-            (None, Some(_)) if self.timezone.is_some() => Err(ApiError::new(
-                Code::InvalidSchedule,
-                "`timezone` goes with `cron`, not with `every`",
-            )),
-            _ => Ok(()),
-        }
-    }
-}
+impl Body for CreateSchedule {}
 
 /// A schedule.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -1220,26 +1225,20 @@ pub struct ScheduleBody {
     pub name: String,
     pub status: ScheduleStatusBody,
     /// The cron pattern, for a pattern's schedule.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub cron: Option<String>,
     /// The pattern's time zone.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,
     /// The interval in seconds, for an interval's schedule.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub every_seconds: Option<u64>,
     pub workflow: String,
     pub input: String,
     pub catch_up: CatchUpBody,
     pub overlap: OverlapBody,
     /// The moment it fires next (while active).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub next_due: Option<DateTime<Utc>>,
     /// The last moment it fired.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_fired: Option<DateTime<Utc>>,
     /// The id of the task of `last_fired`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_task_id: Option<String>,
     /// Moments fired.
     pub fired: u64,

@@ -1073,6 +1073,144 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             .await;
         assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
+        // Schedules: created, read, listed, paused, resumed, removed, and the refusals.
+        let schedules = "/v1/schedules";
+        let schedule = "/v1/schedules/{name}";
+        let create = |body: Value| {
+            s.client
+                .post(format!("{}/v1/schedules", s.base))
+                .bearer_auth(&writer)
+                .json(&body)
+        };
+        let beat = json!({
+            "name": "beat", "timing": { "cron": "0 9 * * 1-5", "timezone": "Europe/Paris" },
+            "workflow": "assistant", "input": "good morning"
+        });
+        let (status, created) = s.send(schedules, create(beat.clone())).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        assert_eq!(created["status"], "active");
+        assert_eq!(created["timezone"], "Europe/Paris");
+        assert_eq!((created["catch_up"].as_str(), created["overlap"].as_str()), (Some("latest"), Some("skip")));
+        assert!(created["next_due"].is_string(), "{created}");
+        let (status, problem) = s.send(schedules, create(beat)).await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::CONFLICT, Some("schedule_exists"))
+        );
+        for (body, code) in [
+            (json!({ "name": "a", "timing": { "every": "0s" }, "workflow": "assistant", "input": "x" }), "invalid_schedule"),
+            (json!({ "name": "a", "timing": { "every": "soon" }, "workflow": "assistant", "input": "x" }), "invalid_schedule"),
+            (json!({ "name": "a", "timing": { "cron": "61 * * * *" }, "workflow": "assistant", "input": "x" }), "invalid_schedule"),
+            (json!({ "name": "a", "timing": { "cron": "0 0 30 2 *" }, "workflow": "assistant", "input": "x" }), "invalid_schedule"),
+            (json!({ "name": "a", "timing": { "cron": "@daily", "timezone": "Mars/Olympus" }, "workflow": "assistant", "input": "x" }), "invalid_schedule"),
+            (json!({ "name": "a", "timing": { "cron": "@daily", "every": "1h" }, "workflow": "assistant", "input": "x" }), "invalid_body"),
+            (json!({ "name": "a", "workflow": "assistant", "input": "x" }), "invalid_body"),
+            (json!({ "name": "a", "timing": { "every": "1h" }, "workflow": "nope", "input": "x" }), "unknown_workflow"),
+            (json!({ "name": "Not A Name", "timing": { "every": "1h" }, "workflow": "assistant", "input": "x" }), "invalid_body"),
+        ] {
+            let (status, problem) = s.send(schedules, create(body.clone())).await;
+            assert_eq!(
+                (status, problem["code"].as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, Some(code)),
+                "{body}: {problem}"
+            );
+        }
+        let (status, _) = s
+            .send(
+                schedules,
+                s.client
+                    .post(format!("{}/v1/schedules", s.base))
+                    .bearer_auth(&writer)
+                    .header("content-type", "application/json")
+                    .body(format!("{{\"input\": \"{}\"}}", "x".repeat(70_000))),
+            )
+            .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        let (status, _) = s
+            .send(
+                schedules,
+                s.client
+                    .post(format!("{}/v1/schedules", s.base))
+                    .bearer_auth(&writer)
+                    .header("content-type", "text/plain")
+                    .body("x"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let (status, every) = s
+            .send(
+                schedules,
+                create(json!({ "name": "tick", "timing": { "every": "1h 30m" }, "workflow": "assistant",
+                               "input": "x", "catch_up": "all", "overlap": "allow" })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{every}");
+        assert_eq!(every["every_seconds"], 5400);
+        // (Listed from the streams view, which follows the log within moments.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (status, list) = s.call(GET, schedules, &[], Some(&reader), None).await;
+            assert_eq!(status, StatusCode::OK, "{list}");
+            let names: Vec<&str> = list["schedules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].as_str().unwrap())
+                .collect();
+            if names == ["beat", "tick"] {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{list}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let one = |name: &str| format!("/v1/schedules/{name}");
+        let (status, shown) = s.call(GET, &one("beat"), &[], Some(&reader), None).await;
+        assert_eq!((status, shown["name"].as_str()), (StatusCode::OK, Some("beat")));
+        s.record(&GET, schedule, status);
+        let (status, problem) = s.call(GET, &one("nope"), &[], Some(&reader), None).await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("schedule_not_found"))
+        );
+        s.record(&GET, schedule, status);
+        let post = Method::POST;
+        for (action, name, status, code) in [
+            ("resume", "beat", StatusCode::CONFLICT, Some("schedule_state")),
+            ("pause", "beat", StatusCode::OK, None),
+            ("pause", "beat", StatusCode::OK, None),
+            ("resume", "beat", StatusCode::OK, None),
+            ("pause", "nope", StatusCode::NOT_FOUND, Some("schedule_not_found")),
+            ("resume", "nope", StatusCode::NOT_FOUND, Some("schedule_not_found")),
+        ] {
+            let route = format!("/v1/schedules/{{name}}/{action}");
+            let (got, body) = s
+                .call(post.clone(), &format!("/v1/schedules/{name}/{action}"), &[], Some(&writer), None)
+                .await;
+            assert_eq!((got, body["code"].as_str()), (status, code), "{action} {name}: {body}");
+            s.record(&post, &route, got);
+        }
+        let delete = Method::DELETE;
+        let (status, _) = s.call(delete.clone(), &one("tick"), &[], Some(&writer), None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        s.record(&delete, schedule, status);
+        let (status, _) = s.call(delete.clone(), &one("nope"), &[], Some(&writer), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        s.record(&delete, schedule, status);
+        for action in ["pause", "resume"] {
+            let route = format!("/v1/schedules/{{name}}/{action}");
+            let (got, body) = s
+                .call(post.clone(), &format!("/v1/schedules/tick/{action}"), &[], Some(&writer), None)
+                .await;
+            assert_eq!(
+                (got, body["code"].as_str()),
+                (StatusCode::CONFLICT, Some("schedule_state")),
+                "{action}: {body}"
+            );
+            s.record(&post, &route, got);
+        }
+        let (_, removed) = s.call(GET, &one("tick"), &[], Some(&reader), None).await;
+        assert_eq!(removed["status"], "removed");
+
         // On every route: an unknown query parameter (400); 401 and 403 where a key is needed,
         // with either way of presenting it; 429 from a server with a tiny limit; 500 from a
         // server whose keys cannot be read.
@@ -1232,6 +1370,10 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 "/v1/memories/{id}",
                 "/v1/projections",
                 "/v1/projections/{name}/rebuild",
+                "/v1/schedules",
+                "/v1/schedules/{name}",
+                "/v1/schedules/{name}/pause",
+                "/v1/schedules/{name}/resume",
                 "/v1/subjects",
                 "/v1/subjects/{id}",
                 "/v1/subjects/{id}/consents",

@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use serde_json::{json, Value};
+use stele_aggregates::schedule::{
+    CatchUp, Overlap, Schedule, ScheduleError, ScheduleEvent, ScheduleSpec, ScheduleStatus, Timing,
+};
 use stele_aggregates::task::{Requester, TaskInput, TaskStatus};
 use stele_aggregates::workflow_run::{RunStatus, StepStatus};
 use stele_engine::for_each_backend;
@@ -16,7 +19,9 @@ use stele_engine::{CommandMeta, Store};
 use stele_models::{ManualClock, ModelRouter, ModelsConfig};
 use stele_workflows::agents::ModelAgents;
 use stele_workflows::catalog::{self, Source};
-use stele_workflows::runtime::Runtime;
+use stele_workflows::runtime::{
+    scheduled_task_id, Runtime, RuntimeError, SCHEDULE_START_JOB, SCHEDULE_TICK_JOB,
+};
 use stele_workflows::tools::Tools;
 
 struct Harness {
@@ -24,6 +29,7 @@ struct Harness {
     runner: ProjectionRunner,
     worker: Worker,
     store_queue: Arc<dyn stele_engine::queue::JobQueue>,
+    log: Arc<dyn stele_engine::EventLog>,
 }
 
 impl Harness {
@@ -85,7 +91,10 @@ impl Harness {
             runtime = runtime.with_clock(clock);
         }
         let runtime = Arc::new(runtime);
-        let mut projections = vec![as_projection(runtime.manager(), store.queue.clone())];
+        let mut projections = vec![
+            as_projection(runtime.manager(), store.queue.clone()),
+            as_projection(runtime.schedule_manager(), store.queue.clone()),
+        ];
         if let Some(retention) = runtime.retention_manager() {
             projections.push(as_projection(retention, store.queue.clone()));
             projections.push(Arc::new(stele_privacy::index::SubjectIndex));
@@ -97,6 +106,7 @@ impl Harness {
             runner,
             worker,
             store_queue: store.queue.clone(),
+            log: store.log.clone(),
         }
     }
 
@@ -605,6 +615,8 @@ for_each_backend!(
     cancelling_a_task_cancels_its_run_children_and_queued_steps,
     bad_requests_are_refused_clearly,
     a_persons_data_is_erased_when_their_retention_ends,
+    schedules_fire_each_moment_once_and_start_its_task,
+    missed_moments_are_caught_up_by_policy,
 );
 
 async fn a_persons_data_is_erased_when_their_retention_ends(store: &Store) {
@@ -645,4 +657,167 @@ async fn a_persons_data_is_erased_when_their_retention_ends(store: &Store) {
     assert_eq!(erasure.by, "retention");
     let view = h.runtime.task(&task).await.unwrap();
     assert_eq!(view.task.input.text(), "[erased]");
+}
+
+fn every_second(catch_up: CatchUp, overlap: Overlap) -> ScheduleSpec {
+    ScheduleSpec {
+        timing: Timing::Every { seconds: 1 },
+        workflow: "assistant".into(),
+        input: "check in".into(),
+        catch_up,
+        overlap,
+    }
+}
+
+/// Settles and waits (on the real clock) until `name` has fired `fired` times.
+async fn until_fired(h: &Harness, name: &str, fired: u64) -> Schedule {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        h.settle().await;
+        let schedule = h.runtime.schedule(name).await.unwrap().unwrap();
+        if schedule.fired >= fired {
+            return schedule;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} fired {} times, not {fired}",
+            schedule.fired
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The moments a schedule fired, from its events.
+async fn fired_moments(h: &Harness, name: &str) -> Vec<chrono::DateTime<Utc>> {
+    let stream = stele_engine::StreamId::new("schedule", name);
+    h.log
+        .read_stream(&stream, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match serde_json::from_value(e.payload).unwrap() {
+            ScheduleEvent::ScheduleFired { due, .. } => Some(due),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn schedules_fire_each_moment_once_and_start_its_task(store: &Store) {
+    let h = Harness::build(store, &[], "", stele_privacy::Policy::default(), true).await;
+    let meta = || CommandMeta::new("user:ops", "test");
+    let created = h
+        .runtime
+        .create_schedule("beat", every_second(CatchUp::Latest, Overlap::Skip), meta())
+        .await
+        .unwrap();
+    assert_eq!(created.status, ScheduleStatus::Active);
+    // A workflow that does not exist, a name taken: refused, nothing recorded.
+    let mut unknown = every_second(CatchUp::Latest, Overlap::Skip);
+    unknown.workflow = "nope".into();
+    assert!(matches!(
+        h.runtime.create_schedule("other", unknown, meta()).await,
+        Err(RuntimeError::UnknownWorkflow { .. })
+    ));
+    assert!(matches!(
+        h.runtime
+            .create_schedule("beat", every_second(CatchUp::Latest, Overlap::Skip), meta())
+            .await,
+        Err(RuntimeError::Schedule(ScheduleError::AlreadyExists))
+    ));
+
+    let schedule = until_fired(&h, "beat", 3).await;
+    let moments = fired_moments(&h, "beat").await;
+    assert_eq!(moments.len() as u64, schedule.fired);
+    let mut distinct = moments.clone();
+    distinct.dedup();
+    assert_eq!(distinct, moments, "each moment fires once");
+    // Each fired moment has its task, which ran its workflow (no person's: nothing sealed).
+    h.settle().await;
+    for due in &moments {
+        let id = scheduled_task_id("beat", *due);
+        let view = h.runtime.task(id.as_str()).await.unwrap();
+        assert!(finished(&view), "{view:#?}");
+        assert_eq!(view.task.input.text(), "check in");
+        assert_eq!(view.task.workflow.as_deref(), Some("assistant"));
+        assert!(view.task.subject.is_none());
+    }
+
+    // A repeated timer and a repeated start for a moment that fired: no change, no second task.
+    let last = *moments.last().unwrap();
+    for kind in [SCHEDULE_TICK_JOB, SCHEDULE_START_JOB] {
+        h.store_queue
+            .enqueue(vec![stele_engine::queue::NewJob::new(
+                "workflows",
+                kind,
+                json!({ "schedule": "beat", "due": last }),
+            )])
+            .await
+            .unwrap();
+    }
+    let paused = h.runtime.pause_schedule("beat", meta()).await.unwrap();
+    assert_eq!(paused.status, ScheduleStatus::Paused);
+    h.settle().await;
+    let fired = h.runtime.schedule("beat").await.unwrap().unwrap().fired;
+    assert_eq!(fired_moments(&h, "beat").await.len() as u64, fired);
+    // Paused: no moment fires.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    h.settle().await;
+    assert_eq!(
+        h.runtime.schedule("beat").await.unwrap().unwrap().fired,
+        fired
+    );
+    // Resumed: it fires again, from now on (nothing caught up for the pause).
+    let resumed = h.runtime.resume_schedule("beat", meta()).await.unwrap();
+    assert!(resumed.next_due.unwrap() > Utc::now() - chrono::Duration::seconds(1));
+    let after = until_fired(&h, "beat", fired + 1).await;
+    assert_eq!(after.skipped, 0);
+    // Removed: for good.
+    h.runtime.remove_schedule("beat", meta()).await.unwrap();
+    let count = h.runtime.schedule("beat").await.unwrap().unwrap().fired;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    h.settle().await;
+    let removed = h.runtime.schedule("beat").await.unwrap().unwrap();
+    assert_eq!(
+        (removed.status, removed.fired),
+        (ScheduleStatus::Removed, count)
+    );
+    assert!(matches!(
+        h.runtime.resume_schedule("beat", meta()).await,
+        Err(RuntimeError::Schedule(ScheduleError::Removed))
+    ));
+}
+
+async fn missed_moments_are_caught_up_by_policy(store: &Store) {
+    let h = Harness::build(store, &[], "", stele_privacy::Policy::default(), true).await;
+    let meta = || CommandMeta::new("user:ops", "test");
+    for (name, catch_up) in [
+        ("latest", CatchUp::Latest),
+        ("all", CatchUp::All),
+        ("skip", CatchUp::Skip),
+    ] {
+        h.runtime
+            .create_schedule(name, every_second(catch_up, Overlap::Allow), meta())
+            .await
+            .unwrap();
+    }
+    // No node runs for 3.5 s: three moments are missed.
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    h.settle().await;
+    let latest = h.runtime.schedule("latest").await.unwrap().unwrap();
+    assert_eq!(latest.fired, 1, "{latest:?}");
+    assert!(latest.skipped >= 2, "{latest:?}");
+    let all = h.runtime.schedule("all").await.unwrap().unwrap();
+    assert!(all.fired >= 3, "{all:?}");
+    assert_eq!(all.skipped, 0, "{all:?}");
+    let skip = h.runtime.schedule("skip").await.unwrap().unwrap();
+    assert_eq!(skip.fired, 0, "{skip:?}");
+    assert!(skip.skipped >= 3, "{skip:?}");
+    // Every moment is accounted for: fired + skipped covers each second since creation.
+    for schedule in [&latest, &all, &skip] {
+        let next = schedule.next_due.unwrap();
+        assert!(
+            next > Utc::now() - chrono::Duration::seconds(2),
+            "{schedule:?}"
+        );
+    }
 }

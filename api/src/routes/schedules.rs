@@ -15,8 +15,8 @@ use crate::problem::{ApiError, Code, Problem};
 use crate::routes::{ApiPath, CanRead, CanWrite, NoQuery, StrictQuery};
 use crate::state::AppState;
 use crate::wire::{
-    CatchUpBody, CreateSchedule, OverlapBody, ScheduleBody, ScheduleList, ScheduleName,
-    ScheduleStatusBody,
+    CatchUpBody, CreateSchedule, CronTiming, EveryTiming, OverlapBody, ScheduleBody, ScheduleList,
+    ScheduleName, ScheduleStatusBody, TimingBody,
 };
 
 /// The most schedules a list answers.
@@ -162,8 +162,8 @@ pub async fn list_schedules(
     Ok(Json(ScheduleList { schedules }))
 }
 
-/// Create a schedule: from now on it starts `workflow` with `input` at each moment of `cron`
-/// (in `timezone`) or `every` interval. Moments missed while no node runs are handled by
+/// Create a schedule: from now on it starts `workflow` with `input` at each moment of its
+/// `timing`, a cron pattern (in a time zone) or an interval. Moments missed while no node runs are handled by
 /// `catch_up`; a moment that comes while the last one's task still runs by `overlap`. Each
 /// moment fires once across all nodes and restarts; each is recorded (`ScheduleFired`,
 /// `ScheduleSkipped`) and its task's id is derived from the schedule and the moment.
@@ -173,7 +173,7 @@ pub async fn list_schedules(
     responses(
         (status = 201, description = "Created", body = ScheduleBody),
         (status = 409, description = "`schedule_exists`: the name is taken (removed schedules keep theirs)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_schedule` (a pattern, time zone or interval that does not parse, both or neither of `cron` and `every`), `unknown_workflow`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_schedule` (a pattern, time zone or interval that does not parse, or a pattern that never fires), `unknown_workflow`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:write"]))
 )]
@@ -183,8 +183,11 @@ pub async fn create_schedule(
     StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
     StrictJson(request): StrictJson<CreateSchedule>,
 ) -> Result<(StatusCode, Json<ScheduleBody>), ApiError> {
-    let timing = timing_of(request.cron, request.timezone, request.every.as_deref())
-        .map_err(|why| ApiError::new(Code::InvalidSchedule, why))?;
+    let timing = match request.timing {
+        TimingBody::Cron(CronTiming { cron, timezone }) => timing_of(Some(cron), timezone, None),
+        TimingBody::Every(EveryTiming { every }) => timing_of(None, None, Some(&every)),
+    }
+    .map_err(|why| ApiError::new(Code::InvalidSchedule, why))?;
     let spec = ScheduleSpec {
         timing,
         workflow: request.workflow,

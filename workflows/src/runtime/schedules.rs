@@ -135,15 +135,7 @@ impl Runtime {
         spec: ScheduleSpec,
         meta: CommandMeta,
     ) -> Result<Schedule, RuntimeError> {
-        if !self.catalog.contains(&spec.workflow) {
-            let mut known: Vec<String> = self.catalog.all().map(|d| d.name.clone()).collect();
-            known.sort();
-            known.dedup();
-            return Err(RuntimeError::UnknownWorkflow {
-                name: spec.workflow,
-                known,
-            });
-        }
+        self.check_workflow(&spec.workflow)?;
         let command = ScheduleCommand::Create {
             name: name.to_owned(),
             spec,
@@ -217,10 +209,17 @@ impl Runtime {
             // Paused, removed, or a stale timer: resuming or the newer timer carries on.
             return Ok(Done::Complete);
         }
+        let now = self.clock.utc();
+        if now < p.due {
+            // The database's clock (which made the job due) runs ahead of this node's: a moment
+            // never fires before its time by the node's clock.
+            let early = (p.due - now).to_std().unwrap_or_default();
+            return Ok(Done::Snooze(early.max(Duration::from_millis(10))));
+        }
         let running = self.still_running(&p.schedule, &schedule).await?;
         let command = ScheduleCommand::Fire {
             due: p.due,
-            now: self.clock.utc(),
+            now,
             running,
         };
         let meta = CommandMeta::new("schedule", "system").with_command_id(Uuid::new_v5(

@@ -20,6 +20,20 @@ impl Runtime {
             .await
     }
 
+    /// Refuses a workflow the catalog does not have, naming those it has.
+    pub(super) fn check_workflow(&self, name: &str) -> Result<(), RuntimeError> {
+        if self.catalog.contains(name) {
+            return Ok(());
+        }
+        let mut known: Vec<String> = self.catalog.all().map(|d| d.name.clone()).collect();
+        known.sort();
+        known.dedup();
+        Err(RuntimeError::UnknownWorkflow {
+            name: name.to_owned(),
+            known,
+        })
+    }
+
     /// Refuses a choice of model for a role that is not there, or of a model outside the role's
     /// route (the models a role may use are its route's).
     fn check_models(&self, models: &BTreeMap<String, String>) -> Result<(), RuntimeError> {
@@ -70,15 +84,7 @@ impl Runtime {
         personal: bool,
     ) -> Result<Created, RuntimeError> {
         if let Some(name) = workflow.as_ref().or(self.default_workflow.as_ref()) {
-            if !self.catalog.contains(name) {
-                let mut known: Vec<String> = self.catalog.all().map(|d| d.name.clone()).collect();
-                known.sort();
-                known.dedup();
-                return Err(RuntimeError::UnknownWorkflow {
-                    name: name.clone(),
-                    known,
-                });
-            }
+            self.check_workflow(name)?;
         }
         self.check_models(&models)?;
         let task_id = meta.command_id.to_string();
