@@ -7,6 +7,7 @@ mod email;
 mod events;
 mod jobs;
 mod memory;
+mod models;
 mod node;
 mod privacy;
 mod projections;
@@ -119,6 +120,9 @@ enum Command {
     /// The Telegram channel: who may use the bot.
     #[command(subcommand)]
     Telegram(telegram::TelegramCommand),
+    /// The models the agents run on: providers, roles and their routes; a test call.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
     /// Schedules: workflows started on a timetable (cron patterns, intervals).
     #[command(subcommand)]
     Schedules(schedules::SchedulesCommand),
@@ -291,6 +295,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Audit(command) => audit::run(command).await,
         Command::Memory(command) => memory::run(command).await,
         Command::Schedules(command) => schedules::run(command).await,
+        Command::Models(command) => models::run(command).await,
         Command::Telegram(command) => telegram::run(command).await,
         Command::Openapi => {
             println!("{}", stele_api::server::openapi().to_pretty_json()?);

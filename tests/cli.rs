@@ -957,3 +957,50 @@ fn schedules_fire_under_up_catch_up_after_a_kill_and_are_managed_from_the_cli() 
     );
     terminate(&mut up);
 }
+
+#[test]
+fn models_are_listed_and_tested_through_the_router() {
+    let list = run(&["models", "list", "--json"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    let overview: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let providers = overview["providers"].as_array().unwrap();
+    assert!(
+        providers.iter().any(|p| p["name"] == "scripted"
+            && p["kind"] == "scripted"
+            && p["circuit"] == "closed"),
+        "{overview}"
+    );
+    let vox = overview["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "vox")
+        .unwrap();
+    assert_eq!(vox["route"][0], "scripted/vox");
+    let text = run(&["models", "list"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("vox"));
+
+    let tested = run(&["models", "test", "vox", "--prompt", "hello there", "--json"]);
+    assert!(tested.status.success(), "{}", stderr(&tested));
+    let tested: Value = serde_json::from_slice(&tested.stdout).unwrap();
+    assert_eq!(tested["model"], "scripted/vox");
+    assert_eq!(tested["fallback_index"], 0);
+    assert!(
+        tested["answer"].as_str().unwrap().contains("hello there"),
+        "{tested}"
+    );
+    let line = run(&["models", "test", "vox"]);
+    assert!(line.status.success(), "{}", stderr(&line));
+    assert!(String::from_utf8_lossy(&line.stdout).starts_with("vox: scripted/vox answered in "));
+
+    assert_one_line_error(
+        &run(&["models", "test", "nope"]),
+        1,
+        "there is no agent role \"nope\"",
+    );
+    assert_one_line_error(
+        &run(&["models", "test", "vox", "--model", "nowhere"]),
+        1,
+        "--model \"nowhere\"",
+    );
+}

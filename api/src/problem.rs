@@ -111,6 +111,8 @@ codes! {
     InvalidPurpose = ("invalid_purpose", UNPROCESSABLE_ENTITY, "Invalid purpose"),
     /// Not a channel name.
     InvalidChannel = ("invalid_channel", UNPROCESSABLE_ENTITY, "Invalid channel"),
+    /// No model of the route answered (gateway calls).
+    ModelUnavailable = ("model_unavailable", BAD_GATEWAY, "Model unavailable"),
     /// No embedding model is configured, or it failed to answer.
     MemoryUnavailable = ("memory_unavailable", SERVICE_UNAVAILABLE, "Memory unavailable"),
     /// A fact the memory refuses: empty, too long, importance out of range, bad tags or key.

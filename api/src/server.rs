@@ -351,6 +351,8 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(channels::telegram_access))
         .routes(routes!(channels::change_telegram_access))
         .routes(routes!(ops::workflows))
+        .routes(routes!(ops::models))
+        .routes(routes!(ops::chat_completions))
         .routes(routes!(ops::events))
         .routes(routes!(ops::jobs))
         .routes(routes!(ops::retry_job))

@@ -1268,3 +1268,118 @@ pub struct ScheduleName {
     /// The schedule's name.
     pub name: String,
 }
+
+/// The models the agents run on.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelsBody {
+    pub providers: Vec<ProviderBody>,
+    pub roles: Vec<RoleBody>,
+}
+
+/// A model provider.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProviderBody {
+    pub name: String,
+    /// `openai` (an OpenAI-compatible server), `scripted` (the offline model), or `plugged-in`.
+    pub kind: String,
+    /// Where an OpenAI-compatible provider is reached.
+    pub base_url: Option<String>,
+    /// The models the roles' routes name at this provider.
+    pub models: Vec<String>,
+    pub circuit: CircuitBody,
+}
+
+/// A provider's circuit breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CircuitBody {
+    /// Calls go through (healthy).
+    Closed,
+    /// Calls are refused until the cool-down has passed.
+    Open,
+    /// The next call is a trial that closes or reopens it.
+    HalfOpen,
+}
+
+/// An agent role.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RoleBody {
+    pub name: String,
+    pub description: String,
+    /// `provider/model`, the primary first, then the fallbacks.
+    pub route: Vec<String>,
+    pub tools: Vec<String>,
+}
+
+/// A chat call, as OpenAI's `POST /v1/chat/completions` takes it (the fields Stele serves).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatCompletionRequest {
+    /// An agent role (`GET /v1/models` lists them: its route with fallbacks, its system prompt
+    /// and output schema apply), or one model as `provider/model`.
+    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000]*$")]
+    pub model: String,
+    /// The conversation so far, oldest first.
+    #[schema(min_items = 1, max_items = 256)]
+    pub messages: Vec<ChatMessageBody>,
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f32>,
+    /// Upper bound on generated tokens.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub max_tokens: Option<u32>,
+}
+
+impl Body for ChatCompletionRequest {}
+
+/// Who wrote a chat message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatRoleBody {
+    System,
+    User,
+    Assistant,
+}
+
+/// One message of a chat.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessageBody {
+    pub role: ChatRoleBody,
+    /// Up to 32,768 characters.
+    #[schema(max_length = 32_768, pattern = r"^[^\u0000]*$")]
+    pub content: String,
+}
+
+/// The answer, as OpenAI's chat completions answer.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletion {
+    /// The call's id: its record is the stream `model_call/<id>`.
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: i64,
+    /// The model that answered, `provider/model` (a fallback's when the primary failed).
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: ChatUsage,
+}
+
+/// The one choice of an answer.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ChatMessageBody,
+    /// Why generation stopped (`stop`, `length`, …), as the model said.
+    pub finish_reason: Option<String>,
+}
+
+/// Tokens, as the model reported them (0 when it did not).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChatUsage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}

@@ -443,6 +443,106 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 .0,
             StatusCode::OK
         );
+        let (status, models) = s.call(GET, "/v1/models", &[], Some(&reader), None).await;
+        assert_eq!(status, StatusCode::OK, "{models}");
+        let scripted = models["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "scripted")
+            .unwrap_or_else(|| panic!("{models}"));
+        assert_eq!(
+            (scripted["kind"].as_str(), scripted["circuit"].as_str()),
+            (Some("scripted"), Some("closed"))
+        );
+        let vox = models["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "vox")
+            .unwrap_or_else(|| panic!("{models}"));
+        assert_eq!(vox["route"][0], "scripted/vox");
+        // The gateway: a role, one model, refusals; each call recorded.
+        let chat = "/v1/chat/completions";
+        let ask = |model: &str| {
+            s.client
+                .post(format!("{}{chat}", s.base))
+                .bearer_auth(&writer)
+                .json(&json!({ "model": model, "messages": [
+                    { "role": "system", "content": "be brief" },
+                    { "role": "user", "content": "hello gateway" }
+                ] }))
+        };
+        let (status, answer) = s.send(chat, ask("vox")).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["object"], "chat.completion");
+        assert_eq!(answer["model"], "scripted/vox");
+        assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
+        assert!(answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("hello gateway"));
+        assert!(answer["usage"]["total_tokens"].as_u64().unwrap() > 0);
+        let call = answer["id"].as_str().unwrap().to_owned();
+        let (status, answer) = s.send(chat, ask("scripted/anything")).await;
+        assert_eq!((status, answer["model"].as_str()), (StatusCode::OK, Some("scripted/anything")));
+        for model in ["nope", "nowhere/model"] {
+            let (status, problem) = s.send(chat, ask(model)).await;
+            assert_eq!(
+                (status, problem["code"].as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_model")),
+                "{model}: {problem}"
+            );
+        }
+        // The shipped `openai` provider points at a local server that is not there.
+        let (status, problem) = s.send(chat, ask("openai/llama3.1:8b")).await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::BAD_GATEWAY, Some("model_unavailable")),
+            "{problem}"
+        );
+        for (content_type, body) in [
+            ("application/json", format!("{{\"model\": \"{}\"}}", "x".repeat(70_000))),
+            ("text/plain", "x".to_owned()),
+        ] {
+            let (status, _) = s
+                .send(
+                    chat,
+                    s.client
+                        .post(format!("{}{chat}", s.base))
+                        .bearer_auth(&writer)
+                        .header("content-type", content_type)
+                        .body(body),
+                )
+                .await;
+            assert!(
+                status == StatusCode::PAYLOAD_TOO_LARGE
+                    || status == StatusCode::UNSUPPORTED_MEDIA_TYPE
+            );
+        }
+        let (status, problem) = s
+            .send(
+                chat,
+                s.client
+                    .post(format!("{}{chat}", s.base))
+                    .bearer_auth(&writer)
+                    .json(&json!({ "model": "vox", "messages": [] })),
+            )
+            .await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_body"))
+        );
+        let recorded = s
+            .store
+            .log
+            .read_stream(&stele_engine::StreamId::new("model_call", call.as_str()), 0)
+            .await
+            .unwrap();
+        assert_eq!(recorded.len(), 1);
+        assert_eq!(recorded[0].event_type, "ModelCalled");
+        assert_eq!(recorded[0].payload["data"]["answered_by"], "scripted/vox");
+        assert!(!recorded[0].payload.to_string().contains("hello gateway"));
         let (status, log) = s.call(GET, "/v1/events", &[], Some(&admin), None).await;
         assert_eq!(status, StatusCode::OK);
         assert!(!log["events"].as_array().unwrap().is_empty());
@@ -1360,6 +1460,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 "/v1/audit/events",
                 "/v1/audit/proofs/consistency",
                 "/v1/audit/proofs/inclusion",
+                "/v1/chat/completions",
                 "/v1/channels/telegram/access",
                 "/v1/channels/telegram/access/{id}",
                 "/v1/events",
@@ -1368,6 +1469,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 "/v1/memories",
                 "/v1/memories/search",
                 "/v1/memories/{id}",
+                "/v1/models",
                 "/v1/projections",
                 "/v1/projections/{name}/rebuild",
                 "/v1/schedules",

@@ -38,7 +38,10 @@ pub use embed::LocalEmbeddingModel;
 pub use embed::{load_embedding_model, EmbeddingError, EmbeddingModel, OpenAiEmbeddingModel};
 pub use error::ModelError;
 pub use openai::OpenAiModel;
-pub use router::{AgentReply, CallOverrides, ModelRouter, ModelRouterBuilder};
+pub use router::{
+    AgentReply, CallOverrides, ModelRouter, ModelRouterBuilder, Overview, ProviderOverview,
+    RoleOverview,
+};
 pub use scripted::ScriptedModel;
 pub use types::{
     ChatChunk, ChatMessage, ChatRequest, ChatResponse, ModelCall, Role, ToolCall, ToolSpec, Usage,

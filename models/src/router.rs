@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::circuit::{CircuitBreaker, CircuitState};
 use crate::clock::{Clock, SystemClock};
@@ -24,6 +25,9 @@ use crate::config::{AgentRole, ModelRoute, ModelsConfig, ProviderConfig};
 use crate::openai::OpenAiModel;
 use crate::scripted::ScriptedModel;
 use crate::{ChatMessage, ChatModel, ChatRequest, ChatResponse, ModelCall, ModelError, ToolSpec};
+
+/// The name calls made by [`ModelRouter::call_route`] are recorded under.
+pub const GATEWAY: &str = "gateway";
 
 /// What a caller may change for one call.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -53,6 +57,45 @@ pub struct AgentReply {
     pub calls: Vec<ModelCall>,
     /// The route position that answered: 0 for the primary, 1 for the first fallback, …
     pub served_by: Option<usize>,
+}
+
+/// What [`ModelRouter::overview`] shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Overview {
+    /// The providers, by name.
+    pub providers: Vec<ProviderOverview>,
+    /// The agent roles, by name.
+    pub roles: Vec<RoleOverview>,
+}
+
+/// A provider: how it is reached, the models routes name there, its circuit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderOverview {
+    /// Its name in the configuration.
+    pub name: String,
+    /// `openai` (an OpenAI-compatible server), `scripted`, or `plugged-in` (an adapter given in
+    /// code).
+    pub kind: String,
+    /// Where an OpenAI-compatible provider is reached.
+    pub base_url: Option<String>,
+    /// The models the roles' routes name at this provider.
+    pub models: Vec<String>,
+    /// Closed: calls go through; open: refused until the cool-down passed; half-open: the next
+    /// call is a trial. Healthy means closed.
+    pub circuit: CircuitState,
+}
+
+/// An agent role: its models in order (primary, then fallbacks) and its tools.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoleOverview {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// `provider/model`, the primary first.
+    pub route: Vec<String>,
+    /// The tools it may call.
+    pub tools: Vec<String>,
 }
 
 struct Provider {
@@ -168,6 +211,52 @@ impl ModelRouter {
         self.config.agents.values()
     }
 
+    /// The providers with their circuits, and the roles with their routes, for operators (no
+    /// secret: an API key is never shown).
+    pub fn overview(&self) -> Overview {
+        let mut models: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for role in self.config.agents.values() {
+            for entry in &role.route {
+                let list = models.entry(entry.provider.as_str()).or_default();
+                if !list.contains(&entry.model) {
+                    list.push(entry.model.clone());
+                }
+            }
+        }
+        let providers = self
+            .providers
+            .iter()
+            .map(|(name, provider)| {
+                let (kind, base_url) = match self.config.providers.get(name) {
+                    Some(ProviderConfig::OpenAi(openai)) => {
+                        ("openai", Some(openai.base_url.clone()))
+                    }
+                    Some(ProviderConfig::Scripted(_)) => ("scripted", None),
+                    None => ("plugged-in", None),
+                };
+                ProviderOverview {
+                    name: name.clone(),
+                    kind: kind.to_owned(),
+                    base_url,
+                    models: models.remove(name.as_str()).unwrap_or_default(),
+                    circuit: provider.breaker.state(),
+                }
+            })
+            .collect();
+        let roles = self
+            .config
+            .agents
+            .values()
+            .map(|role| RoleOverview {
+                name: role.name.clone(),
+                description: role.description.clone(),
+                route: role.route.iter().map(ToString::to_string).collect(),
+                tools: role.tools.clone(),
+            })
+            .collect();
+        Overview { providers, roles }
+    }
+
     /// The state of the provider's circuit, or `None` for an unknown provider.
     pub fn circuit_state(&self, provider: &str) -> Option<CircuitState> {
         self.providers
@@ -222,6 +311,47 @@ impl ModelRouter {
             agent: Some(name.to_owned()),
         };
 
+        self.attempt(name, route, template).await
+    }
+
+    /// Calls the models of `route` in order (retries, breakers and fallbacks as for a role)
+    /// with `messages` as they are: no role, so no system prompt, tools or output schema but
+    /// the caller's. What an OpenAI-compatible gateway serves.
+    pub async fn call_route(
+        &self,
+        route: &[ModelRoute],
+        messages: Vec<ChatMessage>,
+        temperature: Option<f32>,
+        max_tokens: Option<u32>,
+    ) -> AgentReply {
+        let failed = |error| AgentReply {
+            result: Err(error),
+            calls: Vec::new(),
+            served_by: None,
+        };
+        if route.is_empty() {
+            return failed(ModelError::EmptyRoute(GATEWAY.to_owned()));
+        }
+        if let Some(entry) = route
+            .iter()
+            .find(|entry| !self.providers.contains_key(&entry.provider))
+        {
+            return failed(ModelError::UnknownProvider(entry.provider.clone()));
+        }
+        let template = ChatRequest {
+            model: String::new(),
+            messages,
+            tools: Vec::new(),
+            temperature,
+            max_tokens,
+            output_schema: None,
+            agent: None,
+        };
+        self.attempt(GATEWAY, route, template).await
+    }
+
+    /// Tries each entry of `route` in turn with `template`'s request.
+    async fn attempt(&self, name: &str, route: &[ModelRoute], template: ChatRequest) -> AgentReply {
         let mut calls = Vec::new();
         let mut last_error = None;
         for (index, entry) in route.iter().enumerate() {

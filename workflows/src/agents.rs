@@ -80,6 +80,14 @@ impl Agents for ModelAgents {
         Some(role.route.iter().map(ToString::to_string).collect())
     }
 
+    fn overview(&self) -> Option<stele_models::Overview> {
+        Some(self.router.overview())
+    }
+
+    fn router(&self) -> Option<&ModelRouter> {
+        Some(&self.router)
+    }
+
     async fn run(&self, request: AgentRequest) -> AgentResult {
         let mut calls: Vec<Value> = Vec::new();
         let fail = |error: String, calls: Vec<Value>| AgentResult {

@@ -6,10 +6,129 @@ use axum::Json;
 use stele_engine::queue::JobFilter;
 use stele_engine::Position;
 
-use super::{parse_id, ApiPath, CanRead, IsAdmin, NoQuery, StrictQuery};
+use super::{parse_id, ApiPath, CanRead, CanWrite, IsAdmin, NoQuery, StrictQuery};
 use crate::problem::{ApiError, Code, Problem};
 use crate::state::AppState;
 use crate::wire::*;
+
+/// The models the agents run on: each provider with how it is reached, the models routes name
+/// there and its circuit breaker's state (`closed` is healthy; `open`: calls are refused until
+/// its cool-down passed; `half_open`: the next call is a trial), and each agent role with its
+/// route (primary first, then fallbacks) and tools. Circuits are this server's own.
+#[utoipa::path(
+    get, path = "/v1/models", tag = "operators",
+    responses(
+        (status = 200, description = "Providers and roles", body = ModelsBody),
+    ),
+    security(("api_key" = ["tasks:read"]))
+)]
+pub async fn models(
+    State(state): State<AppState>,
+    _caller: CanRead,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
+) -> Json<ModelsBody> {
+    let Some(overview) = state.runtime.models() else {
+        return Json(ModelsBody {
+            providers: Vec::new(),
+            roles: Vec::new(),
+        });
+    };
+    Json(ModelsBody {
+        providers: overview
+            .providers
+            .into_iter()
+            .map(|p| ProviderBody {
+                name: p.name,
+                kind: p.kind,
+                base_url: p.base_url,
+                models: p.models,
+                circuit: match p.circuit {
+                    stele_models::CircuitState::Closed => CircuitBody::Closed,
+                    stele_models::CircuitState::Open => CircuitBody::Open,
+                    stele_models::CircuitState::HalfOpen => CircuitBody::HalfOpen,
+                },
+            })
+            .collect(),
+        roles: overview
+            .roles
+            .into_iter()
+            .map(|r| RoleBody {
+                name: r.name,
+                description: r.description,
+                route: r.route,
+                tools: r.tools,
+            })
+            .collect(),
+    })
+}
+
+/// An OpenAI-compatible chat call through Stele's model router: `model` is an agent role (its
+/// route with fallbacks, retries and circuit breakers, its system prompt and output schema) or
+/// one model `provider/model`. Every call is recorded as an event (`ModelCalled` on
+/// `model_call/<id>`: the key, each attempt's model, tokens, latency and error; not the
+/// messages). The key's rate limit applies. No streaming.
+#[utoipa::path(
+    post, path = "/v1/chat/completions", tag = "operators",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The answer", body = ChatCompletion),
+        (status = 422, description = "`unknown_model`: neither a role nor a configured provider's model", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "`model_unavailable`: no model of the route answered (the attempts are recorded)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["tasks:write"]))
+)]
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    CanWrite(caller): CanWrite,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
+    crate::json::StrictJson(request): crate::json::StrictJson<ChatCompletionRequest>,
+) -> Result<Json<ChatCompletion>, ApiError> {
+    let messages = request
+        .messages
+        .into_iter()
+        .map(|m| match m.role {
+            ChatRoleBody::System => stele_models::ChatMessage::system(m.content),
+            ChatRoleBody::User => stele_models::ChatMessage::user(m.content),
+            ChatRoleBody::Assistant => stele_models::ChatMessage::assistant(m.content),
+        })
+        .collect();
+    let meta = stele_engine::CommandMeta::new(format!("key:{}", caller.key_id), "api");
+    let outcome = state
+        .runtime
+        .chat(
+            &request.model,
+            messages,
+            request.temperature,
+            request.max_tokens,
+            meta,
+        )
+        .await
+        .map_err(|e| match e {
+            stele_workflows::runtime::RuntimeError::ModelsFailed(why) => {
+                ApiError::new(Code::ModelUnavailable, why)
+            }
+            other => other.into(),
+        })?;
+    Ok(Json(ChatCompletion {
+        id: outcome.call_id,
+        object: "chat.completion".into(),
+        created: chrono::Utc::now().timestamp(),
+        model: outcome.model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: ChatMessageBody {
+                role: ChatRoleBody::Assistant,
+                content: outcome.content,
+            },
+            finish_reason: outcome.finish_reason,
+        }],
+        usage: ChatUsage {
+            prompt_tokens: outcome.input_tokens,
+            completion_tokens: outcome.output_tokens,
+            total_tokens: outcome.input_tokens + outcome.output_tokens,
+        },
+    }))
+}
 
 /// The workflow definitions (newest version of each).
 #[utoipa::path(

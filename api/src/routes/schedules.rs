@@ -129,6 +129,30 @@ async fn existing(state: &AppState, name: &str) -> Result<Schedule, ApiError> {
         .ok_or_else(|| ApiError::new(Code::ScheduleNotFound, format!("no schedule {name:?}")))
 }
 
+enum Change {
+    Pause,
+    Resume,
+    Remove,
+}
+
+/// Applies `change` to the existing schedule `name`.
+async fn change(
+    state: &AppState,
+    caller: &crate::auth::Caller,
+    name: &str,
+    change: Change,
+) -> Result<Schedule, ApiError> {
+    existing(state, name).await?;
+    let runtime = &state.runtime;
+    let meta = meta(caller);
+    match change {
+        Change::Pause => runtime.pause_schedule(name, meta).await,
+        Change::Resume => runtime.resume_schedule(name, meta).await,
+        Change::Remove => runtime.remove_schedule(name, meta).await,
+    }
+    .map_err(refused)
+}
+
 /// The schedules (removed ones too, with their status), by name.
 #[utoipa::path(
     get, path = "/v1/schedules", tag = "schedules",
@@ -246,13 +270,9 @@ pub async fn pause_schedule(
     ApiPath(ScheduleName { name }): ApiPath<ScheduleName>,
     StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
 ) -> Result<Json<ScheduleBody>, ApiError> {
-    existing(&state, &name).await?;
-    let schedule = state
-        .runtime
-        .pause_schedule(&name, meta(&caller))
-        .await
-        .map_err(refused)?;
-    Ok(Json(body(schedule)))
+    Ok(Json(body(
+        change(&state, &caller, &name, Change::Pause).await?,
+    )))
 }
 
 /// Resume a paused schedule: it fires next at its first moment from now (what it missed while
@@ -273,13 +293,9 @@ pub async fn resume_schedule(
     ApiPath(ScheduleName { name }): ApiPath<ScheduleName>,
     StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
 ) -> Result<Json<ScheduleBody>, ApiError> {
-    existing(&state, &name).await?;
-    let schedule = state
-        .runtime
-        .resume_schedule(&name, meta(&caller))
-        .await
-        .map_err(refused)?;
-    Ok(Json(body(schedule)))
+    Ok(Json(body(
+        change(&state, &caller, &name, Change::Resume).await?,
+    )))
 }
 
 /// Remove a schedule for good (its history stays in the log, its name stays taken; removing
@@ -299,11 +315,6 @@ pub async fn remove_schedule(
     ApiPath(ScheduleName { name }): ApiPath<ScheduleName>,
     StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
 ) -> Result<StatusCode, ApiError> {
-    existing(&state, &name).await?;
-    state
-        .runtime
-        .remove_schedule(&name, meta(&caller))
-        .await
-        .map_err(refused)?;
+    change(&state, &caller, &name, Change::Remove).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -58,12 +58,14 @@ use crate::recall::{Recall, RecallRequest};
 use crate::tools::{Caller, Tools};
 use stele_models::{Clock, SystemClock};
 
+mod gateway;
 mod handlers;
 mod manager;
 mod retention;
 mod schedules;
 mod tasks;
 
+pub use gateway::{ChatOutcome, MODEL_CALL_STREAM};
 pub use manager::{step_job_key, Manager};
 pub use retention::{RetentionManager, RETENTION_JOB, RETENTION_MANAGER};
 pub use schedules::{
@@ -117,6 +119,17 @@ pub trait Agents: Send + Sync {
     fn models_of(&self, _agent: &str) -> Option<Vec<String>> {
         None
     }
+
+    /// The providers and roles the agents run on, with the providers' circuits; `None` when
+    /// they are not models.
+    fn overview(&self) -> Option<stele_models::Overview> {
+        None
+    }
+
+    /// The model router the agents call, for calls that are no agent step (the gateway).
+    fn router(&self) -> Option<&stele_models::ModelRouter> {
+        None
+    }
 }
 
 /// Errors of runtime operations asked for by people and programs.
@@ -144,6 +157,9 @@ pub enum RuntimeError {
     /// is recorded), their id is no identifier, a subject's state refuses, a store failed.
     #[error("{0}")]
     Schedule(stele_aggregates::schedule::ScheduleError),
+    /// No model of the route answered (each attempt is recorded).
+    #[error("{0}")]
+    ModelsFailed(String),
     #[error(transparent)]
     Subject(#[from] stele_privacy::SubjectsError),
     #[error(transparent)]
@@ -285,6 +301,11 @@ impl Runtime {
 
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// The models the agents run on (see [`Agents::overview`]).
+    pub fn models(&self) -> Option<stele_models::Overview> {
+        self.agents.overview()
     }
 
     /// The process manager to run (with the projection runner) next to the workers.
