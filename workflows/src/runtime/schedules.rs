@@ -194,8 +194,9 @@ impl Runtime {
         let task_id = scheduled_task_id(name, last);
         match self.task(task_id.as_str()).await {
             Ok(view) => Ok(!view.task.status.is_finished()),
-            // Not created yet (its start job is queued): it will run.
-            Err(RuntimeError::UnknownTask(_)) => Ok(true),
+            // Not created (yet, or its start failed for good): nothing runs, and a start that
+            // never succeeds must not hold every later moment back.
+            Err(RuntimeError::UnknownTask(_)) => Ok(false),
             Err(e) => Err(e),
         }
     }
