@@ -106,6 +106,7 @@ impl BlobStore for TableBlobs {
         content_type: &str,
         sealed: Vec<u8>,
     ) -> Result<(), PrivacyError> {
+        // (The sealed size: the plain one is not the store's to know.)
         let size = sealed.len() as i64;
         let sealed = base64::engine::general_purpose::STANDARD.encode(sealed);
         let mut db = Db::from(&self.pool);

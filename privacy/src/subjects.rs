@@ -211,6 +211,16 @@ pub fn identifier_of(requester: &Requester) -> Result<Identifier, PrivacyError> 
     }
 }
 
+/// HMAC-SHA256 under `key` of `parts`, one after the other.
+fn keyed(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
 impl Subjects {
     /// The service on `store` (whose log seals with `sealer`).
     pub fn new(store: &Store, sealer: Arc<Sealer>, kek: &Kek, policy: Policy) -> Subjects {
@@ -264,19 +274,18 @@ impl Subjects {
     /// stream's or a job's. Keyed, so that the small space of chat ids cannot be searched for the
     /// one that gives a pseudonym; 128 bits of an HMAC-SHA256 over `kind` and `value`.
     pub fn pseudonym(&self, kind: &str, value: &str) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.pseudonym_key.as_ref())
-            .expect("HMAC takes a key of any length");
-        mac.update(kind.as_bytes());
-        mac.update(&[0]);
-        mac.update(value.as_bytes());
-        hex::encode(&mac.finalize().into_bytes()[..16])
+        let mac = keyed(
+            &self.pseudonym_key,
+            &[kind.as_bytes(), &[0], value.as_bytes()],
+        );
+        hex::encode(&mac[..16])
     }
 
     fn lookup(&self, identifier: &Identifier) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.lookup_key.as_ref())
-            .expect("HMAC takes a key of any length");
-        mac.update(identifier.to_string().as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        hex::encode(keyed(
+            &self.lookup_key,
+            &[identifier.to_string().as_bytes()],
+        ))
     }
 
     /// The subject `identifier` leads to, if any.

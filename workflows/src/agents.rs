@@ -80,10 +80,6 @@ impl Agents for ModelAgents {
         Some(role.route.iter().map(ToString::to_string).collect())
     }
 
-    fn overview(&self) -> Option<stele_models::Overview> {
-        Some(self.router.overview())
-    }
-
     fn router(&self) -> Option<&ModelRouter> {
         Some(&self.router)
     }

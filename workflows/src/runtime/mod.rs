@@ -120,12 +120,6 @@ pub trait Agents: Send + Sync {
         None
     }
 
-    /// The providers and roles the agents run on, with the providers' circuits; `None` when
-    /// they are not models.
-    fn overview(&self) -> Option<stele_models::Overview> {
-        None
-    }
-
     /// The model router the agents call, for calls that are no agent step (the gateway).
     fn router(&self) -> Option<&stele_models::ModelRouter> {
         None
@@ -303,9 +297,12 @@ impl Runtime {
         &self.catalog
     }
 
-    /// The models the agents run on (see [`Agents::overview`]).
+    /// The providers and roles the agents run on, with the providers' circuits; `None` when
+    /// they are not models.
     pub fn models(&self) -> Option<stele_models::Overview> {
-        self.agents.overview()
+        self.agents
+            .router()
+            .map(stele_models::ModelRouter::overview)
     }
 
     /// The process manager to run (with the projection runner) next to the workers.
