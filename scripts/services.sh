@@ -31,6 +31,7 @@
 #                 LD_LIBRARY_PATH at run time (tch sets no rpath)
 #   STELE_S3_ENDPOINT      an S3-compatible server on loopback (moto's, from PyPI) for the blob
 #                          store tests: any bucket may be created there, any credentials pass
+#   (and installs bubblewrap, the sandbox of agents' commands, when `bwrap` is missing)
 #   STELE_MAIL_BASE        folder of a Dovecot + Postfix pair on loopback (scripts/mail-env.sh):
 #                 IMAP 11143, IMAPS 11993, SMTP 11025, SMTPS 11465; certs/ca.pem to trust,
 #                 dovecot/users to add test users to
@@ -328,6 +329,21 @@ _stele_redis_install() {
     if ! { apt-get update -qq >&2 &&
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >&2; }; then
         _stele_err "apt-get install redis-server failed"
+        return 1
+    fi
+}
+
+# bubblewrap, the sandbox of agents' commands (shell.run) that the tools' tests exercise.
+_stele_bwrap_install() {
+    command -v bwrap >/dev/null 2>&1 && return 0
+    if [[ $EUID -ne 0 ]]; then
+        _stele_err "bwrap missing and not root; install the Debian package bubblewrap"
+        return 1
+    fi
+    _stele_log "installing bubblewrap with apt-get"
+    if ! { apt-get update -qq >&2 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap >&2; }; then
+        _stele_err "apt-get install bubblewrap failed"
         return 1
     fi
 }
@@ -890,6 +906,7 @@ _stele_services_up() {
     ((rc == 0)) && { _stele_libtorch || rc=1; }
     ((rc == 0)) && { _stele_mail_up || rc=1; }
     ((rc == 0)) && { _stele_s3_up || rc=1; }
+    ((rc == 0)) && { _stele_bwrap_install || rc=1; }
 
     _stele_close_lock
     unset _STELE_LOCKFD

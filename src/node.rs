@@ -9,6 +9,7 @@ use clap::Args;
 use stele_engine::store::Store;
 use stele_memory::Memories;
 use stele_models::{ModelRouter, ModelsConfig};
+use stele_tools::{Sandbox, SandboxLimits, SandboxMode, ToolHost, Web, WebSettings, Workspaces};
 use stele_workflows::agents::ModelAgents;
 use stele_workflows::catalog;
 use stele_workflows::decide::Catalog;
@@ -28,18 +29,33 @@ pub struct WorkflowArgs {
     /// STELE_MODEL_* variables route roles to an OpenAI-compatible server.
     #[arg(long, env = "STELE_MODELS", value_name = "FILE")]
     pub models: Option<PathBuf>,
+    /// How `shell.run` isolates commands: auto (bubblewrap when it works here, else a limited
+    /// process), bubblewrap (required) or process.
+    #[arg(long, env = "STELE_SANDBOX", value_name = "MODE")]
+    pub sandbox: Option<SandboxMode>,
+    /// Hosts `web.fetch` may fetch from, comma-separated (`example.org`, `host:port`,
+    /// `*.example.org`); none by default.
+    #[arg(
+        long,
+        env = "STELE_WEB_ALLOW",
+        value_name = "HOSTS",
+        value_delimiter = ','
+    )]
+    pub web_allow: Vec<String>,
 }
 
 impl WorkflowArgs {
     /// The model router and the validated catalog (shipped definitions plus the folder's).
     pub fn load(&self) -> anyhow::Result<(ModelRouter, Tools, Catalog)> {
-        self.load_with(None)
+        self.load_with(None, None)
     }
 
-    /// [`Self::load`], with the memory's tools when there is a memory.
+    /// [`Self::load`], with the memory's tools when there is a memory, and the workspace, shell
+    /// and web tools working on `host` (described only without one).
     fn load_with(
         &self,
         memory: Option<Arc<Memories>>,
+        host: Option<Arc<ToolHost>>,
     ) -> anyhow::Result<(ModelRouter, Tools, Catalog)> {
         let config = match &self.models {
             Some(path) => ModelsConfig::load(path)?,
@@ -47,7 +63,7 @@ impl WorkflowArgs {
         }
         .with_process_env()?;
         let router = ModelRouter::new(config)?;
-        let mut tools = Tools::builtin();
+        let mut tools = stele_tools::register(Tools::builtin(), host);
         if let Some(memory) = memory {
             tools = stele_memory::agents::register(tools, memory);
         }
@@ -79,7 +95,8 @@ impl WorkflowArgs {
         subjects: Option<Arc<stele_privacy::Subjects>>,
         memory: Option<Arc<Memories>>,
     ) -> anyhow::Result<Arc<Runtime>> {
-        let (router, tools, mut catalog) = self.load_with(memory.clone())?;
+        let host = self.tool_host(store, subjects.as_deref()).await?;
+        let (router, tools, mut catalog) = self.load_with(memory.clone(), Some(host))?;
         stele_workflows::catalog::publish(store.log.as_ref(), &mut catalog).await?;
         let agents = Arc::new(ModelAgents::new(router, tools.clone()));
         let mut runtime =
@@ -91,5 +108,32 @@ impl WorkflowArgs {
             runtime = runtime.with_recall(memory);
         }
         Ok(Arc::new(runtime))
+    }
+
+    /// What the workspace, shell and web tools work on, on `store`: its workspaces (sealed with
+    /// people's keys when there are `subjects`), the sandbox this machine allows, the web hosts.
+    pub async fn tool_host(
+        &self,
+        store: &Store,
+        subjects: Option<&stele_privacy::Subjects>,
+    ) -> anyhow::Result<Arc<ToolHost>> {
+        let workspaces = Workspaces::new(store.pool.clone(), subjects.map(|s| s.sealer().clone()));
+        let sandbox = Sandbox::detect(
+            self.sandbox.unwrap_or_default(),
+            SandboxLimits::default(),
+            workspaces.limits().clone(),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        tracing::info!(sandbox = %sandbox.describe(), "commands of agents run sandboxed");
+        let web = Web::new(WebSettings {
+            allow: self.web_allow.clone(),
+            ..WebSettings::default()
+        });
+        Ok(Arc::new(ToolHost {
+            workspaces: Arc::new(workspaces),
+            sandbox,
+            web,
+        }))
     }
 }

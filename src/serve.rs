@@ -28,7 +28,7 @@ use crate::StoreArgs;
 #[derive(Args, Clone, Debug, Default)]
 pub struct NodeArgs {
     /// A TOML configuration file (keys: listen, database_url, redis_url, data_dir, workflows,
-    /// models, concurrency, kek_file, blob_store, [rate_limit] per_second and burst, [privacy] require and
+    /// models, sandbox, web_allow, concurrency, kek_file, blob_store, [rate_limit] per_second and burst, [privacy] require and
     /// retention).
     #[arg(long, env = "STELE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -83,6 +83,10 @@ pub(crate) struct FileConfig {
     data_dir: Option<PathBuf>,
     workflows: Option<PathBuf>,
     models: Option<PathBuf>,
+    /// `shell.run`'s sandbox (see `--sandbox`).
+    sandbox: Option<stele_tools::SandboxMode>,
+    /// Hosts `web.fetch` may fetch from.
+    web_allow: Option<Vec<String>>,
     concurrency: Option<usize>,
     rate_limit: Option<RateFile>,
     kek_file: Option<PathBuf>,
@@ -147,6 +151,12 @@ impl NodeArgs {
             workflows: WorkflowArgs {
                 workflows: self.workflows.workflows.clone().or(file.workflows),
                 models: self.workflows.models.clone().or(file.models),
+                sandbox: self.workflows.sandbox.or(file.sandbox),
+                web_allow: if self.workflows.web_allow.is_empty() {
+                    file.web_allow.unwrap_or_default()
+                } else {
+                    self.workflows.web_allow.clone()
+                },
             },
             concurrency: self.concurrency.or(file.concurrency).unwrap_or(16).max(1),
             kek_file: self.kek_file.clone().or(file.kek_file),
@@ -455,6 +465,10 @@ pub async fn run_node(
         state.metrics = Some(prometheus()?);
         state.audit_key = Some(audit_key.verifier_key().to_owned());
         state.memory = memory.clone();
+        state.workspaces = Arc::new(stele_tools::Workspaces::new(
+            store.pool.clone(),
+            Some(private.subjects.sealer().clone()),
+        ));
         if let Some(url) = &node.redis_url {
             state.probe = Some(Arc::new(
                 stele_api::state::RedisProbe::new(url).map_err(anyhow::Error::msg)?,

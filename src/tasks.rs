@@ -61,6 +61,17 @@ pub enum TasksCommand {
     },
     /// Follow a task's progress live until it finishes.
     Watch(TaskArgs),
+    /// List the files of a task's workspaces (what its agents wrote and its commands left), or
+    /// print one of them.
+    Workspace {
+        #[command(flatten)]
+        task: TaskArgs,
+        /// A file to print (its bytes, as they are).
+        path: Option<String>,
+        /// The run whose workspace holds it (the first run holding the path otherwise).
+        #[arg(long)]
+        run: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -157,11 +168,20 @@ pub async fn tasks(command: TasksCommand) -> anyhow::Result<()> {
         TasksCommand::Show(a) | TasksCommand::History(a) | TasksCommand::Watch(a) => {
             (&a.store, &a.workflow_args)
         }
-        TasksCommand::Cancel { task, .. } | TasksCommand::Signal { task, .. } => {
-            (&task.store, &task.workflow_args)
-        }
+        TasksCommand::Cancel { task, .. }
+        | TasksCommand::Signal { task, .. }
+        | TasksCommand::Workspace { task, .. } => (&task.store, &task.workflow_args),
     };
     let private = crate::privacy::open(store_args, Migrate::Require).await?;
+    if let TasksCommand::Workspace { task, path, run } = &command {
+        let workspaces = stele_tools::Workspaces::new(
+            private.store.pool.clone(),
+            Some(private.subjects.sealer().clone()),
+        );
+        let result = workspace(&workspaces, task, path.as_deref(), run.as_deref()).await;
+        private.store.close().await;
+        return result;
+    }
     let result = match workflow_args
         .runtime_with(&private.store, Some(private.subjects.clone()))
         .await
@@ -235,7 +255,49 @@ async fn run(runtime: &Runtime, command: TasksCommand) -> anyhow::Result<()> {
             Ok(())
         }
         TasksCommand::Watch(args) => watch(runtime, &args.id).await,
+        TasksCommand::Workspace { .. } => unreachable!("answered before a runtime is made"),
     }
+}
+
+/// Lists a task's workspaces, or prints one file of them.
+async fn workspace(
+    workspaces: &stele_tools::Workspaces,
+    task: &TaskArgs,
+    path: Option<&str>,
+    run: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    if let Some(path) = path {
+        let (_, bytes) = workspaces.task_file(&task.id, run, path).await?;
+        out.write_all(&bytes)?;
+        return Ok(());
+    }
+    for run_id in workspaces.runs_of_task(&task.id).await? {
+        if run.is_some_and(|run| run != run_id) {
+            continue;
+        }
+        let listing = match workspaces.list(&run_id).await {
+            Ok(listing) => listing,
+            Err(stele_tools::WorkspaceError::Erased) => {
+                if task.json {
+                    writeln!(out, "{}", json!({ "run_id": run_id, "erased": true }))?;
+                } else {
+                    writeln!(out, "run {run_id}: erased with its person")?;
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if task.json {
+            writeln!(out, "{}", serde_json::to_string(&listing)?)?;
+            continue;
+        }
+        writeln!(out, "run {run_id}")?;
+        for file in &listing.files {
+            writeln!(out, "  {:>9}  {}", file.size, file.path)?;
+        }
+    }
+    Ok(())
 }
 
 /// Prints the task's history so far, then its events as they are committed, until it finishes.

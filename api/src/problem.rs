@@ -120,6 +120,8 @@ codes! {
     /// No stored fact with that id (messages and step outputs are forgotten with their person).
     MemoryNotFound = ("memory_not_found", NOT_FOUND, "Memory not found"),
     ScheduleNotFound = ("schedule_not_found", NOT_FOUND, "Schedule not found"),
+    /// No such file in the task's workspaces (or its person was erased).
+    FileNotFound = ("file_not_found", NOT_FOUND, "File not found"),
     RouteNotFound = ("route_not_found", NOT_FOUND, "Route not found"),
     MethodNotAllowed = ("method_not_allowed", METHOD_NOT_ALLOWED, "Method not allowed"),
     /// The task cannot do that now (it is finished).

@@ -30,7 +30,9 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::problem::{ApiError, Code, CHALLENGE};
-use crate::routes::{audit, channels, health, memory, ops, schedules, stream, subjects, tasks};
+use crate::routes::{
+    audit, channels, health, memory, ops, schedules, stream, subjects, tasks, workspace,
+};
 use crate::state::AppState;
 
 /// Largest request body accepted.
@@ -324,6 +326,8 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(tasks::create_task, tasks::list_tasks))
         .routes(routes!(tasks::get_task))
         .routes(routes!(tasks::task_events))
+        .routes(routes!(workspace::task_workspace))
+        .routes(routes!(workspace::workspace_file))
         .routes(routes!(tasks::cancel_task))
         .routes(routes!(tasks::signal_task))
         .routes(routes!(stream::sse))

@@ -40,6 +40,8 @@ pub struct AppState {
     pub audit_key: Option<String>,
     /// The memory, when the server has an embedding model.
     pub memory: Option<Arc<stele_memory::Memories>>,
+    /// Agents' workspaces (set to the sealed ones by a node; plain on the store otherwise).
+    pub workspaces: Arc<stele_tools::Workspaces>,
 }
 
 impl AppState {
@@ -75,6 +77,7 @@ impl AppState {
             tasks: None,
             audit_key: None,
             memory: None,
+            workspaces: Arc::new(stele_tools::Workspaces::new(store.pool.clone(), None)),
         }
     }
 }

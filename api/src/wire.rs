@@ -1383,3 +1383,41 @@ pub struct ChatUsage {
     pub completion_tokens: u32,
     pub total_tokens: u32,
 }
+
+/// One file of a run's workspace.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct WorkspaceFile {
+    /// Its path in the workspace (`/`-separated, relative).
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// `sha256:<hex>` of its content.
+    pub digest: String,
+}
+
+/// The workspace of one of a task's runs.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RunWorkspace {
+    pub run_id: String,
+    /// The run's person was erased: its files are gone with them.
+    pub erased: bool,
+    pub files: Vec<WorkspaceFile>,
+}
+
+/// The workspaces of a task's runs (those whose agents wrote files or ran commands).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskWorkspace {
+    pub runs: Vec<RunWorkspace>,
+}
+
+/// Which file of a task's workspaces.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WorkspaceFileQuery {
+    /// The file's path in the workspace.
+    #[param(min_length = 1, max_length = 1024)]
+    pub path: String,
+    /// The run whose workspace holds it; the first run holding that path when left out.
+    pub run: Option<String>,
+}

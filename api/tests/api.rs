@@ -179,6 +179,53 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
             );
         }
 
+        // The task's workspace: what its agents' tools left (written here as a tool would).
+        let workspaces = stele_tools::Workspaces::new(s.store.pool.clone(), None);
+        let owner = stele_tools::Owner {
+            run_id: task.clone(),
+            task_id: Some(task.clone()),
+            subject: None,
+        };
+        workspaces
+            .change(&owner, |files| files.write("site/index.html".into(), b"<h1>hi</h1>".to_vec()))
+            .await
+            .unwrap();
+        let (status, listing) = s
+            .call(GET, "/v1/tasks/{id}/workspace", &[("id", &task)], Some(&reader), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{listing}");
+        assert_eq!(listing["runs"][0]["files"][0]["path"], "site/index.html");
+        assert_eq!(listing["runs"][0]["files"][0]["size"], 11);
+        let (status, _) = s
+            .call(GET, "/v1/tasks/{id}/workspace", &[("id", &missing)], Some(&reader), None)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        for (query, expected, code) in [
+            ("path=site/index.html", StatusCode::OK, None),
+            ("path=site%2Findex.html&run=nope", StatusCode::NOT_FOUND, Some("file_not_found")),
+            ("path=nope.txt", StatusCode::NOT_FOUND, Some("file_not_found")),
+            ("path=../../etc/passwd", StatusCode::BAD_REQUEST, Some("invalid_query")),
+            ("path=/etc/passwd", StatusCode::BAD_REQUEST, Some("invalid_query")),
+            ("nope=1", StatusCode::BAD_REQUEST, Some("invalid_query")),
+        ] {
+            let request = s
+                .client
+                .get(format!("{url}/{task}/workspace/file?{query}"))
+                .bearer_auth(&reader);
+            let (status, body) = s.send("/v1/tasks/{id}/workspace/file", request).await;
+            assert_eq!((status, body["code"].as_str()), (expected, code), "{query}: {body}");
+            if status == StatusCode::OK {
+                assert_eq!(body, json!("<h1>hi</h1>"));
+            }
+        }
+        let request = s
+            .client
+            .get(format!("{url}/{missing}/workspace/file?path=a"))
+            .bearer_auth(&reader);
+        let (status, body) = s.send("/v1/tasks/{id}/workspace/file", request).await;
+        assert_eq!(body["code"], "task_not_found", "{body}");
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
         let bad_query = s
             .client
             .get(format!("{url}/{task}?consistent=maybe"))
@@ -1488,6 +1535,8 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 "/v1/tasks/{id}/events",
                 "/v1/tasks/{id}/signals/{name}",
                 "/v1/tasks/{id}/stream",
+                "/v1/tasks/{id}/workspace",
+                "/v1/tasks/{id}/workspace/file",
                 "/v1/tasks/{id}/ws",
                 "/v1/workflows",
             ])

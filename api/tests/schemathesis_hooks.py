@@ -7,6 +7,8 @@ What the document cannot say, and only that, is let through:
   (`idempotency_key_reused`), a log position that holds no event (`unknown_position`);
 - a schedule's timing whose grammar no schema says (`invalid_schedule`): a cron pattern that does
   not parse or never fires, a time zone that is not an IANA name, a duration that is not one;
+- a workspace file's path the document's pattern cannot rule out (`invalid_query` on
+  `/v1/tasks/{id}/workspace/file`): absolute, with a `..` segment, or naming no file (`.`, `//`);
 - a NUL character inside a signal's payload (`invalid_character`): the payload is free-form JSON,
   whose nested strings no schema of the document patterns (every other string has a pattern that
   excludes NUL);
@@ -43,6 +45,8 @@ def filter_failure(context, failure, case, response):
     if code in STATE_DEPENDENT:
         return False
     if code == "invalid_schedule" and case.operation.path == "/v1/schedules":
+        return False
+    if code == "invalid_query" and case.operation.path == "/v1/tasks/{id}/workspace/file":
         return False
     if code == "invalid_character" and case.operation.path.endswith("/signals/{name}"):
         return not _nul_in_payload(case)

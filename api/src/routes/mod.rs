@@ -11,6 +11,7 @@ pub mod schedules;
 pub mod stream;
 pub mod subjects;
 pub mod tasks;
+pub mod workspace;
 
 use axum::extract::path::ErrorKind;
 use axum::extract::rejection::PathRejection;
