@@ -7,10 +7,27 @@ use clap::Subcommand;
 use serde_json::json;
 use stele_models::{CallOverrides, ChatMessage, ModelRoute};
 
+use stele_engine::store::Migrate;
+use stele_engine::CommandMeta;
+
 use crate::node::WorkflowArgs;
+use crate::StoreArgs;
 
 #[derive(Subcommand)]
 pub enum ModelsCommand {
+    /// Choose the model an agent role tries first in every task from now on (one of its
+    /// route; the rest stays its fallbacks), or `default` for its own route again. Recorded as
+    /// an event; a chat's own choice (`/models`) goes over it.
+    Use {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        workflows: WorkflowArgs,
+        /// The agent role.
+        role: String,
+        /// `provider/model`, or `default`.
+        model: String,
+    },
     /// List the providers (kind, address, the models routes name there) and the agent roles
     /// with their routes (primary first, then fallbacks). A running server's circuits are in
     /// `GET /v1/models`.
@@ -43,6 +60,32 @@ pub enum ModelsCommand {
 
 pub async fn run(command: ModelsCommand) -> anyhow::Result<()> {
     match command {
+        ModelsCommand::Use {
+            store,
+            workflows,
+            role,
+            model,
+        } => {
+            let private = crate::privacy::open(&store, Migrate::Require).await?;
+            let result = async {
+                let runtime = workflows
+                    .runtime_with(&private.store, Some(private.subjects.clone()))
+                    .await?;
+                let model = (model != "default").then_some(model);
+                let meta = CommandMeta::new(format!("user:{}", crate::tasks::whoami()), "cli");
+                runtime
+                    .choose_role_model(&role, model.clone(), meta)
+                    .await?;
+                match model {
+                    Some(model) => println!("{role} now tries {model} first in every task"),
+                    None => println!("{role} is back to its own models"),
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            private.store.close().await;
+            result
+        }
         ModelsCommand::List { workflows, json } => {
             let (router, _, _) = workflows.load()?;
             let overview = router.overview();

@@ -14,6 +14,7 @@ use stele_workflows::agents::ModelAgents;
 use stele_workflows::catalog;
 use stele_workflows::decide::Catalog;
 use stele_workflows::runtime::Runtime;
+use stele_workflows::sanitize::{Sanitizer, SanitizerPolicy};
 use stele_workflows::tools::Tools;
 
 /// The workflow a task runs when it names none.
@@ -42,6 +43,10 @@ pub struct WorkflowArgs {
         value_delimiter = ','
     )]
     pub web_allow: Vec<String>,
+    /// The input sanitiser's policy (`[sanitizer]` in the configuration file; the default
+    /// policy otherwise).
+    #[arg(skip)]
+    pub sanitizer: Option<SanitizerPolicy>,
 }
 
 impl WorkflowArgs {
@@ -84,7 +89,7 @@ impl WorkflowArgs {
         store: &Store,
         subjects: Option<Arc<stele_privacy::Subjects>>,
     ) -> anyhow::Result<Arc<Runtime>> {
-        self.runtime_with_memory(store, subjects, None).await
+        self.runtime_of(store, subjects, None, false).await
     }
 
     /// [`Self::runtime_with`], with a memory: agents get the `memory.*` tools their roles list,
@@ -95,7 +100,26 @@ impl WorkflowArgs {
         subjects: Option<Arc<stele_privacy::Subjects>>,
         memory: Option<Arc<Memories>>,
     ) -> anyhow::Result<Arc<Runtime>> {
+        self.runtime_of(store, subjects, memory, true).await
+    }
+
+    /// The runtime; `node`: for a node that runs steps, which says which sandbox is active.
+    async fn runtime_of(
+        &self,
+        store: &Store,
+        subjects: Option<Arc<stele_privacy::Subjects>>,
+        memory: Option<Arc<Memories>>,
+        node: bool,
+    ) -> anyhow::Result<Arc<Runtime>> {
         let host = self.tool_host(store, subjects.as_deref()).await?;
+        if node && host.sandbox.kind() == "bubblewrap" {
+            tracing::info!(sandbox = %host.sandbox.describe(), "commands of agents run sandboxed");
+        } else if node {
+            tracing::warn!(
+                sandbox = %host.sandbox.describe(),
+                "bubblewrap is not installed or not allowed here: commands of agents run in the weaker process sandbox"
+            );
+        }
         let (router, tools, mut catalog) = self.load_with(memory.clone(), Some(host))?;
         stele_workflows::catalog::publish(store.log.as_ref(), &mut catalog).await?;
         let agents = Arc::new(ModelAgents::new(router, tools.clone()));
@@ -106,6 +130,9 @@ impl WorkflowArgs {
         }
         if let Some(memory) = memory {
             runtime = runtime.with_recall(memory);
+        }
+        if let Some(policy) = &self.sanitizer {
+            runtime = runtime.with_sanitizer(Sanitizer::new(policy.clone()));
         }
         Ok(Arc::new(runtime))
     }
@@ -125,7 +152,6 @@ impl WorkflowArgs {
         )
         .await
         .map_err(anyhow::Error::msg)?;
-        tracing::info!(sandbox = %sandbox.describe(), "commands of agents run sandboxed");
         let web = Web::new(WebSettings {
             allow: self.web_allow.clone(),
             ..WebSettings::default()

@@ -28,7 +28,7 @@ use crate::StoreArgs;
 #[derive(Args, Clone, Debug, Default)]
 pub struct NodeArgs {
     /// A TOML configuration file (keys: listen, database_url, redis_url, data_dir, workflows,
-    /// models, sandbox, web_allow, concurrency, kek_file, blob_store, [rate_limit] per_second and burst, [privacy] require and
+    /// models, sandbox, web_allow, [sanitizer], concurrency, kek_file, blob_store, [rate_limit] per_second and burst, [privacy] require and
     /// retention).
     #[arg(long, env = "STELE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -87,6 +87,8 @@ pub(crate) struct FileConfig {
     sandbox: Option<stele_tools::SandboxMode>,
     /// Hosts `web.fetch` may fetch from.
     web_allow: Option<Vec<String>>,
+    /// The input sanitiser's policy.
+    sanitizer: Option<stele_workflows::sanitize::SanitizerPolicy>,
     concurrency: Option<usize>,
     rate_limit: Option<RateFile>,
     kek_file: Option<PathBuf>,
@@ -157,6 +159,7 @@ impl NodeArgs {
                 } else {
                     self.workflows.web_allow.clone()
                 },
+                sanitizer: file.sanitizer,
             },
             concurrency: self.concurrency.or(file.concurrency).unwrap_or(16).max(1),
             kek_file: self.kek_file.clone().or(file.kek_file),

@@ -376,7 +376,7 @@ fn task_id(text: &str) -> Result<String, String> {
         .map_err(|_| format!("{text:?} is not a task id (task ids are UUIDs, as `stele tasks create` prints them)"))
 }
 
-fn whoami() -> String {
+pub(crate) fn whoami() -> String {
     std::env::var("USER").unwrap_or_else(|_| "operator".into())
 }
 

@@ -1004,3 +1004,51 @@ fn models_are_listed_and_tested_through_the_router() {
         "--model \"nowhere\"",
     );
 }
+
+#[test]
+fn a_roles_model_is_chosen_from_the_cli_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().display().to_string();
+    let migrated = run(&["migrate", "--data-dir", &data_dir]);
+    assert!(migrated.status.success(), "{}", stderr(&migrated));
+    let chosen = run(&[
+        "models",
+        "use",
+        "noop",
+        "scripted/noop",
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(chosen.status.success(), "{}", stderr(&chosen));
+    assert_eq!(
+        String::from_utf8_lossy(&chosen.stdout),
+        "noop now tries scripted/noop first in every task\n"
+    );
+    let outside = run(&[
+        "models",
+        "use",
+        "noop",
+        "openai/gpt-4o",
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert_one_line_error(&outside, 1, "agent role noop cannot use \"openai/gpt-4o\"");
+    let nobody = run(&[
+        "models",
+        "use",
+        "nobody",
+        "default",
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert_one_line_error(&nobody, 1, "there is no agent role \"nobody\"");
+    let back = run(&["models", "use", "noop", "default", "--data-dir", &data_dir]);
+    assert!(back.status.success(), "{}", stderr(&back));
+    let events = run(&["events", "tail", "--data-dir", &data_dir]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    let chosen = events
+        .lines()
+        .filter(|l| l.contains("\"RoleModelChosen\""))
+        .count();
+    assert_eq!(chosen, 2, "{events}");
+}

@@ -12,52 +12,6 @@ use serde_json::Value;
 mod support;
 use support::{stderr, stele, terminate, wait_until_up};
 
-/// Rules put before the shipped ones: each role calls its tools once, then answers.
-const RULES: &str = r#"
-[[providers.scripted.rules]]
-agent = "planner"
-reply = '{"summary":"a static page and a test","steps":[{"title":"Write index.html saying Hello, world","done_when":"test_page.py passes"}]}'
-
-[[providers.scripted.rules]]
-agent = "coder"
-times = 1
-tool_calls = [
-  { name = "fs.write", arguments = { path = "site/index.html", content = "<!doctype html>\n<html><head><title>Hello</title></head>\n<body><h1>Hello, world</h1></body></html>\n" } },
-  { name = "fs.write", arguments = { path = "test_page.py", content = "import html.parser, sys\n\nclass Page(html.parser.HTMLParser):\n    def __init__(self):\n        super().__init__()\n        self.h1 = ''\n        self.inside = False\n    def handle_starttag(self, tag, attrs):\n        self.inside = tag == 'h1'\n    def handle_endtag(self, tag):\n        self.inside = False\n    def handle_data(self, data):\n        if self.inside:\n            self.h1 += data\n\npage = Page()\npage.feed(open('site/index.html').read())\nassert page.h1 == 'Hello, world', page.h1\nprint('1 test passed')\n" } },
-]
-
-[[providers.scripted.rules]]
-agent = "coder"
-reply = "Wrote site/index.html (a Hello, world page) and test_page.py, which checks its heading."
-
-[[providers.scripted.rules]]
-agent = "executor"
-times = 1
-tool_calls = [{ name = "shell.run", arguments = { command = "ls -R site && wc -c site/index.html" } }]
-
-[[providers.scripted.rules]]
-agent = "executor"
-reply = "The page is in place."
-
-[[providers.scripted.rules]]
-agent = "tester"
-times = 1
-tool_calls = [{ name = "shell.run", arguments = { command = "python3 test_page.py > test-report.txt && cat test-report.txt" } }]
-
-[[providers.scripted.rules]]
-agent = "tester"
-reply = '{"passed":true,"summary":"1 test passed","failures":[]}'
-
-[[providers.scripted.rules]]
-agent = "reviewer"
-times = 1
-tool_calls = [{ name = "fs.read", arguments = { path = "site/index.html" } }]
-
-[[providers.scripted.rules]]
-agent = "reviewer"
-reply = '{"verdict":"approve","comments":[]}'
-"#;
-
 fn cli(data_dir: &str, args: &[&str]) -> std::process::Output {
     stele()
         .args(args)
@@ -70,21 +24,7 @@ fn cli(data_dir: &str, args: &[&str]) -> std::process::Output {
 fn the_dev_pipeline_writes_runs_and_tests_code_in_its_workspace() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().display().to_string();
-    let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/agents.toml"))
-            .unwrap();
-    let models = shipped.replacen(
-        "[providers.scripted]\nkind = \"scripted\"\n",
-        &format!("[providers.scripted]\nkind = \"scripted\"\n{RULES}"),
-        1,
-    );
-    assert_ne!(
-        models, shipped,
-        "the shipped file's scripted provider moved"
-    );
-    let models_file = dir.path().join("models.toml");
-    std::fs::write(&models_file, models).unwrap();
-    let models_file = models_file.display().to_string();
+    let models_file = support::dev_models(dir.path());
 
     let mut up = stele()
         .args(["up", "--data-dir", &data_dir, "--listen", "127.0.0.1:0"])
@@ -94,6 +34,11 @@ fn the_dev_pipeline_writes_runs_and_tests_code_in_its_workspace() {
         .spawn()
         .unwrap();
     wait_until_up(&mut up);
+    // Stopped even when an assertion fails on the way.
+    let mut up = scopeguard::guard(up, |mut up| {
+        let _ = up.kill();
+        let _ = up.wait();
+    });
 
     let created = cli(
         &data_dir,

@@ -18,6 +18,7 @@ use serde_json::Value;
 use crate::channel::Channel;
 use crate::ids::RunId;
 use crate::personal::Personal;
+use crate::screening::{Finding, Screening};
 
 /// What a task is asked to do, as a person or program wrote it: not blank, at most
 /// [`TaskInput::MAX_CHARS`] characters, no NUL character. [`TaskInput::parse`] is the only way in,
@@ -169,6 +170,14 @@ pub enum TaskCommand {
         origin: Option<Origin>,
         /// Models the requester chose, by agent role (`provider/model`), tried first for it.
         models: BTreeMap<String, String>,
+        /// What the input sanitiser found (and did) in the input, recorded with the task.
+        screening: Screening,
+    },
+    /// Records input the sanitiser blocked: no task is made of it, the stream keeps why.
+    Block {
+        channel: Channel,
+        subject: Option<String>,
+        screening: Screening,
     },
     StartRouting,
     /// The workflow that will run it, and the run.
@@ -211,6 +220,17 @@ pub enum TaskEvent {
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         models: BTreeMap<String, String>,
     },
+    /// What the input sanitiser found in the task's input, and did (filtered, cut, flagged).
+    InputScreened {
+        findings: Vec<Finding>,
+    },
+    /// Input the sanitiser blocked: the stream's only event, no task was made of it.
+    InputBlocked {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subject: Option<String>,
+        channel: Channel,
+        findings: Vec<Finding>,
+    },
     TaskRoutingStarted,
     TaskRouted {
         workflow: String,
@@ -231,6 +251,8 @@ impl DomainEvent for TaskEvent {
     fn event_type(&self) -> String {
         match self {
             TaskEvent::TaskCreated { .. } => "TaskCreated",
+            TaskEvent::InputScreened { .. } => "InputScreened",
+            TaskEvent::InputBlocked { .. } => "InputBlocked",
             TaskEvent::TaskRoutingStarted => "TaskRoutingStarted",
             TaskEvent::TaskRouted { .. } => "TaskRouted",
             TaskEvent::TaskCompleted { .. } => "TaskCompleted",
@@ -278,6 +300,12 @@ pub struct Task {
     pub run_id: Option<RunId>,
     pub result: Option<Personal<Value>>,
     pub error: Option<Personal<String>>,
+    /// What the sanitiser found in the input.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<Finding>,
+    /// The input was blocked: there is no task.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blocked: bool,
 }
 
 impl Task {
@@ -304,7 +332,9 @@ impl Aggregate for Task {
     ) -> Result<(), TaskError> {
         use TaskStatus::*;
         let event = match (command, self.status) {
-            (TaskCommand::Create { .. }, status) if status != New => {
+            (TaskCommand::Create { .. } | TaskCommand::Block { .. }, status)
+                if status != New || self.blocked =>
+            {
                 return Err(TaskError::AlreadyCreated)
             }
             (
@@ -315,16 +345,39 @@ impl Aggregate for Task {
                     workflow,
                     origin,
                     models,
+                    screening,
                 },
                 _,
-            ) => TaskEvent::TaskCreated {
-                input: Personal::owned_by(subject.as_deref(), input.into_inner()),
-                channel: Some(requester.channel.clone()),
-                requester: Personal::owned_by(subject.as_deref(), requester),
+            ) => {
+                let created = TaskEvent::TaskCreated {
+                    input: Personal::owned_by(subject.as_deref(), input.into_inner()),
+                    channel: Some(requester.channel.clone()),
+                    requester: Personal::owned_by(subject.as_deref(), requester),
+                    subject,
+                    workflow,
+                    origin,
+                    models,
+                };
+                if screening.findings.is_empty() {
+                    created
+                } else {
+                    sink.write(created, self).await;
+                    TaskEvent::InputScreened {
+                        findings: screening.findings,
+                    }
+                }
+            }
+            (
+                TaskCommand::Block {
+                    channel,
+                    subject,
+                    screening,
+                },
+                _,
+            ) => TaskEvent::InputBlocked {
                 subject,
-                workflow,
-                origin,
-                models,
+                channel,
+                findings: screening.findings,
             },
             (TaskCommand::StartRouting, Pending) => TaskEvent::TaskRoutingStarted,
             (TaskCommand::StartRouting, _) => return Err(self.refuse("start routing")),
@@ -369,6 +422,17 @@ impl Aggregate for Task {
                 self.channel =
                     channel.or_else(|| self.requester.as_ref().map(|r| r.channel.clone()));
                 self.workflow = workflow;
+            }
+            TaskEvent::InputScreened { findings } => self.findings = findings,
+            TaskEvent::InputBlocked {
+                subject,
+                channel,
+                findings,
+            } => {
+                self.blocked = true;
+                self.subject = subject;
+                self.channel = Some(channel);
+                self.findings = findings;
             }
             TaskEvent::TaskRoutingStarted => self.status = TaskStatus::Routing,
             TaskEvent::TaskRouted { workflow, run_id } => {
@@ -435,6 +499,7 @@ mod tests {
                 workflow: None,
                 origin: None,
                 models: BTreeMap::new(),
+                screening: Default::default(),
             })
             .then_expect_events(vec![created()]);
     }
@@ -480,6 +545,7 @@ mod tests {
                 workflow: None,
                 origin: None,
                 models: BTreeMap::new(),
+                screening: Default::default(),
             })
             .then_expect_error(TaskError::AlreadyCreated);
     }

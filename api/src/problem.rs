@@ -152,6 +152,9 @@ codes! {
     InvalidRequester = ("invalid_requester", UNPROCESSABLE_ENTITY, "Invalid requester"),
     UnknownWorkflow = ("unknown_workflow", UNPROCESSABLE_ENTITY, "Unknown workflow"),
     UnknownModel = ("unknown_model", UNPROCESSABLE_ENTITY, "Unknown agent role or model"),
+    /// The input sanitiser blocked the input (prompt or SQL injection, …); recorded on the task's
+    /// stream as `InputBlocked`.
+    InputBlocked = ("input_blocked", UNPROCESSABLE_ENTITY, "Input blocked"),
     /// A cron pattern, time zone or interval that does not parse; both or neither of `cron`
     /// and `every`.
     InvalidSchedule = ("invalid_schedule", UNPROCESSABLE_ENTITY, "Invalid schedule"),
@@ -247,6 +250,13 @@ impl From<stele_workflows::runtime::RuntimeError> for ApiError {
             E::UnknownTask(id) => ApiError::new(Code::TaskNotFound, format!("no task {id}")),
             e @ E::UnknownWorkflow { .. } => ApiError::new(Code::UnknownWorkflow, e.to_string()),
             E::UnknownModel(why) => ApiError::new(Code::UnknownModel, why),
+            E::InputBlocked { task_id, screening } => ApiError::new(
+                Code::InputBlocked,
+                format!(
+                    "the input was blocked: it contains {}; recorded as task/{task_id}",
+                    screening.summary()
+                ),
+            ),
             E::Task(e) => ApiError::new(Code::TaskState, e.to_string()),
             E::Run(e) => ApiError::new(Code::RunState, e.to_string()),
             E::NotStarted(id) => ApiError::new(

@@ -356,6 +356,7 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(channels::change_telegram_access))
         .routes(routes!(ops::workflows))
         .routes(routes!(ops::models))
+        .routes(routes!(ops::choose_role_model))
         .routes(routes!(ops::chat_completions))
         .routes(routes!(ops::events))
         .routes(routes!(ops::jobs))

@@ -1309,7 +1309,29 @@ pub struct RoleBody {
     /// `provider/model`, the primary first, then the fallbacks.
     pub route: Vec<String>,
     pub tools: Vec<String>,
+    /// The model an operator chose for it at run time (tried first in every task, before the
+    /// route; a chat's own choice goes over it), if any.
+    pub chosen: Option<String>,
 }
+
+/// A role's name in a path.
+#[derive(Clone, Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct RoleName {
+    /// The agent role's name.
+    pub role: String,
+}
+
+/// The model to try first for an agent role in every task.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChooseRoleModel {
+    /// `provider/model`, one of the role's route; `null`: the role's own route again.
+    #[schema(max_length = 200, pattern = r"^[^\u0000]*$")]
+    pub model: Option<String>,
+}
+
+impl Body for ChooseRoleModel {}
 
 /// A chat call, as OpenAI's `POST /v1/chat/completions` takes it (the fields Stele serves).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]

@@ -5,6 +5,8 @@ What the document cannot say, and only that, is let through:
 - refusals that depend on the server's state: a workflow that does not exist
   (`unknown_workflow`), a model its agent role does not have (`unknown_model`), an `Idempotency-Key` used before with another body
   (`idempotency_key_reused`), a log position that holds no event (`unknown_position`);
+- input the sanitiser blocks (`input_blocked`): what reads as an injection is a matter of the
+  text's words, which no schema can say;
 - a schedule's timing whose grammar no schema says (`invalid_schedule`): a cron pattern that does
   not parse or never fires, a time zone that is not an IANA name, a duration that is not one;
 - a workspace file's path the document's pattern cannot rule out (`invalid_query` on
@@ -43,6 +45,8 @@ def filter_failure(context, failure, case, response):
     except (ValueError, AttributeError):
         return True
     if code in STATE_DEPENDENT:
+        return False
+    if code == "input_blocked" and case.operation.path == "/v1/tasks":
         return False
     if code == "invalid_schedule" and case.operation.path == "/v1/schedules":
         return False

@@ -87,6 +87,7 @@ fn the_bundle_keeps_its_format() {
                 workflow: Some("assistant".into()),
                 origin: None,
                 models: Default::default(),
+                screening: Default::default(),
             },
             TaskCommand::Route {
                 workflow: "assistant".into(),

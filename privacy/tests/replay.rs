@@ -58,6 +58,7 @@ async fn replayed(store: &Store, subject: Option<&str>, input: &str, steps: &[St
         workflow: None,
         origin: None,
         models: Default::default(),
+        screening: Default::default(),
     };
     bus.execute(&id, create, CommandMeta::new("t", "t"))
         .await

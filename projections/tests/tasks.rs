@@ -55,6 +55,7 @@ async fn create(store: &Store, task_id: &str, user: &str, channel: &str, workflo
         workflow: workflow.map(str::to_owned),
         origin: None,
         models: Default::default(),
+        screening: Default::default(),
     };
     command(store, task_id, create).await;
 }

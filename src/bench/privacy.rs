@@ -304,6 +304,7 @@ async fn export_and_erase(
                         workflow: None,
                         origin: None,
                         models: Default::default(),
+                        screening: Default::default(),
                     },
                     TaskCommand::StartRouting,
                     TaskCommand::Route {

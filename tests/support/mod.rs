@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod telegram;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -259,4 +261,47 @@ fn chown(path: &Path, user: &str) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// The shipped roles with the scripted rules of `dev_pipeline.toml` first (the pipeline writes,
+/// runs and tests a page with its tools), written into `dir`; the file's path.
+pub fn dev_models(dir: &Path) -> String {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/agents.toml"))
+            .unwrap();
+    let rules = include_str!("dev_pipeline.toml");
+    let models = shipped.replacen(
+        "[providers.scripted]\nkind = \"scripted\"\n",
+        &format!("[providers.scripted]\nkind = \"scripted\"\n{rules}"),
+        1,
+    );
+    assert_ne!(
+        models, shipped,
+        "the shipped file's scripted provider moved"
+    );
+    let file = dir.join("dev-models.toml");
+    std::fs::write(&file, models).unwrap();
+    file.display().to_string()
+}
+
+/// Every file of `dir` that holds `needle`, with the bytes around it.
+pub fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut folders = vec![dir.to_path_buf()];
+    let mut found = Vec::new();
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                folders.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+                    let context = &bytes[at.saturating_sub(100)..(at + 60).min(bytes.len())];
+                    let context = String::from_utf8_lossy(context);
+                    found.push(format!("{}: …{context:?}…", path.display()));
+                }
+            }
+        }
+    }
+    found
 }

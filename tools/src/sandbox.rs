@@ -159,7 +159,7 @@ impl Sandbox {
                         Err(e) if mode == SandboxMode::Bubblewrap => {
                             return Err(format!("bubblewrap does not work here: {e}"))
                         }
-                        Err(e) => tracing::warn!(
+                        Err(e) => tracing::debug!(
                             error = %e,
                             "bubblewrap is installed but does not work here: commands run in the process sandbox"
                         ),
@@ -171,7 +171,7 @@ impl Sandbox {
                             .into(),
                     )
                 }
-                None => tracing::warn!(
+                None => tracing::debug!(
                     "bubblewrap (bwrap) is not installed: commands run in the process sandbox, which shares the node's file system"
                 ),
             }

@@ -10,6 +10,7 @@
 //! - [`expr`]: templates and expressions over a run's state;
 //! - [`follow`]: which streams make up a task, and following them from a cursor;
 //! - [`runtime`]: the process manager and step workers that perform what runs decide;
+//! - [`sanitize`]: the input sanitiser (prompt, SQL and markup injection, path traversal, length);
 //! - [`tools`]: Rust functions that `tool` steps call.
 
 pub mod agents;
@@ -20,4 +21,5 @@ pub mod expr;
 pub mod follow;
 pub mod recall;
 pub mod runtime;
+pub mod sanitize;
 pub mod tools;

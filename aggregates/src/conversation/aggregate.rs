@@ -414,6 +414,14 @@ impl Conversation {
                 }
                 E::ModelChosen { role, model }
             }
+            C::Screen { message, findings } => {
+                self.require_opened()?;
+                require_id("message", &message)?;
+                if findings.is_empty() {
+                    return Ok(Vec::new());
+                }
+                E::MessageScreened { message, findings }
+            }
         };
         Ok(vec![event])
     }
@@ -537,6 +545,7 @@ impl Aggregate for Conversation {
                     delivery: Delivery::Received,
                     failed_attempts: 0,
                     no_reply,
+                    screened: None,
                 });
             }
             ConversationEvent::ReplyQueued {
@@ -565,6 +574,7 @@ impl Aggregate for Conversation {
                     delivery: Delivery::Queued,
                     failed_attempts: 0,
                     no_reply: None,
+                    screened: None,
                 });
             }
             ConversationEvent::ReplyDelivered {
@@ -617,6 +627,12 @@ impl Aggregate for Conversation {
             ConversationEvent::ConversationReopened { .. } => {
                 self.status = ConversationStatus::Open;
                 self.close_reason = None;
+            }
+            ConversationEvent::MessageScreened { message, findings } => {
+                let action = findings.iter().map(|f| f.action).max();
+                if let Some(message) = self.message_mut(&message) {
+                    message.screened = action;
+                }
             }
             ConversationEvent::ModelChosen { role, model } => match model {
                 Some(model) => {

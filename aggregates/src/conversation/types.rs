@@ -269,6 +269,13 @@ pub enum ConversationCommand {
         /// The model, `provider/model`.
         model: Option<String>,
     },
+    /// Records what the input sanitiser found in a received message (and did: flagged, filtered,
+    /// cut or blocked it). Without findings it changes nothing.
+    Screen {
+        /// Our id of the message.
+        message: String,
+        findings: Vec<crate::screening::Finding>,
+    },
 }
 
 /// What happened to a conversation.
@@ -407,6 +414,12 @@ pub enum ConversationEvent {
         /// The model, `provider/model`.
         model: Option<String>,
     },
+    /// The input sanitiser's findings in a received message (rules and places, not the text).
+    MessageScreened {
+        /// Our id of the message.
+        message: String,
+        findings: Vec<crate::screening::Finding>,
+    },
 }
 
 impl DomainEvent for ConversationEvent {
@@ -424,6 +437,7 @@ impl DomainEvent for ConversationEvent {
             ConversationEvent::ConversationClosed { .. } => "ConversationClosed",
             ConversationEvent::ConversationReopened { .. } => "ConversationReopened",
             ConversationEvent::ModelChosen { .. } => "ModelChosen",
+            ConversationEvent::MessageScreened { .. } => "MessageScreened",
         }
         .to_owned()
     }
@@ -603,4 +617,8 @@ pub struct Message {
     /// Why no automatic answer may go to this (inbound) message, if none may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_reply: Option<String>,
+    /// What the input sanitiser did to this (inbound) message, when it found something: the
+    /// conversation's history leaves out what it blocked or changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub screened: Option<crate::screening::ScreenAction>,
 }

@@ -26,14 +26,15 @@ pub async fn models(
     State(state): State<AppState>,
     _caller: CanRead,
     StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
-) -> Json<ModelsBody> {
+) -> Result<Json<ModelsBody>, ApiError> {
     let Some(overview) = state.runtime.models() else {
-        return Json(ModelsBody {
+        return Ok(Json(ModelsBody {
             providers: Vec::new(),
             roles: Vec::new(),
-        });
+        }));
     };
-    Json(ModelsBody {
+    let chosen = state.runtime.role_models().await?;
+    Ok(Json(ModelsBody {
         providers: overview
             .providers
             .into_iter()
@@ -53,13 +54,57 @@ pub async fn models(
             .roles
             .into_iter()
             .map(|r| RoleBody {
+                chosen: chosen.get(&r.name).cloned(),
                 name: r.name,
                 description: r.description,
                 route: r.route,
                 tools: r.tools,
             })
             .collect(),
-    })
+    }))
+}
+
+/// Choose the model an agent role tries first in every task from now on (one of its route; the
+/// rest of the route stays its fallbacks), or (`"model": null`) its own route again. Recorded as
+/// `RoleModelChosen`; a chat's own choice (`/models` on Telegram) goes over it.
+#[utoipa::path(
+    put, path = "/v1/models/roles/{role}", tag = "operators",
+    params(RoleName),
+    request_body = ChooseRoleModel,
+    responses(
+        (status = 200, description = "The role, with its choice", body = RoleBody),
+        (status = 422, description = "`unknown_model`: no such role, or a model outside its route", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = ["admin"]))
+)]
+pub async fn choose_role_model(
+    State(state): State<AppState>,
+    IsAdmin(caller): IsAdmin,
+    ApiPath(RoleName { role }): ApiPath<RoleName>,
+    StrictQuery(NoQuery {}): StrictQuery<NoQuery>,
+    crate::json::StrictJson(body): crate::json::StrictJson<ChooseRoleModel>,
+) -> Result<Json<RoleBody>, ApiError> {
+    let meta = stele_engine::CommandMeta::new(format!("key:{}", caller.key_id), "api");
+    state
+        .runtime
+        .choose_role_model(&role, body.model, meta)
+        .await?;
+    let chosen = state.runtime.role_models().await?;
+    let role = state
+        .runtime
+        .models()
+        .into_iter()
+        .flat_map(|overview| overview.roles)
+        .into_iter()
+        .find(|r| r.name == role)
+        .ok_or_else(|| ApiError::new(Code::UnknownModel, format!("no agent role {role:?}")))?;
+    Ok(Json(RoleBody {
+        chosen: chosen.get(&role.name).cloned(),
+        name: role.name,
+        description: role.description,
+        route: role.route,
+        tools: role.tools,
+    }))
 }
 
 /// An OpenAI-compatible chat call through Stele's model router: `model` is an agent role (its

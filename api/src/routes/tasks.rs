@@ -119,7 +119,7 @@ fn meta(caller: &crate::auth::Caller) -> CommandMeta {
         (status = 400, description = "`malformed_json`, `json_too_deep`, `unreadable_body`: the body is not JSON; `invalid_idempotency_key`; `invalid_query`, `invalid_character`", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`body_too_large`: the body is over 64 KiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_body`, `invalid_input`, `input_too_long`, `invalid_requester`, `invalid_character`: the body breaks its schema; `unknown_workflow`; `unknown_model`: a chosen model is not one of its agent role's; `idempotency_key_reused`: the key was used with another body; `unstorable_input`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_body`, `invalid_input`, `input_too_long`, `invalid_requester`, `invalid_character`: the body breaks its schema; `unknown_workflow`; `unknown_model`: a chosen model is not one of its agent role's; `input_blocked`: the input sanitiser blocked the input (recorded on the task's stream); `idempotency_key_reused`: the key was used with another body; `unstorable_input`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = ["tasks:write"]))
 )]

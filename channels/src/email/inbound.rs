@@ -3,11 +3,14 @@
 //! answers.
 
 use stele_aggregates::conversation::Channel;
-use stele_aggregates::conversation::{Conversation, Message, MessageDirection};
+use stele_aggregates::conversation::{
+    Conversation, ConversationCommand, ConversationError, Message, MessageDirection,
+};
+use stele_aggregates::screening::ScreenAction;
 use stele_aggregates::task::{Origin, Requester, TaskInput};
 use stele_engine::queue::worker::{Done, HandlerError, HandlerResult};
 use stele_engine::queue::Job;
-use stele_engine::CommandMeta;
+use stele_engine::{CommandError, CommandMeta};
 use stele_privacy::SubjectsError;
 use stele_workflows::runtime::RuntimeError;
 use uuid::Uuid;
@@ -70,7 +73,57 @@ impl Email {
             &TASK_NAMESPACE,
             format!("{}:{}", p.conversation, p.message_id).as_bytes(),
         ));
-        let input = match TaskInput::parse(with_history(&conversation, &message)) {
+        // The mail alone is screened (its history was, when it came).
+        let (text, screening) = self.runtime.sanitizer().screen(
+            &message.text,
+            Channel::EMAIL.as_str(),
+            Some(&mailbox.config.workflow),
+        );
+        if !screening.findings.is_empty() {
+            let record = ConversationCommand::Screen {
+                message: p.message_id.clone(),
+                findings: screening.findings.clone(),
+            };
+            let command_id = Uuid::new_v5(
+                &TASK_NAMESPACE,
+                format!("{}:{}:screen", p.conversation, p.message_id).as_bytes(),
+            );
+            let screen_meta = CommandMeta::new("email", &subject).with_command_id(command_id);
+            self.conversations
+                .execute(&p.conversation, record, screen_meta)
+                .await?;
+        }
+        if screening.blocked() {
+            // Answered once, in the thread, through the outbox like any reply.
+            let answer = ConversationCommand::QueueReply {
+                message_id: format!("{}-blocked", p.message_id),
+                from: super::AGENT.to_owned(),
+                text: format!(
+                    "Your message was not acted on: it looks like {}. If this is a mistake, please rephrase it.",
+                    screening.summary()
+                ),
+                attachments: Vec::new(),
+                in_reply_to: Some(p.message_id.clone()),
+                task_id: None,
+            };
+            let command_id = Uuid::new_v5(
+                &TASK_NAMESPACE,
+                format!("{}:{}:blocked", p.conversation, p.message_id).as_bytes(),
+            );
+            let answer_meta = CommandMeta::new("email", "system").with_command_id(command_id);
+            match self
+                .conversations
+                .execute(&p.conversation, answer, answer_meta)
+                .await
+            {
+                Ok(_)
+                | Err(CommandError::Rejected(ConversationError::DuplicateMessageId { .. })) => {}
+                Err(e) => return Err(e.into()),
+            }
+            tracing::info!(conversation = %p.conversation, "a mail was blocked by the input sanitiser");
+            return Ok(Done::Complete);
+        }
+        let input = match TaskInput::parse(with_history(&conversation, &message, &text)) {
             Ok(input) => input,
             Err(e) => {
                 tracing::info!(conversation = %p.conversation, error = %e, "a mail cannot become a task");
@@ -106,7 +159,7 @@ impl Email {
 }
 
 /// A mail with the thread's last few messages before it, so the workflow sees what was said.
-fn with_history(conversation: &Conversation, message: &Message) -> String {
+fn with_history(conversation: &Conversation, message: &Message, text: &str) -> String {
     let mut history: Vec<String> = Vec::new();
     let mut size = 0;
     for earlier in conversation
@@ -114,6 +167,8 @@ fn with_history(conversation: &Conversation, message: &Message) -> String {
         .iter()
         .filter(|m| m.seq < message.seq && m.seq > conversation.session_start)
         .filter(|m| m.no_reply.is_none())
+        // What the sanitiser blocked or changed does not come back through the history.
+        .filter(|m| m.screened.is_none_or(|action| action == ScreenAction::Flag))
         .rev()
         .take(HISTORY_MESSAGES)
     {
@@ -136,11 +191,11 @@ fn with_history(conversation: &Conversation, message: &Message) -> String {
         .map(|s| format!("Subject: {s}\n\n"))
         .unwrap_or_default();
     if history.is_empty() {
-        return format!("{subject}{}", message.text);
+        return format!("{subject}{text}");
     }
     format!(
         "{subject}Earlier in this thread:\n{}\n\nMessage: {}",
         history.join("\n"),
-        message.text
+        text
     )
 }

@@ -496,6 +496,7 @@ mod tests {
             delivery: Delivery::Queued,
             failed_attempts: 0,
             no_reply: None,
+            screened: None,
         };
         let built = Email::build(
             &mailbox,

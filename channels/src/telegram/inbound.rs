@@ -9,6 +9,7 @@ use stele_aggregates::channel::Channel;
 use stele_aggregates::conversation::{
     Conversation, ConversationCommand, ConversationError, MessageDirection,
 };
+use stele_aggregates::screening::ScreenAction;
 use stele_aggregates::task::{Origin, Requester, TaskInput};
 use stele_engine::queue::worker::{Done, HandlerError, HandlerResult};
 use stele_engine::queue::{Job, JobState};
@@ -137,8 +138,11 @@ impl Telegram {
                     .bot
                     .send_chat_action(ChatId(chat), teloxide::types::ChatAction::Typing)
                     .await;
-                let mut input = with_history(&conversation, &message);
-                input.push_str(&self.files_text(&subject, &message).await);
+                let text = format!("{}{}", message.text, self.files_text(&subject, &message).await);
+                let Some(text) = self.screen(&p, actor, &text, None).await? else {
+                    return Ok(Done::Complete);
+                };
+                let input = with_history(&conversation, &message, &text);
                 let models = conversation.models.clone();
                 return self
                     .start_task(input, requester, None, origin, models, task_meta)
@@ -149,6 +153,9 @@ impl Telegram {
             }
             Some(Command::NewTask(what)) => {
                 let pipeline = Some(self.config.pipeline.clone());
+                let Some(what) = self.screen(&p, actor, &what, pipeline.as_deref()).await? else {
+                    return Ok(Done::Complete);
+                };
                 let models = conversation.models.clone();
                 return self
                     .start_task(what, requester, pipeline, origin, models, task_meta)
@@ -219,6 +226,54 @@ impl Telegram {
         };
         reply(answer).send().await?;
         Ok(Done::Complete)
+    }
+
+    /// Screens a message's text with the input sanitiser, for `workflow` (the chat's when
+    /// `None`): its findings are recorded on the conversation; blocked, the person is told why
+    /// and `None` comes back; otherwise the text to act on (filtered or cut as the policy says).
+    async fn screen(
+        &self,
+        p: &MessageJob,
+        actor: &str,
+        text: &str,
+        workflow: Option<&str>,
+    ) -> anyhow::Result<Option<String>> {
+        let workflow = workflow.unwrap_or(&self.config.workflow);
+        let (screened, screening) =
+            self.runtime
+                .sanitizer()
+                .screen(text, Channel::TELEGRAM.as_str(), Some(workflow));
+        if screening.findings.is_empty() {
+            return Ok(Some(screened));
+        }
+        let record = ConversationCommand::Screen {
+            message: p.message_id.clone(),
+            findings: screening.findings.clone(),
+        };
+        let meta = CommandMeta::new("telegram", actor).with_command_id(derived(
+            &p.conversation,
+            &p.message_id,
+            "screen",
+        ));
+        self.conversations
+            .execute(&p.conversation, record, meta)
+            .await?;
+        if !screening.blocked() {
+            return Ok(Some(screened));
+        }
+        Answer {
+            telegram: self,
+            conversation: &p.conversation,
+            message_id: &p.message_id,
+            kind: "blocked",
+            text: format!(
+                "I cannot act on this message: it looks like {}. If this is a mistake, please rephrase it.",
+                screening.summary()
+            ),
+        }
+        .send()
+        .await?;
+        Ok(None)
     }
 
     async fn start_task(
@@ -517,11 +572,14 @@ impl Telegram {
 fn with_history(
     conversation: &stele_aggregates::conversation::Conversation,
     message: &stele_aggregates::conversation::Message,
+    text: &str,
 ) -> String {
     let earlier: Vec<String> = conversation
         .messages
         .iter()
         .filter(|m| m.seq < message.seq && m.seq > conversation.session_start)
+        // What the sanitiser blocked or changed does not come back through the history.
+        .filter(|m| m.screened.is_none_or(|action| action == ScreenAction::Flag))
         .rev()
         .take(HISTORY_MESSAGES)
         .map(|m| {
@@ -533,7 +591,7 @@ fn with_history(
         })
         .collect();
     if earlier.is_empty() {
-        return message.text.clone();
+        return text.to_owned();
     }
     let mut history: Vec<String> = Vec::new();
     let mut size = 0;
@@ -546,12 +604,12 @@ fn with_history(
     }
     history.reverse();
     if history.is_empty() {
-        return message.text.clone();
+        return text.to_owned();
     }
     format!(
         "Earlier in this conversation:\n{}\n\nMessage: {}",
         history.join("\n"),
-        message.text
+        text
     )
 }
 

@@ -154,6 +154,12 @@ pub enum RuntimeError {
     /// No model of the route answered (each attempt is recorded).
     #[error("{0}")]
     ModelsFailed(String),
+    /// The input sanitiser blocked the input (recorded as `InputBlocked` on `task/<task_id>`).
+    #[error("the input was blocked: it contains {}", screening.summary())]
+    InputBlocked {
+        task_id: TaskId,
+        screening: stele_aggregates::screening::Screening,
+    },
     #[error(transparent)]
     Subject(#[from] stele_privacy::SubjectsError),
     #[error(transparent)]
@@ -225,12 +231,14 @@ pub struct Runtime {
     runs: CommandBus<WorkflowRun>,
     conversations: CommandBus<Conversation>,
     schedules: CommandBus<stele_aggregates::schedule::Schedule>,
+    role_models: CommandBus<stele_aggregates::role_models::RoleModels>,
     agents: Arc<dyn Agents>,
     tools: Tools,
     default_workflow: Option<String>,
     clock: Arc<dyn Clock>,
     subjects: Option<Arc<stele_privacy::Subjects>>,
     recall: Option<Arc<dyn Recall>>,
+    sanitizer: Arc<crate::sanitize::Sanitizer>,
 }
 
 impl Runtime {
@@ -250,6 +258,7 @@ impl Runtime {
             conversations: CommandBus::new(store.log.clone(), ()),
             schedules: CommandBus::new(store.log.clone(), ())
                 .with_reactor(Arc::new(ScheduleManager)),
+            role_models: CommandBus::new(store.log.clone(), ()),
             catalog,
             agents,
             tools,
@@ -257,6 +266,7 @@ impl Runtime {
             clock: Arc::new(SystemClock),
             subjects: None,
             recall: None,
+            sanitizer: Arc::new(crate::sanitize::Sanitizer::default()),
         }
     }
 
@@ -287,6 +297,17 @@ impl Runtime {
         self
     }
 
+    /// Screens input with `sanitizer` (the default policy otherwise).
+    pub fn with_sanitizer(mut self, sanitizer: crate::sanitize::Sanitizer) -> Self {
+        self.sanitizer = Arc::new(sanitizer);
+        self
+    }
+
+    /// The input sanitiser (channels screen their messages with it).
+    pub fn sanitizer(&self) -> &crate::sanitize::Sanitizer {
+        &self.sanitizer
+    }
+
     /// The workflow a task without one runs.
     pub fn with_default_workflow(mut self, name: impl Into<String>) -> Self {
         self.default_workflow = Some(name.into());
@@ -303,6 +324,50 @@ impl Runtime {
         self.agents
             .router()
             .map(stele_models::ModelRouter::overview)
+    }
+
+    /// The models operators chose for agent roles at run time (tried first for every task; a
+    /// chat's own choice goes over them), by role.
+    pub async fn role_models(&self) -> Result<BTreeMap<String, String>, RuntimeError> {
+        let (state, _) = self
+            .role_models
+            .load(stele_aggregates::role_models::STREAM_ID)
+            .await?;
+        Ok(state.chosen)
+    }
+
+    /// Chooses `model` (`provider/model`, one of the role's route) first for `role` in every
+    /// task from now on, or (`None`) the role's own route again; recorded as `RoleModelChosen`.
+    pub async fn choose_role_model(
+        &self,
+        role: &str,
+        model: Option<String>,
+        meta: CommandMeta,
+    ) -> Result<(), RuntimeError> {
+        match &model {
+            Some(model) => {
+                self.check_models(&BTreeMap::from([(role.to_owned(), model.clone())]))?
+            }
+            None if self.agents.models_of(role).is_none() => {
+                return Err(RuntimeError::UnknownModel(format!(
+                    "there is no agent role {role:?} whose model can be chosen"
+                )))
+            }
+            None => {}
+        }
+        let command = stele_aggregates::role_models::RoleModelsCommand::Choose {
+            role: role.to_owned(),
+            model,
+        };
+        match self
+            .role_models
+            .execute(stele_aggregates::role_models::STREAM_ID, command, meta)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(CommandError::Rejected(e)) => Err(RuntimeError::UnknownModel(e.to_string())),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The process manager to run (with the projection runner) next to the workers.

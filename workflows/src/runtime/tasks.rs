@@ -2,6 +2,7 @@
 //! signal tasks.
 
 use super::*;
+use stele_aggregates::screening::Screening;
 
 impl Runtime {
     /// Records a new task; the manager starts its workflow.
@@ -36,7 +37,10 @@ impl Runtime {
 
     /// Refuses a choice of model for a role that is not there, or of a model outside the role's
     /// route (the models a role may use are its route's).
-    fn check_models(&self, models: &BTreeMap<String, String>) -> Result<(), RuntimeError> {
+    pub(super) fn check_models(
+        &self,
+        models: &BTreeMap<String, String>,
+    ) -> Result<(), RuntimeError> {
         for (role, model) in models {
             let Some(known) = self.agents.models_of(role) else {
                 return Err(RuntimeError::UnknownModel(format!(
@@ -87,10 +91,49 @@ impl Runtime {
             self.check_workflow(name)?;
         }
         self.check_models(&models)?;
+        // Operators' choices for every task, under the requester's own.
+        let models = {
+            let mut chosen = self.role_models().await?;
+            chosen.retain(|role, model| {
+                self.agents
+                    .models_of(role)
+                    .is_some_and(|m| m.contains(model))
+            });
+            chosen.extend(models);
+            chosen
+        };
         let task_id = meta.command_id.to_string();
         let subject = match &self.subjects {
             Some(subjects) if personal => Some(subjects.admit(&requester, "tasks", &meta).await?),
             _ => None,
+        };
+        // Input asked for in a conversation was screened by its channel, on the message alone
+        // (the task's input also carries the conversation's history).
+        let (input, screening) = if origin.is_some() {
+            (input, Screening::default())
+        } else {
+            let flow = workflow.as_deref().or(self.default_workflow.as_deref());
+            let (text, screening) =
+                self.sanitizer
+                    .screen(input.as_str(), requester.channel.as_str(), flow);
+            if screening.blocked() {
+                let block = TaskCommand::Block {
+                    channel: requester.channel.clone(),
+                    subject,
+                    screening: screening.clone(),
+                };
+                return match self.tasks.create(&task_id, block, meta).await {
+                    Ok(_) | Err(CommandError::Rejected(_)) => Err(RuntimeError::InputBlocked {
+                        task_id: TaskId::new(task_id),
+                        screening,
+                    }),
+                    Err(e) => Err(e.into()),
+                };
+            }
+            match TaskInput::parse(text) {
+                Ok(screened) => (screened, screening),
+                Err(_) => (input, screening),
+            }
         };
         let command = TaskCommand::Create {
             input: input.clone(),
@@ -99,6 +142,7 @@ impl Runtime {
             workflow: workflow.clone(),
             origin,
             models,
+            screening,
         };
         // The task id is the command id: a new stream, unless the command is a repeat.
         match self.tasks.create(&task_id, command, meta).await {
@@ -122,7 +166,8 @@ impl Runtime {
     /// A task with its run.
     pub async fn task(&self, task_id: &str) -> Result<TaskView, RuntimeError> {
         let (task, version) = self.tasks.load(task_id).await?;
-        if version == 0 {
+        // (Blocked input made no task: its stream only records the refusal.)
+        if version == 0 || task.blocked {
             return Err(RuntimeError::UnknownTask(task_id.to_owned()));
         }
         let (run, run_version) = match &task.run_id {
