@@ -286,6 +286,19 @@ impl Projection for MemoryProjection {
         Ok(())
     }
 
+    /// The keys of the people in the batch, read before its transaction (then held in memory
+    /// for `apply`'s openings: on the embedded store the transaction holds the one connection).
+    async fn prepare(&self, events: &[RecordedEvent]) -> Result<(), ProjectionError> {
+        let mut subjects = BTreeSet::new();
+        for event in events {
+            stele_privacy::subjects_in(&event.payload, &mut subjects);
+        }
+        self.sealer
+            .hold(subjects)
+            .await
+            .map_err(|e| ProjectionError::Apply(format!("reading people's keys: {e}")))
+    }
+
     async fn apply(
         &self,
         tx: &mut dyn LogTransaction,

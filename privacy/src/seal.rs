@@ -57,6 +57,15 @@ impl Sealer {
         &self.keys
     }
 
+    /// Reads the keys of `subjects` into memory (those not held already), so that opening their
+    /// values next needs no store.
+    pub async fn hold(&self, subjects: BTreeSet<String>) -> Result<(), PrivacyError> {
+        for subject in subjects {
+            self.held_key(&subject, false).await?;
+        }
+        Ok(())
+    }
+
     /// Drops the subject's key from memory (it was destroyed).
     pub fn forget(&self, subject: &str) {
         self.held.invalidate(subject);

@@ -8,3 +8,4 @@ mod support;
 mod assistant;
 mod dev_platform;
 mod family;
+mod labour_law;

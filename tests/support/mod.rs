@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod mail;
 pub mod telegram;
 
 use std::io::{BufRead, BufReader};

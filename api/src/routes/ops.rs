@@ -53,13 +53,7 @@ pub async fn models(
         roles: overview
             .roles
             .into_iter()
-            .map(|r| RoleBody {
-                chosen: chosen.get(&r.name).cloned(),
-                name: r.name,
-                description: r.description,
-                route: r.route,
-                tools: r.tools,
-            })
+            .map(|r| role_body(r, &chosen))
             .collect(),
     }))
 }
@@ -98,13 +92,21 @@ pub async fn choose_role_model(
         .into_iter()
         .find(|r| r.name == role)
         .ok_or_else(|| ApiError::new(Code::UnknownModel, format!("no agent role {role:?}")))?;
-    Ok(Json(RoleBody {
+    Ok(Json(role_body(role, &chosen)))
+}
+
+/// A role as the API shows it, with the model chosen for it at run time.
+fn role_body(
+    role: stele_models::RoleOverview,
+    chosen: &std::collections::BTreeMap<String, String>,
+) -> RoleBody {
+    RoleBody {
         chosen: chosen.get(&role.name).cloned(),
         name: role.name,
         description: role.description,
         route: role.route,
         tools: role.tools,
-    }))
+    }
 }
 
 /// An OpenAI-compatible chat call through Stele's model router: `model` is an agent role (its

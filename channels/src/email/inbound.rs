@@ -61,8 +61,18 @@ impl Email {
             );
             return Ok(Done::Complete);
         }
+        // The sender's address, as the task's requester (sealed with them in the task): it
+        // leads to the same subject the mail was recorded under.
+        let address = member
+            .as_ref()
+            .and_then(|m| m.participant.address.as_ref())
+            .and_then(|a| a.get().cloned());
+        let Some(address) = address else {
+            tracing::info!(conversation = %p.conversation, "a mail without a readable sender is recorded, not answered");
+            return Ok(Done::Complete);
+        };
         let requester = Requester {
-            user_id: subject.clone(),
+            user_id: address,
             channel: Channel::EMAIL,
         };
         let origin = Origin {

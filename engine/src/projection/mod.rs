@@ -126,6 +126,12 @@ pub trait Projection: Send + Sync + 'static {
         tables: &Tables,
     ) -> Result<(), ProjectionError>;
 
+    /// Work on a batch before its transaction begins, outside it: reading what `apply` will need
+    /// from the store (the embedded store has one connection, which the transaction holds).
+    async fn prepare(&self, _events: &[RecordedEvent]) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+
     /// Applies events (in log order) to its tables, inside the runner's transaction (which also
     /// moves its checkpoint).
     async fn apply(
@@ -307,6 +313,9 @@ impl ProjectionRunner {
         events: &[RecordedEvent],
         through: Position,
     ) -> Result<(), ProjectionError> {
+        if !events.is_empty() {
+            projection.prepare(events).await?;
+        }
         let mut tx = self.log.begin().await?;
         if projection.deferred_flush() {
             tx.defer_flush().await?;
@@ -660,6 +669,7 @@ impl ProjectionRunner {
             let done = upto.len() < batch.len();
             let relevant = relevant(projection.as_ref(), &upto);
             if !relevant.is_empty() {
+                projection.prepare(&relevant).await?;
                 let mut tx = self.log.begin().await?;
                 projection.apply(tx.as_mut(), &tables, &relevant).await?;
                 tx.commit().await?;
@@ -689,6 +699,7 @@ impl ProjectionRunner {
         let through = last.position;
         let relevant = relevant(projection, &batch);
         if !relevant.is_empty() {
+            projection.prepare(&relevant).await?;
             let mut tx = self.log.begin().await?;
             projection
                 .apply(tx.as_mut(), &Tables::REBUILD, &relevant)
