@@ -28,7 +28,7 @@ SPAMD_PORT=${STELE_MAIL_SPAMD_PORT:-11783}
 MAIL_UID=${STELE_MAIL_UID:-5000}
 # Bumped whenever the certificates or configuration change: a server set up by an older version
 # is stopped and set up again.
-VERSION=3
+VERSION=4
 
 log() { printf 'mail-env: %s\n' "$*" >&2; }
 

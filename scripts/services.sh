@@ -864,7 +864,8 @@ _stele_s3_up() {
 # The mail server of the email tests (Dovecot + Postfix on loopback, see scripts/mail-env.sh).
 _stele_mail_up() {
     STELE_MAIL_BASE=${STELE_MAIL_BASE:-$_STELE_CACHE/mail}
-    STELE_MAIL_BASE=$STELE_MAIL_BASE bash "$(dirname "${BASH_SOURCE[0]}")/mail-env.sh" up || {
+    # (Without the lock: the daemons it starts must not hold it after this script is done.)
+    (_stele_close_lock && STELE_MAIL_BASE=$STELE_MAIL_BASE bash "$(dirname "${BASH_SOURCE[0]}")/mail-env.sh" up) || {
         _stele_err "the mail server (dovecot + postfix) did not start; see $STELE_MAIL_BASE/*/startup.log"
         return 1
     }

@@ -11,6 +11,7 @@ mod models;
 mod node;
 mod privacy;
 mod projections;
+mod rooms;
 mod schedules;
 mod serve;
 mod tasks;
@@ -126,6 +127,9 @@ enum Command {
     /// Schedules: workflows started on a timetable (cron patterns, intervals).
     #[command(subcommand)]
     Schedules(schedules::SchedulesCommand),
+    /// Rooms: several agents and people in one conversation, agents taking turns.
+    #[command(subcommand)]
+    Rooms(rooms::RoomsCommand),
     /// Print the API's OpenAPI document.
     Openapi,
     /// Workflow definitions.
@@ -295,6 +299,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Audit(command) => audit::run(command).await,
         Command::Memory(command) => memory::run(command).await,
         Command::Schedules(command) => schedules::run(command).await,
+        Command::Rooms(command) => rooms::run(command).await,
         Command::Models(command) => models::run(command).await,
         Command::Telegram(command) => telegram::run(command).await,
         Command::Openapi => {

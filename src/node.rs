@@ -52,7 +52,7 @@ pub struct WorkflowArgs {
 impl WorkflowArgs {
     /// The model router and the validated catalog (shipped definitions plus the folder's).
     pub fn load(&self) -> anyhow::Result<(ModelRouter, Tools, Catalog)> {
-        self.load_with(None, None)
+        self.load_with(None, None, RuntimeCell::default())
     }
 
     /// [`Self::load`], with the memory's tools when there is a memory, and the workspace, shell
@@ -61,6 +61,7 @@ impl WorkflowArgs {
         &self,
         memory: Option<Arc<Memories>>,
         host: Option<Arc<ToolHost>>,
+        runtime: RuntimeCell,
     ) -> anyhow::Result<(ModelRouter, Tools, Catalog)> {
         let config = match &self.models {
             Some(path) => ModelsConfig::load(path)?,
@@ -68,11 +69,12 @@ impl WorkflowArgs {
         }
         .with_process_env()?;
         let router = ModelRouter::new(config)?;
-        let mut tools = stele_tools::register(Tools::builtin(), host);
+        let mut tools = room_tool(stele_tools::register(Tools::builtin(), host), runtime);
         if let Some(memory) = memory {
             tools = stele_memory::agents::register(tools, memory);
         }
         let mut sources = catalog::builtin();
+        sources.extend(catalog::shipped(&[catalog::ROOM_TURN]));
         if let Some(dir) = &self.workflows {
             sources.extend(catalog::read(dir)?);
         }
@@ -120,7 +122,9 @@ impl WorkflowArgs {
                 "bubblewrap is not installed or not allowed here: commands of agents run in the weaker process sandbox"
             );
         }
-        let (router, tools, mut catalog) = self.load_with(memory.clone(), Some(host))?;
+        let cell = RuntimeCell::default();
+        let (router, tools, mut catalog) =
+            self.load_with(memory.clone(), Some(host), cell.clone())?;
         stele_workflows::catalog::publish(store.log.as_ref(), &mut catalog).await?;
         let agents = Arc::new(ModelAgents::new(router, tools.clone()));
         let mut runtime =
@@ -134,7 +138,9 @@ impl WorkflowArgs {
         if let Some(policy) = &self.sanitizer {
             runtime = runtime.with_sanitizer(Sanitizer::new(policy.clone()));
         }
-        Ok(Arc::new(runtime))
+        let runtime = Arc::new(runtime);
+        let _ = cell.set(Arc::downgrade(&runtime));
+        Ok(runtime)
     }
 
     /// What the workspace, shell and web tools work on, on `store`: its workspaces (sealed with
@@ -162,4 +168,44 @@ impl WorkflowArgs {
             web,
         }))
     }
+}
+
+/// The runtime, for tools that act on it (`room.turn`), set once it is made (the tools are
+/// registered before it).
+type RuntimeCell = Arc<std::sync::OnceLock<std::sync::Weak<Runtime>>>;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoomTurnInput {
+    room: String,
+}
+
+/// `tools` with `room.turn`: one agent's turn in a room (the shipped `room_turn` workflow's
+/// step). Its command id is derived from the step's run, so a retried step takes no second turn.
+fn room_tool(tools: Tools, runtime: RuntimeCell) -> Tools {
+    tools
+        .register_for_caller(
+            "room.turn",
+            move |input: RoomTurnInput, caller: stele_workflows::tools::Caller| {
+                let runtime = runtime.get().and_then(std::sync::Weak::upgrade);
+                async move {
+                    let runtime = runtime.ok_or("this process runs no rooms")?;
+                    let id = uuid::Uuid::new_v5(
+                        &uuid::Uuid::NAMESPACE_OID,
+                        format!("room.turn:{}:{}", caller.run_id.as_str(), caller.step.as_str())
+                            .as_bytes(),
+                    );
+                    let meta = stele_engine::CommandMeta::new("room", "system").with_command_id(id);
+                    runtime
+                        .room_turn(&input.room, meta)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            },
+        )
+        .describe(
+            "room.turn",
+            "Takes one agent's turn in a room: who speaks follows the room's policy.",
+            serde_json::json!({ "type": "object", "required": ["room"], "properties": { "room": { "type": "string" } } }),
+        )
 }

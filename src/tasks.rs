@@ -148,6 +148,7 @@ pub async fn workflows(command: WorkflowsCommand) -> anyhow::Result<()> {
             }
             let (router, tools, _) = args.load()?;
             let mut all = catalog::builtin();
+            all.extend(catalog::shipped(&[catalog::ROOM_TURN]));
             // Files given here replace shipped ones of the same file name.
             all.retain(|b| !sources.iter().any(|s| same_name(&s.file, &b.file)));
             all.extend(sources);

@@ -13,6 +13,7 @@ pub mod mailbox;
 pub mod memory;
 pub mod personal;
 pub mod role_models;
+pub mod room;
 pub mod schedule;
 pub mod screening;
 pub mod subject;

@@ -9,3 +9,4 @@ mod assistant;
 mod dev_platform;
 mod family;
 mod labour_law;
+mod rooms;

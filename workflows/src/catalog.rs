@@ -37,6 +37,13 @@ pub const BUILTIN: [(&str, &str); 5] = [
     ("bench.yaml", include_str!("../definitions/bench.yaml")),
 ];
 
+/// The definition that takes a turn in a room (`room_turn`), shipped with the nodes that register
+/// its `room.turn` tool (the binary's).
+pub const ROOM_TURN: (&str, &str) = (
+    "room_turn.yaml",
+    include_str!("../definitions/room_turn.yaml"),
+);
+
 /// A definition's source: where it came from and its YAML.
 #[derive(Clone, Debug)]
 pub struct Source {
@@ -46,7 +53,12 @@ pub struct Source {
 
 /// The shipped definitions.
 pub fn builtin() -> Vec<Source> {
-    BUILTIN
+    shipped(&BUILTIN)
+}
+
+/// Sources of shipped definitions.
+pub fn shipped(definitions: &[(&str, &str)]) -> Vec<Source> {
+    definitions
         .iter()
         .map(|(name, yaml)| Source {
             file: Path::new("workflows/definitions").join(name),

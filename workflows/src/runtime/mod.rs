@@ -62,12 +62,14 @@ mod gateway;
 mod handlers;
 mod manager;
 mod retention;
+mod rooms;
 mod schedules;
 mod tasks;
 
 pub use gateway::{ChatOutcome, MODEL_CALL_STREAM};
 pub use manager::{step_job_key, Manager};
 pub use retention::{RetentionManager, RETENTION_JOB, RETENTION_MANAGER};
+pub use rooms::{Turn, ROOM_HISTORY};
 pub use schedules::{
     scheduled_task_id, ScheduleManager, SCHEDULE_CHANNEL, SCHEDULE_MANAGER, SCHEDULE_START_JOB,
     SCHEDULE_TICK_JOB,
@@ -160,6 +162,8 @@ pub enum RuntimeError {
         task_id: TaskId,
         screening: stele_aggregates::screening::Screening,
     },
+    #[error("{0}")]
+    Room(stele_aggregates::room::RoomError),
     #[error(transparent)]
     Subject(#[from] stele_privacy::SubjectsError),
     #[error(transparent)]
@@ -232,6 +236,7 @@ pub struct Runtime {
     conversations: CommandBus<Conversation>,
     schedules: CommandBus<stele_aggregates::schedule::Schedule>,
     role_models: CommandBus<stele_aggregates::role_models::RoleModels>,
+    rooms: CommandBus<stele_aggregates::room::Room>,
     agents: Arc<dyn Agents>,
     tools: Tools,
     default_workflow: Option<String>,
@@ -259,6 +264,7 @@ impl Runtime {
             schedules: CommandBus::new(store.log.clone(), ())
                 .with_reactor(Arc::new(ScheduleManager)),
             role_models: CommandBus::new(store.log.clone(), ()),
+            rooms: CommandBus::new(store.log.clone(), ()),
             catalog,
             agents,
             tools,

@@ -108,8 +108,9 @@ impl Runtime {
             _ => None,
         };
         // Input asked for in a conversation was screened by its channel, on the message alone
-        // (the task's input also carries the conversation's history).
-        let (input, screening) = if origin.is_some() {
+        // (the task's input also carries the conversation's history); Stele's own tasks (a
+        // schedule's) are not a person's input.
+        let (input, screening) = if origin.is_some() || !personal {
             (input, Screening::default())
         } else {
             let flow = workflow.as_deref().or(self.default_workflow.as_deref());
