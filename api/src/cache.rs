@@ -75,6 +75,13 @@ impl TaskCache {
                                 keys.forget_all();
                             }
                             tokio::time::sleep(Duration::from_secs(1)).await;
+                            // The caches start over empty: follow from the log's head now (the
+                            // position followed from may hold no event, e.g. an append that was
+                            // in flight at start and rolled back; asking from it again would
+                            // fail forever).
+                            if let Ok(head) = log.head().await {
+                                after = head;
+                            }
                             break;
                         }
                     }
