@@ -9,8 +9,7 @@ use stele_engine::store::Migrate;
 use stele_engine::CommandMeta;
 use stele_workflows::runtime::Runtime;
 
-use crate::node::WorkflowArgs;
-use crate::StoreArgs;
+use crate::schedules::On;
 
 #[derive(Subcommand)]
 pub enum RoomsCommand {
@@ -59,14 +58,6 @@ pub enum RoomsCommand {
         #[arg(long)]
         by: String,
     },
-}
-
-#[derive(Args)]
-pub struct On {
-    #[command(flatten)]
-    store: StoreArgs,
-    #[command(flatten)]
-    workflows: WorkflowArgs,
 }
 
 #[derive(Args)]

@@ -60,9 +60,9 @@ pub enum SchedulesCommand {
 #[derive(Args)]
 pub struct On {
     #[command(flatten)]
-    store: StoreArgs,
+    pub(crate) store: StoreArgs,
     #[command(flatten)]
-    workflows: WorkflowArgs,
+    pub(crate) workflows: WorkflowArgs,
 }
 
 #[derive(Args)]
@@ -111,8 +111,7 @@ enum OverlapArg {
 }
 
 fn meta() -> CommandMeta {
-    let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
-    CommandMeta::new(format!("user:{user}"), "cli")
+    CommandMeta::new(format!("user:{}", crate::tasks::whoami()), "cli")
 }
 
 pub async fn run(command: SchedulesCommand) -> anyhow::Result<()> {
