@@ -32,6 +32,8 @@
 #   STELE_S3_ENDPOINT      an S3-compatible server on loopback (moto's, from PyPI) for the blob
 #                          store tests: any bucket may be created there, any credentials pass
 #   (and installs bubblewrap, the sandbox of agents' commands, when `bwrap` is missing)
+#   STELE_CHROMIUM, STELE_CHROMEDRIVER  Debian's chromium and chromium-driver, for the console's
+#                          tests in a real browser (installed when missing)
 #   STELE_MAIL_BASE        folder of a Dovecot + Postfix pair on loopback (scripts/mail-env.sh):
 #                 IMAP 11143, IMAPS 11993, SMTP 11025, SMTPS 11465; certs/ca.pem to trust,
 #                 dovecot/users to add test users to
@@ -346,6 +348,28 @@ _stele_bwrap_install() {
         _stele_err "apt-get install bubblewrap failed"
         return 1
     fi
+}
+
+# Chromium and ChromeDriver (Debian's), the real browser the console's tests drive.
+_stele_browser_install() {
+    if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+        STELE_CHROMIUM=$(command -v chromium)
+        STELE_CHROMEDRIVER=$(command -v chromedriver)
+        return 0
+    fi
+    if [[ $EUID -ne 0 ]]; then
+        _stele_err "chromium or chromedriver missing and not root; install the Debian packages chromium and chromium-driver"
+        return 1
+    fi
+    _stele_log "installing chromium and chromium-driver with apt-get"
+    if ! { apt-get update -qq >&2 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            chromium chromium-driver fonts-dejavu-core >&2; }; then
+        _stele_err "apt-get install chromium chromium-driver failed"
+        return 1
+    fi
+    STELE_CHROMIUM=$(command -v chromium)
+    STELE_CHROMEDRIVER=$(command -v chromedriver)
 }
 
 # pid of our private redis if it is running, else fails.
@@ -908,6 +932,7 @@ _stele_services_up() {
     ((rc == 0)) && { _stele_mail_up || rc=1; }
     ((rc == 0)) && { _stele_s3_up || rc=1; }
     ((rc == 0)) && { _stele_bwrap_install || rc=1; }
+    ((rc == 0)) && { _stele_browser_install || rc=1; }
 
     _stele_close_lock
     unset _STELE_LOCKFD
@@ -915,7 +940,7 @@ _stele_services_up() {
         STELE_PG_BIN=$_STELE_PG_BINDIR
         export DATABASE_URL REDIS_URL STELE_PG_BIN STELE_OPENAPI_VALIDATOR STELE_SCHEMATHESIS \
             STELE_OPENAPI_CLIENT STELE_EMBEDDING_MODEL LIBTORCH STELE_LIBTORCH_LIB STELE_MAIL_BASE \
-            STELE_S3_ENDPOINT
+            STELE_S3_ENDPOINT STELE_CHROMIUM STELE_CHROMEDRIVER
     fi
     return "$rc"
 }
@@ -1005,6 +1030,8 @@ if [[ ${1:-up} == up || ${1:-} == start ]]; then
     printf 'export STELE_LIBTORCH_LIB=%q\n' "$STELE_LIBTORCH_LIB"
     printf 'export STELE_MAIL_BASE=%q\n' "$STELE_MAIL_BASE"
     printf 'export STELE_S3_ENDPOINT=%q\n' "$STELE_S3_ENDPOINT"
+    printf 'export STELE_CHROMIUM=%q\n' "$STELE_CHROMIUM"
+    printf 'export STELE_CHROMEDRIVER=%q\n' "$STELE_CHROMEDRIVER"
 elif [[ $1 == sentence-transformers ]]; then
     printf 'export STELE_SENTENCE_TRANSFORMERS=%q\n' "$STELE_SENTENCE_TRANSFORMERS"
 fi

@@ -87,6 +87,10 @@ pub struct CreateArgs {
         value_name = "NAME:ROLE[:PERSONALITY]"
     )]
     agents: Vec<String>,
+    /// The model that speaks for an agent instead of its role's route: NAME=PROVIDER/MODEL
+    /// (repeat for each).
+    #[arg(long = "agent-model", value_name = "NAME=PROVIDER/MODEL")]
+    agent_models: Vec<String>,
     /// A person who may moderate (repeat for each).
     #[arg(long = "moderator")]
     moderators: Vec<String>,
@@ -114,6 +118,7 @@ fn seat(text: &str) -> anyhow::Result<Seat> {
         personality: parts.next().unwrap_or_default().to_owned(),
         traits: Vec::new(),
         memory: None,
+        model: None,
     })
 }
 
@@ -155,11 +160,20 @@ pub async fn run(command: RoomsCommand) -> anyhow::Result<()> {
 async fn apply(runtime: &Runtime, command: RoomsCommand) -> anyhow::Result<()> {
     match command {
         RoomsCommand::Create(args) => {
-            let agents = args
+            let mut agents = args
                 .agents
                 .iter()
                 .map(|a| seat(a))
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            for text in &args.agent_models {
+                let Some((name, model)) = text.split_once('=') else {
+                    anyhow::bail!("--agent-model {text:?}: give NAME=PROVIDER/MODEL");
+                };
+                let Some(seat) = agents.iter_mut().find(|s| s.name == name) else {
+                    anyhow::bail!("--agent-model {text:?}: no --agent is named {name}");
+                };
+                seat.model = Some(model.to_owned());
+            }
             let create = RoomCommand::Create {
                 name: args.name.clone(),
                 topic: args.topic,

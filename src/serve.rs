@@ -326,6 +326,7 @@ pub async fn run_node(
     if let Some(memory) = &memory {
         projections.push(memory.projection());
     }
+    projections.push(Arc::new(stele_tools::WorkspaceEraser));
     let telegram = match node.telegram.clone() {
         Some(config) => {
             let (router, _, _) = node.workflows.load()?;

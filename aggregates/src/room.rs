@@ -36,6 +36,21 @@ pub struct Seat {
     /// The memory scope it remembers in (its own by default: `room:<room>:<name>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,
+    /// The model (`provider/model`) that speaks for it instead of its role's route (so one room
+    /// can hold agents of different models); its role's choice otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// The model call behind an agent's words.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpeechCall {
+    /// `provider/model` that answered.
+    pub model: String,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    /// How long the answer took (with retries and fallbacks).
+    pub latency_ms: u64,
 }
 
 /// Who speaks next.
@@ -77,6 +92,10 @@ pub enum RoomCommand {
         turn: u64,
         text: String,
         at: DateTime<Utc>,
+        call: Option<SpeechCall>,
+        /// The person it answers (the last who spoke before it with a subject): its words, built
+        /// from theirs, are sealed with their key.
+        subject: Option<String>,
     },
     Mute {
         member: String,
@@ -119,8 +138,12 @@ pub enum RoomEvent {
         seq: u64,
         agent: String,
         turn: u64,
-        text: String,
+        /// Sealed with the key of the person it answers, when there is one.
+        text: Personal<String>,
         at: DateTime<Utc>,
+        /// The model call it came from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call: Option<SpeechCall>,
     },
     MemberMuted {
         member: String,
@@ -353,6 +376,18 @@ impl Aggregate for Room {
                 for (i, seat) in agents.iter().enumerate() {
                     check_name("agent", &seat.name)?;
                     check_name("role", &seat.role)?;
+                    if let Some(model) = &seat.model {
+                        let ok = model.len() <= 200
+                            && model
+                                .split_once('/')
+                                .is_some_and(|(p, m)| !p.is_empty() && !m.trim().is_empty());
+                        if !ok {
+                            return Err(RoomError::Invalid(format!(
+                                "agent {}'s model {model:?}: give provider/model",
+                                seat.name
+                            )));
+                        }
+                    }
                     if agents[..i].iter().any(|a| a.name == seat.name) {
                         return Err(RoomError::Invalid(format!(
                             "two agents are named {}",
@@ -410,6 +445,8 @@ impl Aggregate for Room {
                 turn,
                 text,
                 at,
+                call,
+                subject,
             } => {
                 if turn < self.turns {
                     // A repeated turn (a retried job): it was recorded.
@@ -434,8 +471,9 @@ impl Aggregate for Room {
                     seq: next_seq,
                     agent,
                     turn: self.turns,
-                    text,
+                    text: Personal::owned_by(subject.as_deref(), text),
                     at,
+                    call,
                 }
             }
             RoomCommand::Mute { member, by } => {
@@ -512,12 +550,13 @@ impl Aggregate for Room {
                 turn,
                 text,
                 at,
+                ..
             } => {
                 self.lines.push(Line {
                     seq,
                     from: agent,
                     agent: true,
-                    text: Personal::plain(text),
+                    text,
                     at,
                     pinned: false,
                 });
@@ -556,6 +595,7 @@ mod tests {
             personality: format!("You are {name}."),
             traits: vec![],
             memory: None,
+            model: None,
         }
     }
 
@@ -579,8 +619,9 @@ mod tests {
             seq,
             agent: agent.into(),
             turn,
-            text: format!("{agent} says hi"),
+            text: Personal::plain(format!("{agent} says hi")),
             at: at(minute),
+            call: None,
         }
     }
 
@@ -590,6 +631,8 @@ mod tests {
             turn,
             text: format!("{agent} says hi"),
             at: at(minute),
+            call: None,
+            subject: None,
         }
     }
 

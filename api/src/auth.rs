@@ -62,6 +62,13 @@ pub struct Caller {
 #[async_trait]
 pub trait Gate: Send + Sync {
     async fn admit(&self, token: Option<&str>, need: Need) -> Result<Caller, ApiError>;
+
+    /// Who `token` is and every scope it holds (`admin` grants them all): what the console
+    /// shows and offers (401 for a key that is not valid).
+    async fn scopes(
+        &self,
+        token: &str,
+    ) -> Result<(Caller, Vec<stele_aggregates::api_key::Scope>), ApiError>;
 }
 
 /// The key a request presents, if any.

@@ -9,10 +9,13 @@
 //!   their hash stored) and per-key rate limits (shared through Redis when configured), which
 //!   every route but health passes;
 //! - [`problem`]: errors as `application/problem+json` with stable codes;
-//! - [`json`]: strict JSON bodies (content type, depth, unknown fields, types).
+//! - [`json`]: strict JSON bodies (content type, depth, unknown fields, types);
+//! - [`console`]: the operators' web page at `/console/`, which calls this API with a session
+//!   cookie.
 
 pub mod auth;
 pub mod cache;
+pub mod console;
 pub mod gate;
 pub mod json;
 pub mod keys;

@@ -65,6 +65,8 @@ codes! {
     Unauthorized = ("unauthorized", UNAUTHORIZED, "Unauthorized"),
     /// The key lacks the route's scope.
     Forbidden = ("forbidden", FORBIDDEN, "Forbidden"),
+    /// A change by the console's session without its `X-Csrf-Token`, or from another origin.
+    CsrfFailed = ("csrf_failed", FORBIDDEN, "Cross-site request refused"),
     /// The key's token bucket is empty.
     RateLimited = ("rate_limited", TOO_MANY_REQUESTS, "Too many requests"),
     /// The body is not JSON (syntax).
@@ -120,6 +122,7 @@ codes! {
     /// No stored fact with that id (messages and step outputs are forgotten with their person).
     MemoryNotFound = ("memory_not_found", NOT_FOUND, "Memory not found"),
     ScheduleNotFound = ("schedule_not_found", NOT_FOUND, "Schedule not found"),
+    RoomNotFound = ("room_not_found", NOT_FOUND, "Room not found"),
     /// No such file in the task's workspaces (or its person was erased).
     FileNotFound = ("file_not_found", NOT_FOUND, "File not found"),
     RouteNotFound = ("route_not_found", NOT_FOUND, "Route not found"),
@@ -140,6 +143,13 @@ codes! {
     ScheduleExists = ("schedule_exists", CONFLICT, "Schedule exists"),
     /// The schedule cannot do that now (removed; resuming one that is not paused).
     ScheduleState = ("schedule_state", CONFLICT, "Not possible in the schedule's state"),
+    /// A room of that name exists.
+    RoomExists = ("room_exists", CONFLICT, "Room exists"),
+    /// The room cannot do that now: the member is muted or removed, no such message, no agent
+    /// may speak, the hour's turns are used.
+    RoomState = ("room_state", CONFLICT, "Not possible in the room's state"),
+    /// Muting, removing or pinning by someone who is not one of the room's moderators.
+    NotModerator = ("not_moderator", FORBIDDEN, "Not a moderator"),
     BodyTooLarge = ("body_too_large", PAYLOAD_TOO_LARGE, "Payload too large"),
     UnsupportedMediaType = ("unsupported_media_type", UNSUPPORTED_MEDIA_TYPE, "Unsupported media type"),
     /// The body does not match its schema: unknown fields, wrong types, a wrong shape.
@@ -158,6 +168,8 @@ codes! {
     /// A cron pattern, time zone or interval that does not parse; both or neither of `cron`
     /// and `every`.
     InvalidSchedule = ("invalid_schedule", UNPROCESSABLE_ENTITY, "Invalid schedule"),
+    /// A room, seat, message or action the room refuses: names, agents, policy, text.
+    InvalidRoom = ("invalid_room", UNPROCESSABLE_ENTITY, "Invalid room"),
     /// The log refuses to store the request's data.
     UnstorableInput = ("unstorable_input", UNPROCESSABLE_ENTITY, "Unstorable input"),
     /// An `Idempotency-Key` used before with another body.

@@ -31,7 +31,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::problem::{ApiError, Code, CHALLENGE};
 use crate::routes::{
-    audit, channels, health, memory, ops, schedules, stream, subjects, tasks, workspace,
+    audit, channels, health, memory, ops, rooms, schedules, stream, subjects, tasks, workspace,
 };
 use crate::state::AppState;
 
@@ -56,6 +56,7 @@ Text never holds a NUL character (U+0000), which Stele does not store: it is ref
         (name = "audit", description = "The audit log: signed checkpoints and proofs"),
         (name = "memory", description = "The memory: remember facts, search by meaning and words, forget"),
         (name = "schedules", description = "Workflows started on a timetable"),
+        (name = "rooms", description = "Rooms: several agents and people in one conversation"),
         (name = "operators", description = "The log, jobs, projections and workflows"),
         (name = "health", description = "Liveness, readiness and metrics"),
     )
@@ -352,6 +353,12 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(schedules::get_schedule, schedules::remove_schedule))
         .routes(routes!(schedules::pause_schedule))
         .routes(routes!(schedules::resume_schedule))
+        .routes(routes!(rooms::list_rooms, rooms::create_room))
+        .routes(routes!(rooms::get_room))
+        .routes(routes!(rooms::post_message))
+        .routes(routes!(rooms::take_turn))
+        .routes(routes!(rooms::moderate))
+        .routes(routes!(rooms::room_ws))
         .routes(routes!(channels::telegram_access))
         .routes(routes!(channels::change_telegram_access))
         .routes(routes!(ops::workflows))
@@ -387,6 +394,7 @@ pub fn app(state: AppState) -> Router {
     let (router, document) = parts();
     router
         .merge(SwaggerUi::new("/docs").url("/openapi.json", document))
+        .merge(crate::console::router())
         .fallback(|| async { ApiError::new(Code::RouteNotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -395,6 +403,7 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(crate::console::cookie_auth))
         .layer(middleware::from_fn(refuse_nul))
         .layer(middleware::from_fn(measure))
         .layer(CatchPanicLayer::custom(panicked))

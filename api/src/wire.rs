@@ -1443,3 +1443,258 @@ pub struct WorkspaceFileQuery {
     /// The run whose workspace holds it; the first run holding that path when left out.
     pub run: Option<String>,
 }
+
+/// An agent's seat in a room.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SeatBody {
+    /// How the agent is named and addressed (`@name`): 1 to 64 letters, digits, `-`, `_`, `.`.
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
+    pub name: String,
+    /// The agent role that answers for it (`GET /v1/models` lists them).
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
+    pub role: String,
+    /// Said to its model before the room's conversation (its system prompt).
+    #[serde(default)]
+    #[schema(max_length = 8000, pattern = r"^[^\u0000]*$")]
+    pub personality: Option<String>,
+    #[serde(default)]
+    #[schema(max_items = 16)]
+    pub traits: Option<Vec<TraitText>>,
+    /// The model (`provider/model`) that speaks for it instead of its role's route.
+    #[serde(default)]
+    #[schema(max_length = 200, pattern = r"^[^/\u0000]+/[^\u0000]*\S[^\u0000]*$")]
+    pub model: Option<String>,
+}
+
+/// One of an agent's traits.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[schema(value_type = String, max_length = 200, pattern = r"^[^\u0000]*$")]
+pub struct TraitText(pub String);
+
+/// Who speaks next in a room.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomPolicyBody {
+    /// Each agent that may speak, in seat order.
+    #[default]
+    RoundRobin,
+    /// The agent the last message names (`@name`), otherwise round robin.
+    Addressed,
+    /// The `moderator_agent` gives the floor to one of the others.
+    Moderator,
+}
+
+/// A room to open.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRoom {
+    /// Its name, also its id: 1 to 64 letters, digits, `-`, `_`, `.`.
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
+    pub name: String,
+    #[serde(default)]
+    #[schema(max_length = 2000, pattern = r"^[^\u0000]*$")]
+    pub topic: Option<String>,
+    /// Its agents, in turn order (1 to 16, names unique).
+    #[schema(min_items = 1, max_items = 16)]
+    pub agents: Vec<SeatBody>,
+    /// The people who may mute, unmute, remove and pin.
+    #[serde(default)]
+    #[schema(max_items = 100)]
+    pub moderators: Option<Vec<MemberName>>,
+    #[serde(default)]
+    pub policy: Option<RoomPolicyBody>,
+    /// Under the `moderator` policy: the agent (one of `agents`) that gives the floor.
+    #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
+    pub moderator_agent: Option<String>,
+    /// Agent turns allowed in any hour (60 when left out).
+    #[serde(default, deserialize_with = "crate::json::optional_whole")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub turns_per_hour: Option<u32>,
+}
+
+impl Body for CreateRoom {}
+
+/// A member's name in a room (a person's handle or an agent's name).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[schema(value_type = String, min_length = 1, max_length = 64, pattern = r"^[^\u0000]*$")]
+pub struct MemberName(pub String);
+
+/// A room.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RoomBody {
+    pub name: String,
+    pub topic: String,
+    pub agents: Vec<SeatView>,
+    pub moderators: Vec<String>,
+    pub policy: RoomPolicyBody,
+    /// The agent that gives the floor, under the `moderator` policy.
+    pub moderator_agent: Option<String>,
+    pub turns_per_hour: u32,
+    /// Agent turns still allowed in the hour before now.
+    pub turns_left: u32,
+    /// Agent turns taken so far.
+    pub turns: u64,
+    /// Who speaks next under round robin or addressing (`null` under a moderator agent, or when
+    /// no agent may speak).
+    pub next_speaker: Option<String>,
+    pub muted: Vec<String>,
+    pub removed: Vec<String>,
+    /// Messages in the room.
+    pub message_count: u64,
+    /// The messages asked for (`after`, `limit`), oldest first.
+    pub messages: Vec<RoomMessageBody>,
+}
+
+/// An agent's seat, as a room shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SeatView {
+    pub name: String,
+    pub role: String,
+    pub personality: String,
+    pub traits: Vec<String>,
+    /// Its own model, if it has one.
+    pub model: Option<String>,
+    pub muted: bool,
+    pub removed: bool,
+}
+
+/// A message of a room.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RoomMessageBody {
+    /// Its number in the room (1, 2, …).
+    pub seq: u64,
+    pub from: String,
+    /// Whether an agent said it.
+    pub agent: bool,
+    /// What was said; `null` once the person who said it was erased.
+    pub text: Option<String>,
+    pub at: DateTime<Utc>,
+    pub pinned: bool,
+}
+
+/// Rooms, by name.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RoomList {
+    pub rooms: Vec<RoomSummary>,
+}
+
+/// A room in a list.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RoomSummary {
+    pub name: String,
+    pub topic: String,
+    /// Its agents' names, in turn order.
+    pub agents: Vec<String>,
+    pub message_count: u64,
+    pub turns: u64,
+    /// When the last message was said.
+    pub last_message_at: Option<DateTime<Utc>>,
+}
+
+/// A room's name in a path.
+#[derive(Clone, Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct RoomName {
+    /// The room's name.
+    #[param(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
+    pub name: String,
+}
+
+/// Which of a room's messages to show.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RoomQuery {
+    /// Messages after this number (0 when left out).
+    #[param(minimum = 0)]
+    pub after: Option<u64>,
+    /// At most this many (100 when left out; the latest ones when `after` is left out).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+}
+
+/// A person's message to a room.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostRoomMessage {
+    /// Who says it (their handle in the room; not one of its agents).
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[^\u0000]*$")]
+    pub from: String,
+    /// What they say: 1 to 8,000 characters, not all white space.
+    #[schema(
+        min_length = 1,
+        max_length = 8000,
+        pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$"
+    )]
+    pub text: String,
+    /// The subject (`GET /v1/subjects`) whose words these are: sealed with their key, in their
+    /// export, gone with their erasure.
+    #[serde(default)]
+    #[schema(max_length = 200, pattern = r"^[^\u0000]*$")]
+    pub subject: Option<String>,
+}
+
+impl Body for PostRoomMessage {}
+
+/// A moderator's action in a room.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoomActionBody {
+    pub action: RoomActionKind,
+    /// The moderator acting (one of the room's moderators).
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[^\u0000]*$")]
+    pub by: String,
+    /// Whom `mute`, `unmute` and `remove` act on (an agent, or a person who has spoken).
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[^\u0000]*$")]
+    pub member: Option<String>,
+    /// The message `pin` pins.
+    #[serde(default, deserialize_with = "crate::json::optional_whole")]
+    #[schema(minimum = 1, maximum = 9_007_199_254_740_991_u64)]
+    pub seq: Option<u64>,
+}
+
+impl Body for RoomActionBody {
+    fn check(&self) -> Result<(), ApiError> {
+        let fits = match self.action {
+            RoomActionKind::Pin => self.seq.is_some() && self.member.is_none(),
+            _ => self.member.is_some() && self.seq.is_none(),
+        };
+        if fits {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                Code::InvalidRoom,
+                "`pin` takes `seq`; `mute`, `unmute` and `remove` take `member`",
+            ))
+        }
+    }
+}
+
+/// What a moderator does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomActionKind {
+    /// An agent skips its turns; a person cannot post.
+    Mute,
+    Unmute,
+    /// For good.
+    Remove,
+    /// Agents always see a pinned message.
+    Pin,
+}
+
+/// One agent's turn.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct TurnBody {
+    pub agent: String,
+    pub text: String,
+    /// The message's number in the room.
+    pub seq: u64,
+    /// `provider/model` that answered.
+    pub model: String,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+}

@@ -1437,6 +1437,8 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
         let (_, removed) = s.call(GET, &one("tick"), &[], Some(&reader), None).await;
         assert_eq!(removed["status"], "removed");
 
+        rooms(&s, &reader, &writer).await;
+
         // On every route: an unknown query parameter (400); 401 and 403 where a key is needed,
         // with either way of presenting it; 429 from a server with a tiny limit; 500 from a
         // server whose keys cannot be read.
@@ -1599,6 +1601,12 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 "/v1/models/roles/{role}",
                 "/v1/projections",
                 "/v1/projections/{name}/rebuild",
+                "/v1/rooms",
+                "/v1/rooms/{name}",
+                "/v1/rooms/{name}/actions",
+                "/v1/rooms/{name}/messages",
+                "/v1/rooms/{name}/turns",
+                "/v1/rooms/{name}/ws",
                 "/v1/schedules",
                 "/v1/schedules/{name}",
                 "/v1/schedules/{name}/pause",
@@ -2077,6 +2085,444 @@ fn task_reads_from_memory_follow_the_log() {
             )
             .await;
         assert_eq!(fresh, done);
+        s.stop().await;
+    });
+}
+
+/// Rooms over the API: opened, read, listed, talked in by people and agents, moderated, and
+/// every refusal each route documents.
+async fn rooms(s: &Server, reader: &str, writer: &str) {
+    let rooms = "/v1/rooms";
+    let room = "/v1/rooms/{name}";
+    let messages = "/v1/rooms/{name}/messages";
+    let turns = "/v1/rooms/{name}/turns";
+    let actions = "/v1/rooms/{name}/actions";
+    let ws = "/v1/rooms/{name}/ws";
+    let lab = json!({
+        "name": "lab", "topic": "a name for the cat",
+        "agents": [
+            { "name": "ada", "role": "vox", "personality": "You are Ada.", "traits": ["brief"] },
+            { "name": "bob", "role": "worker" },
+        ],
+        "moderators": ["mia"], "turns_per_hour": 10
+    });
+    let (status, created) = s
+        .call(POST, rooms, &[], Some(writer), Some(lab.clone()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["next_speaker"], "ada");
+    assert_eq!(created["policy"], "round_robin");
+    assert_eq!(created["agents"][0]["traits"], json!(["brief"]));
+    let (status, problem) = s.call(POST, rooms, &[], Some(writer), Some(lab)).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("room_exists"))
+    );
+    for (body, code) in [
+        (
+            json!({ "name": "x", "agents": [{ "name": "a", "role": "vox" }, { "name": "a", "role": "vox" }] }),
+            "invalid_room",
+        ),
+        (
+            json!({ "name": "x", "agents": [{ "name": "a", "role": "vox" }], "policy": "moderator" }),
+            "invalid_room",
+        ),
+        (
+            json!({ "name": "x", "agents": [{ "name": "a", "role": "vox" }], "moderator_agent": "a" }),
+            "invalid_room",
+        ),
+        (
+            json!({ "name": "x", "agents": [{ "name": "a", "role": "nobody" }] }),
+            "unknown_model",
+        ),
+        (
+            json!({ "name": "x", "agents": [{ "name": "a", "role": "vox", "model": "nowhere/m" }] }),
+            "unknown_model",
+        ),
+    ] {
+        let (status, problem) = s
+            .call(POST, rooms, &[], Some(writer), Some(body.clone()))
+            .await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(code)),
+            "{body}: {problem}"
+        );
+    }
+    // Bodies: too large, not JSON.
+    for route in [rooms, messages, actions] {
+        let url = format!("{}{}", s.base, route.replace("{name}", "lab"));
+        let huge = s
+            .client
+            .post(&url)
+            .bearer_auth(writer)
+            .header("content-type", "application/json")
+            .body(format!("{{\"name\": \"{}\"}}", "x".repeat(70_000)));
+        assert_eq!(
+            s.send(route, huge).await.0,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "{route}"
+        );
+        let text = s
+            .client
+            .post(&url)
+            .bearer_auth(writer)
+            .header("content-type", "text/plain")
+            .body("hi");
+        assert_eq!(
+            s.send(route, text).await.0,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{route}"
+        );
+    }
+
+    // People and agents talk; whose turn it is follows the policy.
+    let lab = [("name", "lab")];
+    let say = |from: &str, text: &str| json!({ "from": from, "text": text });
+    let (status, posted) = s
+        .call(
+            POST,
+            messages,
+            &lab,
+            Some(writer),
+            Some(say("mia", "hello all")),
+        )
+        .await;
+    assert_eq!(
+        (status, posted["seq"].as_u64()),
+        (StatusCode::CREATED, Some(1)),
+        "{posted}"
+    );
+    assert_eq!(posted["text"], "hello all");
+    for (params, body, status, code) in [
+        (
+            &[("name", "nope")],
+            say("mia", "hi"),
+            StatusCode::NOT_FOUND,
+            "room_not_found",
+        ),
+        (
+            &lab,
+            say("ada", "I am no agent"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_room",
+        ),
+        (
+            &lab,
+            json!({ "from": "mia", "text": "hi", "subject": "nobody" }),
+            StatusCode::NOT_FOUND,
+            "subject_not_found",
+        ),
+    ] {
+        let (got, problem) = s
+            .call(POST, messages, params, Some(writer), Some(body))
+            .await;
+        assert_eq!(
+            (got, problem["code"].as_str()),
+            (status, Some(code)),
+            "{problem}"
+        );
+    }
+    let (status, turn) = s.call(POST, turns, &lab, Some(writer), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{turn}");
+    assert_eq!(
+        (turn["agent"].as_str(), turn["seq"].as_u64()),
+        (Some("ada"), Some(2)),
+        "{turn}"
+    );
+    assert_eq!(turn["model"], "scripted/vox");
+    assert!(
+        turn["text"]
+            .as_str()
+            .unwrap()
+            .contains("It is your turn, ada"),
+        "{turn}"
+    );
+    let (status, _) = s
+        .call(POST, turns, &[("name", "nope")], Some(writer), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Moderation: only moderators; each action an event.
+    let act = |body: Value| s.call(POST, actions, &lab, Some(writer), Some(body));
+    let (status, problem) = act(json!({ "action": "mute", "member": "bob", "by": "ada" })).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("not_moderator"))
+    );
+    let (status, problem) = act(json!({ "action": "mute", "member": "zed", "by": "mia" })).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("room_state"))
+    );
+    let (status, problem) = act(json!({ "action": "pin", "by": "mia" })).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_room"))
+    );
+    let (status, problem) = s
+        .call(
+            POST,
+            actions,
+            &[("name", "nope")],
+            Some(writer),
+            Some(json!({ "action": "pin", "seq": 1, "by": "mia" })),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("room_not_found"))
+    );
+    let (status, shown) = act(json!({ "action": "pin", "seq": 1, "by": "mia" })).await;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    assert_eq!(shown["messages"][0]["pinned"], true);
+    let (_, shown) = act(json!({ "action": "mute", "member": "bob", "by": "mia" })).await;
+    assert_eq!(shown["agents"][1]["muted"], true, "{shown}");
+    let (_, shown) = act(json!({ "action": "mute", "member": "mia", "by": "mia" })).await;
+    assert_eq!(shown["muted"], json!(["bob", "mia"]));
+    let (status, problem) = s
+        .call(
+            POST,
+            messages,
+            &lab,
+            Some(writer),
+            Some(say("mia", "can I?")),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("room_state"))
+    );
+    act(json!({ "action": "unmute", "member": "mia", "by": "mia" })).await;
+    act(json!({ "action": "remove", "member": "ada", "by": "mia" })).await;
+    // Nobody left to speak.
+    let (status, problem) = s.call(POST, turns, &lab, Some(writer), None).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("room_state")),
+        "{problem}"
+    );
+
+    // An agent whose own model is not there: no turn is recorded.
+    let far = json!({ "name": "far", "agents": [{ "name": "eve", "role": "vox", "model": "openai/nobody:1b" }] });
+    assert_eq!(
+        s.call(POST, rooms, &[], Some(writer), Some(far)).await.0,
+        StatusCode::CREATED
+    );
+    let (status, problem) = s
+        .call(POST, turns, &[("name", "far")], Some(writer), None)
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::BAD_GATEWAY, Some("model_unavailable")),
+        "{problem}"
+    );
+
+    // Reading: one room (a window of its messages), the list.
+    let (status, shown) = s
+        .call(
+            GET,
+            "/v1/rooms/{name}?after=1&limit=1",
+            &[("name", "lab")],
+            Some(reader),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    s.record(&GET, room, status);
+    assert_eq!(
+        (
+            shown["message_count"].as_u64(),
+            shown["messages"].as_array().unwrap().len()
+        ),
+        (Some(2), 1)
+    );
+    assert_eq!(shown["messages"][0]["from"], "ada");
+    assert_eq!(shown["messages"][0]["agent"], true);
+    assert_eq!(shown["removed"], json!(["ada"]));
+    let (status, _) = s
+        .call(GET, room, &[("name", "nope")], Some(reader), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, list) = s.call(GET, rooms, &[], Some(reader), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let names: Vec<&str> = list["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["far", "lab"]);
+    assert_eq!(list["rooms"][1]["message_count"], 2);
+
+    // The live view: refusals, then the handshake.
+    assert_eq!(
+        s.call(GET, ws, &lab, Some(reader), None).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        s.call(GET, ws, &[("name", "nope")], Some(reader), None)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    let socket = room_socket(s, "lab", reader, None).await;
+    s.record(&GET, ws, StatusCode::SWITCHING_PROTOCOLS);
+    drop(socket);
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn room_socket(s: &Server, room: &str, key: &str, after: Option<i64>) -> Socket {
+    let mut url = format!("{}/v1/rooms/{room}/ws", s.base.replace("http", "ws"));
+    if let Some(after) = after {
+        url.push_str(&format!("?after={after}"));
+    }
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let (socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.status().as_u16(), 101);
+    socket
+}
+
+/// The next event a room's socket sends (within 10 s).
+async fn next_room_event(socket: &mut Socket) -> Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a room event within 10 s")
+            .expect("the socket is open")
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
+/// A room's live view shows what happened, then what happens, whoever causes it; a person's
+/// words are theirs: in the view while they are, `[erased]` once they are erased.
+#[test]
+fn a_rooms_live_view_follows_it_and_forgets_an_erased_person() {
+    runtime().block_on(async {
+        let s = Server::start(Options::default()).await;
+        let (admin, reader, writer) = (s.admin.clone(), s.reader.clone(), s.writer.clone());
+        let body = json!({
+            "name": "den", "policy": "addressed",
+            "agents": [{ "name": "ada", "role": "vox" }, { "name": "bob", "role": "vox" }],
+            "moderators": ["mia"]
+        });
+        assert_eq!(
+            s.call(POST, "/v1/rooms", &[], Some(&writer), Some(body))
+                .await
+                .0,
+            StatusCode::CREATED
+        );
+        let (_, ana) = s
+            .call(
+                POST,
+                "/v1/subjects",
+                &[],
+                Some(&admin),
+                Some(json!({ "identifiers": ["api:ana"] })),
+            )
+            .await;
+        let ana_id = ana["id"].as_str().unwrap().to_owned();
+        let mut socket = room_socket(&s, "den", &reader, None).await;
+        let first = next_room_event(&mut socket).await;
+        assert_eq!(
+            (first["sequence"].as_i64(), first["event"]["type"].as_str()),
+            (Some(1), Some("RoomCreated"))
+        );
+        let den = [("name", "den")];
+        let (status, _) = s
+            .call(
+                POST,
+                "/v1/rooms/{name}/messages",
+                &den,
+                Some(&writer),
+                Some(json!({ "from": "ana", "text": "@bob my secret is tea", "subject": ana_id })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let posted = next_room_event(&mut socket).await;
+        assert_eq!(posted["event"]["type"], "MessagePosted");
+        assert_eq!(
+            posted["event"]["payload"]["data"]["text"], "@bob my secret is tea",
+            "{posted}"
+        );
+        // Addressed: bob answers.
+        let (status, turn) = s
+            .call(POST, "/v1/rooms/{name}/turns", &den, Some(&writer), None)
+            .await;
+        assert_eq!(
+            (status, turn["agent"].as_str()),
+            (StatusCode::CREATED, Some("bob")),
+            "{turn}"
+        );
+        let spoke = next_room_event(&mut socket).await;
+        assert_eq!(spoke["event"]["type"], "AgentSpoke");
+        assert_eq!(
+            spoke["event"]["payload"]["data"]["call"]["model"], "scripted/vox",
+            "{spoke}"
+        );
+        drop(socket);
+        // Resuming after a sequence.
+        let mut socket = room_socket(&s, "den", &reader, Some(2)).await;
+        assert_eq!(next_room_event(&mut socket).await["sequence"], 3);
+        drop(socket);
+        // Stored sealed; gone with the person.
+        let stored = s
+            .store
+            .stored
+            .read_stream(&stele_engine::StreamId::new("room", "den"), 0)
+            .await
+            .unwrap();
+        let stored =
+            serde_json::to_string(&stored.iter().map(|e| &e.payload).collect::<Vec<_>>()).unwrap();
+        assert!(
+            stored.contains("$sealed") && !stored.contains("secret"),
+            "{stored}"
+        );
+        let (status, _) = s
+            .call(
+                POST,
+                "/v1/subjects/{id}/erasure",
+                &[("id", &ana_id)],
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, room) = s
+            .call(GET, "/v1/rooms/{name}", &den, Some(&reader), None)
+            .await;
+        assert_eq!(room["messages"][0]["from"], "ana");
+        assert!(room["messages"][0]["text"].is_null(), "{room}");
+        // The agent's answer, built from her words, went with them.
+        assert!(room["messages"][1]["text"].is_null(), "{room}");
+        let mut socket = room_socket(&s, "den", &reader, Some(1)).await;
+        for _ in 0..2 {
+            let event = next_room_event(&mut socket).await;
+            assert!(!event.to_string().contains("secret"), "{event}");
+        }
+        let (status, problem) = s
+            .call(
+                POST,
+                "/v1/rooms/{name}/messages",
+                &den,
+                Some(&writer),
+                Some(json!({ "from": "ana", "text": "again", "subject": ana_id })),
+            )
+            .await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::CONFLICT, Some("subject_state"))
+        );
         s.stop().await;
     });
 }

@@ -9,6 +9,10 @@ What the document cannot say, and only that, is let through:
   text's words, which no schema can say;
 - a schedule's timing whose grammar no schema says (`invalid_schedule`): a cron pattern that does
   not parse or never fires, a time zone that is not an IANA name, a duration that is not one;
+- a room's rules that span fields or the room's state (`invalid_room` on `/v1/rooms…`): agents'
+  names unique, a `moderator_agent` exactly with the `moderator` policy and among two agents or
+  more, a person posting under an agent's name, `pin` with `seq` and the other actions with
+  `member`;
 - a workspace file's path the document's pattern cannot rule out (`invalid_query` on
   `/v1/tasks/{id}/workspace/file`): absolute, with a `..` segment, or naming no file (`.`, `//`);
 - a NUL character inside a signal's payload (`invalid_character`): the payload is free-form JSON,
@@ -49,6 +53,8 @@ def filter_failure(context, failure, case, response):
     if code == "input_blocked" and case.operation.path == "/v1/tasks":
         return False
     if code == "invalid_schedule" and case.operation.path == "/v1/schedules":
+        return False
+    if code == "invalid_room" and case.operation.path.startswith("/v1/rooms"):
         return False
     if code == "invalid_query" and case.operation.path == "/v1/tasks/{id}/workspace/file":
         return False

@@ -17,7 +17,7 @@ use stele_workflows::tools::{Caller, Tools};
 
 pub use sandbox::{RunReport, Sandbox, SandboxLimits, SandboxMode};
 pub use web::{Web, WebSettings};
-pub use workspace::{Listing, Owner, WorkspaceError, WorkspaceLimits, Workspaces};
+pub use workspace::{Listing, Owner, WorkspaceEraser, WorkspaceError, WorkspaceLimits, Workspaces};
 
 use workspace::{clean_dir, clean_path, FileEntry};
 

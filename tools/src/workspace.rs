@@ -465,6 +465,60 @@ impl Workspaces {
     }
 }
 
+/// Deletes an erased person's workspaces (already unreadable: their key is gone) as their
+/// erasure is recorded, on whichever node erased them. Its own table it has none: the rows are
+/// the workspaces'; replaying it deletes nothing more.
+pub struct WorkspaceEraser;
+
+#[async_trait::async_trait]
+impl stele_engine::projection::Projection for WorkspaceEraser {
+    fn name(&self) -> &'static str {
+        "workspace_erasure"
+    }
+
+    fn event_types(&self) -> &'static [&'static str] {
+        &["SubjectErased"]
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn deferred_flush(&self) -> bool {
+        true
+    }
+
+    async fn create(
+        &self,
+        _tx: &mut dyn stele_engine::log::LogTransaction,
+        _tables: &stele_engine::projection::Tables,
+    ) -> Result<(), stele_engine::projection::ProjectionError> {
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut dyn stele_engine::log::LogTransaction,
+        _tables: &stele_engine::projection::Tables,
+        events: &[stele_engine::RecordedEvent],
+    ) -> Result<(), stele_engine::projection::ProjectionError> {
+        let mut db = Db::from(tx.connection());
+        let sql = db.pick(&SQL);
+        for event in events {
+            let keys = event
+                .payload
+                .pointer("/data/keys")
+                .and_then(|k| k.as_array());
+            for subject in keys.into_iter().flatten().filter_map(|k| k.as_str()) {
+                db.execute(sql.forget, &[subject.into()])
+                    .await
+                    .map_err(|e| stele_engine::projection::ProjectionError::Apply(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,7 +64,10 @@ async fn a_workspace_is_confined_sealed_and_erased(store: &Store) {
     let workspaces = Workspaces::new(store.pool.clone(), Some(private.subjects.sealer().clone()));
     let host = host(workspaces, SandboxMode::Auto, vec![]).await;
     let tools = register(Tools::builtin(), Some(host.clone()));
-    let subject = "0190d7c4-0000-7000-8000-000000000001";
+    let meta = stele_engine::CommandMeta::new("test", "test");
+    let owner = stele_aggregates::subject::Identifier::parse("api:ws-owner").unwrap();
+    let subject = private.subjects.resolve(&owner, &meta).await.unwrap();
+    let subject = subject.as_str();
     let me = caller("run-1", Some(subject));
 
     let written = call(
@@ -211,9 +214,7 @@ async fn a_workspace_is_confined_sealed_and_erased(store: &Store) {
     assert_eq!((run.as_str(), bytes.len()), ("run-1", 30));
     private
         .subjects
-        .sealer()
-        .keys()
-        .shred(subject)
+        .erase(subject, "test", "asked to", meta.clone())
         .await
         .unwrap();
     assert!(matches!(
@@ -223,7 +224,13 @@ async fn a_workspace_is_confined_sealed_and_erased(store: &Store) {
     assert!(call(&tools, "fs.read", json!({ "path": "README.md" }), &me)
         .await
         .is_err());
-    workspaces.forget(subject).await.unwrap();
+    // The node's eraser deletes the rows as it reads the erasure.
+    let runner = stele_engine::projection::ProjectionRunner::new(
+        &private.store,
+        vec![Arc::new(stele_tools::WorkspaceEraser)],
+    );
+    runner.setup().await.unwrap();
+    while runner.step("workspace_erasure").await.unwrap().read > 0 {}
     assert!(workspaces
         .runs_of_task("task-of-run-1")
         .await

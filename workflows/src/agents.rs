@@ -213,7 +213,7 @@ fn truncate(text: &str, max: usize) -> &str {
 }
 /// The role's route with the model its requester chose first, the others after it as fallbacks;
 /// `None` (the route as configured) when the choice is not one of the route's models.
-fn chosen_first(route: &[ModelRoute], chosen: &str) -> Option<Vec<ModelRoute>> {
+pub(crate) fn chosen_first(route: &[ModelRoute], chosen: &str) -> Option<Vec<ModelRoute>> {
     let at = route.iter().position(|entry| entry.to_string() == chosen);
     if at.is_none() {
         tracing::warn!(

@@ -7,6 +7,7 @@ pub mod health;
 mod list;
 pub mod memory;
 pub mod ops;
+pub mod rooms;
 pub mod schedules;
 pub mod stream;
 pub mod subjects;

@@ -296,6 +296,11 @@ impl Runtime {
         self.subjects.as_ref()
     }
 
+    /// Now, by the runtime's clock.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.utc()
+    }
+
     /// The clock the runtime records times from (timers, backoffs, signals): a
     /// [`stele_models::ManualClock`] in tests.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {

@@ -5,8 +5,8 @@
 //! asked (`stele rooms turn`) or from a schedule of the shipped `room_turn` workflow, whose `tool`
 //! step (`room.turn`) calls [`Runtime::room_turn`] — so agents go on without a person.
 
-use stele_aggregates::room::{Room, RoomCommand, RoomError, Seat, TurnPolicy};
-use stele_models::{CallOverrides, ChatMessage};
+use stele_aggregates::room::{Room, RoomCommand, RoomError, Seat, SpeechCall, TurnPolicy};
+use stele_models::{CallOverrides, ChatMessage, ModelRoute, ModelRouter};
 
 use super::*;
 
@@ -47,6 +47,13 @@ impl Runtime {
                     "agent {} of the room has the role {:?}, which is not configured",
                     seat.name, seat.role
                 )));
+            }
+            for seat in agents {
+                if let (Some(model), Some(router)) = (&seat.model, self.agents.router()) {
+                    seat_route(router, model).map_err(|why| {
+                        RuntimeError::UnknownModel(format!("agent {}: {why}", seat.name))
+                    })?;
+                }
             }
         }
         let result = if matches!(command, RoomCommand::Create { .. }) {
@@ -102,6 +109,7 @@ impl Runtime {
                         vec![ChatMessage::user(ask)],
                         &CallOverrides {
                             system_prompt: Some(personality(&room, moderator)),
+                            route: self.route_of(router, moderator).await?,
                             ..CallOverrides::default()
                         },
                     )
@@ -140,16 +148,19 @@ impl Runtime {
             transcript(&room),
             seat.name
         );
+        let started = std::time::Instant::now();
         let reply = router
             .call(
                 &seat.role,
                 vec![ChatMessage::user(prompt)],
                 &CallOverrides {
                     system_prompt: Some(personality(&room, &seat)),
+                    route: self.route_of(router, &seat).await?,
                     ..CallOverrides::default()
                 },
             )
             .await;
+        let latency_ms = started.elapsed().as_millis() as u64;
         let answered = reply
             .calls
             .iter()
@@ -175,6 +186,20 @@ impl Runtime {
             turn: room.turns,
             text: text.clone(),
             at: self.clock.utc(),
+            call: Some(SpeechCall {
+                model: answered.clone(),
+                input_tokens: response.usage.input_tokens,
+                output_tokens: response.usage.output_tokens,
+                latency_ms,
+            }),
+            // Its words are built from the room's: the person it answers owns them.
+            subject: room
+                .lines
+                .iter()
+                .rev()
+                .find(|l| !l.agent)
+                .and_then(|l| l.text.subject())
+                .map(str::to_owned),
         };
         self.room_command(name, speak, meta).await?;
         Ok(Some(Turn {
@@ -185,6 +210,47 @@ impl Runtime {
             output_tokens: response.usage.output_tokens,
         }))
     }
+}
+
+impl Runtime {
+    /// The route a seat speaks through: its own model, else its role's with the model operators
+    /// chose for the role first (`None`: the role's route as configured).
+    async fn route_of(
+        &self,
+        router: &ModelRouter,
+        seat: &Seat,
+    ) -> Result<Option<Vec<ModelRoute>>, RuntimeError> {
+        if let Some(model) = &seat.model {
+            return seat_route(router, model)
+                .map(|route| Some(vec![route]))
+                .map_err(RuntimeError::UnknownModel);
+        }
+        let chosen = self.role_models().await?;
+        Ok(match (chosen.get(&seat.role), router.agent(&seat.role)) {
+            (Some(model), Some(role)) => crate::agents::chosen_first(&role.route, model),
+            _ => None,
+        })
+    }
+}
+
+/// A seat's own model: `provider/model` at a configured provider.
+fn seat_route(router: &ModelRouter, model: &str) -> Result<ModelRoute, String> {
+    model
+        .parse::<ModelRoute>()
+        .ok()
+        .filter(|route| router.config().providers.contains_key(&route.provider))
+        .ok_or_else(|| {
+            format!(
+                "the model {model:?} is not provider/model at a configured provider ({})",
+                router
+                    .config()
+                    .providers
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
 }
 
 /// The system prompt of a seat: its personality and traits, and where it is.

@@ -1,0 +1,500 @@
+//! The console in a real browser: headless Chromium driven over WebDriver (ChromeDriver), against
+//! a real server. It signs in, creates a task and watches it finish live, opens its timeline and
+//! a model call, retries a dead job, verifies an event's inclusion proof in the browser, exports
+//! and erases a person, shows only what a key's scopes allow, fits a phone's width — with no
+//! error in the browser's console. A screenshot of each main page is kept under the build's
+//! temporary folder (`console-screenshots/`). The session's cookie and CSRF rules are checked
+//! over plain HTTP.
+
+mod support;
+
+use std::time::Duration;
+
+use fantoccini::wd::WebDriverCompatibleCommand;
+use fantoccini::{Client, ClientBuilder, Locator};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use stele_engine::queue::NewJob;
+use support::{Options, Server};
+
+fn runtime() -> tokio::runtime::Runtime {
+    stele_engine::testing::runtime()
+}
+
+/// A ChromeDriver on a free port, stopped when dropped.
+struct Driver {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn driver() -> Driver {
+    let binary = std::env::var("STELE_CHROMEDRIVER")
+        .expect("STELE_CHROMEDRIVER (scripts/services.sh installs chromium-driver)");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new(binary)
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(response) = reqwest::get(format!("{url}/status")).await {
+            if response.status().is_success() {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ChromeDriver did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Driver { child, url }
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let chromium = std::env::var("STELE_CHROMIUM")
+        .expect("STELE_CHROMIUM (scripts/services.sh installs chromium)");
+    let capabilities = json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": chromium,
+            "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1280,900", "--lang=en-GB"]
+        },
+        "goog:loggingPrefs": { "browser": "ALL" }
+    });
+    let capabilities = match capabilities {
+        Value::Object(map) => map,
+        _ => unreachable!(),
+    };
+    // WebDriver over plain HTTP on loopback: no TLS connector needed.
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(capabilities)
+        .connect(&driver.url)
+        .await
+        .unwrap()
+}
+
+/// The browser's console log so far (ChromeDriver's log endpoint).
+#[derive(Debug)]
+struct BrowserLog;
+
+impl WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base_url.join(&format!(
+            "session/{}/se/log",
+            session_id.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (http::Method::POST, Some(r#"{"type":"browser"}"#.into()))
+    }
+}
+
+async fn errors_in_console(client: &Client) -> Vec<String> {
+    let log = client.issue_cmd(BrowserLog).await.unwrap();
+    log.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry["level"] == "SEVERE")
+        .map(|entry| entry["message"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+async fn shot(client: &Client, name: &str) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = client.screenshot().await.unwrap();
+    std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+}
+
+async fn wait_for(client: &Client, css: &str) -> fantoccini::elements::Element {
+    client
+        .wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+}
+
+/// Waits until the text of `css` contains `text`.
+async fn wait_for_text(client: &Client, css: &str, text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(element) = client.find(Locator::Css(css)).await {
+            if let Ok(seen) = element.text().await {
+                if seen.contains(text) {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{css} says {seen:?}, not {text:?}"
+                );
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no {css}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn sign_in(client: &Client, base: &str, key: &str) {
+    client.goto(&format!("{base}/")).await.unwrap();
+    let input = wait_for(client, "#signin #key").await;
+    input.send_keys(key).await.unwrap();
+    client
+        .find(Locator::Css("#signin button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(client, "#tasks").await;
+}
+
+#[test]
+fn the_console_works_in_a_real_browser() {
+    runtime().block_on(async {
+        let s = Server::start(Options::default()).await;
+        let base = s.base.clone();
+        // A dead job to retry, a person to export and erase, a room to look at.
+        let dead = s
+            .store
+            .queue
+            .enqueue(vec![NewJob::new(
+                stele_workflows::runtime::QUEUE,
+                "console.nothing",
+                json!({}),
+            )
+            .max_attempts(1)])
+            .await
+            .unwrap()[0]
+            .job()
+            .id
+            .to_string();
+        let (status, ana) = s
+            .call(
+                reqwest::Method::POST,
+                "/v1/subjects",
+                &[],
+                Some(&s.admin),
+                Some(json!({ "identifiers": ["api:ana"] })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{ana}");
+        let ana = ana["id"].as_str().unwrap().to_owned();
+        let room = json!({ "name": "lab", "topic": "names",
+                           "agents": [{ "name": "ada", "role": "vox" }], "moderators": ["mia"] });
+        let (status, _) = s
+            .call(
+                reqwest::Method::POST,
+                "/v1/rooms",
+                &[],
+                Some(&s.writer),
+                Some(room),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+
+        let driver = driver().await;
+        let client = browser(&driver).await;
+
+        // Signing in, with the key field focused for the keyboard.
+        client.goto(&format!("{base}/")).await.unwrap();
+        wait_for(&client, "#signin #key").await;
+        let focused = client
+            .execute("return document.activeElement.id", vec![])
+            .await
+            .unwrap();
+        assert_eq!(focused, "key");
+        shot(&client, "sign-in").await;
+        sign_in(&client, &base, &s.admin).await;
+
+        // A task created in the page, followed live to its end.
+        wait_for(&client, "#new-input")
+            .await
+            .send_keys("hello console")
+            .await
+            .unwrap();
+        client
+            .find(Locator::Css("#new-workflow option[value='assistant']"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        client
+            .find(Locator::Css("#new-task button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_for(&client, "#live[data-finished='true']").await;
+        wait_for_text(&client, "#task-summary", "completed").await;
+        shot(&client, "task").await;
+        // Its timeline: a step, opened, shows its model call.
+        wait_for(&client, "#waterfall details.step summary")
+            .await
+            .click()
+            .await
+            .unwrap();
+        wait_for_text(
+            &client,
+            "#waterfall details.step[open] .model-call",
+            "scripted/",
+        )
+        .await;
+        assert!(!client
+            .find_all(Locator::Css("#events details.event"))
+            .await
+            .unwrap()
+            .is_empty());
+        shot(&client, "timeline").await;
+
+        // The task list shows it.
+        client
+            .goto(&format!("{base}/console/#/tasks"))
+            .await
+            .unwrap();
+        wait_for_text(&client, "#tasks", "hello console").await;
+        shot(&client, "tasks").await;
+
+        // Operations: the dead job retried.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while s
+            .store
+            .queue
+            .get(dead.parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            .as_str()
+            != "dead"
+        {
+            assert!(std::time::Instant::now() < deadline, "the job never died");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        client
+            .goto(&format!("{base}/console/#/operations"))
+            .await
+            .unwrap();
+        wait_for(&client, &format!("tr[data-job='{dead}'] button"))
+            .await
+            .click()
+            .await
+            .unwrap();
+        wait_for_text(&client, "#notice.info", "queued again").await;
+        shot(&client, "operations").await;
+
+        // Audit: an event's proof verified in the browser.
+        client
+            .goto(&format!("{base}/console/#/audit"))
+            .await
+            .unwrap();
+        wait_for(&client, "#audit-events tbody tr button")
+            .await
+            .click()
+            .await
+            .unwrap();
+        wait_for_text(&client, "#audit-events .verify-result", "verified").await;
+        shot(&client, "audit").await;
+
+        // A room's messages.
+        client
+            .goto(&format!("{base}/console/#/rooms/lab"))
+            .await
+            .unwrap();
+        wait_for(&client, "#room-messages").await;
+        shot(&client, "room").await;
+
+        // A person: exported, then erased after confirming.
+        client
+            .goto(&format!("{base}/console/#/subjects"))
+            .await
+            .unwrap();
+        wait_for(&client, &format!("tr[data-subject='{ana}']")).await;
+        shot(&client, "people").await;
+        client
+            .goto(&format!("{base}/console/#/subjects/{ana}"))
+            .await
+            .unwrap();
+        wait_for(&client, "#export").await.click().await.unwrap();
+        wait_for_text(&client, "#notice.info", "export was downloaded").await;
+        wait_for(&client, "#erase").await.click().await.unwrap();
+        client.send_alert_text(&ana[..8]).await.unwrap();
+        client.accept_alert().await.unwrap();
+        wait_for_text(&client, "#notice.info", "erased").await;
+        wait_for_text(&client, "#subject-state", "erased").await;
+        shot(&client, "person").await;
+        let (_, erased) = s
+            .call(
+                reqwest::Method::GET,
+                "/v1/subjects/{id}",
+                &[("id", &ana)],
+                Some(&s.admin),
+                None,
+            )
+            .await;
+        assert!(erased["erased"].is_object(), "{erased}");
+
+        // A phone's width: nothing wider than the screen.
+        client.set_window_size(390, 844).await.unwrap();
+        client
+            .goto(&format!("{base}/console/#/tasks"))
+            .await
+            .unwrap();
+        wait_for_text(&client, "#tasks", "completed").await;
+        let fits = client
+            .execute(
+                "return document.documentElement.scrollWidth <= window.innerWidth + 1",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(fits, true);
+        shot(&client, "tasks-phone").await;
+        client.set_window_size(1280, 900).await.unwrap();
+
+        // A key that may only read tasks: no operations, no new task, no people.
+        client
+            .find(Locator::Css("#who button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_for(&client, "#signin").await;
+        sign_in(&client, &base, &s.reader).await;
+        let nav = client
+            .find(Locator::Css("#nav"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            nav.contains("Tasks") && !nav.contains("Operations") && !nav.contains("People"),
+            "{nav}"
+        );
+        assert!(client.find(Locator::Css("#new-task")).await.is_err());
+
+        let errors = errors_in_console(&client).await;
+        assert!(
+            errors.is_empty(),
+            "errors in the browser's console: {errors:#?}"
+        );
+        client.close().await.unwrap();
+        s.stop().await;
+    });
+}
+
+/// The session is a cookie that only this origin's pages can use to change anything.
+#[test]
+fn the_console_session_is_a_cookie_guarded_against_cross_site_requests() {
+    runtime().block_on(async {
+        let s = Server::start(Options::default()).await;
+        let http = reqwest::Client::new();
+        let url = |path: &str| format!("{}{path}", s.base);
+        // Not signed in: nothing to say, not an error.
+        let response = http.get(url("/console/session")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        // A key that is not valid.
+        let response = http
+            .post(url("/console/session"))
+            .json(&json!({ "key": "stele_nope" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        // Signing in: the cookie is HttpOnly and SameSite=Strict; the answer holds the scopes.
+        let response = http
+            .post(url("/console/session"))
+            .json(&json!({ "key": s.writer }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let cookie = response.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+        let session: Value = response.json().await.unwrap();
+        assert_eq!(session["scopes"], json!(["tasks:read", "tasks:write"]));
+        let csrf = session["csrf"].as_str().unwrap().to_owned();
+        let jar = cookie.split(';').next().unwrap().to_owned();
+        // Reading with the cookie alone.
+        let response = http
+            .get(url("/v1/tasks"))
+            .header("cookie", &jar)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        // Changing: refused without the token, or from another origin; done with it.
+        let create = || {
+            http.post(url("/v1/tasks"))
+                .header("cookie", &jar)
+                .json(&json!({ "input": "from the console", "workflow": "assistant" }))
+        };
+        for request in [
+            create(),
+            create().header("x-csrf-token", "0".repeat(64)),
+            create()
+                .header("x-csrf-token", &csrf)
+                .header("origin", "http://evil.example"),
+        ] {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::FORBIDDEN);
+            let problem: Value = response.json().await.unwrap();
+            assert_eq!(problem["code"], "csrf_failed");
+        }
+        let response = create().header("x-csrf-token", &csrf).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        // Signing out clears the cookie.
+        let response = http
+            .delete(url("/console/session"))
+            .header("cookie", &jar)
+            .header("x-csrf-token", &csrf)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        assert!(response.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0"));
+        // The page itself: served with a policy that allows only itself.
+        let response = http.get(url("/")).send().await.unwrap();
+        assert_eq!(response.url().path(), "/console/");
+        assert!(response.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'none'"));
+        s.stop().await;
+    });
+}
