@@ -16,6 +16,7 @@ mod schedules;
 mod serve;
 mod tasks;
 mod telegram;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,7 +25,6 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use stele_engine::store::{self, Migrate, Store, StoreLocation};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "stele", version, about = "Durable, replayable workflow engine", long_about = None)]
@@ -162,28 +162,6 @@ enum EventsCommand {
     Tail(events::TailArgs),
 }
 
-fn init_logging(format: LogFormat) {
-    // sqlx reports every server notice ("relation … already exists, skipping") at info: keep it
-    // to warnings unless the filter names sqlx itself.
-    let spec = std::env::var("STELE_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
-    let spec = if spec.contains("sqlx") {
-        spec
-    } else {
-        format!("{spec},sqlx=warn")
-    };
-    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
-
 // The engine allocates many small, short-lived values (events decoded from rows, JSON trees);
 // mimalloc serves those markedly faster than the system allocator.
 #[global_allocator]
@@ -201,7 +179,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(cli.log_format);
+    // One TLS provider for the whole process (ring, as the rest of the build uses): clients
+    // built without one of their own (the trace exporter's) take it.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let telemetry = match telemetry::init(cli.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -212,7 +199,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let outcome = runtime.block_on(run(cli.command));
+    telemetry.shutdown();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let message = format!("{e:#}").replace('\n', " ");

@@ -28,8 +28,8 @@ use crate::StoreArgs;
 #[derive(Args, Clone, Debug, Default)]
 pub struct NodeArgs {
     /// A TOML configuration file (keys: listen, database_url, redis_url, data_dir, workflows,
-    /// models, sandbox, web_allow, [sanitizer], concurrency, kek_file, blob_store, [rate_limit] per_second and burst, [privacy] require and
-    /// retention).
+    /// models, sandbox, web_allow, [sanitizer], concurrency, kek_file, blob_store, trace_url,
+    /// [rate_limit] per_second and burst, [privacy] require and retention).
     #[arg(long, env = "STELE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address the API listens on.
@@ -65,6 +65,11 @@ pub struct NodeArgs {
     /// without one, nothing is remembered.
     #[arg(long, env = "STELE_EMBEDDING_MODEL", value_name = "SPEC")]
     pub embedding_model: Option<String>,
+    /// Where the console links a run's trace: a URL with `{trace_id}` in it (e.g. Jaeger's
+    /// `http://localhost:16686/trace/{trace_id}`). Traces are exported when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    #[arg(long, env = "STELE_TRACE_URL", value_name = "URL")]
+    pub trace_url: Option<String>,
     #[command(flatten)]
     pub workflows: WorkflowArgs,
     #[command(flatten)]
@@ -101,6 +106,8 @@ pub(crate) struct FileConfig {
     audit: Option<crate::audit::AuditConfig>,
     /// The memory's embedding model.
     embedding_model: Option<String>,
+    /// Where the console links a trace (see `--trace-url`).
+    trace_url: Option<String>,
     /// The Telegram channel.
     telegram: Option<stele_channels::telegram::TelegramConfig>,
     /// The email channel.
@@ -130,6 +137,7 @@ pub struct Node {
     pub audit_key_file: Option<PathBuf>,
     pub audit: stele_audit::SealerOptions,
     pub embedding_model: Option<String>,
+    pub trace_url: Option<String>,
     pub telegram: Option<stele_channels::telegram::TelegramConfig>,
     pub email: Option<stele_channels::email::EmailConfig>,
 }
@@ -168,6 +176,7 @@ impl NodeArgs {
             audit_key_file: self.audit_key_file.clone().or(file.audit_key_file),
             audit: file.audit.unwrap_or_default().options(),
             embedding_model: self.embedding_model.clone().or(file.embedding_model),
+            trace_url: self.trace_url.clone().or(file.trace_url),
             telegram: self.telegram.resolve(file.telegram),
             email: self.email.resolve(file.email)?,
             rate: RateLimit {
@@ -468,6 +477,7 @@ pub async fn run_node(
             .await;
         state.metrics = Some(prometheus()?);
         state.audit_key = Some(audit_key.verifier_key().to_owned());
+        state.trace_url = node.trace_url.clone();
         state.memory = memory.clone();
         state.workspaces = Arc::new(stele_tools::Workspaces::new(
             store.pool.clone(),

@@ -42,6 +42,15 @@ pub struct Seat {
     pub model: Option<String>,
 }
 
+impl Seat {
+    /// The memory scope it remembers in: its own, `room:<room>:<name>`, unless it was given one.
+    pub fn memory_scope(&self, room: &str) -> String {
+        self.memory
+            .clone()
+            .unwrap_or_else(|| format!("room:{room}:{}", self.name))
+    }
+}
+
 /// The model call behind an agent's words.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpeechCall {
@@ -144,6 +153,9 @@ pub enum RoomEvent {
         /// The model call it came from.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         call: Option<SpeechCall>,
+        /// The memory scope its words are remembered in (its seat's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory: Option<String>,
     },
     MemberMuted {
         member: String,
@@ -467,6 +479,11 @@ impl Aggregate for Room {
                         return Err(RoomError::NotItsTurn { agent, expected });
                     }
                 }
+                let memory = self
+                    .agents
+                    .iter()
+                    .find(|s| s.name == agent)
+                    .map(|seat| seat.memory_scope(&self.name));
                 RoomEvent::AgentSpoke {
                     seq: next_seq,
                     agent,
@@ -474,6 +491,7 @@ impl Aggregate for Room {
                     text: Personal::owned_by(subject.as_deref(), text),
                     at,
                     call,
+                    memory,
                 }
             }
             RoomCommand::Mute { member, by } => {
@@ -622,6 +640,7 @@ mod tests {
             text: Personal::plain(format!("{agent} says hi")),
             at: at(minute),
             call: None,
+            memory: Some(format!("room:lab:{agent}")),
         }
     }
 

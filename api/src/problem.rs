@@ -123,6 +123,7 @@ codes! {
     MemoryNotFound = ("memory_not_found", NOT_FOUND, "Memory not found"),
     ScheduleNotFound = ("schedule_not_found", NOT_FOUND, "Schedule not found"),
     RoomNotFound = ("room_not_found", NOT_FOUND, "Room not found"),
+    ConversationNotFound = ("conversation_not_found", NOT_FOUND, "Conversation not found"),
     /// No such file in the task's workspaces (or its person was erased).
     FileNotFound = ("file_not_found", NOT_FOUND, "File not found"),
     RouteNotFound = ("route_not_found", NOT_FOUND, "Route not found"),

@@ -16,6 +16,7 @@ use axum::response::Response;
 use axum::Router;
 use serde_json::Value;
 use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, Parameter, ParameterIn};
 use utoipa::openapi::response::ResponseBuilder;
@@ -31,7 +32,8 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::problem::{ApiError, Code, CHALLENGE};
 use crate::routes::{
-    audit, channels, health, memory, ops, rooms, schedules, stream, subjects, tasks, workspace,
+    audit, channels, conversations, health, memory, ops, rooms, schedules, stream, subjects, tasks,
+    workspace,
 };
 use crate::state::AppState;
 
@@ -57,6 +59,7 @@ Text never holds a NUL character (U+0000), which Stele does not store: it is ref
         (name = "memory", description = "The memory: remember facts, search by meaning and words, forget"),
         (name = "schedules", description = "Workflows started on a timetable"),
         (name = "rooms", description = "Rooms: several agents and people in one conversation"),
+        (name = "conversations", description = "Telegram chats and email threads, read-only"),
         (name = "operators", description = "The log, jobs, projections and workflows"),
         (name = "health", description = "Liveness, readiness and metrics"),
     )
@@ -359,6 +362,8 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(rooms::take_turn))
         .routes(routes!(rooms::moderate))
         .routes(routes!(rooms::room_ws))
+        .routes(routes!(conversations::list_conversations))
+        .routes(routes!(conversations::get_conversation))
         .routes(routes!(channels::telegram_access))
         .routes(routes!(channels::change_telegram_access))
         .routes(routes!(ops::workflows))
@@ -475,8 +480,30 @@ async fn measure(request: Request, next: Next) -> Response {
         .into_iter()
         .find(|m| *m == request.method().as_str())
         .unwrap_or("other");
+    // The request's span: a command it issues records it as its trace (see
+    // `stele_engine::trace`), continuing the caller's when it sent a `traceparent`.
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if let Some(parent) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+    {
+        stele_engine::trace::follow(&span, parent);
+    }
     let started = Instant::now();
-    let response = next.run(request).await;
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "error");
+    }
     metrics::histogram!(
         "stele_http_request_duration_seconds",
         "method" => method,

@@ -38,6 +38,8 @@ pub struct AppState {
     pub tasks: Option<crate::cache::TaskCache>,
     /// The audit log's verifier key, shown with its checkpoints.
     pub audit_key: Option<String>,
+    /// Where the console links a trace: a URL with `{trace_id}` in it.
+    pub trace_url: Option<String>,
     /// The memory, when the server has an embedding model.
     pub memory: Option<Arc<stele_memory::Memories>>,
     /// Agents' workspaces (set to the sealed ones by a node; plain on the store otherwise).
@@ -76,6 +78,7 @@ impl AppState {
             max_lag_seconds: 60.0,
             tasks: None,
             audit_key: None,
+            trace_url: None,
             memory: None,
             workspaces: Arc::new(stele_tools::Workspaces::new(store.pool.clone(), None)),
         }

@@ -1698,3 +1698,86 @@ pub struct TurnBody {
     pub input_tokens: u32,
     pub output_tokens: u32,
 }
+
+/// How many conversations to list.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ConversationQuery {
+    /// At most this many, most recently active first (50 when left out).
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<u32>,
+}
+
+/// Conversations, most recently active first.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConversationList {
+    pub conversations: Vec<ConversationSummary>,
+}
+
+/// A conversation in a list.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConversationSummary {
+    pub id: String,
+    /// `telegram`, `email`, …
+    pub channel: Option<String>,
+    /// `new`, `open` or `closed`.
+    pub status: String,
+    pub message_count: u64,
+    /// Messages that could not be read, kept aside as they came.
+    pub quarantined: u64,
+    pub last_event_at: DateTime<Utc>,
+}
+
+/// A conversation's id in a path.
+#[derive(Clone, Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ConversationId {
+    /// The conversation's id.
+    pub id: String,
+}
+
+/// A conversation with its messages.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConversationBody {
+    pub id: String,
+    pub channel: Option<String>,
+    /// `new`, `open` or `closed`.
+    pub status: String,
+    /// An email thread's subject (`[erased]` once its person is).
+    pub subject: Option<String>,
+    /// The person it is with (their subject id).
+    pub owner: Option<String>,
+    /// Everyone who took part (participant ids).
+    pub participants: Vec<String>,
+    pub quarantined: u64,
+    /// Why it is closed, while it is.
+    pub close_reason: Option<String>,
+    pub messages: Vec<ConversationMessageBody>,
+}
+
+/// A message of a conversation, in or out.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConversationMessageBody {
+    pub seq: u64,
+    /// `inbound` or `outbound`.
+    pub direction: String,
+    /// The sender's participant id.
+    pub from: String,
+    pub text: String,
+    /// Files attached.
+    pub attachments: u64,
+    /// When the channel says it was sent (inbound messages).
+    pub sent_at: Option<DateTime<Utc>>,
+    /// The task it started or belongs to.
+    pub task_id: Option<String>,
+    /// `received`, `queued`, `delivered`, `failed` or `bounced`.
+    pub delivery: String,
+    /// Why the last delivery failed or bounced.
+    pub delivery_error: Option<String>,
+    pub failed_attempts: u32,
+    /// What the input sanitiser did to it (`flag`, `filter`, `truncate`, `block`), if anything.
+    pub screened: Option<String>,
+    /// Why no automatic answer may go to it, if none may.
+    pub no_reply: Option<String>,
+}

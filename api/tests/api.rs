@@ -1438,6 +1438,7 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
         assert_eq!(removed["status"], "removed");
 
         rooms(&s, &reader, &writer).await;
+        conversations(&s, &reader).await;
 
         // On every route: an unknown query parameter (400); 401 and 403 where a key is needed,
         // with either way of presenting it; 429 from a server with a tiny limit; 500 from a
@@ -1591,6 +1592,8 @@ fn every_route_is_documented_and_every_documented_response_occurs() {
                 "/v1/chat/completions",
                 "/v1/channels/telegram/access",
                 "/v1/channels/telegram/access/{id}",
+                "/v1/conversations",
+                "/v1/conversations/{id}",
                 "/v1/events",
                 "/v1/jobs",
                 "/v1/jobs/{id}/retry",
@@ -2525,4 +2528,68 @@ fn a_rooms_live_view_follows_it_and_forgets_an_erased_person() {
         );
         s.stop().await;
     });
+}
+
+/// Conversations as a channel leaves them: listed, read, and the refusal.
+async fn conversations(s: &Server, reader: &str) {
+    use stele_aggregates::conversation::{Channel, Conversation, ConversationCommand, Participant};
+    let bus: stele_engine::CommandBus<Conversation> =
+        stele_engine::CommandBus::new(s.store.log.clone(), ());
+    let meta = || stele_engine::CommandMeta::new("test", "test");
+    let open = ConversationCommand::Open {
+        channel: Channel::TELEGRAM,
+        external_id: "1".into(),
+        subject: None,
+        address: None,
+        owner: None,
+        participants: vec![],
+    };
+    bus.create("chat-1", open, meta()).await.unwrap();
+    let receive = ConversationCommand::ReceiveMessage {
+        message_id: "m-1".into(),
+        external_id: "10".into(),
+        from: Participant::person("telegram:7"),
+        text: "hello there".into(),
+        attachments: vec![],
+        in_reply_to: None,
+        sent_at: None,
+        no_reply: Some("a test message: no answer".into()),
+    };
+    bus.execute("chat-1", receive, meta()).await.unwrap();
+    let (status, list) = s
+        .call(GET, "/v1/conversations", &[], Some(reader), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let chat = list["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "chat-1")
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(
+        (chat["channel"].as_str(), chat["message_count"].as_u64()),
+        (Some("telegram"), Some(1))
+    );
+    let one = "/v1/conversations/{id}";
+    let (status, chat) = s
+        .call(GET, one, &[("id", "chat-1")], Some(reader), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{chat}");
+    assert_eq!(chat["status"], "open");
+    let message = &chat["messages"][0];
+    assert_eq!(
+        (
+            message["direction"].as_str(),
+            message["text"].as_str(),
+            message["delivery"].as_str()
+        ),
+        (Some("inbound"), Some("hello there"), Some("received"))
+    );
+    let (status, problem) = s
+        .call(GET, one, &[("id", "nope")], Some(reader), None)
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("conversation_not_found"))
+    );
 }

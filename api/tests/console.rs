@@ -215,6 +215,36 @@ fn the_console_works_in_a_real_browser() {
             .await;
         assert_eq!(status, StatusCode::CREATED);
 
+        // A chat as the Telegram channel leaves it.
+        {
+            use stele_aggregates::conversation::{
+                Channel, Conversation, ConversationCommand, Participant,
+            };
+            let bus: stele_engine::CommandBus<Conversation> =
+                stele_engine::CommandBus::new(s.store.log.clone(), ());
+            let meta = || stele_engine::CommandMeta::new("test", "test");
+            let open = ConversationCommand::Open {
+                channel: Channel::TELEGRAM,
+                external_id: "1".into(),
+                subject: None,
+                address: None,
+                owner: None,
+                participants: vec![],
+            };
+            bus.create("chat-1", open, meta()).await.unwrap();
+            let receive = ConversationCommand::ReceiveMessage {
+                message_id: "m-1".into(),
+                external_id: "10".into(),
+                from: Participant::person("telegram:7"),
+                text: "hello from the chat".into(),
+                attachments: vec![],
+                in_reply_to: None,
+                sent_at: None,
+                no_reply: Some("a test message: no answer".into()),
+            };
+            bus.execute("chat-1", receive, meta()).await.unwrap();
+        }
+
         let driver = driver().await;
         let client = browser(&driver).await;
 
@@ -319,6 +349,19 @@ fn the_console_works_in_a_real_browser() {
             .unwrap();
         wait_for_text(&client, "#audit-events .verify-result", "verified").await;
         shot(&client, "audit").await;
+
+        // Conversations: the chat and its message.
+        client
+            .goto(&format!("{base}/console/#/conversations"))
+            .await
+            .unwrap();
+        wait_for(&client, "tr[data-conversation='chat-1'] a")
+            .await
+            .click()
+            .await
+            .unwrap();
+        wait_for_text(&client, "#conversation-messages", "hello from the chat").await;
+        shot(&client, "conversation").await;
 
         // A room's messages.
         client

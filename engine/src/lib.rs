@@ -7,6 +7,7 @@
 //! - [`repository`]: the same log behind cqrs-es's `PersistedEventRepository`, for code that wants
 //!   cqrs-es's own `CqrsFramework`.
 //! - [`store`]: opens a store from a URL or a data directory and applies the migrations.
+//! - [`trace`]: the distributed trace a command, its events and the jobs they lead to belong to.
 //!
 //! **Invariant**: only this crate writes SQL for the event log.
 
@@ -22,6 +23,7 @@ pub mod repository;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace;
 
 pub use command::{CommandBus, CommandError};
 pub use log::{

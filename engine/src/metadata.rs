@@ -19,13 +19,15 @@ pub struct CommandMeta {
     pub actor: String,
     /// Where it came from, e.g. `api`, `cli`, `telegram`, `email`, `system`.
     pub channel: String,
-    /// The distributed trace it belongs to, when there is one.
+    /// The distributed trace it belongs to, when there is one: the W3C `traceparent` of the span
+    /// that issued it (see [`crate::trace`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
 }
 
 impl CommandMeta {
-    /// A new command (fresh UUIDv7 id) that starts its own correlation.
+    /// A new command (fresh UUIDv7 id) that starts its own correlation, in the trace of the
+    /// current span if it belongs to one.
     pub fn new(actor: impl Into<String>, channel: impl Into<String>) -> Self {
         let command_id = Uuid::now_v7();
         Self {
@@ -34,7 +36,7 @@ impl CommandMeta {
             causation_id: command_id,
             actor: actor.into(),
             channel: channel.into(),
-            trace_id: None,
+            trace_id: crate::trace::current(),
         }
     }
 

@@ -34,13 +34,21 @@ pub trait ProcessManager: Send + Sync + 'static {
 }
 
 /// The jobs `manager` reacts to `event` with, each keyed `manager:event id:index` unless it has a
-/// key of its own.
+/// key of its own, and each in the event's trace (see [`crate::trace`]).
 pub(crate) fn jobs_of(manager: &dyn ProcessManager, event: &RecordedEvent) -> Vec<NewJob> {
     let mut jobs = manager.react(event);
     for (index, job) in jobs.iter_mut().enumerate() {
         job.idempotency_key.get_or_insert_with(|| {
             format!("{}:{}:{index}", manager.name(), event.metadata.event_id)
         });
+        if let (Some(trace), Some(payload)) = (
+            &event.metadata.command.trace_id,
+            job.payload.as_object_mut(),
+        ) {
+            payload
+                .entry(crate::trace::PAYLOAD_KEY)
+                .or_insert_with(|| trace.clone().into());
+        }
     }
     jobs
 }

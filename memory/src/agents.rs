@@ -164,10 +164,14 @@ pub fn register(tools: Tools, memories: Arc<Memories>) -> Tools {
 #[async_trait]
 impl Recall for Memories {
     async fn recall(&self, request: RecallRequest) -> Result<String, String> {
+        let mut filter = filter_for(&request.caller);
+        if let Some(scope) = request.agent_scope {
+            filter.scope.agent = Some(scope);
+        }
         let context = self
             .context(&ContextRequest {
                 query: request.query,
-                filter: filter_for(&request.caller),
+                filter,
                 tokens: request.tokens,
                 now: None,
             })

@@ -129,6 +129,28 @@ impl MemoryProjection {
                         vec![event_id],
                     )
                 }
+                "AgentSpoke" if event.stream.aggregate_type == "room" => {
+                    // A room agent's words, in its seat's memory scope.
+                    let seq = data.get("seq").and_then(Json::as_u64).unwrap_or_default();
+                    let mut subjects = BTreeSet::new();
+                    stele_privacy::subjects_in(&stored["text"], &mut subjects);
+                    let scope = Scope {
+                        agent: data.get("memory").and_then(Json::as_str).map(str::to_owned),
+                        conversation: Some(format!("room/{stream_id}")),
+                        subject: subjects.into_iter().next(),
+                        ..Scope::default()
+                    };
+                    (
+                        format!("room/{stream_id}/{seq}"),
+                        "room",
+                        "text",
+                        scope,
+                        0.3,
+                        Vec::new(),
+                        None,
+                        vec![event_id],
+                    )
+                }
                 _ => return Ok(None),
             };
         // A message's text, a fact's content, a step's output (its text, or its JSON).
@@ -257,6 +279,7 @@ impl Projection for MemoryProjection {
             "MessageReceived",
             "ReplyQueued",
             "StepCompleted",
+            "AgentSpoke",
             "SubjectErased",
         ]
     }

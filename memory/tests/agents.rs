@@ -292,4 +292,80 @@ async fn agents_store_search_and_receive_context(store: &Store) {
     );
 }
 
-stele_engine::for_each_backend!(agents_store_search_and_receive_context);
+/// Agents in a room remember in their own scopes: what one said comes back to it on its next
+/// turn, and not to the others.
+async fn room_agents_remember_in_their_own_scopes(store: &Store) {
+    use stele_aggregates::room::{RoomCommand, Seat, TurnPolicy};
+    let h = Harness::new(store).await;
+    let meta = || CommandMeta::new("user:op", "test");
+    let seat = |name: &str| Seat {
+        name: name.into(),
+        role: "vox".into(),
+        personality: String::new(),
+        traits: vec![],
+        memory: None,
+        model: None,
+    };
+    let create = RoomCommand::Create {
+        name: "lab".into(),
+        topic: "a name for the cat".into(),
+        agents: vec![seat("ada"), seat("bob")],
+        moderators: vec!["mia".into()],
+        policy: TurnPolicy::RoundRobin,
+        turns_per_hour: 60,
+    };
+    h.runtime.room_command("lab", create, meta()).await.unwrap();
+    let post = RoomCommand::Post {
+        from: "mia".into(),
+        subject: None,
+        text: "Shall we call the cat Biscuit?".into(),
+        at: h.runtime.now(),
+    };
+    h.runtime.room_command("lab", post, meta()).await.unwrap();
+    let first = h.runtime.room_turn("lab", meta()).await.unwrap().unwrap();
+    assert_eq!(first.agent, "ada");
+    assert!(!first.text.contains("What you remember"), "{}", first.text);
+    h.settle().await;
+    let remembered = h
+        .memories
+        .search(&Search {
+            query: "Biscuit".into(),
+            filter: Filter {
+                scope: Scope {
+                    agent: Some("room:lab:ada".into()),
+                    ..Scope::default()
+                },
+                ..Filter::default()
+            },
+            limit: 5,
+            mode: Mode::Hybrid,
+        })
+        .await
+        .unwrap();
+    assert!(
+        remembered.iter().any(|hit| hit.kind == "room"),
+        "{remembered:?}"
+    );
+    // Bob has no memory of Ada's words; Ada, on her next turn, has.
+    let second = h.runtime.room_turn("lab", meta()).await.unwrap().unwrap();
+    assert_eq!(second.agent, "bob");
+    assert!(
+        !second.text.contains("What you remember"),
+        "{}",
+        second.text
+    );
+    h.settle().await;
+    let third = h.runtime.room_turn("lab", meta()).await.unwrap().unwrap();
+    assert_eq!(third.agent, "ada");
+    let memory = third
+        .text
+        .split("What you remember:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{}", third.text));
+    assert!(memory.contains("Biscuit"), "{}", third.text);
+}
+
+stele_engine::for_each_backend!(
+    agents_store_search_and_receive_context,
+    room_agents_remember_in_their_own_scopes
+);

@@ -75,6 +75,25 @@ pub enum ModelError {
 }
 
 impl ModelError {
+    /// A short, stable name of the kind of error (a trace's `error.type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout { .. } => "timeout",
+            Self::Connect(_) => "connect",
+            Self::Status { .. } => "status",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Provider(_) => "provider",
+            Self::Decode(_) => "decode",
+            Self::CircuitOpen { .. } => "circuit_open",
+            Self::UnknownAgent(_) => "unknown_agent",
+            Self::UnknownProvider(_) => "unknown_provider",
+            Self::EmptyRoute(_) => "empty_route",
+            Self::Scripted { .. } => "scripted",
+            Self::Exhausted { .. } => "exhausted",
+            Self::Config(_) => "config",
+        }
+    }
+
     /// Whether trying again later may succeed: server errors (5xx, 408), rate limiting,
     /// timeouts, connection failures, an open circuit, and scripted failures marked retryable.
     /// Client errors (4xx) and undecodable replies are not: the same request would fail the same

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::circuit::{CircuitBreaker, CircuitState};
 use crate::clock::{Clock, SystemClock};
@@ -424,9 +425,39 @@ impl ModelRouter {
                 return Err(error);
             };
 
+            // A span per call, named and described as OpenTelemetry's GenAI conventions say.
+            let span = tracing::info_span!(
+                "model",
+                otel.name = %format_args!("chat {}", entry.model),
+                otel.kind = "client",
+                gen_ai.operation.name = "chat",
+                gen_ai.provider.name = %entry.provider,
+                gen_ai.request.model = %entry.model,
+                gen_ai.agent.name = agent,
+                stele.fallback_index = index,
+                stele.attempt = attempt,
+                gen_ai.usage.input_tokens = tracing::field::Empty,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
             let started = Instant::now();
-            let outcome = provider.model.complete(request.clone()).await;
+            let outcome = provider
+                .model
+                .complete(request.clone())
+                .instrument(span.clone())
+                .await;
             let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            match &outcome {
+                Ok(response) => {
+                    span.record("gen_ai.usage.input_tokens", response.usage.input_tokens);
+                    span.record("gen_ai.usage.output_tokens", response.usage.output_tokens);
+                }
+                Err(error) => {
+                    span.record("error.type", error.kind());
+                    span.record("otel.status_code", "error");
+                }
+            }
             let error = match outcome {
                 Ok(response) => {
                     permit.record(true);

@@ -14,6 +14,8 @@ pub struct RecallRequest {
     pub tokens: u32,
     /// The step asking: its run's person bounds what it may recall.
     pub caller: Caller,
+    /// Only memories of this agent scope, when set (a room's seat remembers in its own).
+    pub agent_scope: Option<String>,
 }
 
 /// The memory, for steps.

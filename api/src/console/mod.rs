@@ -169,6 +169,9 @@ pub struct SessionBody {
     pub scopes: Vec<String>,
     /// To send as `X-Csrf-Token` with every change.
     pub csrf: String,
+    /// Where a run's trace is shown: a URL with `{trace_id}` in it, when the node has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_url: Option<String>,
 }
 
 async fn describe(state: &AppState, key: &str) -> Result<SessionBody, ApiError> {
@@ -178,6 +181,7 @@ async fn describe(state: &AppState, key: &str) -> Result<SessionBody, ApiError> 
         key_id: caller.key_id,
         scopes: scopes.iter().map(|s| s.as_str().to_owned()).collect(),
         csrf: csrf_token(key),
+        trace_url: state.trace_url.clone(),
     })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod channels;
+pub mod conversations;
 pub mod health;
 mod list;
 pub mod memory;

@@ -24,6 +24,7 @@ use stele_engine::projection::Hold;
 use stele_engine::{CommandError, CommandMeta};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::parse::{self, own_parts, Mail};
@@ -251,7 +252,15 @@ impl Email {
             let results: Vec<anyhow::Result<()>> = futures::stream::iter(threads.into_values())
                 .map(|mails| async move {
                     for (uid, raw) in &mails {
-                        self.record(mailbox, *uid, raw).await?;
+                        // The root of the trace of what the mail causes.
+                        let span = tracing::info_span!(
+                            "email.receive",
+                            otel.name = "email receive",
+                            otel.kind = "consumer",
+                            email.mailbox = %mailbox.config.name,
+                            imap.uid = uid,
+                        );
+                        self.record(mailbox, *uid, raw).instrument(span).await?;
                     }
                     Ok(())
                 })

@@ -28,6 +28,7 @@ use teloxide::payloads::GetUpdatesSetters;
 use teloxide::prelude::Requester;
 use teloxide::types::{FileMeta, Message, Update, UpdateKind, User};
 use teloxide::RequestError;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::Telegram;
@@ -199,7 +200,10 @@ impl Telegram {
         let results = join_all(by_chat.into_values().map(|updates| async move {
             for update in updates {
                 match update {
-                    Ok(update) => self.record(update).await?,
+                    Ok(update) => {
+                        let span = update_span(update.id.0 as i64);
+                        self.record(update).instrument(span).await?
+                    }
                     Err((id, raw)) => {
                         let read = Read::Quarantine {
                             chat: chat_in(&raw),
@@ -207,7 +211,9 @@ impl Telegram {
                             reason: "a malformed update".into(),
                             external_id: Some(format!("update-{id}")),
                         };
-                        self.record_read(id, read, &raw).await?
+                        self.record_read(id, read, &raw)
+                            .instrument(update_span(id))
+                            .await?
                     }
                 }
             }
@@ -594,4 +600,15 @@ fn user_in(raw: &Value) -> Option<u64> {
             .and_then(|c| c.get("id"))
             .and_then(Value::as_u64)
     })
+}
+
+/// The span an update is recorded in: the root of the trace of what it causes (the task, its
+/// steps, the reply), or a child of the webhook's request.
+fn update_span(update_id: i64) -> tracing::Span {
+    tracing::info_span!(
+        "telegram.update",
+        otel.name = "telegram update",
+        otel.kind = "consumer",
+        telegram.update_id = update_id,
+    )
 }

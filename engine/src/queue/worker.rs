@@ -16,6 +16,7 @@ use chrono::Utc;
 use futures::FutureExt;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{Job, JobQueue, Outcome, QueueError};
@@ -353,12 +354,34 @@ async fn claim_ahead(
     }
 }
 
-/// Runs one job: its handler under the job's timeout, panics caught. Counts the outcome
+/// Runs one job: its handler under the job's timeout, panics caught, in a span that follows the
+/// trace the job's payload names (see [`crate::trace`]). Counts the outcome
 /// (`stele_jobs_finished_total` by kind and outcome) and times it (`stele_job_duration_seconds`).
 async fn run_one(handler: Option<Handler>, job: Job) -> Outcome {
     let kind = job.kind.clone();
+    let span = tracing::info_span!(
+        "job",
+        otel.name = %kind,
+        otel.kind = "consumer",
+        job.id = %job.id,
+        job.queue = %job.queue,
+        job.attempt = job.attempt,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    );
+    if let Some(parent) = job
+        .payload
+        .get(crate::trace::PAYLOAD_KEY)
+        .and_then(|value| value.as_str())
+    {
+        crate::trace::follow(&span, parent);
+    }
     let started = std::time::Instant::now();
-    let outcome = attempt(handler, job).await;
+    let outcome = attempt(handler, job).instrument(span.clone()).await;
+    if let Outcome::Failed { error } = &outcome {
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", error.as_str());
+    }
     let label = match &outcome {
         Outcome::Completed => "completed",
         Outcome::Failed { .. } => "failed",

@@ -3,6 +3,7 @@
 
 use stele_engine::queue::worker::HandlerError;
 use stele_engine::queue::QueueError;
+use tracing::Instrument;
 
 use super::manager::{ChildJob, RunJob, StartJob, StepJob};
 use super::*;
@@ -161,10 +162,21 @@ impl Runtime {
         let state = run.step(&p.step).expect("checked above");
         let timeout = Duration::from_millis(state.timeout_ms.max(1));
         let started_at = self.clock.utc();
+        // The step's own span: its model and tool calls, and the commands it records (so the
+        // jobs they lead to), are its children.
+        let span = tracing::info_span!(
+            "step",
+            otel.name = %format_args!("step {}", p.step),
+            workflow.name = %run.workflow,
+            workflow.run_id = %p.run_id,
+            workflow.step = %p.step,
+            workflow.attempt = p.attempt,
+        );
         let attempt = tokio::time::timeout(
             timeout,
             self.execute(definition, &run, &p.step, p.attempt, state.escalation),
         )
+        .instrument(span.clone())
         .await;
         let (input, outcome, calls) = match attempt {
             Ok(done) => done,
@@ -199,7 +211,10 @@ impl Runtime {
             remember,
             now: self.clock.utc(),
         };
-        self.run_command(&p.run_id, record, p.cause.meta()).await?;
+        let meta = span.in_scope(|| p.cause.meta());
+        self.run_command(&p.run_id, record, meta)
+            .instrument(span)
+            .await?;
         Ok(Done::Complete)
     }
 
@@ -340,6 +355,7 @@ impl Runtime {
                 query,
                 tokens: memory.context,
                 caller: caller.clone(),
+                agent_scope: None,
             })
             .await
             .map_err(|e| format!("recalling memory context failed: {e}"))?;

@@ -12,6 +12,8 @@ use super::*;
 
 /// Messages of the room an agent is shown when it speaks.
 pub const ROOM_HISTORY: usize = 20;
+/// Tokens of what an agent remembers, put before its prompt.
+pub const ROOM_MEMORY_TOKENS: u32 = 200;
 
 /// What one turn did.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -143,8 +145,17 @@ impl Runtime {
             .find(|s| s.name == speaker)
             .cloned()
             .expect("the speaker is seated");
+        // The person it answers (the last who spoke with a subject): its words are theirs too.
+        let answers = room
+            .lines
+            .iter()
+            .rev()
+            .find(|l| !l.agent)
+            .and_then(|l| l.text.subject())
+            .map(str::to_owned);
         let prompt = format!(
-            "{}\n\nIt is your turn, {}. Say what you add, in a few sentences.",
+            "{}{}\n\nIt is your turn, {}. Say what you add, in a few sentences.",
+            self.remembered(&room, &seat, answers.clone()).await,
             transcript(&room),
             seat.name
         );
@@ -193,13 +204,7 @@ impl Runtime {
                 latency_ms,
             }),
             // Its words are built from the room's: the person it answers owns them.
-            subject: room
-                .lines
-                .iter()
-                .rev()
-                .find(|l| !l.agent)
-                .and_then(|l| l.text.subject())
-                .map(str::to_owned),
+            subject: answers,
         };
         self.room_command(name, speak, meta).await?;
         Ok(Some(Turn {
@@ -213,6 +218,52 @@ impl Runtime {
 }
 
 impl Runtime {
+    /// What the seat remembers that bears on the room's last messages (from its own memory
+    /// scope, and of the person it answers or of no one), as text before its prompt; empty
+    /// without a memory or when nothing bears on them. A failing memory is logged, not fatal.
+    async fn remembered(&self, room: &Room, seat: &Seat, subject: Option<String>) -> String {
+        let Some(recall) = &self.recall else {
+            return String::new();
+        };
+        let recent: Vec<&str> = room
+            .lines
+            .iter()
+            .rev()
+            .take(3)
+            .filter_map(|l| l.text.get().map(String::as_str))
+            .collect();
+        let query = if recent.is_empty() {
+            room.topic.clone()
+        } else {
+            recent.join("\n")
+        };
+        if query.trim().is_empty() {
+            return String::new();
+        }
+        let request = crate::recall::RecallRequest {
+            query,
+            tokens: ROOM_MEMORY_TOKENS,
+            caller: crate::tools::Caller {
+                run_id: RunId::from(format!("room/{}", room.name).as_str()),
+                task_id: None,
+                workflow: "room_turn".into(),
+                step: StepId::from("turn"),
+                agent: Some(seat.role.clone()),
+                subject,
+            },
+            agent_scope: Some(seat.memory_scope(&room.name)),
+        };
+        match recall.recall(request).await {
+            Ok(text) if !text.trim().is_empty() => format!("What you remember:\n{text}\n\n"),
+            Ok(_) => String::new(),
+            Err(e) => {
+                tracing::warn!(room = %room.name, agent = %seat.name, error = %e,
+                    "recalling a room agent's memory failed: it speaks without");
+                String::new()
+            }
+        }
+    }
+
     /// The route a seat speaks through: its own model, else its role's with the model operators
     /// chose for the role first (`None`: the role's route as configured).
     async fn route_of(

@@ -148,6 +148,7 @@ function download(name, text) {
 
 const SECTIONS = [
   ["tasks", "Tasks", "tasks:read"],
+  ["conversations", "Conversations", "tasks:read"],
   ["rooms", "Rooms", "tasks:read"],
   ["operations", "Operations", "admin"],
   ["audit", "Audit", "audit:read"],
@@ -287,6 +288,10 @@ function lanes(events) {
       lane.output = e.type === "StepCompleted" ? d.output : d.error;
     }
     if (e.type === "StepSkipped") { lane.end = t; lane.outcome = "skipped"; }
+    if (e.type === "TimerArmed") lane.waited = "timer";
+    if (e.type === "WaitStarted") lane.waited = "waits for a signal";
+    if (e.type === "SignalReceived") lane.waited = "signalled";
+    if (e.type === "WaitTimedOut") lane.waited = "wait timed out";
     byKey.set(key, lane);
   }
   return { lanes: [...byKey.values()], first, last };
@@ -296,11 +301,13 @@ function waterfall(events) {
   const { lanes: all, first, last } = lanes(events);
   if (all.length === 0) return h("p", { class: "muted" }, "No step has run yet.");
   const span = Math.max(1, (last || first) - first);
+  const runs = [...new Set(all.map((lane) => lane.stream))];
   return h("div", { class: "waterfall", id: "waterfall" }, all.map((lane) => {
     const end = lane.end || last;
     const left = ((lane.start - first) / span) * 100;
     const width = Math.max(0.5, ((end - lane.start) / span) * 100);
-    const label = `${lane.step}${lane.attempt > 1 ? ` (attempt ${lane.attempt})` : ""}`;
+    const child = runs.length > 1 && lane.stream !== runs[0] ? `child ${short(lane.stream.split("/")[1])} · ` : "";
+    const label = `${child}${lane.step}${lane.attempt > 1 ? ` (attempt ${lane.attempt})` : ""}${lane.waited ? ` (${lane.waited})` : ""}`;
     const ms = lane.end ? `${lane.end - lane.start} ms` : "running";
     return h("div", { class: "lane" },
       h("details", { class: "step", "data-step": lane.step },
@@ -359,7 +366,19 @@ async function taskPage(id) {
     }
     return task;
   };
+  const traceCard = h("div", { class: "card", id: "task-trace", hidden: true });
+  summary.after(traceCard);
   const renderEvents = () => {
+    // The trace the task belongs to (its first event's traceparent), linked when the node says where.
+    const parent = events.length > 0 && events[0].metadata && events[0].metadata.trace_id;
+    const traceId = parent && parent.split("-")[1];
+    if (traceId && /^[0-9a-f]{32}$/.test(traceId)) {
+      const template = state.session && state.session.trace_url;
+      traceCard.hidden = false;
+      traceCard.replaceChildren(h("b", {}, "Trace"), template
+        ? h("a", { href: template.replace("{trace_id}", traceId), target: "_blank", rel: "noopener", class: "mono" }, traceId)
+        : h("span", { class: "mono" }, traceId));
+    }
     timeline.replaceChildren(waterfall(events));
     list.replaceChildren(h("div", {}, events.map((e) => h("details", { class: "event" },
       h("summary", {}, h("span", { class: "mono" }, `${e.stream}#${e.sequence}`), " ", h("b", {}, e.type), " ", h("span", { class: "muted" }, when(e.recorded_at))),
@@ -387,6 +406,49 @@ async function taskPage(id) {
     renderTask();
   };
   state.live.push(() => { socket.onclose = null; socket.close(); });
+}
+
+// ---- conversations ---------------------------------------------------------------------------
+
+async function conversationsPage() {
+  const table = h("div", { class: "scroll" });
+  page("Conversations", table);
+  const load = async () => {
+    const data = await attempt(() => api("/v1/conversations?limit=100"));
+    if (!data) return;
+    table.replaceChildren(data.conversations.length === 0 ? h("p", { class: "muted" }, "No conversation yet (Telegram chats and email threads appear here).")
+      : h("table", { id: "conversations" }, h("thead", {}, h("tr", {}, h("th", {}, "Conversation"), h("th", {}, "Channel"), h("th", {}, "Status"),
+        h("th", {}, "Messages"), h("th", { class: "wide" }, "Quarantined"), h("th", {}, "Last activity"))),
+        h("tbody", {}, data.conversations.map((c) => h("tr", { "data-conversation": c.id },
+          h("td", {}, h("a", { href: `#/conversations/${encodeURIComponent(c.id)}`, class: "mono" }, c.id)),
+          h("td", {}, c.channel || ""), h("td", {}, status(c.status)), h("td", {}, c.message_count),
+          h("td", { class: "wide" }, c.quarantined), h("td", {}, when(c.last_event_at)))))));
+  };
+  await load();
+  every(5000, load);
+}
+
+async function conversationPage(id) {
+  const log = h("div", { id: "conversation-messages" });
+  const head = h("div", { class: "cards" });
+  page(`Conversation ${id}`, head, log);
+  const load = async () => {
+    const c = await attempt(() => api(`/v1/conversations/${encodeURIComponent(id)}`));
+    if (!c) return;
+    head.replaceChildren(
+      h("div", { class: "card" }, h("b", {}, "Channel"), c.channel || "—"),
+      h("div", { class: "card" }, h("b", {}, "Status"), status(c.status), c.close_reason ? ` ${c.close_reason}` : ""),
+      c.subject ? h("div", { class: "card" }, h("b", {}, "Subject"), c.subject) : null,
+      h("div", { class: "card" }, h("b", {}, "Quarantined"), String(c.quarantined)));
+    log.replaceChildren(...c.messages.map((m) => h("div", { class: "card", "data-seq": m.seq },
+      h("b", {}, `#${m.seq} ${m.direction === "inbound" ? "from" : "to"} ${m.from} `, status(m.delivery),
+        m.screened ? h("span", { class: "status bad" }, `sanitiser: ${m.screened}`) : ""),
+      m.text,
+      m.delivery_error ? h("div", { class: "muted" }, `Delivery: ${m.delivery_error} (${m.failed_attempts} failed attempts)`) : null,
+      m.task_id ? h("div", {}, h("a", { href: `#/tasks/${m.task_id}` }, `task ${short(m.task_id)}`)) : null)));
+  };
+  await load();
+  every(3000, load);
 }
 
 // ---- rooms -----------------------------------------------------------------------------------
@@ -605,6 +667,7 @@ async function route() {
   const id_ = id ? decodeURIComponent(id) : null;
   switch (section) {
     case "tasks": return id_ ? taskPage(id_) : tasksPage();
+    case "conversations": return id_ ? conversationPage(id_) : conversationsPage();
     case "rooms": return id_ ? roomPage(id_) : roomsPage();
     case "operations": return operationsPage();
     case "audit": return auditPage();
