@@ -637,6 +637,41 @@ fn the_workflow_benchmark_prints_json() {
 }
 
 #[test]
+fn the_console_benchmark_prints_json() {
+    // Small, but every part: the list, the long run, its page in Chromium (the ChromeDriver and
+    // Chromium that scripts/services.sh installs).
+    let url = stele_engine::testing::admin_url();
+    let output = stele()
+        .args([
+            "bench",
+            "console",
+            "--tasks",
+            "300",
+            "--steps",
+            "4",
+            "--requests",
+            "3",
+            "--database-url",
+            &url,
+        ])
+        // Its progress shows with the test's output.
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for figure in results {
+        assert_eq!(figure["tasks"], 300);
+        assert!(figure["run_events"].as_u64().unwrap() > 4);
+        assert!(figure["first_page"]["p50_ms"].as_f64().unwrap() > 0.0);
+        assert!(figure["pages_by_cursor"]["p50_ms"].as_f64().unwrap() > 0.0);
+        assert!(figure["run_page_render"]["p50_ms"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
 fn serve_and_worker_run_on_postgres_and_stop_cleanly() {
     let runtime = runtime();
     let db = runtime.block_on(TestDb::postgres());

@@ -8,6 +8,7 @@
 mod api;
 mod append;
 mod audit;
+mod console;
 mod email;
 mod memory;
 mod privacy;
@@ -57,6 +58,9 @@ pub enum BenchCommand {
     /// read into threads (mails/s), and the time from a question's submission to its answer in
     /// the person's mailbox.
     Email(email::EmailBenchArgs),
+    /// What the console waits for: the task list over 100,000 tasks, and a run of over 1,000
+    /// events read and rendered (in headless Chromium when a ChromeDriver is given).
+    Console(console::ConsoleBenchArgs),
 }
 
 /// Where a scenario runs.
@@ -73,6 +77,21 @@ pub struct Targets {
     scratch_dir: Option<PathBuf>,
 }
 
+impl Targets {
+    /// The scratch stores to measure on: PostgreSQL when a server is named, then the embedded
+    /// store unless skipped.
+    pub async fn scratches(&self) -> anyhow::Result<Vec<(&'static str, Scratch)>> {
+        let mut scratches = Vec::new();
+        if let Some(url) = &self.database_url {
+            scratches.push(("postgres", Scratch::postgres(url).await?));
+        }
+        if !self.no_sqlite {
+            scratches.push(("sqlite", Scratch::sqlite(self.scratch_dir.as_ref())?));
+        }
+        Ok(scratches)
+    }
+}
+
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     let report = match command {
         BenchCommand::Append(args) => serde_json::to_value(append::run(args).await?)?,
@@ -86,6 +105,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Memory(args) => serde_json::to_value(memory::run(args).await?)?,
         BenchCommand::Telegram(args) => serde_json::to_value(telegram::run(args).await?)?,
         BenchCommand::Email(args) => serde_json::to_value(email::run(args).await?)?,
+        BenchCommand::Console(args) => serde_json::to_value(console::run(args).await?)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

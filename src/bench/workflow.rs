@@ -92,17 +92,7 @@ async fn flushes_and_commits(url: &str) -> anyhow::Result<(i64, i64)> {
 
 pub async fn run(args: WorkflowBenchArgs) -> anyhow::Result<Report> {
     let mut results = Vec::new();
-    let mut scratches = Vec::new();
-    if let Some(url) = &args.targets.database_url {
-        scratches.push(("postgres", Scratch::postgres(url).await?));
-    }
-    if !args.targets.no_sqlite {
-        scratches.push((
-            "sqlite",
-            Scratch::sqlite(args.targets.scratch_dir.as_ref())?,
-        ));
-    }
-    for (backend, scratch) in scratches {
+    for (backend, scratch) in args.targets.scratches().await? {
         let figure = measure(&scratch, backend, &args).await;
         scratch.remove().await;
         results.push(figure?);

@@ -348,22 +348,37 @@ impl ProjectionRunner {
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), ProjectionError> {
         self.setup().await?;
+        // Each loop stops between its steps: a step cancelled in the middle would hand its
+        // connection back to the pool inside an open transaction, holding what it had locked
+        // (the log's append lock among them) until the connection is next used.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         for name in self.names() {
-            let runner = self.clone();
-            tasks.spawn(async move { runner.follow(name).await });
+            let (runner, stopped) = (self.clone(), stopped.clone());
+            tasks.spawn(async move { runner.follow(name, stopped).await });
         }
         let runner = self.clone();
-        tasks.spawn(async move { runner.report_lag().await });
+        tasks.spawn(async move { runner.report_lag(stopped).await });
         shutdown.await;
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+        let _ = stop.send(true);
+        let finished = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(30), finished)
+            .await
+            .is_err()
+        {
+            tracing::warn!("projections did not stop within 30 s: stopping them where they are");
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
         self.release_all().await
     }
 
-    async fn follow(&self, name: &'static str) {
+    async fn follow(&self, name: &'static str, mut stopped: tokio::sync::watch::Receiver<bool>) {
         let mut appends = self.log.appends();
         loop {
+            if *stopped.borrow_and_update() {
+                return;
+            }
             appends.borrow_and_update();
             match self.step(name).await {
                 // A full batch: there may be more. A shorter one read up to the head as it was
@@ -373,19 +388,28 @@ impl ProjectionRunner {
                 Err(ProjectionError::Busy(_)) => {}
                 Err(e) => tracing::warn!(projection = name, error = %e, "projection step failed"),
             }
-            let wait = tokio::time::timeout(self.poll_interval, appends.changed()).await;
-            if let Ok(Err(_)) = wait {
-                tokio::time::sleep(self.poll_interval).await;
+            let wait = async {
+                let wait = tokio::time::timeout(self.poll_interval, appends.changed()).await;
+                if let Ok(Err(_)) = wait {
+                    tokio::time::sleep(self.poll_interval).await;
+                }
+            };
+            tokio::select! {
+                _ = stopped.changed() => return,
+                () = wait => {}
             }
         }
     }
 
     /// Publishes each projection's lag as the gauges `stele_projection_lag_events` and
     /// `stele_projection_lag_seconds` (label `projection`), every few seconds.
-    async fn report_lag(&self) {
+    async fn report_lag(&self, mut stopped: tokio::sync::watch::Receiver<bool>) {
         let mut every = tokio::time::interval(Duration::from_secs(5));
         loop {
-            every.tick().await;
+            tokio::select! {
+                _ = stopped.changed() => return,
+                _ = every.tick() => {}
+            }
             match self.status().await {
                 Ok(statuses) => {
                     for status in statuses {

@@ -40,6 +40,15 @@ function json(value) {
   return h("pre", {}, JSON.stringify(value, null, 2));
 }
 
+// A <details> whose body is built when it is first opened: a run's thousand events list fast.
+function lazy(attrs, summary, body) {
+  const el = h("details", attrs, summary);
+  el.addEventListener("toggle", () => {
+    if (el.open && el.childElementCount === 1) el.append(body());
+  });
+  return el;
+}
+
 function can(scope) {
   const scopes = state.session ? state.session.scopes : [];
   return scopes.includes("admin") || scopes.includes(scope);
@@ -380,9 +389,9 @@ async function taskPage(id) {
         : h("span", { class: "mono" }, traceId));
     }
     timeline.replaceChildren(waterfall(events));
-    list.replaceChildren(h("div", {}, events.map((e) => h("details", { class: "event" },
+    list.replaceChildren(h("div", {}, events.map((e) => lazy({ class: "event" },
       h("summary", {}, h("span", { class: "mono" }, `${e.stream}#${e.sequence}`), " ", h("b", {}, e.type), " ", h("span", { class: "muted" }, when(e.recorded_at))),
-      json(e.payload)))));
+      () => json(e.payload)))));
   };
   await renderTask();
   // Live: the task's events over WebSocket (what happened first, then as it happens); the
