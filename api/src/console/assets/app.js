@@ -393,28 +393,41 @@ async function taskPage(id) {
       h("summary", {}, h("span", { class: "mono" }, `${e.stream}#${e.sequence}`), " ", h("b", {}, e.type), " ", h("span", { class: "muted" }, when(e.recorded_at))),
       () => json(e.payload)))));
   };
-  await renderTask();
+  const first = await renderTask();
+  // A finished task's history is read in one request and drawn once.
+  if (first && ["completed", "failed"].includes(first.status)) {
+    const history = await attempt(() => api(`/v1/tasks/${id}/events`));
+    if (history) {
+      events.push(...history.events);
+      liveMark.textContent = "finished";
+      liveMark.dataset.finished = "true";
+      renderEvents();
+      return;
+    }
+  }
   // Live: the task's events over WebSocket (what happened first, then as it happens); the
   // server closes the socket when the task and its run are finished.
   const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/tasks/${id}/ws`);
   liveMark.textContent = "following live";
-  let pending = false;
+  // Redrawn at most every 150 ms while events arrive; the last drawing is the one at the end.
+  let timer = null;
   const refresh = () => {
-    if (pending) return;
-    pending = true;
-    setTimeout(() => { pending = false; renderEvents(); renderTask(); }, 150);
+    if (timer) return;
+    timer = setTimeout(() => { timer = null; renderEvents(); renderTask(); }, 150);
   };
   socket.onmessage = (msg) => {
     try { events.push(JSON.parse(msg.data).event); } catch (_) { return; }
     refresh();
   };
   socket.onclose = () => {
+    clearTimeout(timer);
+    timer = null;
     liveMark.textContent = "finished";
     liveMark.dataset.finished = "true";
     renderEvents();
     renderTask();
   };
-  state.live.push(() => { socket.onclose = null; socket.close(); });
+  state.live.push(() => { clearTimeout(timer); socket.onclose = null; socket.close(); });
 }
 
 // ---- conversations ---------------------------------------------------------------------------
