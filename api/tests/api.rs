@@ -2556,16 +2556,25 @@ async fn conversations(s: &Server, reader: &str) {
         no_reply: Some("a test message: no answer".into()),
     };
     bus.execute("chat-1", receive, meta()).await.unwrap();
-    let (status, list) = s
-        .call(GET, "/v1/conversations", &[], Some(reader), None)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{list}");
-    let chat = list["conversations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == "chat-1")
-        .unwrap_or_else(|| panic!("{list}"));
+    // The list is the streams view's: it shows the conversation once the view has caught up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let chat = loop {
+        let (status, list) = s
+            .call(GET, "/v1/conversations", &[], Some(reader), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        let found = list["conversations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == "chat-1")
+            .cloned();
+        if let Some(chat) = found {
+            break chat;
+        }
+        assert!(std::time::Instant::now() < deadline, "{list}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(
         (chat["channel"].as_str(), chat["message_count"].as_u64()),
         (Some("telegram"), Some(1))
