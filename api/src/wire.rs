@@ -200,6 +200,10 @@ pub struct TaskPage {
     pub tasks: Vec<TaskSummary>,
     /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
+    /// With `q`: how many tasks this page's search looked at (`null` without `q`). A page of
+    /// a search may hold fewer tasks than `limit`, even none, and still have a `next_cursor`:
+    /// the tasks after it are not searched yet.
+    pub searched: Option<usize>,
 }
 
 /// Filters of the task list.
@@ -218,6 +222,19 @@ pub struct TaskListQuery {
     pub subject: Option<String>,
     /// Only tasks from this channel.
     pub channel: Option<String>,
+    /// Only tasks created at or after this time (RFC 3339).
+    pub created_after: Option<DateTime<Utc>>,
+    /// Only tasks created before this time (RFC 3339).
+    pub created_before: Option<DateTime<Utc>>,
+    /// Only tasks whose id, workflow, requester, input, result or error hold every word of this
+    /// text (any case): 1 to 200 characters, not all white space. Inputs are sealed with their
+    /// person's key, so no index holds their words: a page is searched among the next 2,000
+    /// tasks at most (see `searched`), and `next_cursor` continues the search from there.
+    #[param(
+        max_length = 200,
+        pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$"
+    )]
+    pub q: Option<String>,
     /// From a previous page's `next_cursor`.
     #[param(pattern = r"^[0-9]{1,18}\.([2-7][0-9a-f])+$")]
     pub cursor: Option<String>,

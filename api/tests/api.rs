@@ -2001,6 +2001,84 @@ fn input_limits_and_strict_validation() {
             }
         }
         assert_eq!(ids.len(), 5);
+
+        // Search (the inputs are sealed: the server opens pages and keeps what matches) and a
+        // window of creation times.
+        let ana = s.create("assistant", "An invoice for Ana, 40 EUR").await;
+        let bob = s.create("assistant", "INVOICE for Bob").await;
+        s.create("assistant", "the weather today").await;
+        let (server, url) = (&s, &url);
+        let list = move |query: String| {
+            let s = server;
+            async move {
+                s.send(
+                    "/v1/tasks",
+                    s.client
+                        .get(format!("{url}?{query}"))
+                        .bearer_auth(&s.reader),
+                )
+                .await
+            }
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, page) = list("workflow=assistant".into()).await;
+            if page["tasks"].as_array().unwrap().len() == 8 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{page}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, found) = list("q=invoice".into()).await;
+        assert_eq!(status, StatusCode::OK, "{found}");
+        let found_ids: Vec<&str> = found["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(found_ids, [bob.as_str(), ana.as_str()], "newest first");
+        assert!(
+            found["searched"].as_u64().unwrap() >= 8,
+            "every task looked at: {found}"
+        );
+        assert_eq!(found["next_cursor"], Value::Null);
+        let (_, one) = list("q=invoice%20ANA".into()).await;
+        assert_eq!(one["tasks"][0]["id"], ana.as_str(), "{one}");
+        assert_eq!(one["tasks"].as_array().unwrap().len(), 1, "{one}");
+        let (_, by_id) = list(format!("q={ana}")).await;
+        assert_eq!(by_id["tasks"][0]["id"], ana.as_str(), "{by_id}");
+        // A page at a time: the search goes on after the page's last task.
+        let (_, first) = list("q=invoice&limit=1".into()).await;
+        assert_eq!(first["tasks"][0]["id"], bob.as_str(), "{first}");
+        let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+        let (_, second) = list(format!("q=invoice&limit=1&cursor={cursor}")).await;
+        assert_eq!(second["tasks"][0]["id"], ana.as_str(), "{second}");
+        let (_, none) = list("q=nothing%20like%20this".into()).await;
+        assert_eq!(none["tasks"], json!([]), "{none}");
+        // Without `q`, no `searched`.
+        let (_, plain) = list("limit=1".into()).await;
+        assert_eq!(plain["searched"], Value::Null, "{plain}");
+        // Times: the newest task's creation time splits the list.
+        let newest = plain["tasks"][0]["created_at"].as_str().unwrap().to_owned();
+        let newest = newest.replace('+', "%2B");
+        let (_, after) = list(format!("created_after={newest}")).await;
+        assert_eq!(after["tasks"].as_array().unwrap().len(), 1, "{after}");
+        let (_, before) = list(format!("created_before={newest}&q=invoice")).await;
+        assert_eq!(before["tasks"].as_array().unwrap().len(), 2, "{before}");
+        // A window that ends before it begins holds no task.
+        let (status, empty) =
+            list("created_after=2030-01-02T00:00:00Z&created_before=2030-01-01T00:00:00Z".into())
+                .await;
+        assert_eq!((status, &empty["tasks"]), (StatusCode::OK, &json!([])));
+        for bad in ["q=%20%20", "created_after=yesterday"] {
+            let (status, problem) = list(bad.into()).await;
+            assert_eq!(
+                (status, problem["code"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("invalid_query")),
+                "{bad}: {problem}"
+            );
+        }
         s.stop().await;
     });
 }

@@ -157,17 +157,30 @@ async fn wait_for_text(client: &Client, css: &str, text: &str) {
     }
 }
 
-async fn sign_in(client: &Client, base: &str, key: &str) {
-    client.goto(&format!("{base}/")).await.unwrap();
-    let input = wait_for(client, "#signin #key").await;
-    input.send_keys(key).await.unwrap();
+/// Opens a page of the console (`path` after `#/`).
+async fn visit(client: &Client, base: &str, path: &str) {
     client
-        .find(Locator::Css("#signin button[type=submit]"))
+        .goto(&format!("{base}/console/#/{path}"))
+        .await
+        .unwrap();
+}
+
+/// Clicks the element `css` names.
+async fn click(client: &Client, css: &str) {
+    client
+        .find(Locator::Css(css))
         .await
         .unwrap()
         .click()
         .await
         .unwrap();
+}
+
+async fn sign_in(client: &Client, base: &str, key: &str) {
+    client.goto(&format!("{base}/")).await.unwrap();
+    let input = wait_for(client, "#signin #key").await;
+    input.send_keys(key).await.unwrap();
+    click(client, "#signin button[type=submit]").await;
     wait_for(client, "#tasks").await;
 }
 
@@ -214,6 +227,38 @@ fn the_console_works_in_a_real_browser() {
             )
             .await;
         assert_eq!(status, StatusCode::CREATED);
+
+        // A fact in an agent's memory, searchable once the memory has indexed it.
+        let (status, fact) = s
+            .call(
+                reqwest::Method::POST,
+                "/v1/memories",
+                &[],
+                Some(&s.admin),
+                Some(
+                    json!({ "content": "The standup is at 9:30 in the Orion room",
+                             "scope": { "agent": "vox" } }),
+                ),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{fact}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, found) = s
+                .call(
+                    reqwest::Method::GET,
+                    "/v1/memories/search?q=standup&agent=vox",
+                    &[],
+                    Some(&s.admin),
+                    None,
+                )
+                .await;
+            if !found["hits"].as_array().unwrap().is_empty() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never indexed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
 
         // A chat as the Telegram channel leaves it.
         {
@@ -265,20 +310,8 @@ fn the_console_works_in_a_real_browser() {
             .send_keys("hello console")
             .await
             .unwrap();
-        client
-            .find(Locator::Css("#new-workflow option[value='assistant']"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        client
-            .find(Locator::Css("#new-task button[type=submit]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "#new-workflow option[value='assistant']").await;
+        click(&client, "#new-task button[type=submit]").await;
         wait_for(&client, "#live[data-finished='true']").await;
         wait_for_text(&client, "#task-summary", "completed").await;
         shot(&client, "task").await;
@@ -302,12 +335,24 @@ fn the_console_works_in_a_real_browser() {
         shot(&client, "timeline").await;
 
         // The task list shows it.
-        client
-            .goto(&format!("{base}/console/#/tasks"))
-            .await
-            .unwrap();
+        visit(&client, &base, "tasks").await;
         wait_for_text(&client, "#tasks", "hello console").await;
         shot(&client, "tasks").await;
+        // Searched for by its words (any case); no match, and a window with no task, said so.
+        wait_for(&client, "#f-q")
+            .await
+            .send_keys("HELLO")
+            .await
+            .unwrap();
+        click(&client, "#filters button[type=submit]").await;
+        wait_for_text(&client, "#searched", "searched").await;
+        wait_for_text(&client, "#tasks", "hello console").await;
+        visit(&client, &base, "tasks?q=no%20such%20words").await;
+        wait_for_text(&client, "#tasks", "No task matches").await;
+        visit(&client, &base, "tasks?from=2099-01-01T00%3A00").await;
+        wait_for_text(&client, "#tasks", "No task matches").await;
+        visit(&client, &base, "tasks?to=2099-01-01T00%3A00").await;
+        wait_for_text(&client, "#tasks", "hello console").await;
 
         // Operations: the dead job retried.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -325,10 +370,7 @@ fn the_console_works_in_a_real_browser() {
             assert!(std::time::Instant::now() < deadline, "the job never died");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        client
-            .goto(&format!("{base}/console/#/operations"))
-            .await
-            .unwrap();
+        visit(&client, &base, "operations").await;
         wait_for(&client, &format!("tr[data-job='{dead}'] button"))
             .await
             .click()
@@ -338,10 +380,7 @@ fn the_console_works_in_a_real_browser() {
         shot(&client, "operations").await;
 
         // Audit: an event's proof verified in the browser.
-        client
-            .goto(&format!("{base}/console/#/audit"))
-            .await
-            .unwrap();
+        visit(&client, &base, "audit").await;
         wait_for(&client, "#audit-events tbody tr button")
             .await
             .click()
@@ -349,12 +388,27 @@ fn the_console_works_in_a_real_browser() {
             .unwrap();
         wait_for_text(&client, "#audit-events .verify-result", "verified").await;
         shot(&client, "audit").await;
+        // By time: nothing was recorded in the future.
+        visit(&client, &base, "conversations").await;
+        wait_for(&client, "tr[data-conversation='chat-1']").await;
+        visit(&client, &base, "audit?from=2099-01-01T00%3A00").await;
+        wait_for(&client, "#audit-filters #a-from[value='2099-01-01T00:00']").await;
+        assert!(client
+            .find_all(Locator::Css("#audit-events tbody tr"))
+            .await
+            .unwrap()
+            .is_empty());
+
+        // The memory, searched within an agent's scope.
+        visit(&client, &base, "memory?q=standup&agent=vox").await;
+        wait_for_text(&client, "#memory-hits", "Orion room").await;
+        wait_for_text(&client, "#memory-hits", "agent vox").await;
+        shot(&client, "memory").await;
+        visit(&client, &base, "memory?q=standup&agent=scribe").await;
+        wait_for_text(&client, "#memory-hits", "Nothing remembered matches").await;
 
         // Conversations: the chat and its message.
-        client
-            .goto(&format!("{base}/console/#/conversations"))
-            .await
-            .unwrap();
+        visit(&client, &base, "conversations").await;
         wait_for(&client, "tr[data-conversation='chat-1'] a")
             .await
             .click()
@@ -364,24 +418,24 @@ fn the_console_works_in_a_real_browser() {
         shot(&client, "conversation").await;
 
         // A room's messages.
-        client
-            .goto(&format!("{base}/console/#/rooms/lab"))
-            .await
-            .unwrap();
+        visit(&client, &base, "rooms/lab").await;
         wait_for(&client, "#room-messages").await;
         shot(&client, "room").await;
 
         // A person: exported, then erased after confirming.
-        client
-            .goto(&format!("{base}/console/#/subjects"))
-            .await
-            .unwrap();
+        visit(&client, &base, "subjects").await;
         wait_for(&client, &format!("tr[data-subject='{ana}']")).await;
         shot(&client, "people").await;
-        client
-            .goto(&format!("{base}/console/#/subjects/{ana}"))
+        visit(&client, &base, &format!("subjects/{ana}")).await;
+        // A consent recorded from the page.
+        wait_for(&client, "#c-purpose")
+            .await
+            .send_keys("newsletter")
             .await
             .unwrap();
+        click(&client, "#consent button[type=submit]").await;
+        wait_for_text(&client, "#notice.info", "newsletter was recorded as given").await;
+        wait_for_text(&client, "#consents", "console").await;
         wait_for(&client, "#export").await.click().await.unwrap();
         wait_for_text(&client, "#notice.info", "export was downloaded").await;
         wait_for(&client, "#erase").await.click().await.unwrap();
@@ -403,10 +457,7 @@ fn the_console_works_in_a_real_browser() {
 
         // A phone's width: nothing wider than the screen.
         client.set_window_size(390, 844).await.unwrap();
-        client
-            .goto(&format!("{base}/console/#/tasks"))
-            .await
-            .unwrap();
+        visit(&client, &base, "tasks").await;
         wait_for_text(&client, "#tasks", "completed").await;
         let fits = client
             .execute(
@@ -420,13 +471,7 @@ fn the_console_works_in_a_real_browser() {
         client.set_window_size(1280, 900).await.unwrap();
 
         // A key that may only read tasks: no operations, no new task, no people.
-        client
-            .find(Locator::Css("#who button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "#who button").await;
         wait_for(&client, "#signin").await;
         sign_in(&client, &base, &s.reader).await;
         let nav = client

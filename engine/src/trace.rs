@@ -44,15 +44,15 @@ pub fn follow(span: &tracing::Span, traceparent: &str) {
     }
 }
 
-/// The trace id (32 hex digits) of a `traceparent`.
-pub fn trace_id(traceparent: &str) -> Option<&str> {
-    let id = traceparent.split('-').nth(1)?;
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The trace id (32 hex digits) of a `traceparent`.
+    fn trace_id(traceparent: &str) -> Option<&str> {
+        let id = traceparent.split('-').nth(1)?;
+        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+    }
 
     #[test]
     fn without_a_layer_there_is_no_trace_and_following_one_is_harmless() {

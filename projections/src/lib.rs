@@ -15,8 +15,8 @@ use stele_engine::projection::Projection;
 pub use api_keys::{list_keys, ApiKeysView, KeyRow};
 pub use streams::{list_streams, StreamRow, StreamsView};
 pub use tasks::{
-    finished_tasks, get_task_row, list_tasks, TaskPage, TaskQuery, TaskRow, TaskViewError,
-    TasksView, MAX_LIMIT,
+    encode_cursor as task_cursor, finished_tasks, get_task_row, list_tasks, TaskPage, TaskQuery,
+    TaskRow, TaskViewError, TasksView, MAX_LIMIT,
 };
 
 /// The projections Stele runs.

@@ -339,8 +339,8 @@ async fn filters_select_tasks(store: &Store) {
         workflow: workflow.map(str::to_owned),
         subject: requester.map(|user| format!("subject-{user}")),
         channel: channel.map(str::to_owned),
-        cursor: None,
         limit: 50,
+        ..TaskQuery::default()
     };
     let cases: [(TaskQuery, &[&str]); 10] = [
         (
@@ -440,6 +440,66 @@ async fn pages_follow_the_cursor(store: &Store) {
         seen.len(),
         "no duplicates"
     );
+}
+
+async fn a_time_window_selects_tasks_by_creation(store: &Store) {
+    let runner = runner(store, 1).await;
+    for i in 0..6 {
+        create(store, &format!("w-{i}"), "ana", "api", None).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    drain(&runner).await;
+    let all = list(store, query(50)).await;
+    assert_eq!(all.tasks.len(), 6);
+    let (from, to) = (all.tasks[4].created_at, all.tasks[1].created_at);
+    let window = list(
+        store,
+        TaskQuery {
+            created_after: Some(from),
+            created_before: Some(to),
+            ..query(50)
+        },
+    )
+    .await;
+    let expected: Vec<&str> = all
+        .tasks
+        .iter()
+        .filter(|t| t.created_at >= from && t.created_at < to)
+        .map(|t| t.task_id.as_str())
+        .collect();
+    assert_eq!(ids(&window), expected);
+    assert_eq!(ids(&window), ["w-3", "w-2", "w-1"]);
+    // Paged, the window holds: its cursor keeps the bounds.
+    let first = list(
+        store,
+        TaskQuery {
+            created_after: Some(from),
+            ..query(2)
+        },
+    )
+    .await;
+    assert_eq!(ids(&first), ["w-5", "w-4"]);
+    let second = list(
+        store,
+        TaskQuery {
+            created_after: Some(from),
+            cursor: first.next_cursor,
+            ..query(2)
+        },
+    )
+    .await;
+    assert_eq!(ids(&second), ["w-3", "w-2"]);
+    let last = list(
+        store,
+        TaskQuery {
+            created_after: Some(from),
+            cursor: second.next_cursor,
+            ..query(2)
+        },
+    )
+    .await;
+    assert_eq!(ids(&last), ["w-1"]);
+    assert_eq!(last.next_cursor, None);
 }
 
 async fn limits_are_clamped_and_bad_cursors_refused(store: &Store) {
@@ -597,6 +657,7 @@ for_each_backend!(
     a_task_is_followed_through_its_lifecycle,
     filters_select_tasks,
     pages_follow_the_cursor,
+    a_time_window_selects_tasks_by_creation,
     limits_are_clamped_and_bad_cursors_refused,
     a_rebuild_equals_the_live_view,
 );

@@ -11,16 +11,11 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 use stele_aggregates::api_key::Scope;
-use stele_api::gate::KeyGate;
-use stele_api::keys::KeyService;
-use stele_api::ratelimit::{RateLimit, RateLimiter};
-use stele_api::state::AppState;
 use stele_engine::projection::ProjectionRunner;
 use stele_engine::store::{Migrate, Store};
-use stele_engine::CommandMeta;
 use tokio::sync::Mutex;
 
-use super::{Latency, Machine, Scratch};
+use super::{ApiServer, Latency, Machine, Scratch};
 use crate::node::WorkflowArgs;
 
 #[derive(Args)]
@@ -179,35 +174,14 @@ async fn measure(
         .runtime_with(&store, Some(private.subjects.clone()))
         .await?;
     let runner = Arc::new(ProjectionRunner::new(&store, stele_projections::all()));
-    let keys = Arc::new(KeyService::new(&store));
-    let key = keys
-        .create(
-            "bench",
-            vec![Scope::TasksRead, Scope::TasksWrite],
-            "bench",
-            CommandMeta::new("bench", "bench"),
-        )
-        .await?
-        .token;
-    // Limits high enough not to interfere: the figure is the server's, not the limiter's.
-    let limiter = RateLimiter::in_process(RateLimit {
-        per_second: 1e9,
-        burst: u32::MAX,
-    })?;
-    let gate = Arc::new(KeyGate {
-        keys: keys.clone(),
-        limiter: Arc::new(limiter),
-    });
-    let state = AppState::new(&store, runtime, runner, gate)
-        .with_task_cache(100_000, Some(keys))
-        .await;
-    let app = stele_api::server::app(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(stele_api::server::serve(listener, app, async {
-        let _ = stopped.await;
-    }));
+    let api = ApiServer::start(
+        &store,
+        runtime,
+        runner,
+        vec![Scope::TasksRead, Scope::TasksWrite],
+    )
+    .await?;
+    let (base, key) = (api.base.clone(), api.key.clone());
     if use_wrk {
         let post = format!(
             "wrk.method = \"POST\"\nwrk.headers[\"Authorization\"] = \"Bearer {key}\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{{\"input\": \"hello\", \"workflow\": \"assistant\"}}'\n"
@@ -242,8 +216,7 @@ async fn measure(
             &get,
         )
         .await?;
-        let _ = stop.send(());
-        server.await??;
+        api.stop().await?;
         store.close().await;
         return Ok(vec![create, read]);
     }
@@ -294,8 +267,7 @@ async fn measure(
         })
         .await
     };
-    let _ = stop.send(());
-    server.await??;
+    api.stop().await?;
     store.close().await;
     Ok(vec![create, read])
 }

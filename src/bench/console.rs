@@ -17,10 +17,6 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use stele_aggregates::api_key::Scope;
 use stele_aggregates::task::{Requester, TaskInput};
-use stele_api::gate::KeyGate;
-use stele_api::keys::KeyService;
-use stele_api::ratelimit::{RateLimit, RateLimiter};
-use stele_api::state::AppState;
 use stele_engine::log::{subscribe, SubscriptionOptions};
 use stele_engine::process::as_projection;
 use stele_engine::projection::ProjectionRunner;
@@ -29,7 +25,7 @@ use stele_engine::store::{Migrate, Store};
 use stele_engine::{CommandMeta, Position};
 use stele_workflows::runtime::QUEUE;
 
-use super::{Latency, Machine, Scratch, Targets};
+use super::{ApiServer, Latency, Machine, Scratch, Targets};
 use crate::node::WorkflowArgs;
 
 #[derive(Args)]
@@ -149,34 +145,8 @@ async fn measure(
     let seconds_to_seed = seeding.elapsed().as_secs_f64();
     tracing::info!(backend, seconds_to_seed, "seeded; measuring");
 
-    let keys = Arc::new(KeyService::new(&store));
-    let key = keys
-        .create(
-            "bench",
-            vec![Scope::Admin],
-            "bench",
-            CommandMeta::new("bench", "bench"),
-        )
-        .await?
-        .token;
-    let limiter = RateLimiter::in_process(RateLimit {
-        per_second: 1e9,
-        burst: u32::MAX,
-    })?;
-    let gate = Arc::new(KeyGate {
-        keys: keys.clone(),
-        limiter: Arc::new(limiter),
-    });
-    let state = AppState::new(&store, runtime.clone(), runner, gate)
-        .with_task_cache(100_000, Some(keys))
-        .await;
-    let app = stele_api::server::app(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(stele_api::server::serve(listener, app, async {
-        let _ = stopped.await;
-    }));
+    let api = ApiServer::start(&store, runtime.clone(), runner, vec![Scope::Admin]).await?;
+    let (base, key) = (api.base.clone(), api.key.clone());
     let client = reqwest::Client::new();
     let get = |path: String| {
         let (client, base, key) = (client.clone(), base.clone(), key.clone());
@@ -241,8 +211,7 @@ async fn measure(
         }
         _ => None,
     };
-    let _ = stop.send(());
-    server.await??;
+    api.stop().await?;
     store.close().await;
     Ok(Figure {
         backend,

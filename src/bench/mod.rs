@@ -221,3 +221,69 @@ impl Latency {
         }
     }
 }
+
+/// An API server on loopback for the benchmarks, with one key of the given scopes and the task
+/// cache on. Its rate limits are too high to interfere: the figures are the server's, not the
+/// limiter's.
+pub struct ApiServer {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// The key's token.
+    pub key: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl ApiServer {
+    pub async fn start(
+        store: &stele_engine::store::Store,
+        runtime: std::sync::Arc<stele_workflows::runtime::Runtime>,
+        runner: std::sync::Arc<stele_engine::projection::ProjectionRunner>,
+        scopes: Vec<stele_aggregates::api_key::Scope>,
+    ) -> anyhow::Result<Self> {
+        use std::sync::Arc;
+        use stele_api::ratelimit::{RateLimit, RateLimiter};
+
+        let keys = Arc::new(stele_api::keys::KeyService::new(store));
+        let key = keys
+            .create(
+                "bench",
+                scopes,
+                "bench",
+                stele_engine::CommandMeta::new("bench", "bench"),
+            )
+            .await?
+            .token;
+        let limiter = RateLimiter::in_process(RateLimit {
+            per_second: 1e9,
+            burst: u32::MAX,
+        })?;
+        let gate = Arc::new(stele_api::gate::KeyGate {
+            keys: keys.clone(),
+            limiter: Arc::new(limiter),
+        });
+        let state = stele_api::state::AppState::new(store, runtime, runner, gate)
+            .with_task_cache(100_000, Some(keys))
+            .await;
+        let app = stele_api::server::app(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(stele_api::server::serve(listener, app, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            base,
+            key,
+            stop,
+            server,
+        })
+    }
+
+    /// Stops the server, once its requests in flight are answered.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.server.await??;
+        Ok(())
+    }
+}

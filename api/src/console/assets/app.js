@@ -207,22 +207,35 @@ function signInPage() {
 
 // ---- tasks -----------------------------------------------------------------------------------
 
+// A datetime-local input's value (the browser's time zone) as RFC 3339, or "" when empty.
+function instant(local) {
+  if (!local) return "";
+  const d = new Date(local);
+  return Number.isNaN(d.getTime()) ? "" : d.toISOString();
+}
+
 async function tasksPage() {
   const params = hashParams();
+  const field = (name) => params.get(name) || "";
   const filters = {
-    status: params.get("status") || "", workflow: params.get("workflow") || "",
-    channel: params.get("channel") || "", requester: params.get("requester") || "",
-    cursor: params.get("cursor") || "",
+    status: field("status"), workflow: field("workflow"), channel: field("channel"),
+    requester: field("requester"), from: field("from"), to: field("to"), q: field("q"),
+    cursor: field("cursor"),
   };
   const workflows = (await attempt(() => api("/v1/workflows"))) || [];
   const select = (name, options, value) => h("select", { name, id: `f-${name}` },
     h("option", { value: "" }, "any"), ...options.map((o) => h("option", { value: o, selected: o === value }, o)));
+  const input = (name, label, attrs) => h("label", { for: `f-${name}` }, label,
+    h("input", { id: `f-${name}`, name, value: filters[name], ...attrs }));
   const form = h("form", { class: "inline", id: "filters", role: "search" },
+    input("q", "Search", { type: "search", size: 18, maxlength: 200, placeholder: "words in the task" }),
     h("label", { for: "f-status" }, "Status", select("status",
-      ["pending", "running", "waiting", "completed", "failed", "cancelled"], filters.status)),
+      ["pending", "routing", "executing", "completed", "failed", "cancelled"], filters.status)),
     h("label", { for: "f-workflow" }, "Workflow", select("workflow", workflows.map((w) => w.name), filters.workflow)),
-    h("label", { for: "f-channel" }, "Channel", h("input", { id: "f-channel", name: "channel", value: filters.channel, size: 10 })),
-    h("label", { for: "f-requester" }, "Requester", h("input", { id: "f-requester", name: "requester", value: filters.requester, size: 14 })),
+    input("channel", "Channel", { size: 10 }),
+    input("requester", "Requester", { size: 14 }),
+    input("from", "Created from", { type: "datetime-local" }),
+    input("to", "until", { type: "datetime-local" }),
     h("button", { type: "submit" }, "Filter"));
   form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -234,27 +247,37 @@ async function tasksPage() {
   const children = [form, table, pager];
   if (can("tasks:write")) children.unshift(newTaskForm(workflows));
   page("Tasks", ...children);
+  const request = {
+    status: filters.status, workflow: filters.workflow, channel: filters.channel,
+    requester: filters.requester, created_after: instant(filters.from),
+    created_before: instant(filters.to), q: filters.q.trim(), cursor: filters.cursor, limit: 50,
+  };
   const load = async () => {
-    const data = await attempt(() => api(`/v1/tasks${query({ ...filters, limit: 50 })}`));
+    const data = await attempt(() => api(`/v1/tasks${query(request)}`));
     if (!data) return;
+    const none = data.next_cursor ? "No task matches among these; search further below." : "No task matches.";
     table.replaceChildren(h("table", { id: "tasks" },
       h("thead", {}, h("tr", {}, h("th", {}, "Task"), h("th", {}, "Status"), h("th", {}, "Workflow"),
-        h("th", { class: "wide" }, "Requester"), h("th", { class: "wide" }, "Input"), h("th", {}, "Updated"))),
+        h("th", { class: "wide" }, "Requester"), h("th", { class: "wide" }, "Input"), h("th", {}, "Created"), h("th", {}, "Updated"))),
       h("tbody", {}, data.tasks.length === 0
-        ? h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No task matches."))
+        ? h("tr", {}, h("td", { colspan: 7, class: "muted" }, none))
         : data.tasks.map((t) => h("tr", { "data-task": t.id },
           h("td", {}, h("a", { href: `#/tasks/${t.id}`, class: "mono" }, short(t.id))),
           h("td", {}, status(t.status)),
           h("td", {}, t.workflow || ""),
           h("td", { class: "wide" }, `${t.requester.channel}:${t.requester.user_id}`),
           h("td", { class: "wide" }, t.input.length > 80 ? `${t.input.slice(0, 80)}…` : t.input),
+          h("td", {}, when(t.created_at)),
           h("td", {}, when(t.updated_at)))))));
-    pager.replaceChildren(data.next_cursor
-      ? h("a", { href: `#/tasks${query({ ...filters, cursor: data.next_cursor })}` }, "Next page")
+    const searched = data.searched === null || data.searched === undefined ? null
+      : h("span", { class: "muted", id: "searched" }, `${data.searched} ${data.searched === 1 ? "task" : "tasks"} searched. `);
+    pager.replaceChildren(searched, data.next_cursor
+      ? h("a", { href: `#/tasks${query({ ...filters, cursor: data.next_cursor })}` }, request.q ? "Search further" : "Next page")
       : h("span", { class: "muted" }, "Last page"));
   };
   await load();
-  every(2000, load);
+  // A search's page stays as found; the list follows new tasks and changes.
+  if (!request.q) every(2000, load);
 }
 
 function newTaskForm(workflows) {
@@ -564,17 +587,30 @@ async function operationsPage() {
 
 async function auditPage() {
   const params = hashParams();
-  const filters = { stream: params.get("stream") || "", actor: params.get("actor") || "", after: params.get("after") || "" };
-  const form = h("form", { class: "inline", role: "search" },
-    h("label", { for: "a-stream" }, "Stream", h("input", { id: "a-stream", name: "stream", value: filters.stream, placeholder: "task or task/<id>" })),
-    h("label", { for: "a-actor" }, "Actor", h("input", { id: "a-actor", name: "actor", value: filters.actor })),
+  const field = (name) => params.get(name) || "";
+  const filters = {
+    stream: field("stream"), actor: field("actor"), task: field("task"), subject: field("subject"),
+    from: field("from"), to: field("to"), after: field("after"),
+  };
+  const input = (name, label, attrs) => h("label", { for: `a-${name}` }, label,
+    h("input", { id: `a-${name}`, name, value: filters[name], ...attrs }));
+  const form = h("form", { class: "inline", role: "search", id: "audit-filters" },
+    input("stream", "Stream", { placeholder: "task or task/<id>" }),
+    input("actor", "Actor", { size: 14 }),
+    input("task", "Task", { size: 14 }),
+    input("subject", "Person", { size: 14 }),
+    input("from", "Recorded from", { type: "datetime-local" }),
+    input("to", "until", { type: "datetime-local" }),
     h("button", { type: "submit" }, "Filter"));
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     location.hash = `#/audit${query(Object.fromEntries(new FormData(form).entries()))}`;
   });
   const checkpoints = await attempt(() => api("/v1/audit/checkpoints"));
-  const data = await attempt(() => api(`/v1/audit/events${query({ ...filters, limit: 100 })}`));
+  const data = await attempt(() => api(`/v1/audit/events${query({
+    stream: filters.stream, actor: filters.actor, task: filters.task, subject: filters.subject,
+    since: instant(filters.from), until: instant(filters.to), after: filters.after, limit: 100,
+  })}`));
   const vkey = checkpoints ? checkpoints.verifier_key : null;
   const rows = data ? data.events.map((e) => {
     const result = h("span", { class: "verify-result" });
@@ -634,33 +670,73 @@ async function subjectPage(id) {
       h("div", { class: "card" }, h("b", {}, "Identifiers"), s.identifiers.length ? s.identifiers.join(", ") : "none (erased)"),
       h("div", { class: "card", id: "subject-state" }, h("b", {}, "State"), s.erased ? status("erased") : s.minor ? "minor" : "active")),
     h("h2", {}, "Consents"),
-    s.consents.length === 0 ? h("p", { class: "muted" }, "None recorded.") : h("table", {}, h("tbody", {}, s.consents.map((c) =>
-      h("tr", {}, h("td", {}, c.purpose), h("td", {}, c.given ? "given" : "withdrawn"), h("td", {}, when(c.at)))))),
+    s.consents.length === 0 ? h("p", { class: "muted" }, "None recorded.") : h("table", { id: "consents" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Purpose"), h("th", {}, "State"), h("th", {}, "By"), h("th", {}, "Through"), h("th", {}, "When"))),
+      h("tbody", {}, s.consents.map((c) => h("tr", {}, h("td", {}, c.purpose), h("td", {}, c.given ? "given" : "withdrawn"),
+        h("td", {}, c.guardian ? `guardian ${c.guardian}` : "the person"), h("td", {}, c.channel), h("td", {}, when(c.at)))))),
+    can("subjects:write") && !s.erased ? consentForm(id) : null,
     can("subjects:read") ? buttons : null);
+}
+
+// Records a consent the person gave or withdrew (by mail, on paper, on the phone) from the page.
+function consentForm(id) {
+  const purpose = h("input", { id: "c-purpose", name: "purpose", required: true, size: 14,
+    pattern: "[a-z][a-z0-9_\\-]{0,63}", title: "a letter, then letters, digits, - or _", placeholder: "processing" });
+  const given = h("select", { id: "c-given", name: "given" },
+    h("option", { value: "true" }, "given"), h("option", { value: "false" }, "withdrawn"));
+  const guardian = h("input", { id: "c-guardian", name: "guardian", size: 16, maxlength: 200, placeholder: "the person" });
+  const form = h("form", { class: "inline", id: "consent" },
+    h("label", { for: "c-purpose" }, "Purpose", purpose),
+    h("label", { for: "c-given" }, "Consent", given),
+    h("label", { for: "c-guardian" }, "Given by (guardian)", guardian),
+    h("button", { type: "submit" }, "Record consent"));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = { purpose: purpose.value.trim(), given: given.value === "true", channel: "console" };
+    if (guardian.value.trim()) body.guardian = guardian.value.trim();
+    const done = await attempt(() => api(`/v1/subjects/${id}/consents`, { method: "POST", body }));
+    if (done) { await subjectPage(id); notice(`The consent to ${body.purpose} was recorded as ${body.given ? "given" : "withdrawn"}.`, "info"); }
+  });
+  return h("div", {}, h("h2", {}, "Record a consent"), form);
 }
 
 // ---- memory ----------------------------------------------------------------------------------
 
+const MEMORY_FILTERS = [
+  ["subject", "Person"], ["agent", "Agent"], ["conversation", "Conversation"],
+  ["workflow", "Workflow"], ["tenant", "Tenant"],
+];
+
 async function memoryPage() {
   const params = hashParams();
   const q = params.get("q") || "";
-  const form = h("form", { class: "inline", role: "search" },
+  const mode = params.get("mode") || "hybrid";
+  const at = params.get("at") || "";
+  const form = h("form", { class: "inline", role: "search", id: "memory-search" },
     h("label", { for: "m-q" }, "Search", h("input", { id: "m-q", name: "q", value: q, required: true, size: 40 })),
-    h("label", { for: "m-subject" }, "Person", h("input", { id: "m-subject", name: "subject", value: params.get("subject") || "" })),
-    h("label", { for: "m-workflow" }, "Workflow", h("input", { id: "m-workflow", name: "workflow", value: params.get("workflow") || "" })),
+    ...MEMORY_FILTERS.map(([name, label]) => h("label", { for: `m-${name}` }, label,
+      h("input", { id: `m-${name}`, name, value: params.get(name) || "", size: 12 }))),
+    h("label", { for: "m-mode" }, "By", h("select", { id: "m-mode", name: "mode" },
+      ...[["hybrid", "meaning and words"], ["dense", "meaning"], ["text", "words"]].map(([value, label]) =>
+        h("option", { value, selected: value === mode }, label)))),
+    h("label", { for: "m-at" }, "True at", h("input", { id: "m-at", name: "at", type: "datetime-local", value: at })),
     h("button", { type: "submit" }, "Search"));
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     location.hash = `#/memory${query(Object.fromEntries(new FormData(form).entries()))}`;
   });
-  const results = h("div", {});
+  const results = h("div", { id: "memory-hits" });
   page("Memory", form, results);
   if (!q) return;
-  const data = await attempt(() => api(`/v1/memories/search${query({ q, subject: params.get("subject"), workflow: params.get("workflow") })}`));
+  const scope = Object.fromEntries(MEMORY_FILTERS.map(([name]) => [name, params.get(name)]));
+  const data = await attempt(() => api(`/v1/memories/search${query({ q, ...scope, mode, at: instant(at) })}`));
   if (!data) return;
+  const scopeText = (s) => Object.entries(s).filter(([, v]) => v).map(([k, v]) => `${k} ${v}`).join(", ");
   results.replaceChildren(data.hits.length === 0 ? h("p", { class: "muted" }, "Nothing remembered matches.")
-    : h("div", {}, data.hits.map((hit) => h("div", { class: "card" },
+    : h("div", {}, data.hits.map((hit) => h("div", { class: "card", "data-memory": hit.memory_id },
       h("b", {}, `${hit.kind} · score ${hit.score.toFixed(3)}`), hit.content,
+      h("div", { class: "muted" }, [scopeText(hit.scope), hit.tags.length ? `tags ${hit.tags.join(", ")}` : "",
+        `true from ${when(hit.valid_from)}${hit.valid_until ? ` until ${when(hit.valid_until)}` : ""}`].filter(Boolean).join(" · ")),
       h("div", { class: "muted" }, "From ", h("a", { href: `#/audit${query({ after: hit.position - 1 })}` }, `event ${hit.position}`),
         hit.sources.length ? ` (${hit.sources.join(", ")})` : "")))));
 }
