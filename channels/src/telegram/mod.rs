@@ -53,6 +53,11 @@ pub const QUEUE: &str = "channels";
 pub const PROGRESS_QUEUE: &str = "channels-progress";
 /// The process manager's name (its checkpoint).
 pub const MANAGER: &str = "telegram-channel";
+
+/// Chats whose state is kept between commands, and for how long: states hold people's data in
+/// the clear, so not for long.
+const STATES: u64 = 10_000;
+const STATES_TTL: Duration = Duration::from_secs(5);
 /// The access list's stream id for Telegram.
 pub const ACCESS_LIST: &str = "telegram";
 
@@ -205,6 +210,7 @@ impl Telegram {
             .ok_or_else(|| {
                 anyhow::anyhow!("the Telegram token is not a bot token (<bot id>:<secret>)")
             })?;
+        let manager = Arc::new(ChannelManager::new(&bot_id, &config.pipeline));
         Ok(Telegram {
             configured: config.allow.iter().map(|id| id.trim().to_owned()).collect(),
             users: outbox::UserLimit::new(config.per_user_per_minute),
@@ -212,7 +218,11 @@ impl Telegram {
             bot_id,
             runtime,
             subjects,
-            conversations: CommandBus::new(store.log.clone(), ()),
+            // What the channel records becomes its jobs in the same commit (the manager passes
+            // those events by); recent chats' states spare a replay of their streams per command.
+            conversations: CommandBus::new(store.log.clone(), ())
+                .with_reactor(manager)
+                .with_state_cache(STATES, STATES_TTL),
             access: CommandBus::new(store.log.clone(), ()),
             pool: store.pool.clone(),
             log: store.log.clone(),
@@ -252,10 +262,7 @@ impl Telegram {
 
     /// The process manager that turns this bot's messages and replies into jobs.
     pub fn manager(self: &Arc<Self>) -> Arc<dyn ProcessManager> {
-        Arc::new(ChannelManager {
-            prefix: format!("telegram:{}:", self.bot_id),
-            pipeline: self.config.pipeline.clone(),
-        })
+        Arc::new(ChannelManager::new(&self.bot_id, &self.config.pipeline))
     }
 
     /// Adds the channel's job handlers to a worker of [`QUEUE`].
@@ -340,6 +347,15 @@ struct ChannelManager {
     prefix: String,
     /// Tasks on this workflow get a status message.
     pipeline: String,
+}
+
+impl ChannelManager {
+    fn new(bot_id: &str, pipeline: &str) -> Self {
+        ChannelManager {
+            prefix: format!("telegram:{bot_id}:"),
+            pipeline: pipeline.to_owned(),
+        }
+    }
 }
 
 impl ProcessManager for ChannelManager {

@@ -260,7 +260,8 @@ impl Runtime {
             runs: CommandBus::new(store.log.clone(), decider)
                 .with_reactor(Arc::new(Manager))
                 .with_state_cache(STATES, STATES_TTL),
-            conversations: CommandBus::new(store.log.clone(), ()),
+            conversations: CommandBus::new(store.log.clone(), ())
+                .with_state_cache(STATES, STATES_TTL),
             schedules: CommandBus::new(store.log.clone(), ())
                 .with_reactor(Arc::new(ScheduleManager)),
             role_models: CommandBus::new(store.log.clone(), ()),
