@@ -446,6 +446,7 @@ async fn a_time_window_selects_tasks_by_creation(store: &Store) {
     let runner = runner(store, 1).await;
     for i in 0..6 {
         create(store, &format!("w-{i}"), "ana", "api", None).await;
+        // Creation times come from the store's clock: apart, so the window's bounds split them.
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     drain(&runner).await;
