@@ -338,6 +338,29 @@ fn the_console_works_in_a_real_browser() {
         visit(&client, &base, "tasks").await;
         wait_for_text(&client, "#tasks", "hello console").await;
         shot(&client, "tasks").await;
+        // Opened quickly one after the other, the list and then the task: the list's answers
+        // come late and must not draw the list over the task.
+        let id = wait_for(&client, "#tasks tr[data-task]")
+            .await
+            .attr("data-task")
+            .await
+            .unwrap()
+            .unwrap();
+        client
+            .execute(
+                "const id = arguments[0];
+                 addEventListener('hashchange', () => { location.hash = `#/tasks/${id}`; }, { once: true });
+                 location.hash = '#/tasks?status=completed';",
+                vec![json!(id)],
+            )
+            .await
+            .unwrap();
+        wait_for(&client, "#live[data-finished='true']").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(client.find(Locator::Css("#live")).await.is_ok());
+        assert!(client.find(Locator::Css("#tasks")).await.is_err());
+        visit(&client, &base, "tasks").await;
+        wait_for_text(&client, "#tasks", "hello console").await;
         // Searched for by its words (any case); no match, and a window with no task, said so.
         wait_for(&client, "#f-q")
             .await

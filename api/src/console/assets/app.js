@@ -2,7 +2,9 @@
 // CSRF token for changes). Every text from the server is set as text, never as markup.
 "use strict";
 
-const state = { session: null, live: [] };
+// `shown` counts the pages opened: an answer that comes back after another page was opened is
+// for a page no longer on screen and is let go (it would otherwise draw that page over this one).
+const state = { session: null, live: [], shown: 0 };
 
 // ---- helpers ---------------------------------------------------------------------------------
 
@@ -69,8 +71,21 @@ function sentence(text) {
   return /[.!?]$/.test(first) ? first : `${first}.`;
 }
 
-// Calls the API; answers the JSON body, or throws a Problem with a readable sentence.
+// Calls the API; answers the JSON body, or throws a Problem with a readable sentence. An answer
+// that arrives once another page is open never settles: the page that asked is gone.
 async function api(path, options = {}) {
+  const shown = state.shown;
+  const gone = () => shown !== state.shown;
+  try {
+    const body = await call(path, options);
+    return gone() ? new Promise(() => {}) : body;
+  } catch (e) {
+    if (gone()) return new Promise(() => {});
+    throw e;
+  }
+}
+
+async function call(path, options) {
   const init = { method: options.method || "GET", headers: {}, credentials: "same-origin" };
   if (options.body !== undefined) {
     init.headers["Content-Type"] = "application/json";
@@ -744,6 +759,7 @@ async function memoryPage() {
 // ---- routing ---------------------------------------------------------------------------------
 
 async function route() {
+  state.shown += 1;
   stopLive();
   notice(null);
   const path = location.hash.slice(1).split("?")[0] || "/tasks";
