@@ -5,6 +5,7 @@
 //! Each backend ([`super::candle`], [`super::tch`]) only turns a padded batch of token ids into
 //! mean-pooled vectors; everything else is here, so the backends cannot drift apart.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
@@ -69,17 +70,13 @@ pub(super) struct Batch {
 pub(super) struct Folder {
     pub path: PathBuf,
     pub weights: PathBuf,
-    /// `config.json`, for the backend to read the fields it needs.
-    pub config_path: PathBuf,
     pub config: BertConfig,
     pub max_seq_length: usize,
     pub name: String,
 }
 
-/// The fields of `config.json` the backends use (candle reads the file itself as well).
+/// The fields of `config.json` the backends use.
 #[derive(Debug, Clone, Deserialize)]
-// The layer count, norm epsilon and activation are read by the tch backend only.
-#[cfg_attr(not(feature = "tch"), allow(dead_code))]
 pub(super) struct BertConfig {
     pub hidden_size: usize,
     pub num_attention_heads: usize,
@@ -89,6 +86,92 @@ pub(super) struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
+}
+
+/// The GELU of the feed-forward layers, as `hidden_act` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gelu {
+    /// The exact one, with the error function (BERT's `gelu`).
+    Erf,
+    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    Tanh,
+}
+
+impl BertConfig {
+    pub fn gelu(&self, backend: &'static str) -> Result<Gelu, EmbeddingError> {
+        match self.hidden_act.as_str() {
+            "gelu" => Ok(Gelu::Erf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_approximate" => Ok(Gelu::Tanh),
+            other => Err(EmbeddingError::Backend {
+                backend,
+                source: format!("unsupported hidden_act `{other}`").into(),
+            }),
+        }
+    }
+}
+
+/// A checkpoint's tensors by name, taken out one by one as a backend assembles its BERT.
+pub(super) struct Weights<T> {
+    backend: &'static str,
+    tensors: HashMap<String, T>,
+}
+
+/// One encoder layer's tensors, each a `(weight, bias)` pair.
+pub(super) struct LayerWeights<T> {
+    pub query: (T, T),
+    pub key: (T, T),
+    pub value: (T, T),
+    pub attention_out: (T, T),
+    pub attention_norm: (T, T),
+    pub intermediate: (T, T),
+    pub output: (T, T),
+    pub output_norm: (T, T),
+}
+
+impl<T> Weights<T> {
+    pub fn new(backend: &'static str, tensors: impl IntoIterator<Item = (String, T)>) -> Self {
+        let tensors = tensors
+            .into_iter()
+            // Checkpoints saved from a model with a head prefix their encoder's names.
+            .map(|(name, tensor)| match name.strip_prefix("bert.") {
+                Some(short) => (short.to_owned(), tensor),
+                None => (name, tensor),
+            })
+            .collect();
+        Self { backend, tensors }
+    }
+
+    pub fn take(&mut self, name: &str) -> Result<T, EmbeddingError> {
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| EmbeddingError::Backend {
+                backend: self.backend,
+                source: format!("the weights have no tensor `{name}`").into(),
+            })
+    }
+
+    /// `{prefix}.weight` and `{prefix}.bias`.
+    pub fn pair(&mut self, prefix: &str) -> Result<(T, T), EmbeddingError> {
+        Ok((
+            self.take(&format!("{prefix}.weight"))?,
+            self.take(&format!("{prefix}.bias"))?,
+        ))
+    }
+
+    /// The tensors of encoder layer `index`.
+    pub fn layer(&mut self, index: usize) -> Result<LayerWeights<T>, EmbeddingError> {
+        let prefix = format!("encoder.layer.{index}");
+        Ok(LayerWeights {
+            query: self.pair(&format!("{prefix}.attention.self.query"))?,
+            key: self.pair(&format!("{prefix}.attention.self.key"))?,
+            value: self.pair(&format!("{prefix}.attention.self.value"))?,
+            attention_out: self.pair(&format!("{prefix}.attention.output.dense"))?,
+            attention_norm: self.pair(&format!("{prefix}.attention.output.LayerNorm"))?,
+            intermediate: self.pair(&format!("{prefix}.intermediate.dense"))?,
+            output: self.pair(&format!("{prefix}.output.dense"))?,
+            output_norm: self.pair(&format!("{prefix}.output.LayerNorm"))?,
+        })
+    }
 }
 
 fn default_layer_norm_eps() -> f64 {
@@ -309,7 +392,6 @@ impl Folder {
         Ok(Self {
             path: path.to_owned(),
             weights,
-            config_path,
             config,
             max_seq_length,
             name,

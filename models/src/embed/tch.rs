@@ -3,12 +3,11 @@
 //! Attention is libtorch's fused `scaled_dot_product_attention`, as in transformers' BERT.
 //! Mean pooling over the attention mask; normalisation is done by the caller.
 
-use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use tch::{Device, Kind, TchError, Tensor};
 
-use super::local::{Batch, BertConfig, Encoder, Folder};
+use super::local::{Batch, BertConfig, Encoder, Folder, Gelu, Weights};
 use super::EmbeddingError;
 
 pub(super) struct TchEncoder {
@@ -56,16 +55,7 @@ impl TchEncoder {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         tch::set_num_threads(i32::try_from(threads).unwrap_or(1));
         let tensors = Tensor::read_safetensors(&folder.weights).map_err(backend)?;
-        let mut weights = Weights(
-            tensors
-                .into_iter()
-                // Checkpoints saved from a model with a head prefix their encoder's names.
-                .map(|(name, tensor)| match name.strip_prefix("bert.") {
-                    Some(short) => (short.to_owned(), tensor),
-                    None => (name, tensor),
-                })
-                .collect(),
-        );
+        let mut weights = Weights::new("tch", tensors);
         let bert = Bert::load(&mut weights, &folder.config)?;
         Ok(Self {
             bert: Mutex::new(bert),
@@ -82,63 +72,33 @@ impl Encoder for TchEncoder {
     }
 }
 
-/// The checkpoint's tensors by name, taken out one by one as the model is assembled.
-struct Weights(HashMap<String, Tensor>);
-
-impl Weights {
-    fn take(&mut self, name: &str) -> Result<Tensor, EmbeddingError> {
-        self.0.remove(name).ok_or_else(|| EmbeddingError::Backend {
-            backend: "tch",
-            source: format!("the weights have no tensor `{name}`").into(),
-        })
-    }
-
-    fn linear(&mut self, prefix: &str) -> Result<Linear, EmbeddingError> {
-        Ok(Linear {
-            weight: self.take(&format!("{prefix}.weight"))?,
-            bias: self.take(&format!("{prefix}.bias"))?,
-        })
-    }
-
-    fn norm(&mut self, prefix: &str) -> Result<Norm, EmbeddingError> {
-        let Linear { weight, bias } = self.linear(prefix)?;
-        Ok(Norm { weight, bias })
-    }
-}
-
 impl Bert {
-    fn load(weights: &mut Weights, config: &BertConfig) -> Result<Self, EmbeddingError> {
-        let gelu = match config.hidden_act.as_str() {
-            "gelu" => "none",
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_approximate" => "tanh",
-            other => {
-                return Err(EmbeddingError::Backend {
-                    backend: "tch",
-                    source: format!("unsupported hidden_act `{other}`").into(),
-                })
-            }
+    fn load(weights: &mut Weights<Tensor>, config: &BertConfig) -> Result<Self, EmbeddingError> {
+        let gelu = match config.gelu("tch")? {
+            Gelu::Erf => "none",
+            Gelu::Tanh => "tanh",
         };
         let layers = (0..config.num_hidden_layers)
             .map(|index| {
-                let prefix = format!("encoder.layer.{index}");
+                let w = weights.layer(index)?;
                 Ok(Layer {
-                    query: weights.linear(&format!("{prefix}.attention.self.query"))?,
-                    key: weights.linear(&format!("{prefix}.attention.self.key"))?,
-                    value: weights.linear(&format!("{prefix}.attention.self.value"))?,
-                    attention_out: weights.linear(&format!("{prefix}.attention.output.dense"))?,
-                    attention_norm: weights
-                        .norm(&format!("{prefix}.attention.output.LayerNorm"))?,
-                    intermediate: weights.linear(&format!("{prefix}.intermediate.dense"))?,
-                    output: weights.linear(&format!("{prefix}.output.dense"))?,
-                    output_norm: weights.norm(&format!("{prefix}.output.LayerNorm"))?,
+                    query: Linear::from(w.query),
+                    key: Linear::from(w.key),
+                    value: Linear::from(w.value),
+                    attention_out: Linear::from(w.attention_out),
+                    attention_norm: Norm::from(w.attention_norm),
+                    intermediate: Linear::from(w.intermediate),
+                    output: Linear::from(w.output),
+                    output_norm: Norm::from(w.output_norm),
                 })
             })
             .collect::<Result<Vec<_>, EmbeddingError>>()?;
+        let (norm_weight, norm_bias) = weights.pair("embeddings.LayerNorm")?;
         Ok(Self {
             word_embeddings: weights.take("embeddings.word_embeddings.weight")?,
             position_embeddings: weights.take("embeddings.position_embeddings.weight")?,
             token_type_embeddings: weights.take("embeddings.token_type_embeddings.weight")?,
-            embeddings_norm: weights.norm("embeddings.LayerNorm")?,
+            embeddings_norm: Norm::from((norm_weight, norm_bias)),
             layers,
             heads: to_i64(config.num_attention_heads),
             hidden: to_i64(config.hidden_size),
@@ -219,6 +179,18 @@ impl Bert {
             .f_clamp_min(1e-9)?;
         let pooled = summed.f_div(&counts)?.f_contiguous()?;
         Vec::<Vec<f32>>::try_from(&pooled)
+    }
+}
+
+impl From<(Tensor, Tensor)> for Linear {
+    fn from((weight, bias): (Tensor, Tensor)) -> Self {
+        Self { weight, bias }
+    }
+}
+
+impl From<(Tensor, Tensor)> for Norm {
+    fn from((weight, bias): (Tensor, Tensor)) -> Self {
+        Self { weight, bias }
     }
 }
 
