@@ -87,8 +87,8 @@ impl CandleEncoder {
         let (rows, len) = (batch.rows, batch.len);
         let ids = Tensor::from_slice(&batch.ids, (rows, len), &self.device)?;
         let type_ids = Tensor::from_slice(&batch.type_ids, (rows, len), &self.device)?;
-        let mask = Tensor::from_slice(&batch.mask, (rows, len), &self.device)?
-            .to_dtype(DType::F32)?;
+        let mask =
+            Tensor::from_slice(&batch.mask, (rows, len), &self.device)?.to_dtype(DType::F32)?;
         let positions = Tensor::arange(0u32, len as u32, &self.device)?;
 
         let embeddings = self
@@ -112,14 +112,13 @@ impl CandleEncoder {
             let query = qkv.get(0)?.contiguous()?;
             let key = qkv.get(1)?.contiguous()?;
             let value = qkv.get(2)?.contiguous()?;
-            let scores = query
-                .matmul(&key.t()?)?
-                .broadcast_add(&padding)?;
+            let scores = query.matmul(&key.t()?)?.broadcast_add(&padding)?;
             let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-            let context = weights
-                .matmul(&value)?
-                .transpose(1, 2)?
-                .reshape((rows, len, self.hidden))?;
+            let context =
+                weights
+                    .matmul(&value)?
+                    .transpose(1, 2)?
+                    .reshape((rows, len, self.hidden))?;
             let attended = layer.attention_out.forward(&context)?.add(&hidden)?;
             let attended = layer.attention_norm.forward(&attended)?;
             let intermediate = layer.intermediate.forward(&attended)?;
@@ -147,12 +146,14 @@ impl Layer {
         let (value, value_bias) = w.value;
         let qkv = Linear::new(
             Tensor::cat(&[(query * scale)?, key, value], 0)?,
-            Some(Tensor::cat(&[(query_bias * scale)?, key_bias, value_bias], 0)?),
+            Some(Tensor::cat(
+                &[(query_bias * scale)?, key_bias, value_bias],
+                0,
+            )?),
         );
         let linear = |(weight, bias): (Tensor, Tensor)| Linear::new(weight, Some(bias));
-        let norm = |(weight, bias): (Tensor, Tensor)| {
-            LayerNorm::new(weight, bias, config.layer_norm_eps)
-        };
+        let norm =
+            |(weight, bias): (Tensor, Tensor)| LayerNorm::new(weight, bias, config.layer_norm_eps);
         Ok(Self {
             qkv,
             attention_out: linear(w.attention_out),
