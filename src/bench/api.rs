@@ -12,7 +12,6 @@ use clap::Args;
 use serde::Serialize;
 use stele_aggregates::api_key::Scope;
 use stele_engine::projection::ProjectionRunner;
-use stele_engine::store::{Migrate, Store};
 use tokio::sync::Mutex;
 
 use super::{ApiServer, Latency, Machine, Scratch};
@@ -162,17 +161,7 @@ async fn measure(
     use_wrk: bool,
 ) -> anyhow::Result<Vec<Figure>> {
     // As a node runs: people's data sealed, tasks kept as their requesters'.
-    let opened = Store::open(scratch.location.clone(), Migrate::Apply).await?;
-    let private = stele_privacy::private_store(
-        &opened,
-        &stele_privacy::Kek::generate(),
-        stele_privacy::Policy::default(),
-    )
-    .await?;
-    let store = private.store;
-    let runtime = WorkflowArgs::default()
-        .runtime_with(&store, Some(private.subjects.clone()))
-        .await?;
+    let (store, runtime) = scratch.node(&WorkflowArgs::default()).await?;
     let runner = Arc::new(ProjectionRunner::new(&store, stele_projections::all()));
     let api = ApiServer::start(
         &store,

@@ -21,7 +21,7 @@ use stele_engine::log::{subscribe, SubscriptionOptions};
 use stele_engine::process::as_projection;
 use stele_engine::projection::ProjectionRunner;
 use stele_engine::queue::worker::WorkerOptions;
-use stele_engine::store::{Migrate, Store};
+use stele_engine::store::Store;
 use stele_engine::{CommandMeta, Position};
 use stele_workflows::runtime::QUEUE;
 
@@ -109,21 +109,11 @@ async fn measure(
 ) -> anyhow::Result<Figure> {
     let flows = tempfile::tempdir()?;
     std::fs::write(flows.path().join("long.yaml"), long_workflow(args.steps))?;
-    let opened = Store::open(scratch.location.clone(), Migrate::Apply).await?;
-    let private = stele_privacy::private_store(
-        &opened,
-        &stele_privacy::Kek::generate(),
-        stele_privacy::Policy::default(),
-    )
-    .await?;
-    let store = private.store;
     let workflows = WorkflowArgs {
         workflows: Some(flows.path().to_owned()),
         ..WorkflowArgs::default()
     };
-    let runtime = workflows
-        .runtime_with(&store, Some(private.subjects.clone()))
-        .await?;
+    let (store, runtime) = scratch.node(&workflows).await?;
 
     // The long run first, with a worker; then the tasks, which no worker runs.
     let long = long_run(&store, &runtime).await?;

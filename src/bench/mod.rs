@@ -20,6 +20,7 @@ mod workflow;
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -27,7 +28,10 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
-use stele_engine::store::StoreLocation;
+use stele_engine::store::{Migrate, Store, StoreLocation};
+use stele_workflows::runtime::Runtime;
+
+use crate::node::WorkflowArgs;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -173,6 +177,22 @@ impl Scratch {
         }
     }
 
+    /// This scratch store as a node opens it: personal data sealed (under a key of its own,
+    /// thrown away with the scratch), and the workflow runtime of `workflows` over it.
+    pub async fn node(&self, workflows: &WorkflowArgs) -> anyhow::Result<(Store, Arc<Runtime>)> {
+        let opened = Store::open(self.location.clone(), Migrate::Apply).await?;
+        let private = stele_privacy::private_store(
+            &opened,
+            &stele_privacy::Kek::generate(),
+            stele_privacy::Policy::default(),
+        )
+        .await?;
+        let runtime = workflows
+            .runtime_with(&private.store, Some(private.subjects.clone()))
+            .await?;
+        Ok((private.store, runtime))
+    }
+
     pub async fn remove(self) {
         match (&self.location, self.drop_db) {
             (_, Some((admin, name))) => {
@@ -236,12 +256,11 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub async fn start(
-        store: &stele_engine::store::Store,
-        runtime: std::sync::Arc<stele_workflows::runtime::Runtime>,
-        runner: std::sync::Arc<stele_engine::projection::ProjectionRunner>,
+        store: &Store,
+        runtime: Arc<Runtime>,
+        runner: Arc<stele_engine::projection::ProjectionRunner>,
         scopes: Vec<stele_aggregates::api_key::Scope>,
     ) -> anyhow::Result<Self> {
-        use std::sync::Arc;
         use stele_api::ratelimit::{RateLimit, RateLimiter};
 
         let keys = Arc::new(stele_api::keys::KeyService::new(store));

@@ -14,7 +14,6 @@ use stele_engine::log::{subscribe, SubscriptionOptions};
 use stele_engine::process::as_projection;
 use stele_engine::projection::ProjectionRunner;
 use stele_engine::queue::worker::WorkerOptions;
-use stele_engine::store::{Migrate, Store};
 use stele_engine::{CommandMeta, Position};
 use stele_workflows::runtime::QUEUE;
 use tokio::sync::{watch, Mutex, Semaphore};
@@ -111,17 +110,7 @@ async fn measure(
     args: &WorkflowBenchArgs,
 ) -> anyhow::Result<Figure> {
     // As a node runs: people's data sealed, tasks kept as their requesters'.
-    let opened = Store::open(scratch.location.clone(), Migrate::Apply).await?;
-    let private = stele_privacy::private_store(
-        &opened,
-        &stele_privacy::Kek::generate(),
-        stele_privacy::Policy::default(),
-    )
-    .await?;
-    let store = private.store;
-    let runtime = WorkflowArgs::default()
-        .runtime_with(&store, Some(private.subjects.clone()))
-        .await?;
+    let (store, runtime) = scratch.node(&WorkflowArgs::default()).await?;
     let runner = Arc::new(ProjectionRunner::new(
         &store,
         vec![as_projection(runtime.manager(), store.queue.clone())],
