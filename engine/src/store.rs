@@ -341,3 +341,22 @@ async fn applied_versions(location: &StoreLocation) -> Result<Vec<i64>, StoreErr
     };
     Ok(versions.into_iter().map(|m| m.version).collect())
 }
+
+/// Begins a transaction with `statement` (e.g. `BEGIN IMMEDIATE`) on a task of its own, run to
+/// its end. sqlx counts a connection as inside a transaction before BEGIN has answered, so a
+/// begin given up half-way (a timeout, a cancelled call) would hand the connection back to the
+/// pool in a transaction no one will end, and every later begin on it fails. Finished on its
+/// own task, a transaction no one waits for any more is dropped, and so rolled back.
+pub(crate) async fn begin_to_the_end<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    statement: &'static str,
+) -> Result<sqlx::Transaction<'static, DB>, sqlx::Error> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.begin_with(statement).await })
+        .await
+        .map_err(|e| {
+            sqlx::Error::Io(std::io::Error::other(format!(
+                "beginning a transaction: {e}"
+            )))
+        })?
+}

@@ -493,7 +493,58 @@ async fn enqueues_wake_waiting_workers(store: &Store) {
         .unwrap();
 }
 
+/// Queue calls given up at any moment (a caller's future dropped: a timeout, a stopped worker)
+/// leave no transaction open on a pooled connection: the queue's and the log's later calls on
+/// that connection would otherwise run inside it and never commit.
+async fn calls_given_up_half_way_leave_no_transaction_behind(store: &Store) {
+    let queue = store.queue.clone();
+    for i in 0..200u64 {
+        let pause = Duration::from_micros(i % 40 * 25);
+        let _ = tokio::time::timeout(pause, queue.enqueue(vec![job("given-up")])).await;
+        let _ = tokio::time::timeout(pause, queue.claim("default", "w", 4, LEASE)).await;
+    }
+    let calls = (0..16).map(|i| {
+        let (queue, log) = (queue.clone(), store.log.clone());
+        async move {
+            queue
+                .enqueue(vec![job(&format!("after-{i}"))])
+                .await
+                .unwrap();
+            let meta = CommandMeta::new("user:1", "test");
+            log.append(AppendRequest {
+                command_id: meta.command_id,
+                stream: StreamId::new("note", format!("after-{i}")),
+                expected_sequence: 0,
+                events: vec![NewEvent {
+                    event_type: "Noted".into(),
+                    event_version: "1.0".into(),
+                    payload: json!({}),
+                    metadata: meta.for_event(Uuid::now_v7()),
+                }],
+            })
+            .await
+            .unwrap();
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(calls))
+        .await
+        .expect("no call waits for a transaction left open");
+    // Committed: every job enqueued after is there to claim.
+    let kinds: HashSet<String> = queue
+        .claim("default", "after", 1_000, LEASE)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|job| job.kind)
+        .collect();
+    assert!(
+        (0..16).all(|i| kinds.contains(&format!("after-{i}"))),
+        "{kinds:?}"
+    );
+}
+
 for_each_backend!(
+    calls_given_up_half_way_leave_no_transaction_behind,
     jobs_are_claimed_by_priority_then_age,
     delayed_jobs_wait_for_their_time,
     an_idempotency_key_returns_the_unfinished_job,

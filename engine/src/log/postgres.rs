@@ -660,14 +660,8 @@ impl EventLog for PgEventLog {
     }
 
     async fn begin(&self) -> Result<Box<dyn LogTransaction>, LogError> {
-        // Run to its end on a task of its own, so a begin given up half-way never hands the
-        // connection back to the pool inside a transaction (see the SQLite log's `begin`).
-        let pool = self.pool.clone();
-        let tx = tokio::spawn(async move { pool.begin().await })
-            .await
-            .map_err(|e| LogError::Storage(format!("beginning a transaction: {e}")))??;
         Ok(Box::new(PgLogTransaction {
-            tx,
+            tx: crate::store::begin_to_the_end(&self.pool, "BEGIN").await?,
             appended: false,
             deferred: false,
             hooks: Vec::new(),

@@ -294,16 +294,8 @@ async fn command_outcome(
 impl SqliteWriter {
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>, LogError> {
         // IMMEDIATE takes the write lock now rather than at the first write, so a transaction
-        // never fails half-way because another process started writing. Run to its end on a
-        // task of its own: sqlx counts the connection as inside a transaction before BEGIN has
-        // answered, so a begin given up half-way would hand the connection back to the pool in
-        // a transaction that no one will end (and every later begin on it fails). Finished
-        // there, a transaction no one waits for any more is dropped, and so rolled back.
-        let pool = self.pool.clone();
-        tokio::spawn(async move { pool.begin_with("BEGIN IMMEDIATE").await })
-            .await
-            .map_err(|e| LogError::Storage(format!("beginning a transaction: {e}")))?
-            .map_err(LogError::from)
+        // never fails half-way because another process started writing.
+        Ok(crate::store::begin_to_the_end(&self.pool, "BEGIN IMMEDIATE").await?)
     }
 }
 

@@ -262,8 +262,7 @@ pub(crate) async fn enqueue_on(
 /// did after its claim (an append) flushed the claim first, the write-ahead log being flushed
 /// in order. Saves a disk flush per job on the path from one step to the next.
 async fn unflushed(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
-    pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off")
-        .await
+    crate::store::begin_to_the_end(pool, "BEGIN; SET LOCAL synchronous_commit = off").await
 }
 
 #[async_trait]

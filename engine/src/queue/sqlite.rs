@@ -182,7 +182,7 @@ pub(crate) async fn enqueue_on(
 #[async_trait]
 impl JobQueue for SqliteJobQueue {
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, QueueError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = crate::store::begin_to_the_end(&self.pool, "BEGIN IMMEDIATE").await?;
         let enqueued = enqueue_on(&mut tx, jobs).await?;
         tx.commit().await?;
         bump(&self.wakeups);
