@@ -346,6 +346,12 @@ fn the_console_works_in_a_real_browser() {
             .await
             .unwrap()
             .unwrap();
+        const WORKFLOW_ANSWERS: &str = "performance.getEntriesByType('resource')
+             .filter((e) => e.name.endsWith('/v1/workflows')).length";
+        let before = client
+            .execute(&format!("return {WORKFLOW_ANSWERS};"), vec![])
+            .await
+            .unwrap();
         client
             .execute(
                 "const id = arguments[0];
@@ -355,8 +361,22 @@ fn the_console_works_in_a_real_browser() {
             )
             .await
             .unwrap();
+        // Once the list's answer (the workflows) has arrived, the task's page is still there.
+        client
+            .execute_async(
+                &format!(
+                    "const [before, done] = arguments;
+                     const arrived = () => {WORKFLOW_ANSWERS} > before;
+                     if (arrived()) return done();
+                     new PerformanceObserver((_, observer) => {{
+                       if (arrived()) {{ observer.disconnect(); done(); }}
+                     }}).observe({{ type: 'resource' }});"
+                ),
+                vec![before],
+            )
+            .await
+            .unwrap();
         wait_for(&client, "#live[data-finished='true']").await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(client.find(Locator::Css("#live")).await.is_ok());
         assert!(client.find(Locator::Css("#tasks")).await.is_err());
         visit(&client, &base, "tasks").await;

@@ -21,6 +21,22 @@ fn job(kind: &str) -> NewJob {
     NewJob::new("default", kind, json!({ "kind": kind }))
 }
 
+/// A new stream's first event.
+fn created(stream: StreamId) -> AppendRequest {
+    let meta = CommandMeta::new("user:1", "test");
+    AppendRequest {
+        command_id: meta.command_id,
+        stream,
+        expected_sequence: 0,
+        events: vec![NewEvent {
+            event_type: "TaskCreated".into(),
+            event_version: "1.0".into(),
+            payload: json!({}),
+            metadata: meta.for_event(Uuid::now_v7()),
+        }],
+    }
+}
+
 async fn enqueue_one(queue: &dyn JobQueue, new: NewJob) -> Uuid {
     match queue.enqueue(vec![new]).await.unwrap().pop().unwrap() {
         Enqueued::Inserted(job) => job.id,
@@ -121,18 +137,7 @@ async fn an_idempotency_key_returns_the_unfinished_job(store: &Store) {
 
 async fn jobs_enqueued_in_a_transaction_exist_only_if_it_commits(store: &Store) {
     let queue = store.queue.as_ref();
-    let meta = CommandMeta::new("user:1", "test");
-    let request = |id: &str| AppendRequest {
-        command_id: Uuid::now_v7(),
-        stream: StreamId::new("task", id),
-        expected_sequence: 0,
-        events: vec![NewEvent {
-            event_type: "TaskCreated".into(),
-            event_version: "1.0".into(),
-            payload: json!({}),
-            metadata: meta.for_event(Uuid::now_v7()),
-        }],
-    };
+    let request = |id: &str| created(StreamId::new("task", id));
     {
         let mut tx = store.log.begin().await.unwrap();
         tx.append(request("rolled-back")).await.unwrap();
@@ -510,20 +515,9 @@ async fn calls_given_up_half_way_leave_no_transaction_behind(store: &Store) {
                 .enqueue(vec![job(&format!("after-{i}"))])
                 .await
                 .unwrap();
-            let meta = CommandMeta::new("user:1", "test");
-            log.append(AppendRequest {
-                command_id: meta.command_id,
-                stream: StreamId::new("note", format!("after-{i}")),
-                expected_sequence: 0,
-                events: vec![NewEvent {
-                    event_type: "Noted".into(),
-                    event_version: "1.0".into(),
-                    payload: json!({}),
-                    metadata: meta.for_event(Uuid::now_v7()),
-                }],
-            })
-            .await
-            .unwrap();
+            log.append(created(StreamId::new("task", format!("after-{i}"))))
+                .await
+                .unwrap();
         }
     });
     tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(calls))
