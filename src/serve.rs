@@ -381,6 +381,13 @@ pub async fn run_node(
         let stopped = until_stopped();
         tasks.spawn(async move { runner.run(stopped).await.map_err(anyhow::Error::from) });
     }
+    if let Some(memory) = memory.clone() {
+        let stopped = until_stopped();
+        tasks.spawn(async move {
+            memory.settle_until(stopped).await;
+            Ok(())
+        });
+    }
     {
         let (pool, key, interval) = (store.pool.clone(), audit_key.clone(), node.audit.interval);
         let stopped = until_stopped();

@@ -10,8 +10,17 @@
 //! filters afterwards, so a selective filter would come back short. The PostgreSQL adapter counts
 //! the rows the filter keeps (up to [`EXACT_BELOW`]): below that it searches exactly (the scope
 //! columns' b-tree indexes find the rows; sorting a few thousand distances is cheap), above it
-//! raises `ef_search` in proportion to the filter's selectivity. On SQLite, `vec0`'s search is
-//! exact and applies the scope as metadata columns during the scan.
+//! raises `ef_search` in proportion to the filter's selectivity. On SQLite, `vec0` scans every
+//! row's signs (binary quantisation) with the scope as metadata columns, and the closest
+//! candidates are ranked by their vectors.
+//!
+//! **Fresh memories.** Inserting into PostgreSQL's HNSW graph costs far more than the row, so
+//! the projection stores rows unindexed (`indexed = false`: the HNSW index is partial) and
+//! [`VectorIndex::settle`] moves them into the graph behind it; a search reads the graph for the
+//! settled rows and the fresh ones exactly, and ranks both together.
+//!
+//! **Rare terms first.** Hybrid search's full-text side keeps rows holding most of the query's
+//! terms; such a row holds one of the query's rarest terms, so only those terms' rows are read.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -22,10 +31,28 @@ use stele_engine::store::StorePool;
 /// Below this many rows kept by a filter, PostgreSQL searches exactly.
 pub const EXACT_BELOW: i64 = 5_000;
 
+/// The fewest candidates PostgreSQL's approximate search considers (`hnsw.ef_search`).
+pub const MIN_EF_SEARCH: i64 = 100;
+
+/// Fresh memories `settle` moves into PostgreSQL's HNSW index in one transaction.
+const SETTLE_BATCH: i64 = 500;
+
+/// From this many fresh memories, when they are at least half of all, `settle` builds the HNSW
+/// index anew instead of inserting them one by one (a build is several times faster).
+const BUILD_FROM: i64 = 10_000;
+
+/// Where SQLite stops counting a query term's rows to find its rarest terms.
+const RARE_CAP: i64 = 2_000;
+
 /// The tables' base names.
 pub const MEMORIES: &str = "memories";
 pub const VECTORS: &str = "memory_vectors";
 pub const TERMS: &str = "memory_terms";
+/// SQLite: each vector's signs (binary quantisation), scanned first; PostgreSQL: unused.
+pub const BITS: &str = "memory_bits";
+
+/// The fewest candidates SQLite's scan of signs hands over to be ranked by their vectors.
+const RESCORED: usize = 400;
 
 /// One memory as indexed.
 #[derive(Clone, Debug)]
@@ -152,6 +179,12 @@ pub trait VectorIndex: Send + Sync {
     async fn fetch(&self, pool: &StorePool, ids: &[String]) -> Result<Vec<Row>, sqlx::Error>;
     /// How many memories there are, and how many are valid now.
     async fn count(&self, pool: &StorePool) -> Result<(i64, i64), sqlx::Error>;
+    /// Moves memories stored since the last call into the approximate index, some at a time;
+    /// returns how many (0: none left, or another process is at it). Until then they are
+    /// searched exactly.
+    async fn settle(&self, _pool: &StorePool) -> Result<usize, sqlx::Error> {
+        Ok(0)
+    }
 }
 
 /// The PostgreSQL adapter.
@@ -469,6 +502,9 @@ fn insert_values(doc: &Doc) -> Vec<Value<'_>> {
     ]
 }
 
+/// A lexeme `r.lexeme` as a `tsquery` operand: quoted, its quotes and backslashes doubled.
+const QUOTED_LEXEME: &str = r"'''' || replace(replace(r.lexeme, '\', '\\'), '''', '''''') || ''''";
+
 /// pgvector HNSW (cosine) + `tsvector` with a GIN index.
 struct Postgres;
 
@@ -485,7 +521,7 @@ impl VectorIndex for Postgres {
             .await?;
         // Vectors and terms are columns of `memories` here; the other two tables exist (empty)
         // so that both stores have the projection's tables.
-        for base in [VECTORS, TERMS] {
+        for base in [VECTORS, TERMS, BITS] {
             db.execute(
                 &format!(
                     "CREATE TABLE IF NOT EXISTS {} (unused int)",
@@ -503,6 +539,31 @@ impl VectorIndex for Postgres {
             .await?
             .get::<bool>("found")?;
         if exists {
+            let settled = db
+                .fetch_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_attribute \
+                       WHERE attrelid = $1::regclass AND attname = 'indexed') AS found",
+                    &[m.as_str().into()],
+                )
+                .await?
+                .get::<bool>("found")?;
+            if !settled {
+                // A table from before fresh memories: its HNSW index holds every row, and
+                // goes on doing so (new rows too are inserted into it as they come).
+                db.execute(
+                    &format!("ALTER TABLE {m} ADD COLUMN indexed boolean NOT NULL DEFAULT true"),
+                    &[],
+                )
+                .await?;
+                db.execute(
+                    &format!(
+                        "CREATE INDEX {m}_fresh_{} ON {m} (position) WHERE NOT indexed",
+                        unique()
+                    ),
+                    &[],
+                )
+                .await?;
+            }
             return Ok(());
         }
         db.execute(
@@ -521,6 +582,7 @@ impl VectorIndex for Postgres {
                     valid_from timestamptz NOT NULL,
                     valid_until timestamptz,
                     forgotten boolean NOT NULL DEFAULT false,
+                    indexed boolean NOT NULL DEFAULT false,
                     embedding vector({dimensions}) NOT NULL,
                     terms tsvector NOT NULL)"
             ),
@@ -528,7 +590,11 @@ impl VectorIndex for Postgres {
         )
         .await?;
         for (suffix, definition) in [
-            ("embedding", "USING hnsw (embedding vector_cosine_ops)"),
+            (
+                "embedding",
+                "USING hnsw (embedding vector_cosine_ops) WHERE indexed",
+            ),
+            ("fresh", "(position) WHERE NOT indexed"),
             ("terms", "USING gin (terms)"),
             ("agent", "(agent)"),
             ("conversation", "(conversation)"),
@@ -644,17 +710,34 @@ impl VectorIndex for Postgres {
             min_match.clamp(0.0, 1.0).into(),
         ]);
         w.filter(filter, Dialect::Postgres);
-        // Any of the words (an OR of terms), in rows holding at least `min_match` of the query's
-        // lexemes (`ts_delete` takes them out: the row's lexemes that go are those it holds),
-        // ranked by frequency over the log of the memory's length (normalisation 1, as BM25
-        // weighs long texts down).
+        // Rows holding at least `min_match` of the query's lexemes (`ts_delete` takes them out:
+        // the row's lexemes that go are those it holds), ranked over all of them (an OR of
+        // terms) by frequency over the log of the memory's length (normalisation 1, as BM25
+        // weighs long texts down). A row holding `need` of `n` lexemes holds one of any
+        // `n - need + 1` of them, so the index is asked only for rows holding one of the
+        // rarest `n - need + 1`: the same rows, without reading the common terms' long lists.
+        // Rarity is the planner's statistics of the column (`most_common_elems`, kept by
+        // ANALYZE; a lexeme not among them is rarer than all that are).
         let sql = format!(
-            "WITH q AS (SELECT replace(plainto_tsquery('english', $1)::text, '&', '|')::tsquery AS q, \
-                               tsvector_to_array(to_tsvector('english', $1)) AS lexemes) \
-             SELECT m.memory_id FROM {MEMORIES} m, q WHERE m.terms @@ q.q AND {} \
-               AND length(m.terms) - length(ts_delete(m.terms, q.lexemes)) \
-                   >= ceil($3 * cardinality(q.lexemes)) \
-             ORDER BY ts_rank(m.terms, q.q, 1) DESC, m.memory_id LIMIT $2",
+            "WITH l AS (SELECT lexeme, COALESCE(s.freq, 0) AS freq \
+                        FROM unnest(tsvector_to_array(to_tsvector('english', $1))) AS lexeme \
+                        LEFT JOIN (SELECT u.elem, u.freq FROM pg_stats p, \
+                                     unnest(p.most_common_elems::text::text[], \
+                                            p.most_common_elem_freqs) AS u(elem, freq) \
+                                   WHERE p.schemaname = current_schema() \
+                                     AND p.tablename = '{MEMORIES}' AND p.attname = 'terms') s \
+                          ON s.elem = lexeme), \
+                  n AS (SELECT count(*) AS n, ceil($3 * count(*)) AS need FROM l), \
+                  q AS (SELECT replace(plainto_tsquery('english', $1)::text, '&', '|')::tsquery AS q, \
+                               (SELECT array_agg(lexeme) FROM l) AS lexemes, \
+                               (SELECT string_agg({QUOTED_LEXEME}, ' | ') \
+                                FROM (SELECT lexeme FROM l ORDER BY freq, lexeme \
+                                      LIMIT (SELECT n - need + 1 FROM n)) r)::tsquery AS rare) \
+             SELECT m.memory_id FROM {MEMORIES} m \
+             WHERE m.terms @@ (SELECT rare FROM q) AND {} \
+               AND length(m.terms) - length(ts_delete(m.terms, (SELECT lexemes FROM q))) \
+                   >= (SELECT need FROM n) \
+             ORDER BY ts_rank(m.terms, (SELECT q FROM q), 1) DESC, m.memory_id LIMIT $2",
             w.sql()
         );
         ids(Db::from(pool).fetch_all(&sql, &w.values).await?)
@@ -672,8 +755,15 @@ impl VectorIndex for Postgres {
         let mut db = Db::from(pool);
         let mut w = Where::new(vec![(&text).into(), (limit as i64).into()]);
         w.filter(filter, Dialect::Postgres);
-        let kept = if exact {
-            0
+        let unfiltered = columns(&filter.scope).iter().all(|(_, v)| v.is_none())
+            && !filter.no_subject
+            && filter.at.is_none();
+        // What share of the rows the filter keeps: all but the few superseded or forgotten
+        // when it names no scope, else counted up to EXACT_BELOW (below that, exact).
+        let selectivity = if exact {
+            None
+        } else if unfiltered {
+            Some(1.0)
         } else {
             let mut only = Where::new(Vec::new());
             only.filter(filter, Dialect::Postgres);
@@ -681,9 +771,28 @@ impl VectorIndex for Postgres {
                 "SELECT count(*) AS n FROM (SELECT 1 FROM {MEMORIES} m WHERE {} LIMIT {EXACT_BELOW}) t",
                 only.sql()
             );
-            db.fetch_one(&sql, &only.values).await?.get::<i64>("n")?
+            let kept = db.fetch_one(&sql, &only.values).await?.get::<i64>("n")?;
+            if kept < EXACT_BELOW {
+                None
+            } else {
+                // The count stopped at EXACT_BELOW, so this errs low (more candidates); the
+                // table's size is the planner's estimate (counted only while the table was
+                // never analysed), not a count on every search.
+                let total: f64 = db
+                    .fetch_one(
+                        &format!(
+                            "SELECT GREATEST(CASE WHEN reltuples < 0 \
+                               THEN (SELECT count(*) FROM {MEMORIES}) ELSE reltuples END, 1)::float8 \
+                             AS total FROM pg_class WHERE oid = '{MEMORIES}'::regclass"
+                        ),
+                        &[],
+                    )
+                    .await?
+                    .get("total")?;
+                Some(kept as f64 / total)
+            }
         };
-        if exact || kept < EXACT_BELOW {
+        let Some(selectivity) = selectivity else {
             // Exact: no index on the distance, so every kept row is compared.
             let sql = format!(
                 "SELECT m.memory_id FROM {MEMORIES} m WHERE {} \
@@ -691,34 +800,26 @@ impl VectorIndex for Postgres {
                 w.sql()
             );
             return ids(db.fetch_all(&sql, &w.values).await?);
-        }
-        // Approximate: enough candidates that the filter leaves `limit` of them. The count
-        // stopped at EXACT_BELOW, so this selectivity errs low (more candidates); the table's
-        // size is the planner's estimate (counted only while the table was never analysed), not
-        // a count on every search.
-        let total: f64 = db
-            .fetch_one(
-                &format!(
-                    "SELECT GREATEST(CASE WHEN reltuples < 0 \
-                       THEN (SELECT count(*) FROM {MEMORIES}) ELSE reltuples END, 1)::float8 \
-                     AS total FROM pg_class WHERE oid = '{MEMORIES}'::regclass"
-                ),
-                &[],
-            )
-            .await?
-            .get("total")?;
-        let selectivity = (kept as f64 / total).clamp(0.001, 1.0);
-        let candidates = ((limit as f64 / selectivity) * 2.0)
+        };
+        // Approximate over the settled rows (the HNSW index holds those only): enough
+        // candidates that the filter leaves `limit` of them; exact over the fresh ones (few:
+        // `settle` moves them into the index behind the ingest), both ranked together.
+        let candidates = ((limit as f64 / selectivity.clamp(0.001, 1.0)) * 2.0)
             .ceil()
-            .clamp(40.0, 1_000.0) as i64;
+            .clamp(MIN_EF_SEARCH as f64, 1_000.0) as i64;
+        let sql = format!(
+            "SELECT memory_id FROM ( \
+               SELECT m.memory_id, m.embedding <=> $1::vector AS d FROM ( \
+                 SELECT * FROM {MEMORIES} WHERE indexed \
+                 ORDER BY embedding <=> $1::vector LIMIT {candidates}) m WHERE {w} \
+               UNION \
+               SELECT m.memory_id, (m.embedding <=> $1::vector) + 0 AS d FROM {MEMORIES} m \
+               WHERE NOT m.indexed AND {w}) t \
+             ORDER BY d, memory_id LIMIT $2",
+            w = w.sql()
+        );
         db.execute(&format!("SET hnsw.ef_search = {candidates}"), &[])
             .await?;
-        let sql = format!(
-            "SELECT m.memory_id FROM (SELECT * FROM {MEMORIES} \
-               ORDER BY embedding <=> $1::vector LIMIT {candidates}) m \
-             WHERE {} ORDER BY m.embedding <=> $1::vector, m.memory_id LIMIT $2",
-            w.sql()
-        );
         let found = db.fetch_all(&sql, &w.values).await;
         db.execute("RESET hnsw.ef_search", &[]).await?;
         ids(found?)
@@ -739,6 +840,134 @@ impl VectorIndex for Postgres {
     async fn count(&self, pool: &StorePool) -> Result<(i64, i64), sqlx::Error> {
         counts(&mut Db::from(pool)).await
     }
+
+    async fn settle(&self, pool: &StorePool) -> Result<usize, sqlx::Error> {
+        let mut db = Db::from(pool);
+        let exists = db
+            .fetch_one(
+                &format!("SELECT to_regclass('{MEMORIES}') IS NOT NULL AS found"),
+                &[],
+            )
+            .await?
+            .get::<bool>("found")?;
+        if !exists {
+            return Ok(0);
+        }
+        // One settler at a time on the whole store (a session lock, on the connection `db`
+        // holds; PostgreSQL lets it go if the process dies).
+        let locked = db
+            .fetch_one(
+                "SELECT pg_try_advisory_lock(hashtext('stele.memories.settle')) AS locked",
+                &[],
+            )
+            .await?
+            .get::<bool>("locked")?;
+        if !locked {
+            return Ok(0);
+        }
+        let settled = settle_locked(&mut db).await;
+        let unlocked = db
+            .execute(
+                "SELECT pg_advisory_unlock(hashtext('stele.memories.settle'))",
+                &[],
+            )
+            .await;
+        let settled = settled?;
+        unlocked?;
+        Ok(settled)
+    }
+}
+
+/// [`VectorIndex::settle`] on PostgreSQL, under its lock: fresh rows flagged `indexed` in
+/// batches (each flag inserts the row into the partial HNSW index), or, when they are many and
+/// most of the table (a rebuild, a bulk load), the index dropped, all rows flagged and the
+/// index built anew — also when a build was interrupted (no valid index left).
+async fn settle_locked(db: &mut Db<'_>) -> Result<usize, sqlx::Error> {
+    let index = db
+        .fetch_optional(
+            &format!(
+                "SELECT c.relname AS name, i.indisvalid AS valid FROM pg_index i \
+                 JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam \
+                 WHERE i.indrelid = '{MEMORIES}'::regclass AND a.amname = 'hnsw'"
+            ),
+            &[],
+        )
+        .await?;
+    let valid = match &index {
+        Some(row) => row.get::<bool>("valid")?,
+        None => false,
+    };
+    let fresh = db
+        .fetch_one(
+            &format!(
+                "SELECT count(*) AS n FROM \
+                 (SELECT 1 FROM {MEMORIES} WHERE NOT indexed LIMIT {BUILD_FROM}) t"
+            ),
+            &[],
+        )
+        .await?
+        .get::<i64>("n")?;
+    let build = !valid || {
+        fresh >= BUILD_FROM && {
+            let total = db
+                .fetch_one(&format!("SELECT count(*) AS n FROM {MEMORIES}"), &[])
+                .await?
+                .get::<i64>("n")?;
+            let fresh = db
+                .fetch_one(
+                    &format!("SELECT count(*) AS n FROM {MEMORIES} WHERE NOT indexed"),
+                    &[],
+                )
+                .await?
+                .get::<i64>("n")?;
+            fresh * 2 >= total
+        }
+    };
+    if !build {
+        if fresh == 0 {
+            return Ok(0);
+        }
+        let flagged = db
+            .execute(
+                &format!(
+                    "UPDATE {MEMORIES} SET indexed = true WHERE memory_id IN \
+                     (SELECT memory_id FROM {MEMORIES} WHERE NOT indexed \
+                      ORDER BY position LIMIT {SETTLE_BATCH})"
+                ),
+                &[],
+            )
+            .await?;
+        return Ok(flagged as usize);
+    }
+    if let Some(row) = index {
+        let name: String = row.get("name")?;
+        db.execute(
+            &format!("DROP INDEX CONCURRENTLY IF EXISTS \"{name}\""),
+            &[],
+        )
+        .await?;
+    }
+    let flagged = db
+        .execute(
+            &format!("UPDATE {MEMORIES} SET indexed = true WHERE NOT indexed"),
+            &[],
+        )
+        .await?;
+    // A graph that fits in `maintenance_work_mem` is built in memory (much faster).
+    db.execute("SET maintenance_work_mem = '1GB'", &[]).await?;
+    let built = db
+        .execute(
+            &format!(
+                "CREATE INDEX CONCURRENTLY {MEMORIES}_embedding_{} ON {MEMORIES} \
+                 USING hnsw (embedding vector_cosine_ops) WHERE indexed",
+                unique()
+            ),
+            &[],
+        )
+        .await;
+    db.execute("RESET maintenance_work_mem", &[]).await?;
+    built?;
+    Ok(flagged.max(1) as usize)
 }
 
 async fn counts(db: &mut Db<'_>) -> Result<(i64, i64), sqlx::Error> {
@@ -822,14 +1051,39 @@ impl VectorIndex for Sqlite {
             tables.name(VECTORS),
             tables.name(TERMS),
         );
-        let exists = db
+        let b = tables.name(BITS);
+        let present = db
             .fetch_one(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = $1) AS found",
-                &[m.as_str().into()],
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = $1) AS memories, \
+                        EXISTS (SELECT 1 FROM sqlite_master WHERE name = $2) AS bits",
+                &[m.as_str().into(), b.as_str().into()],
             )
-            .await?
-            .get::<bool>("found")?;
-        if exists {
+            .await?;
+        let bits_table = format!(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS {b} USING vec0(
+                bits bit[{}],
+                agent text, conversation text, subject_id text, workflow text, tenant text,
+                current integer)",
+            // Signs of a vector whose length is no multiple of 8 are not kept (never searched).
+            if dimensions % 8 == 0 { dimensions } else { 8 }
+        );
+        if present.get::<bool>("memories")? {
+            if !present.get::<bool>("bits")? {
+                // A table from before the signs: made from the vectors.
+                db.execute(&bits_table, &[]).await?;
+                if dimensions % 8 == 0 {
+                    db.execute(
+                        &format!(
+                            "INSERT INTO {b} (rowid, bits, agent, conversation, subject_id, \
+                             workflow, tenant, current) SELECT rowid, \
+                             vec_quantize_binary(embedding), agent, conversation, subject_id, \
+                             workflow, tenant, current FROM {v}"
+                        ),
+                        &[],
+                    )
+                    .await?;
+                }
+            }
             return Ok(());
         }
         db.execute(
@@ -885,14 +1139,16 @@ impl VectorIndex for Sqlite {
             &[],
         )
         .await?;
+        db.execute(&bits_table, &[]).await?;
         Ok(())
     }
 
     async fn insert(&self, db: &mut Db<'_>, tables: &Tables, doc: &Doc) -> Result<(), sqlx::Error> {
-        let (m, v, t) = (
+        let (m, v, t, b) = (
             tables.name(MEMORIES),
             tables.name(VECTORS),
             tables.name(TERMS),
+            tables.name(BITS),
         );
         let tags = tags_json(&doc.tags);
         let sources = tags_json(&doc.sources);
@@ -935,6 +1191,25 @@ impl VectorIndex for Sqlite {
             ],
         )
         .await?;
+        if doc.vector.len() % 8 == 0 {
+            db.execute(
+                &format!(
+                    "INSERT INTO {b} (rowid, bits, agent, conversation, subject_id, workflow, \
+                     tenant, current) VALUES ($1, vec_quantize_binary(vec_f32($2)), $3, $4, $5, \
+                     $6, $7, 1)"
+                ),
+                &[
+                    id.into(),
+                    (&vector).into(),
+                    meta(&s.agent).into(),
+                    meta(&s.conversation).into(),
+                    meta(&s.subject).into(),
+                    meta(&s.workflow).into(),
+                    meta(&s.tenant).into(),
+                ],
+            )
+            .await?;
+        }
         db.execute(
             &format!("INSERT INTO {t} (rowid, text) VALUES ($1, $2)"),
             &[id.into(), (&doc.text).into()],
@@ -990,10 +1265,11 @@ impl VectorIndex for Sqlite {
         tables: &Tables,
         subjects: &[String],
     ) -> Result<Vec<String>, sqlx::Error> {
-        let (m, v, t) = (
+        let (m, v, t, b) = (
             tables.name(MEMORIES),
             tables.name(VECTORS),
             tables.name(TERMS),
+            tables.name(BITS),
         );
         let gone = db
             .fetch_all(
@@ -1010,6 +1286,8 @@ impl VectorIndex for Sqlite {
             db.execute(&format!("DELETE FROM {v} WHERE rowid = $1"), &[id.into()])
                 .await?;
             db.execute(&format!("DELETE FROM {t} WHERE rowid = $1"), &[id.into()])
+                .await?;
+            db.execute(&format!("DELETE FROM {b} WHERE rowid = $1"), &[id.into()])
                 .await?;
             hashes.push(row.get("text_sha256")?);
         }
@@ -1033,13 +1311,54 @@ impl VectorIndex for Sqlite {
             .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
             .collect();
         let any = quoted.join(" OR ");
+        let mut db = Db::from(pool);
+        let need = (min_match.clamp(0.0, 1.0) * quoted.len() as f64).ceil() as usize;
+        // A row holding `need` of the terms holds one of any `len - need + 1` of them: the rows
+        // holding one of the rarest that many are all there is to rank (each term's rows
+        // counted up to a cap, in one statement), and the terms held are counted in those only.
+        let rare = if need > 1 {
+            let counts: Vec<String> = (1..=quoted.len())
+                .map(|i| {
+                    format!(
+                        "(SELECT count(*) FROM (SELECT 1 FROM {TERMS} WHERE {TERMS} MATCH ${i} \
+                         LIMIT {RARE_CAP})) AS n{i}"
+                    )
+                })
+                .collect();
+            let values: Vec<Value<'_>> = quoted.iter().map(|q| q.into()).collect();
+            let row = db
+                .fetch_one(&format!("SELECT {}", counts.join(", ")), &values)
+                .await?;
+            let mut by_count = Vec::with_capacity(quoted.len());
+            for (i, term) in quoted.iter().enumerate() {
+                by_count.push((row.get::<i64>(&format!("n{}", i + 1))?, term));
+            }
+            by_count.sort();
+            let rare: Vec<&str> = by_count
+                .iter()
+                .take(quoted.len() - need + 1)
+                .map(|(_, term)| term.as_str())
+                .collect();
+            Some(format!("({})", rare.join(" OR ")))
+        } else {
+            None
+        };
+        let held_in: Vec<String> = match &rare {
+            Some(rare) => quoted.iter().map(|t| format!("{rare} AND {t}")).collect(),
+            None => Vec::new(),
+        };
         let mut w = Where::new(vec![(&any).into(), (limit as i64).into()]);
         w.filter(filter, Dialect::Sqlite);
-        let need = (min_match.clamp(0.0, 1.0) * quoted.len() as f64).ceil() as usize;
-        if need > 1 {
-            // How many of the terms a row holds: one set of rows per term (SQLite evaluates each
-            // `IN (SELECT …)` once).
-            let held: Vec<String> = quoted
+        if let Some(rare) = &rare {
+            // `+`: not a constraint FTS5 is asked to use (it would run the ranked query once
+            // per row), a filter on its rows.
+            let p = w.bind(rare.into());
+            w.conditions.push(format!(
+                "+t.rowid IN (SELECT rowid FROM {TERMS} WHERE {TERMS} MATCH {p})"
+            ));
+            // How many of the terms a row holds: one set of rows per term, among the rare
+            // terms' rows (SQLite evaluates each `IN (SELECT …)` once).
+            let held: Vec<String> = held_in
                 .iter()
                 .map(|term| {
                     let p = w.bind(term.into());
@@ -1053,7 +1372,7 @@ impl VectorIndex for Sqlite {
              WHERE {TERMS} MATCH $1 AND {} ORDER BY bm25({TERMS}), m.memory_id LIMIT $2",
             w.sql()
         );
-        ids(Db::from(pool).fetch_all(&sql, &w.values).await?)
+        ids(db.fetch_all(&sql, &w.values).await?)
     }
 
     async fn vector_search(
@@ -1062,7 +1381,7 @@ impl VectorIndex for Sqlite {
         vector: &[f32],
         filter: &Filter,
         limit: usize,
-        _exact: bool,
+        exact: bool,
     ) -> Result<Vec<String>, sqlx::Error> {
         let text = vector_text(vector);
         let mut db = Db::from(pool);
@@ -1077,24 +1396,42 @@ impl VectorIndex for Sqlite {
             );
             return ids(db.fetch_all(&sql, &w.values).await?);
         }
-        // `vec0` scans every vector (exact) and applies the metadata conditions as it goes.
+        // `vec0` scans every row's signs (48 bytes for 384 dimensions, compared by Hamming
+        // distance) applying the metadata conditions as it goes; the closest candidates are
+        // ranked by their vectors (cosine), each read by its row id. Exact search compares
+        // every vector.
         let mut values: Vec<Value<'_>> = vec![(&text).into(), (limit as i64).into()];
-        let mut conditions = vec!["v.current = 1".to_owned()];
+        let mut conditions = vec!["current = 1".to_owned()];
         for (column, value) in columns(&filter.scope) {
             if let Some(value) = value {
                 values.push(value.into());
-                conditions.push(format!("v.{column} = ${}", values.len()));
+                conditions.push(format!("{column} = ${}", values.len()));
             }
         }
         if filter.no_subject {
             // Metadata columns hold '' for an unset part.
-            conditions.push("v.subject_id = ''".to_owned());
+            conditions.push("subject_id = ''".to_owned());
         }
-        let sql = format!(
-            "SELECT m.memory_id FROM {VECTORS} v JOIN {MEMORIES} m ON m.id = v.rowid \
-             WHERE v.embedding MATCH $1 AND v.k = $2 AND {} ORDER BY v.distance, m.memory_id",
-            conditions.join(" AND ")
-        );
+        let sql = if exact || vector.len() % 8 != 0 {
+            format!(
+                "SELECT m.memory_id FROM {VECTORS} v JOIN {MEMORIES} m ON m.id = v.rowid \
+                 WHERE v.embedding MATCH $1 AND v.k = $2 AND {} \
+                 ORDER BY v.distance, m.memory_id",
+                conditions.join(" AND ")
+            )
+        } else {
+            let candidates = (limit * 8).clamp(RESCORED, 4_096) as i64;
+            values.push(candidates.into());
+            format!(
+                "WITH c AS (SELECT rowid FROM {BITS} \
+                   WHERE bits MATCH vec_quantize_binary(vec_f32($1)) AND k = ${} AND {}) \
+                 SELECT m.memory_id FROM c JOIN {VECTORS} v ON v.rowid = c.rowid \
+                 JOIN {MEMORIES} m ON m.id = c.rowid \
+                 ORDER BY vec_distance_cosine(v.embedding, vec_f32($1)), m.memory_id LIMIT $2",
+                values.len(),
+                conditions.join(" AND ")
+            )
+        };
         ids(db.fetch_all(&sql, &values).await?)
     }
 
@@ -1120,13 +1457,15 @@ impl VectorIndex for Sqlite {
 
 /// Takes these rows out of `vec0`'s current vectors.
 async fn not_current(db: &mut Db<'_>, tables: &Tables, ids: &[i64]) -> Result<(), sqlx::Error> {
-    let v = tables.name(VECTORS);
-    for id in ids {
-        db.execute(
-            &format!("UPDATE {v} SET current = 0 WHERE rowid = $1"),
-            &[(*id).into()],
-        )
-        .await?;
+    for table in [VECTORS, BITS] {
+        let table = tables.name(table);
+        for id in ids {
+            db.execute(
+                &format!("UPDATE {table} SET current = 0 WHERE rowid = $1"),
+                &[(*id).into()],
+            )
+            .await?;
+        }
     }
     Ok(())
 }

@@ -457,6 +457,39 @@ impl Memories {
     }
 }
 
+impl Memories {
+    /// Moves fresh memories into the approximate index (PostgreSQL's HNSW), some at a time:
+    /// see [`index::VectorIndex::settle`]. Returns how many moved (0: none left).
+    pub async fn settle(&self) -> Result<usize, MemoryError> {
+        Ok(index::for_pool(&self.pool).settle(&self.pool).await?)
+    }
+
+    /// Settles fresh memories as they come, until `stopped`: the node's task beside the
+    /// projection (inserting into HNSW costs far more than the row, so the projection stores
+    /// rows and this follows behind; a search reads fresh rows exactly meanwhile). On SQLite
+    /// there is nothing to settle.
+    pub async fn settle_until(&self, stopped: impl std::future::Future<Output = ()>) {
+        if matches!(self.pool, StorePool::Sqlite(_)) {
+            return;
+        }
+        let mut stopped = std::pin::pin!(stopped);
+        loop {
+            let pause = match self.settle().await {
+                Ok(0) => std::time::Duration::from_secs(1),
+                Ok(_) => std::time::Duration::ZERO,
+                Err(e) => {
+                    tracing::warn!(error = %e, "settling fresh memories failed; trying again");
+                    std::time::Duration::from_secs(5)
+                }
+            };
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
 /// Reciprocal Rank Fusion of ranked lists: each id scores Σ 1 / (k + rank), rank from 1; best
 /// first (ties by id, for stable results).
 pub fn fuse(lists: &[Vec<String>], k: f64) -> Vec<(String, f64)> {

@@ -227,4 +227,130 @@ async fn remembers_finds_supersedes_forgets_and_erases(store: &Store) {
     assert!(found[0].content.contains("Tuesdays"), "{found:?}");
 }
 
-stele_engine::for_each_backend!(remembers_finds_supersedes_forgets_and_erases);
+/// The full-text side of hybrid search reads only the rarest terms' rows, and finds the rows
+/// a scan of every row would; fresh memories are found before and after they settle into the
+/// approximate index (and a missing index is built anew); approximate and exact vector search
+/// agree on a small store.
+async fn rare_terms_and_fresh_memories_find_what_a_full_scan_finds(store: &Store) {
+    let private = private_store(store, &Kek::generate(), Policy::default())
+        .await
+        .unwrap();
+    let memories = Memories::new(&private.store, model(), private.subjects.sealer().clone());
+    let runner = ProjectionRunner::new(&private.store, vec![memories.projection()]);
+    runner.setup().await.unwrap();
+    // Which of the words "team", "meeting", "budget", "zanzibar" each memory holds.
+    let words = ["team", "meeting", "budget", "zanzibar"];
+    let mut expected = Vec::new();
+    for i in 0..40usize {
+        let held: Vec<&str> = words
+            .iter()
+            .enumerate()
+            .filter(|(w, _)| (i >> w) & 1 == 1 || (*w < 2 && i % 3 == 0))
+            .map(|(_, word)| *word)
+            .collect();
+        let content = format!("note {i}: {} and other things", held.join(" "));
+        let id = memories
+            .store(fact(&content, MemoryScope::default(), None), meta())
+            .await
+            .unwrap();
+        if held.len() >= 3 {
+            expected.push(id);
+        }
+    }
+    expected.sort();
+    catch_up(&runner).await;
+    let index = stele_memory::index::for_pool(&store.pool);
+    let query = "the team meeting about the Zanzibar budget";
+    let text = || async {
+        let mut found = index
+            .text_search(&store.pool, query, &Filter::default(), 100, 0.75)
+            .await
+            .unwrap();
+        found.sort();
+        found
+    };
+    assert_eq!(text().await, expected);
+    if let stele_engine::store::StorePool::Postgres(pool) = &store.pool {
+        // With the planner's statistics of the terms, other terms are the rarest.
+        sqlx::query("ANALYZE memories").execute(pool).await.unwrap();
+        assert_eq!(text().await, expected);
+    }
+
+    let dense = || async {
+        memories
+            .search(&search(
+                "budget of the Zanzibar team",
+                Filter::default(),
+                Mode::Dense,
+            ))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|h| h.memory_id)
+            .collect::<Vec<_>>()
+    };
+    let before = dense().await;
+    assert_eq!(before.len(), 5);
+    let vector = model()
+        .embed(&["budget of the Zanzibar team".to_owned()])
+        .await
+        .unwrap()
+        .remove(0);
+    let exact = index
+        .vector_search(&store.pool, &vector, &Filter::default(), 5, true)
+        .await
+        .unwrap();
+    assert_eq!(before, exact);
+    match &store.pool {
+        stele_engine::store::StorePool::Postgres(pool) => {
+            let fresh = || async {
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM memories WHERE NOT indexed")
+                    .fetch_one(pool)
+                    .await
+                    .unwrap()
+            };
+            assert_eq!(fresh().await, 40);
+            let mut settled = 0;
+            loop {
+                match memories.settle().await.unwrap() {
+                    0 => break,
+                    n => settled += n,
+                }
+            }
+            assert_eq!((settled, fresh().await), (40, 0));
+            assert_eq!(dense().await, before);
+            // An index lost (a build interrupted): the next settle builds it anew.
+            let name: String = sqlx::query_scalar(
+                "SELECT indexname::text FROM pg_indexes \
+                 WHERE tablename = 'memories' AND indexdef LIKE '%hnsw%'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            sqlx::query(&format!("DROP INDEX \"{name}\""))
+                .execute(pool)
+                .await
+                .unwrap();
+            assert!(memories.settle().await.unwrap() > 0);
+            let valid: bool = sqlx::query_scalar(
+                "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 JOIN pg_am a ON a.oid = c.relam \
+                 WHERE i.indrelid = 'memories'::regclass AND a.amname = 'hnsw'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            assert!(valid);
+            assert_eq!(memories.settle().await.unwrap(), 0);
+            assert_eq!(dense().await, before);
+        }
+        stele_engine::store::StorePool::Sqlite(_) => {
+            assert_eq!(memories.settle().await.unwrap(), 0);
+        }
+    }
+}
+
+stele_engine::for_each_backend!(
+    remembers_finds_supersedes_forgets_and_erases,
+    rare_terms_and_fresh_memories_find_what_a_full_scan_finds
+);

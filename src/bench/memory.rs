@@ -107,10 +107,16 @@ struct StoreFigure {
     ndcg_at_10: Quality,
     memories: usize,
     ingest_memories_per_sec: f64,
+    /// From the end of the ingest until every memory is in the approximate index (PostgreSQL's
+    /// HNSW, built behind the ingest; meanwhile fresh memories are searched exactly).
+    settled_in_seconds: f64,
     /// Hybrid search, the query embedded by the model in each call.
     hybrid_search: Latency,
     /// The same searches with the queries' vectors given: what the index takes.
     hybrid_search_index_only: Latency,
+    /// Its two sides alone: the vector search and the full-text search.
+    dense_search_index_only: Latency,
+    text_search_index_only: Latency,
     /// Recall@10 of the vector search against exact search.
     recall_at_10: Recall,
 }
@@ -471,8 +477,11 @@ async fn measure(
             ndcg_at_10,
             memories: 0,
             ingest_memories_per_sec: 0.0,
+            settled_in_seconds: 0.0,
             hybrid_search: Latency::default(),
             hybrid_search_index_only: Latency::default(),
+            dense_search_index_only: Latency::default(),
+            text_search_index_only: Latency::default(),
             recall_at_10: Recall {
                 unfiltered: 0.0,
                 filter_1_percent: 0.0,
@@ -528,6 +537,9 @@ async fn measure(
     while runner.step(MEMORY).await?.read > 0 {}
     let ingest = total as f64 / started.elapsed().as_secs_f64();
     runner.release_all().await?;
+    let started = Instant::now();
+    while memories.settle().await? > 0 {}
+    let settled_in = started.elapsed().as_secs_f64();
     if let stele_engine::store::StorePool::Postgres(pool) = &store.pool {
         // As autovacuum would after a bulk load: the planner's row estimate.
         sqlx::query("ANALYZE memories").execute(pool).await?;
@@ -546,15 +558,23 @@ async fn measure(
         memories.search(&search(i)).await?; // warm-up
     }
     let (mut full, mut index_only) = (Vec::new(), Vec::new());
+    let (mut dense, mut text) = (Vec::new(), Vec::new());
     for i in 0..args.searches {
         let begun = Instant::now();
         memories.search(&search(i)).await?;
         full.push(begun.elapsed());
-        let begun = Instant::now();
-        memories
-            .search_embedded(&search(i), Some(&vectors[i % vectors.len()]))
-            .await?;
-        index_only.push(begun.elapsed());
+        let vector = Some(vectors[i % vectors.len()].as_slice());
+        for (mode, times) in [
+            (Mode::Hybrid, &mut index_only),
+            (Mode::Dense, &mut dense),
+            (Mode::Text, &mut text),
+        ] {
+            let begun = Instant::now();
+            memories
+                .search_embedded(&Search { mode, ..search(i) }, vector)
+                .await?;
+            times.push(begun.elapsed());
+        }
     }
 
     // Recall@10 of the vector search against exact search, for held-out vectors near the
@@ -599,8 +619,11 @@ async fn measure(
         ndcg_at_10,
         memories: total,
         ingest_memories_per_sec: ingest.round(),
+        settled_in_seconds: (settled_in * 10.0).round() / 10.0,
         hybrid_search: Latency::of(full),
         hybrid_search_index_only: Latency::of(index_only),
+        dense_search_index_only: Latency::of(dense),
+        text_search_index_only: Latency::of(text),
         recall_at_10: Recall {
             unfiltered: recall[0],
             filter_1_percent: recall[1],
