@@ -1,21 +1,73 @@
 //! The console in a real browser: headless Chromium driven over WebDriver (ChromeDriver), against
-//! a real server. It signs in, creates a task and watches it finish live, opens its timeline and
-//! a model call, retries a dead job, verifies an event's inclusion proof in the browser, exports
-//! and erases a person, shows only what a key's scopes allow, fits a phone's width — with no
-//! error in the browser's console. A screenshot of each main page is kept under the build's
-//! temporary folder (`console-screenshots/`). The session's cookie and CSRF rules are checked
-//! over plain HTTP.
+//! a real server. It signs in (by keyboard, after a refused key), creates a task, opens its
+//! timeline and a model call, retries a dead job, verifies an event's inclusion proof in the
+//! browser, exports and erases a person, shows a conversation's delivered reply and the task it
+//! belongs to, shows only what a key's scopes allow, fits 1280 px and a phone's width — with no
+//! error in the browser's console. A run that sleeps, calls tools, waits for a signal and fans
+//! out is followed live until the signal sent over the API lets it finish. A screenshot of each
+//! main page is kept under the build's temporary folder (`console-screenshots/`). The session's
+//! cookie and CSRF rules are checked over plain HTTP.
 
 mod support;
 
 use std::time::Duration;
 
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+use fantoccini::key::Key;
 use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use stele_aggregates::api_key::Scope;
 use stele_engine::queue::NewJob;
+use stele_models::config::{ProviderConfig, ScriptRule, ScriptedToolCall};
+use stele_models::ModelsConfig;
+use stele_workflows::catalog::Source;
 use support::{Options, Server};
+
+/// A run with a step of each kind the timeline draws: a timer, a tool step (its input is the
+/// command), an agent calling a tool, a wait for a signal, and child runs (one per part the
+/// signal names).
+const TIMELINE: &str = r#"
+name: timeline
+version: 1
+steps:
+  - id: pause
+    kind: sleep
+    duration: 20ms
+  - id: shell
+    kind: tool
+    tool: echo
+    input: { command: "ls -l {{ input }}" }
+  - id: look
+    kind: agent
+    agent: vox
+    prompt: "look it up with echo: {{ input }}"
+  - id: approve
+    kind: wait
+    signal: go
+  - id: parts
+    kind: fan_out
+    items: steps.approve.output.parts
+    workflow: timeline_part
+  - id: send
+    kind: reply
+    text: "done"
+"#;
+
+/// One child run of [`TIMELINE`].
+const TIMELINE_PART: &str = r#"
+name: timeline_part
+version: 1
+steps:
+  - id: part
+    kind: tool
+    tool: echo
+    input: { part: "{{ input }}" }
+"#;
+
+/// The trace a request continues (as a caller's `traceparent` names it).
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 fn runtime() -> tokio::runtime::Runtime {
     stele_engine::testing::runtime()
@@ -176,6 +228,40 @@ async fn click(client: &Client, css: &str) {
         .unwrap();
 }
 
+/// Presses `key` on the keyboard: it goes to whatever has the focus.
+async fn press(client: &Client, key: Key) {
+    let key = char::from(key);
+    let keys = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down { value: key })
+        .then(KeyAction::Up { value: key });
+    client.perform_actions(keys).await.unwrap();
+}
+
+/// What has the focus: its id, else its text.
+async fn focused(client: &Client) -> String {
+    let name = client
+        .execute(
+            "const e = document.activeElement;
+             return e.id || e.textContent.trim();",
+            vec![],
+        )
+        .await
+        .unwrap();
+    name.as_str().unwrap_or_default().to_owned()
+}
+
+/// Whether the page is no wider than the window (nothing to scroll sideways).
+async fn fits(client: &Client) -> bool {
+    let fits = client
+        .execute(
+            "return document.documentElement.scrollWidth <= window.innerWidth + 1",
+            vec![],
+        )
+        .await
+        .unwrap();
+    fits == Value::Bool(true)
+}
+
 async fn sign_in(client: &Client, base: &str, key: &str) {
     client.goto(&format!("{base}/")).await.unwrap();
     let input = wait_for(client, "#signin #key").await;
@@ -260,7 +346,9 @@ fn the_console_works_in_a_real_browser() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
-        // A chat as the Telegram channel leaves it.
+        // A chat as the Telegram channel leaves it: a message in, and a delivered reply that
+        // belongs to a task.
+        let answered = s.create("assistant", "from the chat").await;
         {
             use stele_aggregates::conversation::{
                 Channel, Conversation, ConversationCommand, Participant,
@@ -288,6 +376,24 @@ fn the_console_works_in_a_real_browser() {
                 no_reply: Some("a test message: no answer".into()),
             };
             bus.execute("chat-1", receive, meta()).await.unwrap();
+            let join = ConversationCommand::Join {
+                participant: Participant::agent("vox"),
+            };
+            bus.execute("chat-1", join, meta()).await.unwrap();
+            let reply = ConversationCommand::QueueReply {
+                message_id: "r-1".into(),
+                from: "vox".into(),
+                text: "hello from the agent".into(),
+                attachments: vec![],
+                in_reply_to: Some("m-1".into()),
+                task_id: Some(answered.clone()),
+            };
+            bus.execute("chat-1", reply, meta()).await.unwrap();
+            let delivered = ConversationCommand::MarkDelivered {
+                message_id: "r-1".into(),
+                external_id: "11".into(),
+            };
+            bus.execute("chat-1", delivered, meta()).await.unwrap();
         }
 
         let driver = driver().await;
@@ -296,13 +402,38 @@ fn the_console_works_in_a_real_browser() {
         // Signing in, with the key field focused for the keyboard.
         client.goto(&format!("{base}/")).await.unwrap();
         wait_for(&client, "#signin #key").await;
-        let focused = client
-            .execute("return document.activeElement.id", vec![])
+        assert_eq!(focused(&client).await, "key");
+        shot(&client, "sign-in").await;
+        // A key that is not valid is refused in a sentence (the refusal is the one error the
+        // browser logs).
+        wait_for(&client, "#signin #key")
+            .await
+            .send_keys("stele_nope")
             .await
             .unwrap();
-        assert_eq!(focused, "key");
-        shot(&client, "sign-in").await;
-        sign_in(&client, &base, &s.admin).await;
+        click(&client, "#signin button[type=submit]").await;
+        wait_for_text(&client, "#notice", "not valid").await;
+        let notice = client
+            .find(Locator::Css("#notice"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(notice, "This API key is not valid.");
+        let errors = errors_in_console(&client).await;
+        assert!(
+            errors.len() == 1 && errors[0].contains("401"),
+            "{errors:#?}"
+        );
+        // Signed in by keyboard alone: the key, Tab to the button, Enter.
+        let key = client.find(Locator::Css("#signin #key")).await.unwrap();
+        key.clear().await.unwrap();
+        key.send_keys(&s.admin).await.unwrap();
+        press(&client, Key::Tab).await;
+        assert_eq!(focused(&client).await, "Sign in");
+        press(&client, Key::Enter).await;
+        wait_for(&client, "#tasks").await;
 
         // A task created in the page, followed live to its end.
         wait_for(&client, "#new-input")
@@ -338,6 +469,43 @@ fn the_console_works_in_a_real_browser() {
         visit(&client, &base, "tasks").await;
         wait_for_text(&client, "#tasks", "hello console").await;
         shot(&client, "tasks").await;
+        // By keyboard from the page's start: Tab goes through the skip link, the sections and
+        // signing out to the page's own form; the skip link takes the focus to the content.
+        client.refresh().await.unwrap();
+        wait_for_text(&client, "#tasks", "hello console").await;
+        let mut order = Vec::new();
+        for _ in 0..11 {
+            press(&client, Key::Tab).await;
+            order.push(focused(&client).await);
+        }
+        assert_eq!(
+            order,
+            [
+                "Skip to content",
+                "Stele",
+                "Tasks",
+                "Conversations",
+                "Rooms",
+                "Operations",
+                "Audit",
+                "People",
+                "Memory",
+                "Sign out",
+                "new-input",
+            ],
+        );
+        client.refresh().await.unwrap();
+        wait_for_text(&client, "#tasks", "hello console").await;
+        press(&client, Key::Tab).await;
+        press(&client, Key::Enter).await;
+        assert_eq!(focused(&client).await, "main");
+        let hash = client
+            .execute("return location.hash", vec![])
+            .await
+            .unwrap();
+        assert_eq!(hash, "#/tasks");
+        // 1280 px wide: the widest list fits without scrolling sideways.
+        assert!(fits(&client).await, "the task list is wider than 1280 px");
         // Opened quickly one after the other, the list and then the task: the list's answers
         // come late and must not draw the list over the task.
         let id = wait_for(&client, "#tasks tr[data-task]")
@@ -430,6 +598,7 @@ fn the_console_works_in_a_real_browser() {
             .await
             .unwrap();
         wait_for_text(&client, "#audit-events .verify-result", "verified").await;
+        assert!(fits(&client).await, "the audit page is wider than 1280 px");
         shot(&client, "audit").await;
         // By time: nothing was recorded in the future.
         visit(&client, &base, "conversations").await;
@@ -446,6 +615,20 @@ fn the_console_works_in_a_real_browser() {
         visit(&client, &base, "memory?q=standup&agent=vox").await;
         wait_for_text(&client, "#memory-hits", "Orion room").await;
         wait_for_text(&client, "#memory-hits", "agent vox").await;
+        // It links to the event it came from in the audit view, and shows the ids it cites.
+        let from = wait_for(&client, "#memory-hits .memory-source a")
+            .await
+            .attr("href")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(from.starts_with("#/audit?after="), "{from}");
+        let cited = wait_for(&client, "#memory-hits .memory-source code.source")
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(cited.len(), 36, "an event id: {cited}");
         shot(&client, "memory").await;
         visit(&client, &base, "memory?q=standup&agent=scribe").await;
         wait_for_text(&client, "#memory-hits", "Nothing remembered matches").await;
@@ -458,7 +641,26 @@ fn the_console_works_in_a_real_browser() {
             .await
             .unwrap();
         wait_for_text(&client, "#conversation-messages", "hello from the chat").await;
+        // The reply: delivered, and linked to the task it belongs to.
+        wait_for_text(
+            &client,
+            "#conversation-messages [data-seq='2']",
+            "hello from the agent",
+        )
+        .await;
+        wait_for_text(
+            &client,
+            "#conversation-messages [data-seq='2'] .status",
+            "delivered",
+        )
+        .await;
         shot(&client, "conversation").await;
+        click(
+            &client,
+            &format!("#conversation-messages [data-seq='2'] a[href='#/tasks/{answered}']"),
+        )
+        .await;
+        wait_for_text(&client, "#task-summary", "from the chat").await;
 
         // A room's messages.
         visit(&client, &base, "rooms/lab").await;
@@ -502,14 +704,7 @@ fn the_console_works_in_a_real_browser() {
         client.set_window_size(390, 844).await.unwrap();
         visit(&client, &base, "tasks").await;
         wait_for_text(&client, "#tasks", "completed").await;
-        let fits = client
-            .execute(
-                "return document.documentElement.scrollWidth <= window.innerWidth + 1",
-                vec![],
-            )
-            .await
-            .unwrap();
-        assert_eq!(fits, true);
+        assert!(fits(&client).await, "the task list is wider than a phone");
         shot(&client, "tasks-phone").await;
         client.set_window_size(1280, 900).await.unwrap();
 
@@ -529,6 +724,212 @@ fn the_console_works_in_a_real_browser() {
             "{nav}"
         );
         assert!(client.find(Locator::Css("#new-task")).await.is_err());
+
+        // A key that may only search the memory: no audit view to link to, so the event is
+        // named and the ids it cites shown.
+        let remembering = s.key("remembering", vec![Scope::MemoryRead]).await;
+        click(&client, "#who button").await;
+        wait_for(&client, "#signin #key")
+            .await
+            .send_keys(&remembering)
+            .await
+            .unwrap();
+        click(&client, "#signin button[type=submit]").await;
+        wait_for(&client, "#memory-search").await;
+        visit(&client, &base, "memory?q=standup&agent=vox").await;
+        wait_for_text(&client, "#memory-hits .memory-source", "of the log").await;
+        assert!(client
+            .find_all(Locator::Css("#memory-hits a"))
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(client
+            .find(Locator::Css("#memory-hits code.source"))
+            .await
+            .is_ok());
+
+        let errors = errors_in_console(&client).await;
+        assert!(
+            errors.is_empty(),
+            "errors in the browser's console: {errors:#?}"
+        );
+        client.close().await.unwrap();
+        s.stop().await;
+    });
+}
+
+/// Traces recorded as a node that exports them records them: a request's `traceparent` is
+/// continued, and the commands it issues carry it. Nothing is exported: the ids are what counts.
+fn record_traces() {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("console")));
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+}
+
+/// The models, with Vox offered the `echo` tool and calling it once when asked to look it up.
+fn models_calling_echo() -> ModelsConfig {
+    let mut models = ModelsConfig::default();
+    models
+        .agents
+        .get_mut("vox")
+        .unwrap()
+        .tools
+        .push("echo".into());
+    let Some(ProviderConfig::Scripted(scripted)) = models.providers.get_mut("scripted") else {
+        panic!("the shipped models have a scripted provider");
+    };
+    scripted.rules.insert(
+        0,
+        ScriptRule {
+            agent: Some("vox".into()),
+            model: None,
+            contains: Some("look it up with echo".into()),
+            reply: None,
+            tool_calls: vec![ScriptedToolCall {
+                name: "echo".into(),
+                arguments: json!({ "query": "the manual" }),
+            }],
+            fail: None,
+            retryable: true,
+            times: Some(1),
+        },
+    );
+    models
+}
+
+#[test]
+fn a_run_is_followed_live_through_its_timer_tools_wait_and_children() {
+    record_traces();
+    runtime().block_on(async {
+        let s = Server::start(Options {
+            workflows: vec![
+                Source {
+                    file: "timeline.yaml".into(),
+                    yaml: TIMELINE.into(),
+                },
+                Source {
+                    file: "timeline_part.yaml".into(),
+                    yaml: TIMELINE_PART.into(),
+                },
+            ],
+            models: models_calling_echo(),
+            trace_url: Some("http://traces.example/trace/{trace_id}".into()),
+            memory: false,
+            ..Options::default()
+        })
+        .await;
+        let base = s.base.clone();
+        // Created by a caller in a trace of its own.
+        let (status, task) = s
+            .send(
+                "/v1/tasks",
+                s.client
+                    .post(format!("{base}/v1/tasks"))
+                    .bearer_auth(&s.writer)
+                    .header("traceparent", TRACEPARENT)
+                    .json(&json!({ "input": "/srv", "workflow": "timeline" })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{task}");
+        let id = task["id"].as_str().unwrap().to_owned();
+
+        let driver = driver().await;
+        let client = browser(&driver).await;
+        sign_in(&client, &base, &s.writer).await;
+        visit(&client, &base, &format!("tasks/{id}")).await;
+        // Followed live: the timer is done, the run waits for its signal.
+        let lane = |step: &str| format!("#waterfall details.step[data-step='{step}'] summary");
+        wait_for_text(&client, &lane("approve"), "(waits for a signal) running").await;
+        wait_for_text(&client, &lane("pause"), "(timer) completed").await;
+        wait_for_text(&client, "#live", "following live").await;
+        assert!(client
+            .find(Locator::Css("#live[data-finished]"))
+            .await
+            .is_err());
+        shot(&client, "task-live").await;
+
+        // The signal, sent over the API, lets it fan out and finish, on the page as it happens.
+        let (status, accepted) = s
+            .call(
+                reqwest::Method::POST,
+                "/v1/tasks/{id}/signals/{name}",
+                &[("id", &id), ("name", "go")],
+                Some(&s.writer),
+                Some(json!({ "payload": { "parts": ["left", "right"] } })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+        wait_for(&client, "#live[data-finished='true']").await;
+        wait_for_text(&client, "#task-summary", "completed").await;
+        wait_for_text(&client, &lane("approve"), "(signalled) completed").await;
+        wait_for_text(&client, &lane("parts"), "(2 child runs) completed").await;
+        let outcomes = client
+            .execute(
+                "return [...document.querySelectorAll('#waterfall details.step')]
+                   .map((lane) => lane.dataset.step + ' ' + lane.querySelector('summary .status').textContent);",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let outcomes: Vec<String> = serde_json::from_value(outcomes).unwrap();
+        for step in ["pause", "shell", "look", "approve", "parts", "send"] {
+            assert!(
+                outcomes.contains(&format!("{step} completed")),
+                "{outcomes:?}"
+            );
+        }
+        let parts = outcomes.iter().filter(|o| *o == "part completed").count();
+        assert_eq!(parts, 2, "a lane per child run: {outcomes:?}");
+        wait_for_text(&client, "#waterfall", "child parts.1 · part").await;
+        shot(&client, "timeline-finished").await;
+        assert!(
+            outcomes.iter().all(|o| !o.ends_with("running")),
+            "{outcomes:?}"
+        );
+
+        // The tool step's input (the command) beside its output.
+        click(&client, &lane("shell")).await;
+        wait_for_text(
+            &client,
+            "#waterfall details.step[data-step='shell'][open] .step-input",
+            "ls -l /srv",
+        )
+        .await;
+        // The agent's tool call, with its arguments.
+        click(&client, &lane("look")).await;
+        wait_for_text(
+            &client,
+            "#waterfall details.step[data-step='look'][open] .tool-call summary",
+            "echo",
+        )
+        .await;
+        click(
+            &client,
+            "#waterfall details.step[data-step='look'] .tool-call summary",
+        )
+        .await;
+        wait_for_text(
+            &client,
+            "#waterfall details.step[data-step='look'] .tool-call[open]",
+            "the manual",
+        )
+        .await;
+        shot(&client, "timeline-steps").await;
+
+        // The run links to the trace its request continued.
+        let trace = wait_for(&client, "#task-trace a")
+            .await
+            .attr("href")
+            .await
+            .unwrap();
+        assert_eq!(
+            trace.as_deref(),
+            Some("http://traces.example/trace/4bf92f3577b34da6a3ce929d0e0e4736")
+        );
 
         let errors = errors_in_console(&client).await;
         assert!(

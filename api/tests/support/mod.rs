@@ -73,6 +73,12 @@ pub struct Options {
     pub policy: stele_privacy::Policy,
     /// A memory on the embedding model `STELE_EMBEDDING_MODEL` names.
     pub memory: bool,
+    /// Workflows the catalog has besides the shipped ones.
+    pub workflows: Vec<Source>,
+    /// The models and agent roles (the shipped `agents.toml` by default).
+    pub models: ModelsConfig,
+    /// Where the console links a trace (`{trace_id}` in it).
+    pub trace_url: Option<String>,
 }
 
 impl Default for Options {
@@ -88,6 +94,9 @@ impl Default for Options {
             gate: None,
             policy: stele_privacy::Policy::default(),
             memory: true,
+            workflows: Vec::new(),
+            models: ModelsConfig::default(),
+            trace_url: None,
         }
     }
 }
@@ -115,7 +124,7 @@ impl Server {
             ))
         });
         let tools = Tools::builtin();
-        let router = ModelRouter::new(ModelsConfig::default()).unwrap();
+        let router = ModelRouter::new(options.models).unwrap();
         let mut sources = catalog::builtin();
         if options.approval {
             sources.push(Source {
@@ -123,6 +132,7 @@ impl Server {
                 yaml: APPROVAL.into(),
             });
         }
+        sources.extend(options.workflows);
         let catalog = catalog::build(&sources, &|a| router.agent(a).is_some(), &|t| {
             tools.contains(t)
         })
@@ -205,6 +215,7 @@ impl Server {
         state.probe = options.probe;
         state.audit_key = Some(audit_key.verifier_key().to_owned());
         state.memory = memory;
+        state.trace_url = options.trace_url;
         let app = stele_api::server::app(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());

@@ -314,15 +314,23 @@ function newTaskForm(workflows) {
   return form;
 }
 
-// The steps of a task's events as lanes: (stream, step, attempt) → start, end, outcome, calls.
+// The steps of a task's events as lanes: (stream, step, attempt) → start, end, outcome, input,
+// calls. A timer step ends when its timer fires (no StepCompleted follows). A signal names no
+// step: it is tied to the step of its run that waits for a signal of its name.
 function lanes(events) {
   const byKey = new Map();
+  const waiting = new Map();
   let first = null, last = null;
   for (const e of events) {
     const t = Date.parse(e.recorded_at);
     first = first === null ? t : Math.min(first, t);
     last = last === null ? t : Math.max(last, t);
     const d = e.payload && e.payload.data;
+    if (e.type === "SignalReceived" && d) {
+      const lane = waiting.get(`${e.stream} ${d.name}`);
+      if (lane && lane.end === null) lane.waited = "signalled";
+      continue;
+    }
     if (!d || !d.step) continue;
     const key = `${e.stream} ${d.step} ${d.attempt || 1}`;
     const lane = byKey.get(key) || { stream: e.stream, step: d.step, attempt: d.attempt || 1, start: t, end: null, outcome: "running", calls: [] };
@@ -332,13 +340,20 @@ function lanes(events) {
       lane.end = t;
       lane.outcome = e.type === "StepCompleted" ? "completed" : "failed";
       lane.calls = Array.isArray(d.calls) ? d.calls : [];
+      lane.input = d.input === null ? undefined : d.input;
       lane.output = e.type === "StepCompleted" ? d.output : d.error;
+      // A signal that came before its wait began is taken when the wait begins.
+      if (d.consumed_signal) lane.waited = "signalled";
     }
     if (e.type === "StepSkipped") { lane.end = t; lane.outcome = "skipped"; }
     if (e.type === "TimerArmed") lane.waited = "timer";
-    if (e.type === "WaitStarted") lane.waited = "waits for a signal";
-    if (e.type === "SignalReceived") lane.waited = "signalled";
-    if (e.type === "WaitTimedOut") lane.waited = "wait timed out";
+    if (e.type === "TimerFired") { lane.end = t; lane.outcome = "completed"; }
+    if (e.type === "WaitStarted") {
+      lane.waited = "waits for a signal";
+      waiting.set(`${e.stream} ${d.signal}`, lane);
+    }
+    if (e.type === "WaitTimedOut") { lane.end = t; lane.outcome = "failed"; lane.waited = "wait timed out"; }
+    if (e.type === "ChildrenStarted") lane.waited = `${d.children.length} child ${d.children.length === 1 ? "run" : "runs"}`;
     byKey.set(key, lane);
   }
   return { lanes: [...byKey.values()], first, last };
@@ -353,16 +368,25 @@ function waterfall(events) {
     const end = lane.end || last;
     const left = ((lane.start - first) / span) * 100;
     const width = Math.max(0.5, ((end - lane.start) / span) * 100);
-    const child = runs.length > 1 && lane.stream !== runs[0] ? `child ${short(lane.stream.split("/")[1])} · ` : "";
+    const child = runs.length > 1 && lane.stream !== runs[0] ? `child ${childName(lane.stream, runs[0])} · ` : "";
     const label = `${child}${lane.step}${lane.attempt > 1 ? ` (attempt ${lane.attempt})` : ""}${lane.waited ? ` (${lane.waited})` : ""}`;
     const ms = lane.end ? `${lane.end - lane.start} ms` : "running";
     return h("div", { class: "lane" },
       h("details", { class: "step", "data-step": lane.step },
         h("summary", {}, label, " ", status(lane.outcome), " ", h("span", { class: "muted" }, ms)),
+        lane.input !== undefined ? h("div", { class: "step-input" }, h("b", {}, "Input"), json(lane.input)) : null,
         lane.calls.length ? h("div", {}, h("b", {}, "Calls"), lane.calls.map(callView)) : null,
         lane.output !== undefined ? h("div", {}, h("b", {}, "Output"), json(lane.output)) : null),
       h("div", { class: "bar-track", "aria-hidden": "true" }, bar(lane.outcome, left, Math.min(width, 100 - left))));
   }));
+}
+
+// A child run's id is its parent's, then its step and index (`<run>.<step>.<index>`): it is
+// named by what follows the run's.
+function childName(stream, main) {
+  const id = stream.split("/")[1] || stream;
+  const parent = main.split("/")[1] || main;
+  return id.startsWith(`${parent}.`) ? id.slice(parent.length + 1) : short(id);
 }
 
 // A bar of the waterfall, placed through the CSSOM (the page's policy allows no inline style).
@@ -752,8 +776,12 @@ async function memoryPage() {
       h("b", {}, `${hit.kind} · score ${hit.score.toFixed(3)}`), hit.content,
       h("div", { class: "muted" }, [scopeText(hit.scope), hit.tags.length ? `tags ${hit.tags.join(", ")}` : "",
         `true from ${when(hit.valid_from)}${hit.valid_until ? ` until ${when(hit.valid_until)}` : ""}`].filter(Boolean).join(" · ")),
-      h("div", { class: "muted" }, "From ", h("a", { href: `#/audit${query({ after: hit.position - 1 })}` }, `event ${hit.position}`),
-        hit.sources.length ? ` (${hit.sources.join(", ")})` : "")))));
+      h("div", { class: "muted memory-source" }, "From ", can("audit:read")
+        ? h("a", { href: `#/audit${query({ after: hit.position - 1 })}` }, `event ${hit.position}`)
+        : `event ${hit.position} of the log`,
+      // No page opens an event by its id (nor does the API): the ids it cites are shown whole.
+      hit.sources.length ? h("span", {}, `; cites ${hit.sources.length === 1 ? "event" : "events"} `,
+        hit.sources.flatMap((id, i) => [i ? ", " : "", h("code", { class: "source" }, id)])) : "")))));
 }
 
 // ---- routing ---------------------------------------------------------------------------------
@@ -792,4 +820,12 @@ async function route() {
 }
 
 window.addEventListener("hashchange", route);
-window.addEventListener("DOMContentLoaded", route);
+window.addEventListener("DOMContentLoaded", () => {
+  // The skip link moves the focus to the page's content: followed as a link, its `#main` would
+  // be taken for a page's address.
+  document.querySelector(".skip").addEventListener("click", (event) => {
+    event.preventDefault();
+    document.getElementById("main").focus();
+  });
+  route();
+});
