@@ -1065,13 +1065,13 @@ impl VectorIndex for Sqlite {
                 agent text, conversation text, subject_id text, workflow text, tenant text,
                 current integer)",
             // Signs of a vector whose length is no multiple of 8 are not kept (never searched).
-            if dimensions % 8 == 0 { dimensions } else { 8 }
+            if dimensions.is_multiple_of(8) { dimensions } else { 8 }
         );
         if present.get::<bool>("memories")? {
             if !present.get::<bool>("bits")? {
                 // A table from before the signs: made from the vectors.
                 db.execute(&bits_table, &[]).await?;
-                if dimensions % 8 == 0 {
+                if dimensions.is_multiple_of(8) {
                     db.execute(
                         &format!(
                             "INSERT INTO {b} (rowid, bits, agent, conversation, subject_id, \
@@ -1191,7 +1191,7 @@ impl VectorIndex for Sqlite {
             ],
         )
         .await?;
-        if doc.vector.len() % 8 == 0 {
+        if doc.vector.len().is_multiple_of(8) {
             db.execute(
                 &format!(
                     "INSERT INTO {b} (rowid, bits, agent, conversation, subject_id, workflow, \
@@ -1412,7 +1412,7 @@ impl VectorIndex for Sqlite {
             // Metadata columns hold '' for an unset part.
             conditions.push("subject_id = ''".to_owned());
         }
-        let sql = if exact || vector.len() % 8 != 0 {
+        let sql = if exact || !vector.len().is_multiple_of(8) {
             format!(
                 "SELECT m.memory_id FROM {VECTORS} v JOIN {MEMORIES} m ON m.id = v.rowid \
                  WHERE v.embedding MATCH $1 AND v.k = $2 AND {} \
