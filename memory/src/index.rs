@@ -10,9 +10,8 @@
 //! filters afterwards, so a selective filter would come back short. The PostgreSQL adapter counts
 //! the rows the filter keeps (up to [`EXACT_BELOW`]): below that it searches exactly (the scope
 //! columns' b-tree indexes find the rows; sorting a few thousand distances is cheap), above it
-//! raises `ef_search` in proportion to the filter's selectivity. On SQLite, `vec0` scans every
-//! row's signs (binary quantisation) with the scope as metadata columns, and the closest
-//! candidates are ranked by their vectors.
+//! raises `ef_search` in proportion to the filter's selectivity. On SQLite, `vec0`'s search is
+//! exact and applies the scope as metadata columns during the scan.
 //!
 //! **Fresh memories.** Inserting into PostgreSQL's HNSW graph costs far more than the row, so
 //! the projection stores rows unindexed (`indexed = false`: the HNSW index is partial) and
@@ -48,11 +47,6 @@ const RARE_CAP: i64 = 2_000;
 pub const MEMORIES: &str = "memories";
 pub const VECTORS: &str = "memory_vectors";
 pub const TERMS: &str = "memory_terms";
-/// SQLite: each vector's signs (binary quantisation), scanned first; PostgreSQL: unused.
-pub const BITS: &str = "memory_bits";
-
-/// The fewest candidates SQLite's scan of signs hands over to be ranked by their vectors.
-const RESCORED: usize = 400;
 
 /// One memory as indexed.
 #[derive(Clone, Debug)]
@@ -521,7 +515,7 @@ impl VectorIndex for Postgres {
             .await?;
         // Vectors and terms are columns of `memories` here; the other two tables exist (empty)
         // so that both stores have the projection's tables.
-        for base in [VECTORS, TERMS, BITS] {
+        for base in [VECTORS, TERMS] {
             db.execute(
                 &format!(
                     "CREATE TABLE IF NOT EXISTS {} (unused int)",
@@ -1051,39 +1045,14 @@ impl VectorIndex for Sqlite {
             tables.name(VECTORS),
             tables.name(TERMS),
         );
-        let b = tables.name(BITS);
-        let present = db
+        let exists = db
             .fetch_one(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = $1) AS memories, \
-                        EXISTS (SELECT 1 FROM sqlite_master WHERE name = $2) AS bits",
-                &[m.as_str().into(), b.as_str().into()],
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = $1) AS found",
+                &[m.as_str().into()],
             )
-            .await?;
-        let bits_table = format!(
-            "CREATE VIRTUAL TABLE IF NOT EXISTS {b} USING vec0(
-                bits bit[{}],
-                agent text, conversation text, subject_id text, workflow text, tenant text,
-                current integer)",
-            // Signs of a vector whose length is no multiple of 8 are not kept (never searched).
-            if dimensions.is_multiple_of(8) { dimensions } else { 8 }
-        );
-        if present.get::<bool>("memories")? {
-            if !present.get::<bool>("bits")? {
-                // A table from before the signs: made from the vectors.
-                db.execute(&bits_table, &[]).await?;
-                if dimensions.is_multiple_of(8) {
-                    db.execute(
-                        &format!(
-                            "INSERT INTO {b} (rowid, bits, agent, conversation, subject_id, \
-                             workflow, tenant, current) SELECT rowid, \
-                             vec_quantize_binary(embedding), agent, conversation, subject_id, \
-                             workflow, tenant, current FROM {v}"
-                        ),
-                        &[],
-                    )
-                    .await?;
-                }
-            }
+            .await?
+            .get::<bool>("found")?;
+        if exists {
             return Ok(());
         }
         db.execute(
@@ -1139,16 +1108,14 @@ impl VectorIndex for Sqlite {
             &[],
         )
         .await?;
-        db.execute(&bits_table, &[]).await?;
         Ok(())
     }
 
     async fn insert(&self, db: &mut Db<'_>, tables: &Tables, doc: &Doc) -> Result<(), sqlx::Error> {
-        let (m, v, t, b) = (
+        let (m, v, t) = (
             tables.name(MEMORIES),
             tables.name(VECTORS),
             tables.name(TERMS),
-            tables.name(BITS),
         );
         let tags = tags_json(&doc.tags);
         let sources = tags_json(&doc.sources);
@@ -1191,25 +1158,6 @@ impl VectorIndex for Sqlite {
             ],
         )
         .await?;
-        if doc.vector.len().is_multiple_of(8) {
-            db.execute(
-                &format!(
-                    "INSERT INTO {b} (rowid, bits, agent, conversation, subject_id, workflow, \
-                     tenant, current) VALUES ($1, vec_quantize_binary(vec_f32($2)), $3, $4, $5, \
-                     $6, $7, 1)"
-                ),
-                &[
-                    id.into(),
-                    (&vector).into(),
-                    meta(&s.agent).into(),
-                    meta(&s.conversation).into(),
-                    meta(&s.subject).into(),
-                    meta(&s.workflow).into(),
-                    meta(&s.tenant).into(),
-                ],
-            )
-            .await?;
-        }
         db.execute(
             &format!("INSERT INTO {t} (rowid, text) VALUES ($1, $2)"),
             &[id.into(), (&doc.text).into()],
@@ -1265,11 +1213,10 @@ impl VectorIndex for Sqlite {
         tables: &Tables,
         subjects: &[String],
     ) -> Result<Vec<String>, sqlx::Error> {
-        let (m, v, t, b) = (
+        let (m, v, t) = (
             tables.name(MEMORIES),
             tables.name(VECTORS),
             tables.name(TERMS),
-            tables.name(BITS),
         );
         let gone = db
             .fetch_all(
@@ -1286,8 +1233,6 @@ impl VectorIndex for Sqlite {
             db.execute(&format!("DELETE FROM {v} WHERE rowid = $1"), &[id.into()])
                 .await?;
             db.execute(&format!("DELETE FROM {t} WHERE rowid = $1"), &[id.into()])
-                .await?;
-            db.execute(&format!("DELETE FROM {b} WHERE rowid = $1"), &[id.into()])
                 .await?;
             hashes.push(row.get("text_sha256")?);
         }
@@ -1381,7 +1326,7 @@ impl VectorIndex for Sqlite {
         vector: &[f32],
         filter: &Filter,
         limit: usize,
-        exact: bool,
+        _exact: bool,
     ) -> Result<Vec<String>, sqlx::Error> {
         let text = vector_text(vector);
         let mut db = Db::from(pool);
@@ -1396,42 +1341,24 @@ impl VectorIndex for Sqlite {
             );
             return ids(db.fetch_all(&sql, &w.values).await?);
         }
-        // `vec0` scans every row's signs (48 bytes for 384 dimensions, compared by Hamming
-        // distance) applying the metadata conditions as it goes; the closest candidates are
-        // ranked by their vectors (cosine), each read by its row id. Exact search compares
-        // every vector.
+        // `vec0` scans every vector (exact) and applies the metadata conditions as it goes.
         let mut values: Vec<Value<'_>> = vec![(&text).into(), (limit as i64).into()];
-        let mut conditions = vec!["current = 1".to_owned()];
+        let mut conditions = vec!["v.current = 1".to_owned()];
         for (column, value) in columns(&filter.scope) {
             if let Some(value) = value {
                 values.push(value.into());
-                conditions.push(format!("{column} = ${}", values.len()));
+                conditions.push(format!("v.{column} = ${}", values.len()));
             }
         }
         if filter.no_subject {
             // Metadata columns hold '' for an unset part.
-            conditions.push("subject_id = ''".to_owned());
+            conditions.push("v.subject_id = ''".to_owned());
         }
-        let sql = if exact || !vector.len().is_multiple_of(8) {
-            format!(
-                "SELECT m.memory_id FROM {VECTORS} v JOIN {MEMORIES} m ON m.id = v.rowid \
-                 WHERE v.embedding MATCH $1 AND v.k = $2 AND {} \
-                 ORDER BY v.distance, m.memory_id",
-                conditions.join(" AND ")
-            )
-        } else {
-            let candidates = (limit * 8).clamp(RESCORED, 4_096) as i64;
-            values.push(candidates.into());
-            format!(
-                "WITH c AS (SELECT rowid FROM {BITS} \
-                   WHERE bits MATCH vec_quantize_binary(vec_f32($1)) AND k = ${} AND {}) \
-                 SELECT m.memory_id FROM c JOIN {VECTORS} v ON v.rowid = c.rowid \
-                 JOIN {MEMORIES} m ON m.id = c.rowid \
-                 ORDER BY vec_distance_cosine(v.embedding, vec_f32($1)), m.memory_id LIMIT $2",
-                values.len(),
-                conditions.join(" AND ")
-            )
-        };
+        let sql = format!(
+            "SELECT m.memory_id FROM {VECTORS} v JOIN {MEMORIES} m ON m.id = v.rowid \
+             WHERE v.embedding MATCH $1 AND v.k = $2 AND {} ORDER BY v.distance, m.memory_id",
+            conditions.join(" AND ")
+        );
         ids(db.fetch_all(&sql, &values).await?)
     }
 
@@ -1457,15 +1384,13 @@ impl VectorIndex for Sqlite {
 
 /// Takes these rows out of `vec0`'s current vectors.
 async fn not_current(db: &mut Db<'_>, tables: &Tables, ids: &[i64]) -> Result<(), sqlx::Error> {
-    for table in [VECTORS, BITS] {
-        let table = tables.name(table);
-        for id in ids {
-            db.execute(
-                &format!("UPDATE {table} SET current = 0 WHERE rowid = $1"),
-                &[(*id).into()],
-            )
-            .await?;
-        }
+    let v = tables.name(VECTORS);
+    for id in ids {
+        db.execute(
+            &format!("UPDATE {v} SET current = 0 WHERE rowid = $1"),
+            &[(*id).into()],
+        )
+        .await?;
     }
     Ok(())
 }

@@ -301,6 +301,21 @@ async fn rare_terms_and_fresh_memories_find_what_a_full_scan_finds(store: &Store
         .await
         .unwrap();
     assert_eq!(before, exact);
+    // A filtered search, approximate and exact, on both stores.
+    let none = Filter {
+        scope: MemoryScope {
+            tenant: Some("nobody".into()),
+            ..MemoryScope::default()
+        },
+        ..Filter::default()
+    };
+    for exact in [false, true] {
+        let found = index
+            .vector_search(&store.pool, &vector, &none, 5, exact)
+            .await
+            .unwrap();
+        assert!(found.is_empty(), "{found:?}");
+    }
     match &store.pool {
         stele_engine::store::StorePool::Postgres(pool) => {
             let fresh = || async {
