@@ -469,10 +469,11 @@ impl Memories {
     /// rows and this follows behind; a search reads fresh rows exactly meanwhile). On SQLite
     /// there is nothing to settle.
     pub async fn settle_until(&self, stopped: impl std::future::Future<Output = ()>) {
-        if matches!(self.pool, StorePool::Sqlite(_)) {
-            return;
-        }
         let mut stopped = std::pin::pin!(stopped);
+        if matches!(self.pool, StorePool::Sqlite(_)) {
+            // Nothing to do, but the node takes a task that ends for a node that stops.
+            return stopped.await;
+        }
         loop {
             let pause = match self.settle().await {
                 Ok(0) => std::time::Duration::from_secs(1),
