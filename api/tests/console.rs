@@ -238,6 +238,17 @@ async fn press(client: &Client, key: Key) {
 }
 
 /// What has the focus: its id, else its text.
+/// The text of the element `css` finds.
+async fn text_of(client: &Client, css: &str) -> String {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn focused(client: &Client) -> String {
     let name = client
         .execute(
@@ -413,13 +424,7 @@ fn the_console_works_in_a_real_browser() {
             .unwrap();
         click(&client, "#signin button[type=submit]").await;
         wait_for_text(&client, "#notice", "not valid").await;
-        let notice = client
-            .find(Locator::Css("#notice"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let notice = text_of(&client, "#notice").await;
         assert_eq!(notice, "This API key is not valid.");
         let errors = errors_in_console(&client).await;
         assert!(
@@ -712,13 +717,7 @@ fn the_console_works_in_a_real_browser() {
         click(&client, "#who button").await;
         wait_for(&client, "#signin").await;
         sign_in(&client, &base, &s.reader).await;
-        let nav = client
-            .find(Locator::Css("#nav"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let nav = text_of(&client, "#nav").await;
         assert!(
             nav.contains("Tasks") && !nav.contains("Operations") && !nav.contains("People"),
             "{nav}"

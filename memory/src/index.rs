@@ -903,18 +903,16 @@ async fn settle_locked(db: &mut Db<'_>) -> Result<usize, sqlx::Error> {
         .get::<i64>("n")?;
     let build = !valid || {
         fresh >= BUILD_FROM && {
-            let total = db
-                .fetch_one(&format!("SELECT count(*) AS n FROM {MEMORIES}"), &[])
-                .await?
-                .get::<i64>("n")?;
-            let fresh = db
+            let counts = db
                 .fetch_one(
-                    &format!("SELECT count(*) AS n FROM {MEMORIES} WHERE NOT indexed"),
+                    &format!(
+                        "SELECT count(*) AS total, count(*) FILTER (WHERE NOT indexed) AS fresh \
+                         FROM {MEMORIES}"
+                    ),
                     &[],
                 )
-                .await?
-                .get::<i64>("n")?;
-            fresh * 2 >= total
+                .await?;
+            counts.get::<i64>("fresh")? * 2 >= counts.get::<i64>("total")?
         }
     };
     if !build {

@@ -10,7 +10,7 @@ use stele_engine::projection::ProjectionRunner;
 use stele_engine::store::Store;
 use stele_engine::CommandMeta;
 use stele_memory::{Filter, Memories, Mode, NewMemory, Scope, Search, MEMORY};
-use stele_privacy::{private_store, Kek, Policy};
+use stele_privacy::{private_store, Kek, Policy, Private};
 use support::model;
 
 fn meta() -> CommandMeta {
@@ -41,13 +41,19 @@ fn search(query: &str, filter: Filter, mode: Mode) -> Search {
     }
 }
 
-async fn remembers_finds_supersedes_forgets_and_erases(store: &Store) {
+/// `store` with personal data sealed, its memory and the memory's projection, set up.
+async fn memory_of(store: &Store) -> (Private, Memories, ProjectionRunner) {
     let private = private_store(store, &Kek::generate(), Policy::default())
         .await
         .unwrap();
     let memories = Memories::new(&private.store, model(), private.subjects.sealer().clone());
     let runner = ProjectionRunner::new(&private.store, vec![memories.projection()]);
     runner.setup().await.unwrap();
+    (private, memories, runner)
+}
+
+async fn remembers_finds_supersedes_forgets_and_erases(store: &Store) {
+    let (private, memories, runner) = memory_of(store).await;
 
     let alice = private
         .subjects
@@ -232,12 +238,7 @@ async fn remembers_finds_supersedes_forgets_and_erases(store: &Store) {
 /// approximate index (and a missing index is built anew); approximate and exact vector search
 /// agree on a small store.
 async fn rare_terms_and_fresh_memories_find_what_a_full_scan_finds(store: &Store) {
-    let private = private_store(store, &Kek::generate(), Policy::default())
-        .await
-        .unwrap();
-    let memories = Memories::new(&private.store, model(), private.subjects.sealer().clone());
-    let runner = ProjectionRunner::new(&private.store, vec![memories.projection()]);
-    runner.setup().await.unwrap();
+    let (_private, memories, runner) = memory_of(store).await;
     // Which of the words "team", "meeting", "budget", "zanzibar" each memory holds.
     let words = ["team", "meeting", "budget", "zanzibar"];
     let mut expected = Vec::new();

@@ -114,7 +114,8 @@ struct StoreFigure {
     hybrid_search: Latency,
     /// The same searches with the queries' vectors given: what the index takes.
     hybrid_search_index_only: Latency,
-    /// Its two sides alone: the vector search and the full-text search.
+    /// The vector search alone, and the text mode alone (any of the query's words: not hybrid
+    /// search's full-text side, which keeps rows holding 75% of them).
     dense_search_index_only: Latency,
     text_search_index_only: Latency,
     /// Recall@10 of the vector search against exact search.
