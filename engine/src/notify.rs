@@ -2,18 +2,53 @@
 //!
 //! Each waker has two counters: `local` (bumped by this process's commits; a task forwards them
 //! to other processes with `NOTIFY`) and `all` (bumped by local commits and by notifications from
-//! other processes; waiters wait on it).
+//! other processes; waiters wait on it). A queue's waker also keeps one counter per queue, so
+//! that a worker wakes for its own queue's jobs, not for every queue's (a notification from
+//! another process, which does not say which queue, bumps them all).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// One counter per queue name, made on first use.
+#[derive(Clone, Default)]
+pub(crate) struct PerQueue(Arc<Mutex<HashMap<String, watch::Sender<u64>>>>);
+
+impl PerQueue {
+    pub(crate) fn subscribe(&self, queue: &str) -> watch::Receiver<u64> {
+        let mut queues = self.0.lock().expect("not poisoned");
+        queues
+            .entry(queue.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Bumps the named queues' counters (those someone waits on).
+    pub(crate) fn wake<'q>(&self, names: impl IntoIterator<Item = &'q str>) {
+        let queues = self.0.lock().expect("not poisoned");
+        for name in names {
+            if let Some(counter) = queues.get(name) {
+                bump(counter);
+            }
+        }
+    }
+
+    pub(crate) fn wake_all(&self) {
+        for counter in self.0.lock().expect("not poisoned").values() {
+            bump(counter);
+        }
+    }
+}
+
 /// Wake-ups for one channel.
 pub(crate) struct Waker {
     all: watch::Sender<u64>,
     local: watch::Sender<u64>,
+    queues: PerQueue,
 }
 
 impl Waker {
@@ -21,23 +56,34 @@ impl Waker {
         Self {
             all: watch::channel(0).0,
             local: watch::channel(0).0,
+            queues: PerQueue::default(),
         }
     }
 
     /// After a local commit: wake local waiters and tell other processes.
     pub(crate) fn wake(&self) {
-        bump(&self.all);
-        bump(&self.local);
+        self.sender().wake();
+    }
+
+    /// After a local commit that concerns only `queues`: wake their local waiters (and every
+    /// waiter on `all`), and tell other processes.
+    pub(crate) fn wake_queues<'q>(&self, queues: impl IntoIterator<Item = &'q str>) {
+        self.sender().wake_queues(queues);
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.all.subscribe()
     }
 
+    pub(crate) fn subscribe_queue(&self, queue: &str) -> watch::Receiver<u64> {
+        self.queues.subscribe(queue)
+    }
+
     pub(crate) fn sender(&self) -> WakeHandle {
         WakeHandle {
             all: self.all.clone(),
             local: self.local.clone(),
+            queues: self.queues.clone(),
         }
     }
 
@@ -63,6 +109,7 @@ impl Waker {
                 pool.clone(),
                 channel,
                 self.all.clone(),
+                self.queues.clone(),
             )));
         }
         tasks
@@ -74,12 +121,20 @@ impl Waker {
 pub(crate) struct WakeHandle {
     all: watch::Sender<u64>,
     local: watch::Sender<u64>,
+    queues: PerQueue,
 }
 
 impl WakeHandle {
     pub(crate) fn wake(&self) {
         bump(&self.all);
         bump(&self.local);
+        self.queues.wake_all();
+    }
+
+    pub(crate) fn wake_queues<'q>(&self, queues: impl IntoIterator<Item = &'q str>) {
+        bump(&self.all);
+        bump(&self.local);
+        self.queues.wake(queues);
     }
 }
 
@@ -114,7 +169,16 @@ async fn notify(pool: PgPool, channel: &'static str, mut local: watch::Receiver<
 /// its own waiters when it committed: a notification whose payload is this pool's
 /// `application_name` is its own). On a lost connection it bumps too (notifications may have
 /// been missed) and reconnects with a capped backoff.
-async fn listen_for(pool: PgPool, channel: &'static str, all: watch::Sender<u64>) {
+async fn listen_for(
+    pool: PgPool,
+    channel: &'static str,
+    all: watch::Sender<u64>,
+    queues: PerQueue,
+) {
+    let bump = |all: &watch::Sender<u64>| {
+        bump(all);
+        queues.wake_all();
+    };
     let own = pool
         .connect_options()
         .get_application_name()

@@ -76,6 +76,13 @@ impl Projection for Managed {
         self.manager.event_types()
     }
 
+    /// Not the events a command bus already reacted to for it (their jobs went in with them).
+    fn wants(&self, event: &RecordedEvent) -> bool {
+        let types = self.manager.event_types();
+        (types.is_empty() || types.contains(&event.event_type.as_str()))
+            && event.metadata.reacted.as_deref() != Some(self.manager.name())
+    }
+
     fn tables(&self) -> &'static [&'static str] {
         &[]
     }

@@ -69,6 +69,8 @@ async fn one_owner_at_a_time_until_its_lease_expires(store: &Store) {
     assert!(cp.lease_expires_at.unwrap() > Utc::now());
 }
 
+const START: Position = Position::START;
+
 async fn only_the_owner_moves_the_checkpoint_and_only_on_commit(store: &Store) {
     checkpoint::ensure(&store.pool, "view").await.unwrap();
     assert!(checkpoint::acquire(&store.pool, "view", "a", LEASE)
@@ -77,16 +79,26 @@ async fn only_the_owner_moves_the_checkpoint_and_only_on_commit(store: &Store) {
     let at = Utc::now();
 
     let mut tx = store.log.begin().await.unwrap();
-    assert!(
-        !checkpoint::advance(tx.connection(), "view", "b", Position(9), 3, Some(at))
-            .await
-            .unwrap()
-    );
-    assert!(
-        checkpoint::advance(tx.connection(), "view", "a", Position(7), 3, Some(at))
-            .await
-            .unwrap()
-    );
+    assert!(!checkpoint::advance(
+        tx.connection(),
+        "view",
+        "b",
+        (START, Position(9)),
+        3,
+        Some(at)
+    )
+    .await
+    .unwrap());
+    assert!(checkpoint::advance(
+        tx.connection(),
+        "view",
+        "a",
+        (START, Position(7)),
+        3,
+        Some(at)
+    )
+    .await
+    .unwrap());
     drop(tx); // rolled back
     let cp = checkpoint::load(&store.pool, "view")
         .await
@@ -95,18 +107,34 @@ async fn only_the_owner_moves_the_checkpoint_and_only_on_commit(store: &Store) {
     assert_eq!(cp.position, Position::START);
 
     let mut tx = store.log.begin().await.unwrap();
-    assert!(
-        checkpoint::advance(tx.connection(), "view", "a", Position(7), 3, Some(at))
-            .await
-            .unwrap()
-    );
+    assert!(checkpoint::advance(
+        tx.connection(),
+        "view",
+        "a",
+        (START, Position(7)),
+        3,
+        Some(at)
+    )
+    .await
+    .unwrap());
     tx.commit().await.unwrap();
     let mut tx = store.log.begin().await.unwrap();
     assert!(
-        checkpoint::advance(tx.connection(), "view", "a", Position(8), 0, None)
+        !checkpoint::advance(tx.connection(), "view", "a", (START, Position(8)), 0, None)
             .await
-            .unwrap()
+            .unwrap(),
+        "moved from where the caller did not know it to be"
     );
+    assert!(checkpoint::advance(
+        tx.connection(),
+        "view",
+        "a",
+        (Position(7), Position(8)),
+        0,
+        None
+    )
+    .await
+    .unwrap());
     tx.commit().await.unwrap();
     let cp = checkpoint::load(&store.pool, "view")
         .await
@@ -142,11 +170,16 @@ async fn a_failed_checkpoint_does_not_move_until_reset(store: &Store) {
     assert_eq!(cp.error.as_deref(), Some("bad event"));
 
     let mut tx = store.log.begin().await.unwrap();
-    assert!(
-        !checkpoint::advance(tx.connection(), "view", "a", Position(5), 1, None)
-            .await
-            .unwrap()
-    );
+    assert!(!checkpoint::advance(
+        tx.connection(),
+        "view",
+        "a",
+        (Position::START, Position(5)),
+        1,
+        None
+    )
+    .await
+    .unwrap());
     checkpoint::reset(tx.connection(), "view", Position(4), 2, None)
         .await
         .unwrap();

@@ -498,6 +498,38 @@ async fn enqueues_wake_waiting_workers(store: &Store) {
         .unwrap();
 }
 
+/// A worker waits on its own queue's wake-ups: an enqueue, in a transaction with an append or
+/// not, wakes that queue's waiters (and on PostgreSQL, which tells queues apart, no other's).
+async fn a_queue_wakes_its_own_workers(store: &Store) {
+    let queue = store.queue.clone();
+    let (mut mine, mut other) = (queue.wakeups_of("mine"), queue.wakeups_of("other"));
+    // The listener's first connection wakes every queue once (for what it may have missed).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mine.borrow_and_update();
+    other.borrow_and_update();
+    enqueue_one(queue.as_ref(), NewJob::new("mine", "ping", json!({}))).await;
+    assert!(mine.has_changed().unwrap(), "woken by its queue's job");
+    let apart = matches!(store.pool, StorePool::Postgres(_));
+    if apart {
+        assert!(
+            !other.has_changed().unwrap(),
+            "not woken by another queue's"
+        );
+    }
+    mine.borrow_and_update();
+    other.borrow_and_update();
+    let events = created(StreamId::new("note", "woken"));
+    let jobs = vec![NewJob::new("other", "ping", json!({}))];
+    store.log.append_with_jobs(events, jobs).await.unwrap();
+    assert!(
+        other.has_changed().unwrap(),
+        "woken by a job enqueued with an append"
+    );
+    if apart {
+        assert!(!mine.has_changed().unwrap());
+    }
+}
+
 /// Queue calls given up at any moment (a caller's future dropped: a timeout, a stopped worker)
 /// leave no transaction open on a pooled connection: the queue's and the log's later calls on
 /// that connection would otherwise run inside it and never commit.
@@ -553,4 +585,5 @@ for_each_backend!(
     concurrent_claims_never_share_a_job,
     invalid_jobs_are_refused,
     enqueues_wake_waiting_workers,
+    a_queue_wakes_its_own_workers,
 );

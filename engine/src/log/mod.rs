@@ -357,7 +357,10 @@ pub(crate) fn validate_jobs(jobs: &[NewJob]) -> Result<(), LogError> {
 }
 
 /// Called after a commit that enqueued jobs (wakes the store's workers).
-pub(crate) type JobsHook = std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>;
+/// Wakes the workers of the queues named (after a commit that enqueued jobs on them).
+pub(crate) type WakeQueues = Arc<dyn Fn(&[String]) + Send + Sync>;
+
+pub(crate) type JobsHook = std::sync::OnceLock<WakeQueues>;
 
 /// Checks the shape of a request before it reaches a database.
 pub(crate) fn validate(request: &AppendRequest) -> Result<(), LogError> {

@@ -180,9 +180,13 @@ struct PgWriter {
 }
 
 impl PgWriter {
-    fn jobs_enqueued(&self) {
+    /// After a commit that enqueued jobs on `queues`.
+    fn jobs_enqueued(&self, queues: &[String]) {
+        if queues.is_empty() {
+            return;
+        }
         if let Some(hook) = self.jobs.get() {
-            hook();
+            hook(queues);
         }
     }
 }
@@ -285,7 +289,7 @@ impl PgEventLog {
 
     /// Calls `hook` after each commit that enqueued jobs with an append (the store wakes its
     /// workers with it). Set once.
-    pub(crate) fn on_jobs(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+    pub(crate) fn on_jobs(&self, hook: crate::log::WakeQueues) {
         let _ = self.writer.jobs.set(hook);
     }
 
@@ -530,20 +534,21 @@ async fn command_outcome(
     }))
 }
 
-/// Enqueues the jobs of the appends that were written, in their transaction.
+/// Enqueues the jobs of the appends that were written, in their transaction; returns their
+/// queues.
 async fn enqueue_written(
     conn: &mut PgConnection,
     appends: &[&Append],
     written: &[Written],
-) -> Result<bool, LogError> {
+) -> Result<Vec<String>, LogError> {
     let jobs = written_jobs(appends.iter().copied(), written);
-    if jobs.is_empty() {
-        return Ok(false);
+    let queues = crate::queue::queues_of(&jobs);
+    if !jobs.is_empty() {
+        crate::queue::postgres::enqueue_on(conn, jobs)
+            .await
+            .map_err(LogError::from_queue)?;
     }
-    crate::queue::postgres::enqueue_on(conn, jobs)
-        .await
-        .map_err(LogError::from_queue)?;
-    Ok(true)
+    Ok(queues)
 }
 
 #[async_trait]
@@ -564,7 +569,7 @@ impl GroupWriter for PgWriter {
             .map(|(append, _)| append)
             .collect();
         let requests: Vec<&AppendRequest> = pending.iter().map(|a| &a.request).collect();
-        let mut enqueued = false;
+        let mut enqueued: Vec<String> = Vec::new();
 
         // Fast path: one statement, committed on its own (one round trip, one flush); with
         // jobs, the statement and their enqueue in one transaction.
@@ -575,14 +580,17 @@ impl GroupWriter for PgWriter {
             let jobs = JobColumns::new(&pending)?;
             let written =
                 write_with_jobs(&mut conn, WRITE_GROUP_WITH_JOBS, &requests, Some(&jobs)).await;
-            enqueued = written.is_ok();
+            if written.is_ok() {
+                enqueued = pending
+                    .iter()
+                    .flat_map(|a| a.jobs.iter().map(|job| job.queue.clone()))
+                    .collect();
+            }
             written
         };
         match fast {
             Ok(written) => {
-                if enqueued {
-                    self.jobs_enqueued();
-                }
+                self.jobs_enqueued(&enqueued);
                 let mut written = written.into_iter();
                 for result in results.iter_mut().filter(|r| r.is_none()) {
                     *result = written.next();
@@ -618,15 +626,13 @@ impl GroupWriter for PgWriter {
                 }
                 continue;
             }
-            enqueued |= enqueue_written(&mut tx, &batch, &written).await?;
+            enqueued.extend(enqueue_written(&mut tx, &batch, &written).await?);
             tx.commit().await?;
             for (&i, w) in pending.iter().zip(written) {
                 results[i] = Some(w);
             }
         }
-        if enqueued {
-            self.jobs_enqueued();
-        }
+        self.jobs_enqueued(&enqueued);
         Ok(results
             .into_iter()
             .map(|r| r.expect("one result each"))

@@ -143,7 +143,7 @@ impl SqliteEventLog {
 
     /// Calls `hook` after each commit that enqueued jobs with an append (the store wakes its
     /// workers with it). Set once.
-    pub(crate) fn on_jobs(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+    pub(crate) fn on_jobs(&self, hook: crate::log::WakeQueues) {
         let _ = self.writer.jobs.set(hook);
     }
 
@@ -443,15 +443,15 @@ async fn enqueue_written(
     conn: &mut SqliteConnection,
     appends: &[Append],
     written: &[Written],
-) -> Result<bool, LogError> {
+) -> Result<Vec<String>, LogError> {
     let jobs = written_jobs(appends, written);
-    if jobs.is_empty() {
-        return Ok(false);
+    let queues = crate::queue::queues_of(&jobs);
+    if !jobs.is_empty() {
+        crate::queue::sqlite::enqueue_on(conn, jobs)
+            .await
+            .map_err(LogError::from_queue)?;
     }
-    crate::queue::sqlite::enqueue_on(conn, jobs)
-        .await
-        .map_err(LogError::from_queue)?;
-    Ok(true)
+    Ok(queues)
 }
 
 #[async_trait]
@@ -474,9 +474,9 @@ impl GroupWriter for SqliteWriter {
         };
         let enqueued = enqueue_written(&mut tx, appends, &written).await?;
         tx.commit().await?;
-        if enqueued {
+        if !enqueued.is_empty() {
             if let Some(hook) = self.jobs.get() {
-                hook();
+                hook(&enqueued);
             }
         }
         Ok(written)

@@ -90,7 +90,7 @@ const SQL: Dialects<Statements> = Dialects {
                   WHERE name = $1 AND (owner IS NULL OR owner = $2 OR lease_expires_at < now())",
         advance: "UPDATE checkpoints SET position = $3, events_applied = events_applied + $4, \
                   last_event_at = COALESCE($5, last_event_at), updated_at = now() \
-                  WHERE name = $1 AND owner = $2 AND status = 'running'",
+                  WHERE name = $1 AND owner = $2 AND status = 'running' AND position = $6",
         claim_rebuild: "UPDATE checkpoints SET rebuild_owner = $2, rebuild_heartbeat = now(), \
                         rebuild_error = NULL, updated_at = now() \
                         WHERE name = $1 AND (rebuild_owner IS NULL \
@@ -110,8 +110,8 @@ const SQL: Dialects<Statements> = Dialects {
         acquire: "UPDATE checkpoints SET owner = $2, lease_expires_at = $4 + $3, updated_at = $4 \
                   WHERE name = $1 AND (owner IS NULL OR owner = $2 OR lease_expires_at < $4)",
         advance: "UPDATE checkpoints SET position = $3, events_applied = events_applied + $4, \
-                  last_event_at = COALESCE($5, last_event_at), updated_at = $6 \
-                  WHERE name = $1 AND owner = $2 AND status = 'running'",
+                  last_event_at = COALESCE($5, last_event_at), updated_at = $7 \
+                  WHERE name = $1 AND owner = $2 AND status = 'running' AND position = $6",
         claim_rebuild: "UPDATE checkpoints SET rebuild_owner = $2, rebuild_heartbeat = $4, \
                         rebuild_error = NULL, updated_at = $4 \
                         WHERE name = $1 AND (rebuild_owner IS NULL OR rebuild_heartbeat < $4 - $3)",
@@ -232,13 +232,15 @@ pub async fn release(pool: &StorePool, name: &str, owner: &str) -> Result<(), sq
     Ok(())
 }
 
-/// Moves the checkpoint inside the transaction that applied the events, if `owner` still holds
-/// it. Returns false when the lease was lost (the caller rolls back).
+/// Moves the checkpoint from `from` to `position` inside the transaction that applied the
+/// events, if `owner` still holds it, it is running and still at `from`. Returns false
+/// otherwise (the lease was lost, the projection paused, or someone moved it): the caller rolls
+/// back and reads the checkpoint again.
 pub async fn advance(
     conn: TxConnection<'_>,
     name: &str,
     owner: &str,
-    position: Position,
+    (from, position): (Position, Position),
     applied: i64,
     last_event_at: Option<DateTime<Utc>>,
 ) -> Result<bool, sqlx::Error> {
@@ -249,6 +251,7 @@ pub async fn advance(
         position.0.into(),
         applied.into(),
         last_event_at.into(),
+        from.0.into(),
     ];
     Ok(db.execute(db.pick(&SQL).advance, &values).await? == 1)
 }

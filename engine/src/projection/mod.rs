@@ -102,6 +102,13 @@ pub trait Projection: Send + Sync + 'static {
         &[]
     }
 
+    /// Whether it has anything to do with `event` (by default: one of [`Self::event_types`]).
+    /// A batch with no such event moves only the checkpoint, which is then written lazily.
+    fn wants(&self, event: &RecordedEvent) -> bool {
+        let types = self.event_types();
+        types.is_empty() || types.contains(&event.event_type.as_str())
+    }
+
     /// The base names of its tables.
     fn tables(&self) -> &'static [&'static str];
 
@@ -181,7 +188,44 @@ pub struct ProjectionRunner {
     leases: lease::Leases,
     batch_size: usize,
     poll_interval: Duration,
+    linger: Duration,
+    /// Where each projection this runner holds stands, so a step need not read its checkpoint.
+    known: std::sync::Mutex<std::collections::HashMap<String, Known>>,
+    /// The last page read from the log, shared by the followers (see [`Self::read_after`]).
+    tail: tokio::sync::Mutex<Option<Page>>,
 }
+
+/// Events read from the log after `from`, when the appends' wake-up counter stood at `seen`
+/// (taken before the read: every append woken for up to then is in it).
+struct Page {
+    from: Position,
+    seen: u64,
+    read_at: std::time::Instant,
+    events: Vec<RecordedEvent>,
+}
+
+/// A page is shared for this long at most: appends of processes that do not notify (the
+/// embedded store's) bump no wake-up counter, and a follower that polls must see them.
+const PAGE_SHARED_FOR: Duration = Duration::from_millis(10);
+
+/// A held projection's place: read up to `position`; the stored checkpoint says `written`
+/// (behind `position` while the events read since were none of its business).
+#[derive(Clone, Copy, Debug)]
+struct Known {
+    position: Position,
+    written: Position,
+    written_at: std::time::Instant,
+}
+
+/// A checkpoint that only moved past events a projection does not read is written at most this
+/// often (or with its next batch that does): reading them again after a crash costs nothing.
+const WRITE_PASSED_EVERY: Duration = Duration::from_secs(1);
+
+/// After a batch that read up to the head, a follower reads again no sooner than this: under
+/// a stream of appends each read then takes what came meanwhile, instead of one read (and one
+/// commit) per append for every projection and process manager. The first append after a quiet
+/// moment is read at once.
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(20);
 
 /// What one step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -205,7 +249,66 @@ impl ProjectionRunner {
             ),
             batch_size: 1000,
             poll_interval: Duration::from_secs(1),
+            linger: DEFAULT_LINGER,
+            known: Default::default(),
+            tail: Default::default(),
         }
+    }
+
+    /// The events after `position` (at most a batch): from the page another follower read when
+    /// that read saw every append its caller was woken for (`seen`, the caller's wake-up count
+    /// before its step) and reached the head, else from the log. Followers woken by the same appends thus read the
+    /// log once between them instead of once each. On PostgreSQL positions are handed out in
+    /// commit order, so a page read after `from` holds every event up to its last.
+    async fn read_after(
+        &self,
+        position: Position,
+        seen: Option<u64>,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        let mut tail = self.tail.lock().await;
+        if let (Some(page), Some(seen)) = (tail.as_ref(), seen) {
+            // A full page may have stopped short of the head: only a shorter one is reused.
+            if page.seen >= seen
+                && page.from <= position
+                && page.events.len() < self.batch_size
+                && page.read_at.elapsed() < PAGE_SHARED_FOR
+            {
+                return Ok(page
+                    .events
+                    .iter()
+                    .filter(|e| e.position > position)
+                    .cloned()
+                    .collect());
+            }
+        }
+        let now = *self.log.appends().borrow();
+        let read_at = std::time::Instant::now();
+        let events = self.log.read_all(position, self.batch_size).await?;
+        *tail = Some(Page {
+            from: position,
+            seen: now,
+            read_at,
+            events: events.clone(),
+        });
+        Ok(events)
+    }
+
+    /// The least time between two reads of a follower that is caught up (see [`DEFAULT_LINGER`]).
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    fn known(&self, name: &str) -> Option<Known> {
+        self.known.lock().expect("not poisoned").get(name).copied()
+    }
+
+    fn set_known(&self, name: &str, known: Option<Known>) {
+        let mut all = self.known.lock().expect("not poisoned");
+        match known {
+            Some(known) => all.insert(name.to_owned(), known),
+            None => all.remove(name),
+        };
     }
 
     /// Events per transaction.
@@ -255,40 +358,90 @@ impl ProjectionRunner {
     /// Applies the next batch of events to projection `name`, if this runner holds it and it is
     /// running. On a failing event the projection applies the events before it and stops there.
     pub async fn step(&self, name: &str) -> Result<Stepped, ProjectionError> {
+        self.step_seen(name, None).await
+    }
+
+    /// [`Self::step`] for a follower woken when the appends' counter was `seen`.
+    async fn step_seen(&self, name: &str, seen: Option<u64>) -> Result<Stepped, ProjectionError> {
+        let result = self.step_held(name, seen).await;
+        if result.is_err() {
+            self.set_known(name, None);
+        }
+        result
+    }
+
+    async fn step_held(&self, name: &str, seen: Option<u64>) -> Result<Stepped, ProjectionError> {
         let projection = self.find(name)?.clone();
         if !self.leases.acquire(name).await? {
+            self.set_known(name, None);
             return Ok(Stepped::default());
         }
-        // Loaded under the hold: a previous holder can no longer move it.
-        let Some(cp) = checkpoint::load(&self.pool, name).await? else {
-            return Ok(Stepped::default());
+        let known = match self.known(name) {
+            Some(known) => known,
+            None => {
+                // Loaded under the hold: a previous holder can no longer move it.
+                let Some(cp) = checkpoint::load(&self.pool, name).await? else {
+                    return Ok(Stepped::default());
+                };
+                if cp.status != Status::Running {
+                    self.leases.release(name).await?;
+                    return Ok(Stepped::default());
+                }
+                Known {
+                    position: cp.position,
+                    written: cp.position,
+                    written_at: std::time::Instant::now(),
+                }
+            }
         };
-        if cp.status != Status::Running {
-            self.leases.release(name).await?;
-            return Ok(Stepped::default());
-        }
-        let batch = self.log.read_all(cp.position, self.batch_size).await?;
+        let written = |position| Known {
+            position,
+            written: position,
+            written_at: std::time::Instant::now(),
+        };
+        let batch = self.read_after(known.position, seen).await?;
         let Some(last) = batch.last() else {
+            // Caught up: a checkpoint moved only in memory is written now, so that other
+            // processes (a command waiting for this projection) see where it stands.
+            if known.position != known.written {
+                self.apply_batch(projection.as_ref(), &[], (known.written, known.position))
+                    .await?;
+                self.set_known(name, Some(written(known.position)));
+            } else {
+                self.set_known(name, Some(known));
+            }
             return Ok(Stepped::default());
         };
         let last_position = last.position;
         let events = relevant(projection.as_ref(), &batch);
+        if events.is_empty() && known.written_at.elapsed() < WRITE_PASSED_EVERY {
+            self.set_known(
+                name,
+                Some(Known {
+                    position: last_position,
+                    ..known
+                }),
+            );
+            return Ok(Stepped { read: batch.len() });
+        }
         match self
-            .apply_batch(projection.as_ref(), &events, last_position)
+            .apply_batch(projection.as_ref(), &events, (known.written, last_position))
             .await
         {
-            Ok(()) => {}
+            Ok(()) => self.set_known(name, Some(written(last_position))),
             Err(ProjectionError::Apply(_)) => {
                 // Find the failing event: apply one at a time up to it, then stop there.
+                let mut from = known.written;
                 for (applied, event) in batch.iter().enumerate() {
                     let one = relevant(projection.as_ref(), std::slice::from_ref(event));
                     match self
-                        .apply_batch(projection.as_ref(), &one, event.position)
+                        .apply_batch(projection.as_ref(), &one, (from, event.position))
                         .await
                     {
-                        Ok(()) => {}
+                        Ok(()) => from = event.position,
                         Err(ProjectionError::Apply(error)) => {
                             tracing::error!(projection = name, position = %event.position, %error, "projection stopped");
+                            self.set_known(name, None);
                             checkpoint::set_status(
                                 &self.pool,
                                 name,
@@ -301,17 +454,19 @@ impl ProjectionRunner {
                         Err(e) => return Err(e),
                     }
                 }
+                self.set_known(name, Some(written(from)));
             }
             Err(e) => return Err(e),
         }
         Ok(Stepped { read: batch.len() })
     }
 
+    /// Applies `events` and moves the checkpoint from `from` to `through` in one transaction.
     async fn apply_batch(
         &self,
         projection: &dyn Projection,
         events: &[RecordedEvent],
-        through: Position,
+        (from, through): (Position, Position),
     ) -> Result<(), ProjectionError> {
         if !events.is_empty() {
             projection.prepare(events).await?;
@@ -328,13 +483,14 @@ impl ProjectionRunner {
             tx.connection(),
             projection.name(),
             self.leases.owner(),
-            through,
+            (from, through),
             events.len() as i64,
             last_at,
         )
         .await?;
         if !moved {
-            // The hold was lost (or the projection paused): leave it to its holder.
+            // The hold was lost, the projection paused or moved by someone else: leave it to its
+            // holder, or read it again.
             self.leases.doubt().await;
             return Err(ProjectionError::Busy(projection.name().to_owned()));
         }
@@ -379,8 +535,9 @@ impl ProjectionRunner {
             if *stopped.borrow_and_update() {
                 return;
             }
-            appends.borrow_and_update();
-            match self.step(name).await {
+            let seen = *appends.borrow_and_update();
+            let read_at = tokio::time::Instant::now();
+            match self.step_seen(name, Some(seen)).await {
                 // A full batch: there may be more. A shorter one read up to the head as it was
                 // (an append since then has changed `appends`, so the wait below returns at once).
                 Ok(Stepped { read }) if read >= self.batch_size => continue,
@@ -393,6 +550,7 @@ impl ProjectionRunner {
                 if let Ok(Err(_)) = wait {
                     tokio::time::sleep(self.poll_interval).await;
                 }
+                tokio::time::sleep_until(read_at + self.linger).await;
             };
             tokio::select! {
                 _ = stopped.changed() => return,
@@ -428,6 +586,27 @@ impl ProjectionRunner {
     /// Gives up this runner's hold on every projection (so another process need not wait for the
     /// leases to expire).
     pub async fn release_all(&self) -> Result<(), ProjectionError> {
+        // Checkpoints moved past events only in memory are written first.
+        let known: Vec<(String, Known)> =
+            self.known.lock().expect("not poisoned").drain().collect();
+        for (name, known) in known {
+            if known.position == known.written {
+                continue;
+            }
+            let mut tx = self.log.begin().await?;
+            let moved = checkpoint::advance(
+                tx.connection(),
+                &name,
+                self.leases.owner(),
+                (known.written, known.position),
+                0,
+                None,
+            )
+            .await?;
+            if moved {
+                tx.commit().await?;
+            }
+        }
         self.leases.release_all(&self.names()).await?;
         Ok(())
     }
@@ -436,9 +615,15 @@ impl ProjectionRunner {
     pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
         let head = self.log.head().await?;
         let mut statuses = Vec::new();
-        for cp in checkpoint::list(&self.pool).await? {
+        for mut cp in checkpoint::list(&self.pool).await? {
             if !self.projections.iter().any(|p| p.name() == cp.name) {
                 continue;
+            }
+            // Held here: where it has read to, written or not yet.
+            if let Some(known) = self.known(&cp.name) {
+                if known.written == cp.position && cp.status == Status::Running {
+                    cp.position = known.position;
+                }
             }
             let next = match self.log.read_all(cp.position, 1).await {
                 Ok(next) => next,
@@ -465,6 +650,7 @@ impl ProjectionRunner {
     /// Lets a failed projection try its failing event again.
     pub async fn retry(&self, name: &str) -> Result<(), ProjectionError> {
         self.find(name)?;
+        self.set_known(name, None);
         let cp = self.checkpoint(name).await?;
         if cp.status != Status::Failed {
             return Err(ProjectionError::WrongStatus {
@@ -481,6 +667,7 @@ impl ProjectionRunner {
     /// skipped position.
     pub async fn skip(&self, name: &str, actor: &str) -> Result<Position, ProjectionError> {
         self.find(name)?;
+        self.set_known(name, None);
         let cp = self.checkpoint(name).await?;
         let (Status::Failed, Some(failed)) = (cp.status, cp.failed_position) else {
             return Err(ProjectionError::WrongStatus {
@@ -651,6 +838,7 @@ impl ProjectionRunner {
         if swapped.is_err() {
             checkpoint::set_status(&self.pool, name, Status::Running, None).await?;
         }
+        self.set_known(name, None);
         self.leases.release(name).await?;
         swapped?;
         self.checkpoint(name).await
@@ -744,10 +932,9 @@ impl ProjectionRunner {
 }
 
 fn relevant(projection: &dyn Projection, events: &[RecordedEvent]) -> Vec<RecordedEvent> {
-    let types = projection.event_types();
     events
         .iter()
-        .filter(|e| types.is_empty() || types.contains(&e.event_type.as_str()))
+        .filter(|e| projection.wants(e))
         .cloned()
         .collect()
 }

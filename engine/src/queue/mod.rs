@@ -326,6 +326,13 @@ pub trait JobQueue: Send + Sync + 'static {
     /// polling fallback.
     fn wakeups(&self) -> watch::Receiver<u64>;
 
+    /// Like [`JobQueue::wakeups`], for the jobs of `queue` only (where the adapter can tell
+    /// queues apart; else every wake-up).
+    fn wakeups_of(&self, queue: &str) -> watch::Receiver<u64> {
+        let _ = queue;
+        self.wakeups()
+    }
+
     async fn close(&self);
 }
 
@@ -392,4 +399,12 @@ pub(crate) fn in_claim_order(jobs: &mut [Job]) {
             .then(a.run_at.cmp(&b.run_at))
             .then(a.id.cmp(&b.id))
     });
+}
+
+/// The queues `jobs` go to, each once.
+pub(crate) fn queues_of(jobs: &[NewJob]) -> Vec<String> {
+    let mut queues: Vec<String> = jobs.iter().map(|job| job.queue.clone()).collect();
+    queues.sort_unstable();
+    queues.dedup();
+    queues
 }

@@ -72,7 +72,8 @@ const EXTEND: &str = "\
         RETURNING id) \
     SELECT u.id FROM UNNEST($1::uuid[]) AS u(id) WHERE u.id NOT IN (SELECT id FROM mine)";
 
-/// Returns whether any completed job had an ordering key (its successor may now run).
+/// Returns the queues of the completed jobs that had an ordering key (their successors may now
+/// run).
 const COMPLETE: &str = "\
     WITH unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
     done AS ( \
@@ -80,8 +81,9 @@ const COMPLETE: &str = "\
                lease_expires_at = NULL, locked_by = NULL \
         WHERE EXISTS (SELECT FROM unflushed) AND id = ANY($1) AND state = 'running' \
           AND locked_by = $2 \
-        RETURNING ordering_key) \
-    SELECT COALESCE(bool_or(ordering_key IS NOT NULL), false) FROM done";
+        RETURNING queue, ordering_key) \
+    SELECT COALESCE(array_agg(DISTINCT queue) FILTER (WHERE ordering_key IS NOT NULL), '{}') \
+    FROM done";
 
 /// A failed attempt: retry after exponential backoff with ±10% jitter (capped at an hour), or
 /// dead when it was the last allowed attempt. Every attempt's error is kept.
@@ -145,9 +147,9 @@ impl PgJobQueue {
 
     /// Wakes this queue's workers (here and, by `NOTIFY`, elsewhere): for jobs another writer
     /// enqueued (see [`crate::EventLog::append_with_jobs`]).
-    pub(crate) fn wake_hook(&self) -> Arc<dyn Fn() + Send + Sync> {
+    pub(crate) fn wake_hook(&self) -> crate::log::WakeQueues {
         let wake = self.wakeups.sender();
-        Arc::new(move || wake.wake())
+        Arc::new(move |queues| wake.wake_queues(queues.iter().map(String::as_str)))
     }
 }
 
@@ -270,8 +272,9 @@ impl JobQueue for PgJobQueue {
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, QueueError> {
         // One INSERT is atomic on its own: no transaction round trips around it.
         let mut conn = self.pool.acquire().await?;
+        let queues = super::queues_of(&jobs);
         let enqueued = enqueue_on(&mut conn, jobs).await?;
-        self.wakeups.wake();
+        self.wakeups.wake_queues(queues.iter().map(String::as_str));
         Ok(enqueued)
     }
 
@@ -283,9 +286,12 @@ impl JobQueue for PgJobQueue {
         let TxConnection::Postgres(conn) = tx.connection() else {
             return Err(QueueError::ForeignTransaction);
         };
+        let queues = super::queues_of(&jobs);
         let enqueued = enqueue_on(conn, jobs).await?;
         let wake = self.wakeups.sender();
-        tx.after_commit(Box::new(move || wake.wake()));
+        tx.after_commit(Box::new(move || {
+            wake.wake_queues(queues.iter().map(String::as_str))
+        }));
         Ok(enqueued)
     }
 
@@ -353,26 +359,26 @@ impl JobQueue for PgJobQueue {
         if failed.is_empty() && snoozed.is_empty() && cancelled.is_empty() {
             // The common case: completions only, one statement.
             if !completed.is_empty() {
-                let ordered: bool = sqlx::query_scalar(COMPLETE)
+                let ordered: Vec<String> = sqlx::query_scalar(COMPLETE)
                     .bind(&completed)
                     .bind(worker)
                     .fetch_one(&self.pool)
                     .await?;
-                if ordered {
-                    self.wakeups.wake();
+                if !ordered.is_empty() {
+                    self.wakeups.wake_queues(ordered.iter().map(String::as_str));
                 }
             }
             return Ok(());
         }
         let mut conn = unflushed(&self.pool).await?;
-        let mut successors = !cancelled.is_empty();
+        let successors = !cancelled.is_empty();
+        let mut ordered: Vec<String> = Vec::new();
         if !completed.is_empty() {
-            let ordered: bool = sqlx::query_scalar(COMPLETE)
+            ordered = sqlx::query_scalar(COMPLETE)
                 .bind(&completed)
                 .bind(worker)
                 .fetch_one(&mut *conn)
                 .await?;
-            successors |= ordered;
         }
         if !failed.is_empty() {
             sqlx::query(FAIL)
@@ -399,9 +405,11 @@ impl JobQueue for PgJobQueue {
                 .await?;
         }
         conn.commit().await?;
+        // The next job of an ordering key may have become runnable.
         if successors {
-            // The next job of an ordering key may have become runnable.
             self.wakeups.wake();
+        } else if !ordered.is_empty() {
+            self.wakeups.wake_queues(ordered.iter().map(String::as_str));
         }
         Ok(())
     }
@@ -518,6 +526,10 @@ impl JobQueue for PgJobQueue {
 
     fn wakeups(&self) -> watch::Receiver<u64> {
         self.wakeups.subscribe()
+    }
+
+    fn wakeups_of(&self, queue: &str) -> watch::Receiver<u64> {
+        self.wakeups.subscribe_queue(queue)
     }
 
     async fn close(&self) {

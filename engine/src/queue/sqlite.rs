@@ -39,9 +39,9 @@ impl SqliteJobQueue {
 
     /// Wakes this queue's workers: for jobs another writer enqueued (see
     /// [`crate::EventLog::append_with_jobs`]).
-    pub(crate) fn wake_hook(&self) -> std::sync::Arc<dyn Fn() + Send + Sync> {
+    pub(crate) fn wake_hook(&self) -> crate::log::WakeQueues {
         let wakeups = self.wakeups.clone();
-        std::sync::Arc::new(move || bump(&wakeups))
+        std::sync::Arc::new(move |_queues: &[String]| bump(&wakeups))
     }
 }
 

@@ -302,7 +302,7 @@ async fn claim_ahead(
     taken: Arc<tokio::sync::Notify>,
     running: Arc<Mutex<HashMap<Uuid, Option<AbortHandle>>>>,
 ) {
-    let mut wakeups = queue.wakeups();
+    let mut wakeups = queue.wakeups_of(&options.queue);
     let batch = options.claim_batch.max(1);
     let threshold = (batch / 2).max(1);
     loop {
