@@ -78,8 +78,7 @@ impl Projection for Managed {
 
     /// Not the events a command bus already reacted to for it (their jobs went in with them).
     fn wants(&self, event: &RecordedEvent) -> bool {
-        let types = self.manager.event_types();
-        (types.is_empty() || types.contains(&event.event_type.as_str()))
+        crate::projection::of_types(self.manager.event_types(), event)
             && event.metadata.reacted.as_deref() != Some(self.manager.name())
     }
 
@@ -108,14 +107,11 @@ impl Projection for Managed {
         _: &Tables,
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError> {
-        let mut jobs = Vec::new();
-        for event in events {
-            // Its jobs went in with it (a command bus with this manager as its reactor).
-            if event.metadata.reacted.as_deref() == Some(self.manager.name()) {
-                continue;
-            }
-            jobs.extend(jobs_of(self.manager.as_ref(), event));
-        }
+        // Only the events it `wants`: not those whose jobs went in with them.
+        let jobs: Vec<NewJob> = events
+            .iter()
+            .flat_map(|event| jobs_of(self.manager.as_ref(), event))
+            .collect();
         if !jobs.is_empty() {
             self.queue
                 .enqueue_in(tx, jobs)

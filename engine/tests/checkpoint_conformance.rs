@@ -5,6 +5,7 @@ mod support;
 use std::time::Duration;
 
 use chrono::Utc;
+use stele_engine::log::LogTransaction;
 use stele_engine::projection::checkpoint::{self, Status};
 use stele_engine::{Position, Store};
 use support::for_each_backend;
@@ -71,6 +72,20 @@ async fn one_owner_at_a_time_until_its_lease_expires(store: &Store) {
 
 const START: Position = Position::START;
 
+/// Moves checkpoint "view" as `owner` from the first position to the second, in `tx`; whether it
+/// moved.
+async fn advance(
+    tx: &mut dyn LogTransaction,
+    owner: &str,
+    moved: (Position, Position),
+    applied: i64,
+    at: Option<chrono::DateTime<Utc>>,
+) -> bool {
+    checkpoint::advance(tx.connection(), "view", owner, moved, applied, at)
+        .await
+        .unwrap()
+}
+
 async fn only_the_owner_moves_the_checkpoint_and_only_on_commit(store: &Store) {
     checkpoint::ensure(&store.pool, "view").await.unwrap();
     assert!(checkpoint::acquire(&store.pool, "view", "a", LEASE)
@@ -79,26 +94,8 @@ async fn only_the_owner_moves_the_checkpoint_and_only_on_commit(store: &Store) {
     let at = Utc::now();
 
     let mut tx = store.log.begin().await.unwrap();
-    assert!(!checkpoint::advance(
-        tx.connection(),
-        "view",
-        "b",
-        (START, Position(9)),
-        3,
-        Some(at)
-    )
-    .await
-    .unwrap());
-    assert!(checkpoint::advance(
-        tx.connection(),
-        "view",
-        "a",
-        (START, Position(7)),
-        3,
-        Some(at)
-    )
-    .await
-    .unwrap());
+    assert!(!advance(tx.as_mut(), "b", (START, Position(9)), 3, Some(at)).await);
+    assert!(advance(tx.as_mut(), "a", (START, Position(7)), 3, Some(at)).await);
     drop(tx); // rolled back
     let cp = checkpoint::load(&store.pool, "view")
         .await
@@ -107,34 +104,14 @@ async fn only_the_owner_moves_the_checkpoint_and_only_on_commit(store: &Store) {
     assert_eq!(cp.position, Position::START);
 
     let mut tx = store.log.begin().await.unwrap();
-    assert!(checkpoint::advance(
-        tx.connection(),
-        "view",
-        "a",
-        (START, Position(7)),
-        3,
-        Some(at)
-    )
-    .await
-    .unwrap());
+    assert!(advance(tx.as_mut(), "a", (START, Position(7)), 3, Some(at)).await);
     tx.commit().await.unwrap();
     let mut tx = store.log.begin().await.unwrap();
     assert!(
-        !checkpoint::advance(tx.connection(), "view", "a", (START, Position(8)), 0, None)
-            .await
-            .unwrap(),
+        !advance(tx.as_mut(), "a", (START, Position(8)), 0, None).await,
         "moved from where the caller did not know it to be"
     );
-    assert!(checkpoint::advance(
-        tx.connection(),
-        "view",
-        "a",
-        (Position(7), Position(8)),
-        0,
-        None
-    )
-    .await
-    .unwrap());
+    assert!(advance(tx.as_mut(), "a", (Position(7), Position(8)), 0, None).await);
     tx.commit().await.unwrap();
     let cp = checkpoint::load(&store.pool, "view")
         .await
@@ -170,16 +147,7 @@ async fn a_failed_checkpoint_does_not_move_until_reset(store: &Store) {
     assert_eq!(cp.error.as_deref(), Some("bad event"));
 
     let mut tx = store.log.begin().await.unwrap();
-    assert!(!checkpoint::advance(
-        tx.connection(),
-        "view",
-        "a",
-        (Position::START, Position(5)),
-        1,
-        None
-    )
-    .await
-    .unwrap());
+    assert!(!advance(tx.as_mut(), "a", (START, Position(5)), 1, None).await);
     checkpoint::reset(tx.connection(), "view", Position(4), 2, None)
         .await
         .unwrap();

@@ -105,8 +105,7 @@ pub trait Projection: Send + Sync + 'static {
     /// Whether it has anything to do with `event` (by default: one of [`Self::event_types`]).
     /// A batch with no such event moves only the checkpoint, which is then written lazily.
     fn wants(&self, event: &RecordedEvent) -> bool {
-        let types = self.event_types();
-        types.is_empty() || types.contains(&event.event_type.as_str())
+        of_types(self.event_types(), event)
     }
 
     /// The base names of its tables.
@@ -257,8 +256,8 @@ impl ProjectionRunner {
 
     /// The events after `position` (at most a batch): from the page another follower read when
     /// that read saw every append its caller was woken for (`seen`, the caller's wake-up count
-    /// before its step) and reached the head, else from the log. Followers woken by the same appends thus read the
-    /// log once between them instead of once each. On PostgreSQL positions are handed out in
+    /// before its step) and reached the head, else from the log. Followers woken by the same
+    /// appends thus read the log once between them instead of once each. On PostgreSQL positions are handed out in
     /// commit order, so a page read after `from` holds every event up to its last.
     async fn read_after(
         &self,
@@ -593,18 +592,12 @@ impl ProjectionRunner {
             if known.position == known.written {
                 continue;
             }
-            let mut tx = self.log.begin().await?;
-            let moved = checkpoint::advance(
-                tx.connection(),
-                &name,
-                self.leases.owner(),
-                (known.written, known.position),
-                0,
-                None,
-            )
-            .await?;
-            if moved {
-                tx.commit().await?;
+            let projection = self.find(&name)?.clone();
+            let moved = (known.written, known.position);
+            match self.apply_batch(projection.as_ref(), &[], moved).await {
+                // Moved by someone else meanwhile: theirs stands.
+                Ok(()) | Err(ProjectionError::Busy(_)) => {}
+                Err(e) => return Err(e),
             }
         }
         self.leases.release_all(&self.names()).await?;
@@ -929,6 +922,11 @@ impl ProjectionRunner {
         });
         Ok(false)
     }
+}
+
+/// Whether `event` is of one of `types` (any, when empty).
+pub(crate) fn of_types(types: &[&str], event: &RecordedEvent) -> bool {
+    types.is_empty() || types.contains(&event.event_type.as_str())
 }
 
 fn relevant(projection: &dyn Projection, events: &[RecordedEvent]) -> Vec<RecordedEvent> {
