@@ -186,6 +186,22 @@ impl<A: Aggregate> CommandBus<A> {
         Ok((aggregate, version))
     }
 
+    /// The state this bus's own last command left `aggregate_id` in, when its state cache still
+    /// holds it (see [`CommandBus::with_state_cache`]); else [`CommandBus::load`]. For the
+    /// follow-up of a decision made in this process (a workflow's next step, handed to the
+    /// worker whose append scheduled it): what another writer appended since shows when the
+    /// follow-up's own command appends on this version and conflicts, and is decided again on
+    /// the stored stream.
+    pub async fn load_recent(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<(A, i64), CommandError<A::Error>> {
+        match self.states.as_ref().and_then(|s| s.get(aggregate_id)) {
+            Some(state) => Ok(state),
+            None => self.load(aggregate_id).await,
+        }
+    }
+
     /// Reads a stored event as the aggregate's event type, after upcasting.
     pub fn decode(&self, event: RecordedEvent) -> Result<A::Event, CommandError<A::Error>> {
         let sequence = event.sequence;

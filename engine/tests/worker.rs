@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use stele_engine::queue::worker::{Done, Worker, WorkerOptions};
-use stele_engine::queue::{JobFilter, JobQueue, JobState, NewJob};
-use stele_engine::Store;
+use stele_engine::queue::{Job, JobFilter, JobQueue, JobState, NewJob};
+use stele_engine::{AppendRequest, CommandMeta, NewEvent, Store, StreamId};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -30,6 +30,30 @@ async fn enqueue(queue: &dyn JobQueue, kind: &str) -> Uuid {
         .unwrap()[0]
         .job()
         .id
+}
+
+async fn enqueue_to(queue: &dyn JobQueue, job: NewJob) -> Uuid {
+    queue.enqueue(vec![job]).await.unwrap()[0].job().id
+}
+
+/// Up to 100 jobs that `filter` lets through.
+async fn listed(store: &Store, filter: JobFilter) -> Vec<Job> {
+    store
+        .queue
+        .list(JobFilter {
+            limit: 100,
+            ..filter
+        })
+        .await
+        .unwrap()
+}
+
+async fn completed(store: &Store) -> Vec<Job> {
+    let filter = JobFilter {
+        state: Some(JobState::Completed),
+        ..JobFilter::default()
+    };
+    listed(store, filter).await
 }
 
 async fn state(queue: &dyn JobQueue, id: Uuid) -> (JobState, Option<String>) {
@@ -107,15 +131,7 @@ async fn the_run_loop_works_until_shutdown(store: &Store) {
     }
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
-    let completed = store
-        .queue
-        .list(JobFilter {
-            state: Some(JobState::Completed),
-            limit: 100,
-            ..JobFilter::default()
-        })
-        .await
-        .unwrap();
+    let completed = completed(store).await;
     assert_eq!(completed.len(), 20);
 }
 
@@ -200,7 +216,147 @@ async fn cancelling_a_running_job_stops_its_handler(store: &Store) {
     );
 }
 
+/// A step's next job, enqueued with the step's append on the worker's own queue, is handed to
+/// that worker already claimed: a chain of such jobs runs on the worker that ran its first, each
+/// at its first attempt, while a second worker of the queue, idle all along, claims none of them.
+/// A job with an ordering key, or one due later, is claimed as usual.
+async fn a_job_enqueued_by_a_running_job_runs_next_on_its_worker(store: &Store) {
+    const LINKS: u64 = 6;
+    let (ran, mut runs) = mpsc::unbounded_channel::<Job>();
+    let worker = |id: &str| {
+        let (log, ran) = (store.log.clone(), ran.clone());
+        Worker::new(
+            store.queue.clone(),
+            WorkerOptions {
+                id: id.into(),
+                ..options()
+            },
+        )
+        .handle("link", move |job: Job| {
+            let (log, ran) = (log.clone(), ran.clone());
+            async move {
+                let n = job.payload["n"].as_u64().unwrap();
+                ran.send(job).unwrap();
+                if n < LINKS {
+                    let meta = CommandMeta::new("user:1", "test");
+                    let append = AppendRequest {
+                        command_id: meta.command_id,
+                        stream: StreamId::new("chain", format!("link-{}", Uuid::now_v7())),
+                        expected_sequence: 0,
+                        events: vec![NewEvent {
+                            event_type: "Linked".into(),
+                            event_version: "1.0".into(),
+                            payload: json!({ "n": n }),
+                            metadata: meta.for_event(Uuid::now_v7()),
+                        }],
+                    };
+                    let next = NewJob::new("default", "link", json!({ "n": n + 1 }));
+                    log.append_with_jobs(append, vec![next]).await?;
+                }
+                Ok(Done::Complete)
+            }
+        })
+    };
+    let (first, second) = (worker("first"), worker("second"));
+    let first_job = enqueue_to(
+        store.queue.as_ref(),
+        NewJob::new("default", "link", json!({ "n": 1 })),
+    )
+    .await;
+    // The first worker claims the first link alone; the second starts once it runs.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let one = tokio::spawn(first.run(until_stopped(stopped.clone())));
+    let job = runs.recv().await.unwrap();
+    assert_eq!(job.id, first_job);
+    let two = tokio::spawn(second.run(until_stopped(stopped.clone())));
+    for n in 2..=LINKS {
+        let job = tokio::time::timeout(Duration::from_secs(10), runs.recv())
+            .await
+            .expect("each link runs promptly")
+            .unwrap();
+        assert_eq!(job.payload["n"], n);
+        assert_eq!(
+            (job.locked_by.as_deref(), job.attempt, job.state),
+            (Some("first"), 1, JobState::Running),
+            "link {n} is handed to the worker that enqueued it"
+        );
+    }
+    stop.send(true).unwrap();
+    one.await.unwrap().unwrap();
+    two.await.unwrap().unwrap();
+    let completed = completed(store).await;
+    assert_eq!(completed.len() as u64, LINKS, "every link completed once");
+    assert!(completed.iter().all(|job| job.attempt == 1));
+
+    // Not handed off: a job with an ordering key (here blocked by an older job of its key on
+    // another queue), or one due later, waits for a claim that may take it.
+    enqueue_to(
+        store.queue.as_ref(),
+        NewJob::new("elsewhere", "link", json!({})).ordering_key("k"),
+    )
+    .await;
+    let meta = CommandMeta::new("user:1", "test");
+    let jobs = vec![
+        NewJob::new("default", "link", json!({})).ordering_key("k"),
+        NewJob::new("default", "link", json!({}))
+            .run_at(chrono::Utc::now() + chrono::Duration::hours(1)),
+    ];
+    let (offered, mut appended) = mpsc::unbounded_channel::<()>();
+    let log = store.log.clone();
+    let offer = Worker::new(store.queue.clone(), options())
+        .handle("link", |_| async { Ok(Done::Complete) })
+        .handle("offer", move |_| {
+            let (log, jobs, meta, offered) =
+                (log.clone(), jobs.clone(), meta.clone(), offered.clone());
+            async move {
+                let append = AppendRequest {
+                    command_id: meta.command_id,
+                    stream: StreamId::new("chain", "not-handed"),
+                    expected_sequence: 0,
+                    events: vec![NewEvent {
+                        event_type: "Linked".into(),
+                        event_version: "1.0".into(),
+                        payload: json!({}),
+                        metadata: meta.for_event(Uuid::now_v7()),
+                    }],
+                };
+                log.append_with_jobs(append, jobs).await?;
+                offered.send(()).unwrap();
+                Ok(Done::Complete)
+            }
+        });
+    enqueue(store.queue.as_ref(), "offer").await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(offer.run(async {
+        let _ = stopped.await;
+    }));
+    tokio::time::timeout(Duration::from_secs(10), appended.recv())
+        .await
+        .expect("the offer runs")
+        .unwrap();
+    let links = listed(
+        store,
+        JobFilter {
+            kind: Some("link".into()),
+            ..JobFilter::default()
+        },
+    )
+    .await;
+    let waiting: Vec<_> = links
+        .iter()
+        .filter(|job| job.queue == "default" && job.state != JobState::Completed)
+        .map(|job| job.state)
+        .collect();
+    assert_eq!(waiting, [JobState::Available, JobState::Available]);
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}
+
 for_each_backend!(
+    a_job_enqueued_by_a_running_job_runs_next_on_its_worker,
     a_step_runs_handlers_and_records_their_outcomes,
     the_run_loop_works_until_shutdown,
     shutdown_releases_jobs_that_outlive_the_grace_period,

@@ -326,19 +326,68 @@ pub enum TxConnection<'a> {
 pub(crate) struct Append {
     pub(crate) request: AppendRequest,
     pub(crate) jobs: Vec<NewJob>,
+    /// The job to insert already claimed by the worker whose job made this append.
+    pub(crate) handoff: Option<crate::queue::handoff::Handoff>,
 }
 
-/// The jobs of the appends that were written (not refused as duplicates or conflicts).
+impl Append {
+    /// An append made by the current task (a running job's hand-off is picked here).
+    pub(crate) fn new(request: AppendRequest, jobs: Vec<NewJob>) -> Self {
+        let handoff = crate::queue::handoff::Handoff::pick(&jobs);
+        Append {
+            request,
+            jobs,
+            handoff,
+        }
+    }
+}
+
+/// The jobs of the appends that were written (not refused as duplicates or conflicts), and the
+/// hand-offs among them with their job's index in the list.
 pub(crate) fn written_jobs<'a>(
     appends: impl IntoIterator<Item = &'a Append>,
     written: &[Written],
-) -> Vec<NewJob> {
-    appends
+) -> (Vec<NewJob>, Vec<(usize, crate::queue::handoff::Handoff)>) {
+    let mut jobs = Vec::new();
+    let mut handoffs = Vec::new();
+    for (append, _) in appends
         .into_iter()
         .zip(written)
         .filter(|(_, w)| matches!(w, Written::Appended(_)))
-        .flat_map(|(append, _)| append.jobs.iter().cloned())
+    {
+        if let Some(handoff) = &append.handoff {
+            handoffs.push((jobs.len() + handoff.index, handoff.clone()));
+        }
+        jobs.extend(append.jobs.iter().cloned());
+    }
+    (jobs, handoffs)
+}
+
+/// The hand-offs whose job the enqueue inserted (not found enqueued already), with its id.
+pub(crate) fn inserted_handoffs(
+    enqueued: &[crate::queue::Enqueued],
+    handoffs: Vec<(usize, crate::queue::handoff::Handoff)>,
+) -> Vec<(crate::queue::handoff::Handoff, Uuid)> {
+    handoffs
+        .into_iter()
+        .filter_map(|(index, handoff)| match enqueued.get(index) {
+            Some(crate::queue::Enqueued::Inserted(job)) => Some((handoff, job.id)),
+            _ => None,
+        })
         .collect()
+}
+
+/// The queues whose workers an enqueue wakes: those of the jobs not handed off.
+pub(crate) fn queues_to_wake(
+    enqueued: &[crate::queue::Enqueued],
+    handed: &[(crate::queue::handoff::Handoff, crate::queue::Job)],
+) -> Vec<String> {
+    crate::queue::queues_of_stored(
+        enqueued
+            .iter()
+            .map(crate::queue::Enqueued::job)
+            .filter(|job| !handed.iter().any(|(_, h)| h.id == job.id)),
+    )
 }
 
 impl LogError {

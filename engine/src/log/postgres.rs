@@ -26,13 +26,14 @@ use uuid::Uuid;
 
 use super::batch::{BatchHandler, Batcher, GroupCommit, GroupWriter};
 use super::{
-    json_text, validate, validate_jobs, written_jobs, Append, AppendOutcome, AppendRequest,
-    Backend, CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
-    StreamId, TxConnection, Written,
+    inserted_handoffs, json_text, queues_to_wake, validate, validate_jobs, written_jobs, Append,
+    AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, JobsHook, LogError,
+    LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
 };
 use crate::metadata::EventMetadata;
 use crate::notify::{WakeHandle, Waker};
-use crate::queue::NewJob;
+use crate::queue::handoff::Handoff;
+use crate::queue::{Job, NewJob};
 
 /// The LISTEN/NOTIFY channel the events table's trigger notifies.
 const CHANNEL: &str = "stele_events";
@@ -57,9 +58,9 @@ const READ_LOG: &str = "\
 /// what a taken event sequence does.
 macro_rules! write_group_sql {
     ($commands_on_conflict:literal, $on_conflict:literal) => {
-        write_group_sql!($commands_on_conflict, $on_conflict, "")
+        write_group_sql!($commands_on_conflict, $on_conflict, "", "")
     };
-    ($commands_on_conflict:literal, $on_conflict:literal, $more:literal) => {
+    ($commands_on_conflict:literal, $on_conflict:literal, $more:literal, $more_rows:literal) => {
         concat!(
             "WITH accepted AS (",
             "  INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence,",
@@ -80,7 +81,8 @@ macro_rules! write_group_sql {
             " SELECT 'c' AS kind, command_id, NULL::text AS aggregate_type, NULL::text AS aggregate_id,",
             "        NULL::int8 AS sequence, NULL::int8 AS global_position FROM accepted",
             " UNION ALL",
-            " SELECT 'e', NULL, aggregate_type, aggregate_id, sequence, global_position FROM inserted"
+            " SELECT 'e', NULL, aggregate_type, aggregate_id, sequence, global_position FROM inserted",
+            $more_rows
         )
     };
 }
@@ -93,22 +95,31 @@ const WRITE_GROUP: &str = write_group_sql!("", "");
 /// [`WRITE_GROUP`] with the jobs of the group's commands (`$15` the command each job comes
 /// with, `$16`… as in the queue's `ENQUEUE`), inserted in the same statement: one round trip and
 /// one commit for a step's events and its next job. A job whose idempotency key an unfinished job
-/// holds is skipped, as an enqueue would.
+/// holds is skipped, as an enqueue would. A job with a worker in `$26` is inserted claimed by it
+/// for `$27` seconds (a hand-off, see [`crate::queue::handoff`]); those inserted are returned as
+/// rows of `kind` 'j' (the job id in `command_id`).
 const WRITE_GROUP_WITH_JOBS: &str = write_group_sql!(
     "",
     "",
     ", jobs_in AS (\
       INSERT INTO jobs (id, queue, kind, payload, priority, run_at, max_attempts, timeout_ms, \
-                        ordering_key, idempotency_key) \
+                        ordering_key, idempotency_key, state, attempt, locked_by, \
+                        lease_expires_at) \
       SELECT j.id, j.queue, j.kind, j.payload::jsonb, j.priority, COALESCE(j.run_at, now()), \
-             j.max_attempts, j.timeout_ms, j.ordering_key, j.idempotency_key \
+             j.max_attempts, j.timeout_ms, j.ordering_key, j.idempotency_key, \
+             CASE WHEN j.worker IS NULL THEN 'available' ELSE 'running' END, \
+             CASE WHEN j.worker IS NULL THEN 0 ELSE 1 END, j.worker, \
+             CASE WHEN j.worker IS NOT NULL THEN now() + make_interval(secs => j.lease) END \
       FROM UNNEST($15::uuid[], $16::uuid[], $17::text[], $18::text[], $19::text[], $20::int2[], \
-                  $21::timestamptz[], $22::int4[], $23::int8[], $24::text[], $25::text[]) \
+                  $21::timestamptz[], $22::int4[], $23::int8[], $24::text[], $25::text[], \
+                  $26::text[], $27::float8[]) \
            AS j(c, id, queue, kind, payload, priority, run_at, max_attempts, timeout_ms, \
-                ordering_key, idempotency_key) \
+                ordering_key, idempotency_key, worker, lease) \
       WHERE j.c IN (SELECT command_id FROM accepted) \
       ON CONFLICT (idempotency_key) \
-          WHERE idempotency_key IS NOT NULL AND state IN ('available', 'running') DO NOTHING)"
+          WHERE idempotency_key IS NOT NULL AND state IN ('available', 'running') DO NOTHING \
+      RETURNING id, locked_by)",
+    " UNION ALL SELECT 'j', id, NULL, NULL, NULL, NULL FROM jobs_in WHERE locked_by IS NOT NULL"
 );
 
 /// Skips events whose sequence is taken instead of failing; the caller finds the conflicting
@@ -378,7 +389,7 @@ async fn write_with(
     sql: &'static str,
     requests: &[&AppendRequest],
 ) -> Result<Vec<Written>, LogError> {
-    write_with_jobs(conn, sql, requests, None).await
+    Ok(write_with_jobs(conn, sql, requests, None).await?.0)
 }
 
 /// The jobs of a group as the columns of [`WRITE_GROUP_WITH_JOBS`].
@@ -395,15 +406,27 @@ struct JobColumns {
     timeouts: Vec<i64>,
     ordering_keys: Vec<Option<String>>,
     idempotency_keys: Vec<Option<String>>,
+    workers: Vec<Option<String>>,
+    leases: Vec<f64>,
+    /// The hand-offs: which append (of those given), and the id of its job.
+    handoffs: Vec<(usize, Uuid)>,
 }
 
 impl JobColumns {
     fn new(appends: &[&Append]) -> Result<Self, LogError> {
         let mut c = JobColumns::default();
-        for append in appends {
-            for job in &append.jobs {
+        for (position, append) in appends.iter().enumerate() {
+            for (index, job) in append.jobs.iter().enumerate() {
+                let id = Uuid::now_v7();
+                let handoff = append.handoff.as_ref().filter(|h| h.index == index);
+                if handoff.is_some() {
+                    c.handoffs.push((position, id));
+                }
+                c.workers.push(handoff.map(|h| h.worker().to_owned()));
+                c.leases
+                    .push(handoff.map_or(0.0, |h| h.lease().as_secs_f64()));
                 c.commands.push(append.request.command_id);
-                c.ids.push(Uuid::now_v7());
+                c.ids.push(id);
                 c.queues.push(job.queue.clone());
                 c.kinds.push(job.kind.clone());
                 c.payloads.push(json_text(&job.payload)?);
@@ -420,13 +443,14 @@ impl JobColumns {
     }
 }
 
-/// [`write_with`], with the group's jobs bound too (for [`WRITE_GROUP_WITH_JOBS`]).
+/// [`write_with`], with the group's jobs bound too (for [`WRITE_GROUP_WITH_JOBS`]); also returns
+/// the ids of the jobs inserted claimed (hand-offs).
 async fn write_with_jobs(
     conn: &mut PgConnection,
     sql: &'static str,
     requests: &[&AppendRequest],
     jobs: Option<&JobColumns>,
-) -> Result<Vec<Written>, LogError> {
+) -> Result<(Vec<Written>, HashSet<Uuid>), LogError> {
     let c = GroupColumns::new(requests)?;
     let mut query = sqlx::query(sql)
         .bind(&c.command_ids)
@@ -455,15 +479,21 @@ async fn write_with_jobs(
             .bind(&j.max_attempts)
             .bind(&j.timeouts)
             .bind(&j.ordering_keys)
-            .bind(&j.idempotency_keys);
+            .bind(&j.idempotency_keys)
+            .bind(&j.workers)
+            .bind(&j.leases);
     }
     let rows = query.fetch_all(&mut *conn).await?;
 
     let mut accepted = HashSet::new();
+    let mut handed = HashSet::new();
     let mut written: HashMap<(String, String, i64), Position> = HashMap::new();
     for row in rows {
-        if row.try_get::<&str, _>("kind")? == "c" {
+        let kind = row.try_get::<&str, _>("kind")?;
+        if kind == "c" {
             accepted.insert(row.try_get::<Uuid, _>("command_id")?);
+        } else if kind == "j" {
+            handed.insert(row.try_get::<Uuid, _>("command_id")?);
         } else {
             written.insert(
                 (
@@ -477,7 +507,7 @@ async fn write_with_jobs(
     }
     // A (stream, sequence) claimed by two requests of the group belongs to the first.
     let mut claimed = HashSet::new();
-    Ok(requests
+    let written = requests
         .iter()
         .map(|request| {
             if !accepted.contains(&request.command_id) {
@@ -503,7 +533,8 @@ async fn write_with_jobs(
                 positions,
             })
         })
-        .collect())
+        .collect();
+    Ok((written, handed))
 }
 
 fn is_unique_violation(error: &LogError) -> bool {
@@ -534,21 +565,29 @@ async fn command_outcome(
     }))
 }
 
-/// Enqueues the jobs of the appends that were written, in their transaction; returns their
-/// queues.
+/// Enqueues the jobs of the appends that were written, in their transaction, hand-offs claimed;
+/// returns the queues to wake and the hand-offs to deliver after the commit.
 async fn enqueue_written(
     conn: &mut PgConnection,
     appends: &[&Append],
     written: &[Written],
-) -> Result<Vec<String>, LogError> {
-    let jobs = written_jobs(appends.iter().copied(), written);
-    let queues = crate::queue::queues_of(&jobs);
-    if !jobs.is_empty() {
-        crate::queue::postgres::enqueue_on(conn, jobs)
-            .await
-            .map_err(LogError::from_queue)?;
+) -> Result<(Vec<String>, Vec<(Handoff, Job)>), LogError> {
+    let (jobs, handoffs) = written_jobs(appends.iter().copied(), written);
+    if jobs.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
     }
-    Ok(queues)
+    let enqueued = crate::queue::postgres::enqueue_on(conn, jobs)
+        .await
+        .map_err(LogError::from_queue)?;
+    let mut handed = Vec::new();
+    for (handoff, id) in inserted_handoffs(&enqueued, handoffs) {
+        let claimed =
+            crate::queue::postgres::claim_handed(conn, id, handoff.worker(), handoff.lease())
+                .await
+                .map_err(LogError::from_queue)?;
+        handed.extend(claimed.map(|job| (handoff, job)));
+    }
+    Ok((queues_to_wake(&enqueued, &handed), handed))
 }
 
 #[async_trait]
@@ -580,13 +619,25 @@ impl GroupWriter for PgWriter {
             let jobs = JobColumns::new(&pending)?;
             let written =
                 write_with_jobs(&mut conn, WRITE_GROUP_WITH_JOBS, &requests, Some(&jobs)).await;
-            if written.is_ok() {
-                enqueued = pending
+            written.map(|(written, handed)| {
+                // Committed: handed-off jobs go to their workers, the others wake their queues.
+                for &(position, id) in &jobs.handoffs {
+                    if handed.contains(&id) {
+                        let append = pending[position];
+                        if let Some(handoff) = &append.handoff {
+                            handoff.deliver(id, &append.jobs[handoff.index]);
+                        }
+                    }
+                }
+                enqueued = jobs
+                    .queues
                     .iter()
-                    .flat_map(|a| a.jobs.iter().map(|job| job.queue.clone()))
+                    .zip(&jobs.ids)
+                    .filter(|(_, id)| !handed.contains(id))
+                    .map(|(queue, _)| queue.clone())
                     .collect();
-            }
-            written
+                written
+            })
         };
         match fast {
             Ok(written) => {
@@ -626,8 +677,12 @@ impl GroupWriter for PgWriter {
                 }
                 continue;
             }
-            enqueued.extend(enqueue_written(&mut tx, &batch, &written).await?);
+            let (queues, handed) = enqueue_written(&mut tx, &batch, &written).await?;
             tx.commit().await?;
+            enqueued.extend(queues);
+            for (handoff, job) in handed {
+                handoff.deliver_stored(job);
+            }
             for (&i, w) in pending.iter().zip(written) {
                 results[i] = Some(w);
             }
@@ -662,7 +717,7 @@ impl EventLog for PgEventLog {
     ) -> Result<AppendOutcome, LogError> {
         validate(&request)?;
         validate_jobs(&jobs)?;
-        self.committer.call(Append { request, jobs }).await?
+        self.committer.call(Append::new(request, jobs)).await?
     }
 
     async fn begin(&self) -> Result<Box<dyn LogTransaction>, LogError> {

@@ -26,11 +26,12 @@ use uuid::Uuid;
 
 use super::batch::{Batcher, GroupCommit, GroupWriter};
 use super::{
-    json_text, validate, validate_jobs, written_jobs, Append, AppendOutcome, AppendRequest,
-    Backend, CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
-    StreamId, TxConnection, Written,
+    inserted_handoffs, json_text, queues_to_wake, validate, validate_jobs, written_jobs, Append,
+    AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, JobsHook, LogError,
+    LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
 };
-use crate::queue::NewJob;
+use crate::queue::handoff::Handoff;
+use crate::queue::{Job, NewJob};
 
 const EVENT_COLUMNS: &str = "global_position, aggregate_type, aggregate_id, sequence, event_type, \
                              event_version, recorded_at, metadata, payload";
@@ -438,20 +439,29 @@ async fn write_fast(
     Ok(Some(written))
 }
 
-/// Enqueues the jobs of the appends that were written, in their transaction; whether any were.
+/// Enqueues the jobs of the appends that were written, in their transaction, hand-offs claimed;
+/// returns the queues to wake and the hand-offs to deliver after the commit.
 async fn enqueue_written(
     conn: &mut SqliteConnection,
     appends: &[Append],
     written: &[Written],
-) -> Result<Vec<String>, LogError> {
-    let jobs = written_jobs(appends, written);
-    let queues = crate::queue::queues_of(&jobs);
-    if !jobs.is_empty() {
-        crate::queue::sqlite::enqueue_on(conn, jobs)
-            .await
-            .map_err(LogError::from_queue)?;
+) -> Result<(Vec<String>, Vec<(Handoff, Job)>), LogError> {
+    let (jobs, handoffs) = written_jobs(appends, written);
+    if jobs.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
     }
-    Ok(queues)
+    let enqueued = crate::queue::sqlite::enqueue_on(conn, jobs)
+        .await
+        .map_err(LogError::from_queue)?;
+    let mut handed = Vec::new();
+    for (handoff, id) in inserted_handoffs(&enqueued, handoffs) {
+        let claimed =
+            crate::queue::sqlite::claim_handed(conn, id, handoff.worker(), handoff.lease())
+                .await
+                .map_err(LogError::from_queue)?;
+        handed.extend(claimed.map(|job| (handoff, job)));
+    }
+    Ok((queues_to_wake(&enqueued, &handed), handed))
 }
 
 #[async_trait]
@@ -472,8 +482,11 @@ impl GroupWriter for SqliteWriter {
                 written
             }
         };
-        let enqueued = enqueue_written(&mut tx, appends, &written).await?;
+        let (enqueued, handed) = enqueue_written(&mut tx, appends, &written).await?;
         tx.commit().await?;
+        for (handoff, job) in handed {
+            handoff.deliver_stored(job);
+        }
         if !enqueued.is_empty() {
             if let Some(hook) = self.jobs.get() {
                 hook(&enqueued);
@@ -505,7 +518,7 @@ impl EventLog for SqliteEventLog {
     ) -> Result<AppendOutcome, LogError> {
         validate(&request)?;
         validate_jobs(&jobs)?;
-        self.committer.call(Append { request, jobs }).await?
+        self.committer.call(Append::new(request, jobs)).await?
     }
 
     async fn begin(&self) -> Result<Box<dyn LogTransaction>, LogError> {

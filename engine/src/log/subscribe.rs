@@ -36,6 +36,8 @@ pub struct Subscription {
     buffer: VecDeque<RecordedEvent>,
     appends: watch::Receiver<u64>,
     options: SubscriptionOptions,
+    /// The last read returned less than a page: the next waits for a notification first.
+    caught_up: bool,
 }
 
 /// Follows the log from after `after`.
@@ -51,6 +53,7 @@ pub fn subscribe(
         buffer: VecDeque::new(),
         appends,
         options,
+        caught_up: false,
     }
 }
 
@@ -67,17 +70,23 @@ impl Subscription {
                 self.position = event.position;
                 return Ok(event);
             }
-            // Mark the notifications seen *before* reading, so an append that lands after this
-            // read wakes the wait below.
-            self.appends.borrow_and_update();
-            let events = self
-                .log
-                .read_all(self.position, self.options.batch_size)
-                .await?;
-            if !events.is_empty() {
-                self.buffer.extend(events);
-                continue;
+            if !self.caught_up {
+                // Mark the notifications seen *before* reading, so an append that lands after
+                // this read wakes the wait below.
+                self.appends.borrow_and_update();
+                let events = self
+                    .log
+                    .read_all(self.position, self.options.batch_size)
+                    .await?;
+                // A short page held every event committed before the read: reading again at
+                // once would find only what a notification since then announces.
+                self.caught_up = events.len() < self.options.batch_size;
+                if !events.is_empty() {
+                    self.buffer.extend(events);
+                    continue;
+                }
             }
+            self.caught_up = false;
             // Wake on a notification or after the polling interval, whichever comes first. A
             // closed notification channel must not turn this into a busy loop, hence the sleep
             // when `changed` fails at once.
@@ -92,6 +101,7 @@ impl Subscription {
     /// The next event if one is committed now, without waiting.
     pub async fn try_next(&mut self) -> Result<Option<RecordedEvent>, LogError> {
         if self.buffer.is_empty() {
+            self.caught_up = false;
             let batch = self
                 .log
                 .read_all(self.position, self.options.batch_size)

@@ -10,6 +10,7 @@
 //! it, and both pass the same conformance suite (`engine/tests/queue_conformance.rs`). The state
 //! machine is drawn in `docs/job-states.md`.
 
+pub(crate) mod handoff;
 pub mod postgres;
 pub mod sqlite;
 pub mod worker;
@@ -404,6 +405,14 @@ pub(crate) fn in_claim_order(jobs: &mut [Job]) {
 /// The queues `jobs` go to, each once.
 pub(crate) fn queues_of(jobs: &[NewJob]) -> Vec<String> {
     let mut queues: Vec<String> = jobs.iter().map(|job| job.queue.clone()).collect();
+    queues.sort_unstable();
+    queues.dedup();
+    queues
+}
+
+/// The queues of stored `jobs`, each once.
+pub(crate) fn queues_of_stored<'a>(jobs: impl Iterator<Item = &'a Job>) -> Vec<String> {
+    let mut queues: Vec<String> = jobs.map(|job| job.queue.clone()).collect();
     queues.sort_unstable();
     queues.dedup();
     queues

@@ -256,6 +256,27 @@ pub(crate) async fn enqueue_on(
     Ok(results)
 }
 
+/// Claims a job just enqueued in the same transaction for the worker it is handed off to (see
+/// [`super::handoff`]).
+pub(crate) async fn claim_handed(
+    conn: &mut PgConnection,
+    id: Uuid,
+    worker: &str,
+    lease: Duration,
+) -> Result<Option<Job>, QueueError> {
+    let row = sqlx::query(
+        "UPDATE jobs SET state = 'running', attempt = attempt + 1, locked_by = $2, \
+                lease_expires_at = now() + make_interval(secs => $3), updated_at = now() \
+         WHERE id = $1 AND state = 'available' RETURNING *",
+    )
+    .bind(id)
+    .bind(worker)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
 /// A transaction whose commit does not wait for the disk flush, for a worker's outcomes other
 /// than completions (claims, lease extensions and completions do the same in one statement each:
 /// see [`CLAIM`]). A crash of the database may lose such a commit, and then the job is

@@ -179,6 +179,30 @@ pub(crate) async fn enqueue_on(
     Ok(results)
 }
 
+/// Claims a job just enqueued in the same transaction for the worker it is handed off to (see
+/// [`super::handoff`]).
+pub(crate) async fn claim_handed(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    worker: &str,
+    lease: Duration,
+) -> Result<Option<Job>, QueueError> {
+    let now = micros(Utc::now());
+    let sql = format!(
+        "UPDATE jobs SET state = 'running', attempt = attempt + 1, locked_by = ?2, \
+                lease_expires_at = ?3, updated_at = ?4 \
+         WHERE id = ?1 AND state = 'available' RETURNING {JOB_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id.to_string())
+        .bind(worker)
+        .bind(now + lease.as_micros() as i64)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
 #[async_trait]
 impl JobQueue for SqliteJobQueue {
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, QueueError> {

@@ -19,7 +19,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::{Job, JobQueue, Outcome, QueueError};
+use super::{handoff, Job, JobQueue, Outcome, QueueError};
 
 /// What a handler asks for when it does not fail.
 #[derive(Clone, Debug, PartialEq)]
@@ -204,6 +204,27 @@ impl Worker {
             running.clone(),
         ));
         let keeper = tokio::spawn(keep_leases(queue.clone(), options.clone(), running.clone()));
+        // Jobs handed off by the appends of running jobs' handlers, already claimed (see
+        // [`super::handoff`]): they run next, each in the slot of the job that handed it off.
+        let (handed_tx, mut handed) = mpsc::unbounded_channel::<Job>();
+        let offer = Arc::new(handoff::Worker {
+            id: options.id.clone(),
+            queue: options.queue.clone(),
+            lease: options.lease,
+            kinds: handlers.keys().cloned().collect(),
+            hold: Box::new({
+                let running = running.clone();
+                move |job: &Job| {
+                    running.lock().expect("running lock").insert(job.id, None);
+                }
+            }),
+            deliver: Box::new({
+                let handed_tx = handed_tx.clone();
+                move |job: Job| {
+                    let _ = handed_tx.send(job);
+                }
+            }),
+        });
         let (ready_tx, mut ready) = mpsc::channel::<Job>(capacity);
         let taken = Arc::new(tokio::sync::Notify::new());
         let claimer = tokio::spawn(claim_ahead(
@@ -222,13 +243,17 @@ impl Worker {
                 permit = permits.clone().acquire_owned() => permit.expect("semaphore open"),
             };
             let job = tokio::select! {
+                biased;
                 _ = &mut shutdown => break,
+                Some(job) = handed.recv() => job,
                 job = ready.recv() => match job {
-                    Some(job) => job,
+                    Some(job) => {
+                        taken.notify_one();
+                        job
+                    }
                     None => break,
                 },
             };
-            taken.notify_one();
             if !running.lock().expect("running lock").contains_key(&job.id) {
                 // Cancelled or rescued while it waited here.
                 continue;
@@ -236,8 +261,13 @@ impl Worker {
             let handler = handlers.get(&job.kind).cloned();
             let outcomes = outcomes.clone();
             let id = job.id;
+            let slot = handoff::Slot::new(offer.clone());
             let handle = tasks.spawn(async move {
-                let outcome = run_one(handler, job).await;
+                let guard = handoff::SlotGuard(slot.clone());
+                let outcome = handoff::running(slot, run_one(handler, job)).await;
+                // What it handed off runs next, before this job's outcome is written (on SQLite's
+                // single writer, the next step's append then goes first).
+                drop(guard);
                 let _ = outcomes.send((id, outcome));
                 drop(permit);
             });
@@ -253,21 +283,16 @@ impl Worker {
         let _ = claimer.await;
         ready.close();
         while ready.recv().await.is_some() {}
-        let unstarted: Vec<Uuid> = running
-            .lock()
-            .expect("running lock")
-            .iter()
-            .filter(|(_, handle)| handle.is_none())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in unstarted {
-            let _ = outcomes.send((id, Outcome::Snoozed { until: Utc::now() }));
-        }
+        release_unstarted(&running, &outcomes);
         // Running jobs get the grace period.
         let drained = tokio::time::timeout(options.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
         })
         .await;
+        // And what they handed off meanwhile goes back too.
+        handed.close();
+        while handed.recv().await.is_some() {}
+        release_unstarted(&running, &outcomes);
         if drained.is_err() {
             let left: Vec<Uuid> = running
                 .lock()
@@ -290,6 +315,23 @@ impl Worker {
         keeper.abort();
         let _ = reporter.await;
         Ok(())
+    }
+}
+
+/// Releases (snoozes until now) the claimed jobs that did not start.
+fn release_unstarted(
+    running: &Mutex<HashMap<Uuid, Option<AbortHandle>>>,
+    outcomes: &mpsc::UnboundedSender<(Uuid, Outcome)>,
+) {
+    let mut running = running.lock().expect("running lock");
+    let unstarted: Vec<Uuid> = running
+        .iter()
+        .filter(|(_, handle)| handle.is_none())
+        .map(|(id, _)| *id)
+        .collect();
+    for id in unstarted {
+        running.remove(&id);
+        let _ = outcomes.send((id, Outcome::Snoozed { until: Utc::now() }));
     }
 }
 

@@ -58,7 +58,14 @@ impl Runtime {
         command: RunCommand,
         meta: CommandMeta,
     ) -> Result<(), JobError> {
-        match self.runs.execute(run_id, command, meta).await {
+        let executed = if matches!(command, RunCommand::Start { .. }) {
+            // A run starts under an id of its own: decided on the empty run without reading
+            // its stream (a repeated start finds the stream and is decided again on it).
+            self.runs.create(run_id, command, meta).await
+        } else {
+            self.runs.execute(run_id, command, meta).await
+        };
+        match executed {
             Ok(_) => Ok(()),
             Err(CommandError::Rejected(
                 RunError::StaleStep { .. } | RunError::Finished(_) | RunError::AlreadyStarted,
@@ -139,15 +146,22 @@ impl Runtime {
 
     pub(super) async fn on_step(self: Arc<Self>, job: Job) -> HandlerResult {
         let p: StepJob = payload(&job)?;
-        let (run, _) = self
-            .runs
-            .load(&p.run_id)
-            .await
-            .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e))?;
-        let current = run
-            .step(&p.step)
-            .is_some_and(|s| s.status == StepStatus::Scheduled && s.attempt == p.attempt);
-        if run.status != RunStatus::Running || !current {
+        let due = |run: &WorkflowRun| {
+            run.status == RunStatus::Running
+                && run
+                    .step(&p.step)
+                    .is_some_and(|s| s.status == StepStatus::Scheduled && s.attempt == p.attempt)
+        };
+        let load_error = |e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e);
+        // Usually this worker's own append scheduled the step (the job was handed to it): the
+        // run as that append left it, when this process still holds it. Anything appended since
+        // makes the step's record conflict and be decided on the stored run (a cancelled run, a
+        // replaced attempt: no record). A held run that does not show the step due is read.
+        let (mut run, _) = self.runs.load_recent(&p.run_id).await.map_err(load_error)?;
+        if !due(&run) {
+            run = self.runs.load(&p.run_id).await.map_err(load_error)?.0;
+        }
+        if !due(&run) {
             return Ok(Done::Complete);
         }
         let definition = self
