@@ -439,11 +439,13 @@ impl Runtime {
 
     pub(super) async fn on_run_finished(self: Arc<Self>, job: Job) -> HandlerResult {
         let p: RunJob = payload(&job)?;
-        let (run, _) = self
-            .runs
-            .load(&p.run_id)
-            .await
-            .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e))?;
+        let load_error = |e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e);
+        // Usually this worker's append finished the run (the job was handed to it): the run as
+        // that append left it, when this process holds it finished; else as stored.
+        let (mut run, _) = self.runs.load_recent(&p.run_id).await.map_err(load_error)?;
+        if !run.status.is_finished() {
+            run = self.runs.load(&p.run_id).await.map_err(load_error)?.0;
+        }
         let meta = || p.cause.meta();
         // Children and queued steps of a finished run have nothing left to do.
         for child in run.active_children() {
