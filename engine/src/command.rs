@@ -186,19 +186,20 @@ impl<A: Aggregate> CommandBus<A> {
         Ok((aggregate, version))
     }
 
-    /// The state this bus's own last command left `aggregate_id` in, when its state cache still
-    /// holds it (see [`CommandBus::with_state_cache`]); else [`CommandBus::load`]. For the
-    /// follow-up of a decision made in this process (a workflow's next step, handed to the
-    /// worker whose append scheduled it): what another writer appended since shows when the
-    /// follow-up's own command appends on this version and conflicts, and is decided again on
-    /// the stored stream.
+    /// The state this bus holds for `aggregate_id` (the one its last command there left, or its
+    /// last load; see [`CommandBus::with_state_cache`]) when `usable` accepts it, else the
+    /// stored one ([`CommandBus::load`]). For the follow-up of a decision made in this process
+    /// (a workflow's next step, handed to the worker whose append scheduled it): what another
+    /// writer appended since shows when the follow-up's own command appends on this version and
+    /// conflicts, and is decided again on the stored stream.
     pub async fn load_recent(
         &self,
         aggregate_id: &str,
+        usable: impl Fn(&A) -> bool,
     ) -> Result<(A, i64), CommandError<A::Error>> {
         match self.states.as_ref().and_then(|s| s.get(aggregate_id)) {
-            Some(state) => Ok(state),
-            None => self.load(aggregate_id).await,
+            Some(state) if usable(&state.0) => Ok(state),
+            _ => self.load(aggregate_id).await,
         }
     }
 

@@ -382,11 +382,12 @@ pub(crate) fn queues_to_wake(
     enqueued: &[crate::queue::Enqueued],
     handed: &[(crate::queue::handoff::Handoff, crate::queue::Job)],
 ) -> Vec<String> {
-    crate::queue::queues_of_stored(
+    crate::queue::queues_of(
         enqueued
             .iter()
             .map(crate::queue::Enqueued::job)
-            .filter(|job| !handed.iter().any(|(_, h)| h.id == job.id)),
+            .filter(|job| !handed.iter().any(|(_, h)| h.id == job.id))
+            .map(|job| job.queue.as_str()),
     )
 }
 

@@ -402,17 +402,9 @@ pub(crate) fn in_claim_order(jobs: &mut [Job]) {
     });
 }
 
-/// The queues `jobs` go to, each once.
-pub(crate) fn queues_of(jobs: &[NewJob]) -> Vec<String> {
-    let mut queues: Vec<String> = jobs.iter().map(|job| job.queue.clone()).collect();
-    queues.sort_unstable();
-    queues.dedup();
-    queues
-}
-
-/// The queues of stored `jobs`, each once.
-pub(crate) fn queues_of_stored<'a>(jobs: impl Iterator<Item = &'a Job>) -> Vec<String> {
-    let mut queues: Vec<String> = jobs.map(|job| job.queue.clone()).collect();
+/// The queues named, each once (of jobs enqueued, to wake their workers).
+pub(crate) fn queues_of<'a>(queues: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut queues: Vec<String> = queues.into_iter().map(str::to_owned).collect();
     queues.sort_unstable();
     queues.dedup();
     queues

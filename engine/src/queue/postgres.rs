@@ -293,7 +293,7 @@ impl JobQueue for PgJobQueue {
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, QueueError> {
         // One INSERT is atomic on its own: no transaction round trips around it.
         let mut conn = self.pool.acquire().await?;
-        let queues = super::queues_of(&jobs);
+        let queues = super::queues_of(jobs.iter().map(|job| job.queue.as_str()));
         let enqueued = enqueue_on(&mut conn, jobs).await?;
         self.wakeups.wake_queues(queues.iter().map(String::as_str));
         Ok(enqueued)
@@ -307,7 +307,7 @@ impl JobQueue for PgJobQueue {
         let TxConnection::Postgres(conn) = tx.connection() else {
             return Err(QueueError::ForeignTransaction);
         };
-        let queues = super::queues_of(&jobs);
+        let queues = super::queues_of(jobs.iter().map(|job| job.queue.as_str()));
         let enqueued = enqueue_on(conn, jobs).await?;
         let wake = self.wakeups.sender();
         tx.after_commit(Box::new(move || {

@@ -152,15 +152,15 @@ impl Runtime {
                     .step(&p.step)
                     .is_some_and(|s| s.status == StepStatus::Scheduled && s.attempt == p.attempt)
         };
-        let load_error = |e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e);
         // Usually this worker's own append scheduled the step (the job was handed to it): the
-        // run as that append left it, when this process still holds it. Anything appended since
-        // makes the step's record conflict and be decided on the stored run (a cancelled run, a
-        // replaced attempt: no record). A held run that does not show the step due is read.
-        let (mut run, _) = self.runs.load_recent(&p.run_id).await.map_err(load_error)?;
-        if !due(&run) {
-            run = self.runs.load(&p.run_id).await.map_err(load_error)?.0;
-        }
+        // run as that append left it, when this process still holds it with the step due.
+        // Anything appended since makes the step's record conflict and be decided on the stored
+        // run (a cancelled run, a replaced attempt: no record).
+        let (run, _) = self
+            .runs
+            .load_recent(&p.run_id, due)
+            .await
+            .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e))?;
         if !due(&run) {
             return Ok(Done::Complete);
         }
@@ -439,13 +439,13 @@ impl Runtime {
 
     pub(super) async fn on_run_finished(self: Arc<Self>, job: Job) -> HandlerResult {
         let p: RunJob = payload(&job)?;
-        let load_error = |e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e);
         // Usually this worker's append finished the run (the job was handed to it): the run as
         // that append left it, when this process holds it finished; else as stored.
-        let (mut run, _) = self.runs.load_recent(&p.run_id).await.map_err(load_error)?;
-        if !run.status.is_finished() {
-            run = self.runs.load(&p.run_id).await.map_err(load_error)?.0;
-        }
+        let (run, _) = self
+            .runs
+            .load_recent(&p.run_id, |run| run.status.is_finished())
+            .await
+            .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e))?;
         let meta = || p.cause.meta();
         // Children and queued steps of a finished run have nothing left to do.
         for child in run.active_children() {
