@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use stele_engine::queue::worker::{Done, Worker, WorkerOptions};
-use stele_engine::queue::{Job, JobFilter, JobQueue, JobState, NewJob};
+use stele_engine::queue::worker::{Done, HandlerError, Worker, WorkerOptions};
+use stele_engine::queue::{completing, Job, JobFilter, JobQueue, JobState, NewJob};
 use stele_engine::{AppendRequest, CommandMeta, NewEvent, Store, StreamId};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -355,8 +355,93 @@ async fn a_job_enqueued_by_a_running_job_runs_next_on_its_worker(store: &Store) 
     running.await.unwrap().unwrap();
 }
 
+/// One event on `stream`, expected at `expected_sequence`.
+fn one_event(stream: &str, expected_sequence: i64) -> AppendRequest {
+    let meta = CommandMeta::new("user:1", "test");
+    AppendRequest {
+        command_id: meta.command_id,
+        stream: StreamId::new("record", stream),
+        expected_sequence,
+        events: vec![NewEvent {
+            event_type: "Recorded".into(),
+            event_version: "1.0".into(),
+            payload: json!({}),
+            metadata: meta.for_event(Uuid::now_v7()),
+        }],
+    }
+}
+
+/// A handler's last append, made under `completing`, records its job completed in the append's
+/// own commit: the job is completed while the handler still runs, and the worker writes no
+/// outcome after (an error returned later changes nothing). An append that does not commit (a
+/// conflict) completes nothing, and the handler's outcome is written as usual. A completed job
+/// with an ordering key lets the key's next job run at once.
+async fn a_job_whose_last_append_commits_is_completed_by_it(store: &Store) {
+    let (seen, mut states) = mpsc::unbounded_channel::<(Uuid, JobState)>();
+    let (log, queue) = (store.log.clone(), store.queue.clone());
+    let worker = Worker::new(store.queue.clone(), options()).handle("record", move |job: Job| {
+        let (log, queue, seen) = (log.clone(), queue.clone(), seen.clone());
+        async move {
+            let stream = job.payload["stream"].as_str().unwrap().to_owned();
+            let expected = job.payload["expected"].as_i64().unwrap();
+            let appended = completing(log.append(one_event(&stream, expected))).await;
+            let state = queue.get(job.id).await?.unwrap().state;
+            seen.send((job.id, state)).unwrap();
+            match appended {
+                // Too late to matter: the append completed the job.
+                Ok(_) => Err(HandlerError::msg("failed after the append")),
+                Err(_) => Ok(Done::Complete),
+            }
+        }
+    });
+    let record = |stream: &str, expected: i64| {
+        NewJob::new(
+            "default",
+            "record",
+            json!({ "stream": stream, "expected": expected }),
+        )
+    };
+    let appended = enqueue_to(store.queue.as_ref(), record("a", 0)).await;
+    // Stream b's first event is taken: the job's append conflicts.
+    store.log.append(one_event("b", 0)).await.unwrap();
+    let conflicted = enqueue_to(store.queue.as_ref(), record("b", 0)).await;
+    let first = enqueue_to(store.queue.as_ref(), record("c", 0).ordering_key("k")).await;
+    let second = enqueue_to(store.queue.as_ref(), record("d", 0).ordering_key("k")).await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    let mut during = std::collections::HashMap::new();
+    while during.len() < 4 {
+        // The key's second job runs long before the worker's next poll (30 s).
+        let (id, state) = tokio::time::timeout(Duration::from_secs(10), states.recv())
+            .await
+            .expect("every job runs promptly")
+            .unwrap();
+        during.insert(id, state);
+    }
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+    assert_eq!(
+        during[&appended],
+        JobState::Completed,
+        "completed by its append"
+    );
+    assert_eq!(during[&conflicted], JobState::Running, "nothing committed");
+    assert_eq!(during[&first], JobState::Completed);
+    for id in [appended, conflicted, first, second] {
+        let job = store.queue.get(id).await.unwrap().unwrap();
+        assert_eq!(
+            (job.state, job.attempt, job.last_error),
+            (JobState::Completed, 1, None),
+            "job {id} completed once, at its first attempt"
+        );
+    }
+}
+
 for_each_backend!(
     a_job_enqueued_by_a_running_job_runs_next_on_its_worker,
+    a_job_whose_last_append_commits_is_completed_by_it,
     a_step_runs_handlers_and_records_their_outcomes,
     the_run_loop_works_until_shutdown,
     shutdown_releases_jobs_that_outlive_the_grace_period,

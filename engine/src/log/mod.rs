@@ -328,6 +328,9 @@ pub(crate) struct Append {
     pub(crate) jobs: Vec<NewJob>,
     /// The job to insert already claimed by the worker whose job made this append.
     pub(crate) handoff: Option<crate::queue::handoff::Handoff>,
+    /// The running job this append records completed when it is written (see
+    /// [`crate::queue::completing`]).
+    pub(crate) completes: Option<crate::queue::handoff::Completes>,
 }
 
 impl Append {
@@ -338,8 +341,23 @@ impl Append {
             request,
             jobs,
             handoff,
+            completes: crate::queue::handoff::Completes::pick(),
         }
     }
+}
+
+/// The running jobs that the written appends (not those refused as duplicates or conflicts)
+/// record completed.
+pub(crate) fn written_completions<'a>(
+    appends: impl IntoIterator<Item = &'a Append>,
+    written: &[Written],
+) -> Vec<&'a crate::queue::handoff::Completes> {
+    appends
+        .into_iter()
+        .zip(written)
+        .filter(|(_, w)| matches!(w, Written::Appended(_)))
+        .filter_map(|(append, _)| append.completes.as_ref())
+        .collect()
 }
 
 /// The jobs of the appends that were written (not refused as duplicates or conflicts), and the
@@ -361,6 +379,24 @@ pub(crate) fn written_jobs<'a>(
         jobs.extend(append.jobs.iter().cloned());
     }
     (jobs, handoffs)
+}
+
+/// The jobs of `completes` as a completion statement takes them: id and worker.
+pub(crate) fn held_jobs<'a>(
+    completes: &[&'a crate::queue::handoff::Completes],
+) -> Vec<(Uuid, &'a str)> {
+    completes.iter().map(|c| (c.job(), c.worker())).collect()
+}
+
+/// After the commit that recorded `completes`' jobs completed: tells their workers, and returns
+/// the queues to wake where a completion lets the next job of an ordering key run.
+pub(crate) fn completions_committed(
+    completes: &[&crate::queue::handoff::Completes],
+) -> Vec<String> {
+    for completes in completes {
+        completes.done();
+    }
+    crate::queue::queues_of(completes.iter().filter_map(|c| c.wakes()))
 }
 
 /// The hand-offs whose job the enqueue inserted (not found enqueued already), with its id.

@@ -26,9 +26,10 @@ use uuid::Uuid;
 
 use super::batch::{BatchHandler, Batcher, GroupCommit, GroupWriter};
 use super::{
-    inserted_handoffs, json_text, queues_to_wake, validate, validate_jobs, written_jobs, Append,
-    AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, JobsHook, LogError,
-    LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
+    completions_committed, held_jobs, inserted_handoffs, json_text, queues_to_wake, validate,
+    validate_jobs, written_completions, written_jobs, Append, AppendOutcome, AppendRequest,
+    Backend, CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
+    StreamId, TxConnection, Written,
 };
 use crate::metadata::EventMetadata;
 use crate::notify::{WakeHandle, Waker};
@@ -58,9 +59,9 @@ const READ_LOG: &str = "\
 /// what a taken event sequence does.
 macro_rules! write_group_sql {
     ($commands_on_conflict:literal, $on_conflict:literal) => {
-        write_group_sql!($commands_on_conflict, $on_conflict, "", "")
+        write_group_sql!($commands_on_conflict, $on_conflict, ""; "")
     };
-    ($commands_on_conflict:literal, $on_conflict:literal, $more:literal, $more_rows:literal) => {
+    ($commands_on_conflict:literal, $on_conflict:literal, $($more:expr),+ ; $more_rows:literal) => {
         concat!(
             "WITH accepted AS (",
             "  INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_sequence,",
@@ -77,7 +78,7 @@ macro_rules! write_group_sql {
             "  WHERE u.c IN (SELECT command_id FROM accepted) ",
             $on_conflict,
             "  RETURNING aggregate_type, aggregate_id, sequence, global_position)",
-            $more,
+            $($more,)+
             " SELECT 'c' AS kind, command_id, NULL::text AS aggregate_type, NULL::text AS aggregate_id,",
             "        NULL::int8 AS sequence, NULL::int8 AS global_position FROM accepted",
             " UNION ALL",
@@ -97,7 +98,9 @@ const WRITE_GROUP: &str = write_group_sql!("", "");
 /// one commit for a step's events and its next job. A job whose idempotency key an unfinished job
 /// holds is skipped, as an enqueue would. A job with a worker in `$26` is inserted claimed by it
 /// for `$27` seconds (a hand-off, see [`crate::queue::handoff`]); those inserted are returned as
-/// rows of `kind` 'j' (the job id in `command_id`).
+/// rows of `kind` 'j' (the job id in `command_id`). The running jobs `$28`, each while its worker
+/// `$29` holds it, are recorded completed (the appends' own jobs: see
+/// [`crate::queue::completing`]).
 const WRITE_GROUP_WITH_JOBS: &str = write_group_sql!(
     "",
     "",
@@ -118,7 +121,10 @@ const WRITE_GROUP_WITH_JOBS: &str = write_group_sql!(
       WHERE j.c IN (SELECT command_id FROM accepted) \
       ON CONFLICT (idempotency_key) \
           WHERE idempotency_key IS NOT NULL AND state IN ('available', 'running') DO NOTHING \
-      RETURNING id, locked_by)",
+      RETURNING id, locked_by), \
+     completed AS (",
+    crate::queue::postgres::complete_held_sql!("$28", "$29"),
+    ")";
     " UNION ALL SELECT 'j', id, NULL, NULL, NULL, NULL FROM jobs_in WHERE locked_by IS NOT NULL"
 );
 
@@ -410,11 +416,18 @@ struct JobColumns {
     leases: Vec<f64>,
     /// The hand-offs: which append (of those given), and the id of its job.
     handoffs: Vec<(usize, Uuid)>,
+    /// The running jobs the appends record completed, and their workers.
+    completed: Vec<Uuid>,
+    completed_by: Vec<String>,
 }
 
 impl JobColumns {
     fn new(appends: &[&Append]) -> Result<Self, LogError> {
         let mut c = JobColumns::default();
+        for completes in appends.iter().filter_map(|a| a.completes.as_ref()) {
+            c.completed.push(completes.job());
+            c.completed_by.push(completes.worker().to_owned());
+        }
         for (position, append) in appends.iter().enumerate() {
             for (index, job) in append.jobs.iter().enumerate() {
                 let id = Uuid::now_v7();
@@ -481,7 +494,9 @@ async fn write_with_jobs(
             .bind(&j.ordering_keys)
             .bind(&j.idempotency_keys)
             .bind(&j.workers)
-            .bind(&j.leases);
+            .bind(&j.leases)
+            .bind(&j.completed)
+            .bind(&j.completed_by);
     }
     let rows = query.fetch_all(&mut *conn).await?;
 
@@ -610,10 +625,13 @@ impl GroupWriter for PgWriter {
         let requests: Vec<&AppendRequest> = pending.iter().map(|a| &a.request).collect();
         let mut enqueued: Vec<String> = Vec::new();
 
-        // Fast path: one statement, committed on its own (one round trip, one flush); with
-        // jobs, the statement and their enqueue in one transaction.
+        // Fast path: one statement, committed on its own (one round trip, one flush), with the
+        // jobs to enqueue and the running jobs to complete.
         let mut conn = self.pool.acquire().await?;
-        let fast = if pending.iter().all(|a| a.jobs.is_empty()) {
+        let fast = if pending
+            .iter()
+            .all(|a| a.jobs.is_empty() && a.completes.is_none())
+        {
             write_with(&mut conn, WRITE_GROUP, &requests).await
         } else {
             let jobs = JobColumns::new(&pending)?;
@@ -636,6 +654,11 @@ impl GroupWriter for PgWriter {
                     .filter(|(_, id)| !handed.contains(id))
                     .map(|(queue, _)| queue.clone())
                     .collect();
+                let completes: Vec<_> = pending
+                    .iter()
+                    .filter_map(|a| a.completes.as_ref())
+                    .collect();
+                enqueued.extend(completions_committed(&completes));
                 written
             })
         };
@@ -678,8 +701,13 @@ impl GroupWriter for PgWriter {
                 continue;
             }
             let (queues, handed) = enqueue_written(&mut tx, &batch, &written).await?;
+            let completes = written_completions(batch.iter().copied(), &written);
+            crate::queue::postgres::complete_on(&mut tx, &held_jobs(&completes))
+                .await
+                .map_err(LogError::from_queue)?;
             tx.commit().await?;
             enqueued.extend(queues);
+            enqueued.extend(completions_committed(&completes));
             for (handoff, job) in handed {
                 handoff.deliver_stored(job);
             }

@@ -26,9 +26,10 @@ use uuid::Uuid;
 
 use super::batch::{Batcher, GroupCommit, GroupWriter};
 use super::{
-    inserted_handoffs, json_text, queues_to_wake, validate, validate_jobs, written_jobs, Append,
-    AppendOutcome, AppendRequest, Backend, CommandOutcome, EventLog, JobsHook, LogError,
-    LogTransaction, Position, RecordedEvent, StreamId, TxConnection, Written,
+    completions_committed, held_jobs, inserted_handoffs, json_text, queues_to_wake, validate,
+    validate_jobs, written_completions, written_jobs, Append, AppendOutcome, AppendRequest,
+    Backend, CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
+    StreamId, TxConnection, Written,
 };
 use crate::queue::handoff::Handoff;
 use crate::queue::{Job, NewJob};
@@ -482,11 +483,16 @@ impl GroupWriter for SqliteWriter {
                 written
             }
         };
-        let (enqueued, handed) = enqueue_written(&mut tx, appends, &written).await?;
+        let (mut enqueued, handed) = enqueue_written(&mut tx, appends, &written).await?;
+        let completes = written_completions(appends, &written);
+        crate::queue::sqlite::complete_on(&mut tx, &held_jobs(&completes))
+            .await
+            .map_err(LogError::from_queue)?;
         tx.commit().await?;
         for (handoff, job) in handed {
             handoff.deliver_stored(job);
         }
+        enqueued.extend(completions_committed(&completes));
         if !enqueued.is_empty() {
             if let Some(hook) = self.jobs.get() {
                 hook(&enqueued);

@@ -12,9 +12,16 @@
 //! exists exactly when they do, as any job enqueued with an append. A handed-off job is this
 //! worker's from the commit on, like a claimed one: its lease is extended while the worker lives
 //! and it is rescued when the worker dies before finishing it (its lease expires).
+//!
+//! Completing with the append: a handler whose last act is an append (a workflow step records its
+//! outcome) runs that part under [`completing`]; the append that commits then also records the
+//! running job completed, in the same commit, and the worker writes no outcome of its own. The job
+//! is completed exactly when the events it was run for exist, so a crash can no longer run it a
+//! second time for nothing, and a step costs one commit instead of two.
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,10 +47,17 @@ pub(crate) struct Worker {
     pub(crate) deliver: Box<dyn Fn(Job) + Send + Sync>,
 }
 
-/// One running job's chance to hand off.
+/// One running job's chance to hand off, and to be completed by its own append.
 pub(crate) struct Slot {
     worker: Arc<Worker>,
     state: Mutex<SlotState>,
+    /// The running job: its id, queue and whether it has an ordering key (its completion then
+    /// wakes the queue for the key's next job).
+    job: (Uuid, String, bool),
+    /// The handler runs its last part ([`completing`]): an append completes the job.
+    completing: AtomicBool,
+    /// An append recorded the job completed.
+    completed: AtomicBool,
 }
 
 enum SlotState {
@@ -56,11 +70,20 @@ enum SlotState {
 }
 
 impl Slot {
-    pub(crate) fn new(worker: Arc<Worker>) -> Arc<Self> {
+    pub(crate) fn new(worker: Arc<Worker>, job: &Job) -> Arc<Self> {
         Arc::new(Slot {
             worker,
             state: Mutex::new(SlotState::Running(None)),
+            job: (job.id, job.queue.clone(), job.ordering_key.is_some()),
+            completing: AtomicBool::new(false),
+            completed: AtomicBool::new(false),
         })
+    }
+
+    /// Whether an append of the job's handler recorded the job completed (its outcome is then
+    /// written).
+    pub(crate) fn completed(&self) -> bool {
+        self.completed.load(Ordering::Acquire)
     }
 
     /// After the job's handler returned (or was stopped): the job it handed off goes to the
@@ -91,6 +114,76 @@ impl Drop for SlotGuard {
 /// worker.
 pub(crate) async fn running<F: std::future::Future>(slot: Arc<Slot>, future: F) -> F::Output {
     RUNNING.scope(slot, future).await
+}
+
+/// Runs `future`, the last part of a job's handler, so that an append it makes also records the
+/// job completed in the append's commit: the worker then writes no outcome for the job, whatever
+/// the handler returns after. Use it for the append that is a handler's last effect (a step
+/// recording its outcome). Outside a worker's job (a test calling a handler, a tool), it just runs
+/// `future`.
+pub async fn completing<F: std::future::Future>(future: F) -> F::Output {
+    /// Disarms the slot when the part ends, also when it is dropped unfinished.
+    struct Armed(Option<Arc<Slot>>);
+    impl Drop for Armed {
+        fn drop(&mut self) {
+            if let Some(slot) = &self.0 {
+                slot.completing.store(false, Ordering::Release);
+            }
+        }
+    }
+    let slot = RUNNING.try_with(Arc::clone).ok();
+    if let Some(slot) = &slot {
+        slot.completing.store(true, Ordering::Release);
+    }
+    let _armed = Armed(slot);
+    future.await
+}
+
+/// The running job an append records completed (see [`completing`]).
+#[derive(Clone)]
+pub(crate) struct Completes {
+    slot: Arc<Slot>,
+}
+
+impl fmt::Debug for Completes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Completes")
+            .field("job", &self.slot.job.0)
+            .field("worker", &self.slot.worker.id)
+            .finish()
+    }
+}
+
+impl Completes {
+    /// The running job of the current task, if its handler is in its [`completing`] part.
+    pub(crate) fn pick() -> Option<Completes> {
+        RUNNING
+            .try_with(|slot| {
+                (slot.completing.load(Ordering::Acquire) && !slot.completed())
+                    .then(|| Completes { slot: slot.clone() })
+            })
+            .ok()
+            .flatten()
+    }
+
+    pub(crate) fn job(&self) -> Uuid {
+        self.slot.job.0
+    }
+
+    /// The worker that holds the job (the completion applies only while it does).
+    pub(crate) fn worker(&self) -> &str {
+        &self.slot.worker.id
+    }
+
+    /// The queue to wake when the job's completion lets the next job of its ordering key run.
+    pub(crate) fn wakes(&self) -> Option<&str> {
+        self.slot.job.2.then_some(self.slot.job.1.as_str())
+    }
+
+    /// After the commit that recorded the job completed.
+    pub(crate) fn done(&self) {
+        self.slot.completed.store(true, Ordering::Release);
+    }
 }
 
 /// The job of an append to insert already claimed, and the worker it goes to.

@@ -15,6 +15,8 @@ pub mod postgres;
 pub mod sqlite;
 pub mod worker;
 
+pub use handoff::completing;
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;

@@ -85,6 +85,26 @@ const COMPLETE: &str = "\
     SELECT COALESCE(array_agg(DISTINCT queue) FILTER (WHERE ordering_key IS NOT NULL), '{}') \
     FROM done";
 
+/// Completes the jobs of the parameter `$ids` (uuid[]), each while the worker of the parameter
+/// `$workers` (text[]) holds it: an append's own jobs (see [`super::completing`]).
+macro_rules! complete_held_sql {
+    ($ids:literal, $workers:literal) => {
+        concat!(
+            "UPDATE jobs SET state = 'completed', finished_at = now(), updated_at = now(), ",
+            "       lease_expires_at = NULL, locked_by = NULL ",
+            "FROM UNNEST(",
+            $ids,
+            "::uuid[], ",
+            $workers,
+            "::text[]) AS d(id, worker) ",
+            "WHERE jobs.id = d.id AND jobs.state = 'running' AND jobs.locked_by = d.worker"
+        )
+    };
+}
+pub(crate) use complete_held_sql;
+
+const COMPLETE_HELD: &str = complete_held_sql!("$1", "$2");
+
 /// A failed attempt: retry after exponential backoff with ±10% jitter (capped at an hour), or
 /// dead when it was the last allowed attempt. Every attempt's error is kept.
 const FAIL: &str = "\
@@ -275,6 +295,24 @@ pub(crate) async fn claim_handed(
     .fetch_optional(&mut *conn)
     .await?;
     row.as_ref().map(job_from_row).transpose()
+}
+
+/// Records running jobs completed, each only while its worker holds it, in the caller's
+/// transaction (an append's: see [`super::completing`]).
+pub(crate) async fn complete_on(
+    conn: &mut PgConnection,
+    jobs: &[(Uuid, &str)],
+) -> Result<(), QueueError> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let (ids, workers): (Vec<Uuid>, Vec<&str>) = jobs.iter().copied().unzip();
+    sqlx::query(COMPLETE_HELD)
+        .bind(&ids)
+        .bind(&workers)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// A transaction whose commit does not wait for the disk flush, for a worker's outcomes other

@@ -203,6 +203,28 @@ pub(crate) async fn claim_handed(
     row.as_ref().map(job_from_row).transpose()
 }
 
+/// Records running jobs completed, each only while its worker holds it, in the caller's
+/// transaction (an append's: see [`super::completing`]).
+pub(crate) async fn complete_on(
+    conn: &mut SqliteConnection,
+    jobs: &[(Uuid, &str)],
+) -> Result<(), QueueError> {
+    let now = micros(Utc::now());
+    for (id, worker) in jobs {
+        sqlx::query(
+            "UPDATE jobs SET state = 'completed', finished_at = ?1, updated_at = ?1, \
+             lease_expires_at = NULL, locked_by = NULL \
+             WHERE id = ?2 AND state = 'running' AND locked_by = ?3",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .bind(*worker)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl JobQueue for SqliteJobQueue {
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, QueueError> {

@@ -259,16 +259,25 @@ impl Worker {
                 continue;
             }
             let handler = handlers.get(&job.kind).cloned();
-            let outcomes = outcomes.clone();
+            let (outcomes, held) = (outcomes.clone(), running.clone());
             let id = job.id;
-            let slot = handoff::Slot::new(offer.clone());
+            let slot = handoff::Slot::new(offer.clone(), &job);
             let handle = tasks.spawn(async move {
                 let guard = handoff::SlotGuard(slot.clone());
-                let outcome = handoff::running(slot, run_one(handler, job)).await;
+                let outcome = handoff::running(slot.clone(), run_one(handler, job)).await;
                 // What it handed off runs next, before this job's outcome is written (on SQLite's
                 // single writer, the next step's append then goes first).
                 drop(guard);
-                let _ = outcomes.send((id, outcome));
+                if slot.completed() {
+                    // Its append recorded it completed (see `handoff::completing`).
+                    if let Outcome::Failed { error } = &outcome {
+                        tracing::warn!(job.id = %id, %error,
+                            "the job failed after its append recorded it completed");
+                    }
+                    held.lock().expect("running lock").remove(&id);
+                } else {
+                    let _ = outcomes.send((id, outcome));
+                }
                 drop(permit);
             });
             if let Some(slot) = running.lock().expect("running lock").get_mut(&id) {

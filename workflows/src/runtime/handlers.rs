@@ -2,7 +2,7 @@
 //! to be done (a late or repeated job does nothing).
 
 use stele_engine::queue::worker::HandlerError;
-use stele_engine::queue::QueueError;
+use stele_engine::queue::{completing, QueueError};
 use tracing::Instrument;
 
 use super::manager::{ChildJob, RunJob, StartJob, StepJob};
@@ -140,7 +140,8 @@ impl Runtime {
             models: task.models.clone(),
             now: self.clock.utc(),
         };
-        self.run_command(&run_id, start, p.cause.meta()).await?;
+        // The start is the job's last effect: its append completes the job.
+        completing(self.run_command(&run_id, start, p.cause.meta())).await?;
         Ok(Done::Complete)
     }
 
@@ -226,7 +227,9 @@ impl Runtime {
             now: self.clock.utc(),
         };
         let meta = span.in_scope(|| p.cause.meta());
-        self.run_command(&p.run_id, record, meta)
+        // The step's record is the job's last effect: the append that records it (and enqueues
+        // what follows) also completes the job, in one commit.
+        completing(self.run_command(&p.run_id, record, meta))
             .instrument(span)
             .await?;
         Ok(Done::Complete)
@@ -481,7 +484,7 @@ impl Runtime {
                     },
                     now: self.clock.utc(),
                 };
-                self.run_command(&parent.run_id, finished, meta()).await?;
+                completing(self.run_command(&parent.run_id, finished, meta())).await?;
             }
             (None, Some(task_id)) => {
                 let command = match run.status {
@@ -495,7 +498,7 @@ impl Runtime {
                         reason: run.error.clone().unwrap_or_default(),
                     },
                 };
-                self.task_command(task_id, command, meta()).await?;
+                completing(self.task_command(task_id, command, meta())).await?;
             }
             (None, None) => {}
         }
