@@ -45,6 +45,9 @@ pub(crate) struct Worker {
     pub(crate) hold: Box<dyn Fn(&Job) + Send + Sync>,
     /// Gives a handed-off job to the worker to run.
     pub(crate) deliver: Box<dyn Fn(Job) + Send + Sync>,
+    /// Stops counting a job among the worker's: its append completed it (no lease to keep, and
+    /// the job's absence from the queue's running jobs is no reason to stop its handler).
+    pub(crate) forget: Box<dyn Fn(Uuid) + Send + Sync>,
 }
 
 /// One running job's chance to hand off, and to be completed by its own append.
@@ -183,6 +186,7 @@ impl Completes {
     /// After the commit that recorded the job completed.
     pub(crate) fn done(&self) {
         self.slot.completed.store(true, Ordering::Release);
+        (self.slot.worker.forget)(self.slot.job.0);
     }
 }
 

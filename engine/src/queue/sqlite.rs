@@ -209,19 +209,25 @@ pub(crate) async fn complete_on(
     conn: &mut SqliteConnection,
     jobs: &[(Uuid, &str)],
 ) -> Result<(), QueueError> {
-    let now = micros(Utc::now());
-    for (id, worker) in jobs {
-        sqlx::query(
-            "UPDATE jobs SET state = 'completed', finished_at = ?1, updated_at = ?1, \
-             lease_expires_at = NULL, locked_by = NULL \
-             WHERE id = ?2 AND state = 'running' AND locked_by = ?3",
-        )
-        .bind(now)
-        .bind(id.to_string())
-        .bind(*worker)
-        .execute(&mut *conn)
-        .await?;
+    if jobs.is_empty() {
+        return Ok(());
     }
+    let held: Vec<(String, &str)> = jobs
+        .iter()
+        .map(|(id, worker)| (id.to_string(), *worker))
+        .collect();
+    // One statement for the group: `[[id, worker], …]`.
+    sqlx::query(
+        "UPDATE jobs SET state = 'completed', finished_at = ?1, updated_at = ?1, \
+         lease_expires_at = NULL, locked_by = NULL \
+         WHERE id IN (SELECT value ->> 0 FROM json_each(?2)) AND state = 'running' \
+           AND locked_by = (SELECT h.value ->> 1 FROM json_each(?2) AS h \
+                            WHERE h.value ->> 0 = jobs.id)",
+    )
+    .bind(micros(Utc::now()))
+    .bind(serde_json::to_string(&held).map_err(|e| QueueError::Invalid(e.to_string()))?)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 

@@ -224,6 +224,12 @@ impl Worker {
                     let _ = handed_tx.send(job);
                 }
             }),
+            forget: Box::new({
+                let running = running.clone();
+                move |id: Uuid| {
+                    running.lock().expect("running lock").remove(&id);
+                }
+            }),
         });
         let (ready_tx, mut ready) = mpsc::channel::<Job>(capacity);
         let taken = Arc::new(tokio::sync::Notify::new());
@@ -259,7 +265,7 @@ impl Worker {
                 continue;
             }
             let handler = handlers.get(&job.kind).cloned();
-            let (outcomes, held) = (outcomes.clone(), running.clone());
+            let outcomes = outcomes.clone();
             let id = job.id;
             let slot = handoff::Slot::new(offer.clone(), &job);
             let handle = tasks.spawn(async move {
@@ -269,12 +275,12 @@ impl Worker {
                 // single writer, the next step's append then goes first).
                 drop(guard);
                 if slot.completed() {
-                    // Its append recorded it completed (see `handoff::completing`).
+                    // Its append recorded it completed (see `handoff::completing`) and the
+                    // worker stopped counting it then.
                     if let Outcome::Failed { error } = &outcome {
                         tracing::warn!(job.id = %id, %error,
                             "the job failed after its append recorded it completed");
                     }
-                    held.lock().expect("running lock").remove(&id);
                 } else {
                     let _ = outcomes.send((id, outcome));
                 }
