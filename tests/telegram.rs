@@ -218,6 +218,18 @@ fn answers(sent: &HashMap<i64, Vec<String>>, chat: i64, marker: &str) -> usize {
     })
 }
 
+/// How many replies the node recorded delivered.
+fn delivered(rt: &tokio::runtime::Runtime, url: &str) -> i64 {
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'ReplyDelivered'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    })
+}
+
 /// The texts Telegram accepted, by chat.
 fn sent_by_chat(bot: &FakeBot) -> HashMap<i64, Vec<String>> {
     let mut sent: HashMap<i64, Vec<String>> = HashMap::new();
@@ -248,7 +260,8 @@ fn a_node_killed_mid_conversation_loses_nothing_and_doubles_nothing() {
     }
     // Kill it while the conversation is in full flow: updates waiting, tasks running, replies
     // queued. (Not between Telegram accepting a reply and its record: that window, one append
-    // long, is documented; Telegram refusing sends for a moment keeps the kill out of it.)
+    // long, is documented; Telegram refusing sends from then on, and the kill waiting until every
+    // accepted reply is recorded, keep it out of that window.)
     let deadline = Instant::now() + Duration::from_secs(60);
     while bot.calls("sendMessage").len() < 3 {
         assert!(Instant::now() < deadline, "nothing was answered");
@@ -259,7 +272,16 @@ fn a_node_killed_mid_conversation_loses_nothing_and_doubles_nothing() {
         json!({ "method": "sendMessage", "times": 1_000_000, "error_code": 429,
                 "description": "Too Many Requests: retry after 1", "retry_after": 1 }),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // Every reply Telegram accepted has its delivery recorded (however busy the machine).
+    let accepted = sent_by_chat(&bot).values().map(Vec::len).sum::<usize>() as i64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered(&rt, &url) < accepted {
+        assert!(
+            Instant::now() < deadline,
+            "accepted replies were not recorded"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     // People go on writing while it is down.
