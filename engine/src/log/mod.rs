@@ -381,13 +381,6 @@ pub(crate) fn written_jobs<'a>(
     (jobs, handoffs)
 }
 
-/// The jobs of `completes` as a completion statement takes them: id and worker.
-pub(crate) fn held_jobs<'a>(
-    completes: &[&'a crate::queue::handoff::Completes],
-) -> Vec<(Uuid, &'a str)> {
-    completes.iter().map(|c| (c.job(), c.worker())).collect()
-}
-
 /// After the commit that recorded `completes`' jobs completed: tells their workers, and returns
 /// the queues to wake where a completion lets the next job of an ordering key run.
 pub(crate) fn completions_committed(

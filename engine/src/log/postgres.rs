@@ -26,14 +26,14 @@ use uuid::Uuid;
 
 use super::batch::{BatchHandler, Batcher, GroupCommit, GroupWriter};
 use super::{
-    completions_committed, held_jobs, inserted_handoffs, json_text, queues_to_wake, validate,
-    validate_jobs, written_completions, written_jobs, Append, AppendOutcome, AppendRequest,
-    Backend, CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
+    completions_committed, inserted_handoffs, json_text, queues_to_wake, validate, validate_jobs,
+    written_completions, written_jobs, Append, AppendOutcome, AppendRequest, Backend,
+    CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
     StreamId, TxConnection, Written,
 };
 use crate::metadata::EventMetadata;
 use crate::notify::{WakeHandle, Waker};
-use crate::queue::handoff::Handoff;
+use crate::queue::handoff::{Completes, Handoff};
 use crate::queue::{Job, NewJob};
 
 /// The LISTEN/NOTIFY channel the events table's trigger notifies.
@@ -580,16 +580,21 @@ async fn command_outcome(
     }))
 }
 
-/// Enqueues the jobs of the appends that were written, in their transaction, hand-offs claimed;
-/// returns the queues to wake and the hand-offs to deliver after the commit.
-async fn enqueue_written(
+/// Enqueues the jobs of the appends that were written, in their transaction, hand-offs claimed,
+/// and records those appends' own jobs completed; returns the queues to wake, the hand-offs to
+/// deliver and the completions to report after the commit.
+async fn enqueue_written<'a>(
     conn: &mut PgConnection,
-    appends: &[&Append],
+    appends: &'a [&Append],
     written: &[Written],
-) -> Result<(Vec<String>, Vec<(Handoff, Job)>), LogError> {
+) -> Result<(Vec<String>, Vec<(Handoff, Job)>, Vec<&'a Completes>), LogError> {
+    let completes = written_completions(appends.iter().copied(), written);
+    crate::queue::postgres::complete_on(conn, &completes)
+        .await
+        .map_err(LogError::from_queue)?;
     let (jobs, handoffs) = written_jobs(appends.iter().copied(), written);
     if jobs.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok((Vec::new(), Vec::new(), completes));
     }
     let enqueued = crate::queue::postgres::enqueue_on(conn, jobs)
         .await
@@ -602,7 +607,7 @@ async fn enqueue_written(
                 .map_err(LogError::from_queue)?;
         handed.extend(claimed.map(|job| (handoff, job)));
     }
-    Ok((queues_to_wake(&enqueued, &handed), handed))
+    Ok((queues_to_wake(&enqueued, &handed), handed, completes))
 }
 
 #[async_trait]
@@ -700,11 +705,7 @@ impl GroupWriter for PgWriter {
                 }
                 continue;
             }
-            let (queues, handed) = enqueue_written(&mut tx, &batch, &written).await?;
-            let completes = written_completions(batch.iter().copied(), &written);
-            crate::queue::postgres::complete_on(&mut tx, &held_jobs(&completes))
-                .await
-                .map_err(LogError::from_queue)?;
+            let (queues, handed, completes) = enqueue_written(&mut tx, &batch, &written).await?;
             tx.commit().await?;
             enqueued.extend(queues);
             enqueued.extend(completions_committed(&completes));

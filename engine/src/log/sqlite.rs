@@ -26,12 +26,12 @@ use uuid::Uuid;
 
 use super::batch::{Batcher, GroupCommit, GroupWriter};
 use super::{
-    completions_committed, held_jobs, inserted_handoffs, json_text, queues_to_wake, validate,
-    validate_jobs, written_completions, written_jobs, Append, AppendOutcome, AppendRequest,
-    Backend, CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
+    completions_committed, inserted_handoffs, json_text, queues_to_wake, validate, validate_jobs,
+    written_completions, written_jobs, Append, AppendOutcome, AppendRequest, Backend,
+    CommandOutcome, EventLog, JobsHook, LogError, LogTransaction, Position, RecordedEvent,
     StreamId, TxConnection, Written,
 };
-use crate::queue::handoff::Handoff;
+use crate::queue::handoff::{Completes, Handoff};
 use crate::queue::{Job, NewJob};
 
 const EVENT_COLUMNS: &str = "global_position, aggregate_type, aggregate_id, sequence, event_type, \
@@ -440,16 +440,21 @@ async fn write_fast(
     Ok(Some(written))
 }
 
-/// Enqueues the jobs of the appends that were written, in their transaction, hand-offs claimed;
-/// returns the queues to wake and the hand-offs to deliver after the commit.
-async fn enqueue_written(
+/// Enqueues the jobs of the appends that were written, in their transaction, hand-offs claimed,
+/// and records those appends' own jobs completed; returns the queues to wake, the hand-offs to
+/// deliver and the completions to report after the commit.
+async fn enqueue_written<'a>(
     conn: &mut SqliteConnection,
-    appends: &[Append],
+    appends: &'a [Append],
     written: &[Written],
-) -> Result<(Vec<String>, Vec<(Handoff, Job)>), LogError> {
+) -> Result<(Vec<String>, Vec<(Handoff, Job)>, Vec<&'a Completes>), LogError> {
+    let completes = written_completions(appends, written);
+    crate::queue::sqlite::complete_on(conn, &completes)
+        .await
+        .map_err(LogError::from_queue)?;
     let (jobs, handoffs) = written_jobs(appends, written);
     if jobs.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok((Vec::new(), Vec::new(), completes));
     }
     let enqueued = crate::queue::sqlite::enqueue_on(conn, jobs)
         .await
@@ -462,7 +467,7 @@ async fn enqueue_written(
                 .map_err(LogError::from_queue)?;
         handed.extend(claimed.map(|job| (handoff, job)));
     }
-    Ok((queues_to_wake(&enqueued, &handed), handed))
+    Ok((queues_to_wake(&enqueued, &handed), handed, completes))
 }
 
 #[async_trait]
@@ -483,11 +488,7 @@ impl GroupWriter for SqliteWriter {
                 written
             }
         };
-        let (mut enqueued, handed) = enqueue_written(&mut tx, appends, &written).await?;
-        let completes = written_completions(appends, &written);
-        crate::queue::sqlite::complete_on(&mut tx, &held_jobs(&completes))
-            .await
-            .map_err(LogError::from_queue)?;
+        let (mut enqueued, handed, completes) = enqueue_written(&mut tx, appends, &written).await?;
         tx.commit().await?;
         for (handoff, job) in handed {
             handoff.deliver_stored(job);

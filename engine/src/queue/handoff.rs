@@ -54,9 +54,12 @@ pub(crate) struct Worker {
 pub(crate) struct Slot {
     worker: Arc<Worker>,
     state: Mutex<SlotState>,
-    /// The running job: its id, queue and whether it has an ordering key (its completion then
-    /// wakes the queue for the key's next job).
-    job: (Uuid, String, bool),
+    /// The running job.
+    job: Uuid,
+    /// Its queue, to wake when an append completes it and it has an ordering key (`ordered`):
+    /// the key's next job may run.
+    queue: String,
+    ordered: bool,
     /// The handler runs its last part ([`completing`]): an append completes the job.
     completing: AtomicBool,
     /// An append recorded the job completed.
@@ -77,7 +80,9 @@ impl Slot {
         Arc::new(Slot {
             worker,
             state: Mutex::new(SlotState::Running(None)),
-            job: (job.id, job.queue.clone(), job.ordering_key.is_some()),
+            job: job.id,
+            queue: job.queue.clone(),
+            ordered: job.ordering_key.is_some(),
             completing: AtomicBool::new(false),
             completed: AtomicBool::new(false),
         })
@@ -151,7 +156,7 @@ pub(crate) struct Completes {
 impl fmt::Debug for Completes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Completes")
-            .field("job", &self.slot.job.0)
+            .field("job", &self.slot.job)
             .field("worker", &self.slot.worker.id)
             .finish()
     }
@@ -170,7 +175,7 @@ impl Completes {
     }
 
     pub(crate) fn job(&self) -> Uuid {
-        self.slot.job.0
+        self.slot.job
     }
 
     /// The worker that holds the job (the completion applies only while it does).
@@ -180,13 +185,13 @@ impl Completes {
 
     /// The queue to wake when the job's completion lets the next job of its ordering key run.
     pub(crate) fn wakes(&self) -> Option<&str> {
-        self.slot.job.2.then_some(self.slot.job.1.as_str())
+        self.slot.ordered.then_some(self.slot.queue.as_str())
     }
 
     /// After the commit that recorded the job completed.
     pub(crate) fn done(&self) {
         self.slot.completed.store(true, Ordering::Release);
-        (self.slot.worker.forget)(self.slot.job.0);
+        (self.slot.worker.forget)(self.slot.job);
     }
 }
 

@@ -301,12 +301,12 @@ pub(crate) async fn claim_handed(
 /// transaction (an append's: see [`super::completing`]).
 pub(crate) async fn complete_on(
     conn: &mut PgConnection,
-    jobs: &[(Uuid, &str)],
+    jobs: &[&super::handoff::Completes],
 ) -> Result<(), QueueError> {
     if jobs.is_empty() {
         return Ok(());
     }
-    let (ids, workers): (Vec<Uuid>, Vec<&str>) = jobs.iter().copied().unzip();
+    let (ids, workers): (Vec<Uuid>, Vec<&str>) = jobs.iter().map(|c| (c.job(), c.worker())).unzip();
     sqlx::query(COMPLETE_HELD)
         .bind(&ids)
         .bind(&workers)

@@ -207,14 +207,14 @@ pub(crate) async fn claim_handed(
 /// transaction (an append's: see [`super::completing`]).
 pub(crate) async fn complete_on(
     conn: &mut SqliteConnection,
-    jobs: &[(Uuid, &str)],
+    jobs: &[&super::handoff::Completes],
 ) -> Result<(), QueueError> {
     if jobs.is_empty() {
         return Ok(());
     }
     let held: Vec<(String, &str)> = jobs
         .iter()
-        .map(|(id, worker)| (id.to_string(), *worker))
+        .map(|c| (c.job().to_string(), c.worker()))
         .collect();
     // One statement for the group: `[[id, worker], …]`.
     sqlx::query(
