@@ -155,6 +155,13 @@ pub struct Origin {
     pub message: String,
 }
 
+/// Where a task goes: the workflow that will run it, and the run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routed {
+    pub workflow: String,
+    pub run_id: RunId,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskCommand {
     Create {
@@ -172,6 +179,9 @@ pub enum TaskCommand {
         models: BTreeMap<String, String>,
         /// What the input sanitiser found (and did) in the input, recorded with the task.
         screening: Screening,
+        /// The workflow and run it goes to, when they are known as it is created: recorded in
+        /// the same append, so it starts executing without a routing step of its own.
+        routed: Option<Routed>,
     },
     /// Records input the sanitiser blocked: no task is made of it, the stream keeps why.
     Block {
@@ -346,10 +356,11 @@ impl Aggregate for Task {
                     origin,
                     models,
                     screening,
+                    routed,
                 },
                 _,
             ) => {
-                let created = TaskEvent::TaskCreated {
+                let mut last = TaskEvent::TaskCreated {
                     input: Personal::owned_by(subject.as_deref(), input.into_inner()),
                     channel: Some(requester.channel.clone()),
                     requester: Personal::owned_by(subject.as_deref(), requester),
@@ -358,14 +369,17 @@ impl Aggregate for Task {
                     origin,
                     models,
                 };
-                if screening.findings.is_empty() {
-                    created
-                } else {
-                    sink.write(created, self).await;
-                    TaskEvent::InputScreened {
+                if !screening.findings.is_empty() {
+                    sink.write(last, self).await;
+                    last = TaskEvent::InputScreened {
                         findings: screening.findings,
-                    }
+                    };
                 }
+                if let Some(Routed { workflow, run_id }) = routed {
+                    sink.write(last, self).await;
+                    last = TaskEvent::TaskRouted { workflow, run_id };
+                }
+                last
             }
             (
                 TaskCommand::Block {
@@ -500,6 +514,7 @@ mod tests {
                 origin: None,
                 models: BTreeMap::new(),
                 screening: Default::default(),
+                routed: None,
             })
             .then_expect_events(vec![created()]);
     }
@@ -546,6 +561,7 @@ mod tests {
                 origin: None,
                 models: BTreeMap::new(),
                 screening: Default::default(),
+                routed: None,
             })
             .then_expect_error(TaskError::AlreadyCreated);
     }

@@ -10,8 +10,8 @@
 //!
 //! ```text
 //!  new ──Start──► running ──(last step done)──► completed
-//!                   │   └──(step failed, no retry left)──► failed
-//!                   └──Cancel──► cancelled
+//!   │               │   └──(step failed, no retry left)──► failed
+//!   └────Cancel─────┴──Cancel──► cancelled
 //!
 //!  a step:  scheduled ──RecordStep──► started + completed | failed ──(retry)──► scheduled (attempt+1)
 //!           waiting (signal) ──Signal / TimeoutWait──► completed | timed out
@@ -283,10 +283,12 @@ impl WorkflowRun {
                     result: self.personal(result),
                 }]
             }
-            RunCommand::Cancel { reason, .. } => {
-                self.ensure_running()?;
-                vec![RunEvent::RunCancelled { reason }]
-            }
+            // A run cancelled before it starts (its task cancelled while the start was on its
+            // way) is recorded cancelled: the late start then finds it finished.
+            RunCommand::Cancel { reason, .. } => match self.status {
+                RunStatus::New | RunStatus::Running => vec![RunEvent::RunCancelled { reason }],
+                status => return Err(RunError::Finished(status)),
+            },
         })
     }
 }

@@ -75,7 +75,8 @@ created = create_task.sync_detailed(
 )
 assert created.status_code == 201, created.content
 task = expect(created.parsed, TaskBody)
-assert isinstance(task.id, uuid.UUID) and task.status == "pending" and task.result is None
+assert isinstance(task.id, uuid.UUID) and task.status == "executing" and task.result is None
+assert task.workflow == "assistant"
 assert created.headers["location"] == f"/v1/tasks/{task.id}"
 body = CreateTask(
     input_="once",

@@ -88,6 +88,7 @@ fn the_bundle_keeps_its_format() {
                 origin: None,
                 models: Default::default(),
                 screening: Default::default(),
+                routed: None,
             },
             TaskCommand::Route {
                 workflow: "assistant".into(),

@@ -59,6 +59,7 @@ async fn replayed(store: &Store, subject: Option<&str>, input: &str, steps: &[St
         origin: None,
         models: Default::default(),
         screening: Default::default(),
+        routed: None,
     };
     bus.execute(&id, create, CommandMeta::new("t", "t"))
         .await

@@ -56,6 +56,7 @@ async fn create(store: &Store, task_id: &str, user: &str, channel: &str, workflo
         origin: None,
         models: Default::default(),
         screening: Default::default(),
+        routed: None,
     };
     command(store, task_id, create).await;
 }

@@ -305,6 +305,7 @@ async fn export_and_erase(
                         origin: None,
                         models: Default::default(),
                         screening: Default::default(),
+                        routed: None,
                     },
                     TaskCommand::StartRouting,
                     TaskCommand::Route {

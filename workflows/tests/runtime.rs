@@ -449,6 +449,29 @@ retryable = false
         );
     }
 
+    // Cancelled as it was created, before its start job ran: no run starts, whichever of its
+    // start and cancel jobs comes first.
+    let early = h.create("parent", "go").await;
+    h.runtime
+        .cancel_task(
+            &early,
+            "too soon".into(),
+            CommandMeta::new("user:42", "test"),
+        )
+        .await
+        .unwrap();
+    h.settle().await;
+    let view = h.runtime.task(&early).await.unwrap();
+    assert_eq!(view.task.status, TaskStatus::Cancelled);
+    assert!(view.run.is_none_or(|run| run.status != RunStatus::Running));
+    let history = readable(h.runtime.history(&early).await.unwrap());
+    assert!(
+        !history
+            .iter()
+            .any(|e| e.event_type == "RunStarted" || e.event_type == "StepScheduled"),
+        "{history:#?}"
+    );
+
     // A step waiting out its backoff in the queue is cancelled with its run.
     let backing_off = h.create("backing_off", "try").await;
     h.settle().await;

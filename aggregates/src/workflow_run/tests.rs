@@ -285,13 +285,32 @@ fn finished_runs_refuse_commands_and_cancel_once() {
             now: now(),
         })
         .then_expect_error(RunError::Finished(RunStatus::Cancelled));
+    // Cancelled before it started: recorded, and the late start is refused.
     given()
         .given_no_previous_events()
         .when(RunCommand::Cancel {
             reason: "user".into(),
             now: now(),
         })
-        .then_expect_error(RunError::NotStarted);
+        .then_expect_events(vec![RunEvent::RunCancelled {
+            reason: "user".into(),
+        }]);
+    given()
+        .given(vec![RunEvent::RunCancelled {
+            reason: "user".into(),
+        }])
+        .when(RunCommand::Start {
+            run_id: "run-1".into(),
+            task_id: None,
+            subject: None,
+            workflow: "w".into(),
+            version: 1,
+            input: json!(null),
+            parent: None,
+            models: Default::default(),
+            now: now(),
+        })
+        .then_expect_error(RunError::AlreadyStarted);
     given()
         .given(vec![started()])
         .when(RunCommand::Start {

@@ -167,13 +167,18 @@ pub async fn create_task(
     let task_id = created.task_id().to_owned();
     let (status, answer) = match created {
         // Just recorded: answer from the request instead of reading it back.
-        Created::New(id) => (
+        Created::New { task_id, workflow } => (
             StatusCode::CREATED,
             TaskBody {
-                id: id.into_string(),
-                status: "pending".into(),
+                id: task_id.into_string(),
+                status: if workflow.is_some() {
+                    "executing"
+                } else {
+                    "pending"
+                }
+                .into(),
                 input: request.input,
-                workflow: request.workflow,
+                workflow: workflow.or(request.workflow),
                 requester: Some(RequesterBody {
                     user_id: requester.user_id,
                     channel: requester.channel.to_string(),

@@ -88,38 +88,51 @@ impl Runtime {
 
     pub(super) async fn on_start(self: Arc<Self>, job: Job) -> HandlerResult {
         let p: StartJob = payload(&job)?;
-        let (task, _) = self
+        // Usually the task was created routed, in this process (see `create_task_from`): the
+        // task as that append left it, when this process still holds it.
+        let executing = |task: &Task| task.status == TaskStatus::Executing;
+        let (mut task, _) = self
             .tasks
-            .load(&p.task_id)
+            .load_recent(&p.task_id, executing)
             .await
             .map_err(|e| JobError::load(Task::TYPE_NAME, &p.task_id, e))?;
-        let run_id = match task.status {
-            TaskStatus::Pending | TaskStatus::Routing => {
-                let name = task.workflow.clone().or(self.default_workflow.clone());
-                let Some(definition) = name.as_deref().and_then(|n| self.catalog.latest(n)) else {
-                    let error = match name {
-                        Some(name) => format!("unknown workflow {name}"),
-                        None => "the task names no workflow and there is no default".into(),
-                    };
-                    self.task_command(&p.task_id, TaskCommand::Fail { error }, p.cause.meta())
-                        .await?;
-                    return Ok(Done::Complete);
+        if matches!(task.status, TaskStatus::Pending | TaskStatus::Routing) {
+            let name = task.workflow.clone().or(self.default_workflow.clone());
+            let Some(definition) = name.as_deref().and_then(|n| self.catalog.latest(n)) else {
+                let error = match name {
+                    Some(name) => format!("unknown workflow {name}"),
+                    None => "the task names no workflow and there is no default".into(),
                 };
-                // One run per task, named after it: a repeated job finds it started.
-                let run_id = RunId::new(p.task_id.as_str());
-                let route = TaskCommand::Route {
-                    workflow: definition.name.clone(),
-                    run_id: run_id.clone(),
-                };
-                self.task_command(&p.task_id, route, p.cause.meta()).await?;
-                run_id
+                self.task_command(&p.task_id, TaskCommand::Fail { error }, p.cause.meta())
+                    .await?;
+                return Ok(Done::Complete);
+            };
+            // One run per task, named after it: a repeated job finds it started.
+            let route = TaskCommand::Route {
+                workflow: definition.name.clone(),
+                run_id: RunId::new(p.task_id.as_str()),
+            };
+            match self.tasks.execute(&p.task_id, route, p.cause.meta()).await {
+                Ok(_) => {}
+                // Moved on meanwhile: cancelled or failed (no run), or routed by a repeated job
+                // (its run starts here too, once).
+                Err(CommandError::Rejected(TaskError::InvalidTransition { .. })) => {}
+                Err(e) => return Err(JobError::record(Task::TYPE_NAME, &p.task_id, e).into()),
             }
-            TaskStatus::Executing => task
-                .run_id
-                .clone()
-                .unwrap_or_else(|| RunId::new(p.task_id.as_str())),
-            _ => return Ok(Done::Complete),
-        };
+            task = self
+                .tasks
+                .load_recent(&p.task_id, executing)
+                .await
+                .map_err(|e| JobError::load(Task::TYPE_NAME, &p.task_id, e))?
+                .0;
+        }
+        if !executing(&task) {
+            return Ok(Done::Complete);
+        }
+        let run_id = task
+            .run_id
+            .clone()
+            .unwrap_or_else(|| RunId::new(p.task_id.as_str()));
         let name = task.workflow.clone().or(self.default_workflow.clone());
         let definition = self
             .catalog

@@ -34,7 +34,7 @@ use stele_aggregates::conversation::{
 use stele_aggregates::ids::{RunId, StepId, TaskId};
 use stele_aggregates::memory::MemoryScope;
 use stele_aggregates::task::{
-    Origin, Requester, Task, TaskCommand, TaskError, TaskInput, TaskStatus,
+    Origin, Requester, Routed, Task, TaskCommand, TaskError, TaskInput, TaskStatus,
 };
 use stele_aggregates::workflow_run::{
     ChildResult, ChildSpec, Decider, ParentLink, Remember, RunCommand, RunError, RunEvent,
@@ -182,8 +182,12 @@ impl<E: std::error::Error> From<CommandError<E>> for RuntimeError {
 /// What [`Runtime::create_task`] did.
 #[derive(Debug)]
 pub enum Created {
-    /// A new task, with its id.
-    New(TaskId),
+    /// A new task: its id, and the workflow it was routed to as it was created (it is then
+    /// executing; `None`: pending, routed by its start job).
+    New {
+        task_id: TaskId,
+        workflow: Option<String>,
+    },
     /// The same request again under the same command id: the task it created.
     Repeated(Box<TaskView>),
     /// The command id (an idempotency key) was used before for another request: that task's id.
@@ -194,7 +198,7 @@ impl Created {
     /// The task's id, whatever happened.
     pub fn task_id(&self) -> &TaskId {
         match self {
-            Created::New(id) | Created::KeyReused(id) => id,
+            Created::New { task_id: id, .. } | Created::KeyReused(id) => id,
             Created::Repeated(view) => &view.task_id,
         }
     }

@@ -136,6 +136,16 @@ impl Runtime {
                 Err(_) => (input, screening),
             }
         };
+        // Routed as it is created when its workflow is known (it was checked above): its start
+        // job then starts the run with no routing append before it.
+        let routed = workflow
+            .as_ref()
+            .or(self.default_workflow.as_ref())
+            .map(|name| Routed {
+                workflow: name.clone(),
+                run_id: RunId::new(task_id.as_str()),
+            });
+        let routed_to = routed.as_ref().map(|r| r.workflow.clone());
         let command = TaskCommand::Create {
             input: input.clone(),
             requester: requester.clone(),
@@ -144,6 +154,7 @@ impl Runtime {
             origin,
             models,
             screening,
+            routed,
         };
         // The task id is the command id: a new stream, unless the command is a repeat.
         match self.tasks.create(&task_id, command, meta).await {
@@ -158,7 +169,10 @@ impl Runtime {
                     Created::KeyReused(view.task_id)
                 })
             }
-            Ok(_) => Ok(Created::New(TaskId::new(task_id))),
+            Ok(_) => Ok(Created::New {
+                task_id: TaskId::new(task_id),
+                workflow: routed_to,
+            }),
             Err(CommandError::Rejected(e)) => Err(RuntimeError::Task(e)),
             Err(e) => Err(e.into()),
         }

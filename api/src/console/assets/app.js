@@ -417,8 +417,10 @@ async function taskPage(id) {
   const actions = h("div", { class: "inline" });
   page(`Task ${short(id)}`, summary, actions, h("h2", {}, "Timeline ", liveMark), timeline, h("h2", {}, "Events"), list);
   const events = [];
-  const renderTask = async () => {
-    const task = await attempt(() => api(`/v1/tasks/${id}`));
+  // `consistent`: read from the log, not the server's view of it (which may be a moment behind
+  // the live stream that just ended).
+  const renderTask = async (consistent = false) => {
+    const task = await attempt(() => api(`/v1/tasks/${id}${consistent ? "?consistent=true" : ""}`));
     if (!task) return null;
     summary.replaceChildren(
       h("div", { class: "card" }, h("b", {}, "Status"), status(task.status)),
@@ -487,7 +489,7 @@ async function taskPage(id) {
     liveMark.textContent = "finished";
     liveMark.dataset.finished = "true";
     renderEvents();
-    renderTask();
+    renderTask(true);
   };
   state.live.push(() => { clearTimeout(timer); socket.onclose = null; socket.close(); });
 }
