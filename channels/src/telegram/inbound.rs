@@ -133,11 +133,14 @@ impl Telegram {
                 return Ok(Done::Complete);
             }
             None => {
-                // Typing while the answer is prepared (it shows for five seconds).
-                let _ = self
-                    .bot
-                    .send_chat_action(ChatId(chat), teloxide::types::ChatAction::Typing)
-                    .await;
+                // Typing while the answer is prepared (it shows for five seconds). Not waited
+                // for: a cosmetic call to Telegram holds up nothing of the answer.
+                let bot = self.bot.clone();
+                tokio::spawn(async move {
+                    let _ = bot
+                        .send_chat_action(ChatId(chat), teloxide::types::ChatAction::Typing)
+                        .await;
+                });
                 let text = format!("{}{}", message.text, self.files_text(&subject, &message).await);
                 let Some(text) = self.screen(&p, actor, &text, None).await? else {
                     return Ok(Done::Complete);

@@ -10,7 +10,7 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 use serde::Deserialize;
 use stele_aggregates::conversation::{ConversationCommand, ConversationError};
 use stele_engine::queue::worker::{Done, HandlerError, HandlerResult};
-use stele_engine::queue::Job;
+use stele_engine::queue::{completing, Job};
 use stele_engine::{CommandError, CommandMeta};
 use teloxide::payloads::SendMessageSetters;
 use teloxide::prelude::Requester;
@@ -303,10 +303,12 @@ impl Telegram {
             message_id: p.message_id.clone(),
             external_id: first.map(|id| id.to_string()).unwrap_or_default(),
         };
-        match self
-            .conversations
-            .execute(&p.conversation, delivered, meta())
-            .await
+        // The delivery's record is the job's last effect: its append completes the job.
+        match completing(
+            self.conversations
+                .execute(&p.conversation, delivered, meta()),
+        )
+        .await
         {
             Ok(_) | Err(CommandError::Rejected(ConversationError::AlreadyDelivered { .. })) => {}
             Err(e) => return Err(e.into()),
