@@ -549,9 +549,12 @@ impl Runtime {
     /// its replies stay in the run (the API and the CLI show them).
     pub(super) async fn on_reply(self: Arc<Self>, job: Job) -> HandlerResult {
         let p: RunJob = payload(&job)?;
+        // What is read of the run, the task and the conversation does not change once recorded
+        // (the run's task, the task's origin, the message answered): the states this process
+        // holds serve when they have it.
         let (run, _) = self
             .runs
-            .load(&p.run_id)
+            .load_recent(&p.run_id, |run| run.task_id.is_some())
             .await
             .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, &p.run_id, e))?;
         let Some(task_id) = &run.task_id else {
@@ -559,14 +562,17 @@ impl Runtime {
         };
         let (task, _) = self
             .tasks
-            .load(task_id)
+            .load_recent(task_id, |task| task.origin.is_some())
             .await
             .map_err(|e| JobError::load(Task::TYPE_NAME, task_id, e))?;
         let Some(origin) = task.origin else {
             return Ok(Done::Complete);
         };
+        // The reply's text as stored (sealed with its person's key: gone if they were erased),
+        // read from its own event on.
         let stream = StreamId::new(WorkflowRun::TYPE_NAME, p.run_id.as_str());
-        let events = self.log.read_stream(&stream, 0).await?;
+        let after = p.sequence.map_or(0, |sequence| sequence - 1);
+        let events = self.log.read_stream(&stream, after).await?;
         let Some(text) = events
             .iter()
             .find(|event| event.metadata.event_id == p.cause.cause)
@@ -579,17 +585,21 @@ impl Runtime {
             // Unreadable: its person was erased since; there is no one to answer.
             return Ok(Done::Complete);
         };
+        let agent_of = |conversation: &Conversation| {
+            conversation
+                .participants
+                .values()
+                .find(|m| m.present && m.participant.kind == ParticipantKind::Agent)
+                .map(|m| m.participant.id.clone())
+        };
         let (conversation, _) = self
             .conversations
-            .load(&origin.conversation)
+            .load_recent(&origin.conversation, |c| {
+                c.message(&origin.message).is_some() && agent_of(c).is_some()
+            })
             .await
             .map_err(|e| JobError::load("conversation", &origin.conversation, e))?;
-        let Some(agent) = conversation
-            .participants
-            .values()
-            .find(|m| m.present && m.participant.kind == ParticipantKind::Agent)
-            .map(|m| m.participant.id.clone())
-        else {
+        let Some(agent) = agent_of(&conversation) else {
             return Err(HandlerError::msg(format!(
                 "conversation {} has no agent to reply as",
                 origin.conversation
@@ -605,10 +615,12 @@ impl Runtime {
                 .map(|m| m.message_id.clone()),
             task_id: Some(task_id.to_string()),
         };
-        match self
-            .conversations
-            .execute(&origin.conversation, command, p.cause.meta())
-            .await
+        // Queuing the reply is the job's last effect: its append completes the job.
+        match completing(
+            self.conversations
+                .execute(&origin.conversation, command, p.cause.meta()),
+        )
+        .await
         {
             Ok(_) | Err(CommandError::Rejected(ConversationError::DuplicateMessageId { .. })) => {}
             Err(CommandError::Rejected(refused)) => {

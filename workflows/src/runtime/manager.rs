@@ -24,6 +24,10 @@ pub(super) struct RunJob {
     pub(super) run_id: RunId,
     #[serde(default)]
     pub(super) step: Option<StepId>,
+    /// The sequence of the event it answers in the run's stream, where the handler reads it
+    /// back (a reply's text); absent in jobs enqueued before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) sequence: Option<i64>,
     #[serde(flatten)]
     pub(super) cause: Cause,
 }
@@ -116,6 +120,7 @@ impl ProcessManager for Manager {
         let run_job = |step: Option<StepId>| RunJob {
             run_id: run_id.clone(),
             step,
+            sequence: None,
             cause,
         };
         match run_event {
@@ -171,7 +176,11 @@ impl ProcessManager for Manager {
                 })
                 .collect(),
             RunEvent::ReplyRequested { step, .. } => {
-                vec![job("workflow.reply", json!(run_job(Some(step))))]
+                let reply = RunJob {
+                    sequence: Some(event.sequence),
+                    ..run_job(Some(step))
+                };
+                vec![job("workflow.reply", json!(reply))]
             }
             RunEvent::RunCompleted { .. }
             | RunEvent::RunFailed { .. }
