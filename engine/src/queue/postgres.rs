@@ -63,14 +63,21 @@ const CLAIM: &str = "\
         FOR UPDATE SKIP LOCKED)) \
     RETURNING *";
 
+/// A job whose row another transaction holds (an append completing it, see
+/// [`super::completing`]) is passed by rather than waited for: waiting on it while holding others
+/// in another order than that transaction deadlocks. Its lease is extended next time if it is still
+/// running then. Lost are the jobs no longer running under this worker as committed (the
+/// statement's snapshot: what the update does is not in it).
 const EXTEND: &str = "\
     WITH unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
-    mine AS ( \
+    extended AS ( \
         UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3), updated_at = now() \
-        WHERE EXISTS (SELECT FROM unflushed) AND id = ANY($1) AND state = 'running' \
-          AND locked_by = $2 \
-        RETURNING id) \
-    SELECT u.id FROM UNNEST($1::uuid[]) AS u(id) WHERE u.id NOT IN (SELECT id FROM mine)";
+        WHERE EXISTS (SELECT FROM unflushed) AND id IN ( \
+            SELECT id FROM jobs WHERE id = ANY($1) AND state = 'running' AND locked_by = $2 \
+            FOR UPDATE SKIP LOCKED)) \
+    SELECT u.id FROM UNNEST($1::uuid[]) AS u(id) \
+    WHERE NOT EXISTS ( \
+        SELECT FROM jobs j WHERE j.id = u.id AND j.state = 'running' AND j.locked_by = $2)";
 
 /// Returns the queues of the completed jobs that had an ordering key (their successors may now
 /// run).
