@@ -8,7 +8,8 @@
 //!                     └► next getUpdates with offset = last + 1 (confirms only what is recorded)
 //!  MessageReceived ──► [manager] job telegram.inbound ──► access list, per-user limit,
 //!                     command (answer queued as a reply) or task on the workflow (origin = message)
-//!  ReplyRequested (a task's reply step) ──► workflow.reply ──► Conversation.QueueReply
+//!  ReplyRequested (a task's reply step) ──► workflow.reply ──► Conversation.QueueReply (on
+//!                     this channel's bus: the send job is enqueued in the same commit)
 //!  ReplyQueued ──► [manager] job telegram.send (one at a time per chat) ──► throttle ──►
 //!                     sendMessage (split at 4096) ──► ReplyDelivered | ReplyDeliveryFailed
 //! ```
@@ -175,7 +176,7 @@ pub struct Telegram {
     bot_id: String,
     runtime: Arc<Runtime>,
     subjects: Arc<Subjects>,
-    conversations: CommandBus<Conversation>,
+    conversations: Arc<CommandBus<Conversation>>,
     access: CommandBus<AccessList>,
     configured: BTreeSet<String>,
     pool: StorePool,
@@ -211,6 +212,15 @@ impl Telegram {
                 anyhow::anyhow!("the Telegram token is not a bot token (<bot id>:<secret>)")
             })?;
         let manager = Arc::new(ChannelManager::new(&bot_id, &config.pipeline));
+        // What the channel records becomes its jobs in the same commit (the manager passes
+        // those events by), the replies the runtime queues on its chats too; recent chats'
+        // states spare a replay of their streams per command.
+        let conversations = Arc::new(
+            CommandBus::new(store.log.clone(), ())
+                .with_reactor(manager.clone())
+                .with_state_cache(STATES, STATES_TTL),
+        );
+        runtime.route_conversations(&manager.prefix, conversations.clone());
         Ok(Telegram {
             configured: config.allow.iter().map(|id| id.trim().to_owned()).collect(),
             users: outbox::UserLimit::new(config.per_user_per_minute),
@@ -218,11 +228,7 @@ impl Telegram {
             bot_id,
             runtime,
             subjects,
-            // What the channel records becomes its jobs in the same commit (the manager passes
-            // those events by); recent chats' states spare a replay of their streams per command.
-            conversations: CommandBus::new(store.log.clone(), ())
-                .with_reactor(manager)
-                .with_state_cache(STATES, STATES_TTL),
+            conversations,
             access: CommandBus::new(store.log.clone(), ()),
             pool: store.pool.clone(),
             log: store.log.clone(),

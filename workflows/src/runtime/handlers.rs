@@ -592,8 +592,8 @@ impl Runtime {
                 .find(|m| m.present && m.participant.kind == ParticipantKind::Agent)
                 .map(|m| m.participant.id.clone())
         };
-        let (conversation, _) = self
-            .conversations
+        let conversations = self.conversation_bus(&origin.conversation);
+        let (conversation, _) = conversations
             .load_recent(&origin.conversation, |c| {
                 c.message(&origin.message).is_some() && agent_of(c).is_some()
             })
@@ -616,11 +616,7 @@ impl Runtime {
             task_id: Some(task_id.to_string()),
         };
         // Queuing the reply is the job's last effect: its append completes the job.
-        match completing(
-            self.conversations
-                .execute(&origin.conversation, command, p.cause.meta()),
-        )
-        .await
+        match completing(conversations.execute(&origin.conversation, command, p.cause.meta())).await
         {
             Ok(_) | Err(CommandError::Rejected(ConversationError::DuplicateMessageId { .. })) => {}
             Err(CommandError::Rejected(refused)) => {

@@ -237,7 +237,10 @@ pub struct Runtime {
     catalog: Arc<Catalog>,
     tasks: CommandBus<Task>,
     runs: CommandBus<WorkflowRun>,
-    conversations: CommandBus<Conversation>,
+    conversations: Arc<CommandBus<Conversation>>,
+    /// Channels' own buses for their conversations, by conversation id prefix (see
+    /// [`Runtime::route_conversations`]).
+    channel_buses: std::sync::RwLock<Vec<(String, Arc<CommandBus<Conversation>>)>>,
     schedules: CommandBus<stele_aggregates::schedule::Schedule>,
     role_models: CommandBus<stele_aggregates::role_models::RoleModels>,
     rooms: CommandBus<stele_aggregates::room::Room>,
@@ -264,8 +267,10 @@ impl Runtime {
             runs: CommandBus::new(store.log.clone(), decider)
                 .with_reactor(Arc::new(Manager))
                 .with_state_cache(STATES, STATES_TTL),
-            conversations: CommandBus::new(store.log.clone(), ())
-                .with_state_cache(STATES, STATES_TTL),
+            conversations: Arc::new(
+                CommandBus::new(store.log.clone(), ()).with_state_cache(STATES, STATES_TTL),
+            ),
+            channel_buses: Default::default(),
             schedules: CommandBus::new(store.log.clone(), ())
                 .with_reactor(Arc::new(ScheduleManager)),
             role_models: CommandBus::new(store.log.clone(), ()),
@@ -311,6 +316,26 @@ impl Runtime {
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// Records replies to the conversations whose ids start with `prefix` through `bus`, a
+    /// channel's own: its reactor then enqueues the reply's delivery in the reply's commit,
+    /// rather than its process manager on reading the log later.
+    pub fn route_conversations(&self, prefix: &str, bus: Arc<CommandBus<Conversation>>) {
+        self.channel_buses
+            .write()
+            .expect("channel buses lock")
+            .push((prefix.to_owned(), bus));
+    }
+
+    /// The bus that records on `conversation`: its channel's, else the runtime's own.
+    pub(super) fn conversation_bus(&self, conversation: &str) -> Arc<CommandBus<Conversation>> {
+        self.channel_buses
+            .read()
+            .expect("channel buses lock")
+            .iter()
+            .find(|(prefix, _)| conversation.starts_with(prefix.as_str()))
+            .map_or_else(|| self.conversations.clone(), |(_, bus)| bus.clone())
     }
 
     /// Screens input with `sanitizer` (the default policy otherwise).
