@@ -338,7 +338,7 @@ fn render(view: &TaskView) -> String {
         view.task.workflow.as_deref().unwrap_or("-"),
         view.task.input.text()
     );
-    if let Some(run) = &view.run {
+    if let Some(run) = view.run.as_ref().filter(|run| run.started()) {
         text += &format!(
             "run       {} ({} v{}) {}\n",
             run.run_id,

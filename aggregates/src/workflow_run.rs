@@ -145,6 +145,12 @@ impl WorkflowRun {
             })
     }
 
+    /// Whether the run was started (one cancelled before it started never was: its stream holds
+    /// only its cancellation).
+    pub fn started(&self) -> bool {
+        !self.workflow.is_empty()
+    }
+
     fn ensure_running(&self) -> Result<(), RunError> {
         match self.status {
             RunStatus::New => Err(RunError::NotStarted),

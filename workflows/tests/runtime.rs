@@ -55,8 +55,11 @@ impl Harness {
         policy: stele_privacy::Policy,
         real_clock: bool,
     ) -> Harness {
-        // Tasks are a person's data: the store seals them, as every node's does.
-        let private = stele_privacy::private_store(store, &stele_privacy::Kek::generate(), policy)
+        // Tasks are a person's data: the store seals them, as every node's does (under one key
+        // per test process: two runtimes on one store stand for two nodes of a deployment).
+        static KEK: std::sync::LazyLock<stele_privacy::Kek> =
+            std::sync::LazyLock::new(stele_privacy::Kek::generate);
+        let private = stele_privacy::private_store(store, &KEK, policy)
             .await
             .unwrap();
         let store = &private.store;
@@ -471,6 +474,24 @@ retryable = false
             .any(|e| e.event_type == "RunStarted" || e.event_type == "StepScheduled"),
         "{history:#?}"
     );
+
+    // Routed as it was created to a workflow the node that starts it does not have (its
+    // catalog changed since): the never-started run is recorded ended and the task failed.
+    let gone = h.create("waiter", "hold on").await;
+    let other = Harness::new(store, &[], "").await;
+    other.settle().await;
+    let view = other.runtime.task(&gone).await.unwrap();
+    assert_eq!(view.task.status, TaskStatus::Failed, "{view:#?}");
+    assert!(view
+        .task
+        .error
+        .as_ref()
+        .unwrap()
+        .text()
+        .contains("unknown workflow waiter"));
+    let run = view.run.unwrap();
+    assert!(!run.started());
+    assert_eq!(run.status, RunStatus::Cancelled);
 
     // A step waiting out its backoff in the queue is cancelled with its run.
     let backing_off = h.create("backing_off", "try").await;

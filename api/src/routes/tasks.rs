@@ -6,7 +6,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use stele_aggregates::channel::Channel;
 use stele_aggregates::task::{InvalidInput, Requester, TaskInput};
-use stele_aggregates::workflow_run::RunStatus;
 use stele_engine::{CommandMeta, Position};
 use stele_workflows::runtime::{Created, TaskView};
 use uuid::Uuid;
@@ -56,11 +55,11 @@ pub fn body(view: &TaskView) -> TaskBody {
         }),
         result: view.task.result.as_ref().map(|r| r.json()),
         error: view.task.error.as_ref().map(|e| e.text().to_owned()),
-        // A run the task was routed to that has not started yet holds nothing to show.
+        // A run the task was routed to that has not started (yet, or ever) holds nothing to show.
         run: view
             .run
             .as_ref()
-            .filter(|run| run.status != RunStatus::New)
+            .filter(|run| run.started())
             .map(|run| RunBody {
                 id: run.run_id.to_string(),
                 workflow: run.workflow.clone(),

@@ -134,10 +134,29 @@ impl Runtime {
             .clone()
             .unwrap_or_else(|| RunId::new(p.task_id.as_str()));
         let name = task.workflow.clone().or(self.default_workflow.clone());
-        let definition = self
-            .catalog
-            .latest(name.as_deref().unwrap_or_default())
-            .ok_or_else(|| HandlerError::msg("the task's workflow is gone"))?;
+        let Some(definition) = self.catalog.latest(name.as_deref().unwrap_or_default()) else {
+            // Routed where this node has no such workflow (its catalog changed since): the run
+            // that will never start is recorded ended, then the task failed, so nothing waits
+            // on either.
+            let (run, _) = self
+                .runs
+                .load(&run_id)
+                .await
+                .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, &run_id, e))?;
+            if run.started() {
+                // Started by a node that has it: that node runs it.
+                return Ok(Done::Complete);
+            }
+            let error = format!("unknown workflow {}", name.as_deref().unwrap_or_default());
+            let cancel = RunCommand::Cancel {
+                reason: error.clone(),
+                now: self.clock.utc(),
+            };
+            self.run_command(&run_id, cancel, p.cause.meta()).await?;
+            self.task_command(&p.task_id, TaskCommand::Fail { error }, p.cause.meta())
+                .await?;
+            return Ok(Done::Complete);
+        };
         let Some(input) = task.input.get() else {
             // The requester was erased before the run started: there is nothing to run on.
             return Ok(Done::Complete);

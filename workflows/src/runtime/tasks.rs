@@ -290,9 +290,11 @@ impl Runtime {
         meta: CommandMeta,
     ) -> Result<(), RuntimeError> {
         let view = self.task(task_id).await?;
+        // Routed as it was created, its run may not have started yet.
         let run_id = view
             .task
             .run_id
+            .filter(|_| view.run.as_ref().is_some_and(WorkflowRun::started))
             .ok_or_else(|| RuntimeError::NotStarted(task_id.to_owned()))?;
         let command = RunCommand::Signal {
             name,
