@@ -141,6 +141,13 @@ impl Harness {
         assert!(done(&view), "not there after settling: {view:#?}");
     }
 
+    async fn cancel(&self, task_id: &str, reason: &str) {
+        self.runtime
+            .cancel_task(task_id, reason.into(), CommandMeta::new("user:42", "test"))
+            .await
+            .unwrap();
+    }
+
     async fn create(&self, workflow: &str, input: &str) -> String {
         self.runtime
             .create_task(
@@ -430,14 +437,7 @@ retryable = false
     let children: Vec<stele_aggregates::ids::RunId> =
         run.active_children().map(|c| c.run_id.clone()).collect();
     assert_eq!(children.len(), 2);
-    h.runtime
-        .cancel_task(
-            &task,
-            "changed my mind".into(),
-            CommandMeta::new("user:42", "test"),
-        )
-        .await
-        .unwrap();
+    h.cancel(&task, "changed my mind").await;
     h.settle().await;
     let view = h.runtime.task(&task).await.unwrap();
     assert_eq!(view.task.status, TaskStatus::Cancelled);
@@ -455,14 +455,7 @@ retryable = false
     // Cancelled as it was created, before its start job ran: no run starts, whichever of its
     // start and cancel jobs comes first.
     let early = h.create("parent", "go").await;
-    h.runtime
-        .cancel_task(
-            &early,
-            "too soon".into(),
-            CommandMeta::new("user:42", "test"),
-        )
-        .await
-        .unwrap();
+    h.cancel(&early, "too soon").await;
     h.settle().await;
     let view = h.runtime.task(&early).await.unwrap();
     assert_eq!(view.task.status, TaskStatus::Cancelled);
@@ -498,14 +491,7 @@ retryable = false
     h.settle().await;
     let run = h.runtime.task(&backing_off).await.unwrap().run.unwrap();
     assert_eq!(run.step("work").unwrap().attempt, 2);
-    h.runtime
-        .cancel_task(
-            &backing_off,
-            "stop".into(),
-            CommandMeta::new("user:42", "test"),
-        )
-        .await
-        .unwrap();
+    h.cancel(&backing_off, "stop").await;
     h.settle().await;
     let cancelled = h
         .store_queue

@@ -295,36 +295,25 @@ fn finished_runs_refuse_commands_and_cancel_once() {
         .then_expect_events(vec![RunEvent::RunCancelled {
             reason: "user".into(),
         }]);
-    given()
-        .given(vec![RunEvent::RunCancelled {
-            reason: "user".into(),
-        }])
-        .when(RunCommand::Start {
-            run_id: "run-1".into(),
-            task_id: None,
-            subject: None,
-            workflow: "w".into(),
-            version: 1,
-            input: json!(null),
-            parent: None,
-            models: Default::default(),
-            now: now(),
-        })
-        .then_expect_error(RunError::AlreadyStarted);
-    given()
-        .given(vec![started()])
-        .when(RunCommand::Start {
-            run_id: "run-1".into(),
-            task_id: None,
-            subject: None,
-            workflow: "two".into(),
-            version: 1,
-            input: json!(null),
-            parent: None,
-            models: Default::default(),
-            now: now(),
-        })
-        .then_expect_error(RunError::AlreadyStarted);
+    let cancelled_before = RunEvent::RunCancelled {
+        reason: "user".into(),
+    };
+    for history in [vec![started()], vec![cancelled_before]] {
+        given()
+            .given(history)
+            .when(RunCommand::Start {
+                run_id: "run-1".into(),
+                task_id: None,
+                subject: None,
+                workflow: "two".into(),
+                version: 1,
+                input: json!(null),
+                parent: None,
+                models: Default::default(),
+                now: now(),
+            })
+            .then_expect_error(RunError::AlreadyStarted);
+    }
 }
 
 #[test]

@@ -96,17 +96,21 @@ impl Runtime {
             .load_recent(&p.task_id, executing)
             .await
             .map_err(|e| JobError::load(Task::TYPE_NAME, &p.task_id, e))?;
-        if matches!(task.status, TaskStatus::Pending | TaskStatus::Routing) {
-            let name = task.workflow.clone().or(self.default_workflow.clone());
-            let Some(definition) = name.as_deref().and_then(|n| self.catalog.latest(n)) else {
-                let error = match name {
-                    Some(name) => format!("unknown workflow {name}"),
-                    None => "the task names no workflow and there is no default".into(),
-                };
-                self.task_command(&p.task_id, TaskCommand::Fail { error }, p.cause.meta())
-                    .await?;
-                return Ok(Done::Complete);
+        if !matches!(
+            task.status,
+            TaskStatus::Pending | TaskStatus::Routing | TaskStatus::Executing
+        ) {
+            return Ok(Done::Complete);
+        }
+        let name = task.workflow.clone().or(self.default_workflow.clone());
+        let Some(definition) = name.as_deref().and_then(|n| self.catalog.latest(n)) else {
+            let error = match name {
+                Some(name) => format!("unknown workflow {name}"),
+                None => "the task names no workflow and there is no default".into(),
             };
+            return self.fail_unstartable(&p, task.run_id.as_ref(), error).await;
+        };
+        if !executing(&task) {
             // One run per task, named after it: a repeated job finds it started.
             let route = TaskCommand::Route {
                 workflow: definition.name.clone(),
@@ -125,38 +129,14 @@ impl Runtime {
                 .await
                 .map_err(|e| JobError::load(Task::TYPE_NAME, &p.task_id, e))?
                 .0;
-        }
-        if !executing(&task) {
-            return Ok(Done::Complete);
+            if !executing(&task) {
+                return Ok(Done::Complete);
+            }
         }
         let run_id = task
             .run_id
             .clone()
             .unwrap_or_else(|| RunId::new(p.task_id.as_str()));
-        let name = task.workflow.clone().or(self.default_workflow.clone());
-        let Some(definition) = self.catalog.latest(name.as_deref().unwrap_or_default()) else {
-            // Routed where this node has no such workflow (its catalog changed since): the run
-            // that will never start is recorded ended, then the task failed, so nothing waits
-            // on either.
-            let (run, _) = self
-                .runs
-                .load(&run_id)
-                .await
-                .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, &run_id, e))?;
-            if run.started() {
-                // Started by a node that has it: that node runs it.
-                return Ok(Done::Complete);
-            }
-            let error = format!("unknown workflow {}", name.as_deref().unwrap_or_default());
-            let cancel = RunCommand::Cancel {
-                reason: error.clone(),
-                now: self.clock.utc(),
-            };
-            self.run_command(&run_id, cancel, p.cause.meta()).await?;
-            self.task_command(&p.task_id, TaskCommand::Fail { error }, p.cause.meta())
-                .await?;
-            return Ok(Done::Complete);
-        };
         let Some(input) = task.input.get() else {
             // The requester was erased before the run started: there is nothing to run on.
             return Ok(Done::Complete);
@@ -174,6 +154,36 @@ impl Runtime {
         };
         // The start is the job's last effect: its append completes the job.
         completing(self.run_command(&run_id, start, p.cause.meta())).await?;
+        Ok(Done::Complete)
+    }
+
+    /// A task whose workflow this node does not have (none named and no default, or its catalog
+    /// changed since the task was routed): its run, if routed to one that has not started, is
+    /// recorded ended, then the task failed, so nothing waits on either. A run another node
+    /// started (it has the workflow) is that node's to run.
+    async fn fail_unstartable(
+        &self,
+        p: &StartJob,
+        run_id: Option<&RunId>,
+        error: String,
+    ) -> HandlerResult {
+        if let Some(run_id) = run_id {
+            let (run, _) = self
+                .runs
+                .load(run_id)
+                .await
+                .map_err(|e| JobError::load(WorkflowRun::TYPE_NAME, run_id, e))?;
+            if run.started() {
+                return Ok(Done::Complete);
+            }
+            let cancel = RunCommand::Cancel {
+                reason: error.clone(),
+                now: self.clock.utc(),
+            };
+            self.run_command(run_id, cancel, p.cause.meta()).await?;
+        }
+        self.task_command(&p.task_id, TaskCommand::Fail { error }, p.cause.meta())
+            .await?;
         Ok(Done::Complete)
     }
 
