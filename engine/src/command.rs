@@ -203,6 +203,38 @@ impl<A: Aggregate> CommandBus<A> {
         }
     }
 
+    /// The stored state of `aggregate_id` as of now, read incrementally: the state this bus holds
+    /// (see [`CommandBus::with_state_cache`]) brought up to date with the events stored after
+    /// its version, else [`CommandBus::load`]. Every event appended by any writer is in it, as in
+    /// a load; what differs is only what the cached prefix decoded to, which an erasure within
+    /// the cache's time to live would have changed. For jobs that read a long stream on every
+    /// run (a conversation per message) and must see what was recorded since (a delivery).
+    pub async fn load_latest(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<(A, i64), CommandError<A::Error>> {
+        let Some((mut aggregate, mut version)) =
+            self.states.as_ref().and_then(|s| s.get(aggregate_id))
+        else {
+            return self.load(aggregate_id).await;
+        };
+        let newer = self
+            .log
+            .read_stream(&Self::stream(aggregate_id), version)
+            .await?;
+        if newer.is_empty() {
+            return Ok((aggregate, version));
+        }
+        for event in newer {
+            version = event.sequence;
+            aggregate.apply(self.decode(event)?);
+        }
+        if let Some(states) = &self.states {
+            states.put(aggregate_id, &aggregate, version);
+        }
+        Ok((aggregate, version))
+    }
+
     /// Reads a stored event as the aggregate's event type, after upcasting.
     pub fn decode(&self, event: RecordedEvent) -> Result<A::Event, CommandError<A::Error>> {
         let sequence = event.sequence;

@@ -521,6 +521,14 @@ async fn a_cached_state_that_fell_behind_is_caught_up(store: &Store) {
     let (note, version) = cached.load("c").await.unwrap();
     assert_eq!((note.lines.len(), version), (3, 4));
 
+    // The latest state: the cached one with what others appended since, read from the log.
+    plain.execute("c", add("fourth"), new_meta()).await.unwrap();
+    let (note, version) = cached.load_latest("c").await.unwrap();
+    assert_eq!((note.lines.len(), version), (4, 5));
+    assert_eq!(cached.load_latest("c").await.unwrap().1, 5, "nothing newer");
+    let (note, version) = plain.load_latest("c").await.unwrap();
+    assert_eq!((note.lines.len(), version), (4, 5), "no cache: a load");
+
     // A refusal decided on a cached state is checked against the stored stream first.
     let (_, version) = cached.load("d").await.unwrap();
     assert_eq!(version, 0);

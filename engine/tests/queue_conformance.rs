@@ -208,6 +208,167 @@ async fn jobs_with_one_ordering_key_run_one_at_a_time_in_order(store: &Store) {
     assert_eq!(claim_ids(queue, "w", 10).await, vec![a3]);
 }
 
+/// A chat's backlog: the jobs queued behind the first of their key do not hide a runnable job
+/// queued after all of them, however many there are, and they run in order as each finishes.
+async fn a_backlog_behind_one_key_hides_no_runnable_job(store: &Store) {
+    let queue = store.queue.as_ref();
+    let mut busy = Vec::new();
+    for i in 0..100 {
+        busy.push(enqueue_one(queue, job(&format!("busy-{i}")).ordering_key("busy")).await);
+    }
+    let quiet = enqueue_one(queue, job("quiet").ordering_key("quiet")).await;
+    let first: HashSet<Uuid> = claim_ids(queue, "w", 2).await.into_iter().collect();
+    assert_eq!(first, HashSet::from([busy[0], quiet]));
+    assert!(claim_ids(queue, "w", 10).await.is_empty());
+    for (i, &id) in busy.iter().enumerate() {
+        if i > 0 {
+            assert_eq!(claim_ids(queue, "w", 10).await, vec![id], "busy-{i} next");
+        }
+        assert!(claim_ids(queue, "w", 10).await.is_empty());
+        queue
+            .finish("w", vec![(id, Outcome::Completed)])
+            .await
+            .unwrap();
+    }
+    assert!(claim_ids(queue, "w", 10).await.is_empty());
+}
+
+/// However the first job of a key ends — completed, dead after its last attempt, given up by
+/// its handler, cancelled while running, cancelled by its idempotency key, rescued dead after
+/// its worker stopped — the next job of its key can be claimed at once.
+async fn every_way_a_job_ends_lets_the_next_of_its_key_run(store: &Store) {
+    let queue = store.queue.as_ref();
+    let mut heads = Vec::new();
+    let mut nexts = HashSet::new();
+    for way in [
+        "completed",
+        "dead",
+        "given-up",
+        "cancelled",
+        "cancelled-by-key",
+    ] {
+        let head = job(way)
+            .ordering_key(way)
+            .max_attempts(1)
+            .idempotency_key(format!("{way}:head"));
+        heads.push(enqueue_one(queue, head).await);
+        nexts.insert(enqueue_one(queue, job(way).ordering_key(way)).await);
+    }
+    let claimed: HashSet<Uuid> = claim_ids(queue, "w", 100).await.into_iter().collect();
+    assert_eq!(claimed, heads.iter().copied().collect::<HashSet<_>>());
+    assert!(
+        claim_ids(queue, "w", 100).await.is_empty(),
+        "the next ones wait"
+    );
+    let failed = Outcome::Failed {
+        error: "boom".into(),
+    };
+    let given_up = Outcome::Cancelled {
+        reason: "no".into(),
+    };
+    queue
+        .finish(
+            "w",
+            vec![
+                (heads[0], Outcome::Completed),
+                (heads[1], failed),
+                (heads[2], given_up),
+            ],
+        )
+        .await
+        .unwrap();
+    queue.cancel(heads[3]).await.unwrap();
+    queue
+        .cancel_keyed(&["cancelled-by-key:head".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.get(heads[1]).await.unwrap().unwrap().state,
+        JobState::Dead
+    );
+    let released: HashSet<Uuid> = claim_ids(queue, "w", 100).await.into_iter().collect();
+    assert_eq!(released, nexts);
+
+    // A worker that stopped: its job's lease runs out, and at its last attempt it is dead.
+    let head = enqueue_one(
+        queue,
+        job("rescued").ordering_key("rescued").max_attempts(1),
+    )
+    .await;
+    let next = enqueue_one(queue, job("rescued").ordering_key("rescued")).await;
+    let claimed = queue
+        .claim("default", "dying", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![head]);
+    assert_eq!(queue.rescue_expired().await.unwrap(), 1);
+    assert_eq!(
+        queue.get(head).await.unwrap().unwrap().state,
+        JobState::Dead
+    );
+    assert_eq!(claim_ids(queue, "w", 10).await, vec![next]);
+}
+
+/// Workers claiming and finishing jobs of a few keys while more are enqueued: every job runs,
+/// promptly (no finished job leaves the next of its key waiting), each key's in order.
+async fn concurrent_claims_keep_each_key_in_order_and_leave_none_behind(store: &Store) {
+    const KEYS: usize = 8;
+    const PER_KEY: usize = 40;
+    let queue = store.queue.clone();
+    let producer = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            for round in 0..PER_KEY {
+                let jobs = (0..KEYS)
+                    .map(|key| {
+                        NewJob::new("default", "m", json!({ "key": key, "n": round }))
+                            .ordering_key(format!("key-{key}"))
+                    })
+                    .collect();
+                queue.enqueue(jobs).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let ran = Arc::new(std::sync::Mutex::new(vec![Vec::new(); KEYS]));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (queue, ran) = (queue.clone(), ran.clone());
+            tokio::spawn(async move {
+                let worker = format!("w{w}");
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                loop {
+                    let done: usize = ran.lock().unwrap().iter().map(Vec::len).sum();
+                    if done == KEYS * PER_KEY {
+                        return;
+                    }
+                    assert!(std::time::Instant::now() < deadline, "{done} jobs ran");
+                    let jobs = queue.claim("default", &worker, 3, LEASE).await.unwrap();
+                    if jobs.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        continue;
+                    }
+                    for job in &jobs {
+                        let key = job.payload["key"].as_u64().unwrap() as usize;
+                        let n = job.payload["n"].as_u64().unwrap() as usize;
+                        ran.lock().unwrap()[key].push(n);
+                    }
+                    let outcomes = jobs.iter().map(|j| (j.id, Outcome::Completed)).collect();
+                    queue.finish(&worker, outcomes).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    producer.await.unwrap();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let ran = ran.lock().unwrap();
+    for (key, order) in ran.iter().enumerate() {
+        assert_eq!(*order, (0..PER_KEY).collect::<Vec<_>>(), "key {key}");
+    }
+}
+
 async fn failures_back_off_then_go_dead_with_every_error(store: &Store) {
     let queue = store.queue.as_ref();
     let id = enqueue_one(queue, job("flaky").max_attempts(2)).await;
@@ -578,6 +739,9 @@ for_each_backend!(
     an_idempotency_key_returns_the_unfinished_job,
     jobs_enqueued_in_a_transaction_exist_only_if_it_commits,
     jobs_with_one_ordering_key_run_one_at_a_time_in_order,
+    a_backlog_behind_one_key_hides_no_runnable_job,
+    every_way_a_job_ends_lets_the_next_of_its_key_run,
+    concurrent_claims_keep_each_key_in_order_and_leave_none_behind,
     failures_back_off_then_go_dead_with_every_error,
     cancel_and_its_refusals,
     jobs_are_cancelled_by_idempotency_key,

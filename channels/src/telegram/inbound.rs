@@ -44,7 +44,7 @@ impl Telegram {
 
     async fn inbound(&self, job: Job) -> anyhow::Result<Done> {
         let p: MessageJob = serde_json::from_value(job.payload.clone())?;
-        let (conversation, _) = self.conversations.load(&p.conversation).await?;
+        let (conversation, _) = self.conversations.load_latest(&p.conversation).await?;
         let Some(message) = conversation.message(&p.message_id).cloned() else {
             return Ok(Done::Complete);
         };
@@ -78,7 +78,7 @@ impl Telegram {
             kind: "answer",
             text,
         };
-        let access = self.access.load(ACCESS_LIST).await?.0;
+        let access = self.access.load_latest(ACCESS_LIST).await?.0;
         let chat_id = chat.to_string();
         if !access.admits([user.as_str(), chat_id.as_str()], &self.configured) {
             reply(format!(

@@ -229,7 +229,7 @@ impl Telegram {
             runtime,
             subjects,
             conversations,
-            access: CommandBus::new(store.log.clone(), ()),
+            access: CommandBus::new(store.log.clone(), ()).with_state_cache(1, STATES_TTL),
             pool: store.pool.clone(),
             log: store.log.clone(),
             queue: store.queue.clone(),

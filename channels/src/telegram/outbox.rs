@@ -233,7 +233,7 @@ impl Telegram {
     /// count, so the answer still goes out); other errors are recorded and retried.
     pub(super) async fn on_send(&self, job: Job) -> HandlerResult {
         let p: MessageJob = serde_json::from_value(job.payload.clone())?;
-        let (conversation, _) = self.conversations.load(&p.conversation).await?;
+        let (conversation, _) = self.conversations.load_latest(&p.conversation).await?;
         let Some(message) = conversation.message(&p.message_id) else {
             return Ok(Done::Complete);
         };

@@ -82,7 +82,7 @@ impl Telegram {
     async fn progress_of(&self, job: Job) -> anyhow::Result<Done> {
         let p: ProgressJob = serde_json::from_value(job.payload.clone())?;
         let status_id = format!("status-{}", p.task_id);
-        let (conversation, _) = self.conversations.load(&p.conversation).await?;
+        let (conversation, _) = self.conversations.load_latest(&p.conversation).await?;
         let Some(chat) = Self::chat_of(&conversation) else {
             return Ok(Done::Complete);
         };
@@ -162,7 +162,7 @@ impl Telegram {
         self.throttle.ready(chat).await;
         let mut request = self.bot.send_message(ChatId(chat), text);
         let origin = view.task.origin.as_ref();
-        let (conversation, _) = self.conversations.load(&p.conversation).await?;
+        let (conversation, _) = self.conversations.load_latest(&p.conversation).await?;
         let asked = origin.and_then(|o| conversation.message(&o.message));
         if let Some(answered) = asked
             .and_then(|m| m.external_id.as_deref())

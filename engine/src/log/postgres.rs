@@ -121,10 +121,8 @@ const WRITE_GROUP_WITH_JOBS: &str = write_group_sql!(
       WHERE j.c IN (SELECT command_id FROM accepted) \
       ON CONFLICT (idempotency_key) \
           WHERE idempotency_key IS NOT NULL AND state IN ('available', 'running') DO NOTHING \
-      RETURNING id, locked_by), \
-     completed AS (",
-    crate::queue::postgres::complete_held_sql!("$28", "$29"),
-    ")";
+      RETURNING id, locked_by), ",
+    crate::queue::postgres::complete_held_sql!("$28", "$29");
     " UNION ALL SELECT 'j', id, NULL, NULL, NULL, NULL FROM jobs_in WHERE locked_by IS NOT NULL"
 );
 

@@ -39,29 +39,94 @@ const ENQUEUE: &str = "\
         WHERE idempotency_key IS NOT NULL AND state IN ('available', 'running') DO NOTHING \
     RETURNING *";
 
-/// Runnable = available, due, and the oldest unfinished job of its ordering key. The picked ids
-/// go through `ANY(ARRAY(…))` so the update finds them by primary key (a join with the CTE is
-/// planned as a hash join over the whole table).
+/// Runnable = available, due, and the oldest unfinished job of its ordering key. A claim looks at
+/// the first `$2` + `$5` available jobs not known to be waiting, in claim order, claims the first
+/// `$2` runnable ones and marks the others waiting (see [`release_next_sql`]):
+/// later claims pass them by through the claim index instead of checking each again, which with
+/// a backlog behind a few ordering keys (a chat's messages) cost most of a claim. The picked ids
+/// go through `ANY(ARRAY(…))` so the updates find them by primary key (a join with the CTE is
+/// planned as a hash join over the whole table). The last column, `newly_waiting`, counts the
+/// jobs marked (one row with the job columns NULL when none was claimed).
+///
+/// A job is marked waiting only while an older unfinished job of its key is still there as
+/// committed and not locked (`FOR SHARE SKIP LOCKED`): the predecessor's finishing statement,
+/// which clears the mark of the job after it, then waits for this one and sees the mark. The
+/// claim waits for no lock, so it cannot deadlock with finishing statements.
 ///
 /// Like [`EXTEND`] and [`COMPLETE`], it commits without waiting for the flush (see
 /// [`unflushed`]): `set_config(…, true)` sets `synchronous_commit` for the statement's own
 /// transaction, whose commit reads it, in one round trip instead of three (`BEGIN; SET LOCAL`,
 /// the statement, `COMMIT`).
 const CLAIM: &str = "\
-    WITH unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)) \
-    UPDATE jobs SET state = 'running', attempt = attempt + 1, locked_by = $3, \
-           lease_expires_at = now() + make_interval(secs => $4), updated_at = now() \
-    WHERE EXISTS (SELECT FROM unflushed) AND id = ANY(ARRAY( \
-        SELECT j.id FROM jobs j \
-        WHERE j.state = 'available' AND j.queue = $1 AND j.run_at <= now() \
-          AND (j.ordering_key IS NULL OR NOT EXISTS ( \
-                SELECT 1 FROM jobs o \
-                WHERE o.ordering_key = j.ordering_key AND o.seq < j.seq \
-                  AND o.state IN ('available', 'running'))) \
+    WITH unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
+    candidates AS MATERIALIZED ( \
+        SELECT j.id, j.priority, j.run_at, j.seq, \
+               j.ordering_key IS NULL OR NOT EXISTS ( \
+                   SELECT FROM jobs o \
+                   WHERE o.ordering_key = j.ordering_key AND o.seq < j.seq \
+                     AND o.state IN ('available', 'running')) AS runnable \
+        FROM jobs j \
+        WHERE EXISTS (SELECT FROM unflushed) AND j.state = 'available' AND NOT j.waiting \
+          AND j.queue = $1 AND j.run_at <= now() \
         ORDER BY j.priority DESC, j.run_at, j.seq \
-        LIMIT $2 \
-        FOR UPDATE SKIP LOCKED)) \
-    RETURNING *";
+        LIMIT $2 + $5 \
+        FOR UPDATE SKIP LOCKED), \
+    claimed AS ( \
+        UPDATE jobs SET state = 'running', attempt = attempt + 1, locked_by = $3, \
+               lease_expires_at = now() + make_interval(secs => $4), updated_at = now() \
+        WHERE id = ANY(ARRAY( \
+            SELECT id FROM candidates WHERE runnable \
+            ORDER BY priority DESC, run_at, seq LIMIT $2)) \
+        RETURNING *), \
+    marked AS ( \
+        UPDATE jobs SET waiting = true \
+        WHERE id = ANY(ARRAY(SELECT id FROM candidates WHERE NOT runnable)) \
+          AND EXISTS ( \
+              SELECT FROM jobs o \
+              WHERE o.ordering_key = jobs.ordering_key AND o.seq < jobs.seq \
+                AND o.state IN ('available', 'running') \
+              FOR SHARE SKIP LOCKED) \
+        RETURNING 1) \
+    SELECT claimed.*, m.newly_waiting \
+    FROM (SELECT count(*) AS newly_waiting FROM marked) m LEFT JOIN claimed ON true";
+
+/// How many jobs past the ones it may claim a claim looks at when it goes on after finding
+/// waiting jobs (see [`CLAIM`]).
+const CLAIM_WINDOW: i64 = 32;
+
+/// Clears the waiting mark of the job after each finished job of the CTE or subquery
+/// `$finished` (columns `ordering_key`, `seq`) that had an ordering key: its next unfinished job,
+/// which may now run. Written whether or not marked as seen: a claim marking it concurrently
+/// holds the finished job's row `FOR SHARE`, so the finishing update waited for that claim's
+/// commit, and this update of the next job then sees the claim's mark (PostgreSQL re-reads a row
+/// changed since the statement's snapshot before updating it). Returns the next job's queue.
+macro_rules! release_next_sql {
+    ($finished:literal) => {
+        concat!(
+            "UPDATE jobs SET waiting = false ",
+            "WHERE state = 'available' AND id = ANY(ARRAY( ",
+            "    SELECT (SELECT n.id FROM jobs n ",
+            "            WHERE n.ordering_key = f.ordering_key AND n.seq > f.seq ",
+            "              AND n.state IN ('available', 'running') ",
+            "            ORDER BY n.seq LIMIT 1) ",
+            "    FROM ",
+            $finished,
+            " f WHERE f.ordering_key IS NOT NULL)) ",
+            "RETURNING queue"
+        )
+    };
+}
+pub(crate) use release_next_sql;
+
+/// Clears stray waiting marks: those of jobs no unfinished job of their key is ahead of any more
+/// (a job finished by a path that does not release its successor, such as an operator's SQL).
+/// Run with the lease rescue; the finishing statements release the next job themselves.
+const RELEASE_STRAYS: &str = "\
+    UPDATE jobs SET waiting = false \
+    WHERE waiting AND state = 'available' AND NOT EXISTS ( \
+        SELECT FROM jobs o \
+        WHERE o.ordering_key = jobs.ordering_key AND o.seq < jobs.seq \
+          AND o.state IN ('available', 'running'))";
 
 /// A job whose row another transaction holds (an append completing it, see
 /// [`super::completing`]) is passed by rather than waited for: waiting on it while holding others
@@ -79,24 +144,27 @@ const EXTEND: &str = "\
     WHERE NOT EXISTS ( \
         SELECT FROM jobs j WHERE j.id = u.id AND j.state = 'running' AND j.locked_by = $2)";
 
-/// Returns the queues of the completed jobs that had an ordering key (their successors may now
-/// run).
-const COMPLETE: &str = "\
-    WITH unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
-    done AS ( \
-        UPDATE jobs SET state = 'completed', finished_at = now(), updated_at = now(), \
-               lease_expires_at = NULL, locked_by = NULL \
-        WHERE EXISTS (SELECT FROM unflushed) AND id = ANY($1) AND state = 'running' \
-          AND locked_by = $2 \
-        RETURNING queue, ordering_key) \
-    SELECT COALESCE(array_agg(DISTINCT queue) FILTER (WHERE ordering_key IS NOT NULL), '{}') \
-    FROM done";
+/// Returns the queues of the jobs that may now run as the completed ones had an ordering key.
+const COMPLETE: &str = concat!(
+    "WITH unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), ",
+    "done AS ( ",
+    "    UPDATE jobs SET state = 'completed', finished_at = now(), updated_at = now(), ",
+    "           lease_expires_at = NULL, locked_by = NULL ",
+    "    WHERE EXISTS (SELECT FROM unflushed) AND id = ANY($1) AND state = 'running' ",
+    "      AND locked_by = $2 ",
+    "    RETURNING ordering_key, seq), ",
+    "released AS (",
+    release_next_sql!("done"),
+    ") SELECT COALESCE(array_agg(DISTINCT queue), '{}') FROM released"
+);
 
 /// Completes the jobs of the parameter `$ids` (uuid[]), each while the worker of the parameter
-/// `$workers` (text[]) holds it: an append's own jobs (see [`super::completing`]).
+/// `$workers` (text[]) holds it: an append's own jobs (see [`super::completing`]). Two CTEs,
+/// `completed` and `released` (see [`release_next_sql`]), to go into a `WITH`.
 macro_rules! complete_held_sql {
     ($ids:literal, $workers:literal) => {
         concat!(
+            "completed AS (",
             "UPDATE jobs SET state = 'completed', finished_at = now(), updated_at = now(), ",
             "       lease_expires_at = NULL, locked_by = NULL ",
             "FROM UNNEST(",
@@ -104,30 +172,44 @@ macro_rules! complete_held_sql {
             "::uuid[], ",
             $workers,
             "::text[]) AS d(id, worker) ",
-            "WHERE jobs.id = d.id AND jobs.state = 'running' AND jobs.locked_by = d.worker"
+            "WHERE jobs.id = d.id AND jobs.state = 'running' AND jobs.locked_by = d.worker ",
+            "RETURNING jobs.ordering_key, jobs.seq), ",
+            "released AS (",
+            crate::queue::postgres::release_next_sql!("completed"),
+            ")"
         )
     };
 }
 pub(crate) use complete_held_sql;
 
-const COMPLETE_HELD: &str = complete_held_sql!("$1", "$2");
+const COMPLETE_HELD: &str = concat!(
+    "WITH ",
+    complete_held_sql!("$1", "$2"),
+    " SELECT count(*) FROM released"
+);
 
 /// A failed attempt: retry after exponential backoff with ±10% jitter (capped at an hour), or
 /// dead when it was the last allowed attempt. Every attempt's error is kept.
-const FAIL: &str = "\
-    UPDATE jobs SET \
-        state = CASE WHEN jobs.attempt >= jobs.max_attempts THEN 'dead' ELSE 'available' END, \
-        run_at = CASE WHEN jobs.attempt >= jobs.max_attempts THEN jobs.run_at \
-                      ELSE now() + make_interval(secs => \
-                           least(power(2, least(jobs.attempt, 20)), 3600) * (0.9 + random() * 0.2)) \
-                 END, \
-        finished_at = CASE WHEN jobs.attempt >= jobs.max_attempts THEN now() END, \
-        last_error = u.error, \
-        errors = jobs.errors || jsonb_build_array(jsonb_build_object( \
-            'attempt', jobs.attempt, 'at', now(), 'error', u.error)), \
-        lease_expires_at = NULL, locked_by = NULL, updated_at = now() \
-    FROM UNNEST($1::uuid[], $2::text[]) AS u(id, error) \
-    WHERE jobs.id = u.id AND jobs.state = 'running' AND jobs.locked_by = $3";
+const FAIL: &str = concat!(
+    "WITH failed AS ( ",
+    "UPDATE jobs SET ",
+    "    state = CASE WHEN jobs.attempt >= jobs.max_attempts THEN 'dead' ELSE 'available' END, ",
+    "    run_at = CASE WHEN jobs.attempt >= jobs.max_attempts THEN jobs.run_at ",
+    "                  ELSE now() + make_interval(secs => ",
+    "                       least(power(2, least(jobs.attempt, 20)), 3600) * (0.9 + random() * 0.2)) ",
+    "             END, ",
+    "    finished_at = CASE WHEN jobs.attempt >= jobs.max_attempts THEN now() END, ",
+    "    last_error = u.error, ",
+    "    errors = jobs.errors || jsonb_build_array(jsonb_build_object( ",
+    "        'attempt', jobs.attempt, 'at', now(), 'error', u.error)), ",
+    "    lease_expires_at = NULL, locked_by = NULL, updated_at = now() ",
+    "FROM UNNEST($1::uuid[], $2::text[]) AS u(id, error) ",
+    "WHERE jobs.id = u.id AND jobs.state = 'running' AND jobs.locked_by = $3 ",
+    "RETURNING jobs.state, jobs.ordering_key, jobs.seq), ",
+    "released AS (",
+    release_next_sql!("(SELECT * FROM failed WHERE state = 'dead')"),
+    ") SELECT count(*) FROM released"
+);
 
 const SNOOZE: &str = "\
     UPDATE jobs SET state = 'available', run_at = u.until, attempt = jobs.attempt - 1, \
@@ -135,23 +217,51 @@ const SNOOZE: &str = "\
     FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, until) \
     WHERE jobs.id = u.id AND jobs.state = 'running' AND jobs.locked_by = $3";
 
-const GIVE_UP: &str = "\
-    UPDATE jobs SET state = 'cancelled', finished_at = now(), last_error = u.reason, \
-           lease_expires_at = NULL, locked_by = NULL, updated_at = now() \
-    FROM UNNEST($1::uuid[], $2::text[]) AS u(id, reason) \
-    WHERE jobs.id = u.id AND jobs.state = 'running' AND jobs.locked_by = $3";
+const GIVE_UP: &str = concat!(
+    "WITH given_up AS ( ",
+    "UPDATE jobs SET state = 'cancelled', finished_at = now(), last_error = u.reason, ",
+    "       lease_expires_at = NULL, locked_by = NULL, updated_at = now() ",
+    "FROM UNNEST($1::uuid[], $2::text[]) AS u(id, reason) ",
+    "WHERE jobs.id = u.id AND jobs.state = 'running' AND jobs.locked_by = $3 ",
+    "RETURNING jobs.ordering_key, jobs.seq), ",
+    "released AS (",
+    release_next_sql!("given_up"),
+    ") SELECT count(*) FROM released"
+);
 
-const RESCUE: &str = "\
-    UPDATE jobs SET \
-        state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'available' END, \
-        run_at = now(), \
-        finished_at = CASE WHEN attempt >= max_attempts THEN now() END, \
-        last_error = 'lease expired: the worker running it stopped', \
-        errors = errors || jsonb_build_array(jsonb_build_object( \
-            'attempt', attempt, 'at', now(), \
-            'error', 'lease expired: the worker running it stopped')), \
-        lease_expires_at = NULL, locked_by = NULL, updated_at = now() \
-    WHERE state = 'running' AND lease_expires_at < now()";
+/// Returns how many jobs it rescued (made runnable again or, at their last attempt, dead).
+const RESCUE: &str = concat!(
+    "WITH rescued AS ( ",
+    "UPDATE jobs SET ",
+    "    state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'available' END, ",
+    "    run_at = now(), ",
+    "    finished_at = CASE WHEN attempt >= max_attempts THEN now() END, ",
+    "    last_error = 'lease expired: the worker running it stopped', ",
+    "    errors = errors || jsonb_build_array(jsonb_build_object( ",
+    "        'attempt', attempt, 'at', now(), ",
+    "        'error', 'lease expired: the worker running it stopped')), ",
+    "    lease_expires_at = NULL, locked_by = NULL, updated_at = now() ",
+    "WHERE state = 'running' AND lease_expires_at < now() ",
+    "RETURNING state, ordering_key, seq), ",
+    "released AS (",
+    release_next_sql!("(SELECT * FROM rescued WHERE state = 'dead')"),
+    ") SELECT count(*) FROM rescued"
+);
+
+/// Cancels the unfinished jobs `condition` selects, releasing the job after each (see
+/// [`release_next_sql`]); returns them.
+fn cancelling(condition: &str) -> String {
+    format!(
+        "WITH cancelled AS ( \
+             UPDATE jobs SET state = 'cancelled', finished_at = now(), updated_at = now(), \
+                    lease_expires_at = NULL, locked_by = NULL, last_error = 'cancelled' \
+             WHERE {condition} AND state IN ('available', 'running') \
+             RETURNING {JOB_COLUMNS}, seq), \
+         released AS ({}) \
+         SELECT {JOB_COLUMNS} FROM cancelled",
+        release_next_sql!("cancelled")
+    )
+}
 
 /// The job queue on PostgreSQL. The schema must be migrated (see [`crate::store`]).
 pub struct PgJobQueue {
@@ -368,17 +478,32 @@ impl JobQueue for PgJobQueue {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<Job>, QueueError> {
-        let rows = sqlx::query(CLAIM)
-            .bind(queue)
-            .bind(limit as i64)
-            .bind(worker)
-            .bind(lease.as_secs_f64())
-            .fetch_all(&self.pool)
-            .await?;
-        let mut jobs = rows
-            .iter()
-            .map(job_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut jobs = Vec::new();
+        // Looking past the jobs it may claim costs a row lock each (WAL): only once the claim
+        // came back short, having found waiting jobs, where more of them are likely.
+        let mut window = 0;
+        loop {
+            let rows = sqlx::query(CLAIM)
+                .bind(queue)
+                .bind((limit - jobs.len()) as i64)
+                .bind(worker)
+                .bind(lease.as_secs_f64())
+                .bind(window)
+                .fetch_all(&self.pool)
+                .await?;
+            let mut newly_waiting = 0;
+            for row in &rows {
+                newly_waiting = row.try_get::<i64, _>("newly_waiting")?;
+                if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+                    jobs.push(job_from_row(row)?);
+                }
+            }
+            // Short, having marked waiting jobs: runnable ones may lie past the window.
+            if jobs.len() >= limit || newly_waiting == 0 {
+                break;
+            }
+            window = CLAIM_WINDOW;
+        }
         super::in_claim_order(&mut jobs);
         Ok(jobs)
     }
@@ -437,7 +562,8 @@ impl JobQueue for PgJobQueue {
             return Ok(());
         }
         let mut conn = unflushed(&self.pool).await?;
-        let successors = !cancelled.is_empty();
+        // A job given up or dead may let the next job of its ordering key run.
+        let successors = !cancelled.is_empty() || !failed.is_empty();
         let mut ordered: Vec<String> = Vec::new();
         if !completed.is_empty() {
             ordered = sqlx::query_scalar(COMPLETE)
@@ -481,22 +607,25 @@ impl JobQueue for PgJobQueue {
     }
 
     async fn rescue_expired(&self) -> Result<usize, QueueError> {
-        let rescued = sqlx::query(RESCUE)
+        let rescued: i64 = sqlx::query_scalar(RESCUE).fetch_one(&self.pool).await?;
+        let released = sqlx::query(RELEASE_STRAYS)
             .execute(&self.pool)
             .await?
-            .rows_affected() as usize;
-        if rescued > 0 {
+            .rows_affected();
+        if released > 0 {
+            tracing::warn!(
+                jobs = released,
+                "released jobs marked waiting behind finished jobs"
+            );
+        }
+        if rescued > 0 || released > 0 {
             self.wakeups.wake();
         }
-        Ok(rescued)
+        Ok(rescued as usize)
     }
 
     async fn cancel(&self, id: Uuid) -> Result<Job, QueueError> {
-        let sql = format!(
-            "UPDATE jobs SET state = 'cancelled', finished_at = now(), updated_at = now(), \
-             lease_expires_at = NULL, locked_by = NULL, last_error = 'cancelled' \
-             WHERE id = $1 AND state IN ('available', 'running') RETURNING {JOB_COLUMNS}"
-        );
+        let sql = cancelling("id = $1");
         match sqlx::query(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
@@ -518,12 +647,7 @@ impl JobQueue for PgJobQueue {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let sql = format!(
-            "UPDATE jobs SET state = 'cancelled', finished_at = now(), updated_at = now(), \
-             lease_expires_at = NULL, locked_by = NULL, last_error = 'cancelled' \
-             WHERE idempotency_key = ANY($1) AND state IN ('available', 'running') \
-             RETURNING {JOB_COLUMNS}"
-        );
+        let sql = cancelling("idempotency_key = ANY($1)");
         let rows = sqlx::query(&sql).bind(keys).fetch_all(&self.pool).await?;
         if !rows.is_empty() {
             self.wakeups.wake();
@@ -534,7 +658,7 @@ impl JobQueue for PgJobQueue {
     async fn retry(&self, id: Uuid) -> Result<Job, QueueError> {
         let sql = format!(
             "UPDATE jobs SET state = 'available', run_at = now(), attempt = 0, finished_at = NULL, \
-             updated_at = now() \
+             waiting = false, updated_at = now() \
              WHERE id = $1 AND state IN ('dead', 'cancelled') RETURNING {JOB_COLUMNS}"
         );
         match sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await {

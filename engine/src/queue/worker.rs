@@ -239,6 +239,7 @@ impl Worker {
             ready_tx,
             taken.clone(),
             running.clone(),
+            permits.clone(),
         ));
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
@@ -351,13 +352,17 @@ fn release_unstarted(
 }
 
 /// Keeps the worker's supply of claimed jobs filled: claims when at least half a batch of room is
-/// free (or the supply ran dry), else waits for jobs to be taken, for a wake-up, or polls.
+/// free (or the supply ran dry), else waits for jobs to be taken, for a wake-up, or polls. A
+/// claim asks for the room in the supply and for every idle slot besides (`permits`), at most a
+/// batch: those jobs start as soon as they are handed over, and a burst fills the free slots in
+/// one claim rather than one claim per slot.
 async fn claim_ahead(
     queue: Arc<dyn JobQueue>,
     options: WorkerOptions,
     ready: mpsc::Sender<Job>,
     taken: Arc<tokio::sync::Notify>,
     running: Arc<Mutex<HashMap<Uuid, Option<AbortHandle>>>>,
+    permits: Arc<Semaphore>,
 ) {
     let mut wakeups = queue.wakeups_of(&options.queue);
     let batch = options.claim_batch.max(1);
@@ -370,7 +375,7 @@ async fn claim_ahead(
             continue;
         }
         wakeups.borrow_and_update();
-        let asked = room.min(batch);
+        let asked = (room + permits.available_permits()).min(batch);
         let jobs = match queue
             .claim(&options.queue, &options.id, asked, options.lease)
             .await

@@ -273,7 +273,7 @@ impl Runtime {
             channel_buses: Default::default(),
             schedules: CommandBus::new(store.log.clone(), ())
                 .with_reactor(Arc::new(ScheduleManager)),
-            role_models: CommandBus::new(store.log.clone(), ()),
+            role_models: CommandBus::new(store.log.clone(), ()).with_state_cache(1, STATES_TTL),
             rooms: CommandBus::new(store.log.clone(), ()),
             catalog,
             agents,
@@ -372,7 +372,7 @@ impl Runtime {
     pub async fn role_models(&self) -> Result<BTreeMap<String, String>, RuntimeError> {
         let (state, _) = self
             .role_models
-            .load(stele_aggregates::role_models::STREAM_ID)
+            .load_latest(stele_aggregates::role_models::STREAM_ID)
             .await?;
         Ok(state.chosen)
     }
