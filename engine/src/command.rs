@@ -77,22 +77,28 @@ pub struct CommandBus<A: Aggregate> {
 }
 
 /// Recent aggregate states with their versions (see [`CommandBus::with_state_cache`]).
+/// Shared: reading one copies nothing.
 trait StateCache<A>: Send + Sync {
-    fn get(&self, id: &str) -> Option<(A, i64)>;
-    fn put(&self, id: &str, aggregate: &A, version: i64);
+    fn get(&self, id: &str) -> Option<(Arc<A>, i64)>;
+    fn put(&self, id: &str, aggregate: Arc<A>, version: i64);
     fn forget(&self, id: &str);
+    /// A copy of its own of a state the cache shares.
+    fn owned(&self, aggregate: Arc<A>) -> A;
 }
 
-struct Recent<A: Clone + Send + Sync + 'static>(moka::sync::Cache<String, Arc<(A, i64)>>);
+struct Recent<A: Clone + Send + Sync + 'static>(moka::sync::Cache<String, (Arc<A>, i64)>);
 
 impl<A: Clone + Send + Sync + 'static> StateCache<A> for Recent<A> {
-    fn get(&self, id: &str) -> Option<(A, i64)> {
-        self.0.get(id).map(|state| state.as_ref().clone())
+    fn owned(&self, aggregate: Arc<A>) -> A {
+        Arc::unwrap_or_clone(aggregate)
     }
 
-    fn put(&self, id: &str, aggregate: &A, version: i64) {
-        self.0
-            .insert(id.to_owned(), Arc::new((aggregate.clone(), version)));
+    fn get(&self, id: &str) -> Option<(Arc<A>, i64)> {
+        self.0.get(id)
+    }
+
+    fn put(&self, id: &str, aggregate: Arc<A>, version: i64) {
+        self.0.insert(id.to_owned(), (aggregate, version));
     }
 
     fn forget(&self, id: &str) {
@@ -173,6 +179,24 @@ impl<A: Aggregate> CommandBus<A> {
     /// Always from the stored stream, so that what a person's erasure took is gone from it; a
     /// state cache keeps the result for the next command.
     pub async fn load(&self, aggregate_id: &str) -> Result<(A, i64), CommandError<A::Error>> {
+        let (aggregate, version) = self.load_stored(aggregate_id).await?;
+        Ok((self.owned(aggregate), version))
+    }
+
+    /// A state of its own: the one given when nothing else holds it, else a copy.
+    fn owned(&self, aggregate: Arc<A>) -> A {
+        match (Arc::try_unwrap(aggregate), &self.states) {
+            (Ok(aggregate), _) => aggregate,
+            (Err(shared), Some(states)) => states.owned(shared),
+            (Err(_), None) => unreachable!("a state is shared only with the state cache"),
+        }
+    }
+
+    /// [`CommandBus::load`], shared with the state cache.
+    async fn load_stored(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<(Arc<A>, i64), CommandError<A::Error>> {
         let events = self.log.read_stream(&Self::stream(aggregate_id), 0).await?;
         let mut aggregate = A::default();
         let mut version = 0;
@@ -180,8 +204,9 @@ impl<A: Aggregate> CommandBus<A> {
             version = event.sequence;
             aggregate.apply(self.decode(event)?);
         }
+        let aggregate = Arc::new(aggregate);
         if let Some(states) = &self.states {
-            states.put(aggregate_id, &aggregate, version);
+            states.put(aggregate_id, aggregate.clone(), version);
         }
         Ok((aggregate, version))
     }
@@ -198,7 +223,7 @@ impl<A: Aggregate> CommandBus<A> {
         usable: impl Fn(&A) -> bool,
     ) -> Result<(A, i64), CommandError<A::Error>> {
         match self.states.as_ref().and_then(|s| s.get(aggregate_id)) {
-            Some(state) if usable(&state.0) => Ok(state),
+            Some((state, version)) if usable(&state) => Ok((self.owned(state), version)),
             _ => self.load(aggregate_id).await,
         }
     }
@@ -209,28 +234,30 @@ impl<A: Aggregate> CommandBus<A> {
     /// a load; what differs is only what the cached prefix decoded to, which an erasure within
     /// the cache's time to live would have changed. For jobs that read a long stream on every
     /// run (a conversation per message) and must see what was recorded since (a delivery).
+    /// Shared with the cache: nothing is copied unless newer events change it.
     pub async fn load_latest(
         &self,
         aggregate_id: &str,
-    ) -> Result<(A, i64), CommandError<A::Error>> {
-        let Some((mut aggregate, mut version)) =
-            self.states.as_ref().and_then(|s| s.get(aggregate_id))
+    ) -> Result<(Arc<A>, i64), CommandError<A::Error>> {
+        let Some((cached, mut version)) = self.states.as_ref().and_then(|s| s.get(aggregate_id))
         else {
-            return self.load(aggregate_id).await;
+            return self.load_stored(aggregate_id).await;
         };
         let newer = self
             .log
             .read_stream(&Self::stream(aggregate_id), version)
             .await?;
         if newer.is_empty() {
-            return Ok((aggregate, version));
+            return Ok((cached, version));
         }
+        let mut aggregate = self.owned(cached);
         for event in newer {
             version = event.sequence;
             aggregate.apply(self.decode(event)?);
         }
+        let aggregate = Arc::new(aggregate);
         if let Some(states) = &self.states {
-            states.put(aggregate_id, &aggregate, version);
+            states.put(aggregate_id, aggregate.clone(), version);
         }
         Ok((aggregate, version))
     }
@@ -279,7 +306,7 @@ impl<A: Aggregate> CommandBus<A> {
             }
             let unchecked = cached.is_some();
             let (mut aggregate, version) = match cached.take() {
-                Some(state) => state,
+                Some((state, version)) => (self.owned(state), version),
                 None => self.load(aggregate_id).await?,
             };
             let sink = EventSink::default();
@@ -317,7 +344,7 @@ impl<A: Aggregate> CommandBus<A> {
                 Ok(AppendOutcome::Appended(outcome)) => {
                     // `handle` applied its events: the state at the new version.
                     if let Some(states) = &self.states {
-                        states.put(aggregate_id, &aggregate, outcome.last_sequence);
+                        states.put(aggregate_id, Arc::new(aggregate), outcome.last_sequence);
                     }
                     return Ok(Executed::Appended(outcome));
                 }
@@ -404,7 +431,7 @@ where
         match self.append(request).await {
             Ok(AppendOutcome::Appended(outcome)) => {
                 if let Some(states) = &self.states {
-                    states.put(aggregate_id, &aggregate, outcome.last_sequence);
+                    states.put(aggregate_id, Arc::new(aggregate), outcome.last_sequence);
                 }
                 Ok(Executed::Appended(outcome))
             }

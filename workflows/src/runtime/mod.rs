@@ -374,7 +374,7 @@ impl Runtime {
             .role_models
             .load_latest(stele_aggregates::role_models::STREAM_ID)
             .await?;
-        Ok(state.chosen)
+        Ok(state.chosen.clone())
     }
 
     /// Chooses `model` (`provider/model`, one of the role's route) first for `role` in every
