@@ -233,33 +233,61 @@ async fn a_backlog_behind_one_key_hides_no_runnable_job(store: &Store) {
     assert!(claim_ids(queue, "w", 10).await.is_empty());
 }
 
-/// However the first job of a key ends — completed, dead after its last attempt, given up by
-/// its handler, cancelled while running, cancelled by its idempotency key, rescued dead after
-/// its worker stopped — the next job of its key can be claimed at once.
+/// A job right behind a running one of its key (checked by every claim, see the PostgreSQL
+/// queue) does not stop a claim for one job short of a runnable job after it.
+async fn a_job_behind_a_running_one_hides_no_runnable_job(store: &Store) {
+    let queue = store.queue.as_ref();
+    let head = enqueue_one(queue, job("head").ordering_key("k")).await;
+    enqueue_one(queue, job("behind").ordering_key("k")).await;
+    let other = enqueue_one(queue, job("other").ordering_key("other")).await;
+    assert_eq!(claim_ids(queue, "w", 1).await, vec![head]);
+    assert_eq!(claim_ids(queue, "w", 1).await, vec![other]);
+    assert!(claim_ids(queue, "w", 1).await.is_empty());
+}
+
+/// However a job of a key ends — completed, dead after its last attempt, given up by its
+/// handler, cancelled while running, cancelled by its idempotency key, rescued dead after its
+/// worker stopped — the next job of its key can be claimed at once, also when a claim marked it
+/// waiting (on PostgreSQL: the third job of a key, behind the second while that was available).
 async fn every_way_a_job_ends_lets_the_next_of_its_key_run(store: &Store) {
     let queue = store.queue.as_ref();
-    let mut heads = Vec::new();
-    let mut nexts = HashSet::new();
-    for way in [
+    let ways = [
         "completed",
         "dead",
         "given-up",
         "cancelled",
         "cancelled-by-key",
-    ] {
-        let head = job(way)
+        "rescued",
+    ];
+    let (mut firsts, mut seconds, mut thirds) = (Vec::new(), Vec::new(), Vec::new());
+    for way in ways {
+        firsts.push(enqueue_one(queue, job(way).ordering_key(way)).await);
+        let second = job(way)
             .ordering_key(way)
             .max_attempts(1)
-            .idempotency_key(format!("{way}:head"));
-        heads.push(enqueue_one(queue, head).await);
-        nexts.insert(enqueue_one(queue, job(way).ordering_key(way)).await);
+            .idempotency_key(format!("{way}:second"));
+        seconds.push(enqueue_one(queue, second).await);
+        thirds.push(enqueue_one(queue, job(way).ordering_key(way)).await);
     }
     let claimed: HashSet<Uuid> = claim_ids(queue, "w", 100).await.into_iter().collect();
-    assert_eq!(claimed, heads.iter().copied().collect::<HashSet<_>>());
-    assert!(
-        claim_ids(queue, "w", 100).await.is_empty(),
-        "the next ones wait"
+    assert_eq!(claimed, firsts.iter().copied().collect::<HashSet<_>>());
+    let done = firsts.iter().map(|&id| (id, Outcome::Completed)).collect();
+    queue.finish("w", done).await.unwrap();
+    // The seconds, the rescued one's on a lease that has run out already.
+    let rescued = *seconds.last().unwrap();
+    let mut claimed: HashSet<Uuid> = claim_ids(queue, "w", seconds.len() - 1)
+        .await
+        .into_iter()
+        .collect();
+    claimed.extend(
+        queue
+            .claim("default", "dying", 10, Duration::ZERO)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.id),
     );
+    assert_eq!(claimed, seconds.iter().copied().collect::<HashSet<_>>());
     let failed = Outcome::Failed {
         error: "boom".into(),
     };
@@ -270,43 +298,32 @@ async fn every_way_a_job_ends_lets_the_next_of_its_key_run(store: &Store) {
         .finish(
             "w",
             vec![
-                (heads[0], Outcome::Completed),
-                (heads[1], failed),
-                (heads[2], given_up),
+                (seconds[0], Outcome::Completed),
+                (seconds[1], failed),
+                (seconds[2], given_up),
             ],
         )
         .await
         .unwrap();
-    queue.cancel(heads[3]).await.unwrap();
+    queue.cancel(seconds[3]).await.unwrap();
     queue
-        .cancel_keyed(&["cancelled-by-key:head".to_owned()])
+        .cancel_keyed(&["cancelled-by-key:second".to_owned()])
         .await
         .unwrap();
     assert_eq!(
-        queue.get(heads[1]).await.unwrap().unwrap().state,
+        queue.get(seconds[1]).await.unwrap().unwrap().state,
         JobState::Dead
     );
+    // Before the rescue (which also clears stray marks), every other third can run.
     let released: HashSet<Uuid> = claim_ids(queue, "w", 100).await.into_iter().collect();
-    assert_eq!(released, nexts);
-
-    // A worker that stopped: its job's lease runs out, and at its last attempt it is dead.
-    let head = enqueue_one(
-        queue,
-        job("rescued").ordering_key("rescued").max_attempts(1),
-    )
-    .await;
-    let next = enqueue_one(queue, job("rescued").ordering_key("rescued")).await;
-    let claimed = queue
-        .claim("default", "dying", 10, Duration::ZERO)
-        .await
-        .unwrap();
-    assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![head]);
+    let rescued_third = thirds.pop().unwrap();
+    assert_eq!(released, thirds.into_iter().collect::<HashSet<_>>());
     assert_eq!(queue.rescue_expired().await.unwrap(), 1);
     assert_eq!(
-        queue.get(head).await.unwrap().unwrap().state,
+        queue.get(rescued).await.unwrap().unwrap().state,
         JobState::Dead
     );
-    assert_eq!(claim_ids(queue, "w", 10).await, vec![next]);
+    assert_eq!(claim_ids(queue, "w", 10).await, vec![rescued_third]);
 }
 
 /// Workers claiming and finishing jobs of a few keys while more are enqueued: every job runs,
@@ -740,6 +757,7 @@ for_each_backend!(
     jobs_enqueued_in_a_transaction_exist_only_if_it_commits,
     jobs_with_one_ordering_key_run_one_at_a_time_in_order,
     a_backlog_behind_one_key_hides_no_runnable_job,
+    a_job_behind_a_running_one_hides_no_runnable_job,
     every_way_a_job_ends_lets_the_next_of_its_key_run,
     concurrent_claims_keep_each_key_in_order_and_leave_none_behind,
     failures_back_off_then_go_dead_with_every_error,

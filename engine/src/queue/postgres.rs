@@ -45,13 +45,18 @@ const ENQUEUE: &str = "\
 /// later claims pass them by through the claim index instead of checking each again, which with
 /// a backlog behind a few ordering keys (a chat's messages) cost most of a claim. The picked ids
 /// go through `ANY(ARRAY(…))` so the updates find them by primary key (a join with the CTE is
-/// planned as a hash join over the whole table). The last column, `newly_waiting`, counts the
-/// jobs marked (one row with the job columns NULL when none was claimed).
+/// planned as a hash join over the whole table). The last columns count the jobs looked at,
+/// `seen`, and those marked, `newly_waiting` (one row with the job columns NULL when none was
+/// claimed).
 ///
-/// A job is marked waiting only while an older unfinished job of its key is still there as
-/// committed and not locked (`FOR SHARE SKIP LOCKED`): the predecessor's finishing statement,
-/// which clears the mark of the job after it, then waits for this one and sees the mark. The
-/// claim waits for no lock, so it cannot deadlock with finishing statements.
+/// A job is marked waiting only behind an older job of its key that is *available* as committed
+/// and not locked (`FOR SHARE SKIP LOCKED`), never behind a running one: that job can then be
+/// claimed only after this claim commits, so the statement that ends it, which clears the mark
+/// of the job after it (see [`release_next_sql`]), starts after the mark and sees it. (Behind a
+/// running job the mark could be missed by its ending statement, whose snapshot may predate
+/// the marked job.) So the one job right behind a running one is checked by each claim, the
+/// others behind it are passed by. The claim waits for no lock, so it cannot deadlock with
+/// ending statements.
 ///
 /// Like [`EXTEND`] and [`COMPLETE`], it commits without waiting for the flush (see
 /// [`unflushed`]): `set_config(…, true)` sets `synchronous_commit` for the statement's own
@@ -84,22 +89,28 @@ const CLAIM: &str = "\
           AND EXISTS ( \
               SELECT FROM jobs o \
               WHERE o.ordering_key = jobs.ordering_key AND o.seq < jobs.seq \
-                AND o.state IN ('available', 'running') \
+                AND o.state = 'available' \
               FOR SHARE SKIP LOCKED) \
         RETURNING 1) \
-    SELECT claimed.*, m.newly_waiting \
-    FROM (SELECT count(*) AS newly_waiting FROM marked) m LEFT JOIN claimed ON true";
+    SELECT claimed.*, m.seen, m.newly_waiting \
+    FROM (SELECT (SELECT count(*) FROM candidates) AS seen, \
+                 (SELECT count(*) FROM marked) AS newly_waiting) m \
+    LEFT JOIN claimed ON true";
 
-/// How many jobs past the ones it may claim a claim looks at when it goes on after finding
-/// waiting jobs (see [`CLAIM`]).
+/// How many jobs past the ones it may claim a claim looks at when it goes on after coming back
+/// short with every job it looked at taken or waiting (see [`CLAIM`]); doubled each time, up to
+/// [`CLAIM_WINDOW_MAX`].
 const CLAIM_WINDOW: i64 = 32;
+const CLAIM_WINDOW_MAX: i64 = 1024;
 
 /// Clears the waiting mark of the job after each finished job of the CTE or subquery
 /// `$finished` (columns `ordering_key`, `seq`) that had an ordering key: its next unfinished job,
-/// which may now run. Written whether or not marked as seen: a claim marking it concurrently
-/// holds the finished job's row `FOR SHARE`, so the finishing update waited for that claim's
-/// commit, and this update of the next job then sees the claim's mark (PostgreSQL re-reads a row
-/// changed since the statement's snapshot before updating it). Returns the next job's queue.
+/// which may now run. Written whether or not marked as seen: a claim may mark it concurrently
+/// (behind another available job of the key, see [`CLAIM`]), and PostgreSQL re-reads a row
+/// changed since the statement's snapshot before updating it. Returns the next job's queue.
+/// One case is left to the lease rescue's [`RELEASE_STRAYS`]: an *available* job cancelled while
+/// a claim marks the job behind it, when that job was enqueued after the cancelling statement
+/// began (it is not in its snapshot).
 macro_rules! release_next_sql {
     ($finished:literal) => {
         concat!(
@@ -123,7 +134,7 @@ pub(crate) use release_next_sql;
 /// Run with the lease rescue; the finishing statements release the next job themselves.
 const RELEASE_STRAYS: &str = "\
     UPDATE jobs SET waiting = false \
-    WHERE waiting AND state = 'available' AND NOT EXISTS ( \
+    WHERE waiting AND state = 'available' AND ordering_key IS NOT NULL AND NOT EXISTS ( \
         SELECT FROM jobs o \
         WHERE o.ordering_key = jobs.ordering_key AND o.seq < jobs.seq \
           AND o.state IN ('available', 'running'))";
@@ -208,7 +219,7 @@ const FAIL: &str = concat!(
     "RETURNING jobs.state, jobs.ordering_key, jobs.seq), ",
     "released AS (",
     release_next_sql!("(SELECT * FROM failed WHERE state = 'dead')"),
-    ") SELECT count(*) FROM released"
+    ") SELECT COALESCE(array_agg(DISTINCT queue), '{}') FROM released"
 );
 
 const SNOOZE: &str = "\
@@ -226,7 +237,7 @@ const GIVE_UP: &str = concat!(
     "RETURNING jobs.ordering_key, jobs.seq), ",
     "released AS (",
     release_next_sql!("given_up"),
-    ") SELECT count(*) FROM released"
+    ") SELECT COALESCE(array_agg(DISTINCT queue), '{}') FROM released"
 );
 
 /// Returns how many jobs it rescued (made runnable again or, at their last attempt, dead).
@@ -480,29 +491,43 @@ impl JobQueue for PgJobQueue {
     ) -> Result<Vec<Job>, QueueError> {
         let mut jobs = Vec::new();
         // Looking past the jobs it may claim costs a row lock each (WAL): only once the claim
-        // came back short, having found waiting jobs, where more of them are likely.
+        // came back short with every job it looked at taken or waiting, where more are likely.
         let mut window = 0;
         loop {
+            let asked = limit - jobs.len();
             let rows = sqlx::query(CLAIM)
                 .bind(queue)
-                .bind((limit - jobs.len()) as i64)
+                .bind(asked as i64)
                 .bind(worker)
                 .bind(lease.as_secs_f64())
                 .bind(window)
                 .fetch_all(&self.pool)
-                .await?;
-            let mut newly_waiting = 0;
+                .await;
+            let rows = match rows {
+                Ok(rows) => rows,
+                // What earlier rounds claimed is this worker's: hand it over.
+                Err(e) if !jobs.is_empty() => {
+                    tracing::warn!(error = %e, queue, "claiming more failed");
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let mut seen = 0;
+            let mut claimed = 0;
             for row in &rows {
-                newly_waiting = row.try_get::<i64, _>("newly_waiting")?;
+                seen = row.try_get::<i64, _>("seen")?;
                 if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
                     jobs.push(job_from_row(row)?);
+                    claimed += 1;
                 }
             }
-            // Short, having marked waiting jobs: runnable ones may lie past the window.
-            if jobs.len() >= limit || newly_waiting == 0 {
+            // Short with its window full: the others it looked at wait (marked now, or right
+            // behind a running job of their key); runnable ones may lie further on.
+            let window_full = seen == (asked as i64) + window;
+            if claimed >= asked || !window_full || window >= CLAIM_WINDOW_MAX {
                 break;
             }
-            window = CLAIM_WINDOW;
+            window = (window * 2).clamp(CLAIM_WINDOW, CLAIM_WINDOW_MAX);
         }
         super::in_claim_order(&mut jobs);
         Ok(jobs)
@@ -562,8 +587,7 @@ impl JobQueue for PgJobQueue {
             return Ok(());
         }
         let mut conn = unflushed(&self.pool).await?;
-        // A job given up or dead may let the next job of its ordering key run.
-        let successors = !cancelled.is_empty() || !failed.is_empty();
+        // The queues of jobs the ones ending let run (the next of their ordering key).
         let mut ordered: Vec<String> = Vec::new();
         if !completed.is_empty() {
             ordered = sqlx::query_scalar(COMPLETE)
@@ -573,12 +597,13 @@ impl JobQueue for PgJobQueue {
                 .await?;
         }
         if !failed.is_empty() {
-            sqlx::query(FAIL)
+            let released: Vec<String> = sqlx::query_scalar(FAIL)
                 .bind(&failed)
                 .bind(&errors)
                 .bind(worker)
-                .execute(&mut *conn)
+                .fetch_one(&mut *conn)
                 .await?;
+            ordered.extend(released);
         }
         if !snoozed.is_empty() {
             sqlx::query(SNOOZE)
@@ -589,18 +614,16 @@ impl JobQueue for PgJobQueue {
                 .await?;
         }
         if !cancelled.is_empty() {
-            sqlx::query(GIVE_UP)
+            let released: Vec<String> = sqlx::query_scalar(GIVE_UP)
                 .bind(&cancelled)
                 .bind(&reasons)
                 .bind(worker)
-                .execute(&mut *conn)
+                .fetch_one(&mut *conn)
                 .await?;
+            ordered.extend(released);
         }
         conn.commit().await?;
-        // The next job of an ordering key may have become runnable.
-        if successors {
-            self.wakeups.wake();
-        } else if !ordered.is_empty() {
+        if !ordered.is_empty() {
             self.wakeups.wake_queues(ordered.iter().map(String::as_str));
         }
         Ok(())

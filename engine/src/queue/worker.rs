@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::FutureExt;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -233,13 +233,15 @@ impl Worker {
         });
         let (ready_tx, mut ready) = mpsc::channel::<Job>(capacity);
         let taken = Arc::new(tokio::sync::Notify::new());
-        let claimer = tokio::spawn(claim_ahead(
+        let (stop_claiming, claiming_stopped) = watch::channel(false);
+        let mut claimer = tokio::spawn(claim_ahead(
             queue.clone(),
             options.clone(),
             ready_tx,
             taken.clone(),
             running.clone(),
             permits.clone(),
+            claiming_stopped,
         ));
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
@@ -294,9 +296,17 @@ impl Worker {
             while tasks.try_join_next().is_some() {}
         }
 
-        // Shutdown: no more claims; claimed jobs that did not start go back at once.
-        claimer.abort();
-        let _ = claimer.await;
+        // Shutdown: no more claims; claimed jobs that did not start go back at once. A claim in
+        // flight ends first (aborted, what it claimed would be known to no one until its lease
+        // ran out, and its attempt counted), unless the database keeps it waiting.
+        let _ = stop_claiming.send(true);
+        if tokio::time::timeout(Duration::from_secs(5), &mut claimer)
+            .await
+            .is_err()
+        {
+            claimer.abort();
+            let _ = claimer.await;
+        }
         ready.close();
         while ready.recv().await.is_some() {}
         release_unstarted(&running, &outcomes);
@@ -363,15 +373,22 @@ async fn claim_ahead(
     taken: Arc<tokio::sync::Notify>,
     running: Arc<Mutex<HashMap<Uuid, Option<AbortHandle>>>>,
     permits: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut wakeups = queue.wakeups_of(&options.queue);
     let batch = options.claim_batch.max(1);
     let threshold = (batch / 2).max(1);
     loop {
+        if *stop.borrow() {
+            return;
+        }
         let room = ready.capacity();
         let dry = room == ready.max_capacity();
         if room < threshold.min(ready.max_capacity()) && !dry {
-            taken.notified().await;
+            tokio::select! {
+                _ = taken.notified() => {}
+                _ = stop.changed() => return,
+            }
             continue;
         }
         wakeups.borrow_and_update();
@@ -390,6 +407,7 @@ async fn claim_ahead(
             tokio::select! {
                 _ = wakeups.changed() => {}
                 _ = tokio::time::sleep(options.poll_interval) => {}
+                _ = stop.changed() => return,
             }
             continue;
         }
@@ -403,14 +421,17 @@ async fn claim_ahead(
         // at once would find nothing; wait for a wake-up (one that came during the claim counts).
         let exhausted = jobs.len() < asked;
         for job in jobs {
-            if ready.send(job).await.is_err() {
-                return;
+            // Stopping: the jobs not handed over are in `running`, and go back from there.
+            tokio::select! {
+                sent = ready.send(job) => if sent.is_err() { return },
+                _ = stop.changed() => return,
             }
         }
         if exhausted {
             tokio::select! {
                 _ = wakeups.changed() => {}
                 _ = tokio::time::sleep(options.poll_interval) => {}
+                _ = stop.changed() => return,
             }
         }
     }
