@@ -198,8 +198,18 @@ impl<A: Aggregate> CommandBus<A> {
         aggregate_id: &str,
     ) -> Result<(Arc<A>, i64), CommandError<A::Error>> {
         let events = self.log.read_stream(&Self::stream(aggregate_id), 0).await?;
-        let mut aggregate = A::default();
-        let mut version = 0;
+        self.caught_up(aggregate_id, A::default(), 0, events)
+    }
+
+    /// `aggregate` at `version` with `events` (those stored after it) applied, kept in the state
+    /// cache.
+    fn caught_up(
+        &self,
+        aggregate_id: &str,
+        mut aggregate: A,
+        mut version: i64,
+        events: Vec<RecordedEvent>,
+    ) -> Result<(Arc<A>, i64), CommandError<A::Error>> {
         for event in events {
             version = event.sequence;
             aggregate.apply(self.decode(event)?);
@@ -239,8 +249,7 @@ impl<A: Aggregate> CommandBus<A> {
         &self,
         aggregate_id: &str,
     ) -> Result<(Arc<A>, i64), CommandError<A::Error>> {
-        let Some((cached, mut version)) = self.states.as_ref().and_then(|s| s.get(aggregate_id))
-        else {
+        let Some((cached, version)) = self.states.as_ref().and_then(|s| s.get(aggregate_id)) else {
             return self.load_stored(aggregate_id).await;
         };
         let newer = self
@@ -250,16 +259,7 @@ impl<A: Aggregate> CommandBus<A> {
         if newer.is_empty() {
             return Ok((cached, version));
         }
-        let mut aggregate = self.owned(cached);
-        for event in newer {
-            version = event.sequence;
-            aggregate.apply(self.decode(event)?);
-        }
-        let aggregate = Arc::new(aggregate);
-        if let Some(states) = &self.states {
-            states.put(aggregate_id, aggregate.clone(), version);
-        }
-        Ok((aggregate, version))
+        self.caught_up(aggregate_id, self.owned(cached), version, newer)
     }
 
     /// Reads a stored event as the aggregate's event type, after upcasting.

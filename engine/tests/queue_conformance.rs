@@ -353,6 +353,7 @@ async fn concurrent_claims_keep_each_key_in_order_and_leave_none_behind(store: &
             let (queue, ran) = (queue.clone(), ran.clone());
             tokio::spawn(async move {
                 let worker = format!("w{w}");
+                let mut wakeups = queue.wakeups_of("default");
                 let deadline = std::time::Instant::now() + Duration::from_secs(60);
                 loop {
                     let done: usize = ran.lock().unwrap().iter().map(Vec::len).sum();
@@ -360,9 +361,13 @@ async fn concurrent_claims_keep_each_key_in_order_and_leave_none_behind(store: &
                         return;
                     }
                     assert!(std::time::Instant::now() < deadline, "{done} jobs ran");
+                    wakeups.borrow_and_update();
                     let jobs = queue.claim("default", &worker, 3, LEASE).await.unwrap();
                     if jobs.is_empty() {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        // Woken by an enqueue or by a finish that lets a key's next job run;
+                        // bounded, as the last worker out has no one left to wake it.
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(1), wakeups.changed()).await;
                         continue;
                     }
                     for job in &jobs {
