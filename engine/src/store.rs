@@ -124,6 +124,11 @@ pub struct Store {
     pub stored: Arc<dyn EventLog>,
     pub queue: Arc<dyn JobQueue>,
     pub pool: StorePool,
+    /// Connections for reads outside the log that need not see uncommitted writes (searches,
+    /// read models): on SQLite read-only connections beside the single writer, so that a long
+    /// read does not hold up the writes (WAL readers see the last commit); on PostgreSQL the
+    /// same pool as [`Store::pool`].
+    pub reads: StorePool,
 }
 
 /// The connection pool of a store, for the tables outside the event log.
@@ -167,6 +172,7 @@ impl Store {
                     stored: log.clone(),
                     log,
                     queue,
+                    reads: StorePool::Postgres(pool.clone()),
                     pool: StorePool::Postgres(pool),
                 })
             }
@@ -190,6 +196,7 @@ impl Store {
                 let queue = Arc::new(SqliteJobQueue::new(writer.clone()));
                 let log = SqliteEventLog::new(&file, writer.clone(), sqlite_options).await?;
                 log.on_jobs(queue.wake_hook());
+                let reads = StorePool::Sqlite(log.readers());
                 let log: Arc<dyn EventLog> = Arc::new(log);
                 Ok(Self {
                     location,
@@ -197,6 +204,7 @@ impl Store {
                     log,
                     queue,
                     pool: StorePool::Sqlite(writer),
+                    reads,
                 })
             }
         }

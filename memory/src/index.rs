@@ -40,6 +40,13 @@ const SETTLE_BATCH: i64 = 500;
 /// index anew instead of inserting them one by one (a build is several times faster).
 const BUILD_FROM: i64 = 10_000;
 
+/// PostgreSQL's approximate index: HNSW over the settled rows. `ef_construction` 128 (pgvector's
+/// default is 64): on clusters of ~330 near-duplicates, 100,000 vectors, recall@10 at
+/// `ef_search` 100 went from 0.84 to 0.98 (64 → 128) for about a quarter more build time; `m` 24
+/// or 32 cost more time for less (0.92 at 24 with 96).
+const HNSW: &str = "USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 128) \
+                    WHERE indexed";
+
 /// Where SQLite stops counting a query term's rows to find its rarest terms.
 const RARE_CAP: i64 = 2_000;
 
@@ -584,10 +591,7 @@ impl VectorIndex for Postgres {
         )
         .await?;
         for (suffix, definition) in [
-            (
-                "embedding",
-                "USING hnsw (embedding vector_cosine_ops) WHERE indexed",
-            ),
+            ("embedding", HNSW),
             ("fresh", "(position) WHERE NOT indexed"),
             ("terms", "USING gin (terms)"),
             ("agent", "(agent)"),
@@ -950,8 +954,7 @@ async fn settle_locked(db: &mut Db<'_>) -> Result<usize, sqlx::Error> {
     let built = db
         .execute(
             &format!(
-                "CREATE INDEX CONCURRENTLY {MEMORIES}_embedding_{} ON {MEMORIES} \
-                 USING hnsw (embedding vector_cosine_ops) WHERE indexed",
+                "CREATE INDEX CONCURRENTLY {MEMORIES}_embedding_{} ON {MEMORIES} {HNSW}",
                 unique()
             ),
             &[],

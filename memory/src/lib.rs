@@ -167,6 +167,8 @@ pub struct Stats {
 /// The memory's service: remember facts and search.
 pub struct Memories {
     pool: StorePool,
+    /// Where searches read ([`Store::reads`]).
+    reads: StorePool,
     bus: CommandBus<Memory>,
     embedder: Arc<dyn EmbeddingModel>,
     sealer: Arc<Sealer>,
@@ -178,6 +180,7 @@ impl Memories {
     pub fn new(store: &Store, embedder: Arc<dyn EmbeddingModel>, sealer: Arc<Sealer>) -> Self {
         Memories {
             pool: store.pool.clone(),
+            reads: store.reads.clone(),
             bus: CommandBus::new(store.log.clone(), ()),
             embedder,
             sealer,
@@ -255,17 +258,17 @@ impl Memories {
 
     /// The memories best matching `search`, best first.
     pub async fn search(&self, search: &Search) -> Result<Vec<Hit>, MemoryError> {
-        let vector = match search.mode {
-            Mode::Text => None,
-            Mode::Dense | Mode::Hybrid => Some(
-                self.embedder
-                    .embed(std::slice::from_ref(&search.query))
-                    .await?
-                    .pop()
-                    .unwrap_or_default(),
-            ),
-        };
-        self.search_embedded(search, vector.as_deref()).await
+        self.search_with(search, async {
+            if search.mode == Mode::Text {
+                return Ok(None);
+            }
+            let mut vectors = self
+                .embedder
+                .embed(std::slice::from_ref(&search.query))
+                .await?;
+            Ok(Some(vectors.pop().unwrap_or_default()))
+        })
+        .await
     }
 
     /// [`Self::search`] with the query's vector given (`None` in text mode): what the index
@@ -275,33 +278,56 @@ impl Memories {
         search: &Search,
         vector: Option<&[f32]>,
     ) -> Result<Vec<Hit>, MemoryError> {
-        let index = index::for_pool(&self.pool);
+        self.search_with(search, async { Ok(vector.map(<[f32]>::to_vec)) })
+            .await
+    }
+
+    /// Runs `search` with the query's vector from `vector`: the full-text side does not wait
+    /// for it (the query is embedded while the text index is read), and the two sides read on
+    /// their own connections, side by side.
+    async fn search_with(
+        &self,
+        search: &Search,
+        vector: impl std::future::Future<Output = Result<Option<Vec<f32>>, MemoryError>>,
+    ) -> Result<Vec<Hit>, MemoryError> {
+        let index = index::for_pool(&self.reads);
         let limit = search.limit.clamp(1, 100);
         let candidates = (limit * 4).max(50);
-        let mut lists = Vec::new();
-        if let Some(vector) = vector.filter(|_| search.mode != Mode::Text) {
-            lists.push(
+        let dense = async {
+            if search.mode == Mode::Text {
+                return Ok(None);
+            }
+            let Some(vector) = vector.await? else {
+                return Ok(None);
+            };
+            Ok::<_, MemoryError>(Some(
                 index
-                    .vector_search(&self.pool, vector, &search.filter, candidates, false)
+                    .vector_search(&self.reads, &vector, &search.filter, candidates, false)
                     .await?,
-            );
-        }
-        if search.mode != Mode::Dense {
-            lists.push(
+            ))
+        };
+        let text = async {
+            if search.mode == Mode::Dense {
+                return Ok(None);
+            }
+            let min_match = match search.mode {
+                Mode::Hybrid => HYBRID_MIN_MATCH,
+                Mode::Text | Mode::Dense => 0.0,
+            };
+            Ok::<_, MemoryError>(Some(
                 index
                     .text_search(
-                        &self.pool,
+                        &self.reads,
                         &search.query,
                         &search.filter,
                         candidates,
-                        match search.mode {
-                            Mode::Hybrid => HYBRID_MIN_MATCH,
-                            Mode::Text | Mode::Dense => 0.0,
-                        },
+                        min_match,
                     )
                     .await?,
-            );
-        }
+            ))
+        };
+        let (dense, text) = tokio::try_join!(dense, text)?;
+        let lists: Vec<Vec<String>> = dense.into_iter().chain(text).collect();
         let ranked = fuse(&lists, RRF_K);
         let top: Vec<(String, f64)> = ranked.into_iter().take(limit).collect();
         self.hits(top).await
@@ -309,10 +335,10 @@ impl Memories {
 
     /// The memories `top` names (with their scores), in that order, their contents opened.
     async fn hits(&self, top: Vec<(String, f64)>) -> Result<Vec<Hit>, MemoryError> {
-        let index = index::for_pool(&self.pool);
+        let index = index::for_pool(&self.reads);
         let ids: Vec<String> = top.iter().map(|(id, _)| id.clone()).collect();
         let mut rows: HashMap<String, index::Row> = index
-            .fetch(&self.pool, &ids)
+            .fetch(&self.reads, &ids)
             .await?
             .into_iter()
             .map(|r| (r.memory_id.clone(), r))
@@ -365,7 +391,7 @@ impl Memories {
         let mut others = Vec::new();
         for order in [index::Order::Importance, index::Order::Recent] {
             others.extend(
-                index::list(&self.pool, &request.filter, order, CONTEXT_CANDIDATES / 2).await?,
+                index::list(&self.reads, &request.filter, order, CONTEXT_CANDIDATES / 2).await?,
             );
         }
         let best = relevant

@@ -4,6 +4,7 @@
 
 mod support;
 
+use sha2::Digest;
 use stele_aggregates::memory::MemoryScope;
 use stele_aggregates::subject::Identifier;
 use stele_engine::projection::ProjectionRunner;
@@ -366,7 +367,83 @@ async fn rare_terms_and_fresh_memories_find_what_a_full_scan_finds(store: &Store
     }
 }
 
+/// The vector search's nearest over more than one of `vec0`'s chunks (1,024 vectors) and for
+/// many candidates are the nearest a computation here finds, in order (to float rounding).
+async fn many_candidates_are_the_nearest(store: &Store) {
+    let (_private, memories, runner) = memory_of(store).await;
+    const ROWS: usize = 1_500;
+    const DIMENSIONS: usize = 384;
+    // Vectors from a small generator of our own (no randomness crate needed): deterministic,
+    // spread over the sphere.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut vector = || {
+        let v: Vec<f32> = (0..DIMENSIONS).map(|_| next()).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / norm).collect::<Vec<f32>>()
+    };
+    let rows: Vec<(String, Vec<f32>)> = (0..ROWS).map(|i| (format!("row {i}"), vector())).collect();
+    // The rows' vectors in the embedding cache: the projection takes them from there.
+    let mut db = stele_engine::store::sql::Db::from(&store.pool);
+    for (text, v) in &rows {
+        db.execute(
+            "INSERT INTO embedding_cache (model, text_sha256, vector) VALUES ($1, $2, $3)",
+            &[
+                model().name().into(),
+                (&hex::encode(sha2::Sha256::digest(text.as_bytes()))).into(),
+                (&stele_memory::index::vector_text(v)).into(),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    drop(db); // the embedded store's one writer connection
+    let mut ids = std::collections::HashMap::new();
+    for (text, v) in &rows {
+        let id = memories
+            .store(fact(text, MemoryScope::default(), None), meta())
+            .await
+            .unwrap();
+        ids.insert(id, v.clone());
+    }
+    catch_up(&runner).await;
+    let index = stele_memory::index::for_pool(&store.pool);
+    let distance = |a: &[f32], b: &[f32]| {
+        1.0 - a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+            .sum::<f64>()
+    };
+    for _ in 0..3 {
+        let query = vector();
+        let mut expected: Vec<f64> = ids.values().map(|v| distance(v, &query)).collect();
+        expected.sort_by(f64::total_cmp);
+        for k in [10, 300] {
+            let found = index
+                .vector_search(&store.pool, &query, &Filter::default(), k, false)
+                .await
+                .unwrap();
+            assert_eq!(found.len(), k);
+            for (rank, id) in found.iter().enumerate() {
+                let d = distance(&ids[id], &query);
+                assert!(
+                    (d - expected[rank]).abs() < 1e-5,
+                    "rank {rank} of {k}: distance {d}, the nearest there is {}",
+                    expected[rank]
+                );
+            }
+        }
+    }
+}
+
 stele_engine::for_each_backend!(
     remembers_finds_supersedes_forgets_and_erases,
-    rare_terms_and_fresh_memories_find_what_a_full_scan_finds
+    rare_terms_and_fresh_memories_find_what_a_full_scan_finds,
+    many_candidates_are_the_nearest
 );

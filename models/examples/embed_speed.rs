@@ -160,6 +160,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             std::fs::write(out, serde_json::to_string_pretty(&sentences())?)?;
             Ok(())
         }
+        ["single", backend, folder, iterations] => single(backend, folder, iterations.parse()?),
         [backend, sentences, folder, iterations] => {
             let texts: Vec<String> = serde_json::from_str(&std::fs::read_to_string(sentences)?)?;
             let iterations: usize = iterations.parse()?;
@@ -167,7 +168,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
         _ => Err(
             "usage: embed_speed sentences OUT.json | embed_speed candle|tch SENTENCES.json \
-                  MODEL_DIR ITERATIONS"
+                  MODEL_DIR ITERATIONS | embed_speed single candle|tch MODEL_DIR ITERATIONS"
                 .into(),
         ),
     }
@@ -231,4 +232,30 @@ fn sentences() -> Vec<String> {
             format!("{capitalised}{}.", sentence.join(" "))
         })
         .collect()
+}
+
+/// One short query at a time (what a search embeds): the median and 95th percentile of
+/// ITERATIONS calls, in milliseconds.
+fn single(backend: &str, folder: &str, iterations: usize) -> Result<(), Box<dyn Error>> {
+    let model = load(backend, folder)?;
+    let queries: Vec<String> = sentences()
+        .into_iter()
+        .map(|s| s.split(' ').take(10).collect::<Vec<_>>().join(" "))
+        .collect();
+    model.embed_blocking(&queries[..1])?;
+    let mut times: Vec<f64> = (0..iterations.max(1))
+        .map(|i| {
+            let start = Instant::now();
+            model
+                .embed_blocking(std::slice::from_ref(&queries[i % queries.len()]))
+                .map(|_| start.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_, _>>()?;
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "{}",
+        serde_json::json!({"backend": backend, "query_ms_p50": at(0.5), "query_ms_p95": at(0.95)})
+    );
+    Ok(())
 }

@@ -144,6 +144,7 @@ pub async fn seal_store(
         stored: store.stored.clone(),
         queue: store.queue.clone(),
         pool: store.pool.clone(),
+        reads: store.reads.clone(),
     };
     Ok((sealed, sealer))
 }

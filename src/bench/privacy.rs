@@ -205,6 +205,7 @@ async fn appending(
             stored: opened.stored.clone(),
             queue: opened.queue.clone(),
             pool: opened.pool.clone(),
+            reads: opened.reads.clone(),
         }
     };
     let people: Arc<Vec<String>> =

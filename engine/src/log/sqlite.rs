@@ -98,6 +98,11 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(30))
         .foreign_keys(true)
+        // Pages read through a memory map rather than a read call each: scans over large
+        // tables (the memory's vector search reads every vector) stay in the operating
+        // system's page cache, shared by the connections. SQLite caps the size at its
+        // compile-time maximum (2 GiB); the rest of a larger file is read as before.
+        .pragma("mmap_size", "8589934592")
 }
 
 /// The single writer connection of an SQLite store (created if missing).
@@ -111,6 +116,11 @@ pub async fn writer_pool(path: &Path) -> Result<SqlitePool, sqlx::Error> {
 }
 
 impl SqliteEventLog {
+    /// The read-only connections (a clone of the pool: the same connections).
+    pub fn readers(&self) -> SqlitePool {
+        self.readers.clone()
+    }
+
     /// Opens the log on `writer` (see [`writer_pool`]), with read-only connections to `path`.
     pub async fn new(
         path: &Path,
