@@ -10,8 +10,10 @@
 //! filters afterwards, so a selective filter would come back short. The PostgreSQL adapter counts
 //! the rows the filter keeps (up to [`EXACT_BELOW`]): below that it searches exactly (the scope
 //! columns' b-tree indexes find the rows; sorting a few thousand distances is cheap), above it
-//! raises `ef_search` in proportion to the filter's selectivity. On SQLite, `vec0`'s search is
-//! exact and applies the scope as metadata columns during the scan.
+//! raises `ef_search` in proportion to the filter's selectivity. On SQLite, `vec0` scans every
+//! row's signs (binary quantisation: 48 bytes for 384 dimensions, a 32nd of the vectors) with
+//! the scope as metadata columns, and the closest candidates (8 × the limit, at least 400) are
+//! ranked by their vectors, read from their rows. An exact search compares every vector.
 //!
 //! **Fresh memories.** Inserting into PostgreSQL's HNSW graph costs far more than the row, so
 //! the projection stores rows unindexed (`indexed = false`: the HNSW index is partial) and
@@ -42,8 +44,8 @@ const BUILD_FROM: i64 = 10_000;
 
 /// PostgreSQL's approximate index: HNSW over the settled rows. `ef_construction` 128 (pgvector's
 /// default is 64): on clusters of ~330 near-duplicates, 100,000 vectors, recall@10 at
-/// `ef_search` 100 went from 0.84 to 0.98 (64 → 128) for about a quarter more build time; `m` 24
-/// or 32 cost more time for less (0.92 at 24 with 96).
+/// `ef_search` 100 went from 0.84–0.87 to 0.91–0.94 for about a quarter more build time (200
+/// did no better; `m` 24 or 32 cost more time).
 const HNSW: &str = "USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 128) \
                     WHERE indexed";
 
@@ -52,8 +54,14 @@ const RARE_CAP: i64 = 2_000;
 
 /// The tables' base names.
 pub const MEMORIES: &str = "memories";
+/// PostgreSQL and SQLite: unused (exists empty; the vectors are a column of `memories`).
 pub const VECTORS: &str = "memory_vectors";
 pub const TERMS: &str = "memory_terms";
+/// SQLite: each vector's signs (binary quantisation), scanned first; PostgreSQL: unused.
+pub const BITS: &str = "memory_bits";
+
+/// The fewest candidates SQLite's scan of signs hands over to be ranked by their vectors.
+const RESCORED: usize = 400;
 
 /// One memory as indexed.
 #[derive(Clone, Debug)]
@@ -522,7 +530,7 @@ impl VectorIndex for Postgres {
             .await?;
         // Vectors and terms are columns of `memories` here; the other two tables exist (empty)
         // so that both stores have the projection's tables.
-        for base in [VECTORS, TERMS] {
+        for base in [VECTORS, TERMS, BITS] {
             db.execute(
                 &format!(
                     "CREATE TABLE IF NOT EXISTS {} (unused int)",
@@ -1025,7 +1033,9 @@ async fn supersede(
     .collect()
 }
 
-/// sqlite-vec `vec0` (exact, cosine, the scope as metadata columns) + FTS5 without content.
+/// The vectors as a column of `memories` (`f32` blobs, compared with sqlite-vec's
+/// `vec_distance_cosine`), their signs in a `vec0` table (the scope as metadata columns),
+/// FTS5 without content.
 struct Sqlite;
 
 /// The scope as `vec0` metadata columns hold it (they hold no NULL: none is "").
@@ -1046,14 +1056,64 @@ impl VectorIndex for Sqlite {
             tables.name(VECTORS),
             tables.name(TERMS),
         );
-        let exists = db
+        let b = tables.name(BITS);
+        let present = db
             .fetch_one(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = $1) AS found",
-                &[m.as_str().into()],
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = $1) AS memories, \
+                        EXISTS (SELECT 1 FROM sqlite_master WHERE name = $2) AS bits, \
+                        EXISTS (SELECT 1 FROM pragma_table_info($1) WHERE name = 'embedding') \
+                          AS embedded",
+                &[m.as_str().into(), b.as_str().into()],
             )
-            .await?
-            .get::<bool>("found")?;
-        if exists {
+            .await?;
+        let bits_table = format!(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS {b} USING vec0(
+                bits bit[{}],
+                agent text, conversation text, subject_id text, workflow text, tenant text,
+                current integer)",
+            // Signs of a vector whose length is no multiple of 8 are not kept (never searched).
+            if dimensions.is_multiple_of(8) {
+                dimensions
+            } else {
+                8
+            }
+        );
+        // The vectors are a column of `memories` (read by row id to rank candidates); the
+        // table of that name exists (empty) so that both stores have the projection's tables.
+        let vectors_table = format!("CREATE TABLE IF NOT EXISTS {v} (unused int)");
+        if present.get::<bool>("memories")? {
+            if present.get::<bool>("embedded")? {
+                return Ok(());
+            }
+            // A store from before: the vectors (and the scope, current or not) were in a
+            // `vec0` table of floats; the signs are made from it (unless a store in between
+            // made them), the vectors move into `memories`, and it goes.
+            if !present.get::<bool>("bits")? {
+                db.execute(&bits_table, &[]).await?;
+                if dimensions.is_multiple_of(8) {
+                    db.execute(
+                        &format!(
+                            "INSERT INTO {b} (rowid, bits, agent, conversation, subject_id, \
+                             workflow, tenant, current) SELECT rowid, \
+                             vec_quantize_binary(embedding), agent, conversation, subject_id, \
+                             workflow, tenant, current FROM {v}"
+                        ),
+                        &[],
+                    )
+                    .await?;
+                }
+            }
+            db.execute(&format!("ALTER TABLE {m} ADD COLUMN embedding BLOB"), &[])
+                .await?;
+            db.execute(
+                &format!(
+                    "UPDATE {m} SET embedding = (SELECT embedding FROM {v} WHERE rowid = {m}.id)"
+                ),
+                &[],
+            )
+            .await?;
+            db.execute(&format!("DROP TABLE {v}"), &[]).await?;
+            db.execute(&vectors_table, &[]).await?;
             return Ok(());
         }
         db.execute(
@@ -1072,7 +1132,8 @@ impl VectorIndex for Sqlite {
                     sources TEXT NOT NULL,
                     valid_from INTEGER NOT NULL,
                     valid_until INTEGER,
-                    forgotten INTEGER NOT NULL DEFAULT 0)"
+                    forgotten INTEGER NOT NULL DEFAULT 0,
+                    embedding BLOB)"
             ),
             &[],
         )
@@ -1091,16 +1152,7 @@ impl VectorIndex for Sqlite {
             )
             .await?;
         }
-        db.execute(
-            &format!(
-                "CREATE VIRTUAL TABLE IF NOT EXISTS {v} USING vec0(
-                    embedding float[{dimensions}] distance_metric=cosine,
-                    agent text, conversation text, subject_id text, workflow text, tenant text,
-                    current integer)"
-            ),
-            &[],
-        )
-        .await?;
+        db.execute(&vectors_table, &[]).await?;
         db.execute(
             &format!(
                 "CREATE VIRTUAL TABLE IF NOT EXISTS {t} USING fts5(text, content='', \
@@ -1109,30 +1161,29 @@ impl VectorIndex for Sqlite {
             &[],
         )
         .await?;
+        db.execute(&bits_table, &[]).await?;
         Ok(())
     }
 
     async fn insert(&self, db: &mut Db<'_>, tables: &Tables, doc: &Doc) -> Result<(), sqlx::Error> {
-        let (m, v, t) = (
-            tables.name(MEMORIES),
-            tables.name(VECTORS),
-            tables.name(TERMS),
-        );
+        let (m, t, b) = (tables.name(MEMORIES), tables.name(TERMS), tables.name(BITS));
         let tags = tags_json(&doc.tags);
         let sources = tags_json(&doc.sources);
         let mut values = insert_values(doc);
+        let vector = vector_text(&doc.vector);
         values.extend([
             Value::from(&tags),
             (&doc.key).into(),
             (&sources).into(),
             Value::Int(Some(doc.valid_from.timestamp_micros())),
+            (&vector).into(),
         ]);
         let inserted = db
             .fetch_optional(
                 &format!(
-                    "INSERT INTO {m} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-                     $10, $11, $12, $13, $14, $15) ON CONFLICT (memory_id) DO NOTHING \
-                     RETURNING id"
+                    "INSERT INTO {m} ({COLUMNS}, embedding) VALUES ($1, $2, $3, $4, $5, $6, $7, \
+                     $8, $9, $10, $11, $12, $13, $14, $15, vec_f32($16)) \
+                     ON CONFLICT (memory_id) DO NOTHING RETURNING id"
                 ),
                 &values,
             )
@@ -1141,24 +1192,26 @@ impl VectorIndex for Sqlite {
             return Ok(());
         };
         let id: i64 = inserted.get("id")?;
-        let vector = vector_text(&doc.vector);
         let s = &doc.scope;
-        db.execute(
-            &format!(
-                "INSERT INTO {v} (rowid, embedding, agent, conversation, subject_id, workflow, \
-                 tenant, current) VALUES ($1, $2, $3, $4, $5, $6, $7, 1)"
-            ),
-            &[
-                id.into(),
-                (&vector).into(),
-                meta(&s.agent).into(),
-                meta(&s.conversation).into(),
-                meta(&s.subject).into(),
-                meta(&s.workflow).into(),
-                meta(&s.tenant).into(),
-            ],
-        )
-        .await?;
+        if doc.vector.len().is_multiple_of(8) {
+            db.execute(
+                &format!(
+                    "INSERT INTO {b} (rowid, bits, agent, conversation, subject_id, workflow, \
+                     tenant, current) VALUES ($1, vec_quantize_binary(vec_f32($2)), $3, $4, $5, \
+                     $6, $7, 1)"
+                ),
+                &[
+                    id.into(),
+                    (&vector).into(),
+                    meta(&s.agent).into(),
+                    meta(&s.conversation).into(),
+                    meta(&s.subject).into(),
+                    meta(&s.workflow).into(),
+                    meta(&s.tenant).into(),
+                ],
+            )
+            .await?;
+        }
         db.execute(
             &format!("INSERT INTO {t} (rowid, text) VALUES ($1, $2)"),
             &[id.into(), (&doc.text).into()],
@@ -1214,11 +1267,7 @@ impl VectorIndex for Sqlite {
         tables: &Tables,
         subjects: &[String],
     ) -> Result<Vec<String>, sqlx::Error> {
-        let (m, v, t) = (
-            tables.name(MEMORIES),
-            tables.name(VECTORS),
-            tables.name(TERMS),
-        );
+        let (m, t, b) = (tables.name(MEMORIES), tables.name(TERMS), tables.name(BITS));
         let gone = db
             .fetch_all(
                 &format!(
@@ -1231,9 +1280,9 @@ impl VectorIndex for Sqlite {
         let mut hashes = Vec::with_capacity(gone.len());
         for row in &gone {
             let id: i64 = row.get("id")?;
-            db.execute(&format!("DELETE FROM {v} WHERE rowid = $1"), &[id.into()])
-                .await?;
             db.execute(&format!("DELETE FROM {t} WHERE rowid = $1"), &[id.into()])
+                .await?;
+            db.execute(&format!("DELETE FROM {b} WHERE rowid = $1"), &[id.into()])
                 .await?;
             hashes.push(row.get("text_sha256")?);
         }
@@ -1327,22 +1376,25 @@ impl VectorIndex for Sqlite {
         vector: &[f32],
         filter: &Filter,
         limit: usize,
-        _exact: bool,
+        exact: bool,
     ) -> Result<Vec<String>, sqlx::Error> {
         let text = vector_text(vector);
         let mut db = Db::from(pool);
-        if filter.at.is_some() {
-            // Another moment: the validity is in the memories table, compare them all.
+        if exact || filter.at.is_some() || !vector.len().is_multiple_of(8) {
+            // Every vector the filter keeps compared (another moment: the validity is in the
+            // memories table).
             let mut w = Where::new(vec![(&text).into(), (limit as i64).into()]);
             w.filter(filter, Dialect::Sqlite);
             let sql = format!(
-                "SELECT m.memory_id FROM {VECTORS} v JOIN {MEMORIES} m ON m.id = v.rowid \
-                 WHERE {} ORDER BY vec_distance_cosine(v.embedding, $1), m.memory_id LIMIT $2",
+                "SELECT m.memory_id FROM {MEMORIES} m WHERE {} \
+                 ORDER BY vec_distance_cosine(m.embedding, vec_f32($1)), m.memory_id LIMIT $2",
                 w.sql()
             );
             return ids(db.fetch_all(&sql, &w.values).await?);
         }
-        // `vec0` scans every vector (exact) and applies the metadata conditions as it goes.
+        // `vec0` scans every row's signs (48 bytes for 384 dimensions, compared by Hamming
+        // distance) applying the metadata conditions as it goes; the closest candidates are
+        // ranked by their vectors (cosine), each read from its row by id.
         let mut values: Vec<Value<'_>> = vec![(&text).into(), (limit as i64).into()];
         let mut conditions = vec!["v.current = 1".to_owned()];
         for (column, value) in columns(&filter.scope) {
@@ -1355,9 +1407,14 @@ impl VectorIndex for Sqlite {
             // Metadata columns hold '' for an unset part.
             conditions.push("v.subject_id = ''".to_owned());
         }
+        let candidates = (limit * 8).clamp(RESCORED, 4_096) as i64;
+        values.push(candidates.into());
         let sql = format!(
-            "SELECT m.memory_id FROM {VECTORS} v JOIN {MEMORIES} m ON m.id = v.rowid \
-             WHERE v.embedding MATCH $1 AND v.k = $2 AND {} ORDER BY v.distance, m.memory_id",
+            "WITH c AS (SELECT v.rowid FROM {BITS} v \
+               WHERE v.bits MATCH vec_quantize_binary(vec_f32($1)) AND v.k = ${} AND {}) \
+             SELECT m.memory_id FROM c JOIN {MEMORIES} m ON m.id = c.rowid \
+             ORDER BY vec_distance_cosine(m.embedding, vec_f32($1)), m.memory_id LIMIT $2",
+            values.len(),
             conditions.join(" AND ")
         );
         ids(db.fetch_all(&sql, &values).await?)
@@ -1385,10 +1442,10 @@ impl VectorIndex for Sqlite {
 
 /// Takes these rows out of `vec0`'s current vectors.
 async fn not_current(db: &mut Db<'_>, tables: &Tables, ids: &[i64]) -> Result<(), sqlx::Error> {
-    let v = tables.name(VECTORS);
+    let b = tables.name(BITS);
     for id in ids {
         db.execute(
-            &format!("UPDATE {v} SET current = 0 WHERE rowid = $1"),
+            &format!("UPDATE {b} SET current = 0 WHERE rowid = $1"),
             &[(*id).into()],
         )
         .await?;

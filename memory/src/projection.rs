@@ -290,7 +290,7 @@ impl Projection for MemoryProjection {
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &[index::MEMORIES, index::VECTORS, index::TERMS]
+        &[index::MEMORIES, index::VECTORS, index::TERMS, index::BITS]
     }
 
     async fn create(

@@ -367,8 +367,9 @@ async fn rare_terms_and_fresh_memories_find_what_a_full_scan_finds(store: &Store
     }
 }
 
-/// The vector search's nearest over more than one of `vec0`'s chunks (1,024 vectors) and for
-/// many candidates are the nearest a computation here finds, in order (to float rounding).
+/// The exact vector search's nearest over more than one of `vec0`'s chunks (1,024 vectors) and
+/// for many candidates are the nearest a computation here finds, in order (to float rounding);
+/// the approximate search finds most of them.
 async fn many_candidates_are_the_nearest(store: &Store) {
     let (_private, memories, runner) = memory_of(store).await;
     const ROWS: usize = 1_500;
@@ -425,12 +426,12 @@ async fn many_candidates_are_the_nearest(store: &Store) {
         let mut expected: Vec<f64> = ids.values().map(|v| distance(v, &query)).collect();
         expected.sort_by(f64::total_cmp);
         for k in [10, 300] {
-            let found = index
-                .vector_search(&store.pool, &query, &Filter::default(), k, false)
+            let exact = index
+                .vector_search(&store.pool, &query, &Filter::default(), k, true)
                 .await
                 .unwrap();
-            assert_eq!(found.len(), k);
-            for (rank, id) in found.iter().enumerate() {
+            assert_eq!(exact.len(), k);
+            for (rank, id) in exact.iter().enumerate() {
                 let d = distance(&ids[id], &query);
                 assert!(
                     (d - expected[rank]).abs() < 1e-5,
@@ -438,8 +439,84 @@ async fn many_candidates_are_the_nearest(store: &Store) {
                     expected[rank]
                 );
             }
+            let approximate = index
+                .vector_search(&store.pool, &query, &Filter::default(), k, false)
+                .await
+                .unwrap();
+            let found = approximate.iter().filter(|id| exact.contains(id)).count();
+            assert!(found * 10 >= k * 9, "{found} of the {k} nearest found");
         }
     }
+}
+
+/// An embedded store from before the vectors' signs (vectors and scope in a `vec0` table of
+/// floats, none in `memories`) is moved to the current layout when its memory is set up: the
+/// vectors into `memories`, their signs (current or not, as they were) into `memory_bits`.
+#[test]
+fn an_embedded_store_from_before_is_moved_to_the_signs() {
+    stele_engine::testing::with_store(stele_engine::testing::Kind::Sqlite, |store| async move {
+        let mut db = stele_engine::store::sql::Db::from(&store.pool);
+        for sql in [
+            "CREATE TABLE memories (id INTEGER PRIMARY KEY, memory_id TEXT NOT NULL UNIQUE, \
+             kind TEXT NOT NULL, position INTEGER NOT NULL, content TEXT NOT NULL, \
+             text_sha256 TEXT NOT NULL, agent TEXT, conversation TEXT, subject_id TEXT, \
+             workflow TEXT, tenant TEXT, importance REAL NOT NULL, tags TEXT NOT NULL, \
+             fact_key TEXT, sources TEXT NOT NULL, valid_from INTEGER NOT NULL, \
+             valid_until INTEGER, forgotten INTEGER NOT NULL DEFAULT 0)",
+            "CREATE VIRTUAL TABLE memory_vectors USING vec0(embedding float[384] \
+             distance_metric=cosine, agent text, conversation text, subject_id text, \
+             workflow text, tenant text, current integer)",
+            "CREATE VIRTUAL TABLE memory_terms USING fts5(text, content='', \
+             contentless_delete=1, tokenize='porter unicode61 remove_diacritics 2')",
+        ] {
+            db.execute(sql, &[]).await.unwrap();
+        }
+        // Two memories with the same vector: the first superseded (valid until 2), the other
+        // current.
+        let vector = stele_memory::index::vector_text(&[0.05; 384]);
+        for (id, until, current) in [(1i64, Some(2i64), 0i64), (2, None, 1)] {
+            db.execute(
+                "INSERT INTO memories (id, memory_id, kind, position, content, text_sha256, \
+                 importance, tags, sources, valid_from, valid_until) \
+                 VALUES ($1, 'm' || $1, 'fact', $1, '\"old\"', 'x', 0.5, '[]', '[]', 1, $2)",
+                &[id.into(), stele_engine::store::sql::Value::Int(until)],
+            )
+            .await
+            .unwrap();
+            db.execute(
+                "INSERT INTO memory_vectors (rowid, embedding, agent, conversation, \
+                 subject_id, workflow, tenant, current) VALUES ($1, $2, '', '', '', '', '', $3)",
+                &[id.into(), (&vector).into(), current.into()],
+            )
+            .await
+            .unwrap();
+        }
+        drop(db);
+        let (_private, _memories, _runner) = memory_of(&store).await;
+        let mut db = stele_engine::store::sql::Db::from(&store.pool);
+        let row = db
+            .fetch_one(
+                "SELECT (SELECT count(*) FROM memories WHERE embedding IS NOT NULL) AS embedded, \
+                        (SELECT group_concat(rowid || ':' || current) FROM memory_bits) AS bits, \
+                        (SELECT sql FROM sqlite_master WHERE name = 'memory_vectors') AS vectors",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<i64>("embedded").unwrap(), 2);
+        assert_eq!(row.get::<String>("bits").unwrap(), "1:0,2:1");
+        assert!(!row.get::<String>("vectors").unwrap().contains("vec0"));
+        drop(db);
+        let index = stele_memory::index::for_pool(&store.pool);
+        for exact in [false, true] {
+            let found = index
+                .vector_search(&store.pool, &[0.05; 384], &Filter::default(), 5, exact)
+                .await
+                .unwrap();
+            assert_eq!(found, ["m2"], "exact: {exact}");
+        }
+        store
+    });
 }
 
 stele_engine::for_each_backend!(
