@@ -1386,7 +1386,7 @@ impl VectorIndex for Sqlite {
             let mut w = Where::new(vec![(&text).into(), (limit as i64).into()]);
             w.filter(filter, Dialect::Sqlite);
             let sql = format!(
-                "SELECT m.memory_id FROM {MEMORIES} m WHERE {} \
+                "SELECT m.memory_id FROM {MEMORIES} m WHERE {} AND m.embedding IS NOT NULL \
                  ORDER BY vec_distance_cosine(m.embedding, vec_f32($1)), m.memory_id LIMIT $2",
                 w.sql()
             );

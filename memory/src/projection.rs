@@ -23,7 +23,7 @@ use crate::index::{self, Doc, Scope};
 /// The projection's name.
 pub const MEMORY: &str = "memory";
 
-/// Keeps `memories` (and, on SQLite, `memory_vectors` and `memory_terms`).
+/// Keeps `memories` (and, on SQLite, `memory_bits` and `memory_terms`).
 pub struct MemoryProjection {
     embedder: Arc<dyn EmbeddingModel>,
     sealer: Arc<Sealer>,

@@ -5944,15 +5944,21 @@ void bitmap_fill(u8 *bitmap, i32 n) {
   memset(bitmap, 0xFF, n / CHAR_BIT);
 }
 
+/// Patched in: whether distance a ranks after b (farther), a NaN after any number, so that a
+/// NaN distance (a zero vector under cosine) never keeps a number out of the k nearest.
+static int min_idx_after(f32 a, f32 b) {
+  return a > b || (isnan(a) && !isnan(b));
+}
+
 /// Patched in: restores the max-heap order of out[0..size) after out[0] changed.
 static void min_idx_sift_down(const f32 *distances, i32 *out, int size) {
   int p = 0;
   for (;;) {
     int l = 2 * p + 1, r = l + 1, largest = p;
-    if (l < size && distances[out[l]] > distances[out[largest]]) {
+    if (l < size && min_idx_after(distances[out[l]], distances[out[largest]])) {
       largest = l;
     }
-    if (r < size && distances[out[r]] > distances[out[largest]]) {
+    if (r < size && min_idx_after(distances[out[r]], distances[out[largest]])) {
       largest = r;
     }
     if (largest == p) {
@@ -5994,7 +6000,7 @@ int min_idx(const f32 *distances, i32 n, u8 *candidates, i32 *out, i32 k,
       out[c] = i;
       while (c > 0) {
         int parent = (c - 1) / 2;
-        if (distances[out[parent]] >= distances[out[c]]) {
+        if (!min_idx_after(distances[out[c]], distances[out[parent]])) {
           break;
         }
         i32 swap = out[parent];
@@ -6004,7 +6010,7 @@ int min_idx(const f32 *distances, i32 n, u8 *candidates, i32 *out, i32 k,
       }
       continue;
     }
-    if (!(distances[i] < distances[out[0]])) {
+    if (!min_idx_after(distances[out[0]], distances[i])) {
       continue;
     }
     out[0] = i;
