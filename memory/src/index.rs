@@ -1440,7 +1440,7 @@ impl VectorIndex for Sqlite {
     }
 }
 
-/// Takes these rows out of `vec0`'s current vectors.
+/// Takes these rows out of the current signs (`vec0`), which approximate searches scan.
 async fn not_current(db: &mut Db<'_>, tables: &Tables, ids: &[i64]) -> Result<(), sqlx::Error> {
     let b = tables.name(BITS);
     for id in ids {
