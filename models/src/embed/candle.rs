@@ -11,8 +11,10 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor, D};
-use candle_nn::{Embedding, LayerNorm, Linear};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Module, Shape, Tensor, D,
+};
+use candle_nn::{Embedding, LayerNorm};
 
 use super::local::{Batch, BertConfig, Encoder, Folder, Gelu, LayerWeights, Weights};
 use super::EmbeddingError;
@@ -32,12 +34,173 @@ pub(super) struct CandleEncoder {
 struct Layer {
     /// Query, key and value in one projection; the query's part is pre-scaled by
     /// `1/sqrt(head size)`.
-    qkv: Linear,
-    attention_out: Linear,
+    qkv: Dense,
+    attention_out: Dense,
     attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Dense,
+    output: Dense,
     output_norm: LayerNorm,
+}
+
+/// A linear layer computed by one gemm call that also adds the bias (and the residual, when
+/// there is one), with the weight kept transposed, `(in, out)` row-major.
+///
+/// Written against gemm directly rather than with candle's `Linear`: that multiplies by the
+/// checkpoint's `(out, in)` weight seen transposed, and gemm then repacks the whole weight on
+/// every call, which for a short text (one query: a few tokens, a million floats of weight)
+/// takes longer than the product itself; stored transposed, the weight is already in the
+/// column-major layout gemm's kernel reads. And candle would add the bias and the residual in
+/// passes of their own over the output (a tenth of a batch's time); here the output starts as
+/// bias plus residual and gemm accumulates the product onto it.
+struct Dense {
+    weight_t: Tensor,
+    bias: Vec<f32>,
+}
+
+impl Dense {
+    fn new((weight, bias): (Tensor, Tensor)) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+            bias: bias.to_vec1()?,
+        })
+    }
+
+    /// `x · Wᵀ + b (+ residual)` over the last dimension of `x`.
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let inputs = dims.pop().unwrap_or(1);
+        let rows = dims.iter().product::<usize>();
+        let outputs = self.weight_t.dim(1)?;
+        let x = x.reshape((rows, inputs))?.contiguous()?;
+        let op = AddMatmul { bias: &self.bias };
+        let out = match residual {
+            Some(residual) => {
+                let residual = residual.reshape((rows, outputs))?.contiguous()?;
+                x.apply_op3_no_bwd(&self.weight_t, &residual, &op)?
+            }
+            None => x.apply_op2_no_bwd(&self.weight_t, &op)?,
+        };
+        dims.push(outputs);
+        out.reshape(dims)
+    }
+}
+
+/// `bias + residual + x · w` for contiguous f32 matrices `x` `(rows, in)`, `w` `(in, out)` and
+/// `residual` `(rows, out)`.
+struct AddMatmul<'a> {
+    bias: &'a [f32],
+}
+
+impl AddMatmul<'_> {
+    fn run(
+        &self,
+        (x, x_layout): (&CpuStorage, &Layout),
+        (w, w_layout): (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, inputs) = x_layout.shape().dims2()?;
+        let (w_inputs, outputs) = w_layout.shape().dims2()?;
+        let x = contiguous_f32(x, x_layout)?;
+        let w = contiguous_f32(w, w_layout)?;
+        if w_inputs != inputs || self.bias.len() != outputs {
+            candle_core::bail!(
+                "add-matmul: ({rows}, {inputs}) × ({w_inputs}, {outputs}) + bias of {}",
+                self.bias.len()
+            );
+        }
+        let mut out = Vec::with_capacity(rows * outputs);
+        match residual {
+            Some((residual, layout)) => {
+                if layout.shape().dims2()? != (rows, outputs) {
+                    candle_core::bail!("add-matmul: residual of shape {:?}", layout.shape());
+                }
+                let residual = contiguous_f32(residual, layout)?;
+                for row in residual.chunks_exact(outputs) {
+                    out.extend(row.iter().zip(self.bias).map(|(r, b)| r + b));
+                }
+            }
+            None => (0..rows).for_each(|_| out.extend_from_slice(self.bias)),
+        }
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: `out` holds rows × outputs floats, `x` rows × inputs and `w` inputs × outputs
+        // (checked above), each row-major with the strides given; `out` is initialised (gemm
+        // reads it: `read_dst`) and does not overlap the inputs.
+        unsafe {
+            gemm::gemm(
+                rows,
+                outputs,
+                inputs,
+                out.as_mut_ptr(),
+                1,
+                outputs as isize,
+                true,
+                x.as_ptr(),
+                1,
+                inputs as isize,
+                w.as_ptr(),
+                1,
+                outputs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows, outputs))))
+    }
+}
+
+/// The floats of a contiguous f32 tensor.
+fn contiguous_f32<'s>(storage: &'s CpuStorage, layout: &Layout) -> candle_core::Result<&'s [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(values), Some((start, end))) => Ok(&values[start..end]),
+        _ => candle_core::bail!("add-matmul takes contiguous f32 tensors"),
+    }
+}
+
+impl CustomOp2 for AddMatmul<'_> {
+    fn name(&self) -> &'static str {
+        "add-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run((x, x_layout), (w, w_layout), None)
+    }
+}
+
+impl CustomOp3 for AddMatmul<'_> {
+    fn name(&self) -> &'static str {
+        "add-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run(
+            (x, x_layout),
+            (w, w_layout),
+            Some((residual, residual_layout)),
+        )
+    }
 }
 
 impl CandleEncoder {
@@ -106,7 +269,7 @@ impl CandleEncoder {
             // (rows, len, 3, heads, head size) → three (rows, heads, len, head size).
             let qkv = layer
                 .qkv
-                .forward(&hidden)?
+                .forward(&hidden, None)?
                 .reshape((rows, len, 3, self.heads, head_size))?
                 .permute((2, 0, 3, 1, 4))?;
             let query = qkv.get(0)?.contiguous()?;
@@ -119,14 +282,14 @@ impl CandleEncoder {
                     .matmul(&value)?
                     .transpose(1, 2)?
                     .reshape((rows, len, self.hidden))?;
-            let attended = layer.attention_out.forward(&context)?.add(&hidden)?;
+            let attended = layer.attention_out.forward(&context, Some(&hidden))?;
             let attended = layer.attention_norm.forward(&attended)?;
-            let intermediate = layer.intermediate.forward(&attended)?;
+            let intermediate = layer.intermediate.forward(&attended, None)?;
             let intermediate = match self.gelu {
                 Gelu::Erf => intermediate.apply_op1_no_bwd(&GeluErf)?,
                 Gelu::Tanh => intermediate.gelu()?,
             };
-            let output = layer.output.forward(&intermediate)?.add(&attended)?;
+            let output = layer.output.forward(&intermediate, Some(&attended))?;
             hidden = layer.output_norm.forward(&output)?;
         }
 
@@ -144,22 +307,18 @@ impl Layer {
         let (query, query_bias) = w.query;
         let (key, key_bias) = w.key;
         let (value, value_bias) = w.value;
-        let qkv = Linear::new(
+        let qkv = Dense::new((
             Tensor::cat(&[(query * scale)?, key, value], 0)?,
-            Some(Tensor::cat(
-                &[(query_bias * scale)?, key_bias, value_bias],
-                0,
-            )?),
-        );
-        let linear = |(weight, bias): (Tensor, Tensor)| Linear::new(weight, Some(bias));
+            Tensor::cat(&[(query_bias * scale)?, key_bias, value_bias], 0)?,
+        ))?;
         let norm =
             |(weight, bias): (Tensor, Tensor)| LayerNorm::new(weight, bias, config.layer_norm_eps);
         Ok(Self {
             qkv,
-            attention_out: linear(w.attention_out),
+            attention_out: Dense::new(w.attention_out)?,
             attention_norm: norm(w.attention_norm),
-            intermediate: linear(w.intermediate),
-            output: linear(w.output),
+            intermediate: Dense::new(w.intermediate)?,
+            output: Dense::new(w.output)?,
             output_norm: norm(w.output_norm),
         })
     }
