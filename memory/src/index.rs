@@ -32,8 +32,17 @@ use stele_engine::store::StorePool;
 /// Below this many rows kept by a filter, PostgreSQL searches exactly.
 pub const EXACT_BELOW: i64 = 5_000;
 
-/// The fewest candidates PostgreSQL's approximate search considers (`hnsw.ef_search`).
-pub const MIN_EF_SEARCH: i64 = 100;
+/// The fewest candidates PostgreSQL's approximate search considers (`hnsw.ef_search`). On
+/// clusters of ~330 near-duplicates, 100,000 vectors, recall@10 of questions falling between
+/// clusters was 0.84 at 100, 0.91 at 300, 0.94 at 400 and 0.97 at 800, for 1.3, 3.2, 4.1 and
+/// 8 ms of index scan.
+pub const MIN_EF_SEARCH: i64 = 400;
+
+/// The query's vector in PostgreSQL's searches, bound as text (`$1`) and parsed once: a bare
+/// `$1::vector` in a prepared statement's generic plan (chosen after five runs) is parsed
+/// again for every row it is compared with — an exact search over 100,000 rows took 2 s
+/// instead of 0.19 s, an approximate one 7 ms instead of 1.5.
+const QUERY_VECTOR: &str = "(SELECT $1::vector)";
 
 /// Fresh memories `settle` moves into PostgreSQL's HNSW index in one transaction.
 const SETTLE_BATCH: i64 = 500;
@@ -802,29 +811,33 @@ impl VectorIndex for Postgres {
             // Exact: no index on the distance, so every kept row is compared.
             let sql = format!(
                 "SELECT m.memory_id FROM {MEMORIES} m WHERE {} \
-                 ORDER BY (m.embedding <=> $1::vector) + 0, m.memory_id LIMIT $2",
+                 ORDER BY (m.embedding <=> {QUERY_VECTOR}) + 0, m.memory_id LIMIT $2",
                 w.sql()
             );
             return ids(db.fetch_all(&sql, &w.values).await?);
         };
         // Approximate over the settled rows (the HNSW index holds those only): enough
         // candidates that the filter leaves `limit` of them; exact over the fresh ones (few:
-        // `settle` moves them into the index behind the ingest), both ranked together.
+        // `settle` moves them into the index behind the ingest), both ranked together. The
+        // index scan weighs at least MIN_EF_SEARCH candidates but hands over only as many as
+        // the filter needs (each one handed over is read from the table: 400 instead of 100
+        // cost 2.5 ms more).
         let candidates = ((limit as f64 / selectivity.clamp(0.001, 1.0)) * 2.0)
             .ceil()
-            .clamp(MIN_EF_SEARCH as f64, 1_000.0) as i64;
+            .clamp(100.0, 1_000.0) as i64;
+        let ef_search = candidates.max(MIN_EF_SEARCH);
         let sql = format!(
             "SELECT memory_id FROM ( \
-               SELECT m.memory_id, m.embedding <=> $1::vector AS d FROM ( \
+               SELECT m.memory_id, m.embedding <=> {QUERY_VECTOR} AS d FROM ( \
                  SELECT * FROM {MEMORIES} WHERE indexed \
-                 ORDER BY embedding <=> $1::vector LIMIT {candidates}) m WHERE {w} \
+                 ORDER BY embedding <=> {QUERY_VECTOR} LIMIT {candidates}) m WHERE {w} \
                UNION \
-               SELECT m.memory_id, (m.embedding <=> $1::vector) + 0 AS d FROM {MEMORIES} m \
+               SELECT m.memory_id, (m.embedding <=> {QUERY_VECTOR}) + 0 AS d FROM {MEMORIES} m \
                WHERE NOT m.indexed AND {w}) t \
              ORDER BY d, memory_id LIMIT $2",
             w = w.sql()
         );
-        db.execute(&format!("SET hnsw.ef_search = {candidates}"), &[])
+        db.execute(&format!("SET hnsw.ef_search = {ef_search}"), &[])
             .await?;
         let found = db.fetch_all(&sql, &w.values).await;
         db.execute("RESET hnsw.ef_search", &[]).await?;

@@ -193,7 +193,18 @@ impl Scratch {
         Ok((private.store, runtime))
     }
 
+    /// Drops the scratch database or folder, unless `STELE_BENCH_KEEP` is set: then it stays, for
+    /// inspection, and where it is goes to stderr.
     pub async fn remove(self) {
+        if std::env::var_os("STELE_BENCH_KEEP").is_some() {
+            match &self.location {
+                StoreLocation::Postgres(url) => eprintln!("kept the scratch database {url}"),
+                StoreLocation::Embedded(dir) => {
+                    eprintln!("kept the scratch store {}", dir.display())
+                }
+            }
+            return;
+        }
         match (&self.location, self.drop_db) {
             (_, Some((admin, name))) => {
                 if let Ok(mut admin) = PgConnectOptions::from_str(&admin)

@@ -545,6 +545,33 @@ static f32 distance_hamming_u64(u64 *a, u64 *b, size_t n) {
   return (f32)same;
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__POPCNT__)
+#define SQLITE_VEC_POPCNT_DISPATCH 1
+/// Patched in: the same count with the CPU's POPCNT instruction. The baseline x86-64 target has
+/// none, so __builtin_popcountl above is a call into a bit-twiddling routine per word, which was
+/// a third of a scan of 100,000 binary vectors; this one is chosen when the CPU has it.
+__attribute__((target("popcnt"))) static f32 distance_hamming_u64_popcnt(u64 *a, u64 *b,
+                                                                         size_t n) {
+  int same = 0;
+  for (unsigned long i = 0; i < n; i++) {
+    same += __builtin_popcountl(a[i] ^ b[i]);
+  }
+  return (f32)same;
+}
+
+/// Patched in: whether the CPU has POPCNT (-1: not asked yet; every thread finds the same).
+static int distance_hamming_has_popcnt(void) {
+  static int has = -1;
+  int value = __atomic_load_n(&has, __ATOMIC_RELAXED);
+  if (value < 0) {
+    __builtin_cpu_init();
+    value = __builtin_cpu_supports("popcnt") ? 1 : 0;
+    __atomic_store_n(&has, value, __ATOMIC_RELAXED);
+  }
+  return value;
+}
+#endif
+
 /**
  * @brief Calculate the hamming distance between two bitvectors.
  *
@@ -557,6 +584,11 @@ static f32 distance_hamming(const void *a, const void *b, const void *d) {
   size_t dimensions = *((size_t *)d);
 
   if ((dimensions % 64) == 0) {
+#ifdef SQLITE_VEC_POPCNT_DISPATCH
+    if (distance_hamming_has_popcnt()) {
+      return distance_hamming_u64_popcnt((u64 *)a, (u64 *)b, dimensions / 8 / CHAR_BIT);
+    }
+#endif
     return distance_hamming_u64((u64 *)a, (u64 *)b, dimensions / 8 / CHAR_BIT);
   }
   return distance_hamming_u8((u8 *)a, (u8 *)b, dimensions / CHAR_BIT);
@@ -5858,6 +5890,8 @@ static int vec0BestIndex(sqlite3_vtab *pVTab, sqlite3_index_info *pIdxInfo) {
 // forward delcaration bc vec0Filter uses it
 static int vec0Next(sqlite3_vtab_cursor *cur);
 
+static int min_idx_after(f32 a, f32 b);
+
 void merge_sorted_lists(f32 *a, i64 *a_rowids, i64 a_length, f32 *b,
                         i64 *b_rowids, i32 *b_top_idxs, i64 b_length, f32 *out,
                         i64 *out_rowids, i64 out_length, i64 *out_used) {
@@ -5878,7 +5912,8 @@ void merge_sorted_lists(f32 *a, i64 *a_rowids, i64 a_length, f32 *b,
       out_rowids[i] = a_rowids[ptrA];
       ptrA++;
     } else {
-      if (a[ptrA] <= b[b_top_idxs[ptrB]]) {
+      // Patched: a NaN ranks after every number (see min_idx_after); ties keep a first.
+      if (!min_idx_after(a[ptrA], b[b_top_idxs[ptrB]])) {
         out[i] = a[ptrA];
         out_rowids[i] = a_rowids[ptrA];
         ptrA++;
@@ -7013,6 +7048,19 @@ int vec0Filter_knn_chunks_iter(vec0_vtab *p, sqlite3_stmt *stmtChunks,
             }
             break;
           }
+        }
+      }
+    }
+
+    // Patched: once k are kept, only a vector nearer than the farthest kept can enter them
+    // (on a tie the kept one stays, see merge_sorted_lists), so the others are not selected
+    // at all. Most of a chunk goes here: the selection of many candidates (k in the hundreds,
+    // to rescore them) over binary vectors' integer distances was most of a search's time.
+    if (k_used == k) {
+      f32 farthest = topk_distances[k - 1];
+      for (int i = 0; i < p->chunk_size; i++) {
+        if (bitmap_get(b, i) && !min_idx_after(farthest, chunk_distances[i])) {
+          bitmap_set(b, i, 0);
         }
       }
     }

@@ -122,7 +122,7 @@ impl AddMatmul<'_> {
             None => (0..rows).for_each(|_| out.extend_from_slice(self.bias)),
         }
         let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
+        let parallelism = if threads > 1 && rows >= PARALLEL_ROWS {
             gemm::Parallelism::Rayon(threads)
         } else {
             gemm::Parallelism::None
@@ -156,6 +156,12 @@ impl AddMatmul<'_> {
         Ok((CpuStorage::F32(out), Shape::from((rows, outputs))))
     }
 }
+
+/// From this many rows (tokens in the batch) a product is split over candle's threads. Below, it
+/// runs on the calling thread: for one short query (a dozen tokens) handing halves to another
+/// thread costs about what it saves, and the search waits for the slower half whenever the other
+/// core is busy (a query's p95 doubled with two threads).
+const PARALLEL_ROWS: usize = 64;
 
 /// The floats of a contiguous f32 tensor.
 fn contiguous_f32<'s>(storage: &'s CpuStorage, layout: &Layout) -> candle_core::Result<&'s [f32]> {
@@ -358,7 +364,7 @@ impl CustomOp1 for GeluErf {
             .map(Mutex::new)
             .collect();
         let arch = pulp::Arch::new();
-        candle_core::utils::barrier_pool().execute_chunked(pieces.len(), |range| {
+        let run = |range: std::ops::Range<usize>| {
             for piece in &pieces[range] {
                 // Each piece is taken by one thread only: the lock is never contended.
                 let mut piece = piece.lock().unwrap_or_else(PoisonError::into_inner);
@@ -369,7 +375,13 @@ impl CustomOp1 for GeluErf {
                     }
                 });
             }
-        });
+        };
+        // A short text's few pieces on the calling thread (see PARALLEL_ROWS).
+        if pieces.len() <= 4 {
+            run(0..pieces.len());
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(pieces.len(), run);
+        }
         drop(pieces);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
