@@ -13,6 +13,7 @@
 //! | a time ([`Value::Time`], [`Row::time`]) | `timestamptz` | microseconds since the epoch |
 //! | a span ([`Value::Span`]: a lease, a staleness limit) | seconds, for `make_interval(secs => $n)` | microseconds |
 //! | a list of texts ([`Value::Texts`]) | an array: `= ANY($n)` | one JSON array: `IN (SELECT value FROM json_each($n))` |
+//! | bytes ([`Value::Bytes`]) | `bytea` | a blob |
 //! | a batch of rows ([`Db::execute_rows`]) | one statement, each column an array: `UNNEST($1::text[], …)` | `VALUES (…), (…), …` (up to 500 rows a statement) |
 //! | the current time | the statement's `now()` (the transaction's start) | bound by the executor, see below |
 //!
@@ -71,6 +72,9 @@ pub enum Value<'a> {
     Span(Duration),
     /// Texts: an array on PostgreSQL, one JSON array on SQLite.
     Texts(&'a [String]),
+    /// Bytes: `bytea` on PostgreSQL, a blob on SQLite (e.g. a vector's floats for sqlite-vec,
+    /// which reads them as they are instead of parsing a JSON array).
+    Bytes(&'a [u8]),
 }
 
 impl From<f64> for Value<'_> {
@@ -455,6 +459,7 @@ fn postgres_arguments(values: &[Value<'_>]) -> Result<PgArguments, sqlx::Error> 
             Value::Time(time) => arguments.add(time),
             Value::Span(span) => arguments.add(span.as_secs_f64()),
             Value::Texts(texts) => arguments.add(texts),
+            Value::Bytes(bytes) => arguments.add(bytes),
         }
         .map_err(sqlx::Error::Encode)?;
     }
@@ -485,6 +490,7 @@ fn add_sqlite_values<'q>(
             Value::Texts(texts) => serde_json::to_string(texts)
                 .map_err(Into::into)
                 .and_then(|json| arguments.add(json)),
+            Value::Bytes(bytes) => arguments.add(bytes),
         }
         .map_err(sqlx::Error::Encode)?;
     }
@@ -530,8 +536,8 @@ fn postgres_columns<'v, R: AsRef<[Value<'v>]>>(rows: &[R]) -> Result<PgArguments
                 Value::Time(time) => Some(time),
                 _ => None,
             })?),
-            Value::Span(_) | Value::Texts(_) => Err(format!(
-                "column {} of a batch: spans and lists are not bound as columns",
+            Value::Span(_) | Value::Texts(_) | Value::Bytes(_) => Err(format!(
+                "column {} of a batch: spans, lists and bytes are not bound as columns",
                 index + 1
             )
             .into()),
