@@ -9,6 +9,9 @@
 //! cargo run --release -p stele-models --example embed_speed -- candle /tmp/sentences.json "$STELE_EMBEDDING_MODEL" 5
 //! ```
 //!
+//! `embed_speed single candle|tch MODEL_DIR ITERATIONS` times one query at a time instead (its
+//! first `WORDS` words, 10 unless that variable says otherwise).
+//!
 //! Prints one JSON line, like the Python script:
 //! `{"backend": "candle", "sentences_per_sec": 171.3, "seconds": 7.47, "threads": 2}`.
 
@@ -238,9 +241,13 @@ fn sentences() -> Vec<String> {
 /// ITERATIONS calls, in milliseconds.
 fn single(backend: &str, folder: &str, iterations: usize) -> Result<(), Box<dyn Error>> {
     let model = load(backend, folder)?;
+    let words = std::env::var("WORDS")
+        .ok()
+        .and_then(|words| words.parse().ok())
+        .unwrap_or(10);
     let queries: Vec<String> = sentences()
         .into_iter()
-        .map(|s| s.split(' ').take(10).collect::<Vec<_>>().join(" "))
+        .map(|s| s.split(' ').take(words).collect::<Vec<_>>().join(" "))
         .collect();
     model.embed_blocking(&queries[..1])?;
     let mut times: Vec<f64> = (0..iterations.max(1))

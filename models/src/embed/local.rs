@@ -257,11 +257,19 @@ impl Inner {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let encodings = self
-            .tokenizer
-            .encode_batch(inputs, true)
-            .map_err(EmbeddingError::Tokenizer)?;
+        // One text is encoded on this thread: `encode_batch` hands its texts to rayon's pool.
+        let encodings = match texts {
+            [text] => vec![self
+                .tokenizer
+                .encode(text.as_str(), true)
+                .map_err(EmbeddingError::Tokenizer)?],
+            _ => {
+                let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                self.tokenizer
+                    .encode_batch(inputs, true)
+                    .map_err(EmbeddingError::Tokenizer)?
+            }
+        };
         // Longest first, as sentence-transformers does: texts of similar length share a batch,
         // so little of each batch is padding. Padding does not change a text's vector (the
         // attention mask hides it), only the work.
