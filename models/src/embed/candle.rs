@@ -56,8 +56,9 @@ struct Layer {
 /// bias plus residual and gemm accumulates the product onto it.
 struct Dense {
     weight_t: Tensor,
-    /// The weight in half precision, for short inputs (see [`HalfPanels`]).
-    half: HalfPanels,
+    /// The weight in half precision, for short inputs (see [`HalfPanels`]); none when a weight
+    /// is beyond half precision's range.
+    half: Option<HalfPanels>,
     bias: Vec<f32>,
 }
 
@@ -80,7 +81,7 @@ impl Dense {
         let x = x.reshape((rows, inputs))?.contiguous()?;
         let op = AddMatmul {
             bias: &self.bias,
-            half: &self.half,
+            half: self.half.as_ref(),
         };
         let out = match residual {
             Some(residual) => {
@@ -98,7 +99,7 @@ impl Dense {
 /// `residual` `(rows, out)`.
 struct AddMatmul<'a> {
     bias: &'a [f32],
-    half: &'a HalfPanels,
+    half: Option<&'a HalfPanels>,
 }
 
 /// A linear layer's weight `(in, out)` in half precision, cut into panels of [`PANEL`] columns,
@@ -129,9 +130,14 @@ struct HalfPanels {
 const PANEL: usize = 128;
 
 impl HalfPanels {
-    fn new(weight_t: &Tensor) -> candle_core::Result<Self> {
+    /// None when a weight is beyond half precision's range (±65504): that layer's products
+    /// then read the single-precision weight whatever the input's length.
+    fn new(weight_t: &Tensor) -> candle_core::Result<Option<Self>> {
         let (inputs, outputs) = weight_t.dims2()?;
         let weight: Vec<f32> = weight_t.flatten_all()?.to_vec1()?;
+        if weight.iter().any(|x| x.abs() > f32::from(half::f16::MAX)) {
+            return Ok(None);
+        }
         let mut bits = Vec::with_capacity(inputs * outputs);
         for start in (0..outputs).step_by(PANEL) {
             let end = (start + PANEL).min(outputs);
@@ -143,11 +149,11 @@ impl HalfPanels {
                 );
             }
         }
-        Ok(Self {
+        Ok(Some(Self {
             inputs,
             outputs,
             bits,
-        })
+        }))
     }
 
     /// `out += x · W` for `x` `(rows, inputs)` and `out` `(rows, outputs)`, both row-major.
@@ -259,12 +265,14 @@ impl AddMatmul<'_> {
             }
             None => (0..rows).for_each(|_| out.extend_from_slice(self.bias)),
         }
+        if rows < PARALLEL_ROWS {
+            if let Some(half) = self.half {
+                half.add_product(rows, x, &mut out);
+                return Ok((CpuStorage::F32(out), Shape::from((rows, outputs))));
+            }
+        }
         // The current pool's: one in a short input's pool (see PARALLEL_ROWS). Not candle's
         // `get_num_threads`, which reads /proc/cpuinfo on every call.
-        if rows < PARALLEL_ROWS {
-            self.half.add_product(rows, x, &mut out);
-            return Ok((CpuStorage::F32(out), Shape::from((rows, outputs))));
-        }
         let threads = rayon::current_num_threads();
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
