@@ -349,15 +349,32 @@ impl Projection for MemoryProjection {
         } else {
             self.vectors(&mut db, &texts).await?
         };
+        // Memories are written a run at a time, in the log's order: a run ends with a fact
+        // that supersedes others, and before a forgetting or an erasure.
+        let mut run: Vec<Doc> = Vec::new();
         for (i, event) in events.iter().enumerate() {
             if let Some(mut doc) = docs.remove(&i) {
                 let Some(vector) = vectors.get(&doc.text_sha256) else {
                     continue;
                 };
                 doc.vector = vector.clone();
-                index.insert(&mut db, tables, &doc).await?;
-                index.supersede(&mut db, tables, &doc).await?;
+                let keyed = doc.key.is_some();
+                run.push(doc);
+                if keyed {
+                    index.insert_all(&mut db, tables, &run).await?;
+                    if let Some(fact) = run.last() {
+                        index.supersede(&mut db, tables, fact).await?;
+                    }
+                    run.clear();
+                }
                 continue;
+            }
+            if matches!(
+                event.event_type.as_str(),
+                "MemoryForgotten" | "SubjectErased"
+            ) {
+                index.insert_all(&mut db, tables, &run).await?;
+                run.clear();
             }
             match event.event_type.as_str() {
                 "MemoryForgotten" => {
@@ -391,6 +408,7 @@ impl Projection for MemoryProjection {
                 _ => {}
             }
         }
+        index.insert_all(&mut db, tables, &run).await?;
         Ok(())
     }
 }

@@ -234,6 +234,83 @@ async fn remembers_finds_supersedes_forgets_and_erases(store: &Store) {
     assert!(found[0].content.contains("Tuesdays"), "{found:?}");
 }
 
+/// One batch holding plain memories, facts superseding one another and a forgetting is
+/// applied as the log orders it (memories are written a run at a time), and a rebuild, which
+/// reads it all as one batch again, comes to the same.
+async fn one_batch_keeps_the_log_order(store: &Store) {
+    let (_private, memories, runner) = memory_of(store).await;
+    let scope = MemoryScope {
+        agent: Some("planner".into()),
+        ..MemoryScope::default()
+    };
+    let mut ids = Vec::new();
+    for (content, key) in [
+        ("The release train leaves on Mondays", Some("release_day")),
+        ("The staging database is called orca", None),
+        (
+            "The release train leaves on Wednesdays",
+            Some("release_day"),
+        ),
+        ("The build cache lives in the attic", None),
+        ("The release train leaves on Fridays", Some("release_day")),
+    ] {
+        let id = memories
+            .store(fact(content, scope.clone(), key), meta())
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    memories.forget(&ids[3], "moved", meta()).await.unwrap();
+    for round in ["first", "rebuilt"] {
+        match round {
+            "first" => catch_up(&runner).await,
+            _ => {
+                runner.rebuild(MEMORY, |_| {}).await.unwrap();
+            }
+        }
+        let stats = memories.stats().await.unwrap();
+        assert_eq!((stats.memories, stats.valid), (5, 2), "{round}: {stats:?}");
+        let found = memories
+            .search(&search(
+                "when does the release train leave",
+                Filter::default(),
+                Mode::Dense,
+            ))
+            .await
+            .unwrap();
+        let current: Vec<&str> = found.iter().map(|h| h.content.as_str()).collect();
+        assert!(
+            current.contains(&"The release train leaves on Fridays"),
+            "{round}: {current:?}"
+        );
+        assert!(
+            current.contains(&"The staging database is called orca")
+                && !current.iter().any(|c| c.contains("Mondays")
+                    || c.contains("Wednesdays")
+                    || c.contains("attic")),
+            "{round}: {current:?}"
+        );
+        // Each superseded fact was valid until the next one.
+        let rows = stele_memory::index::for_pool(&store.pool)
+            .fetch(&store.pool, &ids)
+            .await
+            .unwrap();
+        let row = |id: &str| rows.iter().find(|r| r.memory_id == id).unwrap();
+        assert_eq!(
+            row(&ids[0]).valid_until,
+            Some(row(&ids[2]).valid_from),
+            "{round}"
+        );
+        assert_eq!(
+            row(&ids[2]).valid_until,
+            Some(row(&ids[4]).valid_from),
+            "{round}"
+        );
+        assert_eq!(row(&ids[4]).valid_until, None, "{round}");
+        assert!(row(&ids[3]).forgotten && !row(&ids[1]).forgotten, "{round}");
+    }
+}
+
 /// The full-text side of hybrid search reads only the rarest terms' rows, and finds the rows
 /// a scan of every row would; fresh memories are found before and after they settle into the
 /// approximate index (and a missing index is built anew); approximate and exact vector search
@@ -544,6 +621,7 @@ fn an_embedded_store_from_before_is_moved_to_the_signs() {
 
 stele_engine::for_each_backend!(
     remembers_finds_supersedes_forgets_and_erases,
+    one_batch_keeps_the_log_order,
     rare_terms_and_fresh_memories_find_what_a_full_scan_finds,
     many_candidates_are_the_nearest
 );
