@@ -80,7 +80,10 @@ const CREATE: Dialects<[&str; 3]> = Dialects {
 const UPSERT: Dialects<&str> = Dialects {
     postgres: "INSERT INTO {view} AS v (subject_id, registered_at, minor, merged_into, erased_at, \
                    last_seen_at, events) \
-               VALUES ($1, $2, $3 = 1, $4, $5, $6, $7) \
+               SELECT s, r, m = 1, mi, e, l, n \
+               FROM UNNEST($1::text[], $2::timestamptz[], $3::int8[], $4::text[], \
+                           $5::timestamptz[], $6::timestamptz[], $7::int8[]) \
+                    AS u(s, r, m, mi, e, l, n) \
                ON CONFLICT (subject_id) DO UPDATE SET \
                    registered_at = COALESCE(v.registered_at, excluded.registered_at), \
                    minor = v.minor OR excluded.minor, \
@@ -191,18 +194,22 @@ impl Projection for SubjectIndex {
         let mut db = Db::from(tx.connection());
         let view = tables.name(VIEW);
         let upsert = db.pick(&UPSERT).replace("{view}", &view);
-        for (subject, change) in &changes {
-            let values = [
-                subject.into(),
-                change.registered_at.into(),
-                i64::from(change.minor).into(),
-                (&change.merged_into).into(),
-                change.erased_at.into(),
-                change.last_seen_at.into(),
-                change.events.into(),
-            ];
-            db.execute(&upsert, &values).await?;
-        }
+        // One statement for the batch's subjects (each once: `changes` is keyed by them).
+        let values: Vec<[Value<'_>; 7]> = changes
+            .iter()
+            .map(|(subject, change)| {
+                [
+                    subject.into(),
+                    change.registered_at.into(),
+                    i64::from(change.minor).into(),
+                    (&change.merged_into).into(),
+                    change.erased_at.into(),
+                    change.last_seen_at.into(),
+                    change.events.into(),
+                ]
+            })
+            .collect();
+        db.execute_rows(&upsert, &values).await?;
         let insert = db
             .pick(&INSERT_EVENTS)
             .replace("{events}", &tables.name(EVENTS));
