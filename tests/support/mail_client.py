@@ -87,7 +87,13 @@ def fetch(args):
             return []  # no such folder (yet)
         out = []
         for num in m.search(None, "ALL")[1][0].split():
-            raw = m.fetch(num, "(BODY.PEEK[])")[1][0][1]
+            # The body is the response's (envelope, bytes) part: an untagged FETCH of flags that
+            # another session changed meanwhile (the node marking a mail seen) comes as plain
+            # bytes in the same list; a mail moved away meanwhile has no body part.
+            parts = m.fetch(num, "(BODY.PEEK[])")[1]
+            raw = next((part[1] for part in parts if isinstance(part, tuple)), None)
+            if raw is None:
+                continue
             msg = email.message_from_bytes(raw, policy=email.policy.default)
             text = msg.get_body(preferencelist=("plain",))
             html = msg.get_body(preferencelist=("html",))
