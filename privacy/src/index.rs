@@ -131,6 +131,12 @@ impl Projection for SubjectIndex {
         &[VIEW, EVENTS]
     }
 
+    fn deferred_flush(&self) -> bool {
+        // Derived from the log alone: a batch lost with a crash of the database is indexed again
+        // from the checkpoint it left.
+        true
+    }
+
     async fn create(
         &self,
         tx: &mut dyn LogTransaction,

@@ -133,6 +133,42 @@ impl Machine {
     }
 }
 
+/// CPU time used so far, in seconds, read from Linux's `/proc` (`None` elsewhere): the whole
+/// machine's busy time (all cores, steal and idle excluded) or one process's (user + system).
+/// On a shared machine a run's wall-clock rate moves with its neighbours; the CPU time a unit of
+/// work costs moves much less, so it is the figure to compare builds by.
+pub struct CpuClock;
+
+impl CpuClock {
+    const TICKS_PER_SEC: f64 = 100.0;
+
+    pub fn machine() -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().next()?.strip_prefix("cpu ")?;
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        // user, nice, system, idle, iowait, irq, softirq, steal, …
+        let busy = [0, 1, 2, 5, 6]
+            .iter()
+            .map(|&i| ticks.get(i).copied().unwrap_or(0))
+            .sum::<u64>();
+        Some(busy as f64 / Self::TICKS_PER_SEC)
+    }
+
+    pub fn process(pid: u32) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the command's name, which ends at the last ')'.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // utime and stime are the 14th and 15th fields of the line, the 12th and 13th here.
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        Some((utime + stime) as f64 / Self::TICKS_PER_SEC)
+    }
+}
+
 /// A store that exists for one scenario.
 pub struct Scratch {
     pub location: StoreLocation,

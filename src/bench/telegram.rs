@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
-use super::{Latency, Machine, Scratch};
+use super::{CpuClock, Latency, Machine, Scratch};
 
 #[derive(Args)]
 pub struct TelegramBenchArgs {
@@ -61,6 +61,10 @@ struct Burst {
     seconds: f64,
     answered_per_sec: f64,
     goal_per_sec: f64,
+    /// CPU time per message answered, in milliseconds: the whole machine's (the database, the
+    /// node, this benchmark's Bot API) and the node's alone (Linux only).
+    cpu_ms_per_message: Option<f64>,
+    node_cpu_ms_per_message: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -219,13 +223,18 @@ async fn measure(
         .env("STELE_LOG", "warn")
         .kill_on_drop(true)
         .spawn()?;
-    let result = phases(args, api).await;
+    let result = phases(args, api, node.id()).await;
     let _ = node.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn phases(args: &TelegramBenchArgs, api: &Arc<Api>) -> anyhow::Result<Report> {
+async fn phases(
+    args: &TelegramBenchArgs,
+    api: &Arc<Api>,
+    node: Option<u32>,
+) -> anyhow::Result<Report> {
+    let node_cpu = || node.and_then(CpuClock::process);
     let chat = |i: usize| 1000 + (i % args.chats) as i64;
     // Warm up: one message per chat, so subjects and conversations exist.
     let mut n = 0u64;
@@ -243,7 +252,11 @@ async fn phases(args: &TelegramBenchArgs, api: &Arc<Api>) -> anyhow::Result<Repo
         n += 1;
     }
     let started = Instant::now();
+    let cpu_before = (CpuClock::machine(), node_cpu());
     wait_answered(api, n, Duration::from_secs(600)).await?;
+    let cpu_after = (CpuClock::machine(), node_cpu());
+    let per_message =
+        |before: Option<f64>, after: Option<f64>| Some((after? - before?) * 1000.0 / total as f64);
     let delivered_at = {
         let delivered = api.delivered.lock().unwrap();
         (first..n).filter_map(|k| delivered.get(&k).copied()).min()
@@ -285,6 +298,8 @@ async fn phases(args: &TelegramBenchArgs, api: &Arc<Api>) -> anyhow::Result<Repo
             seconds,
             answered_per_sec: total as f64 / seconds,
             goal_per_sec: 500.0,
+            cpu_ms_per_message: per_message(cpu_before.0, cpu_after.0),
+            node_cpu_ms_per_message: per_message(cpu_before.1, cpu_after.1),
         },
         steady: Steady {
             rate_per_sec: args.rate,

@@ -192,6 +192,8 @@ pub struct ProjectionRunner {
     known: std::sync::Mutex<std::collections::HashMap<String, Known>>,
     /// The last page read from the log, shared by the followers (see [`Self::read_after`]).
     tail: tokio::sync::Mutex<Option<Page>>,
+    /// The runner's clock for busy followers (see [`Self::next_read`]).
+    epoch: tokio::time::Instant,
 }
 
 /// Events read from the log after `from`, when the appends' wake-up counter stood at `seen`
@@ -267,6 +269,7 @@ impl ProjectionRunner {
             linger: DEFAULT_LINGER,
             known: Default::default(),
             tail: Default::default(),
+            epoch: tokio::time::Instant::now(),
         }
     }
 
@@ -555,18 +558,40 @@ impl ProjectionRunner {
                 Err(ProjectionError::Busy(_)) => {}
                 Err(e) => tracing::warn!(projection = name, error = %e, "projection step failed"),
             }
+            // Appends came while it stepped: the log is busy.
+            let busy = appends.has_changed().unwrap_or(false);
             let wait = async {
                 let wait = tokio::time::timeout(self.poll_interval, appends.changed()).await;
                 if let Ok(Err(_)) = wait {
                     tokio::time::sleep(self.poll_interval).await;
                 }
-                tokio::time::sleep_until(read_at + self.linger).await;
+                tokio::time::sleep_until(self.next_read(read_at, busy)).await;
             };
             tokio::select! {
                 _ = stopped.changed() => return,
                 () = wait => {}
             }
         }
+    }
+
+    /// When a follower that read at `read_at` may read again. Not before `read_at + linger`; and
+    /// while the log is busy (appends came while it stepped, or that moment is still ahead), at
+    /// the runner's next multiple of `linger`, the same moment for every busy follower: they step
+    /// together, and the first to read shares its page with the others (see
+    /// [`Self::read_after`]). Each on its own clock, their reads drift apart, a newer append
+    /// comes in between, and every follower reads the log for itself: a page read per follower
+    /// per batch, each decoded, where one serves them all. The first append after a quiet moment
+    /// is read at once.
+    fn next_read(&self, read_at: tokio::time::Instant, busy: bool) -> tokio::time::Instant {
+        let due = read_at + self.linger;
+        let now = tokio::time::Instant::now();
+        if (due <= now && !busy) || self.linger.is_zero() {
+            return due;
+        }
+        let linger = self.linger.as_nanos();
+        let since = (due.max(now) - self.epoch).as_nanos();
+        let ticks = since.div_ceil(linger);
+        self.epoch + Duration::from_nanos((ticks * linger).min(u64::MAX as u128) as u64)
     }
 
     /// Publishes each projection's lag as the gauges `stele_projection_lag_events` and
