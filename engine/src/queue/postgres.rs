@@ -274,6 +274,30 @@ fn cancelling(condition: &str) -> String {
     )
 }
 
+/// The queue's own connections: `pool`'s settings and application name, at most
+/// [`QUEUE_CONNECTIONS`], opened when needed, with sequential scans off.
+///
+/// Its statements find every job they change by a key with an index (`ANY(ARRAY(…))` of ids,
+/// see [`CLAIM`] and [`release_next_sql`]), but the planner costs `jobs` as it is when a statement
+/// is planned, and PostgreSQL keeps a statement's generic plan for the connection's life (until
+/// the table's statistics change): planned while the table is small (a new database), the
+/// plan scanned the whole table, and went on doing so on every claim and completion once it
+/// held thousands of finished jobs. No statement here is better off scanning the table.
+fn queue_pool(pool: &PgPool) -> PgPool {
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("enable_seqscan", "off")]);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(QUEUE_CONNECTIONS)
+        .acquire_timeout(pool.options().get_acquire_timeout())
+        .test_before_acquire(false)
+        .connect_lazy_with(options)
+}
+
+/// Connections of the queue's own pool: claims, outcomes and lease extensions are short and
+/// batched, so a few serve a node's workers.
+const QUEUE_CONNECTIONS: u32 = 8;
+
 /// The job queue on PostgreSQL. The schema must be migrated (see [`crate::store`]).
 pub struct PgJobQueue {
     pool: PgPool,
@@ -282,10 +306,12 @@ pub struct PgJobQueue {
 }
 
 impl PgJobQueue {
-    /// `listen`: wake local workers on enqueues by other processes.
+    /// `listen`: wake local workers on enqueues by other processes. The queue's statements run on
+    /// connections of their own (see [`queue_pool`]); `pool`'s are used for listening.
     pub fn new(pool: PgPool, listen: bool) -> Self {
         let wakeups = Waker::new();
         let tasks = wakeups.start(&pool, CHANNEL, true, listen);
+        let pool = queue_pool(&pool);
         Self {
             pool,
             wakeups,
@@ -749,5 +775,6 @@ impl JobQueue for PgJobQueue {
         for task in std::mem::take(&mut *self.tasks.lock().expect("tasks lock")) {
             task.abort();
         }
+        self.pool.close().await;
     }
 }
