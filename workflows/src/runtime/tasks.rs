@@ -3,6 +3,7 @@
 
 use super::*;
 use stele_aggregates::screening::Screening;
+use stele_engine::queue::completing;
 
 impl Runtime {
     /// Records a new task; the manager starts its workflow.
@@ -123,7 +124,7 @@ impl Runtime {
                     subject,
                     screening: screening.clone(),
                 };
-                return match self.tasks.create(&task_id, block, meta).await {
+                return match completing(self.tasks.create(&task_id, block, meta)).await {
                     Ok(_) | Err(CommandError::Rejected(_)) => Err(RuntimeError::InputBlocked {
                         task_id: TaskId::new(task_id),
                         screening,
@@ -156,8 +157,10 @@ impl Runtime {
             screening,
             routed,
         };
-        // The task id is the command id: a new stream, unless the command is a repeat.
-        match self.tasks.create(&task_id, command, meta).await {
+        // The task id is the command id: a new stream, unless the command is a repeat. Recording
+        // the task is the last effect of every job that creates one (a channel's message, a
+        // schedule's moment): its append completes the job.
+        match completing(self.tasks.create(&task_id, command, meta)).await {
             Ok(Executed::Duplicate(first)) => {
                 let view = self.task(&first.stream.aggregate_id).await?;
                 let same = view.task.input.get().map(String::as_str) == Some(input.as_str())
