@@ -967,7 +967,7 @@ fn schedules_fire_under_up_catch_up_after_a_kill_and_are_managed_from_the_cli() 
 
     let list = schedules(&["list"]);
     assert!(list.status.success(), "{}", stderr(&list));
-    assert!(stderr(&list).is_empty());
+    assert!(stderr(&list).is_empty(), "{}", stderr(&list));
     let text = String::from_utf8_lossy(&list.stdout).into_owned();
     assert!(
         text.starts_with("beat  active  every 1s → assistant"),
