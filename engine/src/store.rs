@@ -277,6 +277,24 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool,
         .connect_lazy_with(options))
 }
 
+/// A pool of `pool`'s database with connections of its own: the same connect options (and so
+/// the same application name: its notifications are skipped as the pool's own) plus the
+/// server `settings` given, at most `max_connections`, opened when first needed.
+pub(crate) fn own_connections(
+    pool: &PgPool,
+    max_connections: u32,
+    settings: &[(&str, &str)],
+) -> PgPool {
+    let options = (*pool.connect_options())
+        .clone()
+        .options(settings.iter().copied());
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(pool.options().get_acquire_timeout())
+        .test_before_acquire(false)
+        .connect_lazy_with(options)
+}
+
 async fn run_migrations<'a, A>(
     migrator: &Migrator,
     pool: A,

@@ -327,16 +327,15 @@ impl PgEventLog {
 /// the group statement's time once the table held a few thousand finished jobs). Every row the
 /// statement touches is found by a key that has an index.
 fn writer_pool(pool: &PgPool, writers: usize) -> PgPool {
-    let options = (*pool.connect_options()).clone().options([
-        ("plan_cache_mode", "force_generic_plan"),
-        ("enable_seqscan", "off"),
-    ]);
-    sqlx::postgres::PgPoolOptions::new()
-        // The writers, and the lookup of a duplicate's first outcome.
-        .max_connections(writers.max(1) as u32 + 1)
-        .acquire_timeout(pool.options().get_acquire_timeout())
-        .test_before_acquire(false)
-        .connect_lazy_with(options)
+    // The writers, and the lookup of a duplicate's first outcome.
+    crate::store::own_connections(
+        pool,
+        writers.max(1) as u32 + 1,
+        &[
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
+        ],
+    )
 }
 
 fn event_from_row(row: &PgRow) -> Result<RecordedEvent, LogError> {

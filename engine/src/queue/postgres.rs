@@ -274,24 +274,18 @@ fn cancelling(condition: &str) -> String {
     )
 }
 
-/// The queue's own connections: `pool`'s settings and application name, at most
-/// [`QUEUE_CONNECTIONS`], opened when needed, with sequential scans off.
+/// The connections of the queue's hot statements (claims, outcomes, leases, enqueues): `pool`'s
+/// settings, at most [`QUEUE_CONNECTIONS`], with sequential scans off.
 ///
-/// Its statements find every job they change by a key with an index (`ANY(ARRAY(…))` of ids,
-/// see [`CLAIM`] and [`release_next_sql`]), but the planner costs `jobs` as it is when a statement
+/// Each of them finds the jobs it changes by a key with an index (`ANY(ARRAY(…))` of ids, see
+/// [`CLAIM`] and [`release_next_sql`]), but the planner costs `jobs` as it is when a statement
 /// is planned, and PostgreSQL keeps a statement's generic plan for the connection's life (until
-/// the table's statistics change): planned while the table is small (a new database), the
-/// plan scanned the whole table, and went on doing so on every claim and completion once it
-/// held thousands of finished jobs. No statement here is better off scanning the table.
+/// the table's statistics change): planned while the table is small (a new database), the plan
+/// scanned the whole table, and went on doing so on every claim and completion once it held
+/// thousands of finished jobs. The statements that do read the whole table (depth, listing,
+/// pruning) run on `pool`.
 fn queue_pool(pool: &PgPool) -> PgPool {
-    let options = (*pool.connect_options())
-        .clone()
-        .options([("enable_seqscan", "off")]);
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(QUEUE_CONNECTIONS)
-        .acquire_timeout(pool.options().get_acquire_timeout())
-        .test_before_acquire(false)
-        .connect_lazy_with(options)
+    crate::store::own_connections(pool, QUEUE_CONNECTIONS, &[("enable_seqscan", "off")])
 }
 
 /// Connections of the queue's own pool: claims, outcomes and lease extensions are short and
@@ -300,20 +294,23 @@ const QUEUE_CONNECTIONS: u32 = 8;
 
 /// The job queue on PostgreSQL. The schema must be migrated (see [`crate::store`]).
 pub struct PgJobQueue {
+    /// The hot statements' connections (see [`queue_pool`]).
     pool: PgPool,
+    /// The store's pool: statements that read the whole table, and listening.
+    scans: PgPool,
     wakeups: Waker,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl PgJobQueue {
-    /// `listen`: wake local workers on enqueues by other processes. The queue's statements run on
-    /// connections of their own (see [`queue_pool`]); `pool`'s are used for listening.
+    /// `listen`: wake local workers on enqueues by other processes. The hot statements run on
+    /// connections of their own (see [`queue_pool`]).
     pub fn new(pool: PgPool, listen: bool) -> Self {
         let wakeups = Waker::new();
         let tasks = wakeups.start(&pool, CHANNEL, true, listen);
-        let pool = queue_pool(&pool);
         Self {
-            pool,
+            pool: queue_pool(&pool),
+            scans: pool,
             wakeups,
             tasks: std::sync::Mutex::new(tasks),
         }
@@ -689,7 +686,7 @@ impl JobQueue for PgJobQueue {
     }
 
     async fn depth(&self) -> Result<Vec<(String, JobState, i64)>, QueueError> {
-        super::depth_of(sqlx::query_as(super::DEPTH).fetch_all(&self.pool).await?)
+        super::depth_of(sqlx::query_as(super::DEPTH).fetch_all(&self.scans).await?)
     }
 
     async fn cancel_keyed(&self, keys: &[String]) -> Result<Vec<Job>, QueueError> {
@@ -746,7 +743,7 @@ impl JobQueue for PgJobQueue {
             .bind(filter.queue)
             .bind(filter.kind)
             .bind(filter.limit.max(1) as i64)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.scans)
             .await?
             .iter()
             .map(job_from_row)
@@ -758,7 +755,7 @@ impl JobQueue for PgJobQueue {
             "DELETE FROM jobs WHERE state IN ('completed', 'cancelled') AND finished_at < $1",
         )
         .bind(before)
-        .execute(&self.pool)
+        .execute(&self.scans)
         .await?
         .rows_affected())
     }

@@ -124,7 +124,7 @@ impl Runtime {
                     subject,
                     screening: screening.clone(),
                 };
-                return match completing(self.tasks.create(&task_id, block, meta)).await {
+                return match self.tasks.create(&task_id, block, meta).await {
                     Ok(_) | Err(CommandError::Rejected(_)) => Err(RuntimeError::InputBlocked {
                         task_id: TaskId::new(task_id),
                         screening,
