@@ -426,6 +426,10 @@ pub async fn run_node(
     if roles.workers {
         let worker = runtime.worker(WorkerOptions {
             concurrency: node.concurrency,
+            // A supply of claimed jobs as large as the slots: with all slots busy, a finishing
+            // job's slot takes the next from it, and a claim refills it when it runs dry, for
+            // as many jobs as it lacks, instead of one claim for each job taken.
+            prefetch: node.concurrency,
             ..WorkerOptions::new(QUEUE)
         });
         let stopped = until_stopped();

@@ -3,7 +3,9 @@
 //! round trip.
 //!
 //! Each process keeps its own cache (processes stay stateless: it is rebuilt from the log). A
-//! view is at most a few milliseconds behind the log while the follower keeps up; an entry the
+//! view is at most a few tens of milliseconds behind the log while the follower keeps up (it
+//! reads the log at most every [`DEFAULT_LINGER`](stele_engine::projection::DEFAULT_LINGER)), and
+//! a task changed through this process is read again at once; an entry the
 //! follower cannot vouch for (it missed an event) is dropped, and every entry expires after
 //! [`TTL`], which bounds staleness even in the worst race. `?consistent=true` reads the log.
 
@@ -55,8 +57,14 @@ impl TaskCache {
         tokio::spawn(async move {
             let mut after = head;
             loop {
-                let mut subscription =
-                    subscribe(log.clone(), after, SubscriptionOptions::default());
+                // Read at most once per linger: this reader is the process's own, beside the
+                // projections' (which share their pages), and a read per append was a tenth of
+                // the database's time in a burst of messages.
+                let options = SubscriptionOptions {
+                    linger: stele_engine::projection::DEFAULT_LINGER,
+                    ..SubscriptionOptions::default()
+                };
+                let mut subscription = subscribe(log.clone(), after, options);
                 loop {
                     match subscription.next().await {
                         Ok(event) => {
@@ -89,6 +97,12 @@ impl TaskCache {
             }
         });
         cache
+    }
+
+    /// Forgets a task this process just changed, so that its caller's next read sees the change
+    /// without waiting for the follower.
+    pub async fn invalidate(&self, task_id: &str) {
+        self.views.invalidate(task_id).await;
     }
 
     pub async fn get(&self, task_id: &str) -> Option<Arc<TaskView>> {

@@ -263,6 +263,13 @@ pub async fn get_task(
     Ok(Json(answer))
 }
 
+/// Drops a task this request changed from the process's cache: its caller reads its own change.
+async fn forget(state: &AppState, id: &str) {
+    if let Some(cache) = &state.tasks {
+        cache.invalidate(id).await;
+    }
+}
+
 /// A task's full history: its events, its run's and its child runs', in order.
 #[utoipa::path(
     get, path = "/v1/tasks/{id}/events", tag = "tasks",
@@ -313,6 +320,7 @@ pub async fn cancel_task(
         .runtime
         .cancel_task(&id, reason, meta(&caller))
         .await?;
+    forget(&state, &id).await;
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {
@@ -355,6 +363,7 @@ pub async fn signal_task(
             meta(&caller),
         )
         .await?;
+    forget(&state, &id).await;
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {

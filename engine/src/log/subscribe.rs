@@ -18,6 +18,10 @@ pub struct SubscriptionOptions {
     /// How long to wait for a notification before reading anyway (appends by processes that do
     /// not notify, a lost notification connection).
     pub poll_interval: Duration,
+    /// After a read that reached the head, the next read comes no sooner than this: under a
+    /// stream of appends each read then takes what came meanwhile instead of one read per
+    /// append (a notification that comes before is kept, not lost). Zero reads at once.
+    pub linger: Duration,
 }
 
 impl Default for SubscriptionOptions {
@@ -25,6 +29,7 @@ impl Default for SubscriptionOptions {
         Self {
             batch_size: 1000,
             poll_interval: Duration::from_secs(1),
+            linger: Duration::ZERO,
         }
     }
 }
@@ -38,6 +43,8 @@ pub struct Subscription {
     options: SubscriptionOptions,
     /// The last read returned less than a page: the next waits for a notification first.
     caught_up: bool,
+    /// When the last read that reached the head was made (see [`SubscriptionOptions::linger`]).
+    read_at: Option<tokio::time::Instant>,
 }
 
 /// Follows the log from after `after`.
@@ -54,6 +61,7 @@ pub fn subscribe(
         appends,
         options,
         caught_up: false,
+        read_at: None,
     }
 }
 
@@ -71,6 +79,9 @@ impl Subscription {
                 return Ok(event);
             }
             if !self.caught_up {
+                if let Some(read_at) = self.read_at.take() {
+                    tokio::time::sleep_until(read_at + self.options.linger).await;
+                }
                 // Mark the notifications seen *before* reading, so an append that lands after
                 // this read wakes the wait below.
                 self.appends.borrow_and_update();
@@ -81,6 +92,9 @@ impl Subscription {
                 // A short page held every event committed before the read: reading again at
                 // once would find only what a notification since then announces.
                 self.caught_up = events.len() < self.options.batch_size;
+                if self.caught_up && !self.options.linger.is_zero() {
+                    self.read_at = Some(tokio::time::Instant::now());
+                }
                 if !events.is_empty() {
                     self.buffer.extend(events);
                     continue;
