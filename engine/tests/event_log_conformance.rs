@@ -450,6 +450,7 @@ async fn foreign_open_transactions_hold_no_reader_back(store: &Store) {
     let options = SubscriptionOptions {
         batch_size: 10,
         poll_interval: Duration::from_secs(30),
+        linger: Duration::ZERO,
     };
     let mut subscription = subscribe(log.clone(), *expected.last().unwrap(), options);
     let next = tokio::spawn(async move { subscription.next().await.unwrap() });
@@ -505,6 +506,7 @@ async fn a_subscription_catches_up_then_follows(store: &Store) {
         batch_size: 2,
         // Long enough that only a notification can explain a prompt wake-up.
         poll_interval: Duration::from_secs(30),
+        linger: Duration::ZERO,
     };
     let mut subscription = subscribe(log.clone(), Position::START, options);
     for _ in 0..3 {
@@ -528,6 +530,42 @@ async fn a_subscription_catches_up_then_follows(store: &Store) {
         .expect("woken by appends, not by polling")
         .unwrap();
     assert_eq!(seen, vec!["new0", "new1", "new2", "new3"]);
+}
+
+/// A lingering subscription reads at once after a quiet moment, then no sooner than its linger
+/// after a read that reached the head: appends meanwhile are all in its next read, none lost.
+async fn a_lingering_subscription_reads_at_most_once_per_linger(store: &Store) {
+    let log = store.log.clone();
+    let options = SubscriptionOptions {
+        batch_size: 100,
+        poll_interval: Duration::from_secs(30),
+        linger: Duration::from_millis(300),
+    };
+    let mut subscription = subscribe(log.clone(), Position::START, options);
+    appended(
+        log.append(request(&StreamId::new("note", "l0"), 0, 1))
+            .await,
+    );
+    let started = std::time::Instant::now();
+    let first = subscription.next().await.unwrap();
+    assert_eq!(first.stream.aggregate_id, "l0");
+    let first_read = started.elapsed();
+    for i in 1..4 {
+        appended(
+            log.append(request(&StreamId::new("note", format!("l{i}")), 0, 1))
+                .await,
+        );
+    }
+    let mut seen = Vec::new();
+    for _ in 1..4 {
+        seen.push(subscription.next().await.unwrap().stream.aggregate_id);
+    }
+    assert_eq!(seen, ["l1", "l2", "l3"]);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the next read waited for the linger ({:?} after the first, read in {first_read:?})",
+        started.elapsed()
+    );
 }
 
 async fn concurrent_appends_are_all_recorded(store: &Store) {
@@ -573,6 +611,7 @@ for_each_backend!(
     foreign_open_transactions_hold_no_reader_back,
     events_are_append_only,
     a_subscription_catches_up_then_follows,
+    a_lingering_subscription_reads_at_most_once_per_linger,
     concurrent_appends_are_all_recorded,
 );
 
@@ -621,6 +660,7 @@ async fn check_scenario(stores: &[Store], scenario: Scenario) {
         let options = SubscriptionOptions {
             batch_size: 7,
             poll_interval: Duration::from_millis(500),
+            linger: Duration::ZERO,
         };
         tokio::spawn(async move {
             let mut subscription = subscribe(log, start, options);

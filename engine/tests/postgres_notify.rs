@@ -17,6 +17,7 @@ async fn a_subscriber_is_woken_by_another_process_append() {
     let options = SubscriptionOptions {
         batch_size: 100,
         poll_interval: Duration::from_secs(60),
+        linger: Duration::ZERO,
     };
     let mut subscription = subscribe(reader.log.clone(), Position::START, options);
     let follower = tokio::spawn(async move { subscription.next().await.map(|e| e.stream) });
