@@ -267,8 +267,9 @@ impl KeyService {
     }
 
     /// Drops a key from this process's cache when `event` changes it (revoked, changed scopes):
-    /// called for every event by the process's reader of the log ([`crate::cache::TaskCache`]), so a revocation reaches every server process within the
-    /// log's notification delay (milliseconds), not the cache TTL.
+    /// called for every event by the process's reader of the log ([`crate::cache::TaskCache`]),
+    /// so a revocation reaches every server process within the log's notification delay and
+    /// that reader's linger (tens of milliseconds), not the cache TTL.
     pub async fn observe(&self, event: &stele_engine::RecordedEvent) {
         if event.stream.aggregate_type == <ApiKey as cqrs_es::Aggregate>::TYPE
             && event.event_type != "ApiKeyUsed"
