@@ -295,6 +295,58 @@ pub(crate) fn own_connections(
         .connect_lazy_with(options)
 }
 
+/// Connections of a pool kept checked out between the uses of a busy loop (the group writers,
+/// the stream loader, the claims), at most `most` of them.
+///
+/// Written by hand because sqlx 0.8 tests every connection it takes back into its pool with a
+/// round trip to the server (a ping on release, with no setting to skip it): at a thousand
+/// checkouts a second, the pings and their wake-ups took about a twelfth of a busy node's CPU,
+/// and the server answered each. A connection is kept only after a use that completed
+/// ([`Kept::keep`]); one whose use failed or was dropped half way goes back to the pool, which
+/// tests it as before. [`Kept::clear`] hands them all back (before the pool closes, which waits
+/// for checked-out connections).
+pub(crate) struct Kept {
+    pool: PgPool,
+    idle: std::sync::Mutex<Vec<sqlx::pool::PoolConnection<sqlx::Postgres>>>,
+    most: usize,
+}
+
+impl Kept {
+    pub(crate) fn new(pool: PgPool, most: usize) -> Self {
+        Kept {
+            pool,
+            idle: Default::default(),
+            most,
+        }
+    }
+
+    /// A kept connection, or one from the pool.
+    pub(crate) async fn take(
+        &self,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+        let kept = self.idle.lock().expect("kept connections lock").pop();
+        match kept {
+            Some(conn) => Ok(conn),
+            None => self.pool.acquire().await,
+        }
+    }
+
+    /// Keeps `conn`, whose use completed, for the next [`Kept::take`] (or hands it back to the
+    /// pool when `most` are kept already, or the pool is closing).
+    pub(crate) fn keep(&self, conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {
+        let mut idle = self.idle.lock().expect("kept connections lock");
+        if idle.len() < self.most && !self.pool.is_closed() {
+            idle.push(conn);
+        }
+    }
+
+    /// Hands every kept connection back to the pool.
+    pub(crate) fn clear(&self) {
+        let kept = std::mem::take(&mut *self.idle.lock().expect("kept connections lock"));
+        drop(kept);
+    }
+}
+
 async fn run_migrations<'a, A>(
     migrator: &Migrator,
     pool: A,

@@ -185,12 +185,16 @@ pub struct PgEventLog {
     writer: Arc<PgWriter>,
     committer: Batcher<GroupCommit<PgWriter>>,
     loader: Batcher<PgLoader>,
+    /// The loader's kept connections, handed back on close.
+    loading: Arc<crate::store::Kept>,
     appends: Waker,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct PgWriter {
     pool: PgPool,
+    /// The writers' connections between groups (see [`crate::store::Kept`]).
+    kept: crate::store::Kept,
     jobs: JobsHook,
 }
 
@@ -208,7 +212,8 @@ impl PgWriter {
 
 /// Loads the streams of concurrent commands with one query per batch.
 struct PgLoader {
-    pool: PgPool,
+    /// The loaders' connections between batches (see [`crate::store::Kept`]).
+    kept: Arc<crate::store::Kept>,
 }
 
 #[async_trait]
@@ -226,12 +231,21 @@ impl BatchHandler for PgLoader {
             .map(|(s, _)| s.aggregate_id.as_str())
             .collect();
         let after: Vec<i64> = requests.iter().map(|(_, a)| *a).collect();
-        let rows = sqlx::query(READ_STREAMS)
-            .bind(&types)
-            .bind(&ids)
-            .bind(&after)
-            .fetch_all(&self.pool)
-            .await;
+        let rows = match self.kept.take().await {
+            Ok(mut conn) => {
+                let rows = sqlx::query(READ_STREAMS)
+                    .bind(&types)
+                    .bind(&ids)
+                    .bind(&after)
+                    .fetch_all(&mut *conn)
+                    .await;
+                if rows.is_ok() {
+                    self.kept.keep(conn);
+                }
+                rows
+            }
+            Err(e) => Err(e),
+        };
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
@@ -268,8 +282,10 @@ impl BatchHandler for PgLoader {
 impl PgEventLog {
     pub fn new(pool: PgPool, options: PgLogOptions) -> Self {
         let appends = Waker::new();
+        let writers = writer_pool(&pool, options.writers);
         let writer = Arc::new(PgWriter {
-            pool: writer_pool(&pool, options.writers),
+            kept: crate::store::Kept::new(writers.clone(), options.writers.max(1)),
+            pool: writers,
             jobs: JobsHook::new(),
         });
         let on_commit = {
@@ -284,8 +300,14 @@ impl PgEventLog {
             options.writers,
             options.max_group,
         );
+        let loading = Arc::new(crate::store::Kept::new(
+            pool.clone(),
+            options.readers.max(1),
+        ));
         let loader = Batcher::start(
-            Arc::new(PgLoader { pool: pool.clone() }),
+            Arc::new(PgLoader {
+                kept: loading.clone(),
+            }),
             options.readers,
             options.max_group,
         );
@@ -297,6 +319,7 @@ impl PgEventLog {
             writer,
             committer,
             loader,
+            loading,
             appends,
             tasks: std::sync::Mutex::new(tasks),
         }
@@ -654,7 +677,7 @@ impl GroupWriter for PgWriter {
 
         // Fast path: one statement, committed on its own (one round trip, one flush), with the
         // jobs to enqueue and the running jobs to complete.
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.kept.take().await?;
         let fast = if pending
             .iter()
             .all(|a| a.jobs.is_empty() && a.completes.is_none())
@@ -691,6 +714,7 @@ impl GroupWriter for PgWriter {
         };
         match fast {
             Ok(written) => {
+                self.kept.keep(conn);
                 self.jobs_enqueued(&enqueued);
                 let mut written = written.into_iter();
                 for result in results.iter_mut().filter(|r| r.is_none()) {
@@ -738,6 +762,7 @@ impl GroupWriter for PgWriter {
                 results[i] = Some(w);
             }
         }
+        self.kept.keep(conn);
         self.jobs_enqueued(&enqueued);
         Ok(results
             .into_iter()
@@ -837,6 +862,8 @@ impl EventLog for PgEventLog {
         for task in std::mem::take(&mut *self.tasks.lock().expect("tasks lock")) {
             task.abort();
         }
+        self.writer.kept.clear();
+        self.loading.clear();
         self.writer.pool.close().await;
         self.pool.close().await;
     }

@@ -288,6 +288,10 @@ fn queue_pool(pool: &PgPool) -> PgPool {
     crate::store::own_connections(pool, QUEUE_CONNECTIONS, &[("enable_seqscan", "off")])
 }
 
+/// Connections kept between claims (see [`crate::store::Kept`]): one per worker of a node's
+/// usual few (workflows, channels, progress), the rest of the queue's pool for the others.
+const CLAIMS_KEPT: usize = 4;
+
 /// Connections of the queue's own pool: claims, outcomes and lease extensions are short and
 /// batched, so a few serve a node's workers.
 const QUEUE_CONNECTIONS: u32 = 8;
@@ -296,6 +300,8 @@ const QUEUE_CONNECTIONS: u32 = 8;
 pub struct PgJobQueue {
     /// The hot statements' connections (see [`queue_pool`]).
     pool: PgPool,
+    /// The claims' connections between claims (see [`crate::store::Kept`]).
+    claiming: crate::store::Kept,
     /// The store's pool: statements that read the whole table, and listening.
     scans: PgPool,
     wakeups: Waker,
@@ -308,8 +314,11 @@ impl PgJobQueue {
     pub fn new(pool: PgPool, listen: bool) -> Self {
         let wakeups = Waker::new();
         let tasks = wakeups.start(&pool, CHANNEL, true, listen);
+        let hot = queue_pool(&pool);
         Self {
-            pool: queue_pool(&pool),
+            // A claim at a time per worker: a node runs a few.
+            claiming: crate::store::Kept::new(hot.clone(), CLAIMS_KEPT),
+            pool: hot,
             scans: pool,
             wakeups,
             tasks: std::sync::Mutex::new(tasks),
@@ -518,14 +527,23 @@ impl JobQueue for PgJobQueue {
         let mut window = 0;
         loop {
             let asked = limit - jobs.len();
-            let rows = sqlx::query(CLAIM)
-                .bind(queue)
-                .bind(asked as i64)
-                .bind(worker)
-                .bind(lease.as_secs_f64())
-                .bind(window)
-                .fetch_all(&self.pool)
-                .await;
+            let rows = match self.claiming.take().await {
+                Ok(mut conn) => {
+                    let rows = sqlx::query(CLAIM)
+                        .bind(queue)
+                        .bind(asked as i64)
+                        .bind(worker)
+                        .bind(lease.as_secs_f64())
+                        .bind(window)
+                        .fetch_all(&mut *conn)
+                        .await;
+                    if rows.is_ok() {
+                        self.claiming.keep(conn);
+                    }
+                    rows
+                }
+                Err(e) => Err(e),
+            };
             let rows = match rows {
                 Ok(rows) => rows,
                 // What earlier rounds claimed is this worker's: hand it over.
@@ -772,6 +790,7 @@ impl JobQueue for PgJobQueue {
         for task in std::mem::take(&mut *self.tasks.lock().expect("tasks lock")) {
             task.abort();
         }
+        self.claiming.clear();
         self.pool.close().await;
     }
 }
