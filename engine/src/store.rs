@@ -307,7 +307,8 @@ pub(crate) fn own_connections(
 /// for checked-out connections).
 pub(crate) struct Kept {
     pool: PgPool,
-    idle: std::sync::Mutex<Vec<sqlx::pool::PoolConnection<sqlx::Postgres>>>,
+    /// The kept connections; `None` once [`Kept::clear`] ran (nothing is kept after).
+    idle: std::sync::Mutex<Option<Vec<sqlx::pool::PoolConnection<sqlx::Postgres>>>>,
     most: usize,
 }
 
@@ -315,16 +316,33 @@ impl Kept {
     pub(crate) fn new(pool: PgPool, most: usize) -> Self {
         Kept {
             pool,
-            idle: Default::default(),
+            idle: std::sync::Mutex::new(Some(Vec::new())),
             most,
         }
+    }
+
+    /// Runs `query` on a kept connection (or one from the pool), and keeps it if the query
+    /// completed.
+    pub(crate) async fn fetch_all(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
+        let mut conn = self.take().await?;
+        let rows = query.fetch_all(&mut *conn).await?;
+        self.keep(conn);
+        Ok(rows)
     }
 
     /// A kept connection, or one from the pool.
     pub(crate) async fn take(
         &self,
     ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
-        let kept = self.idle.lock().expect("kept connections lock").pop();
+        let kept = self
+            .idle
+            .lock()
+            .expect("kept connections lock")
+            .as_mut()
+            .and_then(Vec::pop);
         match kept {
             Some(conn) => Ok(conn),
             None => self.pool.acquire().await,
@@ -332,17 +350,18 @@ impl Kept {
     }
 
     /// Keeps `conn`, whose use completed, for the next [`Kept::take`] (or hands it back to the
-    /// pool when `most` are kept already, or the pool is closing).
+    /// pool when `most` are kept already, or after [`Kept::clear`]).
     pub(crate) fn keep(&self, conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {
         let mut idle = self.idle.lock().expect("kept connections lock");
-        if idle.len() < self.most && !self.pool.is_closed() {
+        if let Some(idle) = idle.as_mut().filter(|idle| idle.len() < self.most) {
             idle.push(conn);
         }
     }
 
-    /// Hands every kept connection back to the pool.
+    /// Hands every kept connection back to the pool, and keeps none from now on: called before
+    /// the pool closes, whose close waits for every checked-out connection.
     pub(crate) fn clear(&self) {
-        let kept = std::mem::take(&mut *self.idle.lock().expect("kept connections lock"));
+        let kept = self.idle.lock().expect("kept connections lock").take();
         drop(kept);
     }
 }

@@ -231,21 +231,11 @@ impl BatchHandler for PgLoader {
             .map(|(s, _)| s.aggregate_id.as_str())
             .collect();
         let after: Vec<i64> = requests.iter().map(|(_, a)| *a).collect();
-        let rows = match self.kept.take().await {
-            Ok(mut conn) => {
-                let rows = sqlx::query(READ_STREAMS)
-                    .bind(&types)
-                    .bind(&ids)
-                    .bind(&after)
-                    .fetch_all(&mut *conn)
-                    .await;
-                if rows.is_ok() {
-                    self.kept.keep(conn);
-                }
-                rows
-            }
-            Err(e) => Err(e),
-        };
+        let query = sqlx::query(READ_STREAMS)
+            .bind(&types)
+            .bind(&ids)
+            .bind(&after);
+        let rows = self.kept.fetch_all(query).await;
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {

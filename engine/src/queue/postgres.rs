@@ -527,23 +527,13 @@ impl JobQueue for PgJobQueue {
         let mut window = 0;
         loop {
             let asked = limit - jobs.len();
-            let rows = match self.claiming.take().await {
-                Ok(mut conn) => {
-                    let rows = sqlx::query(CLAIM)
-                        .bind(queue)
-                        .bind(asked as i64)
-                        .bind(worker)
-                        .bind(lease.as_secs_f64())
-                        .bind(window)
-                        .fetch_all(&mut *conn)
-                        .await;
-                    if rows.is_ok() {
-                        self.claiming.keep(conn);
-                    }
-                    rows
-                }
-                Err(e) => Err(e),
-            };
+            let query = sqlx::query(CLAIM)
+                .bind(queue)
+                .bind(asked as i64)
+                .bind(worker)
+                .bind(lease.as_secs_f64())
+                .bind(window);
+            let rows = self.claiming.fetch_all(query).await;
             let rows = match rows {
                 Ok(rows) => rows,
                 // What earlier rounds claimed is this worker's: hand it over.
